@@ -1,0 +1,1 @@
+"""ldpruner.passes: analysis (importance), selection, rewrite, distillation, export."""

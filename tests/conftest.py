@@ -1,0 +1,57 @@
+"""Tiny seeded models shared by the tests (built in code, random weights, fast)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def make_tiny_sd_unet(seed: int = 0, **overrides):
+    """An SD-shaped UNet2DConditionModel: two levels, cross-attention in the outer level, 16x16 latents."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    config = dict(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        cross_attention_dim=32,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    config.update(overrides)
+    return UNet2DConditionModel(**config).eval()
+
+
+def make_tiny_unet2d(seed: int = 0, **overrides):
+    """An LDM-style unconditional UNet2DModel with self-attention blocks, 16x16 latents."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    config = dict(
+        sample_size=16,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    config.update(overrides)
+    return UNet2DModel(**config).eval()
+
+
+@pytest.fixture
+def tiny_sd_unet():
+    return make_tiny_sd_unet()
+
+
+@pytest.fixture
+def tiny_unet2d():
+    return make_tiny_unet2d()
