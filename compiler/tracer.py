@@ -28,7 +28,7 @@ from ldpruner.errors import TraceError
 
 from .operators import Granularity, leaf_operator_types, parse_granularity
 
-__all__ = ["Decision", "TracedUNet", "trace_unet", "trace_module", "unet_example_inputs"]
+__all__ = ["Decision", "TracedUNet", "trace_unet", "unet_example_inputs", "unet_input_names"]
 
 _THIS_DIR = os.path.dirname(os.path.abspath(__file__))
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
@@ -166,12 +166,11 @@ class OperatorTracer(torch.fx.Tracer):
         value = self.values[proxy.node]
         location, source = _user_frame()
         if isinstance(value, torch.Tensor):
-            if value.numel() != 1:
-                raise torch.fx.proxy.TraceError(
-                    f"python needs a concrete {kind} of a tensor with {value.numel()} elements "
-                    f"(data-dependent control flow) at {location}: `{source}`"
-                )
-            value = value.item()
+            # a python decision on tensor *values* would bake one input's data into the graph
+            raise torch.fx.proxy.TraceError(
+                f"python needs a concrete {kind} of a tensor value (data-dependent control flow) at {location}: "
+                f"`{source}`"
+            )
         self.decisions.append(Decision(kind, len(value) if kind == "len" else value, location, source))
         return value
 
@@ -260,6 +259,13 @@ def _diffusers_call(model_class: type) -> Callable[..., Any]:
                 kwargs["timestep_cond"] = timestep_cond
             return model_class.forward(self, sample, timestep, encoder_hidden_states, **kwargs)[0]
         return model_class.forward(self, sample, timestep, **kwargs)[0]
+
+    return call
+
+
+def _keyword_call(model_class: type) -> Callable[..., Any]:
+    def call(self, **tensors):
+        return model_class.forward(self, **tensors)
 
     return call
 
@@ -375,34 +381,29 @@ def trace_unet(
         missing = [n for n in unet_input_names(model) if n not in example_inputs]
         if missing:
             raise TraceError(f"example_inputs lacks {missing}; {type(model).__name__} needs {list(unet_input_names(model))}")
-        flat_cls = type(type(root).__name__, (type(root),), {"forward": _make_forward(names, _diffusers_call(type(root)))})
-        original_cls = type(root)
-        root.__class__ = flat_cls
+        call = _diffusers_call(type(root))
     else:
-        names = tuple(inspect.signature(type(root).forward).parameters)[1:]
-        unknown = [n for n in example_inputs if n not in names]
+        params = tuple(inspect.signature(type(root).forward).parameters)[1:]
+        unknown = [n for n in example_inputs if n not in params]
         if unknown:
-            raise TraceError(f"example_inputs names {unknown} that {type(model).__name__}.forward does not take: {list(names)}")
-        names = tuple(n for n in names if n in example_inputs)
+            raise TraceError(f"example_inputs names {unknown} that {type(model).__name__}.forward does not take: {list(params)}")
+        names = tuple(n for n in params if n in example_inputs)
+        call = _keyword_call(type(root))
+    # trace a subclass whose forward takes exactly the given tensors: no placeholders for optional inputs
+    original_cls = type(root)
+    root.__class__ = type(original_cls.__name__, (original_cls,), {"forward": _make_forward(names, call)})
 
     leaf_types = leaf_operator_types(granularity) + tuple(extra_leaf_types)
     tracer = OperatorTracer(leaf_types, example_inputs)
     try:
         with _proxies_are_tensors():
-            if is_diffusers:
-                graph = tracer.trace(root)
-            else:
-                concrete = {n: None for n in inspect.signature(type(root).forward).parameters if n != "self" and n not in names}
-                graph = tracer.trace(root, concrete_args=concrete or None)
+            graph = tracer.trace(root)
     except Exception as exc:  # any failure inside user code becomes one readable TraceError
         raise _trace_error(model, exc) from exc
     finally:
-        if is_diffusers:
-            root.__class__ = original_cls
+        root.__class__ = original_cls
         if not copy_model and was_training:
             model.train()
-    if not is_diffusers:
-        _strip_concrete_placeholders(graph, names)
     gm = torch.fx.GraphModule(root, graph, class_name=f"Traced{type(model).__name__}")
     gm.eval()
     return TracedUNet(
@@ -416,29 +417,12 @@ def trace_unet(
     )
 
 
-def trace_module(model: nn.Module, example_inputs: Mapping[str, torch.Tensor], **kwargs: Any) -> TracedUNet:
-    """Alias of :func:`trace_unet` for non-diffusers modules, where example inputs are required."""
-    return trace_unet(model, example_inputs, **kwargs)
-
-
 def _is_diffusers_unet(model: nn.Module) -> bool:
     try:
         from diffusers import UNet2DConditionModel, UNet2DModel
     except ImportError:  # pragma: no cover - diffusers is a dependency
         return False
     return isinstance(model, (UNet2DConditionModel, UNet2DModel))
-
-
-def _strip_concrete_placeholders(graph: torch.fx.Graph, keep: Sequence[str]) -> None:
-    """Remove the placeholders (and their None-asserts) that fx leaves for ``concrete_args``."""
-    for node in list(graph.nodes):
-        if node.op == "placeholder" and node.target not in keep:
-            for user in list(node.users):
-                if user.op == "call_function" and "assert" in getattr(user.target, "__name__", ""):
-                    graph.erase_node(user)
-            if not node.users:
-                graph.erase_node(node)
-    graph.lint()
 
 
 def _trace_error(model: nn.Module, exc: BaseException) -> TraceError:

@@ -1,0 +1,111 @@
+"""Selection: turn per-operator importance scores into a RemovalPlan that meets a budget.
+
+Candidates are taken lowest score first (``order="score"``, the paper's rule) or lowest score per unit of removed
+cost first (``order="score-per-cost"``), until the removed fraction of the budget metric (UNet parameters or
+MACs per sample) reaches the budget. The last removal may overshoot; the plan states the fraction it reaches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+from ldpruner.errors import BudgetError, ConfigError
+
+from .plan import PlannedRemoval, RemovalPlan
+
+__all__ = ["SelectionConfig", "ScoredCandidate", "select_removals"]
+
+_METRICS = ("params", "macs")
+_ORDERS = ("score", "score-per-cost")
+
+
+class ScoredCandidate(Protocol):
+    name: str
+    score: float
+    params: int
+    macs: int
+    action: str
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectionConfig:
+    """``budget``: fraction of ``metric`` to remove, in (0, 1). ``order``: ranking rule."""
+
+    budget: float = 0.3
+    metric: str = "params"
+    order: str = "score"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.budget, (int, float)) or isinstance(self.budget, bool) or not 0 < self.budget < 1:
+            raise ConfigError(f"budget={self.budget!r} must be a fraction in (0, 1), e.g. 0.3 to remove 30 %")
+        if self.metric not in _METRICS:
+            raise ConfigError(f"metric={self.metric!r} is not one of {list(_METRICS)}")
+        if self.order not in _ORDERS:
+            raise ConfigError(f"order={self.order!r} is not one of {list(_ORDERS)}")
+
+
+def _action(c: ScoredCandidate) -> str:
+    return getattr(c.action, "value", c.action)
+
+
+def select_removals(
+    candidates: Iterable[ScoredCandidate],
+    *,
+    total_params: int,
+    total_macs: int,
+    model_class: str,
+    granularity: str,
+    config: SelectionConfig = SelectionConfig(),
+) -> RemovalPlan:
+    """Pick removals in rank order until ``config.budget`` of ``config.metric`` is removed.
+
+    Raises :class:`BudgetError` naming the largest reachable fraction when even removing every candidate
+    falls short."""
+    pool = [c for c in candidates if _action(c) != "not-removable"]
+    total = total_params if config.metric == "params" else total_macs
+    if total <= 0:
+        raise BudgetError(f"the model has no {config.metric} to remove (total {total})")
+
+    def cost(c: ScoredCandidate) -> int:
+        return c.params if config.metric == "params" else c.macs
+
+    useful = [c for c in pool if cost(c) > 0]
+    reachable = sum(cost(c) for c in useful) / total
+    if reachable < config.budget:
+        raise BudgetError(
+            f"budget {config.metric}={config.budget:g} removes more than the {reachable:.1%} of {config.metric} "
+            f"that are removable ({len(useful)} candidates); the largest reachable is {math.floor(reachable * 100) / 100:g}"
+        )
+
+    def rank(c: ScoredCandidate) -> tuple[float, str]:
+        key = c.score if config.order == "score" else c.score / cost(c)
+        return (key, c.name)  # name breaks ties, so plans are reproducible
+
+    target = config.budget * total
+    chosen: list[PlannedRemoval] = []
+    removed = 0
+    for c in sorted(useful, key=rank):
+        if removed >= target:
+            break
+        removed += cost(c)
+        chosen.append(PlannedRemoval(
+            name=c.name,
+            action=_action(c),
+            params=c.params,
+            macs=c.macs,
+            score=float(c.score),
+            reason=f"rank {len(chosen) + 1} by {config.order}; cumulative {config.metric} removed {removed / total:.1%}",
+        ))
+    budget: dict[str, Any] = dataclasses.asdict(config)
+    budget["reached"] = removed / total
+    return RemovalPlan(
+        removals=tuple(chosen),
+        model_class=model_class,
+        granularity=granularity,
+        total_params=total_params,
+        total_macs=total_macs,
+        budget=budget,
+    )

@@ -1,0 +1,94 @@
+"""Selection: plans under a budget, ranking rules, and the unreachable-budget error."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from ldpruner.errors import BudgetError, ConfigError, PlanError
+from ldpruner.passes.plan import RemovalPlan
+from ldpruner.passes.select import SelectionConfig, select_removals
+
+
+@dataclasses.dataclass
+class Cand:
+    name: str
+    score: float
+    params: int
+    macs: int
+    action: str = "identity"
+
+
+CANDS = [
+    Cand("a", score=0.5, params=100, macs=1000),
+    Cand("b", score=0.1, params=300, macs=100),
+    Cand("c", score=0.2, params=50, macs=5000),
+    Cand("d", score=0.9, params=400, macs=10),
+    Cand("e", score=0.0, params=0, macs=0, action="not-removable"),
+]
+
+
+def plan_for(**cfg) -> RemovalPlan:
+    return select_removals(CANDS, total_params=1000, total_macs=10000, model_class="M", granularity="block",
+                           config=SelectionConfig(**cfg))
+
+
+def test_lowest_score_first_until_budget_reached():
+    plan = plan_for(budget=0.3)
+    # b (300) alone reaches 30 % of 1000 params
+    assert plan.names == ["b"]
+    plan = plan_for(budget=0.31)
+    assert plan.names == ["b", "c"]
+    assert plan.removed_params == 350
+    assert plan.predicted_params == 650
+    assert plan.budget["reached"] == pytest.approx(0.35)
+
+
+def test_macs_metric_and_score_per_cost():
+    plan = plan_for(budget=0.5, metric="macs")
+    assert plan.names == ["b", "c"]  # 100 + 5000 MACs >= 5000
+    plan = plan_for(budget=0.5, order="score-per-cost")
+    # score / params: b 0.00033, c 0.004, a 0.005, d 0.00225 -> b, d reach 700 >= 500
+    assert plan.names == ["b", "d"]
+
+
+def test_not_removable_never_selected_and_unreachable_budget_names_the_limit():
+    plan = plan_for(budget=0.85)
+    assert "e" not in plan.names and len(plan.names) == 4
+    with pytest.raises(BudgetError, match=r"largest reachable is 0.85"):
+        plan_for(budget=0.9)
+
+
+@pytest.mark.parametrize("bad", [{"budget": 0}, {"budget": 1.0}, {"budget": -0.1}, {"budget": True},
+                                 {"metric": "flops"}, {"order": "random"}])
+def test_bad_selection_config(bad):
+    with pytest.raises(ConfigError, match=next(iter(bad))):
+        SelectionConfig(**bad)
+
+
+def test_plan_round_trip(tmp_path):
+    plan = plan_for(budget=0.31)
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    assert RemovalPlan.load(path) == plan
+    data = json.loads(path.read_text())
+    assert data["totals"]["params_after"] == 650
+    assert [r["name"] for r in data["removals"]] == ["b", "c"]
+    assert not [p for p in tmp_path.iterdir() if p.name != "plan.json"]  # no temp files left
+
+
+def test_plan_load_errors(tmp_path):
+    with pytest.raises(PlanError, match="does not exist"):
+        RemovalPlan.load(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(PlanError, match="not valid JSON"):
+        RemovalPlan.load(tmp_path / "bad.json")
+    (tmp_path / "other.json").write_text('{"format": "something-else"}')
+    with pytest.raises(PlanError, match="not an ldpruner plan"):
+        RemovalPlan.load(tmp_path / "other.json")
+    data = plan_for(budget=0.31).to_dict()
+    data["removals"].append(dict(data["removals"][0]))
+    with pytest.raises(PlanError, match="more than once"):
+        RemovalPlan.from_dict(data)
