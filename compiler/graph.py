@@ -84,6 +84,7 @@ class OperatorGraph:
     total_params: int
     total_macs: int
     node_macs: dict[str, int]
+    output_shape: tuple[int, ...] | None = None  # the UNet's output at the traced inputs (what a rewrite must keep)
 
     def __iter__(self) -> Iterator[Operator]:
         return iter(self.operators.values())
@@ -149,7 +150,7 @@ class _Profiler(torch.fx.Interpreter):
 
     def run_node(self, n: torch.fx.Node) -> Any:
         if n.op in ("call_module", "call_function", "call_method"):
-            counter = FlopCounterMode(display=False)
+            counter = _flop_counter()
             with counter:
                 out = super().run_node(n)
             self.macs[n.name] = counter.get_total_flops() // 2
@@ -157,6 +158,22 @@ class _Profiler(torch.fx.Interpreter):
             out = super().run_node(n)
         self.shapes[n.name] = tuple(out.shape) if isinstance(out, torch.Tensor) else None
         return out
+
+
+def _flop_counter() -> FlopCounterMode:
+    """A FlopCounterMode that also counts attention on CPU: torch has no formula for its fused CPU kernel
+    (``_scaled_dot_product_flash_attention_for_cpu``), so scores and value mixing would count as zero."""
+    cpu_sdpa = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if cpu_sdpa is None:  # a private op name: without it the stock formulas are all there is
+        return FlopCounterMode(display=False)
+    return FlopCounterMode(display=False, custom_mapping={cpu_sdpa: _sdpa_flops})
+
+
+def _sdpa_flops(query_shape, key_shape, value_shape, *args: Any, out_shape=None, **kwargs: Any) -> int:
+    """Q·Kᵀ then softmax(·)·V: 2·b·h·s_q·s_kv·(d_qk + d_v) flops."""
+    b, h, s_q, d_qk = query_shape
+    s_kv, d_v = value_shape[-2], value_shape[-1]
+    return 2 * b * h * s_q * s_kv * (d_qk + d_v)
 
 
 def _module_params(module: nn.Module) -> int:
@@ -321,13 +338,17 @@ def build_operator_graph(traced: TracedUNet, *, extra_operator_types: Iterable[t
 
     total_params = _module_params(gm)
     total_macs = sum(node_macs.values())
+    (result,) = [n for n in gm.graph.nodes if n.op == "output"]
+    out_arg = result.args[0]
+    output_shape = shapes.get(out_arg.name) if isinstance(out_arg, torch.fx.Node) else None
     return OperatorGraph(
         traced=traced,
         operators=operators,
-        structure=_structure(gm, modules, traced.granularity, extra, operators),
+        structure=_structure(gm, modules, traced.granularity, extra, operators, shapes),
         total_params=total_params,
         total_macs=total_macs,
         node_macs=node_macs,
+        output_shape=output_shape,
     )
 
 
@@ -355,7 +376,8 @@ def _conv_macs(conv: nn.Module, out_shape: tuple[int, ...]) -> int:
     return weight.numel() * out_shape[2] * out_shape[3] if len(out_shape) == 4 else weight.numel()
 
 
-def _structure(gm, modules, granularity: Granularity, extra, operators: dict[str, Operator]) -> nx.DiGraph:
+def _structure(gm, modules, granularity: Granularity, extra, operators: dict[str, Operator],
+               shapes: dict[str, Any]) -> nx.DiGraph:
     g = nx.DiGraph()
     sources: dict[torch.fx.Node, set[tuple[str, bool]]] = {}
     by_node = {op.node: op for op in operators.values()}
@@ -373,7 +395,8 @@ def _structure(gm, modules, granularity: Granularity, extra, operators: dict[str
             sources[n] = {(key, False)}
         else:
             acc: set[tuple[str, bool]] = set()
-            is_cat = n.op == "call_function" and n.target in _CAT_TARGETS
+            # a skip joins feature maps; SDXL's concat of pooled text and time-id embeddings (2-D) is not one
+            is_cat = n.op == "call_function" and n.target in _CAT_TARGETS and len(shapes.get(n.name) or ()) == 4
             for a in n.all_input_nodes:
                 acc |= {(s, via or is_cat) for s, via in sources.get(a, ())}
             sources[n] = acc

@@ -14,6 +14,7 @@ __all__ = [
     "ExportValidationError",
     "ConfigError",
     "ArtifactError",
+    "UnsupportedInputError",
 ]
 
 
@@ -59,3 +60,7 @@ class ExportValidationError(ExportError):
 
 class ArtifactError(LdprunerError):
     """An output artifact exists and may not be replaced, or an input artifact is unreadable."""
+
+
+class UnsupportedInputError(LdprunerError, ValueError):
+    """A runtime model was called with an input its exported graph cannot take (or without one it needs)."""

@@ -16,7 +16,7 @@ from ldpruner.errors import BudgetError, ConfigError
 
 from .plan import PlannedRemoval, RemovalPlan
 
-__all__ = ["SelectionConfig", "ScoredCandidate", "select_removals"]
+__all__ = ["SelectionConfig", "ScoredCandidate", "check_budget", "select_removals"]
 
 _METRICS = ("params", "macs")
 _ORDERS = ("score", "score-per-cost")
@@ -51,6 +51,24 @@ def _action(c: ScoredCandidate) -> str:
     return getattr(c.action, "value", c.action)
 
 
+def check_budget(candidates: Iterable[Any], *, total_params: int, total_macs: int,
+                 config: SelectionConfig) -> list[Any]:
+    """The candidates that remove something under ``config.metric``; BudgetError if together they fall short of
+    the budget. Needs no scores, so a build can check the budget before the (costly) analysis."""
+    total = total_params if config.metric == "params" else total_macs
+    if total <= 0:
+        raise BudgetError(f"the model has no {config.metric} to remove (total {total})")
+    useful = [c for c in candidates if _action(c) != "not-removable"
+              and (c.params if config.metric == "params" else c.macs) > 0]
+    reachable = sum(c.params if config.metric == "params" else c.macs for c in useful) / total
+    if reachable < config.budget:
+        raise BudgetError(
+            f"budget {config.metric}={config.budget:g} removes more than the {reachable:.1%} of {config.metric} "
+            f"that are removable ({len(useful)} candidates); the largest reachable is {math.floor(reachable * 100) / 100:g}"
+        )
+    return useful
+
+
 def select_removals(
     candidates: Iterable[ScoredCandidate],
     *,
@@ -64,21 +82,11 @@ def select_removals(
 
     Raises :class:`BudgetError` naming the largest reachable fraction when even removing every candidate
     falls short."""
-    pool = [c for c in candidates if _action(c) != "not-removable"]
+    useful = check_budget(candidates, total_params=total_params, total_macs=total_macs, config=config)
     total = total_params if config.metric == "params" else total_macs
-    if total <= 0:
-        raise BudgetError(f"the model has no {config.metric} to remove (total {total})")
 
     def cost(c: ScoredCandidate) -> int:
         return c.params if config.metric == "params" else c.macs
-
-    useful = [c for c in pool if cost(c) > 0]
-    reachable = sum(cost(c) for c in useful) / total
-    if reachable < config.budget:
-        raise BudgetError(
-            f"budget {config.metric}={config.budget:g} removes more than the {reachable:.1%} of {config.metric} "
-            f"that are removable ({len(useful)} candidates); the largest reachable is {math.floor(reachable * 100) / 100:g}"
-        )
 
     def rank(c: ScoredCandidate) -> tuple[float, str]:
         key = c.score if config.order == "score" else c.score / cost(c)

@@ -1,0 +1,401 @@
+"""The Python API: one function per stage, and :func:`build` that runs them all.
+
+Every keyword here is a CLI flag (``num_samples`` ↔ ``--num-samples``). MODEL is a local diffusers pipeline
+folder, a UNet folder, ``random:<family>`` or an in-memory diffusers UNet; the caller's model is never changed.
+Outputs are written atomically, and an existing output is replaced only with ``overwrite=True``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from ._loading import LoadedModel, load_model
+from .config import BuildConfig, load_config
+from .errors import ArtifactError, ConfigError
+
+__all__ = ["inspect", "analyze", "select", "prune", "export", "build"]
+
+ModelLike = Any  # str | os.PathLike | torch.nn.Module | LoadedModel
+
+SCORES = "scores.json"
+PLAN = "plan.json"
+STUDENT = "student"
+ONNX_DIR = "onnx"
+REPORT = "report.json"
+_STATE = ".ldpruner-build.json"  # input keys of each stage's artifact, for reuse across builds
+
+
+def _trace(loaded: LoadedModel, granularity: str, height: int | None, width: int | None):
+    from ldpruner.compiler.tracer import trace_unet, unet_example_inputs
+
+    inputs = unet_example_inputs(loaded.unet, batch=2, height=height, width=width)
+    return trace_unet(loaded.unet, inputs, granularity=granularity)
+
+
+def _unet_config(unet: Any) -> dict[str, Any] | None:
+    """The diffusers config as plain JSON values (it may hold paths, e.g. ``_name_or_path``)."""
+    if not hasattr(unet, "config"):
+        return None
+    return json.loads(json.dumps(dict(unet.config), default=str))
+
+
+def _guard(path: Path, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise ArtifactError(f"{str(path)!r} exists; pass --overwrite (overwrite=True) to replace it")
+
+
+def inspect(model: ModelLike, *, granularity: str = "block", height: int | None = None, width: int | None = None):
+    """Trace ``model`` and describe its operators (an :class:`~ldpruner.compiler.graph.OperatorGraph`)."""
+    from ldpruner.compiler.graph import build_operator_graph
+
+    return build_operator_graph(_trace(load_model(model), granularity, height, width))
+
+
+def _analysis_setup(loaded: LoadedModel, *, granularity, height, width, num_samples, steps, seed, guidance_scale,
+                    prompts):
+    from ldpruner.compiler.graph import build_operator_graph
+    from ldpruner.passes.importance import AnalysisConfig, read_prompt_file
+
+    prompt_list = read_prompt_file(prompts) if prompts else None
+    config = AnalysisConfig(num_samples=num_samples, steps=steps, seed=seed, height=height, width=width,
+                            guidance_scale=guidance_scale, prompts=prompt_list)
+    graph = build_operator_graph(_trace(loaded, granularity, height, width))
+    calib = loaded.pipeline_dir if loaded.pipeline_dir and (loaded.pipeline_dir / "text_encoder").is_dir() else None
+    return graph, config, calib
+
+
+def analyze(
+    model: ModelLike,
+    *,
+    out: str | os.PathLike | None = None,
+    granularity: str = "block",
+    height: int | None = None,
+    width: int | None = None,
+    num_samples: int = 8,
+    steps: int = 10,
+    seed: int = 0,
+    guidance_scale: float = 7.5,
+    prompts: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+):
+    """Score every removable operator by latent deviation; writes ``out/scores.json`` when ``out`` is given.
+
+    A ``scores.json`` already in ``out`` whose cache key (model weights + config) matches is reused."""
+    from ldpruner.passes.importance import analyze_importance, cache_key, load_cached
+
+    loaded = load_model(model)
+    graph, config, calib = _analysis_setup(loaded, granularity=granularity, height=height, width=width,
+                                           num_samples=num_samples, steps=steps, seed=seed,
+                                           guidance_scale=guidance_scale, prompts=prompts)
+    path = Path(out) / SCORES if out is not None else None
+    if path is not None and path.exists():
+        key = cache_key(graph, calib, config=config, scheduler=loaded.scheduler)
+        cached = load_cached(path, key)
+        if cached is not None:
+            return cached
+        _guard(path, overwrite)
+    return analyze_importance(graph, calib, config=config, scheduler=loaded.scheduler, progress=progress,
+                              save_to=path)
+
+
+def select(
+    scores: Any,
+    *,
+    budget: float = 0.3,
+    metric: str = "params",
+    order: str = "score",
+    out: str | os.PathLike | None = None,
+    overwrite: bool = False,
+):
+    """Choose removals under ``budget`` from an ImportanceReport or a scores.json path; writes ``out/plan.json``."""
+    from ldpruner.passes.importance import ImportanceReport
+    from ldpruner.passes.select import SelectionConfig, select_removals
+
+    report = scores if isinstance(scores, ImportanceReport) else ImportanceReport.load(Path(scores))
+    plan = select_removals(
+        report,
+        total_params=report.total_params,
+        total_macs=report.total_macs,
+        model_class=report.model_class,
+        granularity=report.granularity,
+        config=SelectionConfig(budget=budget, metric=metric, order=order),
+    )
+    if out is not None:
+        path = Path(out) / PLAN
+        _guard(path, overwrite)
+        plan.save(path)
+    return plan
+
+
+def prune(
+    model: ModelLike,
+    plan: Any,
+    *,
+    out: str | os.PathLike | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    overwrite: bool = False,
+):
+    """Apply a RemovalPlan (or a plan.json path) to a copy of ``model``; writes ``out/student/``."""
+    from ldpruner.compiler.graph import build_operator_graph
+    from ldpruner.passes.plan import RemovalPlan
+    from ldpruner.passes.remove import prune as prune_graph
+    from ldpruner.passes.student import save_student
+
+    plan = plan if isinstance(plan, RemovalPlan) else RemovalPlan.load(Path(plan))
+    loaded = load_model(model)
+    if type(loaded.unet).__name__ != plan.model_class:
+        raise ConfigError(f"plan was made for a {plan.model_class}, but the model is a {type(loaded.unet).__name__}")
+    traced = _trace(loaded, plan.granularity, height, width)
+    graph = build_operator_graph(traced)
+    pruned = prune_graph(traced, plan, operator_graph=graph, config=_unet_config(loaded.unet))
+    if out is not None:
+        path = Path(out) / STUDENT
+        _guard(path, overwrite)
+        save_student(pruned, path, overwrite=overwrite)
+    return pruned
+
+
+def export(
+    student: Any,
+    *,
+    out: str | os.PathLike,
+    exporter: str = "legacy",
+    opset: int | None = None,
+    optimize: bool = False,
+    fp16: bool = False,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Export a pruned student (a PrunedUNet or a student/ folder) to ``out/onnx/unet.onnx``, validated against
+    torch; with ``optimize`` also the onnxruntime-optimized model (and its fp16 variant with ``fp16``)."""
+    from ldpruner.passes.export import ExportConfig, export_onnx
+    from ldpruner.passes.remove import PrunedUNet
+    from ldpruner.passes.student import load_student
+
+    if fp16 and not optimize:
+        raise ConfigError("fp16=True needs optimize=True: the fp16 variant is made from the optimized model")
+    pruned = student if isinstance(student, PrunedUNet) else load_student(Path(student))
+    onnx_dir = Path(out) / ONNX_DIR
+    result = export_onnx(
+        pruned.traced, None, None, onnx_dir / "unet.onnx",
+        config=ExportConfig(exporter=exporter, opset=opset),
+        unet_config=pruned.config,
+        overwrite=overwrite,
+    )
+    summary: dict[str, Any] = {"export": result.to_dict()}
+    if optimize:
+        import onnxruntime as ort
+
+        from ldpruner.passes.optimize import optimize_onnx
+
+        use_gpu = "CUDAExecutionProvider" in ort.get_available_providers()
+        variants = [("optimized", "unet.opt.onnx", False)] + ([("fp16", "unet.fp16.onnx", True)] if fp16 else [])
+        for name, filename, half in variants:
+            opt = optimize_onnx(result.onnx_path, onnx_dir / filename, use_gpu=use_gpu, fp16=half,
+                                overwrite=overwrite)
+            summary[name] = opt.to_dict()
+    return summary
+
+
+# --- build -------------------------------------------------------------------------------------------------------
+
+def _stage_key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _read_state(out: Path) -> dict[str, str]:
+    try:
+        return json.loads((out / _STATE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def build(model: ModelLike | None = None, *, out: str | os.PathLike | None = None,
+          config: str | os.PathLike | None = None, progress: bool = True, **options: Any) -> dict[str, Any]:
+    """Run inspect → analyze → select → prune → export into ``out`` and write ``report.json`` / ``report.md``.
+
+    ``options`` are :class:`~ldpruner.config.BuildConfig` fields (the CLI flags); ``config`` is a TOML file with
+    the same keys (keywords win). An artifact whose inputs did not change since the last build into ``out`` is
+    reused; one that would change is replaced only with ``overwrite=True``."""
+    from ldpruner.compiler.graph import build_operator_graph
+    from ldpruner.passes._io import write_text_atomic
+    from ldpruner.passes.importance import analyze_importance, cache_key
+
+    given = {k: v for k, v in options.items() if v is not None}
+    if model is not None and not isinstance(model, (str, os.PathLike)):
+        raise ConfigError("build takes MODEL as a path or spec string; for an in-memory model use the stage functions")
+    if model is not None:
+        given["model"] = os.fspath(model)
+    if out is not None:
+        given["out"] = os.fspath(out)
+    if config is not None:
+        cfg = load_config(config, **given)
+    else:
+        missing = [k for k in ("model", "out") if k not in given]
+        if missing:
+            raise ConfigError(f"build needs {' and '.join(missing)} (a flag, a keyword or a --config key)")
+        cfg = BuildConfig(**given)
+    out_dir = Path(cfg.out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ArtifactError(f"--out {cfg.out!r} is a file, not a folder")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = _read_state(out_dir)
+    timings: dict[str, float] = {}
+    reused: list[str] = []
+
+    def stage(name: str, key: str, artifact: Path, run) -> Any:
+        """Run a stage unless its artifact exists with the same input key; guard replacement."""
+        if artifact.exists() and state.get(name) == key:
+            reused.append(name)
+            return None
+        _guard(artifact, cfg.overwrite)
+        t0 = time.perf_counter()
+        result = run()
+        timings[name] = round(time.perf_counter() - t0, 3)
+        state[name] = key
+        write_text_atomic(out_dir / _STATE, json.dumps(state, indent=2))
+        return result
+
+    t0 = time.perf_counter()
+    loaded = load_model(cfg.model)
+    graph, analysis_config, calib = _analysis_setup(
+        loaded, granularity=cfg.granularity, height=cfg.height, width=cfg.width, num_samples=cfg.num_samples,
+        steps=cfg.steps, seed=cfg.seed, guidance_scale=cfg.guidance_scale, prompts=cfg.prompts)
+    timings["load+trace"] = round(time.perf_counter() - t0, 3)
+    from ldpruner.passes.select import SelectionConfig, check_budget
+
+    # an unreachable budget is known from the operator graph alone: fail before the costly analysis
+    check_budget(graph.candidates, total_params=graph.total_params, total_macs=graph.total_macs,
+                 config=SelectionConfig(budget=cfg.budget, metric=cfg.metric, order=cfg.order))
+    write_text_atomic(out_dir / "operators.txt", graph.table() + "\n")
+    write_text_atomic(out_dir / "operators.json", graph.to_json() + "\n")
+
+    # analyze: keyed by model weights + analysis config (the importance pass's own cache key)
+    analysis_key = cache_key(graph, calib, config=analysis_config, scheduler=loaded.scheduler)
+    scores_path = out_dir / SCORES
+    stage("analyze", analysis_key, scores_path,
+          lambda: analyze_importance(graph, calib, config=analysis_config, scheduler=loaded.scheduler,
+                                     progress=progress, save_to=scores_path))
+
+    selection = {"budget": cfg.budget, "metric": cfg.metric, "order": cfg.order}
+    select_key = _stage_key(analysis_key, selection)
+    stage("select", select_key, out_dir / PLAN,
+          lambda: select(scores_path, out=out_dir, overwrite=True, **selection))
+
+    from ldpruner.passes.plan import RemovalPlan
+    from ldpruner.passes.remove import prune as prune_graph
+    from ldpruner.passes.student import save_student
+
+    plan = RemovalPlan.load(out_dir / PLAN)
+    prune_key = _stage_key(select_key, cfg.height, cfg.width)
+    pruned_holder: dict[str, Any] = {}
+
+    def run_prune():
+        pruned = prune_graph(graph.traced, plan, operator_graph=graph, config=_unet_config(loaded.unet))
+        save_student(pruned, out_dir / STUDENT, overwrite=True)
+        pruned_holder["pruned"] = pruned
+        return pruned
+
+    stage("prune", prune_key, out_dir / STUDENT, run_prune)
+
+    export_options = {"exporter": cfg.exporter, "opset": cfg.opset, "optimize": cfg.optimize, "fp16": cfg.fp16}
+    export_key = _stage_key(prune_key, export_options)
+    export_summary_path = out_dir / ONNX_DIR / "export.json"
+
+    def run_export():
+        summary = export(pruned_holder.get("pruned") or out_dir / STUDENT, out=out_dir, overwrite=True,
+                         **export_options)
+        write_text_atomic(export_summary_path, json.dumps(summary, indent=2, default=str) + "\n")
+        return summary
+
+    stage("export", export_key, export_summary_path, run_export)
+
+    report = _build_report(cfg, loaded, graph, plan, out_dir, timings, reused)
+    write_text_atomic(out_dir / REPORT, json.dumps(report, indent=2, default=str) + "\n")
+    write_text_atomic(out_dir / "report.md", _report_markdown(report))
+    return report
+
+
+def _build_report(cfg: BuildConfig, loaded: LoadedModel, graph, plan, out_dir: Path, timings, reused) -> dict:
+    from ldpruner.passes.importance import ImportanceReport
+
+    scores = ImportanceReport.load(out_dir / SCORES)
+    export_summary = json.loads((out_dir / ONNX_DIR / "export.json").read_text())
+    validation = export_summary["export"]["validation"]
+    totals = plan.to_dict()["totals"]
+    removed = [dict(r.to_dict(), kind=graph[r.name].kind) for r in plan.removals]
+    summary = (
+        f"{cfg.model}: removed {len(plan.removals)} of {len(graph.candidates)} candidate operators; "
+        f"UNet params {totals['params_before']:,} -> {totals['params_after']:,} "
+        f"(-{totals['params_removed_fraction']:.1%}), MACs/sample -{totals['macs_removed_fraction']:.1%}; "
+        f"ONNX {'validated' if validation.get('passed') else 'NOT validated'} "
+        f"(max abs diff {validation.get('max_abs_diff', float('nan')):.2e}); report: {out_dir / 'report.md'}"
+    )
+    return {
+        "format": "ldpruner.report/1",
+        "summary": summary,
+        "config": cfg.to_dict(),
+        "model": loaded.describe(),
+        "trace": graph.traced.validity(),
+        "operators": {"total": len(graph.operators), "candidates": len(graph.candidates)},
+        "params": {"dense": totals["params_before"], "pruned": totals["params_after"],
+                   "removed_fraction": totals["params_removed_fraction"]},
+        "macs_per_sample": {"dense": totals["macs_per_sample_before"], "pruned": totals["macs_per_sample_after"],
+                            "removed_fraction": totals["macs_removed_fraction"],
+                            "at_latent_shape": graph.traced.validity()["traced_sample_shape"][1:]},
+        "analysis": {"conditioning": scores.conditioning, "unet_calls": scores.unet_calls,
+                     "wall_time_s": scores.wall_time_s, "scheduler": scores.scheduler},
+        "removed": removed,
+        "export": export_summary,
+        "timings_s": timings,
+        "reused_stages": reused,
+        "artifacts": {name: str(out_dir / name) for name in
+                      (SCORES, PLAN, STUDENT, f"{ONNX_DIR}/unet.onnx", "operators.txt", REPORT, "report.md")},
+    }
+
+
+def _report_markdown(report: dict[str, Any]) -> str:
+    p, m = report["params"], report["macs_per_sample"]
+    val = report["export"]["export"]["validation"]
+    lines = [
+        "# ldpruner build report",
+        "",
+        report["summary"],
+        "",
+    ]
+    if report["model"].get("random_weights"):
+        lines += ["> **Random weights.** This model was created from a config with random weights: the numbers",
+                  "> below prove the pipeline, not pruning quality.", ""]
+    lines += [
+        "| | dense | pruned | removed |",
+        "|---|---:|---:|---:|",
+        f"| UNet parameters | {p['dense']:,} | {p['pruned']:,} | {p['removed_fraction']:.1%} |",
+        f"| MACs / sample at latent {'x'.join(map(str, m['at_latent_shape']))} | {m['dense']:,} | {m['pruned']:,} "
+        f"| {m['removed_fraction']:.1%} |",
+        "",
+        f"## Removed operators ({len(report['removed'])})",
+        "",
+        "| operator | kind | action | LD score | params |",
+        "|---|---|---|---:|---:|",
+    ]
+    for r in report["removed"]:
+        lines.append(f"| `{r['name']}` | {r['kind']} | {r['action']} | {r['score']:.4g} | {r['params']:,} |")
+    lines += [
+        "",
+        "## Export",
+        "",
+        f"- ONNX: `{report['artifacts']['onnx/unet.onnx']}`; validation against torch: "
+        f"{'passed' if val.get('passed') else 'FAILED'}, max abs diff {val.get('max_abs_diff', float('nan')):.2e}",
+        f"- trace validity: {report['trace']['note']}",
+        f"- analysis: {report['analysis']['unet_calls']} UNet calls in {report['analysis']['wall_time_s']:.1f} s, "
+        f"conditioning: {report['analysis']['conditioning']}",
+        f"- stage timings (s): {json.dumps(report['timings_s'])}; reused: {report['reused_stages'] or 'none'}",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,173 @@
+"""``ldpruner``: a thin shell over :mod:`ldpruner.api`. One subcommand per stage; every flag is an API keyword.
+
+Errors print one line (``error: <Type>: <message>``) and exit 1; ``--debug`` shows the traceback instead.
+Heavy imports (torch, diffusers, onnx) happen inside the commands, so ``ldpruner --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["main", "build_parser"]
+
+
+def _add_trace_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--granularity", choices=["block", "sublayer"], help="operator granularity (default: block)")
+    p.add_argument("--height", type=int, help="latent height to trace and sample at (default: the UNet's sample_size)")
+    p.add_argument("--width", type=int, help="latent width (default: the UNet's sample_size)")
+
+
+def _add_analysis_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--num-samples", type=int, help="N samples per model for mu/sigma (default: 8)")
+    p.add_argument("--steps", type=int, help="scheduler steps per sample (default: 10)")
+    p.add_argument("--seed", type=int, help="seed of the initial noise (default: 0)")
+    p.add_argument("--guidance-scale", type=float, help="classifier-free guidance for text-to-image (default: 7.5)")
+    p.add_argument("--prompts", help="text file with one prompt per line (default: the built-in prompt set)")
+
+
+def _add_selection_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--budget", type=float, help="fraction of the metric to remove, in (0, 1) (default: 0.3)")
+    p.add_argument("--metric", choices=["params", "macs"], help="what the budget counts (default: params)")
+    p.add_argument("--order", choices=["score", "score-per-cost"], help="ranking rule (default: score)")
+
+
+def _add_export_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--exporter", choices=["legacy", "dynamo"], help="torch ONNX exporter (default: legacy)")
+    p.add_argument("--opset", type=int, help="ONNX opset (default: 17)")
+    p.add_argument("--optimize", action="store_true", default=None, help="also write onnxruntime-optimized variants")
+    p.add_argument("--fp16", action="store_true", default=None, help="also write an fp16 variant (with --optimize)")
+
+
+def _add_out(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--out", required=required, help="output folder")
+    p.add_argument("--overwrite", action="store_true", default=None, help="replace existing outputs")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="ldpruner",
+        description="Prune latent diffusion UNets by latent-deviation importance (LD-Pruner) and export them to ONNX.",
+    )
+    parser.add_argument("--version", action="version", version=f"ldpruner {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    model_help = "local diffusers pipeline folder, UNet folder, or random:<family>"
+
+    p = sub.add_parser("inspect", help="print the operator table")
+    p.add_argument("model", help=model_help)
+    _add_trace_flags(p)
+    p.add_argument("--json", dest="json_path", help="also write the operator graph as JSON to this file")
+
+    p = sub.add_parser("analyze", help="score every removable operator (writes scores.json)")
+    p.add_argument("model", help=model_help)
+    _add_trace_flags(p)
+    _add_analysis_flags(p)
+    _add_out(p)
+
+    p = sub.add_parser("select", help="choose removals under a budget (writes plan.json)")
+    p.add_argument("scores", help="scores.json from `ldpruner analyze`")
+    _add_selection_flags(p)
+    _add_out(p)
+
+    p = sub.add_parser("prune", help="apply a plan (writes student/)")
+    p.add_argument("model", help=model_help)
+    p.add_argument("--plan", required=True, help="plan.json from `ldpruner select`")
+    p.add_argument("--height", type=int, help="latent height to trace at (default: the UNet's sample_size)")
+    p.add_argument("--width", type=int, help="latent width to trace at")
+    _add_out(p)
+
+    p = sub.add_parser("export", help="export a pruned student to ONNX and validate it (writes onnx/)")
+    p.add_argument("student", help="student/ folder from `ldpruner prune`")
+    _add_export_flags(p)
+    _add_out(p)
+
+    p = sub.add_parser("build", help="run every stage into --out, reusing unchanged artifacts")
+    p.add_argument("model", nargs="?", help=model_help)
+    p.add_argument("--config", help="TOML file with build options (flags override it)")
+    _add_trace_flags(p)
+    _add_analysis_flags(p)
+    _add_selection_flags(p)
+    _add_export_flags(p)
+    _add_out(p, required=False)
+    return parser
+
+
+def _options(args: argparse.Namespace, *names: str) -> dict[str, Any]:
+    """The flags the user actually gave (None means: use the API default)."""
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
+_TRACE = ("granularity", "height", "width")
+_ANALYSIS = ("num_samples", "steps", "seed", "guidance_scale", "prompts")
+_SELECTION = ("budget", "metric", "order")
+_EXPORT = ("exporter", "opset", "optimize", "fp16")
+
+
+def _run(args: argparse.Namespace) -> int:
+    from . import api
+
+    if args.command == "inspect":
+        graph = api.inspect(args.model, **_options(args, *_TRACE))
+        print(graph.table())
+        if args.json_path:
+            from ldpruner.passes._io import write_text_atomic
+            from pathlib import Path
+
+            write_text_atomic(Path(args.json_path), graph.to_json() + "\n")
+        return 0
+    if args.command == "analyze":
+        report = api.analyze(args.model, out=args.out, **_options(args, *_TRACE, *_ANALYSIS, "overwrite"))
+        for e in report.ranked():
+            print(f"{e.score:12.6f}  {e.action:9s}  {e.name}")
+        print(f"wrote {args.out}/scores.json ({len(report)} candidates, {report.unet_calls} UNet calls, "
+              f"{report.wall_time_s:.1f} s)")
+        return 0
+    if args.command == "select":
+        plan = api.select(args.scores, out=args.out, **_options(args, *_SELECTION, "overwrite"))
+        t = plan.to_dict()["totals"]
+        print(f"{len(plan.removals)} removals; params {t['params_before']:,} -> {t['params_after']:,} "
+              f"(-{t['params_removed_fraction']:.1%}); MACs/sample -{t['macs_removed_fraction']:.1%}")
+        print(f"wrote {args.out}/plan.json")
+        return 0
+    if args.command == "prune":
+        student = api.prune(args.model, args.plan, out=args.out, **_options(args, "height", "width", "overwrite"))
+        print(json.dumps(student.summary, indent=2, default=str))
+        print(f"wrote {args.out}/student/")
+        return 0
+    if args.command == "export":
+        result = api.export(args.student, out=args.out, **_options(args, *_EXPORT, "overwrite"))
+        print(json.dumps(result, indent=2, default=str))
+        return 0
+    if args.command == "build":
+        options = _options(args, *_TRACE, *_ANALYSIS, *_SELECTION, *_EXPORT, "overwrite", "out", "config")
+        report = api.build(args.model, **options)
+        print(report["summary"])
+        return 0
+    raise AssertionError(args.command)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from .errors import LdprunerError
+
+    try:
+        return _run(args)
+    except LdprunerError as exc:
+        if args.debug:
+            raise
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

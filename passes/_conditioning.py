@@ -1,0 +1,229 @@
+"""What the analysis conditions the UNet on: precomputed embeddings, a local text encoder, or seeded random
+embeddings when only the UNet is available.
+
+A :class:`Conditioning` holds P rows; sample i of the analysis uses row ``i % P``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ldpruner.errors import ConfigError, ModelLoadError
+
+__all__ = [
+    "Conditioning",
+    "DEFAULT_PROMPTS",
+    "RANDOM_EMBEDDINGS",
+    "random_conditioning",
+    "encode_prompts",
+    "read_prompt_file",
+]
+
+RANDOM_EMBEDDINGS = "random-embeddings"
+RANDOM_SEQ_LEN = 77  # CLIP's context length: what SD-family UNets see in training
+
+# Varied subjects, styles and layouts, so the calibration set exercises more than one kind of image.
+DEFAULT_PROMPTS: tuple[str, ...] = (
+    "a photograph of an astronaut riding a horse",
+    "a watercolor painting of a lighthouse at dusk",
+    "a close-up photo of a red fox in the snow",
+    "an isometric pixel-art city with neon signs",
+    "a bowl of ramen on a wooden table, studio lighting",
+    "a pencil sketch of an old man reading a newspaper",
+    "a futuristic car parked in a desert, cinematic",
+    "a cozy living room with a fireplace and bookshelves",
+    "a macro photograph of a dew drop on a leaf",
+    "an oil painting of a stormy sea with a sailing ship",
+    "a cartoon cat wearing sunglasses",
+    "aerial view of a river winding through a green valley",
+    "a still life of apples and a jug, impressionist style",
+    "a portrait of a woman with curly hair, soft light",
+    "a handwritten digit seven",
+    "a smiling emoji face",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Conditioning:
+    """Conditioning rows for the UNet. Sample i uses row ``i % P`` of every per-prompt tensor.
+
+    * ``encoder_hidden_states`` (P, seq, dim): the prompt embeddings.
+    * ``negative_encoder_hidden_states`` (1 or P, seq, dim): the unconditional embeddings classifier-free
+      guidance needs (diffusers: the encoding of the empty prompt). None disables guidance.
+    * ``text_embeds`` / ``negative_text_embeds`` (P or 1, D) and ``time_ids`` (1 or P, 6): SDXL's added
+      conditioning (pooled text embedding, size/crop ids).
+    * ``class_labels`` (P,): for class-conditional UNets.
+    * ``source``: where the embeddings came from; the report records it.
+    """
+
+    encoder_hidden_states: torch.Tensor | None = None
+    negative_encoder_hidden_states: torch.Tensor | None = None
+    text_embeds: torch.Tensor | None = None
+    negative_text_embeds: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None
+    class_labels: torch.Tensor | None = None
+    source: str = "precomputed"
+    prompts: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        errors = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("source", "prompts") or value is None:
+                continue
+            if not isinstance(value, torch.Tensor):
+                errors.append(f"{f.name} must be a tensor or None, got {type(value).__name__}")
+            elif value.ndim == 0 or value.shape[0] == 0:
+                errors.append(f"{f.name} must have at least one row, got shape {tuple(value.shape)}")
+        ehs = self.encoder_hidden_states
+        if isinstance(ehs, torch.Tensor) and ehs.ndim != 3:
+            errors.append(f"encoder_hidden_states must be (P, seq, dim), got shape {tuple(ehs.shape)}")
+        neg = self.negative_encoder_hidden_states
+        if isinstance(neg, torch.Tensor) and isinstance(ehs, torch.Tensor) and neg.shape[1:] != ehs.shape[1:]:
+            errors.append(
+                f"negative_encoder_hidden_states shape {tuple(neg.shape)} does not match encoder_hidden_states "
+                f"{tuple(ehs.shape)} past the first dimension"
+            )
+        if ehs is None and any(getattr(self, n) is not None for n in
+                               ("negative_encoder_hidden_states", "text_embeds", "negative_text_embeds", "time_ids")):
+            errors.append("negative_encoder_hidden_states / text_embeds / time_ids need encoder_hidden_states")
+        if self.prompts is not None:
+            object.__setattr__(self, "prompts", tuple(self.prompts))
+        if errors:
+            raise ConfigError("invalid Conditioning: " + "; ".join(errors))
+
+    @property
+    def has_negative(self) -> bool:
+        return self.negative_encoder_hidden_states is not None
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if isinstance(getattr(self, f.name), torch.Tensor)}
+
+    def rows(self, indices: torch.Tensor, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The conditioning of samples ``indices`` as keyword arguments of the sampling loop.
+
+        Per-prompt tensors are indexed ``i % P``; one-row tensors stay one row (the loop broadcasts them)."""
+        out: dict[str, torch.Tensor] = {}
+        for name, value in self.tensors().items():
+            rows = value if value.shape[0] == 1 and name.startswith(("negative_", "time_ids")) else \
+                value[indices % value.shape[0]]
+            if rows.is_floating_point():
+                rows = rows.to(dtype=dtype)
+            out[name] = rows.to(device=device)
+        return out
+
+    def fingerprint(self) -> str:
+        """sha256 of the tensors (names, dtypes, shapes, bytes) and the source: part of the analysis cache key."""
+        h = hashlib.sha256(f"source={self.source};prompts={self.prompts!r}".encode())
+        for name, value in sorted(self.tensors().items()):
+            _hash_tensor(h, name, value)
+        return h.hexdigest()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "prompts": list(self.prompts) if self.prompts is not None else None,
+            "rows": {name: list(value.shape) for name, value in self.tensors().items()},
+        }
+
+
+def _hash_tensor(h: Any, name: str, value: torch.Tensor) -> None:
+    value = value.detach()
+    h.update(f"{name}:{value.dtype}:{list(value.shape)};".encode())
+    # byte view of the flat tensor: no dtype conversion (bf16 has no numpy type) and no copy when contiguous
+    flat = value.reshape(-1).contiguous().cpu()
+    h.update(flat.view(torch.uint8).numpy())
+
+
+def random_conditioning(*, num_rows: int, seed: int, cross_attention_dim: int, seq_len: int = RANDOM_SEQ_LEN,
+                        pooled_dim: int | None = None, image_size: tuple[int, int] | None = None,
+                        num_classes: int | None = None) -> Conditioning:
+    """Seeded Gaussian embeddings standing in for a text encoder when only the UNet is available.
+
+    ``num_rows`` prompt embeddings of shape (``seq_len``, ``cross_attention_dim``) and one shared negative
+    embedding (the stand-in for the empty prompt), all N(0, 1) from a CPU generator seeded with ``seed``.
+    SDXL UNets (``pooled_dim`` set) also get random pooled embeddings and the size ids of an ``image_size``
+    (height, width) image; class-conditional ones (``num_classes`` set) get random labels. Scores computed on
+    these measure how much each operator matters for cross-attention inputs of the right shape and scale, not
+    for real prompts; the report labels them ``conditioning: "random-embeddings"``.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    negative = torch.randn(1, seq_len, cross_attention_dim, generator=gen)
+    positive = torch.randn(num_rows, seq_len, cross_attention_dim, generator=gen)
+    extra: dict[str, torch.Tensor] = {}
+    if pooled_dim is not None:
+        if image_size is None:
+            raise ConfigError("random SDXL conditioning needs image_size=(height, width) for its time_ids")
+        extra["negative_text_embeds"] = torch.randn(1, pooled_dim, generator=gen)
+        extra["text_embeds"] = torch.randn(num_rows, pooled_dim, generator=gen)
+        h, w = image_size
+        extra["time_ids"] = torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32)
+    if num_classes is not None:
+        extra["class_labels"] = torch.randint(0, num_classes, (num_rows,), generator=gen)
+    return Conditioning(encoder_hidden_states=positive, negative_encoder_hidden_states=negative,
+                        source=RANDOM_EMBEDDINGS, **extra)
+
+
+def read_prompt_file(path: str | os.PathLike) -> tuple[str, ...]:
+    """Prompts, one per line; blank lines and lines starting with ``#`` are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"prompt file {str(path)!r} does not exist")
+    prompts = tuple(line.strip() for line in path.read_text().splitlines()
+                    if line.strip() and not line.lstrip().startswith("#"))
+    if not prompts:
+        raise ConfigError(f"prompt file {str(path)!r} holds no prompts")
+    return prompts
+
+
+def encode_prompts(pipeline_dir: str | os.PathLike, prompts: Sequence[str] = DEFAULT_PROMPTS, *,
+                   max_length: int | None = None) -> Conditioning:
+    """Encode ``prompts`` and the empty prompt with the tokenizer/ and text_encoder/ of a local diffusers
+    pipeline folder (transformers, ``local_files_only=True``), the way StableDiffusionPipeline does:
+    padded to ``max_length`` (default: the tokenizer's ``model_max_length``), last hidden state, attention mask
+    only when the encoder's config sets ``use_attention_mask``.
+
+    Pipelines with a second text encoder (SDXL) are not handled here: pass a precomputed Conditioning."""
+    folder = Path(pipeline_dir)
+    prompts = tuple(prompts)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ConfigError(f"prompts must be a non-empty sequence of strings, got {prompts!r}")
+    for sub in ("tokenizer", "text_encoder"):
+        if not (folder / sub).is_dir():
+            raise ModelLoadError(f"{str(folder)!r} has no {sub}/ folder: it is not a text-to-image pipeline folder")
+    if (folder / "text_encoder_2").is_dir():
+        raise ModelLoadError(
+            f"{str(folder)!r} has two text encoders (SDXL); encode the prompts yourself and pass a Conditioning "
+            "with encoder_hidden_states, text_embeds and time_ids")
+    try:
+        from transformers import AutoModel, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
+        encoder = AutoModel.from_pretrained(folder / "text_encoder", local_files_only=True).eval()
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"could not load the text encoder of {str(folder)!r}: {exc}") from exc
+    if max_length is None:
+        max_length = tokenizer.model_max_length
+        if max_length > 100_000:  # transformers' sentinel for "no limit configured"
+            raise ConfigError(
+                f"the tokenizer in {str(folder / 'tokenizer')!r} sets no model_max_length; pass max_length")
+    use_mask = bool(getattr(encoder.config, "use_attention_mask", False))
+
+    def encode(texts: Sequence[str]) -> torch.Tensor:
+        tokens = tokenizer(list(texts), padding="max_length", max_length=max_length, truncation=True,
+                           return_tensors="pt")
+        with torch.no_grad():
+            out = encoder(input_ids=tokens["input_ids"],
+                          attention_mask=tokens["attention_mask"] if use_mask else None)
+        return out.last_hidden_state.float()
+
+    return Conditioning(encoder_hidden_states=encode(prompts), negative_encoder_hidden_states=encode([""]),
+                        source="text-encoder", prompts=prompts)

@@ -1,0 +1,622 @@
+"""Importance analysis (LD-Pruner): how far the distribution of final latents moves when one operator goes.
+
+With μ, σ the elementwise mean and standard deviation over N samples of the final latents, generated from the
+same noise, conditioning, scheduler and step count by the dense UNet (d) and by the UNet without candidate c:
+
+    score(c) = ‖μ_d − μ_c‖₂ + ‖σ_d − σ_c‖₂
+
+A low score means the operator can go. The analysis is pure: each candidate is applied in place by swapping its
+module for the stand-in that computes what the rewrite will compute, and swapped back; graph and weights are
+unchanged afterwards. Candidates are independent, so under torch.distributed each rank scores a share.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.fx
+from torch import nn
+
+from ldpruner.compiler.graph import Operator, OperatorGraph
+from ldpruner.compiler.removal import swapped
+from ldpruner.compiler.tracer import TracedUNet
+from ldpruner.errors import ArtifactError, ConfigError
+from ldpruner.runtime.sampling import sample_latents
+
+from ._conditioning import (
+    DEFAULT_PROMPTS,
+    Conditioning,
+    encode_prompts,
+    random_conditioning,
+    read_prompt_file,
+)
+from ._io import write_text_atomic
+
+__all__ = [
+    "AnalysisConfig",
+    "CandidateScore",
+    "Conditioning",
+    "DEFAULT_PROMPTS",
+    "ImportanceReport",
+    "SCORES_FORMAT",
+    "analyze_importance",
+    "cache_key",
+    "encode_prompts",
+    "latent_deviation_score",
+    "latent_stats",
+    "load_cached",
+    "random_conditioning",
+    "read_prompt_file",
+    "resolve_conditioning",
+    "weights_fingerprint",
+]
+
+SCORES_FORMAT = "ldpruner.scores/1"
+_MAX_SEED = 2**32
+_MAX_SAMPLES = 2**20  # step-noise seeds are (seed << 20) + i + 1; see AnalysisConfig
+_SUPPORTED_INPUTS = ("sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids", "class_labels")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class AnalysisConfig:
+    """How the analysis samples.
+
+    * ``num_samples`` N ≥ 2: latents per model; μ and σ are taken over them.
+    * ``steps``: scheduler steps per generation.
+    * ``seed``: the initial noise is ``torch.randn((N, C, H, W), generator=torch.Generator().manual_seed(seed))``;
+      schedulers that draw noise in ``step`` get one CPU generator per sample, seeded ``(seed << 20) + i + 1``,
+      so a sample's trajectory does not depend on ``batch_size``. Random embeddings (no text encoder) are
+      seeded with ``seed`` too.
+    * ``height`` / ``width``: latent size; None means the size the UNet was traced at.
+    * ``guidance_scale``: classifier-free guidance for conditional UNets (≤ 1 disables it); ignored for
+      unconditional ones.
+    * ``batch_size``: samples per UNet call (None: all N at once); with guidance the UNet sees twice as many.
+    * ``prompts``: prompts for the text-encoder path (None: :data:`DEFAULT_PROMPTS`); sample i uses prompt
+      ``i % len(prompts)``.
+    """
+
+    num_samples: int = 8
+    steps: int = 10
+    seed: int = 0
+    height: int | None = None
+    width: int | None = None
+    guidance_scale: float = 7.5
+    batch_size: int | None = None
+    prompts: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        errors = []
+        if not _is_int(self.num_samples) or not 2 <= self.num_samples < _MAX_SAMPLES:
+            errors.append(f"num_samples={self.num_samples!r} must be an integer in [2, {_MAX_SAMPLES}): "
+                          "σ over fewer than 2 samples is always 0")
+        if not _is_int(self.steps) or self.steps < 1:
+            errors.append(f"steps={self.steps!r} must be a positive integer")
+        if not _is_int(self.seed) or not 0 <= self.seed < _MAX_SEED:
+            errors.append(f"seed={self.seed!r} must be an integer in [0, 2**32)")
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value < 1):
+                errors.append(f"{name}={value!r} must be a positive integer (latent pixels) or None for the traced size")
+        g = self.guidance_scale
+        if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or g < 0:
+            errors.append(f"guidance_scale={g!r} must be a finite number >= 0 (<= 1 disables guidance)")
+        if self.batch_size is not None and (not _is_int(self.batch_size) or self.batch_size < 1):
+            errors.append(f"batch_size={self.batch_size!r} must be a positive integer or None for all samples at once")
+        if self.prompts is not None:
+            if isinstance(self.prompts, str) or not isinstance(self.prompts, (tuple, list)):
+                errors.append(f"prompts={self.prompts!r} must be a tuple of strings or None")
+            elif not self.prompts or not all(isinstance(p, str) and p.strip() for p in self.prompts):
+                errors.append(f"prompts={self.prompts!r} must be a non-empty tuple of non-empty strings")
+            else:
+                # lists arrive from TOML/JSON; the config stays hashable and immutable
+                object.__setattr__(self, "prompts", tuple(self.prompts))
+        if errors:
+            raise ConfigError("invalid AnalysisConfig: " + "; ".join(errors))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["prompts"] = list(self.prompts) if self.prompts is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AnalysisConfig:
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"analysis options must be a mapping, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown analysis option(s) {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+
+@dataclasses.dataclass(frozen=True)
+class CandidateScore:
+    """The score of one candidate, with its two terms and what removing it saves."""
+
+    name: str  # fx qualified name of the operator's module
+    score: float
+    mu_term: float  # ‖μ_dense − μ_c‖₂
+    sigma_term: float  # ‖σ_dense − σ_c‖₂
+    params: int
+    macs: int
+    action: str
+    kind: str
+    module_class: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class ImportanceReport:
+    """Per-candidate scores keyed by fx qualified name, plus what produced them. Written as scores.json.
+
+    ``entries`` keeps graph order; treat it as read-only. ``unet_calls`` is summed over ranks (each rank
+    generates the dense latents once); ``wall_time_s`` is the slowest rank's."""
+
+    FILENAME: ClassVar[str] = "scores.json"
+
+    model_class: str
+    granularity: str
+    total_params: int
+    total_macs: int
+    config: AnalysisConfig
+    scheduler: dict[str, Any]
+    conditioning: str
+    prompts: tuple[str, ...] | None
+    classifier_free_guidance: bool
+    latent_shape: tuple[int, ...]
+    dense_mean_norm: float  # ‖μ_dense‖₂: the scale the μ-terms compare to
+    dense_std_norm: float  # ‖σ_dense‖₂
+    entries: dict[str, CandidateScore]
+    unet_calls: int
+    wall_time_s: float
+    world_size: int
+    cache_key: str
+
+    def __getitem__(self, name: str) -> CandidateScore:
+        return self.entries[name]
+
+    def __iter__(self) -> Iterator[CandidateScore]:
+        return iter(self.entries.values())
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @property
+    def scores(self) -> dict[str, float]:
+        return {name: e.score for name, e in self.entries.items()}
+
+    def ranked(self) -> list[CandidateScore]:
+        """Least important first (the order LD-Pruner removes in); ties keep graph order."""
+        return sorted(self.entries.values(), key=lambda e: e.score)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": SCORES_FORMAT,
+            "cache_key": self.cache_key,
+            "model_class": self.model_class,
+            "granularity": self.granularity,
+            "total_params": self.total_params,
+            "total_macs_per_sample": self.total_macs,
+            "config": self.config.to_dict(),
+            "scheduler": self.scheduler,
+            "conditioning": self.conditioning,
+            "prompts": list(self.prompts) if self.prompts is not None else None,
+            "classifier_free_guidance": self.classifier_free_guidance,
+            "latent_shape": list(self.latent_shape),
+            "score": "||mu_dense - mu_c||_2 + ||sigma_dense - sigma_c||_2; sigma: population std (unbiased=False)",
+            "dense": {"mean_norm": self.dense_mean_norm, "std_norm": self.dense_std_norm},
+            "cost": {"unet_calls": self.unet_calls, "wall_time_s": self.wall_time_s, "world_size": self.world_size},
+            "candidates": [e.to_dict() for e in self.entries.values()],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ImportanceReport:
+        if not isinstance(data, Mapping) or data.get("format") != SCORES_FORMAT:
+            found = data.get("format") if isinstance(data, Mapping) else type(data).__name__
+            raise ArtifactError(f"not an ldpruner scores file: expected format {SCORES_FORMAT!r}, got {found!r}")
+        try:
+            entries = [CandidateScore(**e) for e in data["candidates"]]
+            cost = data["cost"]
+            return cls(
+                model_class=data["model_class"],
+                granularity=data["granularity"],
+                total_params=int(data["total_params"]),
+                total_macs=int(data["total_macs_per_sample"]),
+                config=AnalysisConfig.from_dict(data["config"]),
+                scheduler=dict(data["scheduler"]),
+                conditioning=data["conditioning"],
+                prompts=tuple(data["prompts"]) if data["prompts"] is not None else None,
+                classifier_free_guidance=bool(data["classifier_free_guidance"]),
+                latent_shape=tuple(data["latent_shape"]),
+                dense_mean_norm=float(data["dense"]["mean_norm"]),
+                dense_std_norm=float(data["dense"]["std_norm"]),
+                entries={e.name: e for e in entries},
+                unet_calls=int(cost["unet_calls"]),
+                wall_time_s=float(cost["wall_time_s"]),
+                world_size=int(cost["world_size"]),
+                cache_key=data["cache_key"],
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ArtifactError(f"malformed scores file: {type(exc).__name__}: {exc}") from exc
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write atomically; ``path`` is a file, or a folder that receives ``scores.json``."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / self.FILENAME
+        write_text_atomic(path, self.to_json())
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> ImportanceReport:
+        path = Path(path)
+        if path.is_dir():
+            path = path / cls.FILENAME
+        if not path.is_file():
+            raise ArtifactError(f"scores file {str(path)!r} does not exist")
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ArtifactError(f"scores file {str(path)!r} is not valid JSON: {exc}") from exc
+        return cls.from_dict(data)
+
+
+def load_cached(path: str | os.PathLike, key: str) -> ImportanceReport | None:
+    """The report at ``path`` if it was computed with cache key ``key`` (see :func:`cache_key`), else None.
+
+    A missing file is a miss; a file that is not a scores file raises :class:`ArtifactError` rather than
+    being treated as a miss and overwritten later."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / ImportanceReport.FILENAME
+    if not path.is_file():
+        return None
+    report = ImportanceReport.load(path)
+    return report if report.cache_key == key else None
+
+
+# --- the score -------------------------------------------------------------------------------------------------
+
+def latent_stats(latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Elementwise mean and standard deviation over the samples (dim 0), in float64.
+
+    σ is the population standard deviation (``torch.std(..., unbiased=False)``, i.e. ``correction=0``): the
+    statistic of the N samples themselves, as the score compares two sets of N samples."""
+    x = latents.detach().to(torch.float64)
+    return x.mean(dim=0), torch.std(x, dim=0, correction=0)
+
+
+def latent_deviation_score(dense: tuple[torch.Tensor, torch.Tensor], latents: torch.Tensor) -> tuple[float, float]:
+    """(‖μ_dense − μ_c‖₂, ‖σ_dense − σ_c‖₂) over all latent elements; the score is their sum."""
+    mu, sigma = latent_stats(latents)
+    return (float(torch.linalg.vector_norm(dense[0] - mu)), float(torch.linalg.vector_norm(dense[1] - sigma)))
+
+
+# --- inputs: conditioning, scheduler, latent size --------------------------------------------------------------
+
+def resolve_conditioning(traced: TracedUNet, calib: Conditioning | str | os.PathLike | None,
+                         config: AnalysisConfig) -> Conditioning:
+    """The conditioning the analysis uses, checked against the traced UNet's inputs.
+
+    ``calib`` is a :class:`Conditioning`, a local diffusers pipeline folder (its tokenizer/ and text_encoder/
+    encode ``config.prompts``), or None: unconditional UNets need nothing; conditional ones get seeded random
+    embeddings (:func:`random_conditioning`), labelled ``"random-embeddings"`` in the report."""
+    names = traced.input_names
+    unsupported = [n for n in names if n not in _SUPPORTED_INPUTS]
+    if unsupported:
+        raise ConfigError(f"the analysis cannot drive UNet inputs {unsupported}; supported: {list(_SUPPORTED_INPUTS)}")
+    example = traced.example_inputs
+    if isinstance(calib, (str, os.PathLike)):
+        if "encoder_hidden_states" not in names:
+            raise ConfigError(f"calib={str(calib)!r} is a text encoder, but {traced.model_class} takes no text")
+        calib = encode_prompts(calib, config.prompts or DEFAULT_PROMPTS)
+    if calib is None:
+        calib = _default_conditioning(traced, config)
+    if not isinstance(calib, Conditioning):
+        raise ConfigError(f"calib must be a Conditioning, a pipeline folder or None, got {type(calib).__name__}")
+
+    errors = []
+    for name in ("encoder_hidden_states", "text_embeds", "time_ids", "class_labels"):
+        given = getattr(calib, name) is not None
+        if given and name not in names:
+            errors.append(f"{name} is given but {traced.model_class} takes no {name}")
+        elif not given and name in names:
+            errors.append(f"{traced.model_class} needs {name}, which the conditioning lacks")
+    for name in ("encoder_hidden_states", "text_embeds"):
+        value = getattr(calib, name)
+        if value is not None and name in example and value.shape[-1] != example[name].shape[-1]:
+            errors.append(f"{name} has dim {value.shape[-1]}, the UNet expects {example[name].shape[-1]}")
+    if errors:
+        raise ConfigError("conditioning does not fit the UNet: " + "; ".join(errors))
+    return calib
+
+
+def _default_conditioning(traced: TracedUNet, config: AnalysisConfig) -> Conditioning:
+    names, example = traced.input_names, traced.example_inputs
+    num_classes = None
+    if "class_labels" in names:
+        embedding = getattr(traced.gm, "class_embedding", None)
+        if not isinstance(embedding, nn.Embedding):
+            raise ConfigError(
+                f"{traced.model_class} takes class_labels that are not class ids; pass "
+                "Conditioning(class_labels=...) as calib")
+        num_classes = embedding.num_embeddings
+    if "encoder_hidden_states" not in names:
+        if num_classes is None:
+            return Conditioning(source="unconditional")
+        labels = torch.randint(0, num_classes, (config.num_samples,),
+                               generator=torch.Generator().manual_seed(config.seed))
+        return Conditioning(class_labels=labels, source="random-class-labels")
+    height, width = _latent_size(traced, config)
+    time_ids = example.get("time_ids")
+    # SDXL's size ids are in image pixels; the traced example says how latent pixels map to them
+    scale = int(time_ids[0, 0].item()) // example["sample"].shape[-2] if time_ids is not None else 8
+    return random_conditioning(
+        num_rows=config.num_samples,
+        seed=config.seed,
+        cross_attention_dim=example["encoder_hidden_states"].shape[-1],
+        pooled_dim=example["text_embeds"].shape[-1] if "text_embeds" in names else None,
+        image_size=(height * scale, width * scale),
+        num_classes=num_classes,
+    )
+
+
+def _latent_size(traced: TracedUNet, config: AnalysisConfig) -> tuple[int, int]:
+    traced_h, traced_w = traced.example_inputs[traced.input_names[0]].shape[-2:]
+    height = config.height if config.height is not None else int(traced_h)
+    width = config.width if config.width is not None else int(traced_w)
+    multiple = traced.spatial_multiple
+    errors = []
+    for name, value, traced_value in (("height", height, traced_h), ("width", width, traced_w)):
+        if multiple is None and value != traced_value:
+            errors.append(f"{name}={value} differs from the traced size {int(traced_value)}, the only size this "
+                          "graph is valid for")
+        elif multiple is not None and value % multiple:
+            errors.append(f"{name}={value} is not a multiple of {multiple} (2^number of upsamplers)")
+    if errors:
+        raise ConfigError("invalid latent size: " + "; ".join(errors))
+    return height, width
+
+
+def _scheduler_record(scheduler: Any | None) -> tuple[Any, dict[str, Any]]:
+    if scheduler is None:
+        from diffusers import DDIMScheduler
+
+        default = DDIMScheduler()
+        return default, {"class": "DDIMScheduler", "source": "default: diffusers DDIMScheduler()",
+                         "config": _json_safe(default.config)}
+    if not all(hasattr(scheduler, a) for a in ("set_timesteps", "step", "scale_model_input", "init_noise_sigma")):
+        raise ConfigError(f"scheduler must be a diffusers scheduler, got {type(scheduler).__name__}")
+    config = getattr(scheduler, "config", {})
+    return scheduler, {"class": type(scheduler).__name__, "source": "given", "config": _json_safe(config)}
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        # diffusers' bookkeeping keys (_use_default_values, _diffusers_version) do not change the schedule
+        return {str(k): _json_safe(v) for k, v in value.items() if not str(k).startswith("_")}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return repr(value)
+
+
+# --- cache key -----------------------------------------------------------------------------------------------
+
+def weights_fingerprint(module: nn.Module) -> str:
+    """sha256 over the state_dict: every tensor's name, dtype, shape and bytes, in sorted name order."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        tensor = tensor.detach()
+        h.update(f"{name}:{tensor.dtype}:{list(tensor.shape)};".encode())
+        # a byte view hashes any dtype (bf16 has no numpy type) without converting it
+        h.update(tensor.reshape(-1).contiguous().cpu().view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def _cache_key(operator_graph: OperatorGraph, conditioning: Conditioning, config: AnalysisConfig,
+               scheduler_record: dict[str, Any]) -> str:
+    traced = operator_graph.traced
+    # options spelled differently but meaning the same analysis share a key
+    options = config.to_dict()
+    options["height"], options["width"] = _latent_size(traced, config)
+    if "encoder_hidden_states" not in traced.input_names:
+        options["guidance_scale"] = None  # ignored by unconditional UNets
+    payload = {
+        "format": SCORES_FORMAT,
+        "model_class": traced.model_class,
+        "granularity": traced.granularity.value,
+        "input_shapes": {n: list(traced.example_inputs[n].shape) for n in traced.input_names},
+        "candidates": [[op.name, op.action.value] for op in operator_graph.candidates],
+        "weights": weights_fingerprint(traced.gm),
+        "config": options,
+        "scheduler": {"class": scheduler_record["class"], "config": scheduler_record["config"]},
+        "conditioning": conditioning.fingerprint(),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def cache_key(operator_graph: OperatorGraph, calib: Conditioning | str | os.PathLike | None = None, *,
+              config: AnalysisConfig = AnalysisConfig(), scheduler: Any | None = None) -> str:
+    """The key :func:`analyze_importance` stores in its report: sha256 of the weights, the config, the
+    granularity, the traced input shapes, the candidates, the scheduler and the conditioning tensors.
+    Compute it before analysing and pass it to :func:`load_cached` to reuse a previous scores.json."""
+    _, record = _scheduler_record(scheduler)
+    conditioning = resolve_conditioning(operator_graph.traced, calib, config)
+    return _cache_key(operator_graph, conditioning, config, record)
+
+
+# --- running it ------------------------------------------------------------------------------------------------
+
+def _distributed_world(device: torch.device) -> tuple[int, int]:
+    """(rank, world size). Initialises the default process group when a launcher (torchrun) set
+    WORLD_SIZE > 1 and nobody initialised it yet: NCCL for a model on CUDA, gloo otherwise. The group is left
+    initialised for the stages that follow (distillation uses it too)."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return 0, 1
+    if not dist.is_initialized():
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return 0, 1
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend=backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+@contextlib.contextmanager
+def _analysis_mode(gm: torch.fx.GraphModule) -> Iterator[None]:
+    """eval mode, no autograd, and the global RNG untouched (stand-ins initialise new layers), all restored."""
+    modes = {name: m.training for name, m in gm.named_modules()}
+    gm.eval()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        for name, m in gm.named_modules():
+            m.training = modes.get(name, m.training)
+
+
+class _CountingUNet:
+    """The traced graph as the sampling loop's ``unet_fn``, counting calls."""
+
+    def __init__(self, gm: torch.fx.GraphModule, input_names: tuple[str, ...]):
+        self.gm, self.input_names, self.calls = gm, input_names, 0
+
+    def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.gm(*[inputs[n] for n in self.input_names])
+
+
+def analyze_importance(
+    operator_graph: OperatorGraph,
+    calib: Conditioning | str | os.PathLike | None = None,
+    *,
+    config: AnalysisConfig = AnalysisConfig(),
+    scheduler: Any | None = None,
+    progress: bool = True,
+    save_to: str | os.PathLike | None = None,
+) -> ImportanceReport:
+    """Score every removable operator of ``operator_graph`` by the latent deviation its removal causes.
+
+    ``calib``: see :func:`resolve_conditioning`. ``scheduler``: a diffusers scheduler (copied for every
+    generation, never stepped itself); None uses ``diffusers.DDIMScheduler()`` with its default config. The
+    report records which. ``save_to``: a file or folder for scores.json, written by rank 0 only.
+
+    Under torch.distributed (initialised by the caller, or by this function when WORLD_SIZE > 1) rank r scores
+    ``candidates[r::world]`` and every rank returns the full report. Place the model on the rank's device first.
+    The graph and its weights are unchanged afterwards.
+    """
+    if not isinstance(config, AnalysisConfig):
+        raise ConfigError(f"config must be an AnalysisConfig, got {type(config).__name__}")
+    start = time.perf_counter()
+    traced = operator_graph.traced
+    gm = traced.gm
+    conditioning = resolve_conditioning(traced, calib, config)
+    scheduler, scheduler_record = _scheduler_record(scheduler)
+    train_steps = getattr(getattr(scheduler, "config", None), "num_train_timesteps", None)
+    if train_steps is not None and config.steps > train_steps:
+        raise ConfigError(f"steps={config.steps} exceeds the scheduler's num_train_timesteps={train_steps}")
+    height, width = _latent_size(traced, config)
+    is_conditional = "encoder_hidden_states" in traced.input_names
+    use_cfg = is_conditional and config.guidance_scale > 1
+    if use_cfg and not conditioning.has_negative:
+        raise ConfigError(
+            f"guidance_scale={config.guidance_scale} enables classifier-free guidance, but the conditioning has "
+            "no negative_encoder_hidden_states; add them or set guidance_scale <= 1")
+    key = _cache_key(operator_graph, conditioning, config, scheduler_record)
+
+    param = next(gm.parameters())
+    device, dtype = param.device, param.dtype
+    channels = traced.example_inputs[traced.input_names[0]].shape[1]
+    shape = (config.num_samples, channels, height, width)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(config.seed)).to(device=device, dtype=dtype)
+    unet = _CountingUNet(gm, traced.input_names)
+    batch = config.batch_size or config.num_samples
+
+    def final_latents() -> torch.Tensor:
+        chunks = []
+        for begin in range(0, config.num_samples, batch):
+            index = torch.arange(begin, min(begin + batch, config.num_samples))
+            generators = [torch.Generator().manual_seed((config.seed << 20) + int(i) + 1) for i in index]
+            chunks.append(sample_latents(
+                unet, scheduler, noise=noise[index], steps=config.steps,
+                guidance_scale=config.guidance_scale if use_cfg else 1.0, generator=generators,
+                **conditioning.rows(index, device, dtype)))
+        return torch.cat(chunks)
+
+    rank, world = _distributed_world(device)
+    mine: list[Operator] = operator_graph.candidates[rank::world]
+    results: list[dict[str, Any]] = []
+    with _analysis_mode(gm):
+        dense = latent_stats(final_latents())
+        from tqdm.auto import tqdm
+
+        bar = tqdm(mine, desc=f"importance (rank {rank}/{world})" if world > 1 else "importance",
+                   disable=not progress or rank != 0, unit="op")
+        for op in bar:
+            with swapped(gm, op):
+                mu_term, sigma_term = latent_deviation_score(dense, final_latents())
+            results.append(CandidateScore(
+                name=op.name, score=mu_term + sigma_term, mu_term=mu_term, sigma_term=sigma_term,
+                params=op.params, macs=op.macs, action=op.action.value, kind=op.kind,
+                module_class=op.module_class).to_dict())
+    elapsed = time.perf_counter() - start
+
+    calls = unet.calls
+    if world > 1:
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, (results, calls, elapsed))
+        results = [r for part in gathered for r in part[0]]
+        calls = sum(part[1] for part in gathered)
+        elapsed = max(part[2] for part in gathered)
+    by_name = {r["name"]: CandidateScore(**r) for r in results}
+
+    report = ImportanceReport(
+        model_class=traced.model_class,
+        granularity=traced.granularity.value,
+        total_params=operator_graph.total_params,
+        total_macs=operator_graph.total_macs,
+        config=config,
+        scheduler=scheduler_record,
+        conditioning=conditioning.source,
+        prompts=conditioning.prompts,
+        classifier_free_guidance=use_cfg,
+        latent_shape=shape,
+        dense_mean_norm=float(torch.linalg.vector_norm(dense[0])),
+        dense_std_norm=float(torch.linalg.vector_norm(dense[1])),
+        entries={op.name: by_name[op.name] for op in operator_graph.candidates},
+        unet_calls=calls,
+        wall_time_s=elapsed,
+        world_size=world,
+        cache_key=key,
+    )
+    if save_to is not None and rank == 0:
+        report.save(save_to)
+    return report

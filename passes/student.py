@@ -1,0 +1,280 @@
+"""The ``student/`` artifact: a pruned UNet saved as data, never as a pickle.
+
+``config.json`` (the dense diffusers config), ``plan.json`` (the RemovalPlan), ``trace.json`` (what the trace
+needs to be repeated: input names, example shapes and dtypes, granularity, model class, and for which inputs the
+trace is valid) and ``diffusion_pytorch_model.safetensors`` (the pruned graph's state_dict). Loading rebuilds the
+dense model from its config, traces it again, replays the plan and loads the weights strictly: the graph is
+recomputed from code and data, so no module objects are ever unpickled.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import copy
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ldpruner.compiler.graph import build_operator_graph
+from ldpruner.compiler.tracer import trace_unet
+from ldpruner.errors import ArtifactError, LdprunerError, ModelLoadError
+
+from ._io import atomic_dir
+from .plan import RemovalPlan
+from .remove import PrunedUNet, RemoveOperators
+
+__all__ = ["STUDENT_FILES", "TRACE_FORMAT", "WEIGHTS_NAME", "load_student", "save_student"]
+
+CONFIG_NAME = "config.json"
+PLAN_NAME = "plan.json"
+TRACE_NAME = "trace.json"
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+STUDENT_FILES = (CONFIG_NAME, PLAN_NAME, TRACE_NAME, WEIGHTS_NAME)
+TRACE_FORMAT = "ldpruner.trace/1"
+_ALIASES_KEY = "ldpruner.aliases"  # safetensors metadata: {alias key: key whose tensor it shares}
+
+
+def save_student(
+    pruned: PrunedUNet,
+    path: str | Path,
+    *,
+    config: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``pruned`` as a ``student/`` folder at ``path`` (atomically: complete or absent).
+
+    ``config`` defaults to ``pruned.config``; for a diffusers UNet it is ``model.config``. A model that is not a
+    diffusers UNet may be saved without one; loading it then needs ``load_student(path, model=...)``."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise ArtifactError(f"{str(path)!r} already exists; pass overwrite=True to replace it")
+    config = config if config is not None else pruned.config
+    traced = pruned.traced
+    config_json = _config_json(config, traced.model_class)
+    tensors, aliases = _tensors_for_safetensors(pruned.gm.state_dict())
+    trace = {
+        "format": TRACE_FORMAT,
+        "model_class": traced.model_class,
+        "granularity": traced.granularity.value,
+        "input_names": list(traced.input_names),
+        "example_inputs": {
+            n: {"shape": list(traced.example_inputs[n].shape), "dtype": _dtype_name(traced.example_inputs[n].dtype)}
+            for n in traced.input_names
+        },
+        "param_dtype": _dtype_name(next(pruned.gm.parameters()).dtype),
+        "params": sum(p.numel() for p in pruned.gm.parameters()),
+        "validity": traced.validity(),
+        "rewrite": pruned.summary,
+    }
+    with atomic_dir(path) as tmp:
+        (tmp / CONFIG_NAME).write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")
+        pruned.plan.save(tmp / PLAN_NAME)
+        (tmp / TRACE_NAME).write_text(json.dumps(trace, indent=2) + "\n")
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", _ALIASES_KEY: json.dumps(aliases)})
+    return path
+
+
+def load_student(
+    path: str | Path,
+    *,
+    model: nn.Module | None = None,
+    extra_leaf_types: Iterable[type] = (),
+    extra_operator_types: Iterable[type] = (),
+) -> PrunedUNet:
+    """Rebuild a pruned UNet from a ``student/`` folder: dense model from ``config.json`` (or ``model``, any
+    module of the same architecture; it is copied, never changed), trace at the recorded shapes, replay
+    ``plan.json``, load the weights strictly. Raises :class:`ArtifactError` for missing or unreadable files and
+    :class:`ModelLoadError` when the weights do not fit the rebuilt graph."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ArtifactError(f"student folder {str(path)!r} does not exist")
+    missing = [name for name in STUDENT_FILES if not (path / name).is_file()]
+    if missing:
+        raise ArtifactError(f"student folder {str(path)!r} lacks {missing}; a student holds {list(STUDENT_FILES)}")
+    config = _read_json(path / CONFIG_NAME)
+    trace = _read_json(path / TRACE_NAME)
+    if trace.get("format") != TRACE_FORMAT:
+        raise ArtifactError(f"{str(path / TRACE_NAME)!r} has format {trace.get('format')!r}, expected {TRACE_FORMAT!r}")
+    plan = RemovalPlan.load(path / PLAN_NAME)
+    state = _read_safetensors(path / WEIGHTS_NAME)  # read before the expensive rebuild: a bad file fails fast
+
+    try:
+        dtype = getattr(torch, trace["param_dtype"])
+        example_inputs = _example_inputs(trace["example_inputs"])
+        input_names = list(trace["input_names"])
+        granularity = trace["granularity"]
+        model_class = trace["model_class"]
+    except (KeyError, AttributeError, TypeError) as exc:
+        raise ArtifactError(f"{str(path / TRACE_NAME)!r} is malformed: {type(exc).__name__}: {exc}") from exc
+    if model is None:
+        model = _model_from_config(config, model_class)
+    elif type(model).__name__ != model_class:
+        raise ModelLoadError(f"the student was traced from a {model_class}, the model given is a {type(model).__name__}")
+    else:  # the rewrite deletes submodules of the traced module: never the caller's
+        model = copy.deepcopy(model)
+    model = model.to(dtype).eval()
+
+    traced = trace_unet(model, {n: example_inputs[n] for n in input_names}, granularity=granularity,
+                        copy_model=False, extra_leaf_types=tuple(extra_leaf_types))
+    operator_graph = build_operator_graph(traced, extra_operator_types=extra_operator_types)
+    result = RemoveOperators(plan, operator_graph, allow_empty=not plan.removals)(traced.gm)
+    _load_state(result.gm, state, path / WEIGHTS_NAME)
+    return PrunedUNet(traced=traced, plan=plan, summary=result.summary,
+                      config=None if config.get("_ldpruner_not_diffusers") else config)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{str(path)!r} is not readable JSON: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{str(path)!r} holds a {type(data).__name__}, expected a JSON object")
+    return data
+
+
+# --- config ---------------------------------------------------------------------------------------------------
+def _config_json(config: Mapping[str, Any] | None, model_class: str) -> dict[str, Any]:
+    if config is None:
+        if model_class in ("UNet2DConditionModel", "UNet2DModel"):
+            raise ArtifactError(f"saving a {model_class} needs its diffusers config: pass config=model.config "
+                                "(to prune(...) or to save_student(...))")
+        return {"_class_name": model_class, "_ldpruner_not_diffusers": True}
+    import diffusers
+
+    out = {k: _json_value(v) for k, v in dict(config).items() if not k.startswith("_")}
+    out["_class_name"] = model_class
+    out["_diffusers_version"] = diffusers.__version__
+    return out
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, (tuple, list)):
+        return [_json_value(v) for v in value]
+    if isinstance(value, Path):
+        return value.as_posix()
+    if hasattr(value, "tolist"):  # numpy arrays and scalars
+        return value.tolist()
+    return value
+
+
+def _model_from_config(config: Mapping[str, Any], model_class: str) -> nn.Module:
+    from diffusers import UNet2DConditionModel, UNet2DModel
+
+    classes = {"UNet2DConditionModel": UNet2DConditionModel, "UNet2DModel": UNet2DModel}
+    cls_name = config.get("_class_name", model_class)
+    if cls_name != model_class:
+        raise ModelLoadError(f"config.json describes a {cls_name}, trace.json a {model_class}")
+    if cls_name not in classes:
+        raise ModelLoadError(f"the student was made from a {cls_name}, which is not a diffusers UNet, so it cannot "
+                             "be rebuilt from config.json; pass model=<an instance of that architecture>")
+    try:
+        with _skip_init():
+            model = classes[cls_name].from_config(dict(config))
+    except Exception as exc:  # diffusers raises plain TypeError/ValueError on a bad config
+        raise ModelLoadError(f"cannot build {cls_name} from config.json: {type(exc).__name__}: {exc}") from exc
+    # every weight is overwritten by the strict load; zeros make the trace deterministic and cheap for big models
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    return model
+
+
+def _skip_init() -> contextlib.AbstractContextManager:
+    """diffusers' own no_init_weights (random init of 860M parameters is seconds of wasted work); plain init when
+    a diffusers version lacks it."""
+    try:
+        from diffusers.models.modeling_utils import no_init_weights
+    except ImportError:
+        return contextlib.nullcontext()
+    return no_init_weights()
+
+
+# --- trace ----------------------------------------------------------------------------------------------------
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _example_inputs(spec: Mapping[str, Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+    """Seeded inputs with the recorded shapes: the trace depends on shapes and dtypes, not on values."""
+    gen = torch.Generator().manual_seed(0)
+    inputs = {}
+    for name, s in spec.items():
+        dtype = getattr(torch, s["dtype"])
+        if dtype.is_floating_point:
+            inputs[name] = torch.randn(tuple(s["shape"]), generator=gen).to(dtype)
+        else:
+            inputs[name] = torch.zeros(tuple(s["shape"]), dtype=dtype)
+    return inputs
+
+
+# --- weights --------------------------------------------------------------------------------------------------
+def _tensors_for_safetensors(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """safetensors refuses tensors that share memory: identical views are written once and recorded as aliases,
+    other overlapping views are written as copies."""
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    views: dict[tuple, str] = {}
+    for name, t in state.items():
+        t = t.detach()
+        if t.numel():
+            view = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()),
+                    t.dtype)
+            if view in views:
+                aliases[name] = views[view]
+                continue
+            views[view] = name
+        tensors[name] = t
+    storages = collections.Counter(t.untyped_storage().data_ptr() for t in tensors.values() if t.numel())
+    return {
+        name: (t.clone() if t.numel() and storages[t.untyped_storage().data_ptr()] > 1 else t).contiguous().cpu()
+        for name, t in tensors.items()
+    }, aliases
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    try:
+        state = {}
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            for key in f.keys():
+                state[key] = f.get_tensor(key)
+        aliases = json.loads(metadata.get(_ALIASES_KEY, "{}"))
+    except Exception as exc:  # safetensors raises SafetensorError, OSError or a JSON error on a corrupt file
+        raise ArtifactError(f"{str(path)!r} is not a readable safetensors file: {type(exc).__name__}: {exc}") from exc
+    for alias, key in aliases.items():
+        if key not in state:
+            raise ArtifactError(f"{str(path)!r}: alias {alias!r} points to {key!r}, which the file lacks")
+        state[alias] = state[key]
+    return state
+
+
+def _load_state(gm: nn.Module, state: Mapping[str, torch.Tensor], path: Path) -> None:
+    expected = gm.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [f"{k}: file {tuple(state[k].shape)}, graph {tuple(expected[k].shape)}"
+              for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[:5]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:5]})")
+        if shapes:
+            parts.append(f"{len(shapes)} with another shape (e.g. {shapes[:3]})")
+        raise ModelLoadError(f"the weights in {str(path)!r} do not fit the rebuilt graph: " + "; ".join(parts)
+                             + " (was the folder written for another plan or config?)")
+    try:
+        gm.load_state_dict(dict(state), strict=True)
+    except (RuntimeError, LdprunerError) as exc:
+        raise ModelLoadError(f"cannot load {str(path)!r}: {exc}") from exc

@@ -1,0 +1,251 @@
+"""ORTUNet: an exported UNet run by onnxruntime, callable like a diffusers UNet inside a stock pipeline.
+
+It takes the arguments of ``UNet2DConditionModel.forward`` / ``UNet2DModel.forward`` and returns their output
+classes; ``.config`` is the original UNet's config (pipelines read ``in_channels``, ``sample_size``,
+``time_cond_proj_dim`` from it), ``.dtype`` / ``.device`` say what tensors the pipeline should create.
+Arguments the exported graph has no input for (ControlNet residuals, attention masks, LoRA scales, ...) are
+rejected when they are not None, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers.configuration_utils import FrozenDict
+from diffusers.models.unets.unet_2d import UNet2DOutput
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+from ldpruner.errors import ArtifactError, UnsupportedInputError
+
+from .session import OrtSession, create_session
+
+__all__ = ["ORTUNet", "ONNX_FILENAME", "CONFIG_FILENAME", "EXPORT_METADATA_KEY", "load_unet_config"]
+
+logger = logging.getLogger("ldpruner.runtime")
+
+ONNX_FILENAME = "unet.onnx"
+CONFIG_FILENAME = "config.json"
+EXPORT_METADATA_KEY = "ldpruner.export"  # JSON written by ldpruner.passes.export into the model's metadata_props
+
+# Graph inputs ORTUNet knows how to fill, in the order the tracer emits them.
+_KNOWN_INPUTS = (
+    "sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids", "class_labels", "timestep_cond",
+)
+_TORCH_DTYPES = {
+    np.dtype(np.float32): torch.float32,
+    np.dtype(np.float16): torch.float16,
+    np.dtype(np.float64): torch.float64,
+    np.dtype(np.int64): torch.int64,
+    np.dtype(np.int32): torch.int32,
+}
+
+
+def load_unet_config(path: str | os.PathLike[str]) -> FrozenDict:
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(
+            f"UNet config {str(path)!r} does not exist; export with unet_config=unet.config or pass config= to ORTUNet"
+        )
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"UNet config {str(path)!r} is not readable JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ArtifactError(f"UNet config {str(path)!r} must hold a JSON object, got {type(data).__name__}")
+    return FrozenDict(data)
+
+
+class ORTUNet(torch.nn.Module):
+    """A drop-in for a diffusers UNet whose forward runs an ONNX model in onnxruntime.
+
+    ``model``: an ``OrtSession`` or the path of an ``.onnx`` file. ``config``: the original UNet's config (a
+    mapping); None reads ``config.json`` beside the ONNX file. ``providers`` / ``threads`` go to
+    :func:`create_session` when a path is given.
+    """
+
+    def __init__(
+        self,
+        model: OrtSession | str | os.PathLike[str],
+        config: Mapping[str, Any] | None = None,
+        *,
+        providers: Sequence[str] | None = None,
+        threads: int | None = None,
+    ):
+        super().__init__()
+        if not isinstance(model, OrtSession):
+            model = create_session(model, providers=providers, threads=threads)
+        session = model
+        if config is None:
+            config = load_unet_config(session.path.with_name(CONFIG_FILENAME))
+        if not isinstance(config, Mapping):
+            raise ArtifactError(f"config must be a mapping (e.g. unet.config), got {type(config).__name__}")
+        unknown = [n for n in session.input_names if n not in _KNOWN_INPUTS]
+        names = session.input_names
+        if unknown or not names or names[0] != "sample" or "timestep" not in names:
+            raise ArtifactError(
+                f"{session.path.name} has inputs {list(names)}; ORTUNet needs 'sample' first, 'timestep', "
+                f"and otherwise only {list(_KNOWN_INPUTS[2:])} (unknown: {unknown})"
+            )
+        if len(session.output_names) != 1:
+            raise ArtifactError(
+                f"{session.path.name} has outputs {list(session.output_names)}; ORTUNet needs exactly one"
+            )
+        self.session = session
+        self._internal_dict = FrozenDict(dict(config))
+        class_name = self._internal_dict.get("_class_name")
+        self._conditional = (
+            class_name == "UNet2DConditionModel" if class_name else "encoder_hidden_states" in session.input_names
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        folder: str | os.PathLike[str],
+        *,
+        subfolder: str | None = None,
+        onnx_name: str = ONNX_FILENAME,
+        providers: Sequence[str] | None = None,
+        threads: int | None = None,
+    ) -> ORTUNet:
+        """Load ``<folder>[/<subfolder>]/unet.onnx`` (+ ``unet.onnx.data``) and its ``config.json``."""
+        folder = Path(folder) / subfolder if subfolder else Path(folder)
+        if not folder.is_dir():
+            raise ArtifactError(f"{str(folder)!r} is not a folder holding {onnx_name} and {CONFIG_FILENAME}")
+        config = load_unet_config(folder / CONFIG_FILENAME)
+        return cls(folder / onnx_name, config, providers=providers, threads=threads)
+
+    # --- what pipelines read ----------------------------------------------------------------------------
+    @property
+    def config(self) -> FrozenDict:
+        return self._internal_dict
+
+    @property
+    def provider(self) -> str:
+        return self.session.provider
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the pipeline should create latents in: the graph's sample input dtype."""
+        return _TORCH_DTYPES[self.session.input_dtypes["sample"]]
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cuda", self.session.device_id) if self.session.on_cuda else torch.device("cpu")
+
+    def __getattr__(self, name: str) -> Any:
+        # diffusers models expose config entries as attributes (unet.in_channels); pipelines rely on it
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            config = self.__dict__.get("_internal_dict")
+            if config is not None and name in config:
+                return config[name]
+            raise
+
+    def extra_repr(self) -> str:
+        session = self.session
+        return f"path={str(session.path)!r}, provider={session.provider}, inputs={list(session.input_names)}"
+
+    # --- the call ---------------------------------------------------------------------------------------
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        encoder_hidden_states: torch.Tensor | None = None,
+        class_labels: torch.Tensor | None = None,
+        timestep_cond: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cross_attention_kwargs: Mapping[str, Any] | None = None,
+        added_cond_kwargs: Mapping[str, torch.Tensor] | None = None,
+        down_block_additional_residuals: Sequence[torch.Tensor] | None = None,
+        mid_block_additional_residual: torch.Tensor | None = None,
+        down_intrablock_additional_residuals: Sequence[torch.Tensor] | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        return_dict: bool = True,
+        **kwargs: Any,
+    ) -> UNet2DConditionOutput | UNet2DOutput | tuple[torch.Tensor]:
+        unsupported = {
+            "attention_mask": attention_mask,
+            "down_block_additional_residuals": down_block_additional_residuals,
+            "mid_block_additional_residual": mid_block_additional_residual,
+            "down_intrablock_additional_residuals": down_intrablock_additional_residuals,
+            "encoder_attention_mask": encoder_attention_mask,
+            **kwargs,
+        }
+        problems = [
+            f"{k} (the exported graph has no input for it; pass None)" for k, v in unsupported.items() if v is not None
+        ]
+        if cross_attention_kwargs:  # None or {} are both "no extra attention arguments"
+            problems.append(f"cross_attention_kwargs {sorted(cross_attention_kwargs)} (attention processors and LoRA "
+                            "scales are baked into the exported graph; pass None)")
+        if not isinstance(sample, torch.Tensor) or sample.dim() != 4:
+            problems.append(f"sample must be a 4-D NCHW tensor, got {getattr(sample, 'shape', type(sample).__name__)}")
+        given: dict[str, torch.Tensor | None] = {
+            "encoder_hidden_states": encoder_hidden_states,
+            "class_labels": class_labels,
+            "timestep_cond": timestep_cond,
+        }
+        added = dict(added_cond_kwargs or {})
+        for key in ("text_embeds", "time_ids"):
+            given[key] = added.pop(key, None)
+        if added:
+            problems.append(f"added_cond_kwargs keys {sorted(added)} (only text_embeds and time_ids are graph inputs)")
+        for name, value in given.items():
+            if value is not None and name not in self.session.input_names:
+                problems.append(f"{name} was given but {self.session.path.name} takes no such input")
+            if value is None and name in self.session.input_names:
+                problems.append(f"{name} is required by {self.session.path.name} but was not given")
+        if problems:
+            raise UnsupportedInputError("ORTUNet.forward: " + "; ".join(problems))
+
+        feeds = {"sample": sample, "timestep": self._timestep_batch(timestep, sample)}
+        feeds.update({n: v for n, v in given.items() if v is not None})
+        feeds = {
+            name: value.to(_TORCH_DTYPES[self.session.input_dtypes[name]])
+            for name, value in feeds.items()
+        }
+        output_shapes = None
+        out_channels = self._internal_dict.get("out_channels")
+        if isinstance(out_channels, int):
+            output_shapes = {self.session.output_names[0]: (sample.shape[0], out_channels, *sample.shape[2:])}
+        (out,) = self.session.run_torch(feeds, output_shapes)
+        out = out.to(sample.device)
+        if not return_dict:
+            return (out,)
+        return UNet2DConditionOutput(sample=out) if self._conditional else UNet2DOutput(sample=out)
+
+    def _timestep_batch(self, timestep: torch.Tensor | float | int, sample: torch.Tensor) -> torch.Tensor:
+        """int/float/0-d/(1,)/(batch,) → a (batch,) tensor of the graph's timestep dtype."""
+        batch = sample.shape[0]
+        if isinstance(timestep, torch.Tensor):
+            t = timestep.detach().to(sample.device)
+        elif isinstance(timestep, (int, float, np.integer, np.floating)) and not isinstance(timestep, bool):
+            t = torch.tensor(float(timestep) if isinstance(timestep, (float, np.floating)) else int(timestep),
+                             device=sample.device)
+        else:
+            raise UnsupportedInputError(f"timestep must be a number or a tensor, got {type(timestep).__name__}")
+        if t.dim() == 0 or (t.dim() == 1 and t.shape[0] == 1):
+            t = t.reshape(1).expand(batch)
+        elif t.dim() != 1 or t.shape[0] != batch:
+            raise UnsupportedInputError(
+                f"timestep must be a scalar, a 0-d tensor or a (batch,) tensor with batch={batch}, "
+                f"got shape {list(t.shape)}"
+            )
+        target = _TORCH_DTYPES[self.session.input_dtypes["timestep"]]
+        if not target.is_floating_point and t.is_floating_point():
+            if not torch.equal(t, t.round()):
+                raise UnsupportedInputError(
+                    f"{self.session.path.name} takes an integer timestep but got fractional values {t.tolist()}; "
+                    "re-export with timestep_dtype='float32' (the default) for schedulers with fractional timesteps"
+                )
+        if t.is_floating_point() and not all(math.isfinite(v) for v in t.tolist()):
+            raise UnsupportedInputError(f"timestep has non-finite values {t.tolist()}")
+        return t.to(target).contiguous()

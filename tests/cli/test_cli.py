@@ -1,0 +1,160 @@
+"""The CLI end to end on a tiny UNet folder: stages, build reuse, overwrite rules and one-line typed errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ldpruner.cli import main
+from conftest import make_tiny_sd_unet
+
+FAST = ["--num-samples", "2", "--steps", "2", "--height", "8", "--width", "8"]
+
+
+@pytest.fixture(scope="module")
+def unet_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("model") / "unet"
+    make_tiny_sd_unet().save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_inspect_prints_the_operator_table(unet_dir, capsys, tmp_path):
+    code, out, err = run(capsys, "inspect", unet_dir, "--json", tmp_path / "ops.json")
+    assert code == 0, err
+    assert "down_blocks.1.resnets.0       resnet       shortcut" in out
+    assert "14 operators, 12 removable" in out
+    data = json.loads((tmp_path / "ops.json").read_text())
+    assert data["model_class"] == "UNet2DConditionModel" and len(data["operators"]) == 14
+
+
+def test_stages_one_by_one(unet_dir, capsys, tmp_path):
+    code, out, err = run(capsys, "analyze", unet_dir, "--out", tmp_path, *FAST)
+    assert code == 0, err
+    assert (tmp_path / "scores.json").is_file()
+    code, out, err = run(capsys, "select", tmp_path / "scores.json", "--budget", "0.2", "--out", tmp_path)
+    assert code == 0, err
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["totals"]["params_removed_fraction"] >= 0.2
+    code, out, err = run(capsys, "prune", unet_dir, "--plan", tmp_path / "plan.json", "--out", tmp_path,
+                         "--height", "8", "--width", "8")
+    assert code == 0, err
+    assert (tmp_path / "student" / "plan.json").is_file()
+    code, out, err = run(capsys, "export", tmp_path / "student", "--out", tmp_path)
+    assert code == 0, err
+    assert (tmp_path / "onnx" / "unet.onnx").is_file()
+    # a second select into the same folder must not silently replace plan.json
+    code, out, err = run(capsys, "select", tmp_path / "scores.json", "--budget", "0.3", "--out", tmp_path)
+    assert code == 1 and "ArtifactError" in err and "--overwrite" in err
+
+
+def test_build_reuses_unchanged_artifacts_and_guards_changed_ones(unet_dir, capsys, tmp_path):
+    out_dir = tmp_path / "b"
+    code, out, err = run(capsys, "build", unet_dir, "--out", out_dir, "--budget", "0.2", *FAST)
+    assert code == 0, err
+    report = json.loads((out_dir / "report.json").read_text())
+    assert report["export"]["export"]["validation"]["passed"] is True
+    assert report["params"]["pruned"] < report["params"]["dense"]
+    assert report["reused_stages"] == []
+    assert (out_dir / "report.md").read_text().startswith("# ldpruner build report")
+
+    code, out, err = run(capsys, "build", unet_dir, "--out", out_dir, "--budget", "0.2", *FAST)
+    assert code == 0, err
+    report = json.loads((out_dir / "report.json").read_text())
+    assert report["reused_stages"] == ["analyze", "select", "prune", "export"]
+
+    code, out, err = run(capsys, "build", unet_dir, "--out", out_dir, "--budget", "0.4", *FAST)
+    assert code == 1 and "ArtifactError" in err and "plan.json" in err
+
+    code, out, err = run(capsys, "build", unet_dir, "--out", out_dir, "--budget", "0.4", "--overwrite", *FAST)
+    assert code == 0, err
+    report = json.loads((out_dir / "report.json").read_text())
+    assert report["reused_stages"] == ["analyze"]
+    assert report["params"]["removed_fraction"] >= 0.4
+
+
+def test_build_from_toml_config(unet_dir, capsys, tmp_path):
+    cfg = tmp_path / "build.toml"
+    cfg.write_text(f'model = "{unet_dir}"\nout = "{tmp_path / "t"}"\nbudget = 0.2\nnum_samples = 2\nsteps = 2\n'
+                   'height = 8\nwidth = 8\n')
+    code, out, err = run(capsys, "build", "--config", cfg)
+    assert code == 0, err
+    assert json.loads((tmp_path / "t" / "report.json").read_text())["config"]["budget"] == 0.2
+    cfg.write_text('model = "x"\nout = "y"\nbudgte = 0.2\n')
+    code, out, err = run(capsys, "build", "--config", cfg)
+    assert code == 1 and "ConfigError" in err and "budgte" in err
+
+
+def test_impossible_budget_is_a_budget_error_and_writes_no_plan(unet_dir, capsys, tmp_path):
+    code, out, err = run(capsys, "build", unet_dir, "--out", tmp_path, "--budget", "0.99", *FAST)
+    assert code == 1
+    # checked from the operator graph before any analysis ran: one line, nothing written but the folder
+    assert err.startswith("error: BudgetError: budget params=0.99") and "largest reachable is 0.88" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "plan.json").exists() and not (tmp_path / "scores.json").exists()
+
+
+def test_bad_models(capsys, tmp_path):
+    code, out, err = run(capsys, "inspect", tmp_path / "missing")
+    assert code == 1 and "ModelLoadError" in err and "does not exist" in err
+
+    vae_dir = tmp_path / "vae"
+    vae_dir.mkdir()
+    (vae_dir / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL"}))
+    code, out, err = run(capsys, "inspect", vae_dir)
+    assert code == 1 and "holds a AutoencoderKL, not a UNet" in err
+
+    bad = tmp_path / "corrupt"
+    make_tiny_sd_unet().save_pretrained(bad, safe_serialization=True)
+    weights = next(bad.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:1000])
+    code, out, err = run(capsys, "inspect", bad)
+    assert code == 1 and "ModelLoadError" in err and "cannot load UNet2DConditionModel weights" in err
+
+    pickled = tmp_path / "pickled"
+    make_tiny_sd_unet().save_pretrained(pickled, safe_serialization=False)
+    code, out, err = run(capsys, "inspect", pickled)
+    assert code == 1 and "never loads pickles" in err
+
+    code, out, err = run(capsys, "inspect", "random:nope")
+    assert code == 1 and "unknown family 'nope'" in err
+
+
+def test_debug_shows_the_traceback(capsys, tmp_path):
+    from ldpruner.errors import ModelLoadError
+
+    with pytest.raises(ModelLoadError):
+        main(["--debug", "inspect", str(tmp_path / "missing")])
+
+
+def test_unknown_operator_in_plan(unet_dir, capsys, tmp_path):
+    run(capsys, "analyze", unet_dir, "--out", tmp_path, *FAST)
+    run(capsys, "select", tmp_path / "scores.json", "--budget", "0.2", "--out", tmp_path)
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    plan["removals"][0]["name"] = "down_blocks.0.resnetz.0"
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    code, out, err = run(capsys, "prune", unet_dir, "--plan", tmp_path / "plan.json", "--out", tmp_path,
+                         "--height", "8", "--width", "8")
+    assert code == 1 and "PlanError" in err and "down_blocks.0.resnetz.0" in err
+    assert not (tmp_path / "student").exists()
+
+
+def test_api_never_changes_the_callers_model(tmp_path):
+    from ldpruner import api
+
+    unet = make_tiny_sd_unet()
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    report = api.analyze(unet, num_samples=2, steps=2, height=8, width=8, progress=False)
+    plan = api.select(report, budget=0.2)
+    pruned = api.prune(unet, plan, height=8, width=8)
+    assert sum(p.numel() for p in pruned.gm.parameters()) == plan.predicted_params
+    after = unet.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)

@@ -1,0 +1,136 @@
+"""onnxruntime transformer-optimizer fusions: what fuses on CPU, agreement with the unfused model, fp16."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from conftest import make_tiny_sd_unet
+from ldpruner.compiler.tracer import trace_unet
+from ldpruner.passes import optimize as optimize_module
+from ldpruner.passes.export import ExportConfig, export_onnx
+from ldpruner.passes.optimize import CUDA_ONLY_FUSIONS, Tolerance, optimize_onnx
+from ldpruner.runtime.session import create_session
+
+from ldpruner.errors import ExportError, ExportValidationError
+
+HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
+CUDA_ONLY_OPS = ("NhwcConv", "GroupNorm", "SkipGroupNorm", "BiasSplitGelu", "BiasAdd")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    traced = trace_unet(make_tiny_sd_unet())
+    out = tmp_path_factory.mktemp("sd") / "unet.onnx"
+    export_onnx(traced, None, None, out, config=ExportConfig(validate=False))
+    return out
+
+
+def _feeds(batch, size, seed):
+    rng = np.random.default_rng(seed)
+    return {
+        "sample": rng.standard_normal((batch, 4, *size), dtype=np.float32),
+        "timestep": np.linspace(3.0, 977.5, batch, dtype=np.float32),
+        "encoder_hidden_states": rng.standard_normal((batch, 77, 32), dtype=np.float32),
+    }
+
+
+def _op_counts(path):
+    counts: dict[str, int] = {}
+    for node in onnx.load(str(path), load_external_data=False).graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+def test_cpu_fusions_match_the_unfused_model(exported, tmp_path):
+    result = optimize_onnx(exported, tmp_path / "unet.onnx")
+    # tiny SD UNet: 4 transformer blocks, each self-attention (→ Attention) and cross-attention (→ MHA)
+    assert result.fused_operators["Attention"] == 4
+    assert result.fused_operators["MultiHeadAttention"] == 4
+    assert result.fused_operators["LayerNormalization"] == 4
+    assert result.fused_operators["SkipLayerNormalization"] == 8
+    assert all(result.fused_operators[op] == 0 for op in CUDA_ONLY_OPS)
+    assert all(result.fusion_options[flag] is False for flag in CUDA_ONLY_FUSIONS)
+    assert result.nodes_after < result.nodes_before / 1.5
+    counts = _op_counts(result.onnx_path)
+    assert counts["Attention"] == 4 and counts["MultiHeadAttention"] == 4
+    assert not any(op in counts for op in CUDA_ONLY_OPS)
+
+    report = result.validation
+    assert report.validated and report.passed and report.provider == "CPUExecutionProvider"
+    assert len(report.checks) == 3  # batch 1, batch 2, a second latent size (from the export metadata)
+    assert report.max_abs_diff < 1e-5
+    # and on inputs the pass never saw
+    feeds = _feeds(3, (20, 12), seed=11)
+    ref = create_session(exported).run(feeds)[0]
+    out = create_session(result.onnx_path).run(feeds)[0]
+    assert np.abs(out - ref).max() <= 1e-4 + 1e-4 * np.abs(ref).max()
+
+
+def test_gpu_variant_is_not_claimed_validated_without_cuda(exported, tmp_path):
+    result = optimize_onnx(exported, tmp_path / "unet.onnx", use_gpu=True)
+    assert result.fused_operators["NhwcConv"] == 33 and result.fused_operators["GroupNorm"] > 0
+    if HAS_CUDA:
+        assert result.validation.validated and result.validation.passed
+    else:
+        assert not result.validation.validated and not result.validation.passed
+        assert "CUDAExecutionProvider" in result.validation.reason
+        assert result.validation.checks == ()
+        with pytest.raises(Exception, match="NhwcConv"):  # it really cannot run on CPU
+            create_session(result.onnx_path, providers=["CPUExecutionProvider"])
+
+
+def test_fp16_keeps_float32_io_and_is_checked(exported, tmp_path):
+    result = optimize_onnx(exported, tmp_path / "unet.onnx", fp16=True)
+    session = create_session(result.onnx_path)
+    assert {str(d) for d in session.input_dtypes.values()} == {"float32"}
+    assert str(session.output_dtypes["out_sample"]) == "float32"
+    initializers = onnx.load(str(result.onnx_path)).graph.initializer
+    assert sum(t.data_type == onnx.TensorProto.FLOAT16 for t in initializers) > 0.5 * len(initializers)
+    # onnxruntime 1.32 CPU runs it; it must then agree within the fp16 tolerance, against the fp32 model
+    report = result.validation
+    assert report.validated and report.passed and report.dtype == "float16"
+    assert 1e-5 < report.max_abs_diff < 1e-2  # really half precision, really close
+
+
+def test_fp16_that_cpu_cannot_run_is_reported_not_validated(exported, tmp_path, monkeypatch):
+    real = optimize_module.create_session
+
+    class NoFp16Kernels:
+        def __init__(self, session):
+            self._session = session
+            self.provider = session.provider
+
+        def run(self, feeds):
+            raise RuntimeError("NOT_IMPLEMENTED : Could not find an implementation for Conv(11) float16")
+
+    def fake_create_session(path, **kwargs):
+        session = real(path, **kwargs)
+        return NoFp16Kernels(session) if path.parent != exported.parent else session
+
+    monkeypatch.setattr(optimize_module, "create_session", fake_create_session)
+    result = optimize_onnx(exported, tmp_path / "unet.onnx", fp16=True)
+    assert not result.validation.validated and not result.validation.passed
+    assert "cannot run the fp16 model" in result.validation.reason
+    assert "NOT_IMPLEMENTED" in result.validation.reason
+    assert result.validation.to_dict()["checks"] == []
+
+
+def test_mismatch_raises_and_writes_nothing(exported, tmp_path):
+    with pytest.raises(ExportValidationError, match="3 of 3 checks") as info:
+        optimize_onnx(exported, tmp_path / "unet.onnx", fp16=True, tolerance=Tolerance(atol=1e-6, rtol=0.0))
+    assert all(c.max_abs_diff > 1e-6 for c in info.value.report.failures)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_foreign_model_needs_validation_inputs(exported, tmp_path):
+    model = onnx.load(str(exported))
+    del model.metadata_props[:]
+    foreign = tmp_path / "foreign.onnx"
+    onnx.save(model, str(foreign))
+    with pytest.raises(ExportError, match="validation_inputs"):
+        optimize_onnx(foreign, tmp_path / "out" / "unet.onnx")
+    assert not (tmp_path / "out" / "unet.onnx").exists()
+    result = optimize_onnx(foreign, tmp_path / "out" / "unet.onnx", validation_inputs=[_feeds(2, (16, 16), seed=0)])
+    assert result.validation.passed and len(result.validation.checks) == 1
