@@ -19,7 +19,7 @@ from torch import nn
 
 from ldpruner.errors import ConfigError
 
-__all__ = ["FAMILIES", "family_names", "family_config", "reduced", "build_unet", "spatial_multiple"]
+__all__ = ["FAMILIES", "build_unet", "family_config", "family_names", "reduced", "spatial_multiple"]
 
 _SD_DOWN = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
 _SD_UP = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
@@ -325,7 +325,7 @@ def reduced(config: Mapping[str, Any], *, width: int = 16, heads: int = 2, max_t
 
 
 def _round8(x: float) -> int:
-    return max(8, int(round(x / 8)) * 8)
+    return max(8, round(x / 8) * 8)
 
 
 # build_unet and family_config take a keyword named ``reduced``, which hides the function inside them
