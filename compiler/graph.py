@@ -99,6 +99,34 @@ class OperatorGraph:
     def candidates(self) -> list[Operator]:
         return [op for op in self if op.removable]
 
+    def _removal_roots(self, op: Operator) -> tuple[torch.fx.Node, list[torch.fx.Node]]:
+        """The node that loses its users when ``op`` is removed, and the nodes that take them over."""
+        nodes = {n.name: n for n in self.traced.gm.graph.nodes}
+        if op.join is not None:
+            join, node = nodes[op.join], nodes[op.node]
+            return join, [a for a in join.all_input_nodes if not _depends_on(a, node)]
+        node = nodes[op.node]
+        return nodes[op.output], [node.args[0]]
+
+    def jointly_removed(self, names: Iterable[str]) -> dict[str, int]:
+        """Modules that no single removal kills but the removals together do (every user of theirs is gone,
+        e.g. the time embedding once every resnet is removed): qualified name → parameters.
+
+        Per-operator costs cannot see these; selection uses this to keep plans exact."""
+        ops = [self.operators[n] for n in names]
+        singles: set[str] = set()
+        roots, keeps = [], []
+        for op in ops:
+            root, keep = self._removal_roots(op)
+            roots.append(root)
+            keeps.extend(keep)
+            singles |= {n.target for n in removed_nodes(root, keep) if n.op == "call_module"}
+        dead = removed_nodes(roots, keeps)
+        gm = self.traced.gm
+        live = {n.target for n in gm.graph.nodes if n.op == "call_module" and n not in dead}
+        extra = {n.target for n in dead if n.op == "call_module"} - live - singles
+        return {t: _module_params(gm.get_submodule(t)) for t in sorted(extra) if _module_params(gm.get_submodule(t))}
+
     def skip_edges(self) -> list[tuple[str, str]]:
         return [(u, v) for u, v, k in self.structure.edges(data="kind") if k == "skip"]
 
@@ -180,12 +208,14 @@ def _module_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def removed_nodes(root: torch.fx.Node, keep: Iterable[torch.fx.Node] = ()) -> set[torch.fx.Node]:
-    """The nodes that die when ``root`` loses all its users (root included), except ``keep`` (nodes that take
-    over root's users): a backward liveness walk."""
-    dead = {root}
-    keep = set(keep)
-    stack = list(root.all_input_nodes)
+def removed_nodes(root: torch.fx.Node | Iterable[torch.fx.Node], keep: Iterable[torch.fx.Node] = ()
+                  ) -> set[torch.fx.Node]:
+    """The nodes that die when ``root`` (one node or several) loses all its users (roots included), except
+    ``keep`` (nodes that take over the roots' users): a backward liveness walk."""
+    roots = [root] if isinstance(root, torch.fx.Node) else list(root)
+    dead = set(roots)
+    keep = set(keep) - dead
+    stack = [a for r in roots for a in r.all_input_nodes]
     while stack:
         n = stack.pop()
         if n in dead or n in keep or n.op in ("placeholder", "output"):
@@ -380,7 +410,8 @@ def _structure(gm, modules, granularity: Granularity, extra, operators: dict[str
                shapes: dict[str, Any]) -> nx.DiGraph:
     g = nx.DiGraph()
     sources: dict[torch.fx.Node, set[tuple[str, bool]]] = {}
-    by_node = {op.node: op for op in operators.values()}
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    leaf_order: dict[str, int] = {}
     for n in gm.graph.nodes:
         if n.op in ("placeholder", "call_module", "output"):
             key = n.target if n.op == "call_module" else f"<{n.op}:{n.name}>"
@@ -389,16 +420,21 @@ def _structure(gm, modules, granularity: Granularity, extra, operators: dict[str
                 attrs["operator"] = n.target in operators
                 attrs["module_class"] = type(modules[n.target]).__name__
             g.add_node(key, **attrs)
+            leaf_order[key] = order[n]
             for a in n.all_input_nodes:
                 for src, via_cat in sources.get(a, ()):
                     g.add_edge(src, key, kind="skip" if via_cat else "data")
             sources[n] = {(key, False)}
         else:
             acc: set[tuple[str, bool]] = set()
-            # a skip joins feature maps; SDXL's concat of pooled text and time-id embeddings (2-D) is not one
+            # a skip joins feature maps; SDXL's concat of pooled text and time-id embeddings (2-D) is not one.
+            # Of a concat's operands, the one produced last is the main path; the older ones are the skips.
             is_cat = n.op == "call_function" and n.target in _CAT_TARGETS and len(shapes.get(n.name) or ()) == 4
-            for a in n.all_input_nodes:
-                acc |= {(s, via or is_cat) for s, via in sources.get(a, ())}
+            operands = [sources.get(a, set()) for a in n.all_input_nodes]
+            newest = max((max((leaf_order[s] for s, _ in o), default=-1) for o in operands), default=-1)
+            for o in operands:
+                is_skip = is_cat and max((leaf_order[s] for s, _ in o), default=-1) < newest
+                acc |= {(s, via or is_skip) for s, via in o}
             sources[n] = acc
     for op in operators.values():
         if op.join is not None:
@@ -406,7 +442,6 @@ def _structure(gm, modules, granularity: Granularity, extra, operators: dict[str
             for user in join_node.users:
                 for dst in _leaf_consumers(user, sources, gm):
                     g.add_edge(op.name, dst, kind="residual")
-    del by_node
     return g
 
 

@@ -107,17 +107,35 @@ def analyze(
 def select(
     scores: Any,
     *,
+    model: ModelLike | None = None,
     budget: float = 0.3,
     metric: str = "params",
     order: str = "score",
     out: str | os.PathLike | None = None,
     overwrite: bool = False,
 ):
-    """Choose removals under ``budget`` from an ImportanceReport or a scores.json path; writes ``out/plan.json``."""
+    """Choose removals under ``budget`` from an ImportanceReport or a scores.json path; writes ``out/plan.json``.
+
+    With ``model`` (the one that was analysed) selection also skips candidates that, together with earlier ones,
+    would remove shared modules (see ``OperatorGraph.jointly_removed``); without it such a plan is refused at
+    prune time instead."""
+    graph = None
+    if model is not None:
+        report = _load_scores(scores)
+        graph = inspect(model, granularity=report.granularity)
+    return _select(scores, graph, budget=budget, metric=metric, order=order, out=out, overwrite=overwrite)
+
+
+def _load_scores(scores: Any):
     from ldpruner.passes.importance import ImportanceReport
+
+    return scores if isinstance(scores, ImportanceReport) else ImportanceReport.load(Path(scores))
+
+
+def _select(scores: Any, graph: Any, *, budget, metric, order, out, overwrite):
     from ldpruner.passes.select import SelectionConfig, select_removals
 
-    report = scores if isinstance(scores, ImportanceReport) else ImportanceReport.load(Path(scores))
+    report = _load_scores(scores)
     plan = select_removals(
         report,
         total_params=report.total_params,
@@ -125,6 +143,7 @@ def select(
         model_class=report.model_class,
         granularity=report.granularity,
         config=SelectionConfig(budget=budget, metric=metric, order=order),
+        jointly_removed=graph.jointly_removed if graph is not None else None,
     )
     if out is not None:
         path = Path(out) / PLAN
@@ -286,7 +305,7 @@ def build(model: ModelLike | None = None, *, out: str | os.PathLike | None = Non
     selection = {"budget": cfg.budget, "metric": cfg.metric, "order": cfg.order}
     select_key = _stage_key(analysis_key, selection)
     stage("select", select_key, out_dir / PLAN,
-          lambda: select(scores_path, out=out_dir, overwrite=True, **selection))
+          lambda: _select(scores_path, graph, out=out_dir, overwrite=True, **selection))
 
     from ldpruner.passes.plan import RemovalPlan
     from ldpruner.passes.remove import prune as prune_graph

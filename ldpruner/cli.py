@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("select", help="choose removals under a budget (writes plan.json)")
     p.add_argument("scores", help="scores.json from `ldpruner analyze`")
+    p.add_argument("--model", help="the analysed model: lets selection skip removals that would jointly remove "
+                                    "shared modules (else prune refuses such a plan)")
     _add_selection_flags(p)
     _add_out(p)
 
@@ -129,7 +131,7 @@ def _run(args: argparse.Namespace) -> int:
               f"{report.wall_time_s:.1f} s)")
         return 0
     if args.command == "select":
-        plan = api.select(args.scores, out=args.out, **_options(args, *_SELECTION, "overwrite"))
+        plan = api.select(args.scores, out=args.out, **_options(args, "model", *_SELECTION, "overwrite"))
         t = plan.to_dict()["totals"]
         print(f"{len(plan.removals)} removals; params {t['params_before']:,} -> {t['params_after']:,} "
               f"(-{t['params_removed_fraction']:.1%}); MACs/sample -{t['macs_removed_fraction']:.1%}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 from ldpruner.errors import BudgetError, ConfigError
@@ -77,9 +77,13 @@ def select_removals(
     model_class: str,
     granularity: str,
     config: SelectionConfig = SelectionConfig(),
+    jointly_removed: Callable[[Sequence[str]], dict[str, int]] | None = None,
 ) -> RemovalPlan:
     """Pick removals in rank order until ``config.budget`` of ``config.metric`` is removed.
 
+    ``jointly_removed`` (``OperatorGraph.jointly_removed``) names the modules a set of removals kills together
+    although no single one does (the time embedding once every resnet is gone); a candidate that would cause
+    that is skipped, so the plan's predicted totals stay exact and shared structure is never removed by accident.
     Raises :class:`BudgetError` naming the largest reachable fraction when even removing every candidate
     falls short."""
     useful = check_budget(candidates, total_params=total_params, total_macs=total_macs, config=config)
@@ -94,10 +98,17 @@ def select_removals(
 
     target = config.budget * total
     chosen: list[PlannedRemoval] = []
+    skipped: list[dict[str, Any]] = []
     removed = 0
     for c in sorted(useful, key=rank):
         if removed >= target:
             break
+        if jointly_removed is not None:
+            extra = jointly_removed([r.name for r in chosen] + [c.name])
+            if extra:
+                skipped.append({"name": c.name, "reason": "with the removals before it, it would also remove "
+                                + ", ".join(f"{m} ({p:,} params)" for m, p in extra.items())})
+                continue
         removed += cost(c)
         chosen.append(PlannedRemoval(
             name=c.name,
@@ -107,8 +118,15 @@ def select_removals(
             score=float(c.score),
             reason=f"rank {len(chosen) + 1} by {config.order}; cumulative {config.metric} removed {removed / total:.1%}",
         ))
+    if removed < target:
+        raise BudgetError(
+            f"budget {config.metric}={config.budget:g} is out of reach once the {len(skipped)} candidates that would "
+            f"remove shared modules are skipped ({'; '.join(s['name'] + ': ' + s['reason'] for s in skipped)}); "
+            f"the largest reachable is {math.floor(removed / total * 100) / 100:g}"
+        )
     budget: dict[str, Any] = dataclasses.asdict(config)
     budget["reached"] = removed / total
+    budget["skipped"] = skipped
     return RemovalPlan(
         removals=tuple(chosen),
         model_class=model_class,

@@ -308,10 +308,11 @@ def test_skip_edges_join_down_to_up(unet, opgraph):
     skips = opgraph.skip_edges()
     for src, dst in skips:
         assert dst.startswith("up_blocks.") and ".resnets." in dst, (src, dst)
-    # every up-block resnet concatenates a tensor saved on the down path (both operands of the concatenation
-    # are labelled skip: the up path's own input too; a tensor that left residual adds has several sources)
+    # every up-block resnet concatenates a tensor saved on the down path; only that operand is a skip (the up
+    # path's own input is the newest operand of the concatenation, so it is a data edge)
     up_resnets = {n for n in _resnets(unet) if n.startswith("up_blocks.")}
-    assert {dst for src, dst in skips if not src.startswith(("up_blocks.", "mid_block."))} == up_resnets
+    assert {dst for src, dst in skips} == up_resnets
+    assert not [src for src, dst in skips if src.startswith(("up_blocks.", "mid_block."))]
 
 
 def test_swapping_each_candidate_keeps_the_output_shape(traced, opgraph):

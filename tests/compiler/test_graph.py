@@ -121,4 +121,9 @@ def test_branch_operators_name_their_residual_add_and_blocks_their_tuple_output(
     # the residual add feeds the rest of the transformer
     assert sub.structure.edges[ff.name, "mid_block.attentions.0.proj_out"]["kind"] == "residual"
     # a down-level output reaches its up-level resnet through a skip concatenation
-    assert ("down_blocks.0.attentions.0", "up_blocks.1.resnets.0") in block.skip_edges()
+    assert block.skip_edges() == [
+        ("conv_in", "up_blocks.1.resnets.1"),
+        ("down_blocks.0.attentions.0", "up_blocks.1.resnets.0"),
+        ("down_blocks.0.downsamplers.0", "up_blocks.0.resnets.1"),
+        ("down_blocks.1.resnets.0", "up_blocks.0.resnets.0"),
+    ]

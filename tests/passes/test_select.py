@@ -92,3 +92,34 @@ def test_plan_load_errors(tmp_path):
     data["removals"].append(dict(data["removals"][0]))
     with pytest.raises(PlanError, match="more than once"):
         RemovalPlan.from_dict(data)
+
+
+def test_selection_skips_removals_that_would_jointly_remove_shared_modules(tiny_sd_unet):
+    """Removing every resnet kills the time embedding, which no single removal does; selection must not."""
+    from ldpruner.compiler.graph import build_operator_graph
+    from ldpruner.compiler.tracer import trace_unet
+    from ldpruner.passes.remove import prune
+
+    graph = build_operator_graph(trace_unet(tiny_sd_unet))
+    resnets = [op.name for op in graph.candidates if op.kind == "resnet"]
+    assert graph.jointly_removed(resnets[:-1]) == {}
+    assert graph.jointly_removed(resnets) == {"time_embedding": sum(
+        p.numel() for p in tiny_sd_unet.time_embedding.parameters())}
+
+    # scores that rank every resnet first: the last one would take the time embedding with it
+    cands = [Cand(op.name, score=0.0 if op.kind == "resnet" else 1.0, params=op.params, macs=op.macs,
+                  action=op.action.value) for op in graph.candidates]
+    budget = (sum(c.params for c in cands) - 1) / graph.total_params * 0.8
+    plan = select_removals(cands, total_params=graph.total_params, total_macs=graph.total_macs,
+                           model_class="UNet2DConditionModel", granularity="block",
+                           config=SelectionConfig(budget=round(budget, 2)), jointly_removed=graph.jointly_removed)
+    assert resnets[-1] not in plan.names and set(resnets[:-1]) <= set(plan.names)
+    assert plan.budget["skipped"][0]["name"] == resnets[-1]
+    assert "time_embedding" in plan.budget["skipped"][0]["reason"]
+    pruned = prune(graph.traced, plan, operator_graph=graph)  # exact prediction: the rewrite's check passes
+    assert sum(p.numel() for p in pruned.gm.parameters()) == plan.predicted_params
+
+    with pytest.raises(BudgetError, match="out of reach once the 1 candidates that would remove shared modules"):
+        select_removals(cands, total_params=graph.total_params, total_macs=graph.total_macs,
+                        model_class="UNet2DConditionModel", granularity="block",
+                        config=SelectionConfig(budget=0.88), jointly_removed=graph.jointly_removed)
