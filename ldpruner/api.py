@@ -267,6 +267,9 @@ def build(model: ModelLike | None = None, *, out: str | os.PathLike | None = Non
     state = _read_state(out_dir)
     timings: dict[str, float] = {}
     reused: list[str] = []
+    # under torchrun every rank scores its share of the candidates; rank 0 alone writes and runs the rest
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0")) if world > 1 else 0
 
     def stage(name: str, key: str, artifact: Path, run) -> Any:
         """Run a stage unless its artifact exists with the same input key; guard replacement."""
@@ -278,7 +281,8 @@ def build(model: ModelLike | None = None, *, out: str | os.PathLike | None = Non
         result = run()
         timings[name] = round(time.perf_counter() - t0, 3)
         state[name] = key
-        write_text_atomic(out_dir / _STATE, json.dumps(state, indent=2))
+        if rank == 0:
+            write_text_atomic(out_dir / _STATE, json.dumps(state, indent=2))
         return result
 
     t0 = time.perf_counter()
@@ -292,8 +296,9 @@ def build(model: ModelLike | None = None, *, out: str | os.PathLike | None = Non
     # an unreachable budget is known from the operator graph alone: fail before the costly analysis
     check_budget(graph.candidates, total_params=graph.total_params, total_macs=graph.total_macs,
                  config=SelectionConfig(budget=cfg.budget, metric=cfg.metric, order=cfg.order))
-    write_text_atomic(out_dir / "operators.txt", graph.table() + "\n")
-    write_text_atomic(out_dir / "operators.json", graph.to_json() + "\n")
+    if rank == 0:
+        write_text_atomic(out_dir / "operators.txt", graph.table() + "\n")
+        write_text_atomic(out_dir / "operators.json", graph.to_json() + "\n")
 
     # analyze: keyed by model weights + analysis config (the importance pass's own cache key)
     analysis_key = cache_key(graph, calib, config=analysis_config, scheduler=loaded.scheduler)
@@ -301,6 +306,9 @@ def build(model: ModelLike | None = None, *, out: str | os.PathLike | None = Non
     stage("analyze", analysis_key, scores_path,
           lambda: analyze_importance(graph, calib, config=analysis_config, scheduler=loaded.scheduler,
                                      progress=progress, save_to=scores_path))
+    if rank != 0:
+        return {"summary": f"rank {rank} of {world}: scored its share of the candidates; rank 0 writes the build",
+                "timings_s": timings}
 
     selection = {"budget": cfg.budget, "metric": cfg.metric, "order": cfg.order}
     select_key = _stage_key(analysis_key, selection)

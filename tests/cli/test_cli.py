@@ -158,3 +158,29 @@ def test_api_never_changes_the_callers_model(tmp_path):
     assert sum(p.numel() for p in pruned.gm.parameters()) == plan.predicted_params
     after = unet.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_build_under_torchrun_with_two_gloo_ranks_matches_one_process(unet_dir, tmp_path):
+    """Each rank scores half the candidates; rank 0 gathers and writes: same scores and plan as one process."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    args = ["build", str(unet_dir), "--budget", "0.2", *FAST]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                "-m", "ldpruner"]
+    subprocess.run(torchrun + args + ["--out", str(tmp_path / "two")], env=env, check=True, timeout=300,
+                   capture_output=True)
+    subprocess.run([sys.executable, "-m", "ldpruner"] + args + ["--out", str(tmp_path / "one")], env=env,
+                   check=True, timeout=300, capture_output=True)
+    one = json.loads((tmp_path / "one" / "scores.json").read_text())
+    two = json.loads((tmp_path / "two" / "scores.json").read_text())
+    assert two["cost"]["world_size"] == 2 and one["cost"]["world_size"] == 1
+    assert [c["name"] for c in one["candidates"]] == [c["name"] for c in two["candidates"]]
+    for a, b in zip(one["candidates"], two["candidates"]):
+        assert a["score"] == pytest.approx(b["score"], rel=1e-6, abs=1e-9)
+    plan_one = json.loads((tmp_path / "one" / "plan.json").read_text())
+    plan_two = json.loads((tmp_path / "two" / "plan.json").read_text())
+    assert plan_one["removals"] == plan_two["removals"]
+    assert json.loads((tmp_path / "two" / "report.json").read_text())["export"]["export"]["validation"]["passed"]
