@@ -150,6 +150,8 @@ def _run(args: argparse.Namespace) -> int:
         options = _options(args, *_TRACE, *_ANALYSIS, *_SELECTION, *_EXPORT, "overwrite", "out", "config")
         report = api.build(args.model, **options)
         print(report["summary"])
+        for name, path in report.get("artifacts", {}).items():
+            print(f"  {name:18s} {path}")
         return 0
     raise AssertionError(args.command)
 

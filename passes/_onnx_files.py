@@ -16,6 +16,8 @@ from pathlib import Path
 
 from ldpruner.errors import ArtifactError
 
+from ._io import default_permissions
+
 __all__ = ["staging_dir", "publish_model", "data_file", "check_destination"]
 
 
@@ -49,6 +51,9 @@ def publish_model(staged: Path, out_path: Path, *, extra_files: tuple[str, ...] 
     if staged.name != out_path.name:  # external data is referenced by file name, so the names must agree
         raise ArtifactError(f"staged model {staged.name!r} must have the destination's name {out_path.name!r}")
     staged_data = data_file(staged)
+    for path in (staged, staged_data, *(staged.with_name(n) for n in extra_files)):
+        if path.exists():
+            default_permissions(path)
     published_data = None
     if staged_data.exists():
         published_data = data_file(out_path)

@@ -55,3 +55,12 @@ def tiny_sd_unet():
 @pytest.fixture
 def tiny_unet2d():
     return make_tiny_unet2d()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny UNets gain nothing from intra-op threads, and a second thread thrashes on a busy 2-core box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -46,13 +46,7 @@ def unet2d_graph():
     return graph_of(make_tiny_unet2d())
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny UNets gain nothing from intra-op threads, and a second thread thrashes on a busy 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def analyze(graph, calib=None, save_to=None, **overrides):

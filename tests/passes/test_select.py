@@ -123,3 +123,13 @@ def test_selection_skips_removals_that_would_jointly_remove_shared_modules(tiny_
         select_removals(cands, total_params=graph.total_params, total_macs=graph.total_macs,
                         model_class="UNet2DConditionModel", granularity="block",
                         config=SelectionConfig(budget=0.88), jointly_removed=graph.jointly_removed)
+
+
+def test_artifacts_get_ordinary_permissions(tmp_path):
+    import os
+    import stat
+
+    plan_for(budget=0.3).save(tmp_path / "plan.json")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "plan.json").stat().st_mode) == 0o666 & ~mask

@@ -15,13 +15,7 @@ from ldpruner.errors import ConfigError
 from ldpruner.runtime.sampling import sample_latents
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny UNets gain nothing from intra-op threads, and a second thread thrashes on a busy 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def text_unet_fn(unet, calls=None):
