@@ -242,7 +242,6 @@ def build(model: ModelLike | None = None, *, out: str | os.PathLike | None = Non
     ``options`` are :class:`~ldpruner.config.BuildConfig` fields (the CLI flags); ``config`` is a TOML file with
     the same keys (keywords win). An artifact whose inputs did not change since the last build into ``out`` is
     reused; one that would change is replaced only with ``overwrite=True``."""
-    from ldpruner.compiler.graph import build_operator_graph
     from ldpruner.passes._io import write_text_atomic
     from ldpruner.passes.importance import analyze_importance, cache_key
 
@@ -253,13 +252,7 @@ def build(model: ModelLike | None = None, *, out: str | os.PathLike | None = Non
         given["model"] = os.fspath(model)
     if out is not None:
         given["out"] = os.fspath(out)
-    if config is not None:
-        cfg = load_config(config, **given)
-    else:
-        missing = [k for k in ("model", "out") if k not in given]
-        if missing:
-            raise ConfigError(f"build needs {' and '.join(missing)} (a flag, a keyword or a --config key)")
-        cfg = BuildConfig(**given)
+    cfg = load_config(config, **given) if config is not None else BuildConfig.from_dict(given)
     out_dir = Path(cfg.out)
     if out_dir.exists() and not out_dir.is_dir():
         raise ArtifactError(f"--out {cfg.out!r} is a file, not a folder")

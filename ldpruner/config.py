@@ -76,7 +76,7 @@ class BuildConfig:
             raise ConfigError(f"unknown config keys {unknown}; known keys: {sorted(known)}")
         missing = [n for n in ("model", "out") if n not in data]
         if missing:
-            raise ConfigError(f"config lacks required keys {missing}")
+            raise ConfigError(f"build needs {' and '.join(missing)} (a flag, a keyword or a config-file key)")
         return cls(**data)
 
 

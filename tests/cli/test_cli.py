@@ -184,3 +184,15 @@ def test_build_under_torchrun_with_two_gloo_ranks_matches_one_process(unet_dir, 
     plan_two = json.loads((tmp_path / "two" / "plan.json").read_text())
     assert plan_one["removals"] == plan_two["removals"]
     assert json.loads((tmp_path / "two" / "report.json").read_text())["export"]["export"]["validation"]["passed"]
+
+
+def test_api_build_rejects_unknown_and_missing_options(tmp_path):
+    from ldpruner import api
+    from ldpruner.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"unknown config keys \['num_sample'\]"):
+        api.build("random:sd-tiny", out=tmp_path, num_sample=2)
+    with pytest.raises(ConfigError, match="build needs out"):
+        api.build("random:sd-tiny")
+    with pytest.raises(ConfigError, match=r"steps=0 must be >= 1"):
+        api.build("random:sd-tiny", out=tmp_path, steps=0)
