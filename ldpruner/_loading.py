@@ -16,6 +16,7 @@ __all__ = ["LoadedModel", "load_model", "UNET_CLASSES"]
 
 UNET_CLASSES = ("UNet2DConditionModel", "UNet2DModel")
 RANDOM_PREFIX = "random:"
+ZOO_PREFIX = "zoo:"
 
 
 @dataclasses.dataclass
@@ -26,6 +27,8 @@ class LoadedModel:
     unet_dir: Path | None  # folder holding the UNet's config.json (None for in-memory / random models)
     pipeline_dir: Path | None
     random_weights: bool = False
+    text_encoder_config: Path | None = None  # zoo text-to-image models: the frozen text encoder they were trained with
+    default_prompts: tuple[str, ...] | None = None  # the model's own calibration prompts (prompts.txt beside it)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -35,6 +38,7 @@ class LoadedModel:
             "pipeline_dir": str(self.pipeline_dir) if self.pipeline_dir else None,
             "scheduler": type(self.scheduler).__name__ if self.scheduler is not None else None,
             "random_weights": self.random_weights,
+            "text_encoder": str(self.text_encoder_config) if self.text_encoder_config else None,
         }
 
 
@@ -48,6 +52,8 @@ def load_model(model: str | os.PathLike | nn.Module | LoadedModel) -> LoadedMode
     spec = os.fspath(model)
     if spec.startswith(RANDOM_PREFIX):
         return _random_model(spec)
+    if spec.startswith(ZOO_PREFIX):
+        return _zoo_model(spec)
     path = Path(spec)
     if not path.exists():
         raise ModelLoadError(
@@ -115,6 +121,20 @@ def _load_scheduler(pipeline_dir: Path) -> Any | None:
     if cls is None:
         raise ModelLoadError(f"unknown scheduler class {class_name!r} in {str(config_path)!r}")
     return cls.from_pretrained(folder, local_files_only=True)
+
+
+def _zoo_model(spec: str) -> LoadedModel:
+    from ldpruner import zoo
+
+    folder = zoo.model_dir(spec[len(ZOO_PREFIX):])
+    loaded = load_model(folder)
+    loaded.source = spec
+    text_encoder = folder / "text_encoder.json"
+    loaded.text_encoder_config = text_encoder if text_encoder.is_file() else None
+    prompts = folder / "prompts.txt"
+    if prompts.is_file():
+        loaded.default_prompts = tuple(p.strip() for p in prompts.read_text().splitlines() if p.strip())
+    return loaded
 
 
 def _random_model(spec: str) -> LoadedModel:

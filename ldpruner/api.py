@@ -61,12 +61,29 @@ def _analysis_setup(loaded: LoadedModel, *, granularity, height, width, num_samp
     from ldpruner.compiler.graph import build_operator_graph
     from ldpruner.passes.importance import AnalysisConfig, read_prompt_file
 
-    prompt_list = read_prompt_file(prompts) if prompts else None
+    prompt_list = read_prompt_file(prompts) if prompts else loaded.default_prompts
     config = AnalysisConfig(num_samples=num_samples, steps=steps, seed=seed, height=height, width=width,
                             guidance_scale=guidance_scale, prompts=prompt_list)
     graph = build_operator_graph(_trace(loaded, granularity, height, width))
     calib = loaded.pipeline_dir if loaded.pipeline_dir and (loaded.pipeline_dir / "text_encoder").is_dir() else None
+    if loaded.text_encoder_config is not None:
+        calib = _zoo_conditioning(loaded, config)
     return graph, config, calib
+
+
+def _zoo_conditioning(loaded: LoadedModel, config):
+    """A zoo text-to-image model's prompts, encoded by the frozen text encoder it was trained with."""
+    from ldpruner.passes.importance import DEFAULT_PROMPTS, Conditioning
+    from ldpruner.zoo.text import TextEncoder
+
+    encoder = TextEncoder.from_config_file(loaded.text_encoder_config)
+    prompts = tuple(config.prompts or DEFAULT_PROMPTS)
+    return Conditioning(
+        encoder_hidden_states=encoder.encode(list(prompts)),
+        negative_encoder_hidden_states=encoder.encode_negative(1),
+        source=f"{loaded.source}: {encoder.describe().get('package', 'text encoder')} on {len(prompts)} prompts",
+        prompts=prompts,
+    )
 
 
 def analyze(

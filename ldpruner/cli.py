@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ldpruner {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    model_help = "local diffusers pipeline folder, UNet folder, or random:<family>"
+    model_help = "local diffusers pipeline folder, UNet folder, zoo:<name> (see `ldpruner zoo list`) or random:<family>"
 
     p = sub.add_parser("inspect", help="print the operator table")
     p.add_argument("model", help=model_help)
@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("student", help="student/ folder from `ldpruner prune`")
     _add_export_flags(p)
     _add_out(p)
+
+    p = sub.add_parser("zoo", help="the embedded models (use them as MODEL: zoo:<name>)")
+    p.add_argument("zoo_command", choices=["list"], help="list: name, task, status and description of each model")
 
     p = sub.add_parser("build", help="run every stage into --out, reusing unchanged artifacts")
     p.add_argument("model", nargs="?", help=model_help)
@@ -145,6 +148,13 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "export":
         result = api.export(args.student, out=args.out, **_options(args, *_EXPORT, "overwrite"))
         print(json.dumps(result, indent=2, default=str))
+        return 0
+    if args.command == "zoo":
+        from ldpruner import zoo
+
+        for entry in zoo.list_models():
+            ready = (entry.path / "model_index.json").is_file()
+            print(f"zoo:{entry.name:16s} {entry.task:20s} {'ready' if ready else 'not built'}  {entry.description}")
         return 0
     if args.command == "build":
         options = _options(args, *_TRACE, *_ANALYSIS, *_SELECTION, *_EXPORT, "overwrite", "out", "config")
