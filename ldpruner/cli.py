@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("zoo_command", choices=["list"], help="list: name, task, status and description of each model")
 
     p = sub.add_parser("build", help="run every stage into --out, reusing unchanged artifacts")
-    p.add_argument("model", nargs="?", help=model_help)
+    p.add_argument("model", nargs="?", help=model_help + " (default: zoo:mnist-t2i, the embedded text-to-image model)")
     p.add_argument("--config", help="TOML file with build options (flags override it)")
     _add_trace_flags(p)
     _add_analysis_flags(p)

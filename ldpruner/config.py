@@ -13,14 +13,17 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["BuildConfig", "load_config"]
+__all__ = ["BuildConfig", "load_config", "DEFAULT_MODEL"]
+
+# what `ldpruner build` prunes when given no MODEL: the embedded text-to-image model
+DEFAULT_MODEL = "zoo:mnist-t2i"
 
 
 @dataclasses.dataclass(frozen=True)
 class BuildConfig:
-    # what to prune and where to write
-    model: str
+    # where to write and what to prune
     out: str
+    model: str = DEFAULT_MODEL
     overwrite: bool = False
     # trace
     granularity: str = "block"
@@ -74,7 +77,7 @@ class BuildConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"unknown config keys {unknown}; known keys: {sorted(known)}")
-        missing = [n for n in ("model", "out") if n not in data]
+        missing = [n for n in ("out",) if n not in data]
         if missing:
             raise ConfigError(f"build needs {' and '.join(missing)} (a flag, a keyword or a config-file key)")
         return cls(**data)
