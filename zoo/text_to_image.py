@@ -1,0 +1,176 @@
+"""Sampling a zoo text-to-image model: DDIM (or the saved scheduler) with classifier-free guidance, then the VAE.
+
+    eps = eps(x_t, ∅) + w · (eps(x_t, prompt) − eps(x_t, ∅)),   image = VAE.decode(x_0 / scaling_factor)
+
+Each image's starting noise comes from its own seed, so an image does not depend on what else is in the batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ldpruner.errors import ConfigError, ModelLoadError
+
+from .text import TextEncoder
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+__all__ = ["TextToImageModel", "image_grid", "load_text_to_image", "sample"]
+
+
+@dataclasses.dataclass
+class TextToImageModel:
+    """The parts of an SD-shaped zoo model, loaded once and sampled many times."""
+
+    unet: Any  # diffusers UNet2DConditionModel
+    vae: Any  # diffusers AutoencoderKL
+    scheduler: Any  # a diffusers scheduler (DDIMScheduler for the zoo models)
+    text_encoder: TextEncoder
+    folder: Path
+
+    def sample(
+        self,
+        prompts: Sequence[str],
+        *,
+        steps: int = 25,
+        guidance_scale: float = 5.0,
+        seed: int | Sequence[int] = 0,
+        unet: Any | None = None,
+    ) -> torch.Tensor:
+        """(len(prompts), C, H, W) float32 images in [0, 1].
+
+        ``seed``: an int gives image i the seed ``seed + i``; a sequence gives one seed per prompt. ``unet``
+        replaces the model's own UNet for this call (a pruned copy, say); it must take the same inputs.
+        """
+        import torch
+
+        prompts = list(prompts) if not isinstance(prompts, str) else prompts
+        cond = self.text_encoder.encode(prompts)
+        seeds = _seeds(seed, len(prompts))
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise ConfigError(f"steps must be a positive int; got {steps!r}")
+        if not isinstance(guidance_scale, (int, float)) or isinstance(guidance_scale, bool) or guidance_scale < 0:
+            raise ConfigError(f"guidance_scale must be a number >= 0 (1 turns guidance off); got {guidance_scale!r}")
+        denoiser = self.unet if unet is None else unet
+        config = self.unet.config
+        shape = (config.in_channels, config.sample_size, config.sample_size)
+        latents = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+        scheduler = type(self.scheduler).from_config(self.scheduler.config)
+        scheduler.set_timesteps(steps)
+        latents = latents * scheduler.init_noise_sigma
+        guided = guidance_scale != 1.0
+        context = torch.cat([self.text_encoder.encode_negative(len(prompts)), cond]) if guided else cond
+        with torch.no_grad():
+            for t in scheduler.timesteps:
+                model_input = torch.cat([latents, latents]) if guided else latents
+                model_input = scheduler.scale_model_input(model_input, t)
+                eps = denoiser(model_input, t, encoder_hidden_states=context).sample
+                if guided:
+                    eps_uncond, eps_cond = eps.chunk(2)
+                    eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+                latents = scheduler.step(eps, t, latents).prev_sample
+            images = self.vae.decode(latents / self.vae.config.scaling_factor).sample
+        return ((images.float() + 1) / 2).clamp(0, 1)
+
+
+def _seeds(seed: int | Sequence[int], n: int) -> list[int]:
+    if isinstance(seed, bool):
+        raise ConfigError(f"seed must be an int or one int per prompt; got {seed!r}")
+    if isinstance(seed, int):
+        return [seed + i for i in range(n)]
+    seeds = list(seed)
+    if len(seeds) != n or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise ConfigError(f"seed must be an int or {n} ints (one per prompt); got {seed!r}")
+    return seeds
+
+
+def load_text_to_image(name_or_folder: str | os.PathLike) -> TextToImageModel:
+    """Load a zoo text-to-image model by registry name, or from a folder laid out like one."""
+    import diffusers
+
+    from . import get_entry, list_models, model_dir
+
+    if isinstance(name_or_folder, str) and name_or_folder in {e.name for e in list_models()}:
+        entry = get_entry(name_or_folder)
+        if entry.task != "text-to-image":
+            raise ModelLoadError(f"zoo model {entry.name!r} is {entry.task}, not text-to-image")
+        folder = model_dir(entry.name)
+    else:
+        folder = Path(name_or_folder)
+        if not folder.is_dir():
+            known = ", ".join(e.name for e in list_models(task="text-to-image"))
+            raise ModelLoadError(
+                f"{os.fspath(name_or_folder)!r} is neither a zoo text-to-image model (known: {known}) nor a folder"
+            )
+    for part in ("unet/config.json", "vae/config.json", "scheduler/scheduler_config.json", "text_encoder.json"):
+        if not (folder / part).is_file():
+            raise ModelLoadError(f"{str(folder)!r} is not a zoo text-to-image folder: {part} is missing")
+    try:
+        unet = diffusers.UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=True,
+                                                              local_files_only=True)
+        vae = diffusers.AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True, local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ModelLoadError(f"cannot load the UNet or VAE of {str(folder)!r}: {type(exc).__name__}: {exc}") from exc
+    scheduler_cls = _scheduler_class(folder / "scheduler" / "scheduler_config.json")
+    scheduler = scheduler_cls.from_pretrained(folder / "scheduler", local_files_only=True)
+    text_encoder = TextEncoder.from_config_file(folder / "text_encoder.json")
+    if unet.config.cross_attention_dim != text_encoder.model.config.hidden_size:
+        raise ModelLoadError(
+            f"{str(folder)!r}: the UNet's cross_attention_dim {unet.config.cross_attention_dim} differs from the "
+            f"text encoder's hidden size {text_encoder.model.config.hidden_size}"
+        )
+    return TextToImageModel(unet=unet.eval(), vae=vae.eval(), scheduler=scheduler, text_encoder=text_encoder,
+                            folder=folder)
+
+
+def _scheduler_class(config_path: Path) -> type:
+    import json
+
+    import diffusers
+
+    class_name = json.loads(config_path.read_text()).get("_class_name")
+    cls = getattr(diffusers, str(class_name), None)
+    if cls is None or not hasattr(cls, "set_timesteps"):
+        raise ModelLoadError(f"{str(config_path)!r} names {class_name!r}, which is not a diffusers scheduler")
+    return cls
+
+
+def sample(
+    name: str,
+    prompts: Sequence[str],
+    *,
+    steps: int = 25,
+    guidance_scale: float = 5.0,
+    seed: int | Sequence[int] = 0,
+) -> torch.Tensor:
+    """Load zoo model ``name`` and sample ``prompts``: (len(prompts), C, H, W) float32 images in [0, 1]."""
+    return load_text_to_image(name).sample(prompts, steps=steps, guidance_scale=guidance_scale, seed=seed)
+
+
+def image_grid(images: torch.Tensor, *, columns: int, scale: int = 1, padding: int = 2) -> Image.Image:
+    """A PIL grid of (N, C, H, W) images in [0, 1], row-major, ``columns`` per row, each upscaled ``scale``×."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ConfigError(f"images must be (N, 1 or 3, H, W); got shape {tuple(images.shape)}")
+    if not isinstance(columns, int) or columns < 1 or not isinstance(scale, int) or scale < 1:
+        raise ConfigError(f"columns and scale must be positive ints; got columns={columns!r}, scale={scale!r}")
+    n, c, h, w = images.shape
+    rows = -(-n // columns)
+    pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
+    array = pixels.permute(0, 2, 3, 1).cpu().numpy().repeat(scale, axis=1).repeat(scale, axis=2)
+    h, w = h * scale, w * scale
+    grid = np.full((rows * (h + padding) + padding, columns * (w + padding) + padding, c), 255, dtype=np.uint8)
+    for i in range(n):
+        r, col = divmod(i, columns)
+        top, left = padding + r * (h + padding), padding + col * (w + padding)
+        grid[top:top + h, left:left + w] = array[i]
+    return Image.fromarray(grid[..., 0] if c == 1 else grid)
