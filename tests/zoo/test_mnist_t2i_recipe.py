@@ -65,7 +65,7 @@ def test_tiny_end_to_end_run_writes_a_loadable_model(tmp_path):
 
     out = tmp_path / "m"
     assert recipe.main(["--out", str(out), "--vae-steps", "2", "--unet-steps", "2", "--grid-seeds", "1",
-                        "--grid-steps", "1", "--batch-size", "8"]) == 0
+                        "--grid-steps", "1", "--batch-size", "8", "--eval-per-digit", "0"]) == 0
     training = json.loads((out / "training.json").read_text())
     assert len(training["data"]["heldout_rows"]) == 500
     model = load_text_to_image(out)

@@ -537,7 +537,7 @@ shown at 2× (64×64).
 ## Architecture
 | part | diffusers class | shape | params |
 |---|---|---|---|
-| autoencoder | `AutoencoderKL` | 32×32×1 → 8×8×4 latent (×{training['args']['vae_steps']} steps), channels {VAE_CONFIG['block_out_channels']} | {p['vae']:,} |
+| autoencoder | `AutoencoderKL` | 32×32×1 → 8×8×4 latent, channels {VAE_CONFIG['block_out_channels']} | {p['vae']:,} |
 | denoiser | `UNet2DConditionModel` | 8×8×4, levels {UNET_CONFIG['block_out_channels']}, `{'`, `'.join(UNET_CONFIG['down_block_types'])}` / mid `UNetMidBlock2DCrossAttn` / `{'`, `'.join(UNET_CONFIG['up_block_types'])}`, layers_per_block {UNET_CONFIG['layers_per_block']}, cross_attention_dim 384, {UNET_CONFIG['attention_head_dim']} heads | {p['unet']:,} |
 | scheduler | `DDPMScheduler` (training), `DDIMScheduler` (saved) | 1000 steps, scaled-linear betas 0.00085–0.012, epsilon prediction | – |
 
@@ -545,7 +545,7 @@ Weights are stored as {args.dtype} safetensors; diffusers loads them as float32.
 {m['vae_scaling_factor']:.4f} (1 / std of the sampled training latents).
 
 ## Training (measured here)
-Command: `{training['command']}` (seed {args.seed}, {args.threads} torch threads, {training['machine']['cpu']},
+Command: `{training['command']}` (seed {args.seed}, torch threads {args.threads}, {training['machine']['cpu']},
 torch {training['machine']['torch']}, diffusers {training['machine']['diffusers']}, CPU only, on a 2-core
 machine shared with other jobs).
 
@@ -562,13 +562,20 @@ machine shared with other jobs).
   (PSNR {m['vae_heldout_psnr_db']} dB).
 - Final UNet loss (noise MSE, running mean): {m['unet_final_loss_ema']}.
 {_metrics_section(training.get("metrics"))}
-## Use
+{_notes_section(training.get("notes"))}## Use
 ```python
 from ldpruner.zoo import load_text_to_image
 model = load_text_to_image("mnist-t2i")
 images = model.sample(["a handwritten seven", "the number 3"], steps=25, guidance_scale=5.0, seed=0)  # (2,1,32,32) in [0,1]
 ```
 """
+
+
+def _notes_section(notes: list[str] | None) -> str:
+    """What a person saw in samples.png: ``notes`` in training.json, written by hand, not by this recipe."""
+    if not notes:
+        return ""
+    return "## Looked at by hand\n" + "".join(f"- {n}\n" for n in notes) + "\n"
 
 
 def _metrics_section(metrics: dict | None) -> str:
@@ -583,6 +590,9 @@ def _metrics_section(metrics: dict | None) -> str:
          f" {metrics['guidance_scale']}): **{metrics['prompt_digit_accuracy']:.1%}** (chance 10 %); without guidance"
          f" {metrics['prompt_digit_accuracy_without_guidance']:.1%}. The classifier reads the held-out real digits"
          f" with {metrics['classifier_accuracy_on_heldout_real']:.1%}. Per digit: {per_digit}."),
+        "",
+        (f"Computed at the end of the recipe (alone: `--evaluate-only`) in {metrics['seconds']} s. FD/KID: generated"
+         " vs the held-out digits, beside real vs real at the same n:"),
         "",
         "| features | FD generated vs held-out | FD real vs real | KID generated | KID real vs real |",
         "|---|---|---|---|---|",
