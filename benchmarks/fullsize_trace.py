@@ -33,7 +33,7 @@ def measure(family: str, latent: int, batch: int, seq_len: int, granularities: S
 
     from ldpruner.compiler.families import build_unet, spatial_multiple
     from ldpruner.compiler.graph import build_operator_graph
-    from ldpruner.compiler.tracer import trace_unet, unet_example_inputs
+    from ldpruner.compiler.tracer import call_diffusers_unet, trace_unet, unet_example_inputs
 
     report: dict[str, Any] = {
         "family": family,
@@ -57,13 +57,7 @@ def measure(family: str, latent: int, batch: int, seq_len: int, granularities: S
     eager = None
     if check_numerics:
         t = time.perf_counter()
-        kwargs = {}
-        if "encoder_hidden_states" in inputs:
-            kwargs["encoder_hidden_states"] = inputs["encoder_hidden_states"]
-        if "text_embeds" in inputs:
-            kwargs["added_cond_kwargs"] = {"text_embeds": inputs["text_embeds"], "time_ids": inputs["time_ids"]}
-        with torch.no_grad():
-            eager = model(inputs["sample"], inputs["timestep"], **kwargs).sample
+        eager = call_diffusers_unet(model, inputs)
         report["eager_forward_s"] = round(time.perf_counter() - t, 2)
 
     for granularity in granularities:

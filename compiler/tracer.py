@@ -28,7 +28,7 @@ from ldpruner.errors import TraceError
 
 from .operators import Granularity, leaf_operator_types, parse_granularity
 
-__all__ = ["Decision", "TracedUNet", "trace_unet", "unet_example_inputs", "unet_input_names"]
+__all__ = ["Decision", "TracedUNet", "call_diffusers_unet", "trace_unet", "unet_example_inputs", "unet_input_names"]
 
 _THIS_DIR = os.path.dirname(os.path.abspath(__file__))
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
@@ -261,6 +261,13 @@ def _diffusers_call(model_class: type) -> Callable[..., Any]:
         return model_class.forward(self, sample, timestep, **kwargs)[0]
 
     return call
+
+
+def call_diffusers_unet(model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Call a diffusers UNet eagerly with the flat tensor inputs a traced graph takes (the reference a trace is
+    compared with): the same mapping the tracer uses, so the two cannot drift apart."""
+    with torch.no_grad():
+        return _diffusers_call(type(model))(model, **inputs)
 
 
 def _keyword_call(model_class: type) -> Callable[..., Any]:

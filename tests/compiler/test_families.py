@@ -16,7 +16,7 @@ import torch
 from ldpruner.compiler.families import FAMILIES, build_unet, family_config, reduced, spatial_multiple
 from ldpruner.compiler.graph import Action, build_operator_graph
 from ldpruner.compiler.removal import swapped
-from ldpruner.compiler.tracer import trace_unet, unet_example_inputs
+from ldpruner.compiler.tracer import call_diffusers_unet, trace_unet, unet_example_inputs
 from ldpruner.errors import ConfigError
 
 FAMILY_NAMES = ("sd15", "sd21", "sdxl", "ldm-celebahq-256", "audio-diffusion-256", "sd-tiny")
@@ -30,14 +30,8 @@ def _build(name: str):
 
 
 def _eager(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The diffusers model called the documented way."""
-    kwargs = {}
-    if "encoder_hidden_states" in inputs:
-        kwargs["encoder_hidden_states"] = inputs["encoder_hidden_states"]
-    if "text_embeds" in inputs:
-        kwargs["added_cond_kwargs"] = {"text_embeds": inputs["text_embeds"], "time_ids": inputs["time_ids"]}
-    with torch.no_grad():
-        return model(inputs["sample"], inputs["timestep"], **kwargs).sample
+    """The diffusers model called eagerly on the same flat inputs."""
+    return call_diffusers_unet(model, inputs)
 
 
 def _call(traced, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
