@@ -18,13 +18,14 @@ from ._loading import LoadedModel, load_model
 from .config import BuildConfig, load_config
 from .errors import ArtifactError, ConfigError
 
-__all__ = ["inspect", "analyze", "select", "prune", "export", "build"]
+__all__ = ["inspect", "analyze", "select", "prune", "distill", "export", "build"]
 
 ModelLike = Any  # str | os.PathLike | torch.nn.Module | LoadedModel
 
 SCORES = "scores.json"
 PLAN = "plan.json"
 STUDENT = "student"
+DISTILL_DIR = "distill"
 ONNX_DIR = "onnx"
 REPORT = "report.json"
 _STATE = ".ldpruner-build.json"  # input keys of each stage's artifact, for reuse across builds
@@ -198,6 +199,118 @@ def prune(
     return pruned
 
 
+def distill(
+    model: ModelLike,
+    student: Any,
+    *,
+    out: str | os.PathLike,
+    data: str | os.PathLike | None = None,
+    prompts: str | os.PathLike | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    **options: Any,
+):
+    """Fine-tune a pruned ``student`` (a PrunedUNet or a student/ folder) against the dense ``model`` it was
+    pruned from; writes ``out/student/`` (the distilled student), the loss log and plot, ``distill.json`` and
+    ``out/checkpoints/``. Returns a :class:`~ldpruner.passes.distill.DistillResult`.
+
+    ``options`` are :class:`~ldpruner.passes.distill.DistillConfig` fields (steps, batch_size, lr, w_out, …).
+    ``data`` None distills data-free on the teacher's own sampling trajectories (prompts: ``prompts``, else the
+    model's own prompt set, else the built-in one); a folder of images (captions in ``metadata.jsonl`` or
+    ``<image>.txt``) is encoded through the model's VAE and adds the denoising (task) loss. Under torchrun every
+    rank runs this and trains on its own shard; rank 0 writes."""
+    from ldpruner.passes.distill import DistillConfig, distributed_world
+    from ldpruner.passes.distill import distill as run_distill
+    from ldpruner.passes.remove import PrunedUNet, count_params
+    from ldpruner.passes.student import load_student
+
+    config = DistillConfig.from_dict(options)
+    loaded = load_model(model)
+    pruned = student if isinstance(student, PrunedUNet) else load_student(Path(student))
+    if type(loaded.unet).__name__ != pruned.plan.model_class:
+        raise ConfigError(f"the student was pruned from a {pruned.plan.model_class}, MODEL is a "
+                          f"{type(loaded.unet).__name__}")
+    teacher = _teacher_trace(loaded, pruned)
+    if count_params(teacher.gm) != pruned.plan.total_params:
+        raise ConfigError(f"MODEL has {count_params(teacher.gm):,} UNet parameters, the student's plan was made for "
+                          f"{pruned.plan.total_params:,}: pass the dense model the student was pruned from")
+    rank, world, initialised = distributed_world()
+    try:
+        source = _distill_data(loaded, teacher, config, data=data, prompts=prompts, rank=rank, world=world,
+                               progress=progress)
+        return run_distill(pruned, teacher, source, config=config, out=out, resume=resume, overwrite=overwrite,
+                           progress=progress)
+    finally:
+        if initialised:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _teacher_trace(loaded: LoadedModel, pruned: Any):
+    """The dense model traced like the student (same inputs, shapes, granularity), to be its frozen teacher."""
+    from ldpruner.compiler.tracer import trace_unet
+
+    traced = pruned.traced
+    return trace_unet(loaded.unet, {n: traced.example_inputs[n] for n in traced.input_names},
+                      granularity=traced.granularity.value)
+
+
+def _distill_data(loaded: LoadedModel, teacher: Any, config: Any, *, data, prompts, rank: int, world: int,
+                  progress: bool):
+    from ldpruner.passes._distill_data import LatentData, TeacherTrajectories
+    from ldpruner.passes.importance import AnalysisConfig, _scheduler_record, read_prompt_file, resolve_conditioning
+
+    scheduler, _ = _scheduler_record(loaded.scheduler)
+    sample = teacher.example_inputs[teacher.input_names[0]]
+    prompt_list = read_prompt_file(prompts) if prompts else loaded.default_prompts
+    analysis = AnalysisConfig(num_samples=config.trajectories, seed=config.seed, prompts=prompt_list,
+                              height=int(sample.shape[-2]), width=int(sample.shape[-1]))
+    if data is not None:
+        from ldpruner.passes._datasets import encode_dataset
+
+        latents, captions = encode_dataset(loaded, Path(data), latent_size=tuple(sample.shape[-2:]),
+                                           progress=progress and rank == 0)
+        conditioning = cond_ids = None
+        if "encoder_hidden_states" in teacher.input_names:
+            if captions is None:
+                raise ConfigError(f"{str(data)!r} has no captions, and {teacher.model_class} is conditioned on "
+                                  "text: add metadata.jsonl ({\"file_name\": ..., \"text\": ...} per line) or "
+                                  "<image>.txt beside each image")
+            unique = tuple(dict.fromkeys(captions))
+            conditioning = _caption_conditioning(loaded, teacher, unique, analysis)
+            import torch
+
+            cond_ids = torch.tensor([unique.index(c) for c in captions], dtype=torch.int64)
+        return LatentData(latents, scheduler, teacher.input_names, conditioning=conditioning, cond_ids=cond_ids,
+                          source=str(data), rank=rank, world=world)
+    calib = None
+    if loaded.text_encoder_config is not None:
+        calib = _zoo_conditioning(loaded, analysis)
+    elif loaded.pipeline_dir is not None and (loaded.pipeline_dir / "text_encoder").is_dir():
+        calib = loaded.pipeline_dir
+    conditioning = resolve_conditioning(teacher, calib, analysis)
+    return TeacherTrajectories(
+        teacher.gm, teacher.input_names, scheduler, conditioning=conditioning,
+        latent_shape=tuple(sample.shape[1:]), trajectories=config.trajectories, steps=config.trajectory_steps,
+        guidance_scale=config.guidance_scale, seed=config.seed, renoise=config.renoise, rank=rank, world=world,
+        batch_size=max(1, config.batch_size), progress=progress and rank == 0)
+
+
+def _caption_conditioning(loaded: LoadedModel, teacher: Any, captions: tuple[str, ...], analysis: Any):
+    import dataclasses
+
+    from ldpruner.passes.importance import encode_prompts, resolve_conditioning
+
+    if loaded.text_encoder_config is not None:
+        return _zoo_conditioning(loaded, dataclasses.replace(analysis, prompts=captions))
+    if loaded.pipeline_dir is not None and (loaded.pipeline_dir / "text_encoder").is_dir():
+        return resolve_conditioning(teacher, encode_prompts(loaded.pipeline_dir, captions), analysis)
+    raise ConfigError(f"{loaded.source} has no text encoder to encode the dataset's captions with: pass a pipeline "
+                      "folder with tokenizer/ and text_encoder/, or distill data-free (no data)")
+
+
 def export(
     student: Any,
     *,
@@ -316,37 +429,66 @@ def build(model: ModelLike | None = None, *, out: str | os.PathLike | None = Non
     stage("analyze", analysis_key, scores_path,
           lambda: analyze_importance(graph, calib, config=analysis_config, scheduler=loaded.scheduler,
                                      progress=progress, save_to=scores_path))
-    if rank != 0:
-        return {"summary": f"rank {rank} of {world}: scored its share of the candidates; rank 0 writes the build",
-                "timings_s": timings}
-
-    selection = {"budget": cfg.budget, "metric": cfg.metric, "order": cfg.order}
-    select_key = _stage_key(analysis_key, selection)
-    stage("select", select_key, out_dir / PLAN,
-          lambda: _select(scores_path, graph, out=out_dir, overwrite=True, **selection))
+    rank_summary = {"summary": f"rank {rank} of {world}: scored its share of the candidates"
+                               f"{' and trained on its data shard' if cfg.distill_steps else ''}; rank 0 writes "
+                               "the build", "timings_s": timings}
+    if rank != 0 and not cfg.distill_steps:
+        return rank_summary
 
     from ldpruner.passes.plan import RemovalPlan
     from ldpruner.passes.remove import prune as prune_graph
     from ldpruner.passes.student import save_student
 
-    plan = RemovalPlan.load(out_dir / PLAN)
+    selection = {"budget": cfg.budget, "metric": cfg.metric, "order": cfg.order}
+    select_key = _stage_key(analysis_key, selection)
     prune_key = _stage_key(select_key, cfg.height, cfg.width)
     pruned_holder: dict[str, Any] = {}
+    if rank == 0:
+        stage("select", select_key, out_dir / PLAN,
+              lambda: _select(scores_path, graph, out=out_dir, overwrite=True, **selection))
 
-    def run_prune():
-        pruned = prune_graph(graph.traced, plan, operator_graph=graph, config=_unet_config(loaded.unet))
-        save_student(pruned, out_dir / STUDENT, overwrite=True)
-        pruned_holder["pruned"] = pruned
-        return pruned
+        def run_prune():
+            pruned = prune_graph(graph.traced, plan, operator_graph=graph, config=_unet_config(loaded.unet))
+            save_student(pruned, out_dir / STUDENT, overwrite=True)
+            pruned_holder["pruned"] = pruned
+            return pruned
 
-    stage("prune", prune_key, out_dir / STUDENT, run_prune)
+        plan = RemovalPlan.load(out_dir / PLAN)
+        stage("prune", prune_key, out_dir / STUDENT, run_prune)
+    if world > 1:  # the other ranks wait for rank 0's student/, then every rank distills on its own shard
+        import torch.distributed as dist
+
+        dist.barrier()
+
+    # distill: a copy of the student trained against the dense model, in distill/student (student/ stays the
+    # pruned-only model, so a change of distillation settings never trains an already-distilled student again)
+    student_key = prune_key
+    if cfg.distill_steps:
+        distill_options = {"steps": cfg.distill_steps, "seed": cfg.seed, "guidance_scale": cfg.guidance_scale}
+        distill_key = _stage_key(prune_key, distill_options, cfg.prompts)
+
+        def run_distill():
+            from ldpruner.passes.student import load_student
+
+            result = distill(loaded, load_student(out_dir / STUDENT), out=out_dir / DISTILL_DIR,
+                             prompts=cfg.prompts, overwrite=True, progress=progress, **distill_options)
+            pruned_holder["pruned"] = result.student
+            return result
+
+        stage("distill", distill_key, out_dir / DISTILL_DIR / "distill.json", run_distill)
+        if "distill" in reused:
+            pruned_holder.pop("pruned", None)
+        student_key = distill_key
+    if rank != 0:
+        return rank_summary
+    student_dir = out_dir / DISTILL_DIR / STUDENT if cfg.distill_steps else out_dir / STUDENT
 
     export_options = {"exporter": cfg.exporter, "opset": cfg.opset, "optimize": cfg.optimize, "fp16": cfg.fp16}
-    export_key = _stage_key(prune_key, export_options)
+    export_key = _stage_key(student_key, export_options)
     export_summary_path = out_dir / ONNX_DIR / "export.json"
 
     def run_export():
-        summary = export(pruned_holder.get("pruned") or out_dir / STUDENT, out=out_dir, overwrite=True,
+        summary = export(pruned_holder.get("pruned") or student_dir, out=out_dir, overwrite=True,
                          **export_options)
         write_text_atomic(export_summary_path, json.dumps(summary, indent=2, default=str) + "\n")
         return summary
@@ -389,12 +531,23 @@ def _build_report(cfg: BuildConfig, loaded: LoadedModel, graph, plan, out_dir: P
         "analysis": {"conditioning": scores.conditioning, "unet_calls": scores.unet_calls,
                      "wall_time_s": scores.wall_time_s, "scheduler": scores.scheduler},
         "removed": removed,
+        "distill": _distill_report(out_dir / DISTILL_DIR) if cfg.distill_steps else None,
         "export": export_summary,
         "timings_s": timings,
         "reused_stages": reused,
         "artifacts": {name: str(out_dir / name) for name in
-                      (SCORES, PLAN, STUDENT, f"{ONNX_DIR}/unet.onnx", "operators.txt", REPORT, "report.md")},
+                      (SCORES, PLAN, STUDENT, *([f"{DISTILL_DIR}/{STUDENT}"] if cfg.distill_steps else []),
+                       f"{ONNX_DIR}/unet.onnx", "operators.txt", REPORT, "report.md")},
     }
+
+
+def _distill_report(folder: Path) -> dict[str, Any]:
+    summary = json.loads((folder / "distill.json").read_text())
+    return {"steps": summary["steps"], "wall_time_s": summary["wall_time_s_this_run"],
+            "data": summary["data"]["kind"], "feature_taps": summary["feature_taps"]["groups"],
+            "loss_first_10pct": summary["loss_first_10pct"], "loss_last_10pct": summary["loss_last_10pct"],
+            "student": str(folder / STUDENT), "loss_plot": str(folder / "loss.png"),
+            "loss_log": str(folder / "loss.csv")}
 
 
 def _report_markdown(report: dict[str, Any]) -> str:
@@ -423,6 +576,22 @@ def _report_markdown(report: dict[str, Any]) -> str:
     ]
     for r in report["removed"]:
         lines.append(f"| `{r['name']}` | {r['kind']} | {r['action']} | {r['score']:.4g} | {r['params']:,} |")
+    d = report.get("distill")
+    if d:
+        first, last = d["loss_first_10pct"], d["loss_last_10pct"]
+        lines += [
+            "",
+            f"## Distillation ({d['steps']} steps, {d['data']}, {d['wall_time_s']:.0f} s)",
+            "",
+            "| loss term | first 10 % of steps | last 10 % of steps |",
+            "|---|---:|---:|",
+            *[f"| {k} | {first[k]:.4g} | {last[k]:.4g} |" for k in ("loss", "out", "feat", "task") if first[k] or last[k]],
+            "",
+            f"Feature taps: {', '.join(f'`{g}`' for g in d['feature_taps'])}. Distilled student: `{d['student']}`; "
+            f"loss log `{d['loss_log']}`.",
+            "",
+            f"![distillation loss]({DISTILL_DIR}/loss.png)",
+        ]
     lines += [
         "",
         "## Export",

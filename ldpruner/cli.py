@@ -35,6 +35,16 @@ def _add_selection_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--order", choices=["score", "score-per-cost"], help="ranking rule (default: score)")
 
 
+def _add_distill_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steps", type=int, help="distillation steps (default: 200)")
+
+
+def _add_build_distill_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--distill-steps", type=int,
+                   help="distillation steps after pruning, data-free on the teacher's trajectories (default: 200; "
+                        "0 exports the pruned student undistilled)")
+
+
 def _add_export_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exporter", choices=["legacy", "dynamo"], help="torch ONNX exporter (default: legacy)")
     p.add_argument("--opset", type=int, help="ONNX opset (default: 17)")
@@ -84,6 +94,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, help="latent width to trace at")
     _add_out(p)
 
+    p = sub.add_parser("distill", help="fine-tune a pruned student against the dense model (writes student/, "
+                                       "checkpoints/, loss log)")
+    p.add_argument("model", help="the dense model the student was pruned from: " + model_help)
+    p.add_argument("student", help="student/ folder from `ldpruner prune`")
+    _add_distill_flags(p)
+    p.add_argument("--batch-size", type=int, help="global batch, split over processes (default: 16)")
+    p.add_argument("--lr", type=float, help="peak AdamW learning rate (default: 5e-4)")
+    p.add_argument("--lr-schedule", choices=["cosine", "linear", "constant"], help="decay after warm-up (default: cosine)")
+    p.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default: 20)")
+    p.add_argument("--weight-decay", type=float, help="AdamW weight decay (default: 0)")
+    p.add_argument("--grad-clip", type=float, help="clip the gradient norm to this (default: 1.0)")
+    p.add_argument("--w-task", type=float, help="weight of the denoising loss (default: 1 with --data, else 0)")
+    p.add_argument("--w-out", type=float, help="weight of the output distillation loss (default: 1)")
+    p.add_argument("--w-feat", type=float, help="weight of the feature distillation loss (default: 1)")
+    p.add_argument("--feature-loss", choices=["normalized", "mse"], help="per-block feature loss (default: normalized)")
+    p.add_argument("--ema-decay", type=float, help="keep an EMA of the weights with this decay (default: off)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], help="training precision (default: fp32)")
+    p.add_argument("--checkpoint-every", type=int, help="write a checkpoint every K steps (default: 50)")
+    p.add_argument("--trajectories", type=int, help="data-free: teacher sampling trajectories (default: 32)")
+    p.add_argument("--trajectory-steps", type=int, help="data-free: scheduler steps per trajectory (default: 25)")
+    p.add_argument("--seed", type=int, help="seed of trajectories and batches (default: 0)")
+    p.add_argument("--guidance-scale", type=float, help="guidance of the teacher's trajectories (default: 7.5)")
+    p.add_argument("--prompts", help="data-free: prompt file for the teacher's trajectories (default: the model's)")
+    p.add_argument("--data", help="folder of images (+ captions) to distill on, encoded by the model's VAE")
+    p.add_argument("--resume", action="store_true", default=None, help="continue from the newest checkpoint in --out")
+    _add_out(p)
+
     p = sub.add_parser("export", help="export a pruned student to ONNX and validate it (writes onnx/)")
     p.add_argument("student", help="student/ folder from `ldpruner prune`")
     _add_export_flags(p)
@@ -98,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_trace_flags(p)
     _add_analysis_flags(p)
     _add_selection_flags(p)
+    _add_build_distill_flags(p)
     _add_export_flags(p)
     _add_out(p, required=False)
     return parser
@@ -112,6 +150,9 @@ _TRACE = ("granularity", "height", "width")
 _ANALYSIS = ("num_samples", "steps", "seed", "guidance_scale", "prompts")
 _SELECTION = ("budget", "metric", "order")
 _EXPORT = ("exporter", "opset", "optimize", "fp16")
+_DISTILL = ("steps", "batch_size", "lr", "lr_schedule", "warmup_steps", "weight_decay", "grad_clip", "w_task", "w_out",
+            "w_feat", "feature_loss", "ema_decay", "precision", "checkpoint_every", "trajectories", "trajectory_steps",
+            "seed", "guidance_scale")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -145,6 +186,15 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps(student.summary, indent=2, default=str))
         print(f"wrote {args.out}/student/")
         return 0
+    if args.command == "distill":
+        result = api.distill(args.model, args.student, out=args.out,
+                             **_options(args, *_DISTILL, "data", "prompts", "resume", "overwrite"))
+        s = result.summary
+        first, last = s["loss_first_10pct"]["loss"], s["loss_last_10pct"]["loss"]
+        print(f"distilled {s['steps']} steps ({s['data']['kind']}, {s['world_size']} process(es)): loss "
+              f"{first:.4g} -> {last:.4g}; {s['wall_time_s_this_run']:.1f} s")
+        print(f"wrote {args.out}/student/, {args.out}/loss.csv, {args.out}/loss.png, {args.out}/checkpoints/")
+        return 0
     if args.command == "export":
         result = api.export(args.student, out=args.out, **_options(args, *_EXPORT, "overwrite"))
         print(json.dumps(result, indent=2, default=str))
@@ -157,7 +207,8 @@ def _run(args: argparse.Namespace) -> int:
             print(f"zoo:{entry.name:16s} {entry.task:20s} {'ready' if ready else 'not built'}  {entry.description}")
         return 0
     if args.command == "build":
-        options = _options(args, *_TRACE, *_ANALYSIS, *_SELECTION, *_EXPORT, "overwrite", "out", "config")
+        options = _options(args, *_TRACE, *_ANALYSIS, *_SELECTION, "distill_steps", *_EXPORT, "overwrite", "out",
+                           "config")
         report = api.build(args.model, **options)
         print(report["summary"])
         for name, path in report.get("artifacts", {}).items():

@@ -39,6 +39,8 @@ class BuildConfig:
     budget: float = 0.3
     metric: str = "params"
     order: str = "score"
+    # distillation (0: export the pruned student as it is)
+    distill_steps: int = 200
     # export
     exporter: str = "legacy"
     opset: int | None = None  # None: the exporter's default (17 legacy, 18 dynamo)
@@ -61,6 +63,8 @@ class BuildConfig:
         for name in ("num_samples", "steps"):
             if isinstance(getattr(self, name), int) and getattr(self, name) < 1:
                 errors.append(f"{name}={getattr(self, name)} must be >= 1")
+        if isinstance(self.distill_steps, int) and self.distill_steps < 0:
+            errors.append(f"distill_steps={self.distill_steps} must be >= 0 (0 skips distillation)")
         for name in ("height", "width"):
             value = getattr(self, name)
             if isinstance(value, int) and value < 1:
@@ -86,7 +90,7 @@ class BuildConfig:
 _TYPES: dict[str, type] = {
     "model": str, "out": str, "overwrite": bool, "granularity": str, "height": int, "width": int,
     "num_samples": int, "steps": int, "seed": int, "guidance_scale": float, "prompts": str,
-    "budget": float, "metric": str, "order": str, "exporter": str, "opset": int, "optimize": bool,
+    "budget": float, "metric": str, "order": str, "distill_steps": int, "exporter": str, "opset": int, "optimize": bool,
     "fp16": bool, "verify": bool,
 }
 

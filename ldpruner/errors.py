@@ -15,6 +15,8 @@ __all__ = [
     "ConfigError",
     "ArtifactError",
     "UnsupportedInputError",
+    "TapError",
+    "DistillError",
 ]
 
 
@@ -64,3 +66,12 @@ class ArtifactError(LdprunerError):
 
 class UnsupportedInputError(LdprunerError, ValueError):
     """A runtime model was called with an input its exported graph cannot take (or without one it needs)."""
+
+
+class TapError(LdprunerError):
+    """A feature tap names an operator group the graph does not have."""
+
+
+class DistillError(LdprunerError):
+    """Distillation cannot start or go on: a bad checkpoint, a student that does not fit its teacher, a loss
+    that is no longer finite."""

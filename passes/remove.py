@@ -226,6 +226,10 @@ class RemoveOperators(Pass):
                 raise RewriteError(f"{op.name!r} has action {op.action.value!r}, which the rewrite cannot apply")
             if scale != 1.0:  # the block divided its sum by s; the bypass must too, or the output scale drifts
                 replacement = graph.call_function(pyop.truediv, (replacement, scale))
+            if replacement is not x:  # new nodes sit where the operator was: feature taps group them with it
+                for new in (replacement, *replacement.all_input_nodes):
+                    if new is not x and "nn_module_stack" in node.meta:
+                        new.meta.setdefault("nn_module_stack", dict(node.meta["nn_module_stack"]))
         _replace_uses(out, replacement, cases)
         return out
 

@@ -12,6 +12,7 @@ from ldpruner.cli import main
 from conftest import make_tiny_sd_unet
 
 FAST = ["--num-samples", "2", "--steps", "2", "--height", "8", "--width", "8"]
+BUILD_FAST = [*FAST, "--distill-steps", "3"]
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +49,14 @@ def test_stages_one_by_one(unet_dir, capsys, tmp_path):
                          "--height", "8", "--width", "8")
     assert code == 0, err
     assert (tmp_path / "student" / "plan.json").is_file()
-    code, out, err = run(capsys, "export", tmp_path / "student", "--out", tmp_path)
+    code, out, err = run(capsys, "distill", unet_dir, tmp_path / "student", "--out", tmp_path / "distill",
+                         "--steps", "3", "--batch-size", "4", "--trajectories", "4", "--trajectory-steps", "2")
+    assert code == 0, err
+    assert "distilled 3 steps (teacher-trajectories, 1 process(es))" in out
+    code, out, err = run(capsys, "distill", unet_dir, tmp_path / "student", "--out", tmp_path / "distill",
+                         "--steps", "3")
+    assert code == 1 and "ArtifactError" in err and "--resume" in err
+    code, out, err = run(capsys, "export", tmp_path / "distill" / "student", "--out", tmp_path)
     assert code == 0, err
     assert (tmp_path / "onnx" / "unet.onnx").is_file()
     # a second select into the same folder must not silently replace plan.json
@@ -58,7 +66,7 @@ def test_stages_one_by_one(unet_dir, capsys, tmp_path):
 
 def test_build_reuses_unchanged_artifacts_and_guards_changed_ones(unet_dir, capsys, tmp_path):
     out_dir = tmp_path / "b"
-    code, out, err = run(capsys, "build", unet_dir, "--out", out_dir, "--budget", "0.2", *FAST)
+    code, out, err = run(capsys, "build", unet_dir, "--out", out_dir, "--budget", "0.2", *BUILD_FAST)
     assert code == 0, err
     report = json.loads((out_dir / "report.json").read_text())
     assert report["export"]["export"]["validation"]["passed"] is True
@@ -66,15 +74,29 @@ def test_build_reuses_unchanged_artifacts_and_guards_changed_ones(unet_dir, caps
     assert report["reused_stages"] == []
     assert (out_dir / "report.md").read_text().startswith("# ldpruner build report")
 
-    code, out, err = run(capsys, "build", unet_dir, "--out", out_dir, "--budget", "0.2", *FAST)
+    code, out, err = run(capsys, "build", unet_dir, "--out", out_dir, "--budget", "0.2", *BUILD_FAST)
     assert code == 0, err
     report = json.loads((out_dir / "report.json").read_text())
-    assert report["reused_stages"] == ["analyze", "select", "prune", "export"]
+    assert report["reused_stages"] == ["analyze", "select", "prune", "distill", "export"]
+    assert report["distill"]["steps"] == 3 and (out_dir / "distill" / "student" / "plan.json").is_file()
+    assert "## Distillation (3 steps, teacher-trajectories" in (out_dir / "report.md").read_text()
 
-    code, out, err = run(capsys, "build", unet_dir, "--out", out_dir, "--budget", "0.4", *FAST)
+    # a new distillation length re-runs distill and export only; 0 exports the undistilled student
+    code, out, err = run(capsys, "build", unet_dir, "--out", out_dir, "--budget", "0.2", *FAST,
+                         "--distill-steps", "4", "--overwrite")
+    assert code == 0, err
+    report = json.loads((out_dir / "report.json").read_text())
+    assert report["reused_stages"] == ["analyze", "select", "prune"] and report["distill"]["steps"] == 4
+    code, out, err = run(capsys, "build", unet_dir, "--out", out_dir, "--budget", "0.2", *FAST,
+                         "--distill-steps", "0", "--overwrite")
+    assert code == 0, err
+    report = json.loads((out_dir / "report.json").read_text())
+    assert report["distill"] is None and "distill/student" not in report["artifacts"]
+
+    code, out, err = run(capsys, "build", unet_dir, "--out", out_dir, "--budget", "0.4", *BUILD_FAST)
     assert code == 1 and "ArtifactError" in err and "plan.json" in err
 
-    code, out, err = run(capsys, "build", unet_dir, "--out", out_dir, "--budget", "0.4", "--overwrite", *FAST)
+    code, out, err = run(capsys, "build", unet_dir, "--out", out_dir, "--budget", "0.4", "--overwrite", *BUILD_FAST)
     assert code == 0, err
     report = json.loads((out_dir / "report.json").read_text())
     assert report["reused_stages"] == ["analyze"]
@@ -84,7 +106,7 @@ def test_build_reuses_unchanged_artifacts_and_guards_changed_ones(unet_dir, caps
 def test_build_from_toml_config(unet_dir, capsys, tmp_path):
     cfg = tmp_path / "build.toml"
     cfg.write_text(f'model = "{unet_dir}"\nout = "{tmp_path / "t"}"\nbudget = 0.2\nnum_samples = 2\nsteps = 2\n'
-                   'height = 8\nwidth = 8\n')
+                   'height = 8\nwidth = 8\ndistill_steps = 2\n')
     code, out, err = run(capsys, "build", "--config", cfg)
     assert code == 0, err
     assert json.loads((tmp_path / "t" / "report.json").read_text())["config"]["budget"] == 0.2
@@ -94,7 +116,7 @@ def test_build_from_toml_config(unet_dir, capsys, tmp_path):
 
 
 def test_impossible_budget_is_a_budget_error_and_writes_no_plan(unet_dir, capsys, tmp_path):
-    code, out, err = run(capsys, "build", unet_dir, "--out", tmp_path, "--budget", "0.99", *FAST)
+    code, out, err = run(capsys, "build", unet_dir, "--out", tmp_path, "--budget", "0.99", *BUILD_FAST)
     assert code == 1
     # checked from the operator graph before any analysis ran: one line, nothing written but the folder
     assert err.startswith("error: BudgetError: budget params=0.99") and "largest reachable is 0.88" in err
@@ -167,7 +189,7 @@ def test_build_under_torchrun_with_two_gloo_ranks_matches_one_process(unet_dir, 
     import sys
 
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    args = ["build", str(unet_dir), "--budget", "0.2", *FAST]
+    args = ["build", str(unet_dir), "--budget", "0.2", *BUILD_FAST]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                 "-m", "ldpruner"]
     subprocess.run(torchrun + args + ["--out", str(tmp_path / "two")], env=env, check=True, timeout=300,
@@ -184,6 +206,9 @@ def test_build_under_torchrun_with_two_gloo_ranks_matches_one_process(unet_dir, 
     plan_two = json.loads((tmp_path / "two" / "plan.json").read_text())
     assert plan_one["removals"] == plan_two["removals"]
     assert json.loads((tmp_path / "two" / "report.json").read_text())["export"]["export"]["validation"]["passed"]
+    # distillation ran under DDP on both ranks, each on its own half of the teacher's trajectories
+    distilled = json.loads((tmp_path / "two" / "distill" / "distill.json").read_text())
+    assert distilled["world_size"] == 2 and distilled["data"]["trajectories_on_this_rank"] == 16
 
 
 def test_api_build_rejects_unknown_and_missing_options(tmp_path):

@@ -1,0 +1,546 @@
+"""Distillation fine-tuning: the pruned UNet (student) learns to match the dense UNet (teacher, frozen).
+
+    L = w_task · ‖ε_s − ε‖²  +  w_out · ‖ε_s − ε_t‖²  +  w_feat · F,   F = Σ_g ‖f_s^g − f_t^g‖²  ("mse")
+                                                                   or F = (1/G) Σ_g ‖f_s^g − f_t^g‖² / ‖f_t^g‖²  ("normalized")
+
+ε_s, ε_t: student and teacher predictions on the same inputs; ε: the true noise (task term, real data only);
+f^g: the output of operator group g (``down_blocks.i``, ``mid_block``, ``up_blocks.i``), tapped through the fx
+graphs (:mod:`ldpruner.compiler.taps`, no hooks). Squared norms are means over elements. ``normalized`` (the
+default) divides each group's error by the teacher feature's mean square and averages over groups, so neither a
+high-magnitude block nor the number of blocks decides the loss (BK-SDM's plain sum is dominated by its largest
+features).
+
+Training: AdamW, linear warm-up then cosine (or linear / constant) decay, gradient-norm clipping, optional EMA of
+the student's weights, fp32 or bf16 autocast. Checkpoints (weights, EMA, optimizer, LR schedule, RNG, loss log)
+are written atomically every ``checkpoint_every`` steps; a resumed run continues bit-identically, because every
+batch is drawn from a generator seeded by (seed, step, rank). Under torchrun the student is wrapped in DDP (gloo
+on CPU, NCCL on GPU), each rank trains on its own shard of the data, and only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ldpruner.compiler.taps import FeatureTaps, match_taps, tapped
+from ldpruner.compiler.tracer import TracedUNet
+from ldpruner.errors import ArtifactError, ConfigError, DistillError
+
+from ._distill_data import DistillData
+from ._io import atomic_dir, atomic_path, write_text_atomic
+from .remove import PrunedUNet
+from .student import _read_safetensors, _tensors_for_safetensors, save_student
+
+__all__ = ["CHECKPOINTS", "DistillConfig", "DistillResult", "distill", "distributed_world", "feature_loss",
+           "latest_checkpoint", "lr_factor", "plot_loss"]
+
+CHECKPOINTS = "checkpoints"
+CHECKPOINT_FORMAT = "ldpruner.distill-checkpoint/1"
+FEATURE_LOSSES = ("normalized", "mse")
+LR_SCHEDULES = ("cosine", "linear", "constant")
+PRECISIONS = ("fp32", "bf16")
+LOG_FIELDS = ("step", "lr", "loss", "task", "out", "feat", "grad_norm", "time_s")
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    """How to distill. ``batch_size`` is the global batch (split evenly over ranks). ``w_task`` None means
+    1.0 when the data knows the true noise and 0 otherwise. Data-free fields: ``trajectories`` seeded teacher
+    samplings of ``trajectory_steps`` steps with ``guidance_scale``, ``renoise`` share of each batch re-noised
+    from the teacher's final latents."""
+
+    steps: int = 200
+    batch_size: int = 16
+    lr: float = 5e-4
+    lr_schedule: str = "cosine"
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float | None = 1.0
+    w_task: float | None = None
+    w_out: float = 1.0
+    w_feat: float = 1.0
+    feature_loss: str = "normalized"
+    ema_decay: float | None = None
+    precision: str = "fp32"
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    seed: int = 0
+    trajectories: int = 32
+    trajectory_steps: int = 25
+    guidance_scale: float = 7.5
+    renoise: float = 0.5
+
+    def __post_init__(self) -> None:
+        errors = []
+        for name in ("steps", "batch_size", "checkpoint_every", "keep_checkpoints", "trajectories", "trajectory_steps"):
+            if not _positive_int(getattr(self, name)):
+                errors.append(f"{name} must be a positive int, got {getattr(self, name)!r}")
+        if not (isinstance(self.warmup_steps, int) and not isinstance(self.warmup_steps, bool)
+                and self.warmup_steps >= 0):
+            errors.append(f"warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
+        if not (isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0):
+            errors.append(f"seed must be an int >= 0, got {self.seed!r}")
+        if not (_number(self.lr) and self.lr > 0):
+            errors.append(f"lr must be a number > 0, got {self.lr!r}")
+        for name in ("w_out", "w_feat", "weight_decay", "guidance_scale"):
+            if not (_number(getattr(self, name)) and getattr(self, name) >= 0):
+                errors.append(f"{name} must be a number >= 0, got {getattr(self, name)!r}")
+        if self.w_task is not None and not (_number(self.w_task) and self.w_task >= 0):
+            errors.append(f"w_task must be a number >= 0 or None, got {self.w_task!r}")
+        if self.grad_clip is not None and not (_number(self.grad_clip) and self.grad_clip > 0):
+            errors.append(f"grad_clip must be a number > 0 or None, got {self.grad_clip!r}")
+        if not (_number(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1):
+            errors.append(f"min_lr_ratio must be within [0, 1], got {self.min_lr_ratio!r}")
+        if not (_number(self.renoise) and 0 <= self.renoise <= 1):
+            errors.append(f"renoise must be within [0, 1], got {self.renoise!r}")
+        if self.ema_decay is not None and not (_number(self.ema_decay) and 0 < self.ema_decay < 1):
+            errors.append(f"ema_decay must be within (0, 1) or None, got {self.ema_decay!r}")
+        for name, allowed in (("feature_loss", FEATURE_LOSSES), ("lr_schedule", LR_SCHEDULES),
+                              ("precision", PRECISIONS)):
+            if getattr(self, name) not in allowed:
+                errors.append(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if errors:
+            raise ConfigError("invalid DistillConfig: " + "; ".join(errors))
+        if self.w_out == 0 and self.w_feat == 0 and not self.w_task:
+            raise ConfigError("every loss weight is 0 (w_out, w_feat, w_task): nothing would be learned")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DistillConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown DistillConfig keys {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+
+@dataclasses.dataclass
+class DistillResult:
+    """The distilled student (EMA weights when EMA is on) and what the run did."""
+
+    student: PrunedUNet
+    log: list[dict[str, float]]
+    summary: dict[str, Any]
+
+
+# --- learning-rate schedule -----------------------------------------------------------------------------------------
+
+def lr_factor(step: int, config: DistillConfig) -> float:
+    """The LR multiplier after ``step`` optimizer steps: linear warm-up, then the chosen decay to min_lr_ratio."""
+    if config.warmup_steps and step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    if config.lr_schedule == "constant":
+        return 1.0
+    span = max(1, config.steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / span)
+    decay = 0.5 * (1 + math.cos(math.pi * progress)) if config.lr_schedule == "cosine" else 1 - progress
+    return config.min_lr_ratio + (1 - config.min_lr_ratio) * decay
+
+
+# --- the loss --------------------------------------------------------------------------------------------------------
+
+def feature_loss(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...], kind: str) -> torch.Tensor:
+    """F of the module docstring: the sum of per-group MSEs, or the mean of per-group relative MSEs."""
+    terms = []
+    for s, t in zip(student, teacher, strict=True):
+        mse = F.mse_loss(s.float(), t.float())
+        terms.append(mse / t.float().pow(2).mean().clamp_min(1e-8) if kind == "normalized" else mse)
+    if not terms:
+        return torch.zeros(())
+    stacked = torch.stack(terms)
+    return stacked.mean() if kind == "normalized" else stacked.sum()
+
+
+# --- distributed ----------------------------------------------------------------------------------------------------
+
+def distributed_world() -> tuple[int, int, bool]:
+    """(rank, world, initialised here): joins the process group torchrun set up, if any."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), False
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and dist.is_available():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        return dist.get_rank(), dist.get_world_size(), True
+    return 0, 1, False
+
+
+def _step_generator(seed: int, step: int, rank: int) -> torch.Generator:
+    mixed = hashlib.sha256(f"{seed}:{step}:{rank}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(mixed[:8], "little") & ((1 << 63) - 1))
+
+
+# --- checkpoints -----------------------------------------------------------------------------------------------------
+
+def _checkpoint_dir(out: Path, step: int) -> Path:
+    return out / CHECKPOINTS / f"step-{step:08d}"
+
+
+def latest_checkpoint(out: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint under ``out/checkpoints`` (a folder with state.json), or None."""
+    root = Path(out) / CHECKPOINTS
+    if not root.is_dir():
+        return None
+    done = sorted(p for p in root.glob("step-*") if (p / "state.json").is_file())
+    return done[-1] if done else None
+
+
+def _save_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    flat, aliases = _tensors_for_safetensors(tensors)
+    save_file(flat, str(path), metadata={"format": "pt", "ldpruner.aliases": json.dumps(aliases)})
+
+
+def _plan_fingerprint(student: PrunedUNet) -> str:
+    return hashlib.sha256(json.dumps(student.plan.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+class _Trainer:
+    def __init__(self, student: PrunedUNet, teacher: TracedUNet, data: DistillData, config: DistillConfig,
+                 taps: FeatureTaps, rank: int, world: int, device: torch.device):
+        self.student, self.config, self.data, self.taps = student, config, data, taps
+        self.rank, self.world, self.device = rank, world, device
+        self.names = teacher.input_names
+        self.teacher = tapped(teacher.gm, taps.groups).to(device).eval()
+        self.teacher.requires_grad_(False)
+        student.gm.to(device).train()
+        self.model: torch.nn.Module = tapped(student.gm, taps.groups)
+        if world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.model = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.params = dict(student.gm.named_parameters())
+        self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=config.lr, weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, config))
+        self.ema = ({k: p.detach().clone().float() for k, p in self.params.items()}
+                    if config.ema_decay is not None else None)
+        self.step = 0
+        self.log: list[dict[str, float]] = []
+        self.w_task = config.w_task
+        self._checked_at = 0  # the first step of this run checks that every tap compares like with like
+
+    # --- one step ------------------------------------------------------------------------------------------------
+    def train_step(self) -> dict[str, float]:
+        config = self.config
+        started = time.perf_counter()
+        batch = self.data.batch(_step_generator(config.seed, self.step, self.rank), config.batch_size // self.world)
+        inputs = [batch.inputs[n].to(self.device) for n in self.names]
+        w_task = self.w_task if self.w_task is not None else (1.0 if batch.target is not None else 0.0)
+        if w_task and batch.target is None:
+            raise DistillError(f"w_task={w_task} needs data with known noise (a dataset); teacher trajectories "
+                               "have none: set w_task to 0 or pass data")
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
+        with torch.no_grad(), autocast:
+            t_out, t_feats = self.teacher(*inputs)
+        with autocast:
+            s_out, s_feats = self.model(*inputs)
+        if self.step == self._checked_at:
+            self._check_taps(s_out, t_out, s_feats, t_feats)
+        s_out, t_out = s_out.float(), t_out.float()
+        out_term = F.mse_loss(s_out, t_out)
+        feat_term = feature_loss(s_feats, t_feats, config.feature_loss).to(s_out.device)
+        task_term = F.mse_loss(s_out, batch.target.to(s_out)) if batch.target is not None else torch.zeros((), device=s_out.device)
+        loss = config.w_out * out_term + config.w_feat * feat_term + w_task * task_term
+        if not torch.isfinite(loss):
+            raise DistillError(f"the loss is {float(loss)} at step {self.step + 1} (out {float(out_term):.4g}, feat "
+                               f"{float(feat_term):.4g}, task {float(task_term):.4g}); lower lr or use precision='fp32'")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(list(self.params.values()), config.grad_clip)
+        else:
+            grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.params.values()
+                                                              if p.grad is not None]))
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        if self.ema is not None:
+            decay = min(config.ema_decay, (1 + self.step) / (10 + self.step))
+            with torch.no_grad():
+                for k, p in self.params.items():
+                    self.ema[k].lerp_(p.detach().float(), 1 - decay)
+        terms = torch.stack([loss.detach(), task_term.detach(), out_term.detach(), feat_term.detach()]).float()
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(terms)
+            terms /= self.world
+        row = {"step": self.step, "lr": lr, "loss": float(terms[0]), "task": float(terms[1]),
+               "out": float(terms[2]), "feat": float(terms[3]), "grad_norm": float(grad_norm),
+               "time_s": time.perf_counter() - started}
+        self.log.append(row)
+        return row
+
+    def _check_taps(self, s_out: Any, t_out: Any, s_feats: Any, t_feats: Any) -> None:
+        pairs = [("the output", s_out, t_out)] + list(zip(self.taps.groups, s_feats, t_feats))
+        bad = [f"{name}: student {_shape(s)}, teacher {_shape(t)}" for name, s, t in pairs
+               if not (isinstance(s, torch.Tensor) and isinstance(t, torch.Tensor) and s.shape == t.shape)]
+        if bad:
+            raise DistillError("student and teacher values do not match in shape, so they cannot be compared: "
+                               + "; ".join(bad))
+
+    # --- checkpoints ---------------------------------------------------------------------------------------------
+    def state_json(self) -> dict[str, Any]:
+        opt = self.optimizer.state_dict()
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "step": self.step,
+            "config": self.config.to_dict(),
+            "world_size": self.world,
+            "plan": _plan_fingerprint(self.student),
+            "taps": self.taps.to_dict(),
+            "param_names": list(self.params),
+            "optimizer_param_groups": opt["param_groups"],
+            "lr_scheduler": {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"},
+            "log": self.log,
+        }
+
+    def save_checkpoint(self, out: Path) -> Path:
+        path = _checkpoint_dir(out, self.step)
+        opt_state = self.optimizer.state_dict()["state"]
+        optim = {f"{i}.{k}": v for i, s in opt_state.items() for k, v in s.items() if isinstance(v, torch.Tensor)}
+        optim["rng.torch"] = torch.get_rng_state()
+        if torch.cuda.is_available() and self.device.type == "cuda":
+            optim["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+        with atomic_dir(path) as tmp:
+            _save_tensors(tmp / "student.safetensors", {k: v.detach() for k, v in self.student.gm.state_dict().items()})
+            if self.ema is not None:
+                _save_tensors(tmp / "ema.safetensors", self.ema)
+            _save_tensors(tmp / "optimizer.safetensors", optim)
+            (tmp / "state.json").write_text(json.dumps(self.state_json(), indent=1) + "\n")
+        finished = sorted(p for p in (out / CHECKPOINTS).glob("step-*") if (p / "state.json").is_file())
+        for old in finished[:-self.config.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+        return path
+
+    def load_checkpoint(self, path: Path) -> None:
+        try:
+            state = json.loads((path / "state.json").read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise DistillError(f"checkpoint {str(path)!r} has no readable state.json: {exc}") from exc
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise DistillError(f"{str(path)!r} is not a distillation checkpoint (format {state.get('format')!r})")
+        saved = dict(state["config"])
+        now = self.config.to_dict()
+        differ = sorted(k for k in now if k != "steps" and saved.get(k) != now[k])
+        if differ:
+            pairs = ", ".join(f"{k}: checkpoint {saved.get(k)!r}, now {now[k]!r}" for k in differ)
+            raise DistillError(f"cannot resume from {str(path)!r}: the config changed ({pairs}); only steps may "
+                               "change on resume, or start over with overwrite")
+        if state["world_size"] != self.world:
+            raise DistillError(f"cannot resume from {str(path)!r}: it ran on {state['world_size']} processes, this "
+                               f"run has {self.world} (each rank's data shard depends on the world size)")
+        if state["plan"] != _plan_fingerprint(self.student) or state["param_names"] != list(self.params):
+            raise DistillError(f"cannot resume from {str(path)!r}: it was written for another student (plan differs)")
+        if state["step"] > self.config.steps:
+            raise DistillError(f"checkpoint {str(path)!r} is at step {state['step']}, past steps={self.config.steps}")
+        weights = _read_safetensors(path / "student.safetensors")
+        self.student.gm.load_state_dict({k: v.to(self.device) for k, v in weights.items()}, strict=True)
+        if self.ema is not None:
+            self.ema = {k: v.to(self.device) for k, v in _read_safetensors(path / "ema.safetensors").items()}
+        optim = _read_safetensors(path / "optimizer.safetensors")
+        opt_state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in optim.items():
+            if key.startswith("rng."):
+                continue
+            index, name = key.split(".", 1)
+            opt_state.setdefault(int(index), {})[name] = value.to(self.device) if name != "step" else value
+        self.optimizer.load_state_dict({"state": opt_state, "param_groups": state["optimizer_param_groups"]})
+        sched = self.scheduler.state_dict()
+        sched.update(state["lr_scheduler"])
+        self.scheduler.load_state_dict(sched)
+        torch.set_rng_state(optim["rng.torch"])
+        if "rng.cuda" in optim and self.device.type == "cuda":
+            torch.cuda.set_rng_state(optim["rng.cuda"], self.device)
+        self.step = int(state["step"])
+        self.log = list(state["log"])
+
+
+def _shape(value: Any) -> str:
+    return str(tuple(value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__
+
+
+# --- outputs ---------------------------------------------------------------------------------------------------------
+
+def _write_log(out: Path, log: list[dict[str, float]]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=LOG_FIELDS)
+    writer.writeheader()
+    writer.writerows(log)
+    write_text_atomic(out / "loss.csv", buffer.getvalue())
+    write_text_atomic(out / "loss.json", json.dumps(log, indent=1) + "\n")
+
+
+def plot_loss(log: list[dict[str, float]], path: Path, title: str = "distillation loss") -> Path | None:
+    """loss.png: every loss term against the step (log scale). None when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    steps = [r["step"] for r in log]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    for key in ("loss", "out", "feat", "task"):
+        values = [r[key] for r in log]
+        if any(v > 0 for v in values):
+            ax.plot(steps, values, label=key, linewidth=1)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path
+
+
+def _prepare_out(out: Path, *, resume: bool, overwrite: bool) -> Path | None:
+    """The checkpoint to resume from (None: start fresh); refuses to mix a new run into an old folder."""
+    checkpoint = latest_checkpoint(out) if resume else None
+    if resume:
+        return checkpoint  # nothing there yet: a fresh start, as torchrun restarts expect
+    leftovers = [p for p in (out / CHECKPOINTS, out / "student", out / "distill.json") if p.exists()]
+    if leftovers and not overwrite:
+        raise ArtifactError(f"{str(out)!r} already holds a distillation ({[p.name for p in leftovers]}); pass "
+                            "resume=True (--resume) to continue it or overwrite=True (--overwrite) to start over")
+    if leftovers:
+        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+    return None
+
+
+def distill(
+    student: PrunedUNet,
+    teacher: TracedUNet,
+    data: DistillData,
+    *,
+    config: DistillConfig = DistillConfig(),
+    out: str | os.PathLike,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    device: str | torch.device | None = None,
+    callback: Callable[[dict[str, float]], None] | None = None,
+) -> DistillResult:
+    """Fine-tune ``student`` (in place) against ``teacher`` on ``data``; write ``out/student/``, ``loss.csv``,
+    ``loss.json``, ``loss.png``, ``distill.json`` and ``out/checkpoints/``.
+
+    ``teacher`` is the dense model traced at the student's granularity (it is frozen, never changed).
+    ``resume`` continues from the newest checkpoint in ``out`` (or starts fresh when there is none). ``callback``
+    gets each step's log row (an exception it raises stops the run, as a kill would). Under torchrun every rank
+    calls this; rank 0 alone writes."""
+    if not isinstance(config, DistillConfig):
+        raise ConfigError(f"config must be a DistillConfig, got {type(config).__name__}")
+    if teacher.input_names != student.traced.input_names:
+        raise DistillError(f"teacher inputs {teacher.input_names} differ from the student's "
+                           f"{student.traced.input_names}: trace both from the same model class")
+    if teacher.granularity != student.traced.granularity:
+        raise DistillError(f"teacher traced at {teacher.granularity.value} granularity, student at "
+                           f"{student.traced.granularity.value}")
+    rank, world, initialised = distributed_world()
+    if config.batch_size % world:
+        raise ConfigError(f"batch_size={config.batch_size} must split evenly over {world} processes")
+    if device is None:
+        device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available()
+                  else torch.device("cpu"))
+    device = torch.device(device)
+    out = Path(out)
+    try:
+        checkpoint = _prepare_out(out, resume=resume, overwrite=overwrite) if rank == 0 else (
+            latest_checkpoint(out) if resume else None)
+        taps = match_taps(teacher.gm, student.gm)
+        trainer = _Trainer(student, teacher, data, config, taps, rank, world, device)
+        resumed_from = None
+        if checkpoint is not None:
+            trainer.load_checkpoint(checkpoint)
+            resumed_from = trainer._checked_at = trainer.step
+        started = time.perf_counter()
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=config.steps, initial=trainer.step, desc="distill", unit="step",
+                   disable=not progress or rank != 0)
+        while trainer.step < config.steps:
+            row = trainer.train_step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.4g}")
+            if rank == 0 and (trainer.step % config.checkpoint_every == 0 or trainer.step == config.steps):
+                trainer.save_checkpoint(out)
+            if callback is not None:
+                callback(row)
+        bar.close()
+        elapsed = time.perf_counter() - started
+        student.gm.eval()
+        if trainer.ema is not None:
+            with torch.no_grad():
+                for k, p in trainer.params.items():
+                    p.copy_(trainer.ema[k].to(p.dtype))
+        summary = _summary(trainer, data, resumed_from, elapsed, device, world)
+        if rank == 0:
+            save_student(student, out / "student", overwrite=True)
+            _write_log(out, trainer.log)
+            plotted = plot_loss(trainer.log, out / "loss.png")
+            summary["artifacts"]["loss.png"] = str(plotted) if plotted else "not written: matplotlib is not installed"
+            write_text_atomic(out / "distill.json", json.dumps(summary, indent=2, default=str) + "\n")
+        return DistillResult(student=student, log=trainer.log, summary=summary)
+    finally:
+        if initialised:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _summary(trainer: _Trainer, data: DistillData, resumed_from: int | None, elapsed: float,
+             device: torch.device, world: int) -> dict[str, Any]:
+    log = trainer.log
+    tail = log[-max(1, len(log) // 10):]
+    first = log[:max(1, len(log) // 10)]
+
+    def mean(rows: list[dict[str, float]], key: str) -> float:
+        return sum(r[key] for r in rows) / len(rows)
+
+    return {
+        "format": "ldpruner.distill/1",
+        "config": trainer.config.to_dict(),
+        "steps": trainer.step,
+        "resumed_from_step": resumed_from,
+        "wall_time_s_this_run": round(elapsed, 3),
+        "device": str(device),
+        "world_size": world,
+        "data": data.describe(),
+        "feature_taps": trainer.taps.to_dict(),
+        "student_params": sum(p.numel() for p in trainer.params.values()),
+        "teacher_params": sum(p.numel() for p in trainer.teacher.parameters()),
+        "ema": trainer.ema is not None,
+        "loss_first_10pct": {k: mean(first, k) for k in ("loss", "task", "out", "feat")},
+        "loss_last_10pct": {k: mean(tail, k) for k in ("loss", "task", "out", "feat")},
+        "artifacts": {name: str(Path(name)) for name in ("student", "loss.csv", "loss.json", CHECKPOINTS)},
+    }
