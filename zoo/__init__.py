@@ -16,17 +16,20 @@ from ldpruner.errors import ConfigError, ModelLoadError
 
 from ._packages import MissingPackageError
 
-# TextEncoder, TextToImageModel, load_text_to_image, sample and image_grid load lazily (see __getattr__)
+# TextEncoder, TextToImageModel, load_text_to_image, sample, image_grid, UnconditionalModel and load_unconditional
+# load lazily (see __getattr__)
 __all__ = [
     "TASKS",
     "MissingPackageError",
     "TextEncoder",
     "TextToImageModel",
+    "UnconditionalModel",
     "ZooEntry",
     "get_entry",
     "image_grid",
     "list_models",
     "load_text_to_image",
+    "load_unconditional",
     "model_dir",
     "sample",
 ]
@@ -66,6 +69,29 @@ _ENTRIES: tuple[ZooEntry, ...] = (
         ),
         recipe="recipes/mnist_t2i.py",
     ),
+    ZooEntry(
+        name="crawl-tiles",
+        task="unconditional-image",
+        folder="crawl-tiles",
+        description=(
+            "unconditional latent diffusion on 3,750 Dungeon Crawl 32x32 tiles of Debian crawl-tiles-data: "
+            "AutoencoderKL 32x32x3 -> 8x8x4, UNet2DModel with self-attention in its two lower-resolution levels; "
+            "a stock diffusers LDMPipeline folder"
+        ),
+        recipe="recipes/crawl_tiles.py",
+    ),
+    ZooEntry(
+        name="espeak-digits",
+        task="unconditional-audio",
+        folder="espeak-digits",
+        description=(
+            "unconditional latent diffusion on 64x64 log-mel spectrograms of the ten digit words spoken by Debian "
+            "espeak-ng (7 English accents x 25 voice variants, random pitch and speed, 16 kHz, 1 s): "
+            "AutoencoderKL 64x64x1 -> 16x16x4, UNet2DModel with self-attention in its two lower-resolution levels; "
+            "Griffin-Lim (librosa) turns mels into audio"
+        ),
+        recipe="recipes/espeak_digits.py",
+    ),
 )
 
 
@@ -104,6 +130,8 @@ _LAZY = {
     "load_text_to_image": "text_to_image",
     "sample": "text_to_image",
     "image_grid": "text_to_image",
+    "UnconditionalModel": "unconditional",
+    "load_unconditional": "unconditional",
 }
 
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from ldpruner.errors import ConfigError, ModelLoadError
 
+from ._sampling import scheduler_class, seeds_for
 from .text import TextEncoder
 
 if TYPE_CHECKING:
@@ -52,7 +53,7 @@ class TextToImageModel:
 
         prompts = list(prompts) if not isinstance(prompts, str) else prompts
         cond = self.text_encoder.encode(prompts)
-        seeds = _seeds(seed, len(prompts))
+        seeds = seeds_for(seed, len(prompts))
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
             raise ConfigError(f"steps must be a positive int; got {steps!r}")
         if not isinstance(guidance_scale, (int, float)) or isinstance(guidance_scale, bool) or guidance_scale < 0:
@@ -77,17 +78,6 @@ class TextToImageModel:
                 latents = scheduler.step(eps, t, latents).prev_sample
             images = self.vae.decode(latents / self.vae.config.scaling_factor).sample
         return ((images.float() + 1) / 2).clamp(0, 1)
-
-
-def _seeds(seed: int | Sequence[int], n: int) -> list[int]:
-    if isinstance(seed, bool):
-        raise ConfigError(f"seed must be an int or one int per prompt; got {seed!r}")
-    if isinstance(seed, int):
-        return [seed + i for i in range(n)]
-    seeds = list(seed)
-    if len(seeds) != n or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-        raise ConfigError(f"seed must be an int or {n} ints (one per prompt); got {seed!r}")
-    return seeds
 
 
 def load_text_to_image(name_or_folder: str | os.PathLike) -> TextToImageModel:
@@ -117,7 +107,7 @@ def load_text_to_image(name_or_folder: str | os.PathLike) -> TextToImageModel:
         vae = diffusers.AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True, local_files_only=True)
     except (OSError, ValueError, RuntimeError) as exc:
         raise ModelLoadError(f"cannot load the UNet or VAE of {str(folder)!r}: {type(exc).__name__}: {exc}") from exc
-    scheduler_cls = _scheduler_class(folder / "scheduler" / "scheduler_config.json")
+    scheduler_cls = scheduler_class(folder / "scheduler" / "scheduler_config.json")
     scheduler = scheduler_cls.from_pretrained(folder / "scheduler", local_files_only=True)
     text_encoder = TextEncoder.from_config_file(folder / "text_encoder.json")
     if unet.config.cross_attention_dim != text_encoder.model.config.hidden_size:
@@ -127,18 +117,6 @@ def load_text_to_image(name_or_folder: str | os.PathLike) -> TextToImageModel:
         )
     return TextToImageModel(unet=unet.eval(), vae=vae.eval(), scheduler=scheduler, text_encoder=text_encoder,
                             folder=folder)
-
-
-def _scheduler_class(config_path: Path) -> type:
-    import json
-
-    import diffusers
-
-    class_name = json.loads(config_path.read_text()).get("_class_name")
-    cls = getattr(diffusers, str(class_name), None)
-    if cls is None or not hasattr(cls, "set_timesteps"):
-        raise ModelLoadError(f"{str(config_path)!r} names {class_name!r}, which is not a diffusers scheduler")
-    return cls
 
 
 def sample(

@@ -5,6 +5,8 @@
   ``ImageFeatureExtractor`` (ImageNet EfficientNet-Lite0, 1280-d).
 - ``quality``: ``image_quality`` — FD/KID of generated vs real beside the real-vs-real baseline.
 - ``digits``: the MNIST digit classifier (committed weights), ``prompt_digit_accuracy``, in-domain features.
+- ``spoken_digits``: the espeak-ng spoken-digit classifier on mel images (committed weights), recognisability of
+  generated clips and FD/KID on its features (``spoken_digit_quality``).
 - ``samples``: ``save_image_grid`` (PNG) and ``save_wav``.
 
 Every number here is relative (dense vs pruned at equal sample counts); none is comparable to published FID.
@@ -34,6 +36,16 @@ from .features import (
 )
 from .quality import image_quality
 from .samples import image_grid, save_image_grid, save_wav
+from .spoken_digits import (
+    SpokenDigitClassifier,
+    SpokenDigitFeatureExtractor,
+    load_spoken_digit_classifier,
+    noise_mels,
+    recognisability,
+    spoken_digit_probabilities,
+    spoken_digit_quality,
+    train_spoken_digit_classifier,
+)
 
 __all__ = [
     "DigitClassifier",
@@ -43,6 +55,8 @@ __all__ = [
     "ImageFeatureExtractor",
     "MetricInputError",
     "MissingMetricPackageError",
+    "SpokenDigitClassifier",
+    "SpokenDigitFeatureExtractor",
     "classify_digits",
     "compute_features",
     "feature_statistics",
@@ -52,10 +66,16 @@ __all__ = [
     "kernel_inception_distance",
     "load_digit_classifier",
     "load_mnist_5k",
+    "load_spoken_digit_classifier",
     "mnist_to_model_range",
+    "noise_mels",
     "prompt_digit_accuracy",
+    "recognisability",
     "save_image_grid",
     "save_wav",
     "split_mnist_rows",
+    "spoken_digit_probabilities",
+    "spoken_digit_quality",
     "train_digit_classifier",
+    "train_spoken_digit_classifier",
 ]

@@ -1,0 +1,514 @@
+"""Recipe for the zoo model ``crawl-tiles``: an unconditional latent diffusion model on Dungeon Crawl tiles.
+
+Data: the tile atlases of Debian ``crawl-tiles-data`` (``/usr/share/crawl/dat/tiles``). Only the four atlases of
+whole 32×32 sprites are used (``ATLASES``: main = monsters and items, floor, wall, feat = dungeon features);
+player.png (partial paper-doll overlays), gui.png and icons.png (interface art), the logos, the program icons and
+the ~30 title illustrations are not tile sheets and are skipped. Each atlas is cut on a 32×32 grid; a cell is kept
+when ≥ 5 % of its pixels have nonzero alpha and the standard deviation of its RGB values exceeds 5; exact
+duplicates (same RGBA bytes) are dropped, the first one in atlas order kept. RGBA is composited over black, then
+scaled to [-1, 1]. A tile is held out for evaluation when the first byte of the SHA-256 of its composited RGB bytes
+is < 32 (1/8 of tiles, independent of order); the rest train.
+
+Stages: (1) AutoencoderKL 32×32×3 → 8×8×4, L1 + a small KL term; its latents' std sets ``scaling_factor``.
+(2) UNet2DModel on the 8×8×4 latents, three levels (plain at 8×8, self-attention at 4×4 and 2×2 and in the
+middle), epsilon prediction under DDPMScheduler's scaled-linear schedule; EMA weights are saved. (3) A
+DDIMScheduler config, an ``LDMPipeline`` model_index.json (stock diffusers loads the folder), the model card,
+the sample grid and FD/KID against the held-out tiles.
+
+    python -m ldpruner.zoo.recipes.crawl_tiles --out zoo/crawl-tiles --overwrite
+
+Needs ``apt-get install crawl-tiles-data`` and Pillow (``pip install 'ldpruner[zoo]'``). Results are reproducible
+from ``--seed`` with the same torch version and thread count (``--threads``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ldpruner.zoo._packages import MissingPackageError
+
+# the pieces this recipe shares with mnist-t2i's (configs, lr schedule, latent statistics, hand-written notes)
+from . import mnist_t2i
+from .mnist_t2i import _cosine_lr, _notes_section, encode_latents
+
+TILES_DIR = Path("/usr/share/crawl/dat/tiles")
+ATLASES = ("main", "floor", "wall", "feat")
+TILE = 32
+MIN_ALPHA_COVERAGE = 0.05
+MIN_RGB_STD = 5.0
+HOLDOUT_HASH_BELOW = 32  # first SHA-256 byte < 32: 1/8 of the tiles are held out
+BACKGROUND = "black"
+
+# mnist-t2i's autoencoder (32×32 → 8×8×4, channels (32, 64, 64)) on RGB instead of grey
+VAE_CONFIG = {**mnist_t2i.VAE_CONFIG, "in_channels": 3, "out_channels": 3, "sample_size": TILE}
+UNET_CONFIG = {
+    "sample_size": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": (48, 96, 96),
+    "layers_per_block": 2,
+    "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+    "up_block_types": ("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    "attention_head_dim": 24,  # UNet2DModel: width of a head (4 heads at 96 channels)
+    "norm_num_groups": 16,
+}
+# Stable Diffusion's training schedule and the saved DDIM sampler, as for mnist-t2i
+DDPM_CONFIG = mnist_t2i.DDPM_CONFIG
+DDIM_EXTRA = mnist_t2i.DDIM_EXTRA
+
+
+class MissingTilesError(MissingPackageError):
+    """The Debian package with the Dungeon Crawl tile atlases is not installed."""
+
+
+def slice_atlas(rgba: np.ndarray) -> np.ndarray:
+    """(N, 32, 32, 4) uint8 cells of one (H, W, 4) atlas that pass the alpha-coverage and colour-variation filter."""
+    rows, cols = rgba.shape[0] // TILE, rgba.shape[1] // TILE
+    cells = rgba[: rows * TILE, : cols * TILE].reshape(rows, TILE, cols, TILE, 4).transpose(0, 2, 1, 3, 4)
+    cells = cells.reshape(-1, TILE, TILE, 4)
+    coverage = (cells[..., 3] > 0).mean(axis=(1, 2))
+    rgb_std = cells[..., :3].reshape(len(cells), -1).astype(np.float64).std(axis=1)
+    return cells[(coverage >= MIN_ALPHA_COVERAGE) & (rgb_std > MIN_RGB_STD)]
+
+
+def composite(cells: np.ndarray) -> np.ndarray:
+    """RGBA (N, 32, 32, 4) uint8 over a black background → RGB (N, 32, 32, 3) uint8."""
+    alpha = cells[..., 3:].astype(np.float64) / 255
+    return np.rint(cells[..., :3] * alpha).astype(np.uint8)
+
+
+def load_tiles(tiles_dir: Path = TILES_DIR) -> tuple[np.ndarray, list[str]]:
+    """(N, 32, 32, 3) uint8 unique tiles over black, and each tile's atlas name, in atlas then grid order."""
+    from PIL import Image
+
+    paths = [Path(tiles_dir) / f"{name}.png" for name in ATLASES]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise MissingTilesError(
+            f"the crawl-tiles recipe needs the Dungeon Crawl tile atlases, and {', '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} missing; install them with: apt-get install crawl-tiles-data",
+            name="crawl-tiles-data",
+        )
+    seen: set[bytes] = set()
+    tiles, sources = [], []
+    for name, path in zip(ATLASES, paths):
+        with Image.open(path) as image:
+            rgba = np.asarray(image.convert("RGBA"))
+        for cell in slice_atlas(rgba):
+            key = cell.tobytes()
+            if key not in seen:
+                seen.add(key)
+                tiles.append(cell)
+                sources.append(name)
+    if not tiles:
+        raise ValueError(f"no 32x32 tile in {[str(p) for p in paths]} passes the filter; are these tile atlases?")
+    return composite(np.stack(tiles)), sources
+
+
+def is_held_out(tile: np.ndarray) -> bool:
+    return hashlib.sha256(np.ascontiguousarray(tile).tobytes()).digest()[0] < HOLDOUT_HASH_BELOW
+
+
+def split_tiles(tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(train indices, held-out indices), decided per tile by the hash of its pixels."""
+    held = np.array([is_held_out(t) for t in tiles], dtype=bool)
+    return np.flatnonzero(~held), np.flatnonzero(held)
+
+
+def to_model_range(tiles: np.ndarray) -> Any:
+    """uint8 (N, 32, 32, 3) → float32 (N, 3, 32, 32) in [-1, 1]."""
+    import torch
+
+    return torch.from_numpy(tiles).permute(0, 3, 1, 2).float().div(127.5).sub(1).contiguous()
+
+
+def train_vae(x_train: Any, args: argparse.Namespace, gen: Any, log: dict) -> Any:
+    import torch
+    from diffusers import AutoencoderKL
+    from tqdm import tqdm
+
+    torch.manual_seed(args.seed)
+    vae = AutoencoderKL(**VAE_CONFIG)
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    start = time.perf_counter()
+    bar = tqdm(range(args.vae_steps), desc="vae", unit="step", dynamic_ncols=True, mininterval=5.0)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = _cosine_lr(step, args.vae_steps, min(100, args.vae_steps), args.vae_lr, args.vae_lr * 0.05)
+        x = x_train[torch.randint(0, len(x_train), (args.batch_size,), generator=gen)]
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample(generator=gen)).sample
+        rec = (recon - x).abs().mean()
+        loss = rec + args.kl_weight * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 20 == 0:
+            bar.set_postfix(l1=f"{rec.item():.4f}")
+    log["vae_seconds"] = round(time.perf_counter() - start, 1)
+    log["vae_steps_per_second"] = round(args.vae_steps / max(log["vae_seconds"], 1e-9), 2)
+    return vae.eval()
+
+
+def train_unet(latent_mean: Any, latent_std: Any, args: argparse.Namespace, gen: Any, log: dict) -> tuple[Any, Any]:
+    """Train the UNet on sampled latents × scaling; returns (EMA UNet, DDPM scheduler)."""
+    import copy
+
+    import torch
+    from diffusers import DDPMScheduler, UNet2DModel
+    from tqdm import tqdm
+
+    torch.manual_seed(args.seed + 1)
+    unet = UNet2DModel(**UNET_CONFIG)
+    ema = copy.deepcopy(unet).requires_grad_(False)
+    scheduler = DDPMScheduler(**DDPM_CONFIG)
+    alphas_cumprod = scheduler.alphas_cumprod
+    opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.01)
+    start = time.perf_counter()
+    bar = tqdm(range(args.unet_steps), desc="unet", unit="step", dynamic_ncols=True, mininterval=5.0)
+    running = None
+    for step in bar:
+        lr = _cosine_lr(step, args.unet_steps, min(args.warmup, args.unet_steps), args.lr, args.lr * 0.1)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        idx = torch.randint(0, len(latent_mean), (args.batch_size,), generator=gen)
+        z0 = latent_mean[idx] + latent_std[idx] * torch.randn(latent_mean[idx].shape, generator=gen)
+        noise = torch.randn(z0.shape, generator=gen)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (args.batch_size,), generator=gen)
+        a = alphas_cumprod[t].view(-1, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        loss = torch.nn.functional.mse_loss(unet(zt, t).sample, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        decay = min(args.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), unet.parameters()):
+                pe.lerp_(p, 1 - decay)
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{running:.4f}", lr=f"{lr:.1e}")
+    log["unet_seconds"] = round(time.perf_counter() - start, 1)
+    log["unet_steps_per_second"] = round(args.unet_steps / max(log["unet_seconds"], 1e-9), 2)
+    log["unet_final_loss_ema"] = round(running, 5)
+    return ema.eval(), scheduler
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    default_out = Path(__file__).resolve().parent.parent / "crawl-tiles"
+    p = argparse.ArgumentParser(prog="python -m ldpruner.zoo.recipes.crawl_tiles", description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, default=default_out, help="output folder (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out when it exists")
+    p.add_argument("--tiles-dir", type=Path, default=TILES_DIR,
+                   help="folder with the atlases main/floor/wall/feat.png (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads; results depend on it, and on a shared 2-core machine 1 is fastest")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--vae-steps", type=int, default=500)
+    p.add_argument("--vae-lr", type=float, default=1e-3)
+    p.add_argument("--kl-weight", type=float, default=1e-6)
+    p.add_argument("--unet-steps", type=int, default=3000)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--grid-size", type=int, default=8, help="samples.png is grid-size × grid-size samples")
+    p.add_argument("--grid-steps", type=int, default=50, help="DDIM steps for samples.png and the metrics")
+    p.add_argument("--dtype", choices=("float16", "float32"), default="float16",
+                   help="dtype of the saved weights (diffusers loads them as float32 either way)")
+    p.add_argument("--eval-samples", type=int, default=500,
+                   help="generated samples for FD/KID (0 skips them; needs benchmarks.metrics, i.e. run from the "
+                        "repository root)")
+    p.add_argument("--evaluate-only", action="store_true",
+                   help="train nothing: evaluate the model already in --out and rewrite its training.json and card")
+    args = p.parse_args(argv)
+    if args.eval_samples < 0:
+        p.error(f"--eval-samples must be >= 0; got {args.eval_samples}")
+    for name in ("batch_size", "vae_steps", "unet_steps", "threads", "grid_size", "grid_steps"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out: Path = args.out
+    if args.evaluate_only and not (out / "training.json").is_file():
+        print(f"error: --evaluate-only needs a model trained by this recipe in {out} (no training.json there)",
+              file=sys.stderr)
+        return 2
+    if not args.evaluate_only and out.exists() and any(out.iterdir()) and not args.overwrite:
+        print(f"error: {out} exists and is not empty; pass --overwrite to replace it", file=sys.stderr)
+        return 2
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(args.threads)
+        if args.evaluate_only:
+            return _evaluate_only(args, out)
+        return _run(args, out)
+    except MissingPackageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args: argparse.Namespace, out: Path) -> int:
+    import torch
+
+    wall = time.perf_counter()
+    gen = torch.Generator().manual_seed(args.seed)
+    log: dict[str, Any] = {}
+
+    tiles, sources = load_tiles(args.tiles_dir)
+    train_idx, held_idx = split_tiles(tiles)
+    x_train, x_held = to_model_range(tiles[train_idx]), to_model_range(tiles[held_idx])
+
+    vae = train_vae(x_train, args, gen, log)
+    latent_mean, latent_std = encode_latents(vae, x_train)
+    sampled = latent_mean + latent_std * torch.randn(latent_mean.shape, generator=gen)
+    scaling = float(1.0 / sampled.std())
+    vae.register_to_config(scaling_factor=scaling)
+    log["vae_scaling_factor"] = scaling
+    with torch.no_grad():
+        held_mean, _ = encode_latents(vae, x_held)
+        recon = torch.cat([vae.decode(held_mean[i:i + 500]).sample for i in range(0, len(held_mean), 500)])
+    mse01 = float(((recon.clamp(-1, 1) - x_held) / 2).square().mean())
+    log["vae_heldout_mse_01"] = round(mse01, 5)
+    log["vae_heldout_psnr_db"] = round(10 * math.log10(1 / mse01), 2)
+
+    unet, ddpm = train_unet(latent_mean * scaling, latent_std * scaling, args, gen, log)
+    log["train_seconds_total"] = round(time.perf_counter() - wall, 1)
+
+    data = {
+        "tiles_dir": str(args.tiles_dir),
+        "atlases": {name: sources.count(name) for name in ATLASES},
+        "filter": f"32x32 grid cells with >= {MIN_ALPHA_COVERAGE:.0%} nonzero alpha and RGB std > {MIN_RGB_STD:g}, "
+                  f"exact RGBA duplicates dropped, composited over {BACKGROUND}",
+        "split_rule": f"held out when the first byte of sha256(composited RGB bytes) < {HOLDOUT_HASH_BELOW} (1/8)",
+        "tiles": len(tiles),
+        "train_tiles": len(train_idx),
+        "heldout_tiles": len(held_idx),
+    }
+    _save(out, args, vae, unet, ddpm, data, log)
+    return 0
+
+
+def _save(out: Path, args: argparse.Namespace, vae: Any, unet: Any, ddpm: Any, data: dict, log: dict) -> None:
+    import diffusers
+    import torch
+    from diffusers import DDIMScheduler
+    from ldpruner.zoo.text_to_image import image_grid
+    from ldpruner.zoo.unconditional import load_unconditional
+
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    # nn.Module.half / float rather than ModelMixin.to(dtype), which warns about modules kept in float32 (none here)
+    cast = (lambda m: m.half()) if args.dtype == "float16" else (lambda m: m.float())
+    cast(unet).save_pretrained(out / "unet", safe_serialization=True)
+    cast(vae).save_pretrained(out / "vqvae", safe_serialization=True)
+    DDIMScheduler.from_config(ddpm.config, **DDIM_EXTRA).save_pretrained(out / "scheduler")
+    # LDMPipeline is stock diffusers' unconditional latent pipeline; its vqvae slot takes our AutoencoderKL (it
+    # only calls decode and reads scaling_factor), so DiffusionPipeline.from_pretrained(out) works (with a type
+    # warning about VQModel).
+    (out / "model_index.json").write_text(json.dumps({
+        "_class_name": "LDMPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "unet": ["diffusers", "UNet2DModel"],
+        "vqvae": ["diffusers", "AutoencoderKL"],
+    }, indent=2) + "\n")
+
+    # Sample from the saved files, so the grid shows what is shipped (weights rounded to --dtype).
+    model = load_unconditional(out)
+    start = time.perf_counter()
+    images = model.sample(args.grid_size ** 2, steps=args.grid_steps, seed=0)
+    image_grid(images, columns=args.grid_size, scale=3).save(out / "samples.png")
+    log["grid_seconds"] = round(time.perf_counter() - start, 1)
+
+    params = {"unet": sum(p.numel() for p in model.unet.parameters()),
+              "vae": sum(p.numel() for p in model.vae.parameters())}
+    training = {
+        "recipe": "zoo/recipes/crawl_tiles.py",
+        "command": "python -m ldpruner.zoo.recipes.crawl_tiles " + " ".join(sys.argv[1:]),
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "data": data,
+        "params": params,
+        "measured": log,
+        "machine": {"torch": torch.__version__, "diffusers": diffusers.__version__, "threads": args.threads,
+                    "cpu": platform.processor() or platform.machine()},
+    }
+    _evaluate_and_write(out, model, training)
+    print(json.dumps({"out": str(out), "params": params, **log, "metrics": training.get("metrics")}, indent=2))
+
+
+def _evaluate_only(args: argparse.Namespace, out: Path) -> int:
+    from ldpruner.zoo.unconditional import load_unconditional
+
+    training = json.loads((out / "training.json").read_text())
+    training["args"]["eval_samples"] = args.eval_samples
+    training["args"]["tiles_dir"] = str(args.tiles_dir)
+    _evaluate_and_write(out, load_unconditional(out), training)
+    print(json.dumps(training.get("metrics"), indent=2))
+    return 0
+
+
+def _evaluate_and_write(out: Path, model: Any, training: dict) -> None:
+    """Add the metrics (when benchmarks.metrics is importable) to training.json; write it and the card."""
+    a = training["args"]
+    if a.get("eval_samples", 0) > 0:
+        training["metrics"] = evaluate(model, n=a["eval_samples"], steps=a["grid_steps"],
+                                       tiles_dir=Path(a["tiles_dir"]))
+    (out / "training.json").write_text(json.dumps(training, indent=2) + "\n")
+    (out / "README.md").write_text(_model_card(training))
+
+
+def evaluate(model: Any, *, n: int, steps: int, tiles_dir: Path = TILES_DIR) -> dict[str, Any]:
+    """FD/KID on EfficientNet-Lite0 features of ``n`` samples against the held-out tiles, beside real vs real.
+
+    Sample i uses seed 10,000 + i (never a grid seed). Real vs real: ``n`` training tiles (a fixed random choice)
+    against the same held-out reference. The metrics live in the repository's ``benchmarks.metrics``; without it
+    this returns why it was skipped.
+    """
+    try:
+        from benchmarks import metrics
+    except ImportError as exc:
+        return {"skipped": f"benchmarks.metrics is not importable ({exc}); run from the repository root"}
+    start = time.perf_counter()
+    tiles, _ = load_tiles(tiles_dir)
+    train_idx, held_idx = split_tiles(tiles)
+    if n > len(train_idx):
+        raise ValueError(f"--eval-samples {n} is more than the {len(train_idx)} training tiles the real-vs-real "
+                         f"baseline is measured with")
+    generated = model.sample(n, steps=steps, seed=list(range(10_000, 10_000 + n)))
+    base_idx = np.random.default_rng(0).permutation(train_idx)[:n]
+    real_held = (to_model_range(tiles[held_idx]) + 1) / 2
+    real_base = (to_model_range(tiles[base_idx]) + 1) / 2
+    result: dict[str, Any] = {"samples": n, "ddim_steps": steps, "reference": len(held_idx)}
+    try:
+        q = metrics.image_quality(generated, real_held, real_base, extractor=metrics.ImageFeatureExtractor())
+    except (ImportError, metrics.MissingMetricPackageError) as exc:
+        result["quality"] = {"skipped": str(exc)}
+    else:
+        result["quality"] = {k: q[k] for k in ("fd", "fd_real_vs_real", "kid", "kid_real_vs_real", "n_generated",
+                                               "n_reference", "n_baseline", "features", "note")}
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    return result
+
+
+def _model_card(training: dict) -> str:
+    args = argparse.Namespace(**training["args"])
+    m = training["measured"]
+    p = training["params"]
+    d = training["data"]
+    atlases = ", ".join(f"{name} {count:,}" for name, count in d["atlases"].items())
+    return f"""# crawl-tiles — a small unconditional latent diffusion model on Dungeon Crawl tiles
+
+An embedded model of ldpruner (`zoo:crawl-tiles`, task unconditional-image): a KL autoencoder and a UNet2DModel
+with self-attention in its lower-resolution levels, DDIM sampling, trained on this machine from the sprite
+atlases of a Debian package. It exists so that LD-Pruner can be shown on a trained unconditional model with no
+model hub. The folder is a stock diffusers `LDMPipeline` (the autoencoder, an `AutoencoderKL`, sits in the
+pipeline's `vqvae` slot; diffusers warns that it expected a `VQModel` and runs it anyway).
+
+![samples](samples.png)
+
+`samples.png`: {args.grid_size * args.grid_size} samples, seeds 0–{args.grid_size ** 2 - 1} row-major,
+{args.grid_steps} DDIM steps, decoded by the VAE, shown at 3× (96×96).
+
+## Data and licence
+- Images: the Dungeon Crawl Stone Soup tile atlases in Debian `crawl-tiles-data` (2:0.28.0),
+  `{d['tiles_dir']}/{{{','.join(ATLASES)}}}.png`. Only these four sheets of whole sprites are used; player.png
+  (partial paper-doll overlays), gui.png, icons.png, the logos, program icons and title illustrations are not.
+- Licence: most DCSS tiles are CC0 upstream (the rltiles lineage; see crawl's tiles README), a minority have
+  unclear upstream licensing; as packaged by Debian they fall under crawl's copyright file (GPL-2+ and a mix
+  of others). This model and its samples are derived from them: fine for evaluation, do not redistribute
+  them as "CC0".
+- Tiles: {d['filter']}: {d['tiles']:,} tiles ({atlases}).
+- Split: {d['split_rule']}: {d['train_tiles']:,} training tiles, {d['heldout_tiles']:,} held out (not used for
+  training either network).
+- Preprocessing: RGBA over {BACKGROUND} → RGB 32×32, scaled to [-1, 1]. No augmentation.
+
+## Architecture
+| part | diffusers class | shape | params |
+|---|---|---|---|
+| autoencoder | `AutoencoderKL` (folder `vqvae/`) | 32×32×3 → 8×8×4 latent, channels {VAE_CONFIG['block_out_channels']} | {p['vae']:,} |
+| denoiser | `UNet2DModel` | 8×8×4, levels {UNET_CONFIG['block_out_channels']}, `{'`, `'.join(UNET_CONFIG['down_block_types'])}` / mid `UNetMidBlock2D` (attention) / `{'`, `'.join(UNET_CONFIG['up_block_types'])}`, layers_per_block {UNET_CONFIG['layers_per_block']}, head width {UNET_CONFIG['attention_head_dim']} | {p['unet']:,} |
+| scheduler | `DDPMScheduler` (training), `DDIMScheduler` (saved) | 1000 steps, scaled-linear betas 0.00085–0.012, epsilon prediction | – |
+
+Weights are stored as {args.dtype} safetensors; diffusers loads them as float32. VAE `scaling_factor` =
+{m['vae_scaling_factor']:.4f} (1 / std of the sampled training latents).
+
+## Training (measured here)
+Command: `{training['command']}` (seed {args.seed}, torch threads {args.threads}, {training['machine']['cpu']},
+torch {training['machine']['torch']}, diffusers {training['machine']['diffusers']}, CPU only, on a 2-core
+machine shared with other jobs).
+
+| stage | steps × batch | time | rate |
+|---|---|---|---|
+| AutoencoderKL, AdamW lr {args.vae_lr} cosine, L1 + {args.kl_weight} KL | {args.vae_steps} × {args.batch_size} | {m['vae_seconds']} s | {m['vae_steps_per_second']} steps/s |
+| UNet, AdamW lr {args.lr} cosine, EMA {args.ema_decay} | {args.unet_steps} × {args.batch_size} | {m['unet_seconds']} s | {m['unet_steps_per_second']} steps/s |
+| total training (data, VAE, UNet) | | {m['train_seconds_total'] / 60:.1f} min | |
+| sample grid ({args.grid_size ** 2} samples × {args.grid_steps} steps) | | {m['grid_seconds']} s | |
+
+## Metrics
+- VAE reconstruction of the held-out tiles: MSE {m['vae_heldout_mse_01']} on the [0, 1] scale
+  (PSNR {m['vae_heldout_psnr_db']} dB).
+- Final UNet loss (noise MSE, running mean): {m['unet_final_loss_ema']}.
+{_metrics_section(training.get("metrics"))}
+{_notes_section(training.get("notes"))}## Use
+```python
+from ldpruner.zoo import load_unconditional
+model = load_unconditional("crawl-tiles")
+images = model.sample(4, steps=25, seed=0)  # (4, 3, 32, 32) float32 in [0, 1]
+
+import diffusers  # or with stock diffusers
+pipe = diffusers.DiffusionPipeline.from_pretrained(model.folder)
+pil_images = pipe(batch_size=4, num_inference_steps=25).images
+```
+Rebuild: `python -m ldpruner.zoo.recipes.crawl_tiles --out zoo/crawl-tiles --overwrite` (needs
+`apt-get install crawl-tiles-data`); `--evaluate-only` recomputes the metrics and this card.
+"""
+
+
+def _metrics_section(metrics: dict | None) -> str:
+    if not metrics:
+        return "- Generated-sample metrics: not computed (--eval-samples 0).\n"
+    if "skipped" in metrics:
+        return f"- Generated-sample metrics: skipped, {metrics['skipped']}.\n"
+    q = metrics["quality"]
+    if "skipped" in q:
+        return f"- FD/KID: skipped, {q['skipped']}.\n"
+    kid, base = q["kid"], q["kid_real_vs_real"]
+    return "\n".join([
+        (f"- FD/KID on {q['features']} ({metrics['samples']} samples, seeds 10000–{10_000 + metrics['samples'] - 1},"
+         f" {metrics['ddim_steps']} DDIM steps; computed in {metrics['seconds']} s):"),
+        "",
+        "| | FD | KID |",
+        "|---|---|---|",
+        f"| generated vs held-out tiles | {q['fd']:.4g} | {kid['mean']:.3g} ± {kid['std']:.2g} |",
+        f"| real vs real (training vs held-out tiles) | {q['fd_real_vs_real']:.4g} | "
+        f"{base['mean']:.3g} ± {base['std']:.2g} |",
+        "",
+        (f"Reference = the {metrics['reference']} held-out tiles; real vs real = {metrics['samples']} training tiles"
+         " against the same reference. These numbers are relative (for dense vs pruned), not comparable to"
+         " published FID/KID."),
+        "",
+    ])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
