@@ -21,93 +21,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-WORDS = "zero one two three four five six seven eight nine".split()
-
-
-class _GraphUNet:
-    """A traced (pruned) fx graph behind the diffusers call signature the zoo samplers use."""
-
-    def __init__(self, gm: torch.fx.GraphModule, input_names: tuple[str, ...]):
-        self.gm, self.names = gm, input_names
-
-    def __call__(self, sample, t, encoder_hidden_states=None):
-        from diffusers.utils import BaseOutput
-
-        t = torch.as_tensor(t).reshape(-1).expand(sample.shape[0])
-        inputs = {"sample": sample, "timestep": t, "encoder_hidden_states": encoder_hidden_states}
-        with torch.no_grad():
-            out = self.gm(*[inputs[n] for n in self.names])
-        return _Output(sample=out)
-
-
-class _Output(dict):
-    def __init__(self, sample):
-        super().__init__(sample=sample)
-        self.sample = sample
-
-
-def _real_sets(name: str, n: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-    """(held-out reference, real-vs-real baseline of n training images, extra) in [0, 1]."""
-    if name == "mnist-t2i":
-        from benchmarks.metrics import load_mnist_5k, mnist_to_model_range, split_mnist_rows
-
-        images, labels = load_mnist_5k()
-        train, held = split_mnist_rows(labels)
-        per_digit = n // 10
-        rng = np.random.default_rng(0)
-        base = np.concatenate([rng.permutation(train[labels[train] == d])[:per_digit] for d in range(10)])
-        return ((mnist_to_model_range(images[held]) + 1) / 2, (mnist_to_model_range(images[base]) + 1) / 2,
-                {"held_labels": labels[held]})
-    if name == "crawl-tiles":
-        from ldpruner.zoo.recipes.crawl_tiles import load_tiles, split_tiles, to_model_range
-
-        tiles, _ = load_tiles()
-        train, held = split_tiles(tiles)
-        base = np.random.default_rng(0).permutation(train)[:n]
-        return (to_model_range(tiles[held]) + 1) / 2, (to_model_range(tiles[base]) + 1) / 2, {}
-    raise SystemExit(f"no real reference set for {name!r}; supported: mnist-t2i, crawl-tiles")
-
-
-def _sampler(name: str, n: int, steps: int):
-    """sample(unet or None) -> (n, C, H, W) in [0, 1], same seeds every call; plus the digits for T2I."""
-    seeds = [20_000 + i for i in range(n)]
-    if name == "mnist-t2i":
-        from ldpruner.zoo import load_text_to_image
-
-        model = load_text_to_image(name)
-        digits = [d for d in range(10) for _ in range(n // 10)]
-        prompts = [f"a handwritten {WORDS[d]}" for d in digits]
-        return (lambda unet: model.sample(prompts, steps=steps, guidance_scale=5.0, seed=seeds, unet=unet)), digits
-    from ldpruner.zoo.unconditional import load_unconditional
-
-    model = load_unconditional(name, task="unconditional-image")
-    return (lambda unet: model.sample(n, steps=steps, seed=seeds, unet=unet)), None
+from ._zoo_fd import distill_options
+from ._zoo_quality import GraphUNet, QualityMeter, primary, zoo_sampler
 
 
 def evaluate_model(name: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    from benchmarks import metrics
+    from . import metrics
     from ldpruner import api
 
     spec = f"zoo:{name}"
     n = args.samples
-    real_held, real_base, _ = _real_sets(name, n)
-    sample, digits = _sampler(name, n, args.sample_steps)
-    extractors = {"efficientnet": metrics.ImageFeatureExtractor()}
-    if name == "mnist-t2i":
-        extractors["digit_features"] = metrics.DigitFeatureExtractor(classifier=metrics.load_digit_classifier())
-    held = {k: metrics.compute_features(e, real_held) for k, e in extractors.items()}
-
-    def quality(images: torch.Tensor) -> dict[str, Any]:
-        result: dict[str, Any] = {}
-        for key, extractor in extractors.items():
-            q = metrics.image_quality(images, held[key], real_base, extractor=extractor)
-            result[key] = {k: q[k] for k in ("fd", "fd_real_vs_real", "kid", "kid_real_vs_real")}
-        if digits is not None:
-            result["prompt_digit_accuracy"] = metrics.prompt_digit_accuracy(images, digits)
-        return result
+    sample, digits = zoo_sampler(name, n, args.sample_steps)
+    meter = QualityMeter(name, n)
 
     record: dict[str, Any] = {"model": spec, "samples": n, "sample_steps": args.sample_steps}
     t0 = time.perf_counter()
@@ -123,28 +50,27 @@ def evaluate_model(name: str, args: argparse.Namespace, out: Path) -> dict[str, 
 
     variants: dict[str, torch.Tensor] = {}
     variants["dense"] = sample(None)
-    variants["pruned"] = sample(_GraphUNet(pruned.gm, pruned.traced.input_names))
+    variants["pruned"] = sample(GraphUNet(pruned.gm, pruned.traced.input_names))
     t0 = time.perf_counter()
     options = {"steps": args.distill_steps}
     if args.lr is not None:
         options["lr"] = args.lr
     if args.batch_size is not None:
         options["batch_size"] = args.batch_size
-    if name == "mnist-t2i":
-        options["guidance_scale"] = 5.0
+    options.update(distill_options(name))
     result = api.distill(spec, pruned, out=out / name / "distill", overwrite=True, progress=args.progress,
                          **options)
     record["distill"] = {"steps": args.distill_steps, "wall_s": round(time.perf_counter() - t0, 1),
                          "options": options, "loss_first_10pct": result.summary["loss_first_10pct"],
                          "loss_last_10pct": result.summary["loss_last_10pct"]}
-    variants["distilled"] = sample(_GraphUNet(result.student.gm, result.student.traced.input_names))
+    variants["distilled"] = sample(GraphUNet(result.student.gm, result.student.traced.input_names))
 
     record["quality"] = {}
     for key, images in variants.items():
-        record["quality"][key] = quality(images)
+        record["quality"][key] = meter(images, digits)
         metrics.save_image_grid(images[:64], out / name / f"{key}.png", 8, scale=2)
-    dense_fd = record["quality"]["dense"]["efficientnet"]["fd"]
-    record["fd_ratio_to_dense"] = {k: v["efficientnet"]["fd"] / dense_fd for k, v in record["quality"].items()}
+    dense_fd = primary(record["quality"]["dense"])["fd"]
+    record["fd_ratio_to_dense"] = {k: primary(v)["fd"] / dense_fd for k, v in record["quality"].items()}
     return record
 
 
@@ -161,11 +87,11 @@ def _markdown(report: dict[str, Any]) -> str:
                   f"(loss {rec['distill']['loss_first_10pct']['loss']:.4g} → "
                   f"{rec['distill']['loss_last_10pct']['loss']:.4g}).", ""]
         digit = "prompt_digit_accuracy" in rec["quality"]["dense"]
-        header = "| variant | FD (EffNet) | FD / dense FD | KID | real-vs-real FD |"
+        header = "| variant | FD | FD / dense FD | KID | real-vs-real FD |"
         header += " digit-feature FD | prompt-digit accuracy |" if digit else ""
         lines += [header, "|---" * (header.count("|") - 1) + "|"]
         for key, q in rec["quality"].items():
-            e = q["efficientnet"]
+            e = primary(q)
             row = (f"| {key} | {e['fd']:.2f} | {rec['fd_ratio_to_dense'][key]:.3f} | {e['kid']['mean']:.4f} ± {e['kid']['std']:.4f} | "
                    f"{e['fd_real_vs_real']:.2f} |")
             if digit:

@@ -7,6 +7,7 @@ Outputs are written atomically, and an existing output is replaced only with ``o
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -16,9 +17,9 @@ from typing import Any
 
 from ._loading import LoadedModel, load_model
 from .config import BuildConfig, load_config
-from .errors import ArtifactError, ConfigError
+from .errors import ArtifactError, BenchError, ConfigError
 
-__all__ = ["inspect", "analyze", "select", "prune", "distill", "export", "build"]
+__all__ = ["inspect", "analyze", "select", "prune", "distill", "export", "bench", "build"]
 
 ModelLike = Any  # str | os.PathLike | torch.nn.Module | LoadedModel
 
@@ -213,7 +214,8 @@ def distill(
 ):
     """Fine-tune a pruned ``student`` (a PrunedUNet or a student/ folder) against the dense ``model`` it was
     pruned from; writes ``out/student/`` (the distilled student), the loss log and plot, ``distill.json`` and
-    ``out/checkpoints/``. Returns a :class:`~ldpruner.passes.distill.DistillResult`.
+    ``out/checkpoints/``. Returns a :class:`~ldpruner.passes.distill.DistillResult` whose ``student`` is the
+    trained copy: an in-memory ``student`` passed in stays as it was.
 
     ``options`` are :class:`~ldpruner.passes.distill.DistillConfig` fields (steps, batch_size, lr, w_out, …).
     ``data`` None distills data-free on the teacher's own sampling trajectories (prompts: ``prompts``, else the
@@ -227,7 +229,8 @@ def distill(
 
     config = DistillConfig.from_dict(options)
     loaded = load_model(model)
-    pruned = student if isinstance(student, PrunedUNet) else load_student(Path(student))
+    # train a copy: the caller's pruned model stays comparable to the distilled one
+    pruned = copy.deepcopy(student) if isinstance(student, PrunedUNet) else load_student(Path(student))
     if type(loaded.unet).__name__ != pruned.plan.model_class:
         raise ConfigError(f"the student was pruned from a {pruned.plan.model_class}, MODEL is a "
                           f"{type(loaded.unet).__name__}")
@@ -350,6 +353,72 @@ def export(
                                 overwrite=overwrite)
             summary[name] = opt.to_dict()
     return summary
+
+
+# --- bench -------------------------------------------------------------------------------------------------------
+
+_BENCH_MODULES = ("ldpruner.benchmarks.bench", "benchmarks.bench")  # installed wheel, then a clone on sys.path
+
+
+def _bench_module():
+    """The benchmarks' bench module: packaged as ``ldpruner.benchmarks`` in the wheel (and an editable install),
+    importable as ``benchmarks`` from a clone. The product never imports it at module level."""
+    import importlib
+
+    for name in _BENCH_MODULES:
+        try:
+            return importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            package_parts = {name, name.rpartition(".")[0], "ldpruner.benchmarks", "benchmarks"}
+            if exc.name not in package_parts:  # the benchmarks are there, a dependency of theirs is not
+                raise BenchError(f"the benchmarks need the package {exc.name!r}, which is not installed: "
+                                 "pip install 'ldpruner[bench]'") from exc
+    raise BenchError("the benchmarks package is not importable (neither ldpruner.benchmarks nor benchmarks): "
+                     "reinstall ldpruner (pip install -e '.[bench]' from a clone, or a wheel built from it), or run "
+                     "`python -m ldpruner bench ...` from the root of a clone")
+
+
+def bench(
+    models: ModelLike | list[ModelLike] | tuple[ModelLike, ...],
+    *,
+    out: str | os.PathLike,
+    budgets: tuple[float, ...] | list[float] = (0.1, 0.2, 0.3, 0.4, 0.5),
+    metric: str = "params",
+    distill_steps: int = 0,
+    repeats: int = 10,
+    warmup: int = 3,
+    batch_sizes: tuple[int, ...] | list[int] = (1, 2),
+    quality: bool = True,
+    samples: int = 100,
+    sample_steps: int = 25,
+    num_samples: int = 8,
+    steps: int = 10,
+    threads: int | None = None,
+    memory: bool = True,
+    distill_options: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Dense vs pruned (vs pruned + distilled) side by side for each model and budget: params, MACs, torch and
+    onnxruntime latency at each batch size (interleaved, median of ``repeats``), ONNX peak memory and — for zoo
+    models with held-out real data — quality on the same seeds. Writes ``out/report.json``, ``out/report.md``,
+    plots and sample grids; returns the report. ``distill_options`` are extra DistillConfig fields."""
+    if isinstance(models, (str, os.PathLike)) or not isinstance(models, (list, tuple)):
+        models = [models]
+    names, objects = [], {}
+    for i, m in enumerate(models):  # an in-memory UNet is benchmarked under a label
+        if isinstance(m, (str, os.PathLike)):
+            names.append(os.fspath(m))
+        else:
+            names.append(f"<{type(m).__name__} #{i}>")
+            objects[names[-1]] = m
+    module = _bench_module()
+    config = module.BenchConfig(
+        models=tuple(names), out=os.fspath(out), budgets=tuple(float(b) for b in budgets),
+        metric=metric, distill_steps=distill_steps, repeats=repeats, warmup=warmup, batch_sizes=tuple(batch_sizes),
+        quality=quality, samples=samples, sample_steps=sample_steps, num_samples=num_samples, steps=steps,
+        threads=threads, memory=memory, distill_options=dict(distill_options or {}), overwrite=overwrite)
+    return module.run_bench(config, progress=progress, objects=objects)
 
 
 # --- build -------------------------------------------------------------------------------------------------------

@@ -126,6 +126,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export_flags(p)
     _add_out(p)
 
+    p = sub.add_parser("bench", help="dense vs pruned side by side: params, MACs, torch/ORT latency, memory, quality "
+                                     "(writes report.json, report.md, plots, sample grids)")
+    p.add_argument("models", nargs="+", help=model_help + " (several: one section each)")
+    p.add_argument("--budgets", type=float, nargs="+", help="fractions to remove (default: 0.1 0.2 0.3 0.4 0.5)")
+    p.add_argument("--metric", choices=["params", "macs"], help="what the budgets count (default: params)")
+    p.add_argument("--distill-steps", type=int, help="also distil each pruned model this many steps (default: 0)")
+    p.add_argument("--repeats", type=int, help="timed calls per variant (default: 10)")
+    p.add_argument("--warmup", type=int, help="untimed calls per variant first (default: 3)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", help="latency batch sizes (default: 1 2; 2 = guidance)")
+    p.add_argument("--quality", action=argparse.BooleanOptionalAction, default=None,
+                   help="sample and score images on the same seeds (zoo image models; default: on)")
+    p.add_argument("--samples", type=int, help="images per variant for quality (default: 100)")
+    p.add_argument("--sample-steps", type=int, help="scheduler steps per sample for quality (default: 25)")
+    p.add_argument("--num-samples", type=int, help="analysis: N samples for the LD score (default: 8)")
+    p.add_argument("--steps", type=int, help="analysis: scheduler steps (default: 10)")
+    p.add_argument("--threads", type=int, help="torch and onnxruntime threads (default: torch's current setting)")
+    p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=None,
+                   help="measure ONNX peak memory in a fresh process per model (default: on)")
+    _add_out(p)
+
     p = sub.add_parser("zoo", help="the embedded models (use them as MODEL: zoo:<name>)")
     p.add_argument("zoo_command", choices=["list"], help="list: name, task, status and description of each model")
 
@@ -198,6 +218,20 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "export":
         result = api.export(args.student, out=args.out, **_options(args, *_EXPORT, "overwrite"))
         print(json.dumps(result, indent=2, default=str))
+        return 0
+    if args.command == "bench":
+        report = api.bench(args.models, out=args.out,
+                           **_options(args, "budgets", "metric", "distill_steps", "repeats", "warmup", "batch_sizes",
+                                      "quality", "samples", "sample_steps", "num_samples", "steps", "threads",
+                                      "memory", "overwrite"))
+        for rec in report["models"]:
+            for e in rec["budgets"]:
+                lat = e["latency"]
+                ratios = ", ".join(f"{rt} {b.replace('batch_', 'b')} {v['ratio']:.2f}"
+                                   for rt in ("torch", "onnxruntime") for b, v in lat[rt].items())
+                print(f"{rec['model']} budget {e['budget']:.0%}: params x{e['params']['ratio']:.3f}, "
+                      f"MACs x{e['macs_per_sample']['ratio']:.3f}, latency pruned/dense: {ratios}")
+        print(f"wrote {args.out}/report.json, {args.out}/report.md")
         return 0
     if args.command == "zoo":
         from ldpruner import zoo

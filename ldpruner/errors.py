@@ -17,6 +17,7 @@ __all__ = [
     "UnsupportedInputError",
     "TapError",
     "DistillError",
+    "BenchError",
 ]
 
 
@@ -75,3 +76,7 @@ class TapError(LdprunerError):
 class DistillError(LdprunerError):
     """Distillation cannot start or go on: a bad checkpoint, a student that does not fit its teacher, a loss
     that is no longer finite."""
+
+
+class BenchError(LdprunerError):
+    """The bench stage cannot run: the benchmarks package or one of its dependencies is not importable."""

@@ -80,10 +80,16 @@ def uncond_pipeline(tmp_path_factory):
 def test_distill_on_an_image_folder_adds_the_task_loss(uncond_pipeline, tmp_path):
     root, plan = uncond_pipeline
     _write_images(tmp_path / "data", 6, size=24)  # resized to the VAE's 16x16
-    result = api.distill(root, api.prune(root, plan), out=tmp_path / "run", data=tmp_path / "data", steps=3,
+    pruned = api.prune(root, plan)
+    before = {k: v.clone() for k, v in pruned.gm.state_dict().items()}
+    result = api.distill(root, pruned, out=tmp_path / "run", data=tmp_path / "data", steps=3,
                          batch_size=4, progress=False)
     assert result.summary["data"]["kind"] == "latents" and result.summary["data"]["rows_on_this_rank"] == 6
     assert all(r["task"] > 0 for r in result.log)
+    # the trained student is a copy: the pruned model passed in is unchanged, the returned one has moved
+    after, trained = pruned.gm.state_dict(), result.student.gm.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert any(not torch.equal(before[k], trained[k]) for k in before)
     # a UNet folder has no VAE: data needs the pipeline
     with pytest.raises(ModelLoadError, match="no vae/ .* folder to encode a dataset with"):
         api.distill(root / "unet", api.prune(root, plan), out=tmp_path / "run2", data=tmp_path / "data", steps=1,

@@ -150,7 +150,9 @@ def test_removing_operators_with_zeroed_branches_keeps_the_output(case):
 
     out = run(traced, pruned.gm)
     assert out.shape == dense.shape
-    assert torch.allclose(out, dense, rtol=0, atol=1e-6)
+    # equal up to float reassociation: a bypassed attention hands the next conv a tensor of another memory layout,
+    # and one-thread oneDNN then sums in another order (measured: 1.1e-6 on outputs of magnitude 1.7)
+    assert torch.allclose(out, dense, rtol=0, atol=1e-5)
     remaining = {n.target for n in pruned.gm.graph.nodes if n.op == "call_module"}
     assert remaining.isdisjoint(names)
     if case == "transformer":  # Transformer2DModel returns a tuple

@@ -1,0 +1,62 @@
+"""One primary quality number per zoo model, for benchmarks that evaluate many variants of it (every criterion ×
+budget, every single-operator removal): FD/KID against held-out real data beside the real-vs-real baseline, with
+the reference and baseline features computed once.
+
+Images (``mnist-t2i``, ``crawl-tiles``): ImageNet EfficientNet-Lite0 features (sampling and real sets from
+``_zoo_quality``); audio (``espeak-digits``, mel images): the spoken-digit classifier's features. Relative numbers
+(dense vs pruned on the same seeds), never comparable to a published FID.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ldpruner.errors import ConfigError
+
+from ._zoo_quality import AUDIO_MODELS, QUALITY_MODELS, GraphUNet, real_sets, zoo_sampler
+
+__all__ = ["FD_MODELS", "GraphUNet", "ZooFD", "distill_options"]
+
+FD_MODELS = QUALITY_MODELS
+
+
+def distill_options(name: str) -> dict[str, Any]:
+    """Distillation settings that follow how the model is sampled (the T2I zoo model samples at guidance 5)."""
+    return {"guidance_scale": 5.0} if name == "mnist-t2i" else {}
+
+
+class ZooFD:
+    """``sample(unet or None)`` → samples on fixed seeds (and prompts); ``quality(samples)`` → ``fd`` (the primary
+    number), ``kid``, both real-vs-real baselines, and prompt-digit accuracy for the T2I model."""
+
+    def __init__(self, name: str, samples: int, sample_steps: int):
+        from . import metrics
+
+        if name not in FD_MODELS:
+            raise ConfigError(f"no quality reference for zoo model {name!r}; supported: {list(FD_MODELS)}")
+        self.name, self.samples, self.sample_steps = name, samples, sample_steps
+        self.metrics = metrics
+        held, base, _ = real_sets(name, samples)
+        self.sample, self.digits = zoo_sampler(name, samples, sample_steps)
+        self.extractor = (metrics.SpokenDigitFeatureExtractor() if name in AUDIO_MODELS
+                          else metrics.ImageFeatureExtractor())
+        self.features = self.extractor.name
+        self._held = metrics.compute_features(self.extractor, held)
+        self._base = metrics.compute_features(self.extractor, base)
+
+    @property
+    def spec(self) -> str:
+        return f"zoo:{self.name}"
+
+    def quality(self, samples: torch.Tensor) -> dict[str, Any]:
+        m = self.metrics
+        q = m.image_quality(m.compute_features(self.extractor, samples), self._held, self._base,
+                            extractor=self.extractor)
+        result = {"fd": q["fd"], "fd_real_vs_real": q["fd_real_vs_real"], "kid": q["kid"]["mean"],
+                  "kid_std": q["kid"]["std"], "kid_real_vs_real": q["kid_real_vs_real"]["mean"]}
+        if self.digits is not None:
+            result["prompt_digit_accuracy"] = m.prompt_digit_accuracy(samples, self.digits)
+        return result

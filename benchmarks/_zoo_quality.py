@@ -1,0 +1,144 @@
+"""Sampling a zoo model with a dense, pruned or distilled UNet on fixed seeds, and scoring the samples against
+held-out real ones: images by FD/KID on EfficientNet-Lite0 features (for mnist-t2i also the digit classifier's
+features and prompt-digit accuracy), espeak-digits mel spectrograms by FD/KID on the spoken-digit classifier's
+features and how many clips it recognises. Shared by ``benchmarks.distill_quality``, ``benchmarks._zoo_fd`` and
+the bench stage (``benchmarks.bench``).
+
+Imports inside ``benchmarks`` are relative so the same files work as ``benchmarks`` (a clone) and as
+``ldpruner.benchmarks`` (the installed wheel).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from ldpruner.errors import ConfigError
+
+__all__ = ["WORDS", "QUALITY_MODELS", "AUDIO_MODELS", "primary", "GraphUNet", "real_sets", "zoo_sampler", "QualityMeter"]
+
+WORDS = "zero one two three four five six seven eight nine".split()
+QUALITY_MODELS = ("mnist-t2i", "crawl-tiles", "espeak-digits")  # zoo models with a held-out real set
+AUDIO_MODELS = ("espeak-digits",)
+
+
+class GraphUNet:
+    """A traced (pruned) fx graph behind the diffusers call signature the zoo samplers use."""
+
+    def __init__(self, gm: torch.fx.GraphModule, input_names: tuple[str, ...]):
+        self.gm, self.names = gm, input_names
+
+    def __call__(self, sample, t, encoder_hidden_states=None, **_: Any):
+        t = torch.as_tensor(t).reshape(-1).expand(sample.shape[0])
+        inputs = {"sample": sample, "timestep": t, "encoder_hidden_states": encoder_hidden_states}
+        with torch.no_grad():
+            out = self.gm(*[inputs[n] for n in self.names])
+        return _Output(sample=out)
+
+
+class _Output(dict):
+    def __init__(self, sample):
+        super().__init__(sample=sample)
+        self.sample = sample
+
+
+def real_sets(name: str, n: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """(held-out reference, real-vs-real baseline of n real samples disjoint from it, extra) in [0, 1]."""
+    if name == "mnist-t2i":
+        from .metrics import load_mnist_5k, mnist_to_model_range, split_mnist_rows
+
+        images, labels = load_mnist_5k()
+        train, held = split_mnist_rows(labels)
+        per_digit = n // 10
+        rng = np.random.default_rng(0)
+        base = np.concatenate([rng.permutation(train[labels[train] == d])[:per_digit] for d in range(10)])
+        return ((mnist_to_model_range(images[held]) + 1) / 2, (mnist_to_model_range(images[base]) + 1) / 2,
+                {"held_labels": labels[held]})
+    if name == "crawl-tiles":
+        from ldpruner.zoo.recipes.crawl_tiles import load_tiles, split_tiles, to_model_range
+
+        tiles, _ = load_tiles()
+        train, held = split_tiles(tiles)
+        base = np.random.default_rng(0).permutation(train)[:n]
+        return (to_model_range(tiles[held]) + 1) / 2, (to_model_range(tiles[base]) + 1) / 2, {}
+    if name == "espeak-digits":
+        # the model card's evaluation clips (never trained on) say 0-9 in turn, so blocks of ten are digit-balanced:
+        # reference = the even-numbered blocks, baseline = the first n clips of the odd-numbered ones
+        from ldpruner.zoo.recipes.espeak_digits import load_split
+
+        mels, digits = load_split("eval")
+        unit = (torch.from_numpy(mels) + 1) / 2
+        even = (torch.arange(len(unit)) // 10) % 2 == 0
+        if n > int((~even).sum()):
+            raise ConfigError(f"espeak-digits has {int((~even).sum())} real baseline clips; samples must not exceed that")
+        return unit[even], unit[~even][:n], {"held_labels": digits[even.numpy()]}
+    raise ConfigError(f"no real reference set for zoo model {name!r}; quality is measured for {list(QUALITY_MODELS)}")
+
+
+def zoo_sampler(name: str, n: int, steps: int) -> tuple[Callable[[Any], torch.Tensor], list[int] | None]:
+    """sample(unet or None) -> (n, C, H, W) in [0, 1], same seeds (and prompts) every call; plus the prompted
+    digits for text-to-image (n must then be a multiple of 10: n/10 images per digit)."""
+    seeds = [20_000 + i for i in range(n)]
+    if name == "mnist-t2i":
+        from ldpruner.zoo import load_text_to_image
+
+        if n % 10:
+            raise ConfigError(f"samples must be a multiple of 10 for {name} (n/10 images per digit); got {n}")
+        model = load_text_to_image(name)
+        digits = [d for d in range(10) for _ in range(n // 10)]
+        prompts = [f"a handwritten {WORDS[d]}" for d in digits]
+        return (lambda unet: model.sample(prompts, steps=steps, guidance_scale=5.0, seed=seeds, unet=unet)), digits
+    from ldpruner.zoo.unconditional import load_unconditional
+
+    task = "unconditional-audio" if name in AUDIO_MODELS else "unconditional-image"
+    model = load_unconditional(name, task=task)
+    return (lambda unet: model.sample(n, steps=steps, seed=seeds, unet=unet)), None
+
+
+def primary(quality: dict[str, Any]) -> dict[str, Any]:
+    """The FD/KID entry a variant is ranked by: EfficientNet-Lite0 for images, the spoken-digit features for audio."""
+    return quality[quality["primary"]]
+
+
+class QualityMeter:
+    """Reference features computed once; ``__call__(samples)`` → FD/KID per feature space (``primary`` names the
+    one to rank by), plus prompt-digit accuracy (T2I) or recognisability (audio) of one variant."""
+
+    def __init__(self, name: str, n: int):
+        try:
+            from . import metrics
+        except ModuleNotFoundError as exc:
+            from ldpruner.errors import BenchError
+
+            raise BenchError(f"quality metrics need the package {exc.name!r}: pip install 'ldpruner[bench]' "
+                             "(or pass --no-quality)") from exc
+
+        self.metrics = metrics
+        self.name, self.n = name, n
+        real_held, self.real_base, _ = real_sets(name, n)
+        self.audio = name in AUDIO_MODELS
+        self.primary = "spoken_digits" if self.audio else "efficientnet"
+        if self.audio:
+            self.classifier = metrics.load_spoken_digit_classifier()
+            self.extractors: dict[str, Any] = {
+                "spoken_digits": metrics.SpokenDigitFeatureExtractor(classifier=self.classifier)}
+        else:
+            self.extractors = {"efficientnet": metrics.ImageFeatureExtractor()}
+        if name == "mnist-t2i":
+            self.extractors["digit_features"] = metrics.DigitFeatureExtractor(
+                classifier=metrics.load_digit_classifier())
+        self.held = {k: metrics.compute_features(e, real_held) for k, e in self.extractors.items()}
+
+    def __call__(self, images: torch.Tensor, digits: list[int] | None = None) -> dict[str, Any]:
+        result: dict[str, Any] = {"primary": self.primary}
+        for key, extractor in self.extractors.items():
+            q = self.metrics.image_quality(images, self.held[key], self.real_base, extractor=extractor)
+            result[key] = {k: q[k] for k in ("fd", "fd_real_vs_real", "kid", "kid_real_vs_real")}
+        if digits is not None:
+            result["prompt_digit_accuracy"] = self.metrics.prompt_digit_accuracy(images, digits)
+        if self.audio:
+            result["recognisability"] = self.metrics.recognisability(images, classifier=self.classifier)
+        return result

@@ -1,0 +1,520 @@
+"""The bench stage: dense vs pruned (vs pruned + distilled) side by side, per model and parameter budget.
+
+For each model: LD-score analysis once, then for each budget select → prune → export (ONNX, validated) → [distill];
+measured in one run: UNet params, MACs per sample, torch eager latency (dense diffusers UNet vs pruned fx graph)
+and onnxruntime latency (dense vs pruned ONNX) at batch 1 and batch 2 (classifier-free guidance), dense and
+pruned interleaved; peak resident memory of a process serving each ONNX model; and, for zoo models with a
+held-out real set, quality (FD/KID, digit metrics) of images sampled from the same seeds. Writes ``report.json``,
+``report.md``, plots and sample grids. A distilled student has the pruned graph (same operators, same shapes),
+so its params, MACs and latency are the pruned ones; only its quality is measured separately.
+
+Called by ``ldpruner bench`` (``ldpruner.api.bench``); imports inside ``benchmarks`` are relative so this works
+from a clone (``benchmarks``) and installed (``ldpruner.benchmarks``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ldpruner.errors import ArtifactError, ConfigError
+
+from .latency import measure_interleaved, onnx_feeds, onnx_peak_memory, ort_session
+
+__all__ = ["BenchConfig", "run_bench", "BENCH_FORMAT"]
+
+BENCH_FORMAT = "ldpruner.bench/1"
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    """Every option of ``ldpruner bench`` (validated; written into report.json)."""
+
+    models: tuple[str, ...]
+    out: str
+    budgets: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5)
+    metric: str = "params"
+    distill_steps: int = 0
+    repeats: int = 10
+    warmup: int = 3
+    batch_sizes: tuple[int, ...] = (1, 2)
+    quality: bool = True
+    samples: int = 100
+    sample_steps: int = 25
+    num_samples: int = 8  # analysis
+    steps: int = 10  # analysis
+    threads: int | None = None
+    memory: bool = True
+    distill_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.models:
+            problems.append("models is empty; name at least one MODEL (e.g. zoo:mnist-t2i)")
+        if not self.budgets or any(not 0 < b < 1 for b in self.budgets):
+            problems.append(f"budgets must be fractions in (0, 1); got {list(self.budgets)}")
+        if len(set(self.budgets)) != len(self.budgets):
+            problems.append(f"budgets repeat a value: {list(self.budgets)}")
+        for name, low in (("distill_steps", 0), ("repeats", 1), ("warmup", 0), ("samples", 2), ("sample_steps", 1),
+                          ("num_samples", 2), ("steps", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                problems.append(f"{name} must be an int ≥ {low}; got {value!r}")
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or self.threads < 1):
+            problems.append(f"threads must be a positive int or None; got {self.threads!r}")
+        if not self.batch_sizes or any(isinstance(b, bool) or not isinstance(b, int) or b < 1
+                                       for b in self.batch_sizes):
+            problems.append(f"batch_sizes must be positive ints; got {list(self.batch_sizes)}")
+        if self.metric not in ("params", "macs"):
+            problems.append(f"metric must be 'params' or 'macs'; got {self.metric!r}")
+        if problems:
+            raise ConfigError("bench: " + "; ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["distill_options"] = dict(self.distill_options)
+        return d
+
+
+def _environment(threads: int) -> dict[str, Any]:
+    import onnxruntime
+    import torch
+
+    return {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "python": platform.python_version(),
+            "platform": platform.platform(), "cpu_count": os.cpu_count(), "threads": threads,
+            "load_average_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+
+
+def run_bench(config: BenchConfig, *, progress: bool = False, objects: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Run the benchmark described by ``config``; returns the report (also written to ``config.out``).
+
+    ``objects`` maps a name in ``config.models`` to an in-memory model (a diffusers UNet) to use instead of
+    loading that name."""
+    import torch
+
+    out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise ArtifactError(f"--out {config.out!r} is a file, not a folder")
+    if (out / "report.json").exists() and not config.overwrite:
+        raise ArtifactError(f"{str(out / 'report.json')!r} exists; pass --overwrite (overwrite=True) to replace it")
+    out.mkdir(parents=True, exist_ok=True)
+    threads_before = torch.get_num_threads()
+    threads = config.threads or threads_before
+    torch.set_num_threads(threads)
+    try:
+        report: dict[str, Any] = {"format": BENCH_FORMAT, "config": config.to_dict(),
+                                  "environment": _environment(threads), "models": []}
+        for spec in config.models:
+            report["models"].append(_bench_model(spec, (objects or {}).get(spec, spec), config, out, threads, progress))
+            _write(out, report)  # a long run leaves a readable report after every model
+        report["environment"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+        _write(out, report)
+        return report
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _write(out: Path, report: dict[str, Any]) -> None:
+    from ldpruner.passes._io import write_text_atomic
+
+    write_text_atomic(out / "report.json", json.dumps(report, indent=2, default=str) + "\n")
+    write_text_atomic(out / "report.md", markdown(report))
+
+
+def _slug(spec: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9._]+", "-", spec).strip("-_.") or "model"
+
+
+def _inputs(traced: Any, batch: int) -> dict[str, Any]:
+    """Seeded inputs at ``batch`` shaped like the trace's examples (text length, latent size)."""
+    import torch
+
+    g = torch.Generator().manual_seed(batch)
+    result = {}
+    for name in traced.input_names:
+        ex = traced.example_inputs[name]
+        shape = (batch, *ex.shape[1:]) if ex.dim() else (batch,)
+        if ex.is_floating_point() and name != "timestep":
+            result[name] = torch.randn(shape, generator=g, dtype=ex.dtype)
+        else:
+            result[name] = torch.full(shape, 500, dtype=ex.dtype)
+    return result
+
+
+def _torch_latency(dense_unet: Any, pruned_gm: Any, traced: Any, batch: int, config: BenchConfig) -> dict[str, Any]:
+    import torch
+
+    inputs = _inputs(traced, batch)
+    args = [inputs[n] for n in traced.input_names]
+    dense_unet.eval()
+    pruned_gm.eval()
+    with torch.inference_mode():
+        run = measure_interleaved({"dense": lambda: dense_unet(**inputs), "pruned": lambda: pruned_gm(*args)},
+                                  warmup=config.warmup, repeats=config.repeats)
+    return run.to_dict(ratio=("pruned", "dense"))
+
+
+def _ort_latency(dense_session: Any, pruned_session: Any, traced: Any, batch: int,
+                 config: BenchConfig) -> dict[str, Any]:
+    inputs = _inputs(traced, batch)
+    dense_feeds, pruned_feeds = onnx_feeds(dense_session, inputs), onnx_feeds(pruned_session, inputs)
+    run = measure_interleaved({"dense": lambda: dense_session.run(None, dense_feeds),
+                               "pruned": lambda: pruned_session.run(None, pruned_feeds)},
+                              warmup=config.warmup, repeats=config.repeats)
+    return run.to_dict(ratio=("pruned", "dense"))
+
+
+def _memory(path: Path, session: Any, traced: Any, threads: int, config: BenchConfig) -> dict[str, Any]:
+    if not config.memory:
+        return {"available": False, "reason": "memory=False"}
+    batch = max(config.batch_sizes)
+    feeds = onnx_feeds(session, _inputs(traced, batch))
+    return onnx_peak_memory(path, {n: (a.shape, a.dtype.name) for n, a in feeds.items()}, threads=threads)
+
+
+def _validation(summary: Mapping[str, Any]) -> dict[str, Any]:
+    v = summary["validation"]
+    return {"passed": bool(v.get("passed")), "max_abs_diff": v.get("max_abs_diff"), "provider": v.get("provider")}
+
+
+def _log(progress: bool, message: str) -> None:
+    if progress:
+        import sys
+
+        print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def _bench_model(spec: str, model: Any, config: BenchConfig, out: Path, threads: int, progress: bool) -> dict[str, Any]:
+    import torch
+
+    from ldpruner import api
+    from ldpruner._loading import load_model
+    from ldpruner.passes.export import export_onnx
+    from ldpruner.passes.remove import count_params
+
+    t_model = time.perf_counter()
+    model_dir = out / _slug(spec)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    loaded = load_model(model)
+    _log(progress, f"{spec}: analysis ({config.num_samples} samples × {config.steps} steps)")
+    scores = api.analyze(loaded, out=model_dir, num_samples=config.num_samples, steps=config.steps,
+                         overwrite=True, progress=progress)
+    graph = api.inspect(loaded, granularity=scores.granularity)
+    dense = graph.traced
+    dense_params = count_params(dense.gm)
+    latent = list(dense.example_inputs[dense.input_names[0]].shape[1:])
+    _log(progress, f"{spec}: exporting the dense UNet")
+    dense_onnx = model_dir / "dense" / "onnx" / "unet.onnx"
+    dense_export = export_onnx(dense, None, None, dense_onnx, overwrite=True).to_dict()
+    dense_session = ort_session(dense_onnx, threads=threads)
+    record: dict[str, Any] = {
+        "model": spec, "class": type(loaded.unet).__name__, "random_weights": bool(loaded.describe().get("random_weights")),
+        "latent_shape": latent, "analysis": {"unet_calls": scores.unet_calls, "wall_time_s": scores.wall_time_s,
+                                             "num_samples": config.num_samples, "steps": config.steps},
+        "dense": {"params": dense_params, "macs_per_sample": graph.total_macs,
+                  "onnx": {"path": str(dense_onnx), **_validation(dense_export)},
+                  "peak_memory_onnx": _memory(dense_onnx, dense_session, dense, threads, config)},
+        "budgets": [],
+    }
+
+    sampler = meter = None
+    quality: dict[str, Any] = {"available": False}
+    samples_dir = model_dir / "samples"
+    grids: dict[str, Any] = {}
+    if config.quality:
+        sampler, meter, digits, reason = _quality_setup(spec, loaded, config)
+        if reason is not None:
+            quality["reason"] = reason
+        else:
+            _log(progress, f"{spec}: sampling the dense model ({config.samples} images)")
+            quality["available"] = True
+            images = sampler(None)
+            grids["dense"] = images
+            quality["dense"] = meter(images, digits)
+    else:
+        quality["reason"] = "quality=False"
+    record["quality"] = quality
+
+    for budget in config.budgets:
+        _log(progress, f"{spec}: budget {budget:.0%}")
+        bdir = model_dir / f"budget-{budget:.2f}"
+        plan = api.select(scores, model=loaded, budget=budget, metric=config.metric)
+        pruned = api.prune(loaded, plan)
+        totals = plan.to_dict()["totals"]
+        export_summary = api.export(pruned, out=bdir, overwrite=True)["export"]
+        pruned_onnx = bdir / "onnx" / "unet.onnx"
+        pruned_session = ort_session(pruned_onnx, threads=threads)
+        pruned_params = count_params(pruned.gm)
+        entry: dict[str, Any] = {
+            "budget": budget, "metric": config.metric,
+            "removed": [r.name for r in plan.removals],
+            "params": {"dense": dense_params, "pruned": pruned_params, "ratio": pruned_params / dense_params},
+            "macs_per_sample": {"dense": totals["macs_per_sample_before"], "pruned": totals["macs_per_sample_after"],
+                                "ratio": totals["macs_per_sample_after"] / totals["macs_per_sample_before"]},
+            "onnx": {"path": str(pruned_onnx), **_validation(export_summary)},
+            "latency": {"torch": {}, "onnxruntime": {}},
+        }
+        # torch first, then onnxruntime: alternating the two runtimes would make their thread pools compete
+        for batch in config.batch_sizes:
+            entry["latency"]["torch"][f"batch_{batch}"] = _torch_latency(loaded.unet, pruned.gm, dense, batch, config)
+        for batch in config.batch_sizes:
+            entry["latency"]["onnxruntime"][f"batch_{batch}"] = _ort_latency(dense_session, pruned_session, dense,
+                                                                            batch, config)
+        mem = _memory(pruned_onnx, pruned_session, dense, threads, config)
+        dense_mem = record["dense"]["peak_memory_onnx"]
+        if mem.get("available") and dense_mem.get("available"):
+            mem["run_peak_ratio"] = mem["run_peak_mib"] / dense_mem["run_peak_mib"]
+        entry["peak_memory_onnx"] = mem
+
+        student = pruned
+        entry["distill"] = None
+        if config.distill_steps:
+            _log(progress, f"{spec}: distilling {config.distill_steps} steps at budget {budget:.0%}")
+            from ._zoo_fd import distill_options
+
+            # the teacher's trajectories follow how the model is sampled (guidance for the T2I zoo model)
+            zoo_defaults = distill_options(spec.removeprefix("zoo:")) if spec.startswith("zoo:") else {}
+            options = {"steps": config.distill_steps, **zoo_defaults, **dict(config.distill_options)}
+            result = api.distill(loaded, pruned, out=bdir / "distill", overwrite=True, progress=progress, **options)
+            s = result.summary
+            entry["distill"] = {"steps": s["steps"], "wall_time_s": s["wall_time_s_this_run"], "options": options,
+                                "loss_first_10pct": s["loss_first_10pct"]["loss"],
+                                "loss_last_10pct": s["loss_last_10pct"]["loss"], "student": str(bdir / "distill" / "student")}
+            student = result.student
+        if quality["available"]:
+            from ._zoo_quality import GraphUNet
+
+            entry["quality"] = {}
+            variants = [("pruned", pruned)] + ([("distilled", student)] if config.distill_steps else [])
+            for variant, model in variants:
+                _log(progress, f"{spec}: sampling {variant} at budget {budget:.0%}")
+                images = sampler(GraphUNet(model.gm, model.traced.input_names))
+                grids[f"{variant} {budget:.0%}"] = images
+                entry["quality"][variant] = meter(images, digits)
+        record["budgets"].append(entry)
+        del pruned, student
+        torch.set_num_threads(threads)  # distillation or sampling may change it
+
+    record["plots"] = _plots(record, model_dir)
+    if grids:
+        record["samples"] = _grids(grids, samples_dir, model_dir)
+        if spec.startswith("zoo:") and spec.removeprefix("zoo:") in _audio_models():
+            record["samples"]["audio"] = _audio(grids, spec, samples_dir)
+    record["wall_time_s"] = round(time.perf_counter() - t_model, 1)
+    return record
+
+
+def _quality_setup(spec: str, loaded: Any, config: BenchConfig):
+    """(sampler, meter, digits, None) or (None, None, None, why quality is not measured for this model)."""
+    from ._zoo_quality import QUALITY_MODELS, QualityMeter, zoo_sampler
+
+    if not spec.startswith("zoo:"):
+        return None, None, None, (f"quality needs a zoo model with held-out real data ({', '.join(QUALITY_MODELS)}); "
+                                  f"{spec} is not one")
+    name = spec.removeprefix("zoo:")
+    if name not in QUALITY_MODELS:
+        return None, None, None, f"no quality reference for zoo:{name} yet (have: {', '.join(QUALITY_MODELS)})"
+    sampler, digits = zoo_sampler(name, config.samples, config.sample_steps)
+    return sampler, QualityMeter(name, config.samples), digits, None
+
+
+# --- plots, grids, markdown ----------------------------------------------------------------------------------
+
+def _plots(record: dict[str, Any], model_dir: Path) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    budgets = record["budgets"]
+    x = [b["budget"] for b in budgets]
+    paths: dict[str, str] = {}
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for runtime, style in (("torch", "-o"), ("onnxruntime", "-s")):
+        for key in budgets[0]["latency"][runtime]:
+            ax.plot(x, [b["latency"][runtime][key]["ratio"] for b in budgets], style,
+                    label=f"{runtime} {key.replace('_', ' ')}")
+    ax.plot(x, [b["macs_per_sample"]["ratio"] for b in budgets], "k--", label="MACs ratio")
+    ax.plot(x, [b["params"]["ratio"] for b in budgets], "k:", label="params ratio")
+    ax.axhline(1.0, color="grey", lw=0.5)
+    ax.set_xlabel(f"budget ({budgets[0]['metric']} removed)")
+    ax.set_ylabel("pruned / dense")
+    ax.set_title(f"{record['model']}: latency ratio (median) vs MACs")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(model_dir / "latency.png", dpi=100)
+    plt.close(fig)
+    paths["latency"] = str(model_dir / "latency.png")
+
+    if record["quality"].get("available"):
+        from ._zoo_quality import primary
+
+        dense_q = primary(record["quality"]["dense"])
+        feature_name = {"efficientnet": "EfficientNet-Lite0", "spoken_digits": "spoken-digit classifier"}[
+            record["quality"]["dense"]["primary"]]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for variant, style in (("pruned", "-o"), ("distilled", "-s")):
+            if variant in budgets[0]["quality"]:
+                ax.plot(x, [primary(b["quality"][variant])["fd"] for b in budgets], style, label=f"{variant} FD")
+        ax.axhline(dense_q["fd"], color="k", ls="--", label="dense FD")
+        ax.axhline(dense_q["fd_real_vs_real"], color="grey", ls=":", label="real vs real FD")
+        ax.set_xlabel(f"budget ({budgets[0]['metric']} removed)")
+        ax.set_ylabel(f"FD ({feature_name} features)")
+        ax.set_title(f"{record['model']}: quality vs budget")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(model_dir / "quality.png", dpi=100)
+        plt.close(fig)
+        paths["quality"] = str(model_dir / "quality.png")
+    return paths
+
+
+def _grids(grids: Mapping[str, Any], samples_dir: Path, model_dir: Path, shown: int = 16) -> dict[str, Any]:
+    """One PNG grid per variant, and one figure with the first ``shown`` samples of every variant side by side
+    (same seeds, same prompts: column by column the same noise)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .metrics import image_grid, save_image_grid
+
+    samples_dir.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for name, images in grids.items():
+        path = samples_dir / f"{name.replace(' ', '-').replace('%', 'pct')}.png"
+        save_image_grid(images[:64], path, 8, scale=2)
+        files[name] = str(path)
+    fig, axes = plt.subplots(1, len(grids), figsize=(2.6 * len(grids), 2.9), squeeze=False)
+    for ax, (name, images) in zip(axes[0], grids.items()):
+        grid = image_grid(images[:shown], 4, scale=2)
+        ax.imshow(grid, cmap="gray" if grid.ndim == 2 else None, interpolation="nearest")
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(model_dir / "samples.png", dpi=100)
+    plt.close(fig)
+    return {"grids": files, "side_by_side": str(model_dir / "samples.png")}
+
+
+def _audio_models() -> tuple[str, ...]:
+    from ._zoo_quality import AUDIO_MODELS
+
+    return AUDIO_MODELS
+
+
+def _audio(grids: Mapping[str, Any], spec: str, samples_dir: Path, clips: int = 8) -> dict[str, list[str]]:
+    """The first ``clips`` mel samples of every variant as WAVs (Griffin-Lim), same seeds across variants:
+    ``samples/<variant>/clip-00.wav`` …, to listen to dense vs pruned side by side."""
+    from ldpruner.zoo import model_dir as zoo_folder
+    from ldpruner.zoo.audio import MelConfig, mel_to_waveform
+
+    from .metrics import save_wav
+
+    config = MelConfig.from_folder(zoo_folder(spec.removeprefix("zoo:")))
+    files: dict[str, list[str]] = {}
+    for name, mels in grids.items():
+        folder = samples_dir / name.replace(" ", "-").replace("%", "pct")
+        audio = mel_to_waveform(mels[:clips], config, value_range=(0.0, 1.0))
+        files[name] = [str(save_wav(a, config.sample_rate, folder / f"clip-{i:02d}.wav")) for i, a in enumerate(audio)]
+    return files
+
+
+def _ms(stats: Mapping[str, Any]) -> str:
+    return f"{stats['median_ms']:.2f} ± {stats['iqr_ms']:.2f}"
+
+
+def markdown(report: Mapping[str, Any]) -> str:
+    env = report["environment"]
+    cfg = report["config"]
+    lines = ["# ldpruner bench", "",
+             f"torch {env['torch']}, onnxruntime {env['onnxruntime']}, {env['cpu_count']} CPUs, {env['threads']} "
+             f"threads; load average at start {env.get('load_average_start')}, at end {env.get('load_average_end')}.",
+             "",
+             f"Latency: median ± IQR (ms) of {cfg['repeats']} timed calls after {cfg['warmup']} warm-up calls, dense "
+             "and pruned interleaved in one run (order rotated every round). **The pruned / dense ratios are the "
+             "evidence; absolute times depend on the machine and its load.** Torch: the dense diffusers UNet vs the "
+             "pruned fx graph, eager. ORT: both exported through `ldpruner.passes.export`, CPU provider, no "
+             "spinning. Memory: peak RSS of a fresh process serving the ONNX model at the largest batch, minus its "
+             "RSS after importing onnxruntime (weights + activations + runtime arenas).", ""]
+    for rec in report["models"]:
+        d = rec["dense"]
+        lines += [f"## {rec['model']} ({rec['class']}, latent {'×'.join(map(str, rec['latent_shape']))})", ""]
+        if rec["random_weights"]:
+            lines += ["> Random weights: the numbers prove the pipeline, not pruning quality.", ""]
+        lines += [f"Dense: {d['params']:,} UNet params, {d['macs_per_sample']:,} MACs/sample; ONNX validated: "
+                  f"{d['onnx']['passed']} (max abs diff {d['onnx']['max_abs_diff']:.1e}).", ""]
+        batches = list(rec["budgets"][0]["latency"]["torch"])
+        header = ["budget", "removed ops", "params (ratio)", "MACs ratio"]
+        for runtime in ("torch", "ORT"):
+            for b in batches:
+                header += [f"{runtime} {b.replace('batch_', 'b')} dense ms", f"pruned ms", "ratio"]
+        header += ["ORT peak MiB (ratio)", "ONNX valid"]
+        lines += ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+        for e in rec["budgets"]:
+            row = [f"{e['budget']:.0%}", str(len(e["removed"])), f"{e['params']['pruned']:,} ({e['params']['ratio']:.3f})",
+                   f"{e['macs_per_sample']['ratio']:.3f}"]
+            for runtime in ("torch", "onnxruntime"):
+                for b in batches:
+                    lat = e["latency"][runtime][b]
+                    row += [_ms(lat["dense"]), _ms(lat["pruned"]), f"**{lat['ratio']:.3f}**"]
+            mem = e["peak_memory_onnx"]
+            row.append(f"{mem['run_peak_mib']:.0f} ({mem.get('run_peak_ratio', float('nan')):.2f})"
+                       if mem.get("available") else "n/a")
+            row.append("yes" if e["onnx"]["passed"] else "NO")
+            lines.append("| " + " | ".join(row) + " |")
+        dense_mem = d["peak_memory_onnx"]
+        if dense_mem.get("available"):
+            lines += ["", f"Dense ONNX peak: {dense_mem['run_peak_mib']:.0f} MiB above baseline "
+                          f"({dense_mem['peak_rss_mib']:.0f} MiB RSS)."]
+        distilled = [e for e in rec["budgets"] if e.get("distill")]
+        if distilled:
+            lines += ["", "| budget | distill steps | loss first 10 % | loss last 10 % | wall s |", "|---|---:|---:|---:|---:|"]
+            for e in distilled:
+                ds = e["distill"]
+                lines.append(f"| {e['budget']:.0%} | {ds['steps']} | {ds['loss_first_10pct']:.4g} | "
+                             f"{ds['loss_last_10pct']:.4g} | {ds['wall_time_s']:.0f} |")
+        q = rec["quality"]
+        lines.append("")
+        if q.get("available"):
+            from ._zoo_quality import primary
+
+            digit = "prompt_digit_accuracy" in q["dense"]
+            audio = "recognisability" in q["dense"]
+            space = ("the spoken-digit classifier's features vs held-out real clips" if audio else
+                     "EfficientNet-Lite0 features vs held-out real images")
+            lines += [f"Quality: {cfg['samples']} samples per variant, {cfg['sample_steps']} steps, same seeds; FD/KID on "
+                      f"{space} (relative numbers, not published FID).", ""]
+            header = "| variant | FD | FD / dense | KID | real-vs-real FD |"
+            header += " digit FD | prompt-digit acc. |" if digit else ""
+            header += " recognised (p ≥ 0.5) | digit entropy (bits) |" if audio else ""
+            lines += [header, "|---" * (header.count("|") - 1) + "|"]
+            dense_fd = primary(q["dense"])["fd"]
+            rows = [("dense", q["dense"])] + [(f"{v} {e['budget']:.0%}", qq) for e in rec["budgets"]
+                                               for v, qq in e.get("quality", {}).items()]
+            for name, qq in rows:
+                eff = primary(qq)
+                row = (f"| {name} | {eff['fd']:.2f} | {eff['fd'] / dense_fd:.3f} | {eff['kid']['mean']:.4f} ± "
+                       f"{eff['kid']['std']:.4f} | {eff['fd_real_vs_real']:.2f} |")
+                if digit:
+                    row += f" {qq['digit_features']['fd']:.2f} | {qq['prompt_digit_accuracy']:.1%} |"
+                if audio:
+                    r = qq["recognisability"]
+                    row += f" {r['recognised']['0.5']:.1%} | {r['entropy_bits']:.2f} |"
+                lines.append(row)
+            slug = _slug(rec["model"])
+            lines += ["", f"![samples]({slug}/samples.png)", "", f"![quality]({slug}/quality.png)"]
+        else:
+            lines.append(f"Quality: not measured ({q.get('reason')}).")
+        lines += ["", f"![latency]({_slug(rec['model'])}/latency.png)", ""]
+    return "\n".join(lines)

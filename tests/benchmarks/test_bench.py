@@ -1,0 +1,117 @@
+"""The bench stage: the interleaved latency helper (on a fake clock, no timing assertions) and a smoke run of
+``ldpruner bench`` / ``api.bench`` on a tiny seeded UNet."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks.latency import measure_interleaved
+from ldpruner.errors import ArtifactError, ConfigError
+
+
+class FakeClock:
+    """Time advances only when a variant runs, by that variant's fixed cost (seconds)."""
+
+    def __init__(self):
+        self.now = 0.0
+        self.calls: list[str] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def variant(self, name: str, cost: float):
+        def run():
+            self.calls.append(name)
+            self.now += cost
+        return run
+
+
+def test_measure_interleaved_rotates_order_and_takes_medians():
+    clock = FakeClock()
+    run = measure_interleaved({"dense": clock.variant("dense", 2.0), "pruned": clock.variant("pruned", 1.5)},
+                              warmup=2, repeats=5, clock=clock)
+    assert clock.calls[:4] == ["dense", "pruned", "dense", "pruned"]  # warm-up, untimed
+    assert len(clock.calls) == 2 * 2 + 2 * 5
+    assert run.order == ("dense", "pruned", "pruned", "dense", "dense", "pruned", "pruned", "dense", "dense", "pruned")
+    assert clock.calls[4:] == list(run.order)
+    assert run.stats["dense"].times_s == (2.0,) * 5 and run.stats["pruned"].median_s == 1.5
+    assert run.stats["dense"].iqr_s == 0.0
+    assert run.ratio("pruned", "dense") == pytest.approx(0.75)
+    d = run.to_dict(ratio=("pruned", "dense"))
+    assert d["ratio"] == pytest.approx(0.75) and d["dense"]["repeats"] == 5 and d["warmup"] == 2
+
+
+def test_measure_interleaved_three_variants_and_spread():
+    clock = FakeClock()
+    costs = iter([1.0, 3.0, 2.0, 5.0])  # sorted 1 2 3 5: median 2.5; inclusive quartiles 1.75, 3.5
+    variants = {"a": lambda: setattr(clock, "now", clock.now + next(costs)), "b": clock.variant("b", 1.0),
+                "c": clock.variant("c", 1.0)}
+    run = measure_interleaved(variants, warmup=0, repeats=4, clock=clock)
+    assert run.order[:6] == ("a", "b", "c", "b", "c", "a")
+    assert run.stats["a"].median_s == pytest.approx(2.5)
+    assert run.stats["a"].iqr_s == pytest.approx(3.5 - 1.75)
+
+
+@pytest.mark.parametrize("kwargs", [{"repeats": 0}, {"warmup": -1}, {"repeats": True}])
+def test_measure_interleaved_rejects_bad_counts(kwargs):
+    with pytest.raises(ConfigError):
+        measure_interleaved({"a": lambda: None}, **kwargs)
+    with pytest.raises(ConfigError, match="variants is empty"):
+        measure_interleaved({})
+
+
+def test_bench_config_collects_every_problem(tmp_path):
+    from ldpruner import api
+
+    with pytest.raises(ConfigError) as info:
+        api.bench("random:sd-tiny", out=tmp_path, budgets=[0.2, 1.5], repeats=0, metric="flops")
+    message = str(info.value)
+    assert "budgets" in message and "repeats" in message and "metric" in message
+
+
+def test_bench_smoke_tiny_unet(tmp_path):
+    from ldpruner import api
+    from tests.conftest import make_tiny_sd_unet
+
+    out = tmp_path / "bench"
+    report = api.bench(make_tiny_sd_unet(), out=out, budgets=[0.2], repeats=2, warmup=1, quality=True,
+                       num_samples=2, steps=1, progress=False)
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk["format"] == "ldpruner.bench/1" and on_disk["config"]["budgets"] == [0.2]
+    (model,) = on_disk["models"]
+    assert model["quality"] == {"available": False, "reason": model["quality"]["reason"]}  # not a zoo model
+    assert model["dense"]["onnx"]["passed"]
+    (entry,) = model["budgets"]
+    assert entry["removed"]
+    assert entry["params"]["pruned"] < entry["params"]["dense"] == model["dense"]["params"]
+    assert entry["params"]["ratio"] == pytest.approx(entry["params"]["pruned"] / entry["params"]["dense"])
+    assert 0 < entry["macs_per_sample"]["ratio"] < 1
+    assert entry["onnx"]["passed"] and entry["onnx"]["max_abs_diff"] < 1e-3
+    for runtime in ("torch", "onnxruntime"):
+        assert set(entry["latency"][runtime]) == {"batch_1", "batch_2"}
+        for lat in entry["latency"][runtime].values():
+            assert lat["order"] == ["dense", "pruned", "pruned", "dense"]
+            assert lat["dense"]["repeats"] == lat["pruned"]["repeats"] == 2
+            assert lat["ratio"] == pytest.approx(lat["pruned"]["median_ms"] / lat["dense"]["median_ms"])
+    assert entry["distill"] is None  # distill_steps=0; the distilled variant is exercised by the real runs
+    mem = entry["peak_memory_onnx"]
+    if mem["available"]:  # Linux
+        assert mem["run_peak_ratio"] == pytest.approx(mem["run_peak_mib"] / model["dense"]["peak_memory_onnx"]["run_peak_mib"])
+        assert mem["model_mib"] > 0
+    assert (out / "report.md").read_text().startswith("# ldpruner bench")
+    assert (out / model["plots"]["latency"].split("/")[-2] / "latency.png").is_file()
+    assert report["models"][0]["budgets"][0]["params"] == entry["params"]
+
+    with pytest.raises(ArtifactError, match="overwrite"):
+        api.bench("random:sd-tiny", out=out, budgets=[0.2])
+
+
+def test_cli_bench_missing_benchmarks_is_one_typed_line(monkeypatch, capsys, tmp_path):
+    from ldpruner import api, cli
+
+    monkeypatch.setattr(api, "_BENCH_MODULES", ("ldpruner.no_such_benchmarks.bench",))
+    assert cli.main(["bench", "random:sd-tiny", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: BenchError:") and "\n" not in err
