@@ -1,13 +1,24 @@
-"""Pieces every zoo sampler shares: per-image seeds and the saved scheduler's class."""
+"""Pieces every zoo sampler shares: argument checks, per-image seeds and noise, the saved scheduler's class."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from ldpruner.errors import ConfigError, ModelLoadError
 
-__all__ = ["scheduler_class", "seeds_for"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["initial_latents", "positive_int", "scheduler_class", "seeds_for"]
+
+
+def positive_int(name: str, value: Any) -> int:
+    """``value`` when it is an int >= 1 (not a bool); ``ConfigError`` naming the argument ``name`` otherwise."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{name} must be a positive int; got {value!r}")
+    return value
 
 
 def seeds_for(seed: int | Sequence[int], n: int) -> list[int]:
@@ -20,6 +31,19 @@ def seeds_for(seed: int | Sequence[int], n: int) -> list[int]:
     if len(seeds) != n or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
         raise ConfigError(f"seed must be an int or {n} ints, one per image (one per prompt for text-to-image); got {seed!r}")
     return seeds
+
+
+def initial_latents(
+    scheduler: Any, shape: tuple[int, ...], seeds: Sequence[int], steps: int
+) -> tuple[Any, torch.Tensor]:
+    """A fresh copy of ``scheduler`` set to ``steps`` steps, and the starting latents (len(seeds), *shape): image i's
+    noise from its own seed, so it does not depend on the rest of the batch, scaled by ``init_noise_sigma``."""
+    import torch
+
+    latents = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    scheduler = type(scheduler).from_config(scheduler.config)
+    scheduler.set_timesteps(steps)
+    return scheduler, latents * scheduler.init_noise_sigma
 
 
 def scheduler_class(config_path: Path) -> type:

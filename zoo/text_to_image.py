@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from ldpruner.errors import ConfigError, ModelLoadError
 
-from ._sampling import scheduler_class, seeds_for
+from ._sampling import initial_latents, positive_int, scheduler_class, seeds_for
 from .text import TextEncoder
 
 if TYPE_CHECKING:
@@ -54,17 +54,13 @@ class TextToImageModel:
         prompts = list(prompts) if not isinstance(prompts, str) else prompts
         cond = self.text_encoder.encode(prompts)
         seeds = seeds_for(seed, len(prompts))
-        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-            raise ConfigError(f"steps must be a positive int; got {steps!r}")
+        positive_int("steps", steps)
         if not isinstance(guidance_scale, (int, float)) or isinstance(guidance_scale, bool) or guidance_scale < 0:
             raise ConfigError(f"guidance_scale must be a number >= 0 (1 turns guidance off); got {guidance_scale!r}")
         denoiser = self.unet if unet is None else unet
         config = self.unet.config
         shape = (config.in_channels, config.sample_size, config.sample_size)
-        latents = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
-        scheduler = type(self.scheduler).from_config(self.scheduler.config)
-        scheduler.set_timesteps(steps)
-        latents = latents * scheduler.init_noise_sigma
+        scheduler, latents = initial_latents(self.scheduler, shape, seeds, steps)
         guided = guidance_scale != 1.0
         context = torch.cat([self.text_encoder.encode_negative(len(prompts)), cond]) if guided else cond
         with torch.no_grad():

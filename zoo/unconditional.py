@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from ldpruner.errors import ConfigError, ModelLoadError
 
-from ._sampling import scheduler_class, seeds_for
+from ._sampling import initial_latents, positive_int, scheduler_class, seeds_for
 
 if TYPE_CHECKING:
     import torch
@@ -61,17 +61,10 @@ class UnconditionalModel:
         """(num, C, h, w) float32 denoised latents, already divided by the VAE's scaling factor."""
         import torch
 
-        if not isinstance(num, int) or isinstance(num, bool) or num < 1:
-            raise ConfigError(f"num must be a positive int; got {num!r}")
-        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-            raise ConfigError(f"steps must be a positive int; got {steps!r}")
+        num, steps = positive_int("num", num), positive_int("steps", steps)
         seeds = seeds_for(seed, num)
         denoiser = self.unet if unet is None else unet
-        shape = latent_shape(self.unet.config)
-        latents = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
-        scheduler = type(self.scheduler).from_config(self.scheduler.config)
-        scheduler.set_timesteps(steps)
-        latents = latents * scheduler.init_noise_sigma
+        scheduler, latents = initial_latents(self.scheduler, latent_shape(self.unet.config), seeds, steps)
         with torch.no_grad():
             for t in scheduler.timesteps:
                 eps = denoiser(scheduler.scale_model_input(latents, t), t).sample

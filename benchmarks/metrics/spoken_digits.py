@@ -26,16 +26,19 @@ import itertools
 import json
 import math
 import os
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ._classifier import (
+    PenultimateClassifier,
+    load_classifier,
+    save_classifier,
+    train_classifier,
+)
 from ._images import check_value_range
 from .errors import MetricInputError, MissingMetricPackageError
 from .quality import image_quality
@@ -61,27 +64,18 @@ MEL_SHAPE = (1, 64, 64)
 THRESHOLDS = (0.5, 0.9)
 
 
-class SpokenDigitClassifier(nn.Module):
+class SpokenDigitClassifier(PenultimateClassifier):
     """CNN on (N, 1, 64, 64) mel images in [-1, 1]: four conv–BN–ReLU–maxpool stages (16, 32, 64, 64 channels),
     a 64-d penultimate layer (ReLU) and a 10-way linear head. About 120 k parameters."""
 
-    penultimate_dim = 64
-
     def __init__(self) -> None:
-        super().__init__()
         layers: list[nn.Module] = []
         channels = (1, 16, 32, 64, 64)
         for c_in, c_out in itertools.pairwise(channels):
             layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(), nn.MaxPool2d(2)]
-        self.body = nn.Sequential(*layers, nn.Flatten(), nn.Linear(64 * 4 * 4, self.penultimate_dim), nn.ReLU())
-        self.dropout = nn.Dropout(0.3)
-        self.head = nn.Linear(self.penultimate_dim, 10)
-
-    def penultimate(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.dropout(self.body(x)))
+        super().__init__(
+            nn.Sequential(*layers, nn.Flatten(), nn.Linear(64 * 4 * 4, self.penultimate_dim), nn.ReLU())
+        )
 
 
 def _mel_batch(mels: Any, value_range: tuple[float, float], argument: str = "mels") -> torch.Tensor:
@@ -152,93 +146,26 @@ def train_spoken_digit_classifier(
     held, held_digits = load_split("eval", cache_dir=cache_dir, executable=espeak)
     x_train, y_train = torch.from_numpy(mels), torch.from_numpy(digits)
     x_held, y_held = torch.from_numpy(held), torch.from_numpy(held_digits)
-    previous_threads = torch.get_num_threads()
-    start = time.perf_counter()
-    try:
-        if threads is not None:
-            torch.set_num_threads(threads)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = SpokenDigitClassifier()
-            steps_per_epoch = math.ceil(x_train.shape[0] / batch_size)
-            optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-            schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * steps_per_epoch)
-            for _ in range(epochs):
-                model.train()
-                order = torch.randperm(x_train.shape[0])
-                for i in range(0, x_train.shape[0], batch_size):
-                    idx = order[i:i + batch_size]
-                    loss = F.cross_entropy(model(_augment(x_train[idx])), y_train[idx], label_smoothing=0.05)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    schedule.step()
-        model.eval()
-        held_pred = _predict(model, x_held).argmax(1)
-        heldout_accuracy = float((held_pred == y_held).double().mean())
-        train_accuracy = float((_predict(model, x_train).argmax(1) == y_train).double().mean())
-    finally:
-        torch.set_num_threads(previous_threads)
-    record = {
-        "architecture": ARCHITECTURE,
-        "seed": seed,
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "lr": lr,
-        "threads": threads,
-        "torch": torch.__version__,
-        "data": (f"espeak-ng spoken digits (ldpruner.zoo.recipes.espeak_digits): train = the 'classifier' split "
-                 f"({SPLITS['classifier'][1]} clips), held out = the 'eval' split ({SPLITS['eval'][1]} clips); "
-                 "neither is in the LDM's 'ldm' split"),
-        "n_train": int(x_train.shape[0]),
-        "n_heldout": int(x_held.shape[0]),
-        "heldout_accuracy": heldout_accuracy,
-        "heldout_accuracy_per_digit": [float((held_pred[y_held == d] == d).double().mean()) for d in range(10)],
-        "train_accuracy": train_accuracy,
-        "train_seconds": round(time.perf_counter() - start, 1),
-    }
-    return model, record
+    return train_classifier(
+        SpokenDigitClassifier, (x_train, y_train), (x_held, y_held), architecture=ARCHITECTURE,
+        data=(f"espeak-ng spoken digits (ldpruner.zoo.recipes.espeak_digits): train = the 'classifier' split "
+              f"({SPLITS['classifier'][1]} clips), held out = the 'eval' split ({SPLITS['eval'][1]} clips); "
+              "neither is in the LDM's 'ldm' split"),
+        augment=_augment, predict=lambda model, x: _predict(model, x).argmax(1), seed=seed, epochs=epochs,
+        batch_size=batch_size, lr=lr, threads=threads, label_smoothing=0.05, per_digit=True,
+    )
 
 
 def save_spoken_digit_classifier(model: SpokenDigitClassifier, path: str | os.PathLike, record: dict[str, Any]) -> None:
     """Write the weights as safetensors (atomically), with ``record`` as JSON in the file's metadata."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata={"ldpruner": json.dumps(record, sort_keys=True)})
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    save_classifier(model, path, record)
 
 
 def load_spoken_digit_classifier(path: str | os.PathLike | None = None) -> SpokenDigitClassifier:
     """The committed classifier (or the one at ``path``) in eval mode; its training record is ``model.record``."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    path = Path(path) if path is not None else SPOKEN_DIGIT_CLASSIFIER_PATH
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"spoken-digit classifier weights {str(path)!r} not found; recreate them with "
-            f"python -m benchmarks.metrics.spoken_digits --train --out {path}"
-        )
-    with safe_open(str(path), framework="pt") as f:
-        record = json.loads((f.metadata() or {}).get("ldpruner", "{}"))
-    if record.get("architecture") != ARCHITECTURE:
-        raise MetricInputError(
-            f"{str(path)!r} holds architecture {record.get('architecture')!r}; this code loads {ARCHITECTURE!r}"
-        )
-    model = SpokenDigitClassifier()
-    model.load_state_dict(load_file(str(path)), strict=True)
-    model.record = record
-    return model.eval().requires_grad_(False)
+    return load_classifier(SpokenDigitClassifier, Path(path) if path is not None else SPOKEN_DIGIT_CLASSIFIER_PATH,
+                           architecture=ARCHITECTURE, what="spoken-digit classifier",
+                           recreate="python -m benchmarks.metrics.spoken_digits --train")
 
 
 def spoken_digit_probabilities(

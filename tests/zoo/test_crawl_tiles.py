@@ -7,19 +7,13 @@ import shutil
 
 import pytest
 import torch
+from committed_parts import load_unet_and_vae
 
 from ldpruner import zoo
 from ldpruner.errors import ConfigError, ModelLoadError
 
 NAME = "crawl-tiles"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -48,11 +42,7 @@ def test_registry_lists_the_model_and_its_folder_is_complete():
 
 
 def test_parts_load_with_diffusers_from_safetensors_only():
-    from diffusers import AutoencoderKL, UNet2DModel
-
-    folder = zoo.model_dir(NAME)
-    unet = UNet2DModel.from_pretrained(folder / "unet", use_safetensors=True, local_files_only=True)
-    vae = AutoencoderKL.from_pretrained(folder / "vqvae", use_safetensors=True, local_files_only=True)
+    unet, vae = load_unet_and_vae(NAME, "vqvae")
     assert next(unet.parameters()).dtype == torch.float32
     assert len(unet.config.block_out_channels) == 3
     # self-attention in the lower-resolution levels only, so pruning sees varied operators

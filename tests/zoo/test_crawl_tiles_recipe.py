@@ -11,14 +11,7 @@ import torch
 from ldpruner.zoo.recipes import crawl_tiles as recipe
 
 PIL = pytest.importorskip("PIL")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tile(rng: np.random.Generator, *, alpha: float = 1.0) -> np.ndarray:
@@ -78,13 +71,6 @@ def test_missing_atlases_name_the_debian_package(tmp_path, capsys):
     assert recipe.main(["--out", str(tmp_path / "out"), "--tiles-dir", str(tmp_path / "none")]) == 2
     assert "apt-get install crawl-tiles-data" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
-
-
-def test_existing_output_needs_overwrite(tmp_path, capsys):
-    (tmp_path / "keep.txt").write_text("x")
-    assert recipe.main(["--out", str(tmp_path)]) == 2
-    assert "--overwrite" in capsys.readouterr().err
-    assert (tmp_path / "keep.txt").read_text() == "x"
 
 
 def test_tiny_end_to_end_run_writes_a_loadable_model(tmp_path):

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from committed_parts import load_unet_and_vae
 from ldpruner.zoo._packages import MissingPackageError
 from ldpruner.zoo.audio import MelConfig, fit_clip, mel_to_waveform, waveform_to_mel
 from ldpruner.zoo.recipes import espeak_digits as recipe
@@ -18,14 +19,7 @@ from ldpruner.errors import ConfigError
 
 NAME = "espeak-digits"
 HAS_ESPEAK = shutil.which("espeak-ng") is not None
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -57,11 +51,7 @@ def test_registry_lists_the_model_and_its_folder_is_complete():
 
 
 def test_unet_and_vae_load_with_diffusers_from_safetensors_only():
-    from diffusers import AutoencoderKL, UNet2DModel
-
-    folder = zoo.model_dir(NAME)
-    unet = UNet2DModel.from_pretrained(folder / "unet", use_safetensors=True, local_files_only=True)
-    vae = AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True, local_files_only=True)
+    unet, vae = load_unet_and_vae(NAME)
     assert next(unet.parameters()).dtype == torch.float32
     assert len(unet.config.block_out_channels) == 3
     assert unet.config.down_block_types[0] == "DownBlock2D"

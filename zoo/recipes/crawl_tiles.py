@@ -26,10 +26,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
-import platform
-import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -37,9 +33,8 @@ from typing import Any
 import numpy as np
 from ldpruner.zoo._packages import MissingPackageError
 
-# the pieces this recipe shares with mnist-t2i's (configs, lr schedule, latent statistics, hand-written notes)
-from . import mnist_t2i
-from .mnist_t2i import _cosine_lr, _notes_section, encode_latents
+from . import _training, mnist_t2i
+from ._training import notes_section
 
 TILES_DIR = Path("/usr/share/crawl/dat/tiles")
 ATLASES = ("main", "floor", "wall", "feat")
@@ -62,9 +57,8 @@ UNET_CONFIG = {
     "attention_head_dim": 24,  # UNet2DModel: width of a head (4 heads at 96 channels)
     "norm_num_groups": 16,
 }
-# Stable Diffusion's training schedule and the saved DDIM sampler, as for mnist-t2i
+# Stable Diffusion's training schedule, as for mnist-t2i
 DDPM_CONFIG = mnist_t2i.DDPM_CONFIG
-DDIM_EXTRA = mnist_t2i.DDIM_EXTRA
 
 
 class MissingTilesError(MissingPackageError):
@@ -133,140 +127,40 @@ def to_model_range(tiles: np.ndarray) -> Any:
 
 
 def train_vae(x_train: Any, args: argparse.Namespace, gen: Any, log: dict) -> Any:
-    import torch
-    from diffusers import AutoencoderKL
-    from tqdm import tqdm
-
-    torch.manual_seed(args.seed)
-    vae = AutoencoderKL(**VAE_CONFIG)
-    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
-    start = time.perf_counter()
-    bar = tqdm(range(args.vae_steps), desc="vae", unit="step", dynamic_ncols=True, mininterval=5.0)
-    for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = _cosine_lr(step, args.vae_steps, min(100, args.vae_steps), args.vae_lr, args.vae_lr * 0.05)
-        x = x_train[torch.randint(0, len(x_train), (args.batch_size,), generator=gen)]
-        posterior = vae.encode(x).latent_dist
-        recon = vae.decode(posterior.sample(generator=gen)).sample
-        rec = (recon - x).abs().mean()
-        loss = rec + args.kl_weight * posterior.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 20 == 0:
-            bar.set_postfix(l1=f"{rec.item():.4f}")
-    log["vae_seconds"] = round(time.perf_counter() - start, 1)
-    log["vae_steps_per_second"] = round(args.vae_steps / max(log["vae_seconds"], 1e-9), 2)
-    return vae.eval()
+    return _training.train_vae(VAE_CONFIG, x_train, args, gen, log, warmup=min(100, args.vae_steps),
+                               batch_size=args.batch_size)
 
 
 def train_unet(latent_mean: Any, latent_std: Any, args: argparse.Namespace, gen: Any, log: dict) -> tuple[Any, Any]:
     """Train the UNet on sampled latents × scaling; returns (EMA UNet, DDPM scheduler)."""
-    import copy
+    from diffusers import UNet2DModel
 
-    import torch
-    from diffusers import DDPMScheduler, UNet2DModel
-    from tqdm import tqdm
-
-    torch.manual_seed(args.seed + 1)
-    unet = UNet2DModel(**UNET_CONFIG)
-    ema = copy.deepcopy(unet).requires_grad_(False)
-    scheduler = DDPMScheduler(**DDPM_CONFIG)
-    alphas_cumprod = scheduler.alphas_cumprod
-    opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.01)
-    start = time.perf_counter()
-    bar = tqdm(range(args.unet_steps), desc="unet", unit="step", dynamic_ncols=True, mininterval=5.0)
-    running = None
-    for step in bar:
-        lr = _cosine_lr(step, args.unet_steps, min(args.warmup, args.unet_steps), args.lr, args.lr * 0.1)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        idx = torch.randint(0, len(latent_mean), (args.batch_size,), generator=gen)
-        z0 = latent_mean[idx] + latent_std[idx] * torch.randn(latent_mean[idx].shape, generator=gen)
-        noise = torch.randn(z0.shape, generator=gen)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (args.batch_size,), generator=gen)
-        a = alphas_cumprod[t].view(-1, 1, 1, 1)
-        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
-        loss = torch.nn.functional.mse_loss(unet(zt, t).sample, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        decay = min(args.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, p in zip(ema.parameters(), unet.parameters()):
-                pe.lerp_(p, 1 - decay)
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{running:.4f}", lr=f"{lr:.1e}")
-    log["unet_seconds"] = round(time.perf_counter() - start, 1)
-    log["unet_steps_per_second"] = round(args.unet_steps / max(log["unet_seconds"], 1e-9), 2)
-    log["unet_final_loss_ema"] = round(running, 5)
-    return ema.eval(), scheduler
+    return _training.train_unet(UNet2DModel, UNET_CONFIG, DDPM_CONFIG, latent_mean, latent_std, args, gen, log,
+                                warmup=min(args.warmup, args.unet_steps))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    default_out = Path(__file__).resolve().parent.parent / "crawl-tiles"
-    p = argparse.ArgumentParser(prog="python -m ldpruner.zoo.recipes.crawl_tiles", description=__doc__.split("\n")[0])
-    p.add_argument("--out", type=Path, default=default_out, help="output folder (default: %(default)s)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out when it exists")
+    p = _training.recipe_parser("crawl_tiles", __doc__, "crawl-tiles")
     p.add_argument("--tiles-dir", type=Path, default=TILES_DIR,
                    help="folder with the atlases main/floor/wall/feat.png (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch intra-op threads; results depend on it, and on a shared 2-core machine 1 is fastest")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--vae-steps", type=int, default=500)
-    p.add_argument("--vae-lr", type=float, default=1e-3)
-    p.add_argument("--kl-weight", type=float, default=1e-6)
-    p.add_argument("--unet-steps", type=int, default=3000)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--warmup", type=int, default=200)
-    p.add_argument("--ema-decay", type=float, default=0.999)
+    _training.add_training_arguments(p, vae_steps=500, kl_weight=1e-6, unet_steps=3000)
     p.add_argument("--grid-size", type=int, default=8, help="samples.png is grid-size × grid-size samples")
     p.add_argument("--grid-steps", type=int, default=50, help="DDIM steps for samples.png and the metrics")
-    p.add_argument("--dtype", choices=("float16", "float32"), default="float16",
-                   help="dtype of the saved weights (diffusers loads them as float32 either way)")
     p.add_argument("--eval-samples", type=int, default=500,
                    help="generated samples for FD/KID (0 skips them; needs benchmarks.metrics, i.e. run from the "
                         "repository root)")
-    p.add_argument("--evaluate-only", action="store_true",
-                   help="train nothing: evaluate the model already in --out and rewrite its training.json and card")
-    args = p.parse_args(argv)
+    _training.add_output_arguments(p, evaluate_only_rewrites="its training.json and card")
+    args = _training.parse_recipe_args(p, argv, positive=("grid_size", "grid_steps"))
     if args.eval_samples < 0:
         p.error(f"--eval-samples must be >= 0; got {args.eval_samples}")
-    for name in ("batch_size", "vae_steps", "unet_steps", "threads", "grid_size", "grid_steps"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    out: Path = args.out
-    if args.evaluate_only and not (out / "training.json").is_file():
-        print(f"error: --evaluate-only needs a model trained by this recipe in {out} (no training.json there)",
-              file=sys.stderr)
-        return 2
-    if not args.evaluate_only and out.exists() and any(out.iterdir()) and not args.overwrite:
-        print(f"error: {out} exists and is not empty; pass --overwrite to replace it", file=sys.stderr)
-        return 2
-    import torch
-
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(args.threads)
-        if args.evaluate_only:
-            return _evaluate_only(args, out)
-        return _run(args, out)
-    except MissingPackageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        torch.set_num_threads(threads)
+    return _training.run_recipe(parse_args(argv), train=_run, evaluate_only=_evaluate_only)
 
 
-def _run(args: argparse.Namespace, out: Path) -> int:
+def _run(args: argparse.Namespace, out: Path) -> None:
     import torch
 
     wall = time.perf_counter()
@@ -278,19 +172,8 @@ def _run(args: argparse.Namespace, out: Path) -> int:
     x_train, x_held = to_model_range(tiles[train_idx]), to_model_range(tiles[held_idx])
 
     vae = train_vae(x_train, args, gen, log)
-    latent_mean, latent_std = encode_latents(vae, x_train)
-    sampled = latent_mean + latent_std * torch.randn(latent_mean.shape, generator=gen)
-    scaling = float(1.0 / sampled.std())
-    vae.register_to_config(scaling_factor=scaling)
-    log["vae_scaling_factor"] = scaling
-    with torch.no_grad():
-        held_mean, _ = encode_latents(vae, x_held)
-        recon = torch.cat([vae.decode(held_mean[i:i + 500]).sample for i in range(0, len(held_mean), 500)])
-    mse01 = float(((recon.clamp(-1, 1) - x_held) / 2).square().mean())
-    log["vae_heldout_mse_01"] = round(mse01, 5)
-    log["vae_heldout_psnr_db"] = round(10 * math.log10(1 / mse01), 2)
-
-    unet, ddpm = train_unet(latent_mean * scaling, latent_std * scaling, args, gen, log)
+    latent_mean, latent_std = _training.scale_latents(vae, x_train, x_held, gen, log, batch=500)
+    unet, ddpm = train_unet(latent_mean, latent_std, args, gen, log)
     log["train_seconds_total"] = round(time.perf_counter() - wall, 1)
 
     data = {
@@ -304,34 +187,17 @@ def _run(args: argparse.Namespace, out: Path) -> int:
         "heldout_tiles": len(held_idx),
     }
     _save(out, args, vae, unet, ddpm, data, log)
-    return 0
 
 
 def _save(out: Path, args: argparse.Namespace, vae: Any, unet: Any, ddpm: Any, data: dict, log: dict) -> None:
-    import diffusers
-    import torch
-    from diffusers import DDIMScheduler
     from ldpruner.zoo.text_to_image import image_grid
     from ldpruner.zoo.unconditional import load_unconditional
 
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    # nn.Module.half / float rather than ModelMixin.to(dtype), which warns about modules kept in float32 (none here)
-    cast = (lambda m: m.half()) if args.dtype == "float16" else (lambda m: m.float())
-    cast(unet).save_pretrained(out / "unet", safe_serialization=True)
-    cast(vae).save_pretrained(out / "vqvae", safe_serialization=True)
-    DDIMScheduler.from_config(ddpm.config, **DDIM_EXTRA).save_pretrained(out / "scheduler")
     # LDMPipeline is stock diffusers' unconditional latent pipeline; its vqvae slot takes our AutoencoderKL (it
     # only calls decode and reads scaling_factor), so DiffusionPipeline.from_pretrained(out) works (with a type
     # warning about VQModel).
-    (out / "model_index.json").write_text(json.dumps({
-        "_class_name": "LDMPipeline",
-        "_diffusers_version": diffusers.__version__,
-        "scheduler": ["diffusers", "DDIMScheduler"],
-        "unet": ["diffusers", "UNet2DModel"],
-        "vqvae": ["diffusers", "AutoencoderKL"],
-    }, indent=2) + "\n")
+    _training.save_model_folder(out, unet=unet, vae=vae, ddpm=ddpm, dtype=args.dtype, pipeline_class="LDMPipeline",
+                                vae_folder="vqvae")
 
     # Sample from the saved files, so the grid shows what is shipped (weights rounded to --dtype).
     model = load_unconditional(out)
@@ -340,31 +206,18 @@ def _save(out: Path, args: argparse.Namespace, vae: Any, unet: Any, ddpm: Any, d
     image_grid(images, columns=args.grid_size, scale=3).save(out / "samples.png")
     log["grid_seconds"] = round(time.perf_counter() - start, 1)
 
-    params = {"unet": sum(p.numel() for p in model.unet.parameters()),
-              "vae": sum(p.numel() for p in model.vae.parameters())}
-    training = {
-        "recipe": "zoo/recipes/crawl_tiles.py",
-        "command": "python -m ldpruner.zoo.recipes.crawl_tiles " + " ".join(sys.argv[1:]),
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "data": data,
-        "params": params,
-        "measured": log,
-        "machine": {"torch": torch.__version__, "diffusers": diffusers.__version__, "threads": args.threads,
-                    "cpu": platform.processor() or platform.machine()},
-    }
+    params = _training.parameter_counts(model.unet, model.vae)
+    training = _training.training_record("crawl_tiles", args, log, data=data, params=params)
     _evaluate_and_write(out, model, training)
     print(json.dumps({"out": str(out), "params": params, **log, "metrics": training.get("metrics")}, indent=2))
 
 
-def _evaluate_only(args: argparse.Namespace, out: Path) -> int:
+def _evaluate_only(args: argparse.Namespace, out: Path) -> None:
     from ldpruner.zoo.unconditional import load_unconditional
 
-    training = json.loads((out / "training.json").read_text())
-    training["args"]["eval_samples"] = args.eval_samples
-    training["args"]["tiles_dir"] = str(args.tiles_dir)
+    training = _training.reread_training(out, args, ("eval_samples", "tiles_dir"))
     _evaluate_and_write(out, load_unconditional(out), training)
     print(json.dumps(training.get("metrics"), indent=2))
-    return 0
 
 
 def _evaluate_and_write(out: Path, model: Any, training: dict) -> None:
@@ -373,8 +226,7 @@ def _evaluate_and_write(out: Path, model: Any, training: dict) -> None:
     if a.get("eval_samples", 0) > 0:
         training["metrics"] = evaluate(model, n=a["eval_samples"], steps=a["grid_steps"],
                                        tiles_dir=Path(a["tiles_dir"]))
-    (out / "training.json").write_text(json.dumps(training, indent=2) + "\n")
-    (out / "README.md").write_text(_model_card(training))
+    _training.write_training_and_card(out, training, _model_card)
 
 
 def evaluate(model: Any, *, n: int, steps: int, tiles_dir: Path = TILES_DIR) -> dict[str, Any]:
@@ -449,27 +301,16 @@ pipeline's `vqvae` slot; diffusers warns that it expected a `VQModel` and runs i
 | denoiser | `UNet2DModel` | 8×8×4, levels {UNET_CONFIG['block_out_channels']}, `{'`, `'.join(UNET_CONFIG['down_block_types'])}` / mid `UNetMidBlock2D` (attention) / `{'`, `'.join(UNET_CONFIG['up_block_types'])}`, layers_per_block {UNET_CONFIG['layers_per_block']}, head width {UNET_CONFIG['attention_head_dim']} | {p['unet']:,} |
 | scheduler | `DDPMScheduler` (training), `DDIMScheduler` (saved) | 1000 steps, scaled-linear betas 0.00085–0.012, epsilon prediction | – |
 
-Weights are stored as {args.dtype} safetensors; diffusers loads them as float32. VAE `scaling_factor` =
-{m['vae_scaling_factor']:.4f} (1 / std of the sampled training latents).
-
-## Training (measured here)
-Command: `{training['command']}` (seed {args.seed}, torch threads {args.threads}, {training['machine']['cpu']},
-torch {training['machine']['torch']}, diffusers {training['machine']['diffusers']}, CPU only, on a 2-core
-machine shared with other jobs).
-
-| stage | steps × batch | time | rate |
-|---|---|---|---|
+{_training.card_command(training)}
 | AutoencoderKL, AdamW lr {args.vae_lr} cosine, L1 + {args.kl_weight} KL | {args.vae_steps} × {args.batch_size} | {m['vae_seconds']} s | {m['vae_steps_per_second']} steps/s |
 | UNet, AdamW lr {args.lr} cosine, EMA {args.ema_decay} | {args.unet_steps} × {args.batch_size} | {m['unet_seconds']} s | {m['unet_steps_per_second']} steps/s |
 | total training (data, VAE, UNet) | | {m['train_seconds_total'] / 60:.1f} min | |
 | sample grid ({args.grid_size ** 2} samples × {args.grid_steps} steps) | | {m['grid_seconds']} s | |
 
 ## Metrics
-- VAE reconstruction of the held-out tiles: MSE {m['vae_heldout_mse_01']} on the [0, 1] scale
-  (PSNR {m['vae_heldout_psnr_db']} dB).
-- Final UNet loss (noise MSE, running mean): {m['unet_final_loss_ema']}.
+{_training.card_training_metrics(m, "tiles")}
 {_metrics_section(training.get("metrics"))}
-{_notes_section(training.get("notes"))}## Use
+{notes_section(training.get("notes"))}## Use
 ```python
 from ldpruner.zoo import load_unconditional
 model = load_unconditional("crawl-tiles")
@@ -500,8 +341,8 @@ def _metrics_section(metrics: dict | None) -> str:
         "| | FD | KID |",
         "|---|---|---|",
         f"| generated vs held-out tiles | {q['fd']:.4g} | {kid['mean']:.3g} ± {kid['std']:.2g} |",
-        f"| real vs real (training vs held-out tiles) | {q['fd_real_vs_real']:.4g} | "
-        f"{base['mean']:.3g} ± {base['std']:.2g} |",
+        (f"| real vs real (training vs held-out tiles) | {q['fd_real_vs_real']:.4g} | "
+         f"{base['mean']:.3g} ± {base['std']:.2g} |"),
         "",
         (f"Reference = the {metrics['reference']} held-out tiles; real vs real = {metrics['samples']} training tiles"
          " against the same reference. These numbers are relative (for dense vs pruned), not comparable to"

@@ -31,16 +31,17 @@ import hashlib
 import json
 import math
 import os
-import platform
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from ldpruner.zoo._packages import MissingPackageError
+
+from . import _training
+from ._training import notes_section
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # espeak-ng's English accents (its own voices, not the mbrola ones, which need another package)
@@ -195,148 +196,35 @@ UNET_CONFIG = {
 # DDPM's linear schedule (Ho et al. 2020)
 DDPM_CONFIG = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02,
                "prediction_type": "epsilon", "clip_sample": False}
-DDIM_EXTRA = {"set_alpha_to_one": False, "steps_offset": 1, "clip_sample": False}
 GRID_GENERATED = 32  # samples.png: 4 rows of generated mels, then one row of real held-out ones
 WAV_SAMPLES = 8
 
 
-def _cosine_lr(step: int, total: int, warmup: int, peak: float, floor: float) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 def train_vae(x_train: Any, args: argparse.Namespace, gen: Any, log: dict) -> Any:
-    import torch
-    from diffusers import AutoencoderKL
-    from tqdm import tqdm
-
-    torch.manual_seed(args.seed)
-    vae = AutoencoderKL(**VAE_CONFIG)
-    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
-    start = time.perf_counter()
-    bar = tqdm(range(args.vae_steps), desc="vae", unit="step", dynamic_ncols=True, mininterval=5.0)
-    for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = _cosine_lr(step, args.vae_steps, 50, args.vae_lr, args.vae_lr * 0.05)
-        idx = torch.randint(0, len(x_train), (args.vae_batch_size,), generator=gen)
-        x = x_train[idx]
-        posterior = vae.encode(x).latent_dist
-        recon = vae.decode(posterior.sample(generator=gen)).sample
-        rec = (recon - x).abs().mean()
-        loss = rec + args.kl_weight * posterior.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 20 == 0:
-            bar.set_postfix(l1=f"{rec.item():.4f}")
-        if step == min(29, args.vae_steps - 1):
-            rate = (step + 1) / (time.perf_counter() - start)
-            bar.write(f"vae: {rate:.2f} steps/s over the first {step + 1} steps "
-                      f"(about {args.vae_steps / rate / 60:.1f} min for {args.vae_steps} steps)")
-    log["vae_seconds"] = round(time.perf_counter() - start, 1)
-    log["vae_steps_per_second"] = round(args.vae_steps / log["vae_seconds"], 2)
-    return vae.eval()
+    return _training.train_vae(VAE_CONFIG, x_train, args, gen, log, warmup=50, batch_size=args.vae_batch_size)
 
 
 def train_unet(latent_mean: Any, latent_std: Any, args: argparse.Namespace, gen: Any, log: dict) -> tuple[Any, Any]:
     """Train the UNet on sampled (scaled) latents; returns (EMA UNet, DDPM scheduler)."""
-    import copy
+    from diffusers import UNet2DModel
 
-    import torch
-    from diffusers import DDPMScheduler, UNet2DModel
-    from tqdm import tqdm
-
-    torch.manual_seed(args.seed + 1)
-    unet = UNet2DModel(**UNET_CONFIG)
-    ema = copy.deepcopy(unet).requires_grad_(False)
-    scheduler = DDPMScheduler(**DDPM_CONFIG)
-    alphas_cumprod = scheduler.alphas_cumprod
-    opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.01)
-    start = time.perf_counter()
-    bar = tqdm(range(args.unet_steps), desc="unet", unit="step", dynamic_ncols=True, mininterval=5.0)
-    running = None
-    for step in bar:
-        lr = _cosine_lr(step, args.unet_steps, args.warmup, args.lr, args.lr * 0.1)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        idx = torch.randint(0, len(latent_mean), (args.batch_size,), generator=gen)
-        z0 = latent_mean[idx] + latent_std[idx] * torch.randn(latent_mean[idx].shape, generator=gen)
-        noise = torch.randn(z0.shape, generator=gen)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (args.batch_size,), generator=gen)
-        a = alphas_cumprod[t].view(-1, 1, 1, 1)
-        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
-        loss = torch.nn.functional.mse_loss(unet(zt, t).sample, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        decay = min(args.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, p in zip(ema.parameters(), unet.parameters()):
-                pe.lerp_(p, 1 - decay)
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{running:.4f}", lr=f"{lr:.1e}")
-        if step == min(49, args.unet_steps - 1):
-            rate = (step + 1) / (time.perf_counter() - start)
-            bar.write(f"unet: {rate:.2f} steps/s over the first {step + 1} steps "
-                      f"(about {args.unet_steps / rate / 60:.1f} min for {args.unet_steps} steps)")
-    log["unet_seconds"] = round(time.perf_counter() - start, 1)
-    log["unet_steps_per_second"] = round(args.unet_steps / log["unet_seconds"], 2)
-    log["unet_final_loss_ema"] = round(running, 5)
-    return ema.eval(), scheduler
-
-
-def encode_latents(vae: Any, x: Any, batch: int = 250) -> tuple[Any, Any]:
-    import torch
-
-    means, stds = [], []
-    with torch.no_grad():
-        for i in range(0, len(x), batch):
-            dist = vae.encode(x[i:i + batch]).latent_dist
-            means.append(dist.mean)
-            stds.append(dist.std)
-    return torch.cat(means), torch.cat(stds)
+    return _training.train_unet(UNet2DModel, UNET_CONFIG, DDPM_CONFIG, latent_mean, latent_std, args, gen, log,
+                                warmup=args.warmup)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    default_out = Path(__file__).resolve().parent.parent / "espeak-digits"
-    p = argparse.ArgumentParser(prog="python -m ldpruner.zoo.recipes.espeak_digits",
-                                description=__doc__.split("\n")[0])
-    p.add_argument("--out", type=Path, default=default_out, help="output folder (default: %(default)s)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out when it exists")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch intra-op threads; results depend on it, and on a shared 2-core machine 1 is fastest")
+    p = _training.recipe_parser("espeak_digits", __doc__, "espeak-digits")
     p.add_argument("--espeak", default="espeak-ng", help="the espeak-ng executable (default: %(default)s)")
     p.add_argument("--data-cache", type=Path, default=None,
                    help="keep the synthesised splits here as .npz (keyed by their settings) and reuse them")
-    p.add_argument("--vae-steps", type=int, default=500)
-    p.add_argument("--vae-batch-size", type=int, default=32)
-    p.add_argument("--vae-lr", type=float, default=1e-3)
-    p.add_argument("--kl-weight", type=float, default=1e-5)
-    p.add_argument("--unet-steps", type=int, default=2400)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--warmup", type=int, default=200)
-    p.add_argument("--ema-decay", type=float, default=0.999)
+    _training.add_training_arguments(p, vae_steps=500, kl_weight=1e-5, unet_steps=2400, vae_batch_size=32)
     p.add_argument("--grid-steps", type=int, default=25, help="DDIM steps for samples.png, the WAVs and the metrics")
     p.add_argument("--griffin-lim-iters", type=int, default=64, help="Griffin-Lim iterations for the WAVs")
-    p.add_argument("--dtype", choices=("float16", "float32"), default="float16",
-                   help="dtype of the saved weights (diffusers loads them as float32 either way)")
     p.add_argument("--eval-samples", type=int, default=500,
                    help="generated clips for the metrics (0 skips them; needs benchmarks.metrics, i.e. run from the "
                         "repository root, and the spoken-digit classifier's weights)")
-    p.add_argument("--evaluate-only", action="store_true",
-                   help="train nothing: evaluate the model already in --out and rewrite samples, WAVs, "
-                        "training.json and the card")
-    args = p.parse_args(argv)
-    for name in ("vae_steps", "vae_batch_size", "unet_steps", "batch_size", "threads", "grid_steps",
-                 "griffin_lim_iters"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
+    _training.add_output_arguments(p, evaluate_only_rewrites="samples, WAVs, training.json and the card")
+    args = _training.parse_recipe_args(p, argv, positive=("vae_batch_size", "grid_steps", "griffin_lim_iters"))
     if not 0 <= args.eval_samples <= SPLITS["eval"][1] // 2:
         p.error(f"--eval-samples must be in [0, {SPLITS['eval'][1] // 2}] (half the eval split is the reference, "
                 f"half the real-vs-real baseline); got {args.eval_samples}")
@@ -345,43 +233,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    out: Path = args.out
-    if args.evaluate_only and not (out / "training.json").is_file():
-        print(f"error: --evaluate-only needs a model trained by this recipe in {out} (no training.json there)",
-              file=sys.stderr)
-        return 2
-    if not args.evaluate_only and out.exists() and any(out.iterdir()) and not args.overwrite:
-        print(f"error: {out} exists and is not empty; pass --overwrite to replace it", file=sys.stderr)
-        return 2
-    try:
-        check_espeak(args.espeak)  # before any heavy import or training: the data come first
-    except MissingProgramError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    import torch
+    return _training.run_recipe(args, train=_run, evaluate_only=_evaluate_only,
+                                check=lambda: check_espeak(args.espeak))
 
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(args.threads)
-        if args.evaluate_only:
-            training = json.loads((out / "training.json").read_text())
-            training["args"].update(eval_samples=args.eval_samples, grid_steps=args.grid_steps,
-                                    griffin_lim_iters=args.griffin_lim_iters)
-            _finish(out, training, args)
-            return 0
-        _run(args, out)
-        return 0
-    except MissingPackageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        torch.set_num_threads(threads)
+
+def _evaluate_only(args: argparse.Namespace, out: Path) -> None:
+    training = _training.reread_training(out, args, ("eval_samples", "grid_steps", "griffin_lim_iters"))
+    _finish(out, training, args)
 
 
 def _run(args: argparse.Namespace, out: Path) -> None:
-    import diffusers
     import torch
-    from diffusers import DDIMScheduler
     from ldpruner.zoo.audio import MEL_CONFIG_FILE, MelConfig
 
     wall = time.perf_counter()
@@ -396,51 +258,17 @@ def _run(args: argparse.Namespace, out: Path) -> None:
     x_train, x_held = torch.from_numpy(mels), torch.from_numpy(held)
 
     vae = train_vae(x_train, args, gen, log)
-    latent_mean, latent_std = encode_latents(vae, x_train)
-    sampled = latent_mean + latent_std * torch.randn(latent_mean.shape, generator=gen)
-    scaling = float(1.0 / sampled.std())
-    vae.register_to_config(scaling_factor=scaling)
-    log["vae_scaling_factor"] = scaling
-    with torch.no_grad():
-        held_mean, _ = encode_latents(vae, x_held)
-        recon = torch.cat([vae.decode(held_mean[i:i + 250]).sample for i in range(0, len(held_mean), 250)])
-    mse01 = float(((recon.clamp(-1, 1) - x_held) / 2).square().mean())
-    log["vae_heldout_mse_01"] = round(mse01, 5)
-    log["vae_heldout_psnr_db"] = round(10 * math.log10(1 / mse01), 2)
-
-    unet, ddpm = train_unet(latent_mean * scaling, latent_std * scaling, args, gen, log)
+    latent_mean, latent_std = _training.scale_latents(vae, x_train, x_held, gen, log, batch=250)
+    unet, ddpm = train_unet(latent_mean, latent_std, args, gen, log)
     log["train_seconds_total"] = round(time.perf_counter() - wall, 1)
 
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    # nn.Module.half / float rather than ModelMixin.to(dtype), which warns about modules kept in float32 (none here)
-    cast = (lambda m: m.half()) if args.dtype == "float16" else (lambda m: m.float())
-    cast(unet).save_pretrained(out / "unet", safe_serialization=True)
-    cast(vae).save_pretrained(out / "vae", safe_serialization=True)
-    DDIMScheduler.from_config(ddpm.config, **DDIM_EXTRA).save_pretrained(out / "scheduler")
+    notes = {"_mel": f"{MEL_CONFIG_FILE}: the log-mel settings of the 64x64 images the model generates; turn them "
+                     "into audio with ldpruner.zoo.audio.mel_to_waveform (Griffin-Lim, needs librosa)"}
+    _training.save_model_folder(out, unet=unet, vae=vae, ddpm=ddpm, dtype=args.dtype,
+                                pipeline_class="LdprunerZooUnconditionalAudio", notes=notes)
     (out / MEL_CONFIG_FILE).write_text(json.dumps(config.to_json(), indent=2) + "\n")
-    (out / "model_index.json").write_text(json.dumps({
-        "_class_name": "LdprunerZooUnconditionalAudio",
-        "_diffusers_version": diffusers.__version__,
-        "_mel": f"{MEL_CONFIG_FILE}: the log-mel settings of the 64x64 images the model generates; turn them into "
-                "audio with ldpruner.zoo.audio.mel_to_waveform (Griffin-Lim, needs librosa)",
-        "scheduler": ["diffusers", "DDIMScheduler"],
-        "unet": ["diffusers", "UNet2DModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-    }, indent=2) + "\n")
-    training = {
-        "recipe": "zoo/recipes/espeak_digits.py",
-        "command": "python -m ldpruner.zoo.recipes.espeak_digits " + " ".join(sys.argv[1:]),
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "data": _data_record(len(mels)),
-        "mel": config.to_json(),
-        "params": {"unet": sum(p.numel() for p in unet.parameters()),
-                   "vae": sum(p.numel() for p in vae.parameters())},
-        "measured": log,
-        "machine": {"torch": torch.__version__, "diffusers": diffusers.__version__, "threads": args.threads,
-                    "cpu": platform.processor() or platform.machine()},
-    }
+    training = _training.training_record("espeak_digits", args, log, data=_data_record(len(mels)),
+                                         params=_training.parameter_counts(unet, vae), mel=config.to_json())
     _finish(out, training, args)
 
 
@@ -497,8 +325,7 @@ def _finish(out: Path, training: dict, args: argparse.Namespace) -> None:
     if a.get("eval_samples", 0) > 0:
         training["metrics"] = evaluate(model, held, held_digits, config, n=a["eval_samples"], steps=a["grid_steps"],
                                        griffin_lim_iters=a["griffin_lim_iters"], wav_mels=generated[:WAV_SAMPLES])
-    (out / "training.json").write_text(json.dumps(training, indent=2) + "\n")
-    (out / "README.md").write_text(_model_card(training))
+    _training.write_training_and_card(out, training, _model_card)
 
 
 def _write_wav(path: Path, clip: np.ndarray, rate: int) -> None:
@@ -563,13 +390,6 @@ def evaluate(model: Any, held: np.ndarray, held_digits: np.ndarray, config: Any,
     result["seconds"] = round(time.perf_counter() - start, 1)
     return result
 
-
-
-def _notes_section(notes: list[str] | None) -> str:
-    """What a person saw in samples.png: ``notes`` in training.json, written by hand, not by this recipe."""
-    if not notes:
-        return ""
-    return "## Looked at by hand\n" + "".join(f"- {n}\n" for n in notes) + "\n"
 
 
 def _metrics_section(metrics: dict | None) -> str:
@@ -681,12 +501,10 @@ shared with other jobs, so the times are pessimistic).
 | {WAV_SAMPLES} WAVs by Griffin-Lim | | {m.get('wav_seconds', '–')} s | |
 
 ## Metrics
-- VAE reconstruction of the held-out `eval` mels: MSE {m['vae_heldout_mse_01']} on the [0, 1] scale
-  (PSNR {m['vae_heldout_psnr_db']} dB).
-- Final UNet loss (noise MSE, running mean): {m['unet_final_loss_ema']}.
+{_training.card_training_metrics(m, "`eval` mels")}
 
 {_metrics_section(training.get("metrics"))}
-{_notes_section(training.get("notes"))}## Reproduce
+{notes_section(training.get("notes"))}## Reproduce
 ```
 apt-get install espeak-ng && pip install 'ldpruner[zoo]'
 python -m benchmarks.metrics.spoken_digits --train --seed 0        # the metrics' classifier (committed)

