@@ -77,8 +77,23 @@ def summarise(rows: list[dict[str, Any]], budgets: list[float]) -> dict[str, Any
             per[crit] = entry
         best = {stage: min((c for c in per if per[c][stage]), key=lambda c: per[c][stage]["fd"], default=None)
                 for stage in ("before", "after")}
-        out[str(budget)] = {"criteria": per, "best": best}
+        pareto = {stage: _pareto(per, stage) for stage in ("before", "after")}
+        out[str(budget)] = {"criteria": per, "best": best, "pareto": pareto}
     return out
+
+
+def _pareto(per: dict[str, Any], stage: str) -> list[str]:
+    """Criteria no other criterion beats on both counts at this budget: lower (or equal) FD *and* more (or equal)
+    parameters removed, one of them strictly. Operators are coarse in small UNets, so the same budget can end at
+    quite different removed fractions; the lowest FD alone would favour whoever removed least."""
+    have = {c: e for c, e in per.items() if e[stage] is not None}
+
+    def beats(a: dict[str, Any], b: dict[str, Any]) -> bool:
+        fa, fb = a[stage]["fd"], b[stage]["fd"]
+        ra, rb = a["params_removed_fraction"], b["params_removed_fraction"]
+        return fa <= fb and ra >= rb and (fa < fb or ra > rb)
+
+    return [c for c, e in have.items() if not any(beats(o, e) for k, o in have.items() if k != c)]
 
 
 def _fmt(e: dict[str, Any] | None) -> str:
@@ -99,8 +114,10 @@ def _markdown(report: dict[str, Any]) -> str:
                   "|---|---:|---:|---:|"]
         for c, e in s["criteria"].items():
             lines.append(f"| {c} | {e['params_removed_fraction']:.1%} | {_fmt(e['before'])} | {_fmt(e['after'])} |")
-        lines += ["", f"Best before distillation: **{s['best']['before']}**; after: **{s['best']['after']}**.", ""]
-    lines += ["![quality vs budget](quality.png)", ""]
+        lines += ["", f"Lowest FD before distillation: **{s['best']['before']}**; after: **{s['best']['after']}**. "
+                      f"Not beaten on both FD and params removed: before {', '.join(s['pareto']['before'])}; after "
+                      f"{', '.join(s['pareto']['after']) or '—'}.", ""]
+    lines += ["![quality vs params removed](quality.png)", ""]
     return "\n".join(lines)
 
 
@@ -110,19 +127,19 @@ def _plot(report: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    budgets = [float(b) for b in report["summary"]]
-    crits = list(next(iter(report["summary"].values()))["criteria"])
+    crits = list(dict.fromkeys(r["criterion"] for r in report["rows"]))
+    markers = dict(zip(crits, "osD^vP*X"))
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, stage in zip(axes, ("before", "after")):
-        for c in crits:
-            es = [report["summary"][str(b)]["criteria"][c][stage] for b in budgets]
-            pts = [(b, e) for b, e in zip(budgets, es) if e is not None]
+        for c in crits:  # every plan at the fraction it really removed (random: one point per seed)
+            pts = sorted((r["params_removed_fraction"], r[stage]["fd"]) for r in report["rows"]
+                         if r["criterion"] == c and r[stage] is not None)
             if pts:
-                ax.errorbar([b for b, _ in pts], [e["fd"] for _, e in pts], yerr=[e["std"] for _, e in pts],
-                            marker="o", capsize=3, label=c)
+                ax.plot([x for x, _ in pts], [y for _, y in pts], marker=markers[c], ls="-" if c != "random" else "",
+                        label=c, alpha=0.8)
         ax.axhline(report["dense"]["fd"], color="k", ls="--", lw=1, label="dense")
         ax.set_title(f"{stage} distillation")
-        ax.set_xlabel("fraction of UNet params removed (budget)")
+        ax.set_xlabel("fraction of UNet params removed (actual)")
     axes[0].set_ylabel(f"FD ({report['features']})")
     axes[1].legend(fontsize=8)
     fig.tight_layout()

@@ -138,3 +138,22 @@ def test_spearman_on_known_rankings():
     r = baselines.spearman([1, 2, 3, 4, 5], [5, 4, 3, 2, 1])
     assert r["rho"] == pytest.approx(-1.0) and r["n"] == 5 and r["p"] < 0.05
     assert baselines.spearman([1, 1, 1], [1, 2, 3])["rho"] is None
+
+
+def test_selection_summary_names_the_lowest_fd_and_the_criteria_nobody_beats_on_both_counts():
+    from benchmarks.selection_quality import summarise
+
+    def row(criterion, removed, before, after=None):
+        return {"budget": 0.3, "criterion": criterion, "params_removed_fraction": removed,
+                "before": {"fd": before}, "after": None if after is None else {"fd": after}}
+
+    rows = [row("ld", 0.40, 12.0, 10.0), row("magnitude", 0.31, 11.0, 10.5), row("bk_sdm", 0.30, 15.0, 9.0),
+            row("random", 0.35, 20.0), row("random", 0.33, 30.0)]
+    s = summarise(rows, [0.3])["0.3"]
+    assert s["criteria"]["random"]["before"] == {"fd": 25.0, "std": 5.0, "n": 2}
+    assert s["criteria"]["random"]["after"] is None
+    assert s["best"] == {"before": "magnitude", "after": "bk_sdm"}
+    # ld removed most, magnitude has the lowest FD: neither beats the other; bk_sdm and random are beaten by both
+    assert s["pareto"]["before"] == ["ld", "magnitude"]
+    # after distillation: bk_sdm has the lowest FD, ld removed the most; magnitude is beaten by ld on both counts
+    assert s["pareto"]["after"] == ["ld", "bk_sdm"]
