@@ -380,8 +380,8 @@ def _plots(record: dict[str, Any], model_dir: Path) -> dict[str, str]:
 
 
 def _grids(grids: Mapping[str, Any], samples_dir: Path, model_dir: Path, shown: int = 16) -> dict[str, Any]:
-    """One PNG grid per variant, and one figure with the first ``shown`` samples of every variant side by side
-    (same seeds, same prompts: column by column the same noise)."""
+    """One PNG grid (64 samples evenly spaced over the set) per variant, and one figure with ``shown`` evenly spaced
+    samples of every variant side by side (same seeds, same prompts: cell by cell the same noise)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -389,15 +389,20 @@ def _grids(grids: Mapping[str, Any], samples_dir: Path, model_dir: Path, shown: 
 
     from .metrics import image_grid, save_image_grid
 
+    import torch
+
+    def spread(images, k):  # evenly spaced over the set: T2I samples come in prompt order, one digit after another
+        return images[torch.linspace(0, len(images) - 1, min(k, len(images))).round().long()]
+
     samples_dir.mkdir(parents=True, exist_ok=True)
     files = {}
     for name, images in grids.items():
         path = samples_dir / f"{name.replace(' ', '-').replace('%', 'pct')}.png"
-        save_image_grid(images[:64], path, 8, scale=2)
+        save_image_grid(spread(images, 64), path, 8, scale=2)
         files[name] = str(path)
     fig, axes = plt.subplots(1, len(grids), figsize=(2.6 * len(grids), 2.9), squeeze=False)
     for ax, (name, images) in zip(axes[0], grids.items()):
-        grid = image_grid(images[:shown], 4, scale=2)
+        grid = image_grid(spread(images, shown), 4, scale=2)
         ax.imshow(grid, cmap="gray" if grid.ndim == 2 else None, interpolation="nearest")
         ax.set_title(name, fontsize=9)
         ax.axis("off")
