@@ -6,8 +6,9 @@ pruned+distilled measured in one run, on the same seeds (and prompts).
 
 Per model: LD-score analysis (N=20, 10 DDIM steps) → plan at ``--budget`` of UNet parameters → prune → distil
 data-free (teacher trajectories; ``ldpruner.api.distill`` with its defaults unless flags say otherwise). Quality:
-FD and KID on EfficientNet-Lite0 features against the held-out real images, with the real-vs-real baseline at the
-same sample count; for mnist-t2i also prompt-digit accuracy and FD on the digit classifier's features. Writes
+FD and KID against held-out real data with the real-vs-real baseline at the same sample count — EfficientNet-Lite0
+features for the image models (for mnist-t2i also prompt-digit accuracy and FD on the digit classifier's
+features), the spoken-digit classifier's features and the share of recognised clips for espeak-digits. Writes
 ``report.json``, ``report.md`` and one sample grid per model and variant. All numbers are relative (dense vs
 pruned on one machine); none is comparable to a published FID.
 """
@@ -76,8 +77,8 @@ def evaluate_model(name: str, args: argparse.Namespace, out: Path) -> dict[str, 
 
 def _markdown(report: dict[str, Any]) -> str:
     lines = ["# Dense vs LD-pruned vs pruned + distilled zoo models", "",
-             f"Command: `{report['command']}`", "", "Numbers are relative (EfficientNet-Lite0 features, "
-             "not published FID). Same seeds and prompts for every variant.", ""]
+             f"Command: `{report['command']}`", "", "Numbers are relative (EfficientNet-Lite0 features for "
+             "images, the spoken-digit classifier's for audio; not published FID). Same seeds and prompts for every variant.", ""]
     for rec in report["models"]:
         p = rec["plan"]
         lines += [f"## {rec['model']}: {len(p['removed'])} operators removed, UNet params "
@@ -87,8 +88,10 @@ def _markdown(report: dict[str, Any]) -> str:
                   f"(loss {rec['distill']['loss_first_10pct']['loss']:.4g} → "
                   f"{rec['distill']['loss_last_10pct']['loss']:.4g}).", ""]
         digit = "prompt_digit_accuracy" in rec["quality"]["dense"]
+        audio = "recognisability" in rec["quality"]["dense"]
         header = "| variant | FD | FD / dense FD | KID | real-vs-real FD |"
         header += " digit-feature FD | prompt-digit accuracy |" if digit else ""
+        header += " recognised (p ≥ 0.5) | digit entropy (bits) |" if audio else ""
         lines += [header, "|---" * (header.count("|") - 1) + "|"]
         for key, q in rec["quality"].items():
             e = primary(q)
@@ -96,6 +99,9 @@ def _markdown(report: dict[str, Any]) -> str:
                    f"{e['fd_real_vs_real']:.2f} |")
             if digit:
                 row += f" {q['digit_features']['fd']:.2f} | {q['prompt_digit_accuracy']:.1%} |"
+            if audio:
+                r = q["recognisability"]
+                row += f" {r['recognised']['0.5']:.1%} | {r['entropy_bits']:.2f} |"
             lines.append(row)
         short = rec["model"].removeprefix("zoo:")
         grids = ", ".join(f"`{short}/{k}.png`" for k in rec["quality"])
