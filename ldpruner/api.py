@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ._loading import LoadedModel, load_model
+from ._loading import ZOO_PREFIX, LoadedModel, load_model
 from .config import BuildConfig, load_config
 from .errors import ArtifactError, BenchError, ConfigError
 
@@ -29,6 +29,7 @@ STUDENT = "student"
 DISTILL_DIR = "distill"
 ONNX_DIR = "onnx"
 REPORT = "report.json"
+SAMPLES = "samples.png"
 _STATE = ".ldpruner-build.json"  # input keys of each stage's artifact, for reuse across builds
 
 
@@ -564,6 +565,19 @@ def build(model: ModelLike | None = None, *, out: str | os.PathLike | None = Non
 
     stage("export", export_key, export_summary_path, run_export)
 
+    # zoo models: one look at the result, dense / pruned / distilled on the same seeds and prompts
+    rows = _sample_rows(loaded, cfg)
+    if rows:
+        def run_samples():
+            from ldpruner.passes.student import load_student
+            from ldpruner.zoo.preview import GraphDenoiser, preview_grid
+
+            folders = {"pruned": out_dir / STUDENT, "distilled": out_dir / DISTILL_DIR / STUDENT}
+            variants = {r: None if r == "dense" else GraphDenoiser.of(load_student(folders[r])) for r in rows}
+            return preview_grid(loaded.source.removeprefix(ZOO_PREFIX), variants, out_dir / SAMPLES)
+
+        stage("samples", _stage_key(student_key, prune_key, "samples/1"), out_dir / SAMPLES, run_samples)
+
     report = _build_report(cfg, loaded, graph, plan, out_dir, timings, reused)
     write_text_atomic(out_dir / REPORT, json.dumps(report, indent=2, default=str) + "\n")
     write_text_atomic(out_dir / "report.md", _report_markdown(report))
@@ -601,13 +615,23 @@ def _build_report(cfg: BuildConfig, loaded: LoadedModel, graph, plan, out_dir: P
                      "wall_time_s": scores.wall_time_s, "scheduler": scores.scheduler},
         "removed": removed,
         "distill": _distill_report(out_dir / DISTILL_DIR) if cfg.distill_steps else None,
+        "samples": ({"path": str(out_dir / SAMPLES), "rows": _sample_rows(loaded, cfg)}
+                    if _sample_rows(loaded, cfg) else None),
         "export": export_summary,
         "timings_s": timings,
         "reused_stages": reused,
         "artifacts": {name: str(out_dir / name) for name in
                       (SCORES, PLAN, STUDENT, *([f"{DISTILL_DIR}/{STUDENT}"] if cfg.distill_steps else []),
-                       f"{ONNX_DIR}/unet.onnx", "operators.txt", REPORT, "report.md")},
+                       f"{ONNX_DIR}/unet.onnx", "operators.txt", REPORT, "report.md",
+                       *([SAMPLES] if _sample_rows(loaded, cfg) else []))},
     }
+
+
+def _sample_rows(loaded: LoadedModel, cfg: BuildConfig) -> list[str]:
+    """The rows of build's samples.png (zoo models only: they know how to sample and decode)."""
+    if not loaded.source.startswith(ZOO_PREFIX):
+        return []
+    return ["dense", "pruned"] + (["distilled"] if cfg.distill_steps else [])
 
 
 def _distill_report(folder: Path) -> dict[str, Any]:
@@ -661,6 +685,10 @@ def _report_markdown(report: dict[str, Any]) -> str:
             "",
             f"![distillation loss]({DISTILL_DIR}/loss.png)",
         ]
+    if report.get("samples"):
+        lines += ["", "## Samples", "",
+                  f"Rows: {', '.join(report['samples']['rows'])} — the same seeds (and prompts) in every row; quality "
+                  "numbers come from `ldpruner bench`.", "", f"![samples]({SAMPLES})"]
     lines += [
         "",
         "## Export",
