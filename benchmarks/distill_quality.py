@@ -60,9 +60,10 @@ def evaluate_model(name: str, args: argparse.Namespace, out: Path) -> dict[str, 
         options["batch_size"] = args.batch_size
     options.update(distill_options(name))
     result = api.distill(spec, pruned, out=out / name / "distill", overwrite=True, progress=args.progress,
-                         **options)
+                         data=args.data, **options)
     record["distill"] = {"steps": args.distill_steps, "wall_s": round(time.perf_counter() - t0, 1),
-                         "options": options, "loss_first_10pct": result.summary["loss_first_10pct"],
+                         "options": options, "data": str(args.data) if args.data else "teacher trajectories",
+                         "loss_first_10pct": result.summary["loss_first_10pct"],
                          "loss_last_10pct": result.summary["loss_last_10pct"]}
     variants["distilled"] = sample(GraphUNet(result.student.gm, result.student.traced.input_names))
 
@@ -119,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=400, help="generated images per variant (a multiple of 10)")
     p.add_argument("--sample-steps", type=int, default=25)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--data", type=Path, help="distil on this dataset folder (images, captions for T2I) through the "
+                   "model's VAE, adding the denoising loss, instead of data-free (one model per run)")
     p.add_argument("--progress", action="store_true")
     p.add_argument("--out", type=Path, default=Path("build/bench-distill"))
     args = p.parse_args(argv)
