@@ -136,8 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, help="untimed calls per variant first (default: 3)")
     p.add_argument("--batch-sizes", type=int, nargs="+", help="latency batch sizes (default: 1 2; 2 = guidance)")
     p.add_argument("--quality", action=argparse.BooleanOptionalAction, default=None,
-                   help="sample and score images on the same seeds (zoo image models; default: on)")
-    p.add_argument("--samples", type=int, help="images per variant for quality (default: 100)")
+                   help="sample and score on the same seeds (zoo models with held-out real data: mnist-t2i, "
+                        "crawl-tiles, espeak-digits; default: on)")
+    p.add_argument("--samples", type=int, help="samples per variant for quality (default: 100)")
     p.add_argument("--sample-steps", type=int, help="scheduler steps per sample for quality (default: 25)")
     p.add_argument("--num-samples", type=int, help="analysis: N samples for the LD score (default: 8)")
     p.add_argument("--steps", type=int, help="analysis: scheduler steps (default: 10)")
