@@ -52,6 +52,7 @@ class BenchConfig:
     threads: int | None = None
     memory: bool = True
     distill_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    distill_data: str | None = None  # a dataset folder: distil on it (adds the denoising loss); one model only
     overwrite: bool = False
 
     def __post_init__(self) -> None:
@@ -73,6 +74,12 @@ class BenchConfig:
         if not self.batch_sizes or any(isinstance(b, bool) or not isinstance(b, int) or b < 1
                                        for b in self.batch_sizes):
             problems.append(f"batch_sizes must be positive ints; got {list(self.batch_sizes)}")
+        if self.distill_data is not None:
+            if len(self.models) != 1:
+                problems.append(f"distill_data is one model's dataset; bench one model at a time with it "
+                                f"(got {len(self.models)} models)")
+            if not self.distill_steps:
+                problems.append("distill_data needs distill_steps > 0")
         if self.metric not in ("params", "macs"):
             problems.append(f"metric must be 'params' or 'macs'; got {self.metric!r}")
         if problems:
@@ -285,9 +292,11 @@ def _bench_model(spec: str, model: Any, config: BenchConfig, out: Path, threads:
             # the teacher's trajectories follow how the model is sampled (guidance for the T2I zoo model)
             zoo_defaults = distill_options(spec.removeprefix("zoo:")) if spec.startswith("zoo:") else {}
             options = {"steps": config.distill_steps, **zoo_defaults, **dict(config.distill_options)}
-            result = api.distill(loaded, pruned, out=bdir / "distill", overwrite=True, progress=progress, **options)
+            result = api.distill(loaded, pruned, out=bdir / "distill", overwrite=True, progress=progress,
+                                 data=config.distill_data, **options)
             s = result.summary
             entry["distill"] = {"steps": s["steps"], "wall_time_s": s["wall_time_s_this_run"], "options": options,
+                                "data": config.distill_data or "teacher trajectories",
                                 "loss_first_10pct": s["loss_first_10pct"]["loss"],
                                 "loss_last_10pct": s["loss_last_10pct"]["loss"], "student": str(bdir / "distill" / "student")}
             student = result.student

@@ -397,13 +397,15 @@ def bench(
     threads: int | None = None,
     memory: bool = True,
     distill_options: dict[str, Any] | None = None,
+    distill_data: str | os.PathLike | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Dense vs pruned (vs pruned + distilled) side by side for each model and budget: params, MACs, torch and
     onnxruntime latency at each batch size (interleaved, median of ``repeats``), ONNX peak memory and — for zoo
     models with held-out real data — quality on the same seeds. Writes ``out/report.json``, ``out/report.md``,
-    plots and sample grids; returns the report. ``distill_options`` are extra DistillConfig fields."""
+    plots and sample grids; returns the report. ``distill_options`` are extra DistillConfig fields;
+    ``distill_data`` a dataset folder to distil on (one model per run; data-free without it)."""
     if isinstance(models, (str, os.PathLike)) or not isinstance(models, (list, tuple)):
         models = [models]
     names, objects = [], {}
@@ -418,7 +420,8 @@ def bench(
         models=tuple(names), out=os.fspath(out), budgets=tuple(float(b) for b in budgets),
         metric=metric, distill_steps=distill_steps, repeats=repeats, warmup=warmup, batch_sizes=tuple(batch_sizes),
         quality=quality, samples=samples, sample_steps=sample_steps, num_samples=num_samples, steps=steps,
-        threads=threads, memory=memory, distill_options=dict(distill_options or {}), overwrite=overwrite)
+        threads=threads, memory=memory, distill_options=dict(distill_options or {}),
+        distill_data=os.fspath(distill_data) if distill_data is not None else None, overwrite=overwrite)
     return module.run_bench(config, progress=progress, objects=objects)
 
 

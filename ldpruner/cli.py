@@ -132,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budgets", type=float, nargs="+", help="fractions to remove (default: 0.1 0.2 0.3 0.4 0.5)")
     p.add_argument("--metric", choices=["params", "macs"], help="what the budgets count (default: params)")
     p.add_argument("--distill-steps", type=int, help="also distil each pruned model this many steps (default: 0)")
+    p.add_argument("--distill-data", help="distil on this dataset folder (images; captions for T2I) through the "
+                                          "model's VAE instead of data-free (one model per run)")
     p.add_argument("--repeats", type=int, help="timed calls per variant (default: 10)")
     p.add_argument("--warmup", type=int, help="untimed calls per variant first (default: 3)")
     p.add_argument("--batch-sizes", type=int, nargs="+", help="latency batch sizes (default: 1 2; 2 = guidance)")
@@ -222,8 +224,8 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "bench":
         report = api.bench(args.models, out=args.out,
-                           **_options(args, "budgets", "metric", "distill_steps", "repeats", "warmup", "batch_sizes",
-                                      "quality", "samples", "sample_steps", "num_samples", "steps", "threads",
+                           **_options(args, "budgets", "metric", "distill_steps", "distill_data", "repeats", "warmup",
+                                      "batch_sizes", "quality", "samples", "sample_steps", "num_samples", "steps", "threads",
                                       "memory", "overwrite"))
         for rec in report["models"]:
             for e in rec["budgets"]:

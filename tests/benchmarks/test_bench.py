@@ -69,6 +69,29 @@ def test_bench_config_collects_every_problem(tmp_path):
         api.bench("random:sd-tiny", out=tmp_path, budgets=[0.2, 1.5], repeats=0, metric="flops")
     message = str(info.value)
     assert "budgets" in message and "repeats" in message and "metric" in message
+    with pytest.raises(ConfigError, match=r"distill_data is one model's dataset.*\(got 2 models\); distill_data needs "
+                                          r"distill_steps > 0"):
+        api.bench(["zoo:crawl-tiles", "zoo:espeak-digits"], out=tmp_path, distill_data=tmp_path)
+    assert not (tmp_path / "report.json").exists()
+
+
+def test_bench_distils_on_a_dataset_folder(tmp_path):
+    """--distill-data: the pruned zoo model is distilled on VAE-encoded images (denoising loss added)."""
+    import numpy as np
+    from PIL import Image
+
+    from ldpruner import api
+
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / f"tile{i}.png")
+    report = api.bench("zoo:crawl-tiles", out=tmp_path / "bench", budgets=[0.2], distill_steps=2, distill_data=tmp_path,
+                       distill_options={"batch_size": 2}, quality=False, memory=False, repeats=1, warmup=0,
+                       batch_sizes=[1], num_samples=2, steps=1, progress=False)
+    (entry,) = report["models"][0]["budgets"]
+    assert entry["distill"]["data"] == str(tmp_path) and entry["distill"]["steps"] == 2
+    distilled = json.loads((tmp_path / "bench" / "zoo-crawl-tiles" / "budget-0.20" / "distill" / "distill.json").read_text())
+    assert distilled["data"]["kind"] == "latents" and distilled["data"]["rows_on_this_rank"] == 4
 
 
 def test_bench_smoke_tiny_unet(tmp_path):
