@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ldpruner.errors import ConfigError
+from ldpruner.zoo.preview import GraphDenoiser
 
 __all__ = ["WORDS", "QUALITY_MODELS", "AUDIO_MODELS", "primary", "GraphUNet", "real_sets", "zoo_sampler", "QualityMeter"]
 
@@ -25,24 +26,8 @@ QUALITY_MODELS = ("mnist-t2i", "crawl-tiles", "espeak-digits")  # zoo models wit
 AUDIO_MODELS = ("espeak-digits",)
 
 
-class GraphUNet:
-    """A traced (pruned) fx graph behind the diffusers call signature the zoo samplers use."""
-
-    def __init__(self, gm: torch.fx.GraphModule, input_names: tuple[str, ...]):
-        self.gm, self.names = gm, input_names
-
-    def __call__(self, sample, t, encoder_hidden_states=None, **_: Any):
-        t = torch.as_tensor(t).reshape(-1).expand(sample.shape[0])
-        inputs = {"sample": sample, "timestep": t, "encoder_hidden_states": encoder_hidden_states}
-        with torch.no_grad():
-            out = self.gm(*[inputs[n] for n in self.names])
-        return _Output(sample=out)
-
-
-class _Output(dict):
-    def __init__(self, sample):
-        super().__init__(sample=sample)
-        self.sample = sample
+# a traced (pruned) fx graph behind the call the zoo samplers make: the product's own adapter (build's samples.png)
+GraphUNet = GraphDenoiser
 
 
 def real_sets(name: str, n: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:

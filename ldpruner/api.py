@@ -595,6 +595,7 @@ def _build_report(cfg: BuildConfig, loaded: LoadedModel, graph, plan, out_dir: P
     validation = export_summary["export"]["validation"]
     totals = plan.to_dict()["totals"]
     removed = [dict(r.to_dict(), kind=graph[r.name].kind) for r in plan.removals]
+    sample_rows = _sample_rows(loaded, cfg)
     summary = (
         f"{cfg.model}: removed {len(plan.removals)} of {len(graph.candidates)} candidate operators; "
         f"UNet params {totals['params_before']:,} -> {totals['params_after']:,} "
@@ -618,15 +619,14 @@ def _build_report(cfg: BuildConfig, loaded: LoadedModel, graph, plan, out_dir: P
                      "wall_time_s": scores.wall_time_s, "scheduler": scores.scheduler},
         "removed": removed,
         "distill": _distill_report(out_dir / DISTILL_DIR) if cfg.distill_steps else None,
-        "samples": ({"path": str(out_dir / SAMPLES), "rows": _sample_rows(loaded, cfg)}
-                    if _sample_rows(loaded, cfg) else None),
+        "samples": {"path": str(out_dir / SAMPLES), "rows": sample_rows} if sample_rows else None,
         "export": export_summary,
         "timings_s": timings,
         "reused_stages": reused,
         "artifacts": {name: str(out_dir / name) for name in
                       (SCORES, PLAN, STUDENT, *([f"{DISTILL_DIR}/{STUDENT}"] if cfg.distill_steps else []),
                        f"{ONNX_DIR}/unet.onnx", "operators.txt", REPORT, "report.md",
-                       *([SAMPLES] if _sample_rows(loaded, cfg) else []))},
+                       *([SAMPLES] if sample_rows else []))},
     }
 
 
