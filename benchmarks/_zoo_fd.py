@@ -9,7 +9,6 @@ Images (``mnist-t2i``, ``crawl-tiles``): ImageNet EfficientNet-Lite0 features (s
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch

@@ -19,7 +19,7 @@ import torch
 from ldpruner.errors import ConfigError
 from ldpruner.zoo.preview import GraphDenoiser
 
-__all__ = ["WORDS", "QUALITY_MODELS", "AUDIO_MODELS", "primary", "GraphUNet", "real_sets", "zoo_sampler", "QualityMeter"]
+__all__ = ["WORDS", "QUALITY_MODELS", "AUDIO_MODELS", "primary", "quality_table", "GraphUNet", "real_sets", "zoo_sampler", "QualityMeter"]
 
 WORDS = "zero one two three four five six seven eight nine".split()
 QUALITY_MODELS = ("mnist-t2i", "crawl-tiles", "espeak-digits")  # zoo models with a held-out real set
@@ -86,6 +86,29 @@ def zoo_sampler(name: str, n: int, steps: int) -> tuple[Callable[[Any], torch.Te
 def primary(quality: dict[str, Any]) -> dict[str, Any]:
     """The FD/KID entry a variant is ranked by: EfficientNet-Lite0 for images, the spoken-digit features for audio."""
     return quality[quality["primary"]]
+
+
+def quality_table(rows: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    """Markdown lines: one row per (variant, QualityMeter result), the first being the dense model the FD ratio
+    is taken against; digit columns for the T2I model, recognisability for audio."""
+    dense = rows[0][1]
+    digit, audio = "prompt_digit_accuracy" in dense, "recognisability" in dense
+    header = "| variant | FD | FD / dense | KID | real-vs-real FD |"
+    header += " digit FD | prompt-digit acc. |" if digit else ""
+    header += " recognised (p ≥ 0.5) | digit entropy (bits) |" if audio else ""
+    lines = [header, "|---" * (header.count("|") - 1) + "|"]
+    dense_fd = primary(dense)["fd"]
+    for name, q in rows:
+        e = primary(q)
+        row = (f"| {name} | {e['fd']:.2f} | {e['fd'] / dense_fd:.3f} | {e['kid']['mean']:.4f} ± {e['kid']['std']:.4f} "
+               f"| {e['fd_real_vs_real']:.2f} |")
+        if digit:
+            row += f" {q['digit_features']['fd']:.2f} | {q['prompt_digit_accuracy']:.1%} |"
+        if audio:
+            r = q["recognisability"]
+            row += f" {r['recognised']['0.5']:.1%} | {r['entropy_bits']:.2f} |"
+        lines.append(row)
+    return lines
 
 
 class QualityMeter:

@@ -19,7 +19,7 @@ import json
 import os
 import platform
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -472,7 +472,7 @@ def markdown(report: Mapping[str, Any]) -> str:
         header = ["budget", "removed ops", "params (ratio)", "MACs ratio"]
         for runtime in ("torch", "ORT"):
             for b in batches:
-                header += [f"{runtime} {b.replace('batch_', 'b')} dense ms", f"pruned ms", "ratio"]
+                header += [f"{runtime} {b.replace('batch_', 'b')} dense ms", "pruned ms", "ratio"]
         header += ["ORT peak MiB (ratio)", "ONNX valid"]
         lines += ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
         for e in rec["budgets"]:
@@ -501,31 +501,16 @@ def markdown(report: Mapping[str, Any]) -> str:
         q = rec["quality"]
         lines.append("")
         if q.get("available"):
-            from ._zoo_quality import primary
+            from ._zoo_quality import quality_table
 
-            digit = "prompt_digit_accuracy" in q["dense"]
             audio = "recognisability" in q["dense"]
             space = ("the spoken-digit classifier's features vs held-out real clips" if audio else
                      "EfficientNet-Lite0 features vs held-out real images")
             lines += [f"Quality: {cfg['samples']} samples per variant, {cfg['sample_steps']} steps, same seeds; FD/KID on "
                       f"{space} (relative numbers, not published FID).", ""]
-            header = "| variant | FD | FD / dense | KID | real-vs-real FD |"
-            header += " digit FD | prompt-digit acc. |" if digit else ""
-            header += " recognised (p ≥ 0.5) | digit entropy (bits) |" if audio else ""
-            lines += [header, "|---" * (header.count("|") - 1) + "|"]
-            dense_fd = primary(q["dense"])["fd"]
             rows = [("dense", q["dense"])] + [(f"{v} {e['budget']:.0%}", qq) for e in rec["budgets"]
                                                for v, qq in e.get("quality", {}).items()]
-            for name, qq in rows:
-                eff = primary(qq)
-                row = (f"| {name} | {eff['fd']:.2f} | {eff['fd'] / dense_fd:.3f} | {eff['kid']['mean']:.4f} ± "
-                       f"{eff['kid']['std']:.4f} | {eff['fd_real_vs_real']:.2f} |")
-                if digit:
-                    row += f" {qq['digit_features']['fd']:.2f} | {qq['prompt_digit_accuracy']:.1%} |"
-                if audio:
-                    r = qq["recognisability"]
-                    row += f" {r['recognised']['0.5']:.1%} | {r['entropy_bits']:.2f} |"
-                lines.append(row)
+            lines += quality_table(rows)
             slug = _slug(rec["model"])
             lines += ["", f"![samples]({slug}/samples.png)", "", f"![quality]({slug}/quality.png)"]
         else:

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from ._zoo_fd import distill_options
-from ._zoo_quality import GraphUNet, QualityMeter, primary, zoo_sampler
+from ._zoo_quality import GraphUNet, QualityMeter, primary, quality_table, zoo_sampler
 
 
 def evaluate_model(name: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
@@ -88,22 +88,7 @@ def _markdown(report: dict[str, Any]) -> str:
                   f"Distillation: {rec['distill']['steps']} steps, {rec['distill']['wall_s']:.0f} s on this machine "
                   f"(loss {rec['distill']['loss_first_10pct']['loss']:.4g} → "
                   f"{rec['distill']['loss_last_10pct']['loss']:.4g}).", ""]
-        digit = "prompt_digit_accuracy" in rec["quality"]["dense"]
-        audio = "recognisability" in rec["quality"]["dense"]
-        header = "| variant | FD | FD / dense FD | KID | real-vs-real FD |"
-        header += " digit-feature FD | prompt-digit accuracy |" if digit else ""
-        header += " recognised (p ≥ 0.5) | digit entropy (bits) |" if audio else ""
-        lines += [header, "|---" * (header.count("|") - 1) + "|"]
-        for key, q in rec["quality"].items():
-            e = primary(q)
-            row = (f"| {key} | {e['fd']:.2f} | {rec['fd_ratio_to_dense'][key]:.3f} | {e['kid']['mean']:.4f} ± {e['kid']['std']:.4f} | "
-                   f"{e['fd_real_vs_real']:.2f} |")
-            if digit:
-                row += f" {q['digit_features']['fd']:.2f} | {q['prompt_digit_accuracy']:.1%} |"
-            if audio:
-                r = q["recognisability"]
-                row += f" {r['recognised']['0.5']:.1%} | {r['entropy_bits']:.2f} |"
-            lines.append(row)
+        lines += quality_table(list(rec["quality"].items()))
         short = rec["model"].removeprefix("zoo:")
         grids = ", ".join(f"`{short}/{k}.png`" for k in rec["quality"])
         lines += ["", f"Grids: {grids}", ""]
