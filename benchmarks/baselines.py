@@ -249,7 +249,7 @@ def analysis_conditioning(model: Any, graph: OperatorGraph, num_samples: int) ->
     """The conditioning ``api.analyze`` would use for ``model`` (None for an unconditional UNet)."""
     from ldpruner.passes.importance import resolve_conditioning
 
-    from ldpruner._loading import load_model
+    from ldpruner.sources import load_model
     from ldpruner.api import _analysis_setup
 
     if "encoder_hidden_states" not in graph.traced.input_names and "class_labels" not in graph.traced.input_names:

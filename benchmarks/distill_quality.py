@@ -24,12 +24,13 @@ from typing import Any
 
 import torch
 
-from ._zoo_fd import distill_options
-from ._zoo_quality import GraphUNet, QualityMeter, primary, quality_table, zoo_sampler
+from .zoo_fd import distill_options
+from ldpruner.runtime.graph_unet import GraphUNet
+from ldpruner.bench.quality import QualityMeter, primary, quality_table, zoo_sampler
 
 
 def evaluate_model(name: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    from . import metrics
+    from ldpruner.bench import metrics
     from ldpruner import api
 
     spec = f"zoo:{name}"
@@ -51,7 +52,7 @@ def evaluate_model(name: str, args: argparse.Namespace, out: Path) -> dict[str, 
 
     variants: dict[str, torch.Tensor] = {}
     variants["dense"] = sample(None)
-    variants["pruned"] = sample(GraphUNet(pruned.gm, pruned.traced.input_names))
+    variants["pruned"] = sample(GraphUNet.of(pruned))
     t0 = time.perf_counter()
     options = {"steps": args.distill_steps}
     if args.lr is not None:
@@ -65,7 +66,7 @@ def evaluate_model(name: str, args: argparse.Namespace, out: Path) -> dict[str, 
                          "options": options, "data": str(args.data) if args.data else "teacher trajectories",
                          "loss_first_10pct": result.summary["loss_first_10pct"],
                          "loss_last_10pct": result.summary["loss_last_10pct"]}
-    variants["distilled"] = sample(GraphUNet(result.student.gm, result.student.traced.input_names))
+    variants["distilled"] = sample(GraphUNet.of(result.student))
 
     record["quality"] = {}
     for key, images in variants.items():

@@ -31,7 +31,7 @@ def measure(family: str, latent: int, batch: int, seq_len: int, granularities: S
             check_numerics: bool) -> dict[str, Any]:
     import torch
 
-    from ldpruner.compiler.families import build_unet, spatial_multiple
+    from ldpruner.sources.families import build_unet, spatial_multiple
     from ldpruner.compiler.graph import build_operator_graph
     from ldpruner.compiler.tracer import call_diffusers_unet, trace_unet, unet_example_inputs
 
@@ -89,7 +89,7 @@ def measure(family: str, latent: int, batch: int, seq_len: int, granularities: S
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", default="sd15", help="a name from ldpruner.compiler.families.FAMILIES")
+    parser.add_argument("--family", default="sd15", help="a name from ldpruner.sources.families.FAMILIES")
     parser.add_argument("--latent", type=int, default=16, help="latent height = width (a multiple of 8 for SD)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seq-len", type=int, default=77)
@@ -102,10 +102,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = json.dumps(report, indent=2)
     print(text)
     if args.output:
-        tmp = f"{args.output}.tmp"
-        with open(tmp, "w") as f:
-            f.write(text + "\n")
-        os.replace(tmp, args.output)
+        from ldpruner.io import write_text_atomic
+
+        write_text_atomic(args.output, text + "\n")
     return 0
 
 

@@ -28,14 +28,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from ldpruner import api
 
-    from ._zoo_fd import GraphUNet, ZooFD
+    from ldpruner.runtime.graph_unet import GraphUNet
+
+    from .zoo_fd import ZooFD
 
     zoo = ZooFD(args.model, args.samples, args.sample_steps)
     graph = api.inspect(zoo.spec)
     scores = criterion_scores(zoo.spec, graph, args.criteria, ld_samples=args.ld_samples, ld_steps=args.ld_steps,
                               random_seeds=[0])
     scores = {("random" if k == "random/0" else k): v for k, v in scores.items()}
-    unet = GraphUNet(graph.traced.gm, graph.traced.input_names)
+    unet = GraphUNet.of(graph.traced)
     dense = zoo.quality(zoo.sample(unet))
     removals = []
     for op in graph.candidates:

@@ -30,7 +30,9 @@ from .baselines import CRITERIA, criterion_scores, plan_for
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from ldpruner import api
 
-    from ._zoo_fd import GraphUNet, ZooFD, distill_options
+    from ldpruner.runtime.graph_unet import GraphUNet
+
+    from .zoo_fd import ZooFD, distill_options
 
     zoo = ZooFD(args.model, args.samples, args.sample_steps)
     graph = api.inspect(zoo.spec)
@@ -46,7 +48,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 row = {"budget": budget, "criterion": key.split("/")[0], "key": key, "removed": plan.names,
                        "params_removed_fraction": plan.removed_params / plan.total_params,
                        "macs_removed_fraction": plan.removed_macs / plan.total_macs,
-                       "before": zoo.quality(zoo.sample(GraphUNet(pruned.gm, pruned.traced.input_names))),
+                       "before": zoo.quality(zoo.sample(GraphUNet.of(pruned))),
                        "after": None}
                 seed = int(key.split("/")[1]) if "/" in key else 0
                 if args.distill_steps and seed < args.distill_random_seeds:
@@ -54,7 +56,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                          steps=args.distill_steps, progress=False, overwrite=True,
                                          **distill_options(args.model))
                     student = result.student
-                    row["after"] = zoo.quality(zoo.sample(GraphUNet(student.gm, student.traced.input_names)))
+                    row["after"] = zoo.quality(zoo.sample(GraphUNet.of(student)))
                 rows.append(row)
                 print(json.dumps({k: row[k] for k in ("budget", "key")} | {"fd_before": row["before"]["fd"],
                       "fd_after": row["after"] and row["after"]["fd"]}), file=sys.stderr)

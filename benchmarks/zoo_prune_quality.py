@@ -18,26 +18,14 @@ import sys
 import time
 from typing import Any
 
+from ldpruner.runtime.graph_unet import GraphUNet
+
 
 def _accuracy(model, unet, prompts, digits, seeds, steps) -> float:
-    from benchmarks.metrics import prompt_digit_accuracy
+    from ldpruner.bench.metrics import prompt_digit_accuracy
 
     images = model.sample(prompts, steps=steps, guidance_scale=5.0, seed=seeds, unet=unet)
     return prompt_digit_accuracy(images, digits)
-
-
-class _GraphUNet:
-    """Calls a traced/pruned fx graph with the diffusers UNet signature the zoo sampler uses."""
-
-    def __init__(self, gm, input_names):
-        self.gm, self.names = gm, input_names
-
-    def __call__(self, sample, t, encoder_hidden_states):
-        import torch
-        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
-
-        t = torch.as_tensor(t).reshape(-1).expand(sample.shape[0])
-        return UNet2DConditionOutput(sample=self.gm(sample, t, encoder_hidden_states))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         plan = api.select(scores, model=spec, budget=budget)
         pruned = api.prune(spec, plan)
         t0 = time.perf_counter()
-        ld_acc = _accuracy(model, _GraphUNet(pruned.gm, pruned.traced.input_names), prompts, digits, seeds, args.steps)
+        ld_acc = _accuracy(model, GraphUNet.of(pruned), prompts, digits, seeds, args.steps)
         pruned_s = time.perf_counter() - t0
         random_accs = []
         for seed in range(args.random_seeds):
@@ -90,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             rplan = RemovalPlan(tuple(PlannedRemoval(o.name, o.action.value, o.params, o.macs) for o in chosen),
                                 plan.model_class, plan.granularity, plan.total_params, plan.total_macs)
             rpruned = api.prune(spec, rplan)
-            random_accs.append(_accuracy(model, _GraphUNet(rpruned.gm, rpruned.traced.input_names), prompts, digits,
+            random_accs.append(_accuracy(model, GraphUNet.of(rpruned), prompts, digits,
                                          seeds, args.steps))
         mean = sum(random_accs) / len(random_accs)
         std = (sum((a - mean) ** 2 for a in random_accs) / len(random_accs)) ** 0.5

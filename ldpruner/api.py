@@ -15,9 +15,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ._loading import ZOO_PREFIX, LoadedModel, load_model
+from .sources import ZOO_PREFIX, LoadedModel, load_model
 from .config import BuildConfig, load_config
+from . import distributed
 from .errors import ArtifactError, BenchError, ConfigError
+from .io import read_json
 
 __all__ = ["inspect", "analyze", "select", "prune", "distill", "export", "bench", "build"]
 
@@ -223,7 +225,7 @@ def distill(
     model's own prompt set, else the built-in one); a folder of images (captions in ``metadata.jsonl`` or
     ``<image>.txt``) is encoded through the model's VAE and adds the denoising (task) loss. Under torchrun every
     rank runs this and trains on its own shard; rank 0 writes."""
-    from ldpruner.passes.distill import DistillConfig, distributed_world
+    from ldpruner.passes.distill import DistillConfig
     from ldpruner.passes.distill import distill as run_distill
     from ldpruner.passes.remove import PrunedUNet, count_params
     from ldpruner.passes.student import load_student
@@ -239,17 +241,15 @@ def distill(
     if count_params(teacher.gm) != pruned.plan.total_params:
         raise ConfigError(f"MODEL has {count_params(teacher.gm):,} UNet parameters, the student's plan was made for "
                           f"{pruned.plan.total_params:,}: pass the dense model the student was pruned from")
-    rank, world, initialised = distributed_world()
+    joined = distributed.join(distributed.default_device())
+    rank, world = joined.rank, joined.size
     try:
         source = _distill_data(loaded, teacher, config, data=data, prompts=prompts, rank=rank, world=world,
                                progress=progress)
         return run_distill(pruned, teacher, source, config=config, out=out, resume=resume, overwrite=overwrite,
                            progress=progress)
     finally:
-        if initialised:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+        distributed.leave(joined)
 
 
 def _teacher_trace(loaded: LoadedModel, pruned: Any):
@@ -263,7 +263,7 @@ def _teacher_trace(loaded: LoadedModel, pruned: Any):
 
 def _distill_data(loaded: LoadedModel, teacher: Any, config: Any, *, data, prompts, rank: int, world: int,
                   progress: bool):
-    from ldpruner.passes._distill_data import LatentData, TeacherTrajectories
+    from ldpruner.passes.distill.data import LatentData, TeacherTrajectories
     from ldpruner.passes.importance import AnalysisConfig, _scheduler_record, read_prompt_file, resolve_conditioning
 
     scheduler, _ = _scheduler_record(loaded.scheduler)
@@ -272,7 +272,7 @@ def _distill_data(loaded: LoadedModel, teacher: Any, config: Any, *, data, promp
     analysis = AnalysisConfig(num_samples=config.trajectories, seed=config.seed, prompts=prompt_list,
                               height=int(sample.shape[-2]), width=int(sample.shape[-1]))
     if data is not None:
-        from ldpruner.passes._datasets import encode_dataset
+        from ldpruner.passes.distill.datasets import encode_dataset
 
         latents, captions = encode_dataset(loaded, Path(data), latent_size=tuple(sample.shape[-2:]),
                                            progress=progress and rank == 0)
@@ -327,7 +327,7 @@ def export(
 ) -> dict[str, Any]:
     """Export a pruned student (a PrunedUNet or a student/ folder) to ``out/onnx/unet.onnx``, validated against
     torch; with ``optimize`` also the onnxruntime-optimized model (and its fp16 variant with ``fp16``)."""
-    from ldpruner.passes.export import ExportConfig, export_onnx
+    from ldpruner.passes.onnx.export import ExportConfig, export_onnx
     from ldpruner.passes.remove import PrunedUNet
     from ldpruner.passes.student import load_student
 
@@ -345,7 +345,7 @@ def export(
     if optimize:
         import onnxruntime as ort
 
-        from ldpruner.passes.optimize import optimize_onnx
+        from ldpruner.passes.onnx.optimize import optimize_onnx
 
         use_gpu = "CUDAExecutionProvider" in ort.get_available_providers()
         variants = [("optimized", "unet.opt.onnx", False)] + ([("fp16", "unet.fp16.onnx", True)] if fp16 else [])
@@ -357,27 +357,6 @@ def export(
 
 
 # --- bench -------------------------------------------------------------------------------------------------------
-
-_BENCH_MODULES = ("ldpruner.benchmarks.bench", "benchmarks.bench")  # installed wheel, then a clone on sys.path
-
-
-def _bench_module():
-    """The benchmarks' bench module: packaged as ``ldpruner.benchmarks`` in the wheel (and an editable install),
-    importable as ``benchmarks`` from a clone. The product never imports it at module level."""
-    import importlib
-
-    for name in _BENCH_MODULES:
-        try:
-            return importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            package_parts = {name, name.rpartition(".")[0], "ldpruner.benchmarks", "benchmarks"}
-            if exc.name not in package_parts:  # the benchmarks are there, a dependency of theirs is not
-                raise BenchError(f"the benchmarks need the package {exc.name!r}, which is not installed: "
-                                 "pip install 'ldpruner[bench]'") from exc
-    raise BenchError("the benchmarks package is not importable (neither ldpruner.benchmarks nor benchmarks): "
-                     "reinstall ldpruner (pip install -e '.[bench]' from a clone, or a wheel built from it), or run "
-                     "`python -m ldpruner bench ...` from the root of a clone")
-
 
 def bench(
     models: ModelLike | list[ModelLike] | tuple[ModelLike, ...],
@@ -415,14 +394,15 @@ def bench(
         else:
             names.append(f"<{type(m).__name__} #{i}>")
             objects[names[-1]] = m
-    module = _bench_module()
-    config = module.BenchConfig(
+    from ldpruner.bench import BenchConfig, run_bench
+
+    config = BenchConfig(
         models=tuple(names), out=os.fspath(out), budgets=tuple(float(b) for b in budgets),
         metric=metric, distill_steps=distill_steps, repeats=repeats, warmup=warmup, batch_sizes=tuple(batch_sizes),
         quality=quality, samples=samples, sample_steps=sample_steps, num_samples=num_samples, steps=steps,
         threads=threads, memory=memory, distill_options=dict(distill_options or {}),
         distill_data=os.fspath(distill_data) if distill_data is not None else None, overwrite=overwrite)
-    return module.run_bench(config, progress=progress, objects=objects)
+    return run_bench(config, progress=progress, objects=objects)
 
 
 # --- build -------------------------------------------------------------------------------------------------------
@@ -432,9 +412,11 @@ def _stage_key(*parts: Any) -> str:
 
 
 def _read_state(out: Path) -> dict[str, str]:
+    """The input keys of the last build's stages (empty when there was none or the file is unreadable: every
+    stage then runs again, and guards its outputs)."""
     try:
-        return json.loads((out / _STATE).read_text())
-    except (OSError, json.JSONDecodeError):
+        return read_json(out / _STATE, what="build state")
+    except ArtifactError:
         return {}
 
 
@@ -445,7 +427,7 @@ def build(model: ModelLike | None = None, *, out: str | os.PathLike | None = Non
     ``options`` are :class:`~ldpruner.config.BuildConfig` fields (the CLI flags); ``config`` is a TOML file with
     the same keys (keywords win). An artifact whose inputs did not change since the last build into ``out`` is
     reused; one that would change is replaced only with ``overwrite=True``."""
-    from ldpruner.passes._io import write_text_atomic
+    from ldpruner.io import write_text_atomic
     from ldpruner.passes.importance import analyze_importance, cache_key
 
     given = {k: v for k, v in options.items() if v is not None}
@@ -463,9 +445,6 @@ def build(model: ModelLike | None = None, *, out: str | os.PathLike | None = Non
     state = _read_state(out_dir)
     timings: dict[str, float] = {}
     reused: list[str] = []
-    # under torchrun every rank scores its share of the candidates; rank 0 alone writes and runs the rest
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0")) if world > 1 else 0
 
     def stage(name: str, key: str, artifact: Path, run) -> Any:
         """Run a stage unless its artifact exists with the same input key; guard replacement."""
@@ -483,6 +462,9 @@ def build(model: ModelLike | None = None, *, out: str | os.PathLike | None = Non
 
     t0 = time.perf_counter()
     loaded = load_model(cfg.model)
+    # under torchrun every rank scores its share of the candidates; rank 0 alone writes and runs the rest
+    joined = distributed.join(next(loaded.unet.parameters()).device)
+    rank, world = joined.rank, joined.size
     graph, analysis_config, calib = _analysis_setup(
         loaded, granularity=cfg.granularity, height=cfg.height, width=cfg.width, num_samples=cfg.num_samples,
         steps=cfg.steps, seed=cfg.seed, guidance_scale=cfg.guidance_scale, prompts=cfg.prompts)
@@ -573,10 +555,11 @@ def build(model: ModelLike | None = None, *, out: str | os.PathLike | None = Non
     if rows:
         def run_samples():
             from ldpruner.passes.student import load_student
-            from ldpruner.zoo.preview import GraphDenoiser, preview_grid
+            from ldpruner.runtime.graph_unet import GraphUNet
+            from ldpruner.zoo.preview import preview_grid
 
             folders = {"pruned": out_dir / STUDENT, "distilled": out_dir / DISTILL_DIR / STUDENT}
-            variants = {r: None if r == "dense" else GraphDenoiser.of(load_student(folders[r])) for r in rows}
+            variants = {r: None if r == "dense" else GraphUNet.of(load_student(folders[r])) for r in rows}
             return preview_grid(loaded.source.removeprefix(ZOO_PREFIX), variants, out_dir / SAMPLES)
 
         stage("samples", _stage_key(student_key, prune_key, "samples/1"), out_dir / SAMPLES, run_samples)

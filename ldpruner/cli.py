@@ -185,7 +185,7 @@ def _run(args: argparse.Namespace) -> int:
         graph = api.inspect(args.model, **_options(args, *_TRACE))
         print(graph.table())
         if args.json_path:
-            from ldpruner.passes._io import write_text_atomic
+            from ldpruner.io import write_text_atomic
             from pathlib import Path
 
             write_text_atomic(Path(args.json_path), graph.to_json() + "\n")

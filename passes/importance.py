@@ -30,17 +30,19 @@ from torch import nn
 from ldpruner.compiler.graph import Operator, OperatorGraph
 from ldpruner.compiler.removal import swapped
 from ldpruner.compiler.tracer import TracedUNet
+from ldpruner import distributed
 from ldpruner.errors import ArtifactError, ConfigError
+from ldpruner.io import json_safe, read_json, write_text_atomic
+from ldpruner.runtime.graph_unet import GraphUNet
 from ldpruner.runtime.sampling import sample_latents
 
-from ._conditioning import (
+from .conditioning import (
     DEFAULT_PROMPTS,
     Conditioning,
     encode_prompts,
     random_conditioning,
     read_prompt_file,
 )
-from ._io import write_text_atomic
 
 __all__ = [
     "AnalysisConfig",
@@ -271,13 +273,7 @@ class ImportanceReport:
         path = Path(path)
         if path.is_dir():
             path = path / cls.FILENAME
-        if not path.is_file():
-            raise ArtifactError(f"scores file {str(path)!r} does not exist")
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ArtifactError(f"scores file {str(path)!r} is not valid JSON: {exc}") from exc
-        return cls.from_dict(data)
+        return cls.from_dict(read_json(path, what="scores file"))
 
 
 def load_cached(path: str | os.PathLike, key: str) -> ImportanceReport | None:
@@ -403,24 +399,11 @@ def _scheduler_record(scheduler: Any | None) -> tuple[Any, dict[str, Any]]:
 
         default = DDIMScheduler()
         return default, {"class": "DDIMScheduler", "source": "default: diffusers DDIMScheduler()",
-                         "config": _json_safe(default.config)}
+                         "config": json_safe(default.config, drop_private_keys=True)}
     if not all(hasattr(scheduler, a) for a in ("set_timesteps", "step", "scale_model_input", "init_noise_sigma")):
         raise ConfigError(f"scheduler must be a diffusers scheduler, got {type(scheduler).__name__}")
     config = getattr(scheduler, "config", {})
-    return scheduler, {"class": type(scheduler).__name__, "source": "given", "config": _json_safe(config)}
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        # diffusers' bookkeeping keys (_use_default_values, _diffusers_version) do not change the schedule
-        return {str(k): _json_safe(v) for k, v in value.items() if not str(k).startswith("_")}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return repr(value)
+    return scheduler, {"class": type(scheduler).__name__, "source": "given", "config": json_safe(config, drop_private_keys=True)}
 
 
 # --- cache key -----------------------------------------------------------------------------------------------
@@ -470,24 +453,6 @@ def cache_key(operator_graph: OperatorGraph, calib: Conditioning | str | os.Path
 
 # --- running it ------------------------------------------------------------------------------------------------
 
-def _distributed_world(device: torch.device) -> tuple[int, int]:
-    """(rank, world size). Initialises the default process group when a launcher (torchrun) set
-    WORLD_SIZE > 1 and nobody initialised it yet: NCCL for a model on CUDA, gloo otherwise. The group is left
-    initialised for the stages that follow (distillation uses it too)."""
-    import torch.distributed as dist
-
-    if not dist.is_available():
-        return 0, 1
-    if not dist.is_initialized():
-        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-            return 0, 1
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend)
-    return dist.get_rank(), dist.get_world_size()
-
-
 @contextlib.contextmanager
 def _analysis_mode(gm: torch.fx.GraphModule) -> Iterator[None]:
     """eval mode, no autograd, and the global RNG untouched (stand-ins initialise new layers), all restored."""
@@ -499,17 +464,6 @@ def _analysis_mode(gm: torch.fx.GraphModule) -> Iterator[None]:
     finally:
         for name, m in gm.named_modules():
             m.training = modes.get(name, m.training)
-
-
-class _CountingUNet:
-    """The traced graph as the sampling loop's ``unet_fn``, counting calls."""
-
-    def __init__(self, gm: torch.fx.GraphModule, input_names: tuple[str, ...]):
-        self.gm, self.input_names, self.calls = gm, input_names, 0
-
-    def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        return self.gm(*[inputs[n] for n in self.input_names])
 
 
 def analyze_importance(
@@ -555,7 +509,7 @@ def analyze_importance(
     channels = traced.example_inputs[traced.input_names[0]].shape[1]
     shape = (config.num_samples, channels, height, width)
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(config.seed)).to(device=device, dtype=dtype)
-    unet = _CountingUNet(gm, traced.input_names)
+    unet = GraphUNet(gm, traced.input_names)
     batch = config.batch_size or config.num_samples
 
     def final_latents() -> torch.Tensor:
@@ -564,12 +518,13 @@ def analyze_importance(
             index = torch.arange(begin, min(begin + batch, config.num_samples))
             generators = [torch.Generator().manual_seed((config.seed << 20) + int(i) + 1) for i in index]
             chunks.append(sample_latents(
-                unet, scheduler, noise=noise[index], steps=config.steps,
+                unet.flat, scheduler, noise=noise[index], steps=config.steps,
                 guidance_scale=config.guidance_scale if use_cfg else 1.0, generator=generators,
                 **conditioning.rows(index, device, dtype)))
         return torch.cat(chunks)
 
-    rank, world = _distributed_world(device)
+    joined = distributed.join(device)
+    rank, world = joined.rank, joined.size
     mine: list[Operator] = operator_graph.candidates[rank::world]
     results: list[dict[str, Any]] = []
     with _analysis_mode(gm):

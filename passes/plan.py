@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
 from ldpruner.errors import PlanError
+from ldpruner.io import read_json, write_json_atomic
 
 __all__ = ["PlannedRemoval", "RemovalPlan", "PLAN_FORMAT"]
 
@@ -103,17 +103,8 @@ class RemovalPlan:
         return plan
 
     def save(self, path: str | Path) -> None:
-        from ._io import write_text_atomic
-
-        write_text_atomic(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
+        write_json_atomic(Path(path), self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> RemovalPlan:
-        path = Path(path)
-        if not path.is_file():
-            raise PlanError(f"plan file {str(path)!r} does not exist")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise PlanError(f"plan file {str(path)!r} is not valid JSON: {exc}") from exc
-        return cls.from_dict(data)
+        return cls.from_dict(read_json(path, what="plan file", error=PlanError))

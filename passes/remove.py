@@ -338,6 +338,10 @@ class PrunedUNet:
     def gm(self) -> torch.fx.GraphModule:
         return self.traced.gm
 
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return self.traced.input_names
+
 
 def prune(
     traced: TracedUNet,

@@ -24,11 +24,12 @@ from ldpruner.compiler.graph import build_operator_graph
 from ldpruner.compiler.tracer import trace_unet
 from ldpruner.errors import ArtifactError, LdprunerError, ModelLoadError
 
-from ._io import atomic_dir
+from ldpruner.io import atomic_dir, json_safe, read_json
 from .plan import RemovalPlan
 from .remove import PrunedUNet, RemoveOperators
 
-__all__ = ["STUDENT_FILES", "TRACE_FORMAT", "WEIGHTS_NAME", "load_student", "save_student"]
+__all__ = ["STUDENT_FILES", "TRACE_FORMAT", "WEIGHTS_NAME", "load_student", "read_safetensors", "save_student",
+           "tensors_for_safetensors"]
 
 CONFIG_NAME = "config.json"
 PLAN_NAME = "plan.json"
@@ -58,7 +59,7 @@ def save_student(
     config = config if config is not None else pruned.config
     traced = pruned.traced
     config_json = _config_json(config, traced.model_class)
-    tensors, aliases = _tensors_for_safetensors(pruned.gm.state_dict())
+    tensors, aliases = tensors_for_safetensors(pruned.gm.state_dict())
     trace = {
         "format": TRACE_FORMAT,
         "model_class": traced.model_class,
@@ -98,12 +99,12 @@ def load_student(
     missing = [name for name in STUDENT_FILES if not (path / name).is_file()]
     if missing:
         raise ArtifactError(f"student folder {str(path)!r} lacks {missing}; a student holds {list(STUDENT_FILES)}")
-    config = _read_json(path / CONFIG_NAME)
-    trace = _read_json(path / TRACE_NAME)
+    config = read_json(path / CONFIG_NAME, what="student config")
+    trace = read_json(path / TRACE_NAME, what="student trace")
     if trace.get("format") != TRACE_FORMAT:
         raise ArtifactError(f"{str(path / TRACE_NAME)!r} has format {trace.get('format')!r}, expected {TRACE_FORMAT!r}")
     plan = RemovalPlan.load(path / PLAN_NAME)
-    state = _read_safetensors(path / WEIGHTS_NAME)  # read before the expensive rebuild: a bad file fails fast
+    state = read_safetensors(path / WEIGHTS_NAME)  # read before the expensive rebuild: a bad file fails fast
 
     try:
         dtype = getattr(torch, trace["param_dtype"])
@@ -130,16 +131,6 @@ def load_student(
                       config=None if config.get("_ldpruner_not_diffusers") else config)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"{str(path)!r} is not readable JSON: {type(exc).__name__}: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ArtifactError(f"{str(path)!r} holds a {type(data).__name__}, expected a JSON object")
-    return data
-
-
 # --- config ---------------------------------------------------------------------------------------------------
 def _config_json(config: Mapping[str, Any] | None, model_class: str) -> dict[str, Any]:
     if config is None:
@@ -149,20 +140,10 @@ def _config_json(config: Mapping[str, Any] | None, model_class: str) -> dict[str
         return {"_class_name": model_class, "_ldpruner_not_diffusers": True}
     import diffusers
 
-    out = {k: _json_value(v) for k, v in dict(config).items() if not k.startswith("_")}
+    out = json_safe(dict(config), drop_private_keys=True)
     out["_class_name"] = model_class
     out["_diffusers_version"] = diffusers.__version__
     return out
-
-
-def _json_value(value: Any) -> Any:
-    if isinstance(value, (tuple, list)):
-        return [_json_value(v) for v in value]
-    if isinstance(value, Path):
-        return value.as_posix()
-    if hasattr(value, "tolist"):  # numpy arrays and scalars
-        return value.tolist()
-    return value
 
 
 def _model_from_config(config: Mapping[str, Any], model_class: str) -> nn.Module:
@@ -216,7 +197,7 @@ def _example_inputs(spec: Mapping[str, Mapping[str, Any]]) -> dict[str, torch.Te
 
 
 # --- weights --------------------------------------------------------------------------------------------------
-def _tensors_for_safetensors(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def tensors_for_safetensors(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """safetensors refuses tensors that share memory: identical views are written once and recorded as aliases,
     other overlapping views are written as copies."""
     tensors: dict[str, torch.Tensor] = {}
@@ -239,7 +220,7 @@ def _tensors_for_safetensors(state: Mapping[str, torch.Tensor]) -> tuple[dict[st
     }, aliases
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import safe_open
 
     try:

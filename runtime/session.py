@@ -180,7 +180,7 @@ def create_session(
     """
     path = Path(path)
     if not path.is_file():
-        raise ArtifactError(f"ONNX model {str(path)!r} does not exist; export one with ldpruner.passes.export")
+        raise ArtifactError(f"ONNX model {str(path)!r} does not exist; export one with ldpruner.passes.onnx.export")
     explicit = providers is not None
     providers = list(providers) if providers is not None else default_providers()
     problems = []

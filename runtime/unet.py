@@ -24,6 +24,7 @@ from diffusers.models.unets.unet_2d import UNet2DOutput
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 from ldpruner.errors import ArtifactError, UnsupportedInputError
+from ldpruner.io import read_json
 
 from .session import OrtSession, create_session
 
@@ -33,7 +34,7 @@ logger = logging.getLogger("ldpruner.runtime")
 
 ONNX_FILENAME = "unet.onnx"
 CONFIG_FILENAME = "config.json"
-EXPORT_METADATA_KEY = "ldpruner.export"  # JSON written by ldpruner.passes.export into the model's metadata_props
+EXPORT_METADATA_KEY = "ldpruner.export"  # JSON written by ldpruner.passes.onnx.export into the model's metadata_props
 
 # Graph inputs ORTUNet knows how to fill, in the order the tracer emits them.
 _KNOWN_INPUTS = (
@@ -54,12 +55,7 @@ def load_unet_config(path: str | os.PathLike[str]) -> FrozenDict:
         raise ArtifactError(
             f"UNet config {str(path)!r} does not exist; export with unet_config=unet.config or pass config= to ORTUNet"
         )
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"UNet config {str(path)!r} is not readable JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ArtifactError(f"UNet config {str(path)!r} must hold a JSON object, got {type(data).__name__}")
+    data = read_json(path, what="UNet config")
     return FrozenDict(data)
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ldpruner.errors import ConfigError, ModelLoadError
+from ldpruner.io import read_json
 
 if TYPE_CHECKING:
     import torch
@@ -48,11 +49,9 @@ def initial_latents(
 
 def scheduler_class(config_path: Path) -> type:
     """The diffusers scheduler class that ``scheduler_config.json`` names; ``ModelLoadError`` when it is none."""
-    import json
-
     import diffusers
 
-    class_name = json.loads(config_path.read_text()).get("_class_name")
+    class_name = read_json(config_path, what="scheduler config", error=ModelLoadError).get("_class_name")
     cls = getattr(diffusers, str(class_name), None)
     if cls is None or not hasattr(cls, "set_timesteps"):
         raise ModelLoadError(f"{str(config_path)!r} names {class_name!r}, which is not a diffusers scheduler")

@@ -18,7 +18,6 @@ and its absence is a ``MissingPackageError`` naming the install command.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from ldpruner.errors import ConfigError
+from ldpruner.io import read_json
 
 from ._packages import MissingPackageError
 
@@ -84,10 +84,8 @@ class MelConfig:
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike) -> MelConfig:
-        path = Path(folder) / MEL_CONFIG_FILE
-        if not path.is_file():
-            raise ConfigError(f"{str(path)!r} not found: an audio zoo model folder keeps its mel settings there")
-        return cls.from_json(json.loads(path.read_text()))
+        return cls.from_json(read_json(Path(folder) / MEL_CONFIG_FILE, what="mel settings (an audio zoo model folder "
+                                       "keeps them in mel.json)", error=ConfigError))
 
 
 def _librosa(purpose: str) -> Any:

@@ -11,37 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from ldpruner.errors import ConfigError
+from ldpruner.io import atomic_path
 
 from ._sampling import positive_int
 
-__all__ = ["GraphDenoiser", "preview_grid"]
-
-
-class GraphDenoiser:
-    """An fx graph (a traced or pruned UNet) behind the call the zoo samplers make:
-    ``denoiser(sample, t, encoder_hidden_states=None).sample``."""
-
-    def __init__(self, gm: Any, input_names: tuple[str, ...]):
-        self.gm, self.input_names = gm, tuple(input_names)
-
-    @classmethod
-    def of(cls, pruned: Any) -> GraphDenoiser:
-        """From a ``PrunedUNet`` (what ``api.prune`` / ``load_student`` return)."""
-        return cls(pruned.gm, pruned.traced.input_names)
-
-    def __call__(self, sample: Any, t: Any, encoder_hidden_states: Any = None, **_: Any) -> Any:
-        import torch
-
-        t = torch.as_tensor(t).reshape(-1).expand(sample.shape[0])
-        inputs = {"sample": sample, "timestep": t, "encoder_hidden_states": encoder_hidden_states}
-        with torch.no_grad():
-            out = self.gm(*[inputs[n] for n in self.input_names])
-        return _Output(out)
-
-
-class _Output:
-    def __init__(self, sample: Any):
-        self.sample = sample
+__all__ = ["preview_grid"]
 
 
 def preview_grid(
@@ -54,7 +28,8 @@ def preview_grid(
     seed: int = 0,
     scale: int = 2,
 ) -> dict[str, Any]:
-    """Sample zoo model ``name`` once per variant (label → a denoiser, or None for the model's own dense UNet) on
+    """Sample zoo model ``name`` once per variant (label → a UNet called the diffusers way, e.g. a
+    :class:`~ldpruner.runtime.graph_unet.GraphUNet`, or None for the model's own dense UNet) on
     the same seeds, and write one row per variant, in the given order, to ``path`` (PNG, written atomically).
 
     Text-to-image models sample their own prompt set (``prompts.txt``: one image per prompt, guidance 5) and
@@ -87,12 +62,7 @@ def preview_grid(
 
     images = torch.cat([draw(unet) for unet in variants.values()])
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with atomic_path(path, suffix=".png") as tmp:
         image_grid(images, columns=columns, scale=scale).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return {"path": str(path), "rows": list(variants), "columns": columns, "seeds": [seed + i for i in range(columns)],
             "prompts": prompts, "steps": steps, "task": entry.task}

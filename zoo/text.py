@@ -8,13 +8,13 @@ has the same length. The weights come from the installed package; nothing is dow
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ldpruner.errors import ConfigError, ModelLoadError
+from ldpruner.io import read_json
 
 from ._packages import package_dir
 
@@ -75,13 +75,8 @@ class TextEncoder:
     @classmethod
     def from_config_file(cls, path: str | os.PathLike) -> TextEncoder:
         path = Path(path)
-        try:
-            config = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ModelLoadError(f"cannot read the text encoder description {str(path)!r}: {exc}") from exc
+        config = read_json(path, what="text encoder description", error=ModelLoadError)
         problems = []
-        if not isinstance(config, dict):
-            raise ModelLoadError(f"{str(path)!r} must hold a JSON object; got {type(config).__name__}")
         if config.get("package") != PACKAGE:
             problems.append(f"package is {config.get('package')!r}, only {PACKAGE!r} is supported")
         if config.get("pooling") != POOLING:

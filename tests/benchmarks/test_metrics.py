@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from threadpoolctl import threadpool_limits
 
-from benchmarks.metrics import (
+from ldpruner.bench.metrics import (
     DigitFeatureExtractor,
     FeatureExtractor,
     FeatureSet,
@@ -31,7 +31,7 @@ from benchmarks.metrics import (
     split_mnist_rows,
     train_digit_classifier,
 )
-from benchmarks.metrics.digits import DIGIT_CLASSIFIER_PATH
+from ldpruner.bench.metrics.digits import DIGIT_CLASSIFIER_PATH
 
 pytestmark = pytest.mark.usefixtures("one_thread", "one_blas_thread")
 

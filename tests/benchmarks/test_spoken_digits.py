@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.metrics import (
+from ldpruner.bench.metrics import (
     FeatureExtractor,
     MetricInputError,
     SpokenDigitFeatureExtractor,
@@ -21,8 +21,8 @@ from benchmarks.metrics import (
     spoken_digit_probabilities,
     spoken_digit_quality,
 )
-from benchmarks.metrics.digits import DIGIT_CLASSIFIER_PATH
-from benchmarks.metrics.spoken_digits import SPOKEN_DIGIT_CLASSIFIER_PATH
+from ldpruner.bench.metrics.digits import DIGIT_CLASSIFIER_PATH
+from ldpruner.bench.metrics.spoken_digits import SPOKEN_DIGIT_CLASSIFIER_PATH
 
 N_REAL = 200
 pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None,

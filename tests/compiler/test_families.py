@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ldpruner.compiler.families import FAMILIES, build_unet, family_config, reduced, spatial_multiple
+from ldpruner.sources.families import FAMILIES, build_unet, family_config, reduced, spatial_multiple
 from ldpruner.compiler.graph import Action, build_operator_graph
 from ldpruner.compiler.removal import swapped
 from ldpruner.compiler.tracer import call_diffusers_unet, trace_unet, unet_example_inputs

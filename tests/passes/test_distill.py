@@ -18,8 +18,8 @@ from ldpruner.compiler.graph import build_operator_graph
 from ldpruner.compiler.taps import group_outputs, match_taps, tapped
 from ldpruner.compiler.tracer import trace_unet
 from ldpruner.errors import ArtifactError, ConfigError, DistillError, TapError
-from ldpruner.passes._conditioning import random_conditioning
-from ldpruner.passes._distill_data import LatentData, TeacherTrajectories
+from ldpruner.passes.conditioning import random_conditioning
+from ldpruner.passes.distill.data import LatentData, TeacherTrajectories
 from ldpruner.passes.distill import DistillConfig, distill, feature_loss, latest_checkpoint, lr_factor
 from ldpruner.passes.remove import prune
 from ldpruner.passes.student import load_student
@@ -217,12 +217,14 @@ _DDP_SCRIPT = textwrap.dedent("""
     torch.set_num_threads(1)
     sys.path[:0] = [{tests!r}, {tests_passes!r}]
     from test_distill import _setup, FAST
-    from ldpruner.passes.distill import DistillConfig, distill, distributed_world
-    rank, world, _ = distributed_world()
+    from ldpruner import distributed
+    from ldpruner.passes.distill import DistillConfig, distill
+    joined = distributed.join()
+    rank, world = joined.rank, joined.size
     pruned, teacher, _ = _setup()
     from diffusers import DDIMScheduler
-    from ldpruner.passes._distill_data import TeacherTrajectories
-    from ldpruner.passes._conditioning import random_conditioning
+    from ldpruner.passes.distill.data import TeacherTrajectories
+    from ldpruner.passes.conditioning import random_conditioning
     cond = random_conditioning(num_rows=4, seed=0, cross_attention_dim=32, seq_len=8)
     data = TeacherTrajectories(teacher.gm, teacher.input_names, DDIMScheduler(), conditioning=cond,
                                latent_shape=(4, 16, 16), trajectories=6, steps=4, guidance_scale=5.0, seed=0,

@@ -14,7 +14,7 @@ from test_remove import plan_for
 
 from ldpruner import api
 from ldpruner.errors import ConfigError, ModelLoadError
-from ldpruner.passes._datasets import read_image_folder
+from ldpruner.passes.distill.datasets import read_image_folder
 
 
 @pytest.fixture(autouse=True)

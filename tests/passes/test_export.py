@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import make_tiny_sd_unet, make_tiny_unet2d
 from ldpruner.compiler.tracer import trace_unet
-from ldpruner.passes.export import ExportConfig, Tolerance, export_onnx, validate_onnx
+from ldpruner.passes.onnx.export import ExportConfig, Tolerance, export_onnx, validate_onnx
 from ldpruner.runtime.session import create_session
 from onnx import numpy_helper
 

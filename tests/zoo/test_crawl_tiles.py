@@ -157,7 +157,7 @@ def test_latent_shape_rejects_other_sample_sizes():
 def test_pruning_loader_takes_the_unet_and_scheduler_from_the_zoo_folder():
     from diffusers import DDIMScheduler, UNet2DModel
 
-    from ldpruner._loading import load_model
+    from ldpruner.sources import load_model
 
     loaded = load_model("zoo:crawl-tiles")
     assert isinstance(loaded.unet, UNet2DModel) and isinstance(loaded.scheduler, DDIMScheduler)

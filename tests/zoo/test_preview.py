@@ -9,7 +9,8 @@ from PIL import Image
 
 from ldpruner import api, zoo
 from ldpruner.errors import ConfigError
-from ldpruner.zoo.preview import GraphDenoiser, preview_grid
+from ldpruner.runtime.graph_unet import GraphUNet
+from ldpruner.zoo.preview import preview_grid
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -44,7 +45,7 @@ def test_a_non_zoo_build_has_no_samples(tmp_path):
 def test_the_dense_graph_row_equals_the_dense_unet_row(tmp_path):
     """The fx denoiser is a faithful stand-in: the traced dense graph samples what the diffusers UNet samples."""
     graph = api.inspect("zoo:mnist-t2i")
-    info = preview_grid("mnist-t2i", {"dense": None, "traced": GraphDenoiser(graph.traced.gm, graph.traced.input_names)},
+    info = preview_grid("mnist-t2i", {"dense": None, "traced": GraphUNet.of(graph.traced)},
                         tmp_path / "g.png", steps=2, scale=1)
     assert info["rows"] == ["dense", "traced"] and info["columns"] == 10 and len(info["prompts"]) == 10
     pixels = torch.from_numpy(np.array(Image.open(tmp_path / "g.png").convert("L"))).int()

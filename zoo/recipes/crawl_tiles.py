@@ -237,7 +237,7 @@ def evaluate(model: Any, *, n: int, steps: int, tiles_dir: Path = TILES_DIR) -> 
     this returns why it was skipped.
     """
     try:
-        from benchmarks import metrics
+        from ldpruner.bench import metrics
     except ImportError as exc:
         return {"skipped": f"benchmarks.metrics is not importable ({exc}); run from the repository root"}
     start = time.perf_counter()

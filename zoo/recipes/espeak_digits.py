@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from ldpruner.io import atomic_path
 from ldpruner.zoo._packages import MissingPackageError
 
 from . import _training
@@ -161,10 +162,8 @@ def load_split(split: str, *, config: Any = None, executable: str = "espeak-ng",
     mels = np.concatenate([waveform_to_mel(audio[i:i + 500], config) for i in range(0, len(audio), 500)])
     digits = np.array([item["digit"] for item in plan], dtype=np.int64)
     if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp.npz")
-        np.savez(tmp, mels=mels, digits=digits)
-        os.replace(tmp, cache)
+        with atomic_path(cache, suffix=".npz") as tmp:
+            np.savez(tmp, mels=mels, digits=digits)
     return mels, digits
 
 
@@ -347,7 +346,7 @@ def evaluate(model: Any, held: np.ndarray, held_digits: np.ndarray, config: Any,
     from ldpruner.zoo.audio import mel_to_waveform, waveform_to_mel
 
     try:
-        from benchmarks.metrics import spoken_digits as sd
+        from ldpruner.bench.metrics import spoken_digits as sd
     except ImportError as exc:
         return {"skipped": f"benchmarks.metrics is not importable ({exc}); run from the repository root"}
     start = time.perf_counter()

@@ -268,7 +268,7 @@ def evaluate(model: Any, *, per_digit: int, steps: int, guidance_scale: float) -
     import torch
 
     try:
-        from benchmarks import metrics
+        from ldpruner.bench import metrics
     except ImportError as exc:
         return {"skipped": f"benchmarks.metrics is not importable ({exc}); run from the repository root"}
     start = time.perf_counter()

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from .errors import ModelLoadError
+from ldpruner.errors import ModelLoadError
+from ldpruner.io import read_json
 
 __all__ = ["LoadedModel", "load_model", "UNET_CLASSES"]
 
@@ -76,20 +76,10 @@ def load_model(model: str | os.PathLike | nn.Module | LoadedModel) -> LoadedMode
     )
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"cannot read {str(path)!r}: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ModelLoadError(f"{str(path)!r} does not hold a JSON object")
-    return data
-
-
 def _load_unet(folder: Path) -> nn.Module:
     import diffusers
 
-    config = _read_json(folder / "config.json")
+    config = read_json(folder / "config.json", what="UNet config", error=ModelLoadError)
     class_name = config.get("_class_name")
     if class_name not in UNET_CLASSES:
         raise ModelLoadError(
@@ -116,7 +106,7 @@ def _load_scheduler(pipeline_dir: Path) -> Any | None:
     config_path = folder / "scheduler_config.json"
     if not config_path.is_file():
         return None
-    class_name = _read_json(config_path).get("_class_name")
+    class_name = read_json(config_path, what="scheduler config", error=ModelLoadError).get("_class_name")
     cls = getattr(diffusers, str(class_name), None)
     if cls is None:
         raise ModelLoadError(f"unknown scheduler class {class_name!r} in {str(config_path)!r}")
@@ -138,7 +128,7 @@ def _zoo_model(spec: str) -> LoadedModel:
 
 
 def _random_model(spec: str) -> LoadedModel:
-    from ldpruner.compiler import families
+    from ldpruner.sources import families
 
     name = spec[len(RANDOM_PREFIX):]
     if name not in families.FAMILIES:

@@ -5,7 +5,7 @@ features and how many clips it recognises. Shared by ``benchmarks.distill_qualit
 the bench stage (``benchmarks.bench``).
 
 Imports inside ``benchmarks`` are relative so the same files work as ``benchmarks`` (a clone) and as
-``ldpruner.benchmarks`` (the installed wheel).
+``ldpruner.bench`` (the installed wheel).
 """
 
 from __future__ import annotations
@@ -17,17 +17,13 @@ import numpy as np
 import torch
 
 from ldpruner.errors import ConfigError
-from ldpruner.zoo.preview import GraphDenoiser
 
-__all__ = ["WORDS", "QUALITY_MODELS", "AUDIO_MODELS", "primary", "quality_table", "GraphUNet", "real_sets", "zoo_sampler", "QualityMeter"]
+__all__ = ["WORDS", "QUALITY_MODELS", "AUDIO_MODELS", "primary", "quality_table", "real_sets", "zoo_sampler", "QualityMeter", "distill_options"]
 
 WORDS = "zero one two three four five six seven eight nine".split()
 QUALITY_MODELS = ("mnist-t2i", "crawl-tiles", "espeak-digits")  # zoo models with a held-out real set
 AUDIO_MODELS = ("espeak-digits",)
 
-
-# a traced (pruned) fx graph behind the call the zoo samplers make: the product's own adapter (build's samples.png)
-GraphUNet = GraphDenoiser
 
 
 def real_sets(name: str, n: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
@@ -83,6 +79,11 @@ def zoo_sampler(name: str, n: int, steps: int) -> tuple[Callable[[Any], torch.Te
     return (lambda unet: model.sample(n, steps=steps, seed=seeds, unet=unet)), None
 
 
+def distill_options(name: str) -> dict[str, Any]:
+    """Distillation settings that follow how the model is sampled (the T2I zoo model samples at guidance 5)."""
+    return {"guidance_scale": 5.0} if name == "mnist-t2i" else {}
+
+
 def primary(quality: dict[str, Any]) -> dict[str, Any]:
     """The FD/KID entry a variant is ranked by: EfficientNet-Lite0 for images, the spoken-digit features for audio."""
     return quality[quality["primary"]]
@@ -121,7 +122,7 @@ class QualityMeter:
         except ModuleNotFoundError as exc:
             from ldpruner.errors import BenchError
 
-            raise BenchError(f"quality metrics need the package {exc.name!r}: pip install 'ldpruner[bench]' "
+            raise BenchError(f"quality metrics need the package {(exc.name or '?').partition('.')[0]!r}: pip install 'ldpruner[bench]' "
                              "(or pass --no-quality)") from exc
 
         self.metrics = metrics

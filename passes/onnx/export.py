@@ -28,7 +28,7 @@ from ldpruner.runtime.unet import CONFIG_FILENAME, EXPORT_METADATA_KEY
 
 from ldpruner.errors import ConfigError, ExportError, ExportValidationError
 
-from ._numeric_check import (
+from .numeric_check import (
     DEFAULT_TOLERANCES,
     InputSpec,
     NumericCheck,
@@ -38,7 +38,7 @@ from ._numeric_check import (
     make_inputs,
     run_failure,
 )
-from ._onnx_files import check_destination, publish_model, staging_dir
+from .files import check_destination, publish_model, staging_dir
 
 __all__ = ["ExportConfig", "ExportResult", "export_onnx", "validate_onnx", "Tolerance", "ValidationReport"]
 

@@ -39,12 +39,14 @@ from ldpruner.compiler.taps import FeatureTaps, match_taps, tapped
 from ldpruner.compiler.tracer import TracedUNet
 from ldpruner.errors import ArtifactError, ConfigError, DistillError
 
-from ._distill_data import DistillData
-from ._io import atomic_dir, atomic_path, write_text_atomic
-from .remove import PrunedUNet
-from .student import _read_safetensors, _tensors_for_safetensors, save_student
+from ldpruner import distributed
+from ldpruner.io import atomic_dir, atomic_path, write_text_atomic
 
-__all__ = ["CHECKPOINTS", "DistillConfig", "DistillResult", "distill", "distributed_world", "feature_loss",
+from ..remove import PrunedUNet
+from ..student import read_safetensors, save_student, tensors_for_safetensors
+from .data import DistillData
+
+__all__ = ["CHECKPOINTS", "DistillConfig", "DistillResult", "distill", "feature_loss",
            "latest_checkpoint", "lr_factor", "plot_loss"]
 
 CHECKPOINTS = "checkpoints"
@@ -175,21 +177,6 @@ def feature_loss(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor,
     return stacked.mean() if kind == "normalized" else stacked.sum()
 
 
-# --- distributed ----------------------------------------------------------------------------------------------------
-
-def distributed_world() -> tuple[int, int, bool]:
-    """(rank, world, initialised here): joins the process group torchrun set up, if any."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), False
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and dist.is_available():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-        return dist.get_rank(), dist.get_world_size(), True
-    return 0, 1, False
-
-
 def _step_generator(seed: int, step: int, rank: int) -> torch.Generator:
     mixed = hashlib.sha256(f"{seed}:{step}:{rank}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(mixed[:8], "little") & ((1 << 63) - 1))
@@ -213,7 +200,7 @@ def latest_checkpoint(out: str | os.PathLike) -> Path | None:
 def _save_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
-    flat, aliases = _tensors_for_safetensors(tensors)
+    flat, aliases = tensors_for_safetensors(tensors)
     save_file(flat, str(path), metadata={"format": "pt", "ldpruner.aliases": json.dumps(aliases)})
 
 
@@ -361,11 +348,11 @@ class _Trainer:
             raise DistillError(f"cannot resume from {str(path)!r}: it was written for another student (plan differs)")
         if state["step"] > self.config.steps:
             raise DistillError(f"checkpoint {str(path)!r} is at step {state['step']}, past steps={self.config.steps}")
-        weights = _read_safetensors(path / "student.safetensors")
+        weights = read_safetensors(path / "student.safetensors")
         self.student.gm.load_state_dict({k: v.to(self.device) for k, v in weights.items()}, strict=True)
         if self.ema is not None:
-            self.ema = {k: v.to(self.device) for k, v in _read_safetensors(path / "ema.safetensors").items()}
-        optim = _read_safetensors(path / "optimizer.safetensors")
+            self.ema = {k: v.to(self.device) for k, v in read_safetensors(path / "ema.safetensors").items()}
+        optim = read_safetensors(path / "optimizer.safetensors")
         opt_state: dict[int, dict[str, torch.Tensor]] = {}
         for key, value in optim.items():
             if key.startswith("rng."):
@@ -466,15 +453,13 @@ def distill(
     if teacher.granularity != student.traced.granularity:
         raise DistillError(f"teacher traced at {teacher.granularity.value} granularity, student at "
                            f"{student.traced.granularity.value}")
-    rank, world, initialised = distributed_world()
-    if config.batch_size % world:
-        raise ConfigError(f"batch_size={config.batch_size} must split evenly over {world} processes")
-    if device is None:
-        device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available()
-                  else torch.device("cpu"))
-    device = torch.device(device)
+    device = torch.device(device) if device is not None else distributed.default_device()
+    joined = distributed.join(device)
+    rank, world = joined.rank, joined.size
     out = Path(out)
     try:
+        if config.batch_size % world:
+            raise ConfigError(f"batch_size={config.batch_size} must split evenly over {world} processes")
         checkpoint = _prepare_out(out, resume=resume, overwrite=overwrite) if rank == 0 else (
             latest_checkpoint(out) if resume else None)
         taps = match_taps(teacher.gm, student.gm)
@@ -512,10 +497,7 @@ def distill(
             write_text_atomic(out / "distill.json", json.dumps(summary, indent=2, default=str) + "\n")
         return DistillResult(student=student, log=trainer.log, summary=summary)
     finally:
-        if initialised:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+        distributed.leave(joined)
 
 
 def _summary(trainer: _Trainer, data: DistillData, resumed_from: int | None, elapsed: float,

@@ -26,7 +26,7 @@ from ldpruner.runtime.unet import EXPORT_METADATA_KEY
 
 from ldpruner.errors import ArtifactError, ExportError, ExportValidationError
 
-from ._numeric_check import (
+from .numeric_check import (
     DEFAULT_TOLERANCES,
     InputSpec,
     NumericCheck,
@@ -36,11 +36,11 @@ from ._numeric_check import (
     make_inputs,
     run_failure,
 )
-from ._onnx_files import check_destination, publish_model, staging_dir
+from .files import check_destination, publish_model, staging_dir
 
 __all__ = ["OptimizeResult", "optimize_onnx", "fusion_options", "CUDA_ONLY_FUSIONS"]
 
-logger = logging.getLogger("ldpruner.passes.optimize")
+logger = logging.getLogger("ldpruner.passes.onnx.optimize")
 
 # FusionOptions("unet") flags whose fused operators exist only as CUDA kernels in onnxruntime.
 CUDA_ONLY_FUSIONS = (

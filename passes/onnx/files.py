@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ldpruner.errors import ArtifactError
 
-from ._io import default_permissions
+from ldpruner.io import default_permissions
 
 __all__ = ["staging_dir", "publish_model", "data_file", "check_destination"]
 

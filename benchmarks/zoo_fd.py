@@ -15,16 +15,11 @@ import torch
 
 from ldpruner.errors import ConfigError
 
-from ._zoo_quality import AUDIO_MODELS, QUALITY_MODELS, GraphUNet, real_sets, zoo_sampler
+from ldpruner.bench.quality import AUDIO_MODELS, QUALITY_MODELS, distill_options, real_sets, zoo_sampler
 
-__all__ = ["FD_MODELS", "GraphUNet", "ZooFD", "distill_options"]
+__all__ = ["FD_MODELS", "ZooFD", "distill_options"]
 
 FD_MODELS = QUALITY_MODELS
-
-
-def distill_options(name: str) -> dict[str, Any]:
-    """Distillation settings that follow how the model is sampled (the T2I zoo model samples at guidance 5)."""
-    return {"guidance_scale": 5.0} if name == "mnist-t2i" else {}
 
 
 class ZooFD:
@@ -32,7 +27,7 @@ class ZooFD:
     number), ``kid``, both real-vs-real baselines, and prompt-digit accuracy for the T2I model."""
 
     def __init__(self, name: str, samples: int, sample_steps: int):
-        from . import metrics
+        from ldpruner.bench import metrics
 
         if name not in FD_MODELS:
             raise ConfigError(f"no quality reference for zoo model {name!r}; supported: {list(FD_MODELS)}")

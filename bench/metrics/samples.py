@@ -6,37 +6,19 @@ a half-written sample.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from ldpruner.io import atomic_path
+
 from ._images import to_unit_range
 from .errors import MetricInputError
 
 __all__ = ["image_grid", "save_image_grid", "save_wav"]
-
-
-@contextlib.contextmanager
-def _atomic_target(path: Path) -> Iterator[Path]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp_path, 0o666 & ~mask)  # mkstemp's 0600 → what a plain open() would give
-        os.replace(tmp_path, path)
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
 
 
 def image_grid(
@@ -77,7 +59,7 @@ def save_image_grid(
     if path.suffix.lower() != ".png":
         raise MetricInputError(f"path must end in .png; got {str(path)!r}")
     grid = image_grid(images, nrow, value_range=value_range, padding=padding, scale=scale)
-    with _atomic_target(path) as tmp:
+    with atomic_path(path, suffix=path.suffix) as tmp:
         Image.fromarray(grid).save(tmp, format="PNG")
     return path
 
@@ -103,6 +85,6 @@ def save_wav(samples: Any, sr: int, path: str | os.PathLike) -> Path:
     if path.suffix.lower() != ".wav":
         raise MetricInputError(f"path must end in .wav; got {str(path)!r}")
     pcm = np.round(np.clip(audio, -1.0, 1.0) * 32767).astype(np.int16)
-    with _atomic_target(path) as tmp:
+    with atomic_path(path, suffix=path.suffix) as tmp:
         wavfile.write(tmp, int(sr), pcm.T if pcm.ndim == 2 else pcm)
     return path

@@ -9,7 +9,7 @@ held-out real set, quality (FD/KID, digit metrics) of images sampled from the sa
 so its params, MACs and latency are the pruned ones; only its quality is measured separately.
 
 Called by ``ldpruner bench`` (``ldpruner.api.bench``); imports inside ``benchmarks`` are relative so this works
-from a clone (``benchmarks``) and installed (``ldpruner.benchmarks``).
+from a clone (``benchmarks``) and installed (``ldpruner.bench``).
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ def run_bench(config: BenchConfig, *, progress: bool = False, objects: Mapping[s
 
 
 def _write(out: Path, report: dict[str, Any]) -> None:
-    from ldpruner.passes._io import write_text_atomic
+    from ldpruner.io import write_text_atomic
 
     write_text_atomic(out / "report.json", json.dumps(report, indent=2, default=str) + "\n")
     write_text_atomic(out / "report.md", markdown(report))
@@ -205,8 +205,8 @@ def _bench_model(spec: str, model: Any, config: BenchConfig, out: Path, threads:
     import torch
 
     from ldpruner import api
-    from ldpruner._loading import load_model
-    from ldpruner.passes.export import export_onnx
+    from ldpruner.sources import load_model
+    from ldpruner.passes.onnx.export import export_onnx
     from ldpruner.passes.remove import count_params
 
     t_model = time.perf_counter()
@@ -287,7 +287,7 @@ def _bench_model(spec: str, model: Any, config: BenchConfig, out: Path, threads:
         entry["distill"] = None
         if config.distill_steps:
             _log(progress, f"{spec}: distilling {config.distill_steps} steps at budget {budget:.0%}")
-            from ._zoo_fd import distill_options
+            from .quality import distill_options
 
             # the teacher's trajectories follow how the model is sampled (guidance for the T2I zoo model)
             zoo_defaults = distill_options(spec.removeprefix("zoo:")) if spec.startswith("zoo:") else {}
@@ -301,13 +301,13 @@ def _bench_model(spec: str, model: Any, config: BenchConfig, out: Path, threads:
                                 "loss_last_10pct": s["loss_last_10pct"]["loss"], "student": str(bdir / "distill" / "student")}
             student = result.student
         if quality["available"]:
-            from ._zoo_quality import GraphUNet
+            from ldpruner.runtime.graph_unet import GraphUNet
 
             entry["quality"] = {}
             variants = [("pruned", pruned)] + ([("distilled", student)] if config.distill_steps else [])
             for variant, model in variants:
                 _log(progress, f"{spec}: sampling {variant} at budget {budget:.0%}")
-                images = sampler(GraphUNet(model.gm, model.traced.input_names))
+                images = sampler(GraphUNet.of(model))
                 grids[f"{variant} {budget:.0%}"] = images
                 entry["quality"][variant] = meter(images, digits)
         record["budgets"].append(entry)
@@ -325,7 +325,7 @@ def _bench_model(spec: str, model: Any, config: BenchConfig, out: Path, threads:
 
 def _quality_setup(spec: str, loaded: Any, config: BenchConfig):
     """(sampler, meter, digits, None) or (None, None, None, why quality is not measured for this model)."""
-    from ._zoo_quality import QUALITY_MODELS, QualityMeter, zoo_sampler
+    from .quality import QUALITY_MODELS, QualityMeter, zoo_sampler
 
     if not spec.startswith("zoo:"):
         return None, None, None, (f"quality needs a zoo model with held-out real data ({', '.join(QUALITY_MODELS)}); "
@@ -366,7 +366,7 @@ def _plots(record: dict[str, Any], model_dir: Path) -> dict[str, str]:
     paths["latency"] = str(model_dir / "latency.png")
 
     if record["quality"].get("available"):
-        from ._zoo_quality import primary
+        from .quality import primary
 
         dense_q = primary(record["quality"]["dense"])
         feature_name = {"efficientnet": "EfficientNet-Lite0", "spoken_digits": "spoken-digit classifier"}[
@@ -422,7 +422,7 @@ def _grids(grids: Mapping[str, Any], samples_dir: Path, model_dir: Path, shown: 
 
 
 def _audio_models() -> tuple[str, ...]:
-    from ._zoo_quality import AUDIO_MODELS
+    from .quality import AUDIO_MODELS
 
     return AUDIO_MODELS
 
@@ -458,7 +458,7 @@ def markdown(report: Mapping[str, Any]) -> str:
              f"Latency: median ± IQR (ms) of {cfg['repeats']} timed calls after {cfg['warmup']} warm-up calls, dense "
              "and pruned interleaved in one run (order rotated every round). **The pruned / dense ratios are the "
              "evidence; absolute times depend on the machine and its load.** Torch: the dense diffusers UNet vs the "
-             "pruned fx graph, eager. ORT: both exported through `ldpruner.passes.export`, CPU provider, no "
+             "pruned fx graph, eager. ORT: both exported through `ldpruner.passes.onnx.export`, CPU provider, no "
              "spinning. Memory: peak RSS of a fresh process serving the ONNX model at the largest batch, minus its "
              "RSS after importing onnxruntime (weights + activations + runtime arenas).", ""]
     for rec in report["models"]:
@@ -501,7 +501,7 @@ def markdown(report: Mapping[str, Any]) -> str:
         q = rec["quality"]
         lines.append("")
         if q.get("available"):
-            from ._zoo_quality import quality_table
+            from .quality import quality_table
 
             audio = "recognisability" in q["dense"]
             space = ("the spoken-digit classifier's features vs held-out real clips" if audio else

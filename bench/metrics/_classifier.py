@@ -12,7 +12,6 @@ import contextlib
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,6 +20,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ldpruner.io import atomic_path
 
 from .errors import MetricInputError
 
@@ -124,18 +125,9 @@ def save_classifier(model: nn.Module, path: str | os.PathLike, record: dict[str,
     """Write the weights as safetensors (atomically), with ``record`` as JSON in the file's metadata."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata={"ldpruner": json.dumps(record, sort_keys=True)})
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={"ldpruner": json.dumps(record, sort_keys=True)})
 
 
 def load_classifier(model_class: type[nn.Module], path: Path, *, architecture: str, what: str, recreate: str) -> Any:

@@ -20,9 +20,10 @@ from typing import Any, Protocol
 import torch
 
 from ldpruner.errors import ConfigError
+from ldpruner.runtime.graph_unet import GraphUNet
 from ldpruner.runtime.sampling import sample_latents
 
-from ._conditioning import Conditioning
+from ..conditioning import Conditioning
 
 __all__ = ["DistillBatch", "DistillData", "LatentData", "TeacherTrajectories", "noising_scheduler"]
 
@@ -115,11 +116,13 @@ class TeacherTrajectories:
         finals: list[torch.Tensor] = []
         final_ids: list[torch.Tensor] = []
 
+        graph = GraphUNet(teacher, self.input_names)
+
         def unet_fn(**inputs: torch.Tensor) -> torch.Tensor:
             samples.append(inputs["sample"].detach().cpu())
             timesteps.append(inputs["timestep"].detach().cpu().reshape(-1).expand(inputs["sample"].shape[0]))
             cond_ids.append(torch.cat([torch.full_like(chunk_ids, NEGATIVE), chunk_ids]) if use_cfg else chunk_ids)
-            return teacher(*[inputs[n] for n in self.input_names])
+            return graph.flat(**inputs)
 
         from tqdm.auto import tqdm
 

@@ -1,0 +1,134 @@
+"""Artifact I/O every layer shares: atomic writes (a file or folder is complete or absent, never half-written),
+one JSON reader whose errors name the file and the problem, and conversion of values to plain JSON.
+
+Part of the base layer: it imports nothing of ldpruner but :mod:`ldpruner.errors`, and no third-party package.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from .errors import ArtifactError, LdprunerError
+
+__all__ = [
+    "atomic_dir",
+    "atomic_path",
+    "default_permissions",
+    "json_safe",
+    "read_json",
+    "write_json_atomic",
+    "write_text_atomic",
+]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def default_permissions(path: str | os.PathLike) -> None:
+    """Give a file or folder made private by mkstemp/mkdtemp the permissions a plain open()/mkdir() would give."""
+    os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~_umask())
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, *, suffix: str = ".tmp") -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it is renamed onto ``path``, on error removed.
+
+    ``suffix`` is the temporary file's ending, for writers that choose the format by it (``.png``, ``.wav``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        if tmp_path.exists():
+            default_permissions(tmp_path)  # mkstemp makes the file private (0600)
+        os.replace(tmp_path, path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder beside ``path``; on success it replaces ``path`` whole, on error it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield tmp
+        default_permissions(tmp)  # mkdtemp makes the folder private (0700)
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any, *, indent: int | None = 2) -> None:
+    """``data`` as JSON (values JSON cannot hold are written as ``str``), a final newline, atomically."""
+    write_text_atomic(path, json.dumps(data, indent=indent, default=str) + "\n")
+
+
+def read_json(path: str | os.PathLike, *, what: str = "file", error: type[LdprunerError] = ArtifactError,
+              expect: type = dict) -> Any:
+    """The JSON value in ``path``, which must be an ``expect`` (a JSON object by default).
+
+    Every failure (missing file, unreadable bytes, invalid JSON, another kind of value) raises ``error`` with a
+    message that starts ``"<what> '<path>'"``, so a caller says what the file is and which error type it means."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} {str(path)!r} does not exist")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise error(f"{what} {str(path)!r} cannot be read: {type(exc).__name__}: {exc}") from exc
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise error(f"{what} {str(path)!r} is not valid JSON: {exc}") from exc
+    if not isinstance(data, expect):
+        kind = "a JSON object" if expect is dict else f"a JSON {expect.__name__}"
+        raise error(f"{what} {str(path)!r} holds a {type(data).__name__}, expected {kind}")
+    return data
+
+
+def json_safe(value: Any, *, drop_private_keys: bool = False) -> Any:
+    """``value`` as plain JSON types: mappings → dicts with str keys, tuples/lists → lists, paths → POSIX strings,
+    numpy/torch scalars and arrays → ``tolist()``, anything else JSON cannot hold → ``repr``.
+
+    ``drop_private_keys`` leaves out mapping keys that start with ``_`` (diffusers' bookkeeping in configs:
+    ``_class_name``, ``_diffusers_version``, ``_use_default_values``)."""
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v, drop_private_keys=drop_private_keys) for k, v in value.items()
+                if not (drop_private_keys and str(k).startswith("_"))}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v, drop_private_keys=drop_private_keys) for v in value]
+    if isinstance(value, Path):
+        return value.as_posix()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return repr(value)
