@@ -1,11 +1,8 @@
-"""Sampling a zoo model with a dense, pruned or distilled UNet on fixed seeds, and scoring the samples against
-held-out real ones: images by FD/KID on EfficientNet-Lite0 features (for mnist-t2i also the digit classifier's
-features and prompt-digit accuracy), espeak-digits mel spectrograms by FD/KID on the spoken-digit classifier's
-features and how many clips it recognises. Shared by ``benchmarks.distill_quality``, ``benchmarks._zoo_fd`` and
-the bench stage (``benchmarks.bench``).
-
-Imports inside ``benchmarks`` are relative so the same files work as ``benchmarks`` (a clone) and as
-``ldpruner.bench`` (the installed wheel).
+"""Quality of a zoo model's samples: sampling it with a dense, pruned or distilled UNet on fixed seeds (and prompts),
+and scoring the samples against its held-out real data (:mod:`ldpruner.zoo.datasets`): images by FD/KID on
+EfficientNet-Lite0 features (for mnist-t2i also the digit classifier's features and prompt-digit accuracy),
+espeak-digits mel spectrograms by FD/KID on the spoken-digit classifier's features and how many clips it
+recognises. Used by the bench stage and by the studies in ``benchmarks/``.
 """
 
 from __future__ import annotations
@@ -18,9 +15,8 @@ import torch
 
 from ldpruner.errors import ConfigError
 
-__all__ = ["WORDS", "QUALITY_MODELS", "AUDIO_MODELS", "primary", "quality_table", "real_sets", "zoo_sampler", "QualityMeter", "distill_options"]
+__all__ = ["QUALITY_MODELS", "AUDIO_MODELS", "primary", "quality_table", "real_sets", "zoo_sampler", "QualityMeter", "distill_options"]
 
-WORDS = "zero one two three four five six seven eight nine".split()
 QUALITY_MODELS = ("mnist-t2i", "crawl-tiles", "espeak-digits")  # zoo models with a held-out real set
 AUDIO_MODELS = ("espeak-digits",)
 
@@ -29,28 +25,28 @@ AUDIO_MODELS = ("espeak-digits",)
 def real_sets(name: str, n: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """(held-out reference, real-vs-real baseline of n real samples disjoint from it, extra) in [0, 1]."""
     if name == "mnist-t2i":
-        from .metrics import load_mnist_5k, mnist_to_model_range, split_mnist_rows
+        from ldpruner.zoo.datasets import load_mnist_5k, mnist_to_model_range, split_mnist
 
         images, labels = load_mnist_5k()
-        train, held = split_mnist_rows(labels)
+        train, held = split_mnist(labels)
         per_digit = n // 10
         rng = np.random.default_rng(0)
         base = np.concatenate([rng.permutation(train[labels[train] == d])[:per_digit] for d in range(10)])
         return ((mnist_to_model_range(images[held]) + 1) / 2, (mnist_to_model_range(images[base]) + 1) / 2,
                 {"held_labels": labels[held]})
     if name == "crawl-tiles":
-        from ldpruner.zoo.recipes.crawl_tiles import load_tiles, split_tiles, to_model_range
+        from ldpruner.zoo.datasets import load_crawl_tiles, split_crawl_tiles, tiles_to_model_range
 
-        tiles, _ = load_tiles()
-        train, held = split_tiles(tiles)
+        tiles, _ = load_crawl_tiles()
+        train, held = split_crawl_tiles(tiles)
         base = np.random.default_rng(0).permutation(train)[:n]
-        return (to_model_range(tiles[held]) + 1) / 2, (to_model_range(tiles[base]) + 1) / 2, {}
+        return (tiles_to_model_range(tiles[held]) + 1) / 2, (tiles_to_model_range(tiles[base]) + 1) / 2, {}
     if name == "espeak-digits":
         # the model card's evaluation clips (never trained on) say 0-9 in turn, so blocks of ten are digit-balanced:
         # reference = the even-numbered blocks, baseline = the first n clips of the odd-numbered ones
-        from ldpruner.zoo.recipes.espeak_digits import load_split
+        from ldpruner.zoo.datasets import load_espeak_split
 
-        mels, digits = load_split("eval")
+        mels, digits = load_espeak_split("eval")
         unit = (torch.from_numpy(mels) + 1) / 2
         even = (torch.arange(len(unit)) // 10) % 2 == 0
         if n > int((~even).sum()):
@@ -65,12 +61,13 @@ def zoo_sampler(name: str, n: int, steps: int) -> tuple[Callable[[Any], torch.Te
     seeds = [20_000 + i for i in range(n)]
     if name == "mnist-t2i":
         from ldpruner.zoo import load_text_to_image
+        from ldpruner.zoo.datasets import DIGIT_WORDS
 
         if n % 10:
             raise ConfigError(f"samples must be a multiple of 10 for {name} (n/10 images per digit); got {n}")
         model = load_text_to_image(name)
         digits = [d for d in range(10) for _ in range(n // 10)]
-        prompts = [f"a handwritten {WORDS[d]}" for d in digits]
+        prompts = [f"a handwritten {DIGIT_WORDS[d]}" for d in digits]
         return (lambda unet: model.sample(prompts, steps=steps, guidance_scale=5.0, seed=seeds, unet=unet)), digits
     from ldpruner.zoo.unconditional import load_unconditional
 

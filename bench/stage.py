@@ -8,8 +8,7 @@ held-out real set, quality (FD/KID, digit metrics) of images sampled from the sa
 ``report.md``, plots and sample grids. A distilled student has the pruned graph (same operators, same shapes),
 so its params, MACs and latency are the pruned ones; only its quality is measured separately.
 
-Called by ``ldpruner bench`` (``ldpruner.api.bench``); imports inside ``benchmarks`` are relative so this works
-from a clone (``benchmarks``) and installed (``ldpruner.bench``).
+Called by ``ldpruner bench`` (``ldpruner.api.bench``).
 """
 
 from __future__ import annotations

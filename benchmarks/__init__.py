@@ -1,4 +1,7 @@
-"""ldpruner's benchmarks: latency, memory, analysis cost and offline quality metrics (``benchmarks.metrics``).
+"""ldpruner's studies: the measurements behind the numbers in the notes (selection baselines, score vs damage,
+analysis cost, distillation quality, full-size tracing), run from a clone as ``python -m benchmarks.<study>``.
 
-The bench stage imports these; nothing in the product (ldpruner, compiler, passes, runtime, zoo) imports them.
+They use the public surface of ``ldpruner`` (the API, the passes, ``ldpruner.bench``); nothing in the product
+imports them, and they are not shipped in the wheel. The shipped bench stage (``ldpruner bench``) is
+``ldpruner.bench``.
 """

@@ -21,9 +21,9 @@ def write_folder(out: Path, count: int, seed: int = 0, cache_dir: Path | None = 
     import numpy as np
     from PIL import Image
 
-    from ldpruner.zoo.recipes.espeak_digits import load_split
+    from ldpruner.zoo.datasets import load_espeak_split
 
-    mels, _ = load_split("ldm", cache_dir=cache_dir, progress=True)
+    mels, _ = load_espeak_split("ldm", cache_dir=cache_dir, progress=True)
     if not 1 <= count <= len(mels):
         raise SystemExit(f"--count must be between 1 and {len(mels)} (the ldm split); got {count}")
     out.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,7 @@ budget, every single-operator removal): FD/KID against held-out real data beside
 the reference and baseline features computed once.
 
 Images (``mnist-t2i``, ``crawl-tiles``): ImageNet EfficientNet-Lite0 features (sampling and real sets from
-``_zoo_quality``); audio (``espeak-digits``, mel images): the spoken-digit classifier's features. Relative numbers
+``ldpruner.bench.quality``); audio (``espeak-digits``, mel images): the spoken-digit classifier's features. Relative numbers
 (dense vs pruned on the same seeds), never comparable to a published FID.
 """
 

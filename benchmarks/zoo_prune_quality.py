@@ -4,7 +4,7 @@
 
 For each budget (fraction of UNet parameters removed): the LD-score plan and a random plan of the same candidate
 set; every model samples the same seeds and prompts ("a handwritten <digit>", DDIM, guidance 5); the digit
-classifier (benchmarks/metrics, trained on the first 90 % of each MNIST class) says which digit each image shows.
+classifier (ldpruner.bench.metrics, trained on the first 90 % of each MNIST class) says which digit each image shows.
 Reports prompt-digit accuracy (and the pruned/dense latency ratio of the torch graph, batch 2·N, measured in this
 run) as JSON. No distillation: this measures what selection alone keeps.
 """

@@ -2,7 +2,9 @@
 
 Each model is a diffusers-style folder beside this file (model_index.json, unet/, vae/, scheduler/, weights in
 safetensors, a model card README.md and samples.png), reproduced from a seed by a script in ``zoo/recipes/``.
-The registry below is the list of what is shipped; ``model_dir(name)`` finds a model's folder.
+The registry below is the list of what is shipped; ``model_dir(name)`` finds a model's folder. Their data and its
+train / held-out splits are loaded by :mod:`ldpruner.zoo.datasets`, for the recipes and the metrics alike; the
+samplers (``text_to_image``, ``unconditional``) run the project's one sampling loop (``ldpruner.runtime``).
 Importing this package is cheap: torch, diffusers and transformers load only when a model is used.
 """
 

@@ -12,7 +12,7 @@ from ldpruner.io import read_json
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["initial_latents", "positive_int", "scheduler_class", "seeds_for"]
+__all__ = ["positive_int", "scheduler_class", "seeded_noise", "seeds_for"]
 
 
 def positive_int(name: str, value: Any) -> int:
@@ -34,17 +34,12 @@ def seeds_for(seed: int | Sequence[int], n: int) -> list[int]:
     return seeds
 
 
-def initial_latents(
-    scheduler: Any, shape: tuple[int, ...], seeds: Sequence[int], steps: int
-) -> tuple[Any, torch.Tensor]:
-    """A fresh copy of ``scheduler`` set to ``steps`` steps, and the starting latents (len(seeds), *shape): image i's
-    noise from its own seed, so it does not depend on the rest of the batch, scaled by ``init_noise_sigma``."""
+def seeded_noise(shape: tuple[int, ...], seeds: Sequence[int]) -> torch.Tensor:
+    """(len(seeds), *shape) standard normal starting noise, image i's from its own CPU generator seeded ``seeds[i]``,
+    so an image does not depend on the rest of the batch."""
     import torch
 
-    latents = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
-    scheduler = type(scheduler).from_config(scheduler.config)
-    scheduler.set_timesteps(steps)
-    return scheduler, latents * scheduler.init_noise_sigma
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
 
 
 def scheduler_class(config_path: Path) -> type:

@@ -2,7 +2,9 @@
 
     eps = eps(x_t, ∅) + w · (eps(x_t, prompt) − eps(x_t, ∅)),   image = VAE.decode(x_0 / scaling_factor)
 
-Each image's starting noise comes from its own seed, so an image does not depend on what else is in the batch.
+The denoising loop is the project's one sampling loop (:func:`ldpruner.runtime.sampling.sample_latents`; guidance
+runs when ``w > 1``, as in diffusers pipelines). Each image's starting noise comes from its own seed, so an image
+does not depend on what else is in the batch.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from ldpruner.errors import ConfigError, ModelLoadError
 
-from ._sampling import initial_latents, positive_int, scheduler_class, seeds_for
+from ._sampling import positive_int, scheduler_class, seeded_noise, seeds_for
 from .text import TextEncoder
 
 if TYPE_CHECKING:
@@ -51,27 +53,23 @@ class TextToImageModel:
         """
         import torch
 
+        from ldpruner.runtime.sampling import sample_latents
+
         prompts = list(prompts) if not isinstance(prompts, str) else prompts
         cond = self.text_encoder.encode(prompts)
         seeds = seeds_for(seed, len(prompts))
         positive_int("steps", steps)
         if not isinstance(guidance_scale, (int, float)) or isinstance(guidance_scale, bool) or guidance_scale < 0:
-            raise ConfigError(f"guidance_scale must be a number >= 0 (1 turns guidance off); got {guidance_scale!r}")
+            raise ConfigError(f"guidance_scale must be a number >= 0 (<= 1 turns guidance off); got {guidance_scale!r}")
         denoiser = self.unet if unet is None else unet
         config = self.unet.config
-        shape = (config.in_channels, config.sample_size, config.sample_size)
-        scheduler, latents = initial_latents(self.scheduler, shape, seeds, steps)
-        guided = guidance_scale != 1.0
-        context = torch.cat([self.text_encoder.encode_negative(len(prompts)), cond]) if guided else cond
+        noise = seeded_noise((config.in_channels, config.sample_size, config.sample_size), seeds)
         with torch.no_grad():
-            for t in scheduler.timesteps:
-                model_input = torch.cat([latents, latents]) if guided else latents
-                model_input = scheduler.scale_model_input(model_input, t)
-                eps = denoiser(model_input, t, encoder_hidden_states=context).sample
-                if guided:
-                    eps_uncond, eps_cond = eps.chunk(2)
-                    eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
-                latents = scheduler.step(eps, t, latents).prev_sample
+            latents = sample_latents(
+                lambda sample, timestep, encoder_hidden_states: denoiser(
+                    sample, timestep, encoder_hidden_states=encoder_hidden_states).sample,
+                self.scheduler, noise=noise, steps=steps, encoder_hidden_states=cond,
+                negative_encoder_hidden_states=self.text_encoder.encode_negative(1), guidance_scale=guidance_scale)
             images = self.vae.decode(latents / self.vae.config.scaling_factor).sample
         return ((images.float() + 1) / 2).clamp(0, 1)
 

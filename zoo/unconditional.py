@@ -2,6 +2,8 @@
 
     x_{t-1} = scheduler.step(eps(x_t, t), t, x_t),   output = (VAE.decode(x_0 / scaling_factor) + 1) / 2
 
+The denoising loop is the project's one sampling loop (:func:`ldpruner.runtime.sampling.sample_latents`).
+
 The latent shape is the UNet's (in_channels, sample_size), where sample_size is an int (square) or (height, width).
 Each sample's starting noise comes from its own seed, so a sample does not depend on what else is in the batch.
 The autoencoder sits in ``vae/`` or, for folders that stock diffusers loads as an ``LDMPipeline``, in ``vqvae/``
@@ -18,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from ldpruner.errors import ConfigError, ModelLoadError
 
-from ._sampling import initial_latents, positive_int, scheduler_class, seeds_for
+from ._sampling import positive_int, scheduler_class, seeded_noise, seeds_for
 
 if TYPE_CHECKING:
     import torch
@@ -61,14 +63,15 @@ class UnconditionalModel:
         """(num, C, h, w) float32 denoised latents, already divided by the VAE's scaling factor."""
         import torch
 
+        from ldpruner.runtime.sampling import sample_latents
+
         num, steps = positive_int("num", num), positive_int("steps", steps)
         seeds = seeds_for(seed, num)
         denoiser = self.unet if unet is None else unet
-        scheduler, latents = initial_latents(self.scheduler, latent_shape(self.unet.config), seeds, steps)
+        noise = seeded_noise(latent_shape(self.unet.config), seeds)
         with torch.no_grad():
-            for t in scheduler.timesteps:
-                eps = denoiser(scheduler.scale_model_input(latents, t), t).sample
-                latents = scheduler.step(eps, t, latents).prev_sample
+            latents = sample_latents(lambda sample, timestep: denoiser(sample, timestep).sample, self.scheduler,
+                                     noise=noise, steps=steps)
         return latents / self.vae.config.scaling_factor
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

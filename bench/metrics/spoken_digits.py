@@ -10,11 +10,11 @@ The model (``zoo:espeak-digits``) has no prompt, so there is no label to check a
 Inputs are mel images (N, 1, 64, 64) as ``ldpruner.zoo.audio`` defines them, in ``value_range`` ((0, 1) as the
 sampler returns them by default; the recipe's [-1, 1] with ``value_range=(-1, 1)``).
 
-Data: the espeak-ng splits of ``ldpruner.zoo.recipes.espeak_digits`` — the classifier trains on the
+Data: the espeak-ng splits of ``ldpruner.zoo.datasets`` — the classifier trains on the
 ``classifier`` split (3,000 clips, never seen by the LDM) and is scored on the ``eval`` split (1,000 clips, held out
-from both). The committed weights (``benchmarks/assets/spoken_digit_classifier.safetensors``) are reproduced by
+from both). The committed weights (``bench/assets/spoken_digit_classifier.safetensors``) are reproduced by
 
-    python -m benchmarks.metrics.spoken_digits --train --seed 0
+    python -m ldpruner.bench.metrics.spoken_digits --train --seed 0
 
 (needs Debian espeak-ng and librosa; one thread; identical weights need the same torch version and CPU kernels).
 """
@@ -138,18 +138,18 @@ def train_spoken_digit_classifier(
 
     Returns the model (eval mode) and a record (seed, settings, held-out accuracy, time). ``threads`` sets torch's
     intra-op threads during training (restored after); the global RNG state is left untouched. The data come from
-    ``ldpruner.zoo.recipes.espeak_digits.load_split`` (``cache_dir`` as there).
+    ``ldpruner.zoo.datasets.load_espeak_split`` (``cache_dir`` as there).
     """
-    from ldpruner.zoo.recipes.espeak_digits import SPLITS, load_split
+    from ldpruner.zoo.datasets import ESPEAK_SPLITS, load_espeak_split
 
-    mels, digits = load_split("classifier", cache_dir=cache_dir, executable=espeak)
-    held, held_digits = load_split("eval", cache_dir=cache_dir, executable=espeak)
+    mels, digits = load_espeak_split("classifier", cache_dir=cache_dir, executable=espeak)
+    held, held_digits = load_espeak_split("eval", cache_dir=cache_dir, executable=espeak)
     x_train, y_train = torch.from_numpy(mels), torch.from_numpy(digits)
     x_held, y_held = torch.from_numpy(held), torch.from_numpy(held_digits)
     return train_classifier(
         SpokenDigitClassifier, (x_train, y_train), (x_held, y_held), architecture=ARCHITECTURE,
-        data=(f"espeak-ng spoken digits (ldpruner.zoo.recipes.espeak_digits): train = the 'classifier' split "
-              f"({SPLITS['classifier'][1]} clips), held out = the 'eval' split ({SPLITS['eval'][1]} clips); "
+        data=(f"espeak-ng spoken digits (ldpruner.zoo.datasets): train = the 'classifier' split "
+              f"({ESPEAK_SPLITS['classifier'][1]} clips), held out = the 'eval' split ({ESPEAK_SPLITS['eval'][1]} clips); "
               "neither is in the LDM's 'ldm' split"),
         augment=_augment, predict=lambda model, x: _predict(model, x).argmax(1), seed=seed, epochs=epochs,
         batch_size=batch_size, lr=lr, threads=threads, label_smoothing=0.05, per_digit=True,
@@ -165,7 +165,7 @@ def load_spoken_digit_classifier(path: str | os.PathLike | None = None) -> Spoke
     """The committed classifier (or the one at ``path``) in eval mode; its training record is ``model.record``."""
     return load_classifier(SpokenDigitClassifier, Path(path) if path is not None else SPOKEN_DIGIT_CLASSIFIER_PATH,
                            architecture=ARCHITECTURE, what="spoken-digit classifier",
-                           recreate="python -m benchmarks.metrics.spoken_digits --train")
+                           recreate="python -m ldpruner.bench.metrics.spoken_digits --train")
 
 
 def spoken_digit_probabilities(
@@ -227,7 +227,7 @@ class SpokenDigitFeatureExtractor:
         record = getattr(self.classifier, "record", {})
         return {
             "name": self.name,
-            "network": f"{ARCHITECTURE} trained on espeak-ng spoken digits (benchmarks/metrics/spoken_digits.py)",
+            "network": f"{ARCHITECTURE} trained on espeak-ng spoken digits (bench/metrics/spoken_digits.py)",
             "features": "penultimate layer (64, after ReLU)",
             "dim": self.dim,
             "input_size": "64x64 mel",
@@ -248,7 +248,7 @@ class SpokenDigitFeatureExtractor:
 def noise_mels(n: int, *, seed: int = 0, config: Any = None) -> torch.Tensor:
     """(n, 1, 64, 64) mel images in [0, 1] of white-noise clips (Gaussian, random level 0.05–0.5): the floor that
     recognisability is read against. Needs librosa (``pip install 'ldpruner[bench]'``)."""
-    from ldpruner.zoo._packages import MissingPackageError
+    from ldpruner.zoo import MissingPackageError
     from ldpruner.zoo.audio import MelConfig, waveform_to_mel
 
     config = config or MelConfig()
@@ -296,7 +296,7 @@ def _as_tensor(data: Any) -> torch.Tensor:
 
 
 def _main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.metrics.spoken_digits",
+    p = argparse.ArgumentParser(prog="python -m ldpruner.bench.metrics.spoken_digits",
                                 description="Train the spoken-digit classifier and save its weights.")
     p.add_argument("--train", action="store_true", help="train (the only action; required so nothing runs by accident)")
     p.add_argument("--seed", type=int, default=0)

@@ -23,15 +23,13 @@ from ldpruner.bench.metrics import (
     image_quality,
     kernel_inception_distance,
     load_digit_classifier,
-    load_mnist_5k,
-    mnist_to_model_range,
     prompt_digit_accuracy,
     save_image_grid,
     save_wav,
-    split_mnist_rows,
     train_digit_classifier,
 )
 from ldpruner.bench.metrics.digits import DIGIT_CLASSIFIER_PATH
+from ldpruner.zoo.datasets import load_mnist_5k, mnist_to_model_range, split_mnist
 
 pytestmark = pytest.mark.usefixtures("one_thread", "one_blas_thread")
 
@@ -170,7 +168,7 @@ def test_kid_rejects_subsets_larger_than_the_sets():
 @pytest.fixture(scope="module")
 def mnist():
     images, labels = load_mnist_5k()
-    train, held = split_mnist_rows(labels)
+    train, held = split_mnist(labels)
     return mnist_to_model_range(images), torch.from_numpy(labels), train, held
 
 
@@ -180,13 +178,6 @@ def test_split_holds_out_the_last_tenth_of_each_digit(mnist):
     for digit in range(10):
         rows = np.flatnonzero(labels.numpy() == digit)
         assert list(held[labels[held].numpy() == digit]) == list(rows[-50:])
-
-
-def test_split_matches_the_text_to_image_recipe(mnist):
-    recipe = pytest.importorskip("ldpruner.zoo.recipes.mnist_t2i")
-    _, labels, train, held = mnist
-    recipe_train, recipe_held = recipe.split_rows(labels.numpy())
-    assert np.array_equal(train, recipe_train) and np.array_equal(held, recipe_held)
 
 
 def test_committed_classifier_reads_held_out_digits(mnist):

@@ -41,11 +41,11 @@ def classifier():
 def real():
     """The first N_REAL clips of the held-out eval split: mels (N, 1, 64, 64) in [0, 1] and their digits."""
     from ldpruner.zoo.audio import MelConfig, waveform_to_mel
-    from ldpruner.zoo.recipes.espeak_digits import clip_audio, split_plan
+    from ldpruner.zoo.datasets import espeak_clip, espeak_split_plan
 
     config = MelConfig()
-    plan = split_plan("eval")[:N_REAL]
-    audio = np.stack([clip_audio(item, config) for item in plan])
+    plan = espeak_split_plan("eval")[:N_REAL]
+    audio = np.stack([espeak_clip(item, config) for item in plan])
     mels = (torch.from_numpy(waveform_to_mel(audio, config)) + 1) / 2
     return mels, torch.tensor([item["digit"] for item in plan])
 

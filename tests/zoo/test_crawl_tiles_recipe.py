@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from ldpruner.zoo import datasets
 from ldpruner.zoo.recipes import crawl_tiles as recipe
 
 PIL = pytest.importorskip("PIL")
@@ -29,7 +30,7 @@ def _write_atlases(folder, rng: np.random.Generator) -> dict[str, int]:
     folder.mkdir(parents=True, exist_ok=True)
     shared = _tile(rng)
     expected = {}
-    for i, name in enumerate(recipe.ATLASES):
+    for i, name in enumerate(datasets.CRAWL_ATLASES):
         flat = np.zeros((32, 32, 4), dtype=np.uint8)
         flat[..., :3], flat[..., 3] = 90, 255  # fully opaque but RGB std 0
         sparse = _tile(rng, alpha=1 / 32)  # one opaque row: 3 % < 5 %
@@ -45,29 +46,29 @@ def _write_atlases(folder, rng: np.random.Generator) -> dict[str, int]:
 
 def test_slicing_filters_deduplicates_and_composites_over_black(tmp_path):
     expected = _write_atlases(tmp_path / "tiles", np.random.default_rng(0))
-    tiles, sources = recipe.load_tiles(tmp_path / "tiles")
+    tiles, sources = datasets.load_crawl_tiles(tmp_path / "tiles")
     assert tiles.shape == (sum(expected.values()), 32, 32, 3) and tiles.dtype == np.uint8
-    assert {name: sources.count(name) for name in recipe.ATLASES} == expected
+    assert {name: sources.count(name) for name in datasets.CRAWL_ATLASES} == expected
     assert len({t.tobytes() for t in tiles}) == len(tiles)
     half = tiles[sources.index("main") + 2]  # the half-transparent tile: its lower half is black
     assert (half[16:] == 0).all() and half[:16].std() > 5
-    x = recipe.to_model_range(tiles)
+    x = datasets.tiles_to_model_range(tiles)
     assert tuple(x.shape) == (len(tiles), 3, 32, 32) and float(x.min()) >= -1 and float(x.max()) <= 1
 
 
 def test_split_is_by_content_hash_and_independent_of_order():
     tiles = np.random.default_rng(1).integers(0, 256, (400, 32, 32, 3), dtype=np.uint8)
-    train, held = recipe.split_tiles(tiles)
+    train, held = datasets.split_crawl_tiles(tiles)
     assert not set(train) & set(held) and sorted([*train, *held]) == list(range(400))
     assert 20 < len(held) < 80  # about 1/8
     order = np.random.default_rng(2).permutation(400)
-    _, held_shuffled = recipe.split_tiles(tiles[order])
+    _, held_shuffled = datasets.split_crawl_tiles(tiles[order])
     assert set(order[held_shuffled]) == set(held)
 
 
 def test_missing_atlases_name_the_debian_package(tmp_path, capsys):
-    with pytest.raises(recipe.MissingTilesError, match="apt-get install crawl-tiles-data"):
-        recipe.load_tiles(tmp_path)
+    with pytest.raises(datasets.MissingTilesError, match="apt-get install crawl-tiles-data"):
+        datasets.load_crawl_tiles(tmp_path)
     assert recipe.main(["--out", str(tmp_path / "out"), "--tiles-dir", str(tmp_path / "none")]) == 2
     assert "apt-get install crawl-tiles-data" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from committed_parts import load_unet_and_vae
-from ldpruner.zoo._packages import MissingPackageError
+from ldpruner.zoo import MissingPackageError, datasets
 from ldpruner.zoo.audio import MelConfig, fit_clip, mel_to_waveform, waveform_to_mel
 from ldpruner.zoo.recipes import espeak_digits as recipe
 
@@ -76,7 +76,7 @@ def test_sampling_two_clips_gives_mels_and_audio(model):
 @pytest.mark.skipif(not HAS_ESPEAK, reason="Debian espeak-ng is not installed (apt-get install espeak-ng)")
 def test_mel_round_trip_of_a_real_espeak_clip_is_close():
     config = MelConfig()
-    audio = recipe.clip_audio({"digit": 7, "voice": "en-us+m3", "pitch": 50, "speed": 160}, config)
+    audio = datasets.espeak_clip({"digit": 7, "voice": "en-us+m3", "pitch": 50, "speed": 160}, config)
     assert audio.shape == (config.clip_samples,) and abs(np.abs(audio).max() - config.peak) < 1e-5
     mel = waveform_to_mel(audio, config)
     assert mel.shape == (1, 1, 64, 64) and mel.min() >= -1.0 and mel.max() <= 1.0
@@ -117,29 +117,29 @@ def test_fit_clip_trims_normalises_and_pads():
 
 
 def test_split_plans_are_seeded_balanced_and_disjoint():
-    plans = {split: recipe.split_plan(split) for split in recipe.SPLITS}
-    assert recipe.split_plan("eval") == plans["eval"]
+    plans = {split: datasets.espeak_split_plan(split) for split in datasets.ESPEAK_SPLITS}
+    assert datasets.espeak_split_plan("eval") == plans["eval"]
     for split, plan in plans.items():
-        assert len(plan) == recipe.SPLITS[split][1]
+        assert len(plan) == datasets.ESPEAK_SPLITS[split][1]
         assert np.bincount([c["digit"] for c in plan], minlength=10).tolist() == [len(plan) // 10] * 10
     keys = {split: {(c["digit"], c["voice"], c["pitch"], c["speed"]) for c in plan} for split, plan in plans.items()}
     assert len({c["voice"] for c in plans["ldm"]}) > 100  # accents x variants, well mixed
     # the same words with the same settings may recur by chance; the splits are mostly disjoint
     assert len(keys["ldm"] & keys["eval"]) < 0.02 * len(keys["eval"])
     with pytest.raises(ValueError, match="split must be one of"):
-        recipe.split_plan("test")
+        datasets.espeak_split_plan("test")
 
 
 def test_missing_espeak_is_a_typed_error_naming_the_package(tmp_path, capsys):
     bad = str(tmp_path / "no-espeak-ng")
     message = "install it with: apt-get install espeak-ng"
-    with pytest.raises(recipe.MissingProgramError, match=message) as info:
-        recipe.check_espeak(bad)
+    with pytest.raises(datasets.MissingProgramError, match=message) as info:
+        datasets.check_espeak(bad)
     assert isinstance(info.value, MissingPackageError) and isinstance(info.value, ImportError)
-    with pytest.raises(recipe.MissingProgramError, match=message):
-        recipe.load_split("eval", executable=bad)
-    with pytest.raises(recipe.MissingProgramError, match=message):
-        recipe.synthesize("seven", "en-us", 50, 160, executable=bad)
+    with pytest.raises(datasets.MissingProgramError, match=message):
+        datasets.load_espeak_split("eval", executable=bad)
+    with pytest.raises(datasets.MissingProgramError, match=message):
+        datasets.synthesize("seven", "en-us", 50, 160, executable=bad)
     assert recipe.main(["--out", str(tmp_path / "out"), "--espeak", bad]) == 2
     assert message in capsys.readouterr().err
 

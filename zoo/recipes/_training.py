@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ldpruner.zoo._packages import MissingPackageError
+from ldpruner.zoo import MissingPackageError
 
 __all__ = [
     "DDIM_EXTRA",

@@ -1,13 +1,11 @@
 """Recipe for the zoo model ``crawl-tiles``: an unconditional latent diffusion model on Dungeon Crawl tiles.
 
-Data: the tile atlases of Debian ``crawl-tiles-data`` (``/usr/share/crawl/dat/tiles``). Only the four atlases of
-whole 32×32 sprites are used (``ATLASES``: main = monsters and items, floor, wall, feat = dungeon features);
-player.png (partial paper-doll overlays), gui.png and icons.png (interface art), the logos, the program icons and
-the ~30 title illustrations are not tile sheets and are skipped. Each atlas is cut on a 32×32 grid; a cell is kept
-when ≥ 5 % of its pixels have nonzero alpha and the standard deviation of its RGB values exceeds 5; exact
-duplicates (same RGBA bytes) are dropped, the first one in atlas order kept. RGBA is composited over black, then
-scaled to [-1, 1]. A tile is held out for evaluation when the first byte of the SHA-256 of its composited RGB bytes
-is < 32 (1/8 of tiles, independent of order); the rest train.
+Data (``ldpruner.zoo.datasets``, shared with the metrics): the 32×32 sprites of the four tile atlases of Debian
+``crawl-tiles-data`` (main = monsters and items, floor, wall, feat); player.png (partial paper-doll overlays),
+gui.png and icons.png (interface art), the logos, the program icons and the ~30 title illustrations are not tile
+sheets and are skipped. Cells that are mostly transparent or flat are dropped, exact duplicates too; RGBA is
+composited over black, then scaled to [-1, 1]. A tile is held out for evaluation when the first byte of the
+SHA-256 of its RGB bytes is < 32 (1/8 of the tiles, independent of order); the rest train.
 
 Stages: (1) AutoencoderKL 32×32×3 → 8×8×4, L1 + a small KL term; its latents' std sets ``scaling_factor``.
 (2) UNet2DModel on the 8×8×4 latents, three levels (plain at 8×8, self-attention at 4×4 and 2×2 and in the
@@ -24,24 +22,27 @@ from ``--seed`` with the same torch version and thread count (``--threads``).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from ldpruner.zoo._packages import MissingPackageError
+from ldpruner.zoo.datasets import (
+    CRAWL_ATLASES,
+    CRAWL_TILES_DIR,
+    HOLDOUT_HASH_BELOW,
+    MIN_ALPHA_COVERAGE,
+    MIN_RGB_STD,
+    TILE,
+    load_crawl_tiles,
+    split_crawl_tiles,
+    tiles_to_model_range,
+)
 
 from . import _training, mnist_t2i
 from ._training import notes_section
 
-TILES_DIR = Path("/usr/share/crawl/dat/tiles")
-ATLASES = ("main", "floor", "wall", "feat")
-TILE = 32
-MIN_ALPHA_COVERAGE = 0.05
-MIN_RGB_STD = 5.0
-HOLDOUT_HASH_BELOW = 32  # first SHA-256 byte < 32: 1/8 of the tiles are held out
 BACKGROUND = "black"
 
 # mnist-t2i's autoencoder (32×32 → 8×8×4, channels (32, 64, 64)) on RGB instead of grey
@@ -61,71 +62,6 @@ UNET_CONFIG = {
 DDPM_CONFIG = mnist_t2i.DDPM_CONFIG
 
 
-class MissingTilesError(MissingPackageError):
-    """The Debian package with the Dungeon Crawl tile atlases is not installed."""
-
-
-def slice_atlas(rgba: np.ndarray) -> np.ndarray:
-    """(N, 32, 32, 4) uint8 cells of one (H, W, 4) atlas that pass the alpha-coverage and colour-variation filter."""
-    rows, cols = rgba.shape[0] // TILE, rgba.shape[1] // TILE
-    cells = rgba[: rows * TILE, : cols * TILE].reshape(rows, TILE, cols, TILE, 4).transpose(0, 2, 1, 3, 4)
-    cells = cells.reshape(-1, TILE, TILE, 4)
-    coverage = (cells[..., 3] > 0).mean(axis=(1, 2))
-    rgb_std = cells[..., :3].reshape(len(cells), -1).astype(np.float64).std(axis=1)
-    return cells[(coverage >= MIN_ALPHA_COVERAGE) & (rgb_std > MIN_RGB_STD)]
-
-
-def composite(cells: np.ndarray) -> np.ndarray:
-    """RGBA (N, 32, 32, 4) uint8 over a black background → RGB (N, 32, 32, 3) uint8."""
-    alpha = cells[..., 3:].astype(np.float64) / 255
-    return np.rint(cells[..., :3] * alpha).astype(np.uint8)
-
-
-def load_tiles(tiles_dir: Path = TILES_DIR) -> tuple[np.ndarray, list[str]]:
-    """(N, 32, 32, 3) uint8 unique tiles over black, and each tile's atlas name, in atlas then grid order."""
-    from PIL import Image
-
-    paths = [Path(tiles_dir) / f"{name}.png" for name in ATLASES]
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        raise MissingTilesError(
-            f"the crawl-tiles recipe needs the Dungeon Crawl tile atlases, and {', '.join(missing)} "
-            f"{'is' if len(missing) == 1 else 'are'} missing; install them with: apt-get install crawl-tiles-data",
-            name="crawl-tiles-data",
-        )
-    seen: set[bytes] = set()
-    tiles, sources = [], []
-    for name, path in zip(ATLASES, paths):
-        with Image.open(path) as image:
-            rgba = np.asarray(image.convert("RGBA"))
-        for cell in slice_atlas(rgba):
-            key = cell.tobytes()
-            if key not in seen:
-                seen.add(key)
-                tiles.append(cell)
-                sources.append(name)
-    if not tiles:
-        raise ValueError(f"no 32x32 tile in {[str(p) for p in paths]} passes the filter; are these tile atlases?")
-    return composite(np.stack(tiles)), sources
-
-
-def is_held_out(tile: np.ndarray) -> bool:
-    return hashlib.sha256(np.ascontiguousarray(tile).tobytes()).digest()[0] < HOLDOUT_HASH_BELOW
-
-
-def split_tiles(tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(train indices, held-out indices), decided per tile by the hash of its pixels."""
-    held = np.array([is_held_out(t) for t in tiles], dtype=bool)
-    return np.flatnonzero(~held), np.flatnonzero(held)
-
-
-def to_model_range(tiles: np.ndarray) -> Any:
-    """uint8 (N, 32, 32, 3) → float32 (N, 3, 32, 32) in [-1, 1]."""
-    import torch
-
-    return torch.from_numpy(tiles).permute(0, 3, 1, 2).float().div(127.5).sub(1).contiguous()
-
-
 def train_vae(x_train: Any, args: argparse.Namespace, gen: Any, log: dict) -> Any:
     return _training.train_vae(VAE_CONFIG, x_train, args, gen, log, warmup=min(100, args.vae_steps),
                                batch_size=args.batch_size)
@@ -141,14 +77,14 @@ def train_unet(latent_mean: Any, latent_std: Any, args: argparse.Namespace, gen:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = _training.recipe_parser("crawl_tiles", __doc__, "crawl-tiles")
-    p.add_argument("--tiles-dir", type=Path, default=TILES_DIR,
+    p.add_argument("--tiles-dir", type=Path, default=CRAWL_TILES_DIR,
                    help="folder with the atlases main/floor/wall/feat.png (default: %(default)s)")
     _training.add_training_arguments(p, vae_steps=500, kl_weight=1e-6, unet_steps=3000)
     p.add_argument("--grid-size", type=int, default=8, help="samples.png is grid-size × grid-size samples")
     p.add_argument("--grid-steps", type=int, default=50, help="DDIM steps for samples.png and the metrics")
     p.add_argument("--eval-samples", type=int, default=500,
-                   help="generated samples for FD/KID (0 skips them; needs benchmarks.metrics, i.e. run from the "
-                        "repository root)")
+                   help="generated samples for FD/KID (0 skips them; needs the metrics: pip install "
+                        "\'ldpruner[bench]\')")
     _training.add_output_arguments(p, evaluate_only_rewrites="its training.json and card")
     args = _training.parse_recipe_args(p, argv, positive=("grid_size", "grid_steps"))
     if args.eval_samples < 0:
@@ -167,9 +103,9 @@ def _run(args: argparse.Namespace, out: Path) -> None:
     gen = torch.Generator().manual_seed(args.seed)
     log: dict[str, Any] = {}
 
-    tiles, sources = load_tiles(args.tiles_dir)
-    train_idx, held_idx = split_tiles(tiles)
-    x_train, x_held = to_model_range(tiles[train_idx]), to_model_range(tiles[held_idx])
+    tiles, sources = load_crawl_tiles(args.tiles_dir)
+    train_idx, held_idx = split_crawl_tiles(tiles)
+    x_train, x_held = tiles_to_model_range(tiles[train_idx]), tiles_to_model_range(tiles[held_idx])
 
     vae = train_vae(x_train, args, gen, log)
     latent_mean, latent_std = _training.scale_latents(vae, x_train, x_held, gen, log, batch=500)
@@ -178,7 +114,7 @@ def _run(args: argparse.Namespace, out: Path) -> None:
 
     data = {
         "tiles_dir": str(args.tiles_dir),
-        "atlases": {name: sources.count(name) for name in ATLASES},
+        "atlases": {name: sources.count(name) for name in CRAWL_ATLASES},
         "filter": f"32x32 grid cells with >= {MIN_ALPHA_COVERAGE:.0%} nonzero alpha and RGB std > {MIN_RGB_STD:g}, "
                   f"exact RGBA duplicates dropped, composited over {BACKGROUND}",
         "split_rule": f"held out when the first byte of sha256(composited RGB bytes) < {HOLDOUT_HASH_BELOW} (1/8)",
@@ -221,7 +157,7 @@ def _evaluate_only(args: argparse.Namespace, out: Path) -> None:
 
 
 def _evaluate_and_write(out: Path, model: Any, training: dict) -> None:
-    """Add the metrics (when benchmarks.metrics is importable) to training.json; write it and the card."""
+    """Add the metrics (when ldpruner.bench.metrics is importable) to training.json; write it and the card."""
     a = training["args"]
     if a.get("eval_samples", 0) > 0:
         training["metrics"] = evaluate(model, n=a["eval_samples"], steps=a["grid_steps"],
@@ -229,27 +165,27 @@ def _evaluate_and_write(out: Path, model: Any, training: dict) -> None:
     _training.write_training_and_card(out, training, _model_card)
 
 
-def evaluate(model: Any, *, n: int, steps: int, tiles_dir: Path = TILES_DIR) -> dict[str, Any]:
+def evaluate(model: Any, *, n: int, steps: int, tiles_dir: Path = CRAWL_TILES_DIR) -> dict[str, Any]:
     """FD/KID on EfficientNet-Lite0 features of ``n`` samples against the held-out tiles, beside real vs real.
 
     Sample i uses seed 10,000 + i (never a grid seed). Real vs real: ``n`` training tiles (a fixed random choice)
-    against the same held-out reference. The metrics live in the repository's ``benchmarks.metrics``; without it
+    against the same held-out reference. The metrics live in ``ldpruner.bench.metrics`` (the ``[bench]`` extra); without it
     this returns why it was skipped.
     """
     try:
         from ldpruner.bench import metrics
     except ImportError as exc:
-        return {"skipped": f"benchmarks.metrics is not importable ({exc}); run from the repository root"}
+        return {"skipped": f"ldpruner.bench.metrics is not importable ({exc}); pip install 'ldpruner[bench]'"}
     start = time.perf_counter()
-    tiles, _ = load_tiles(tiles_dir)
-    train_idx, held_idx = split_tiles(tiles)
+    tiles, _ = load_crawl_tiles(tiles_dir)
+    train_idx, held_idx = split_crawl_tiles(tiles)
     if n > len(train_idx):
         raise ValueError(f"--eval-samples {n} is more than the {len(train_idx)} training tiles the real-vs-real "
                          f"baseline is measured with")
     generated = model.sample(n, steps=steps, seed=list(range(10_000, 10_000 + n)))
     base_idx = np.random.default_rng(0).permutation(train_idx)[:n]
-    real_held = (to_model_range(tiles[held_idx]) + 1) / 2
-    real_base = (to_model_range(tiles[base_idx]) + 1) / 2
+    real_held = (tiles_to_model_range(tiles[held_idx]) + 1) / 2
+    real_base = (tiles_to_model_range(tiles[base_idx]) + 1) / 2
     result: dict[str, Any] = {"samples": n, "ddim_steps": steps, "reference": len(held_idx)}
     try:
         q = metrics.image_quality(generated, real_held, real_base, extractor=metrics.ImageFeatureExtractor())
@@ -283,7 +219,7 @@ pipeline's `vqvae` slot; diffusers warns that it expected a `VQModel` and runs i
 
 ## Data and licence
 - Images: the Dungeon Crawl Stone Soup tile atlases in Debian `crawl-tiles-data` (2:0.28.0),
-  `{d['tiles_dir']}/{{{','.join(ATLASES)}}}.png`. Only these four sheets of whole sprites are used; player.png
+  `{d['tiles_dir']}/{{{','.join(CRAWL_ATLASES)}}}.png`. Only these four sheets of whole sprites are used; player.png
   (partial paper-doll overlays), gui.png, icons.png, the logos, program icons and title illustrations are not.
 - Licence: most DCSS tiles are CC0 upstream (the rltiles lineage; see crawl's tiles README), a minority have
   unclear upstream licensing; as packaged by Debian they fall under crawl's copyright file (GPL-2+ and a mix

@@ -1,15 +1,11 @@
 """Recipe for the zoo model ``espeak-digits``: an unconditional mel-spectrogram LDM of spoken digits, from a seed.
 
-Data: the ten English digit words ("zero" … "nine") spoken by the Debian package ``espeak-ng`` (GPL-3+; the audio
-it outputs is free to use), called as a subprocess with ``--stdout``: voice = one of ``ACCENTS`` + one of
-``VARIANTS`` (``en-gb-scotland+f3``, ``en-us+klatt2``, ``en-029+whisper``, …), pitch ``-p`` uniform in
-``PITCH_RANGE``, speed ``-s`` (words per minute) uniform in ``SPEED_RANGE``, all drawn from a numpy generator
-seeded with (``DATA_SEED``, split number). The 22,050 Hz output is resampled to 16 kHz (``scipy.signal.
-resample_poly`` 320/441), silence-trimmed, peak-normalised and placed 50 ms into a 1.008 s clip, then turned into
-a 64 × 64 log-mel image in [-1, 1] by ``ldpruner.zoo.audio`` (the definition the sampler and the metrics use too).
-Three disjoint synthetic splits (``SPLITS``), each with the digits balanced: ``ldm`` trains this model, ``classifier``
-trains the spoken-digit classifier of ``benchmarks/metrics/spoken_digits.py``, ``eval`` is held out from both (the
-classifier's accuracy, the reference set and the real-vs-real baseline of FD/KID).
+Data (``ldpruner.zoo.datasets``, shared with the metrics): the ten English digit words spoken by the Debian
+package ``espeak-ng`` (GPL-3+; the audio it outputs is free to use) with random voices, pitches and speeds,
+resampled to 16 kHz and turned into 64 × 64 log-mel images in [-1, 1] by ``ldpruner.zoo.audio`` (the definition the
+sampler and the metrics use too). Three disjoint synthetic splits, each with the digits balanced: ``ldm`` trains
+this model, ``classifier`` trains the spoken-digit classifier of ``ldpruner.bench.metrics.spoken_digits``, ``eval``
+is held out from both (the classifier's accuracy, the reference set and the real-vs-real baseline of FD/KID).
 
 Stages: (1) AutoencoderKL 64×64×1 mel → 16×16×4 latent, L1 + a small KL term; the latents' std sets
 ``scaling_factor``. (2) UNet2DModel on the latents: three levels (16×16 plain, 8×8 and 4×4 with self-attention),
@@ -20,14 +16,12 @@ the sample grid (generated mels beside real held-out ones), a few Griffin-Lim WA
 
 Needs: Debian ``espeak-ng`` (``apt-get install espeak-ng``) and ``pip install 'ldpruner[zoo]'`` (librosa, scipy).
 Results are reproducible from ``--seed`` with the same torch version and thread count (``--threads``); the data
-do not depend on ``--seed`` (``DATA_SEED``), so the classifier and every seed's model see the same splits.
+do not depend on ``--seed`` (``ESPEAK_DATA_SEED``), so the classifier and every seed's model see the same splits.
 """
 
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
-import hashlib
 import json
 import math
 import os
@@ -38,134 +32,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from ldpruner.io import atomic_path
-from ldpruner.zoo._packages import MissingPackageError
+from ldpruner.zoo.datasets import (
+    DIGIT_WORDS,
+    ESPEAK_ACCENTS,
+    ESPEAK_DATA_SEED,
+    ESPEAK_PITCH_RANGE,
+    ESPEAK_RATE,
+    ESPEAK_SPEED_RANGE,
+    ESPEAK_SPLITS,
+    ESPEAK_VARIANTS,
+    check_espeak,
+    load_espeak_split,
+)
 
 from . import _training
 from ._training import notes_section
-
-DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-# espeak-ng's English accents (its own voices, not the mbrola ones, which need another package)
-ACCENTS = ("en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-gb-x-gbclan", "en-gb-x-gbcwmd", "en-029")
-# voice variants from espeak-ng-data/voices/!v: formant settings of male/female voices, klatt synthesis, effects
-VARIANTS = ("m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4", "f5", "klatt", "klatt2", "klatt3",
-            "croak", "whisper", "Andy", "Annie", "belinda", "edward", "iven", "linda", "steph", "travis")
-PITCH_RANGE = (15, 85)  # espeak-ng -p, 0–99
-SPEED_RANGE = (110, 230)  # espeak-ng -s, words per minute; 110 still fits the slowest word in the clip
-DATA_SEED = 2026
-# name → (split number for the generator, clips); disjoint because each split draws from its own generator
-SPLITS = {"ldm": (0, 4000), "classifier": (1, 3000), "eval": (2, 1000)}
-ESPEAK_RATE = 22_050
-ESPEAK_PACKAGE_HINT = "apt-get install espeak-ng"
-
-
-class MissingProgramError(MissingPackageError):
-    """A program from a Debian package that the recipe's data preparation runs (espeak-ng) is not installed."""
-
-
-def check_espeak(executable: str = "espeak-ng") -> str:
-    """The full path of the espeak-ng executable; ``MissingProgramError`` with the install command when absent."""
-    found = shutil.which(executable)
-    if found is None:
-        raise MissingProgramError(
-            f"the espeak-digits data are synthesised by the Debian package espeak-ng, but the executable "
-            f"{executable!r} was not found; install it with: {ESPEAK_PACKAGE_HINT}",
-            name="espeak-ng",
-        )
-    return found
-
-
-def synthesize(word: str, voice: str, pitch: int, speed: int, *, executable: str = "espeak-ng") -> np.ndarray:
-    """espeak-ng's 22,050 Hz mono output for ``word`` as float32 in [-1, 1]; ``MissingProgramError`` without it."""
-    exe = check_espeak(executable)
-    try:
-        proc = subprocess.run([exe, "-v", voice, "-p", str(pitch), "-s", str(speed), "--stdout", word],
-                              capture_output=True, check=True, timeout=60)
-    except subprocess.CalledProcessError as exc:
-        raise RuntimeError(f"espeak-ng failed for voice {voice!r}, word {word!r}: "
-                           f"{exc.stderr.decode(errors='replace').strip()}") from exc
-    data = proc.stdout
-    # --stdout writes a streaming WAV header (RIFF/data sizes unset): read the rate and the samples after "data"
-    at = data.find(b"data", 12)
-    if data[:4] != b"RIFF" or at < 0:
-        raise RuntimeError(f"espeak-ng gave no WAV for voice {voice!r}, word {word!r} ({len(data)} bytes)")
-    rate = int.from_bytes(data[24:28], "little")
-    if rate != ESPEAK_RATE:
-        raise RuntimeError(f"espeak-ng wrote {rate} Hz audio; this recipe expects {ESPEAK_RATE} Hz")
-    pcm = data[at + 8:]
-    return np.frombuffer(pcm[: len(pcm) // 2 * 2], dtype="<i2").astype(np.float32) / 32768.0
-
-
-def split_plan(split: str) -> list[dict[str, Any]]:
-    """The clips of one split: digit (balanced, in turn 0–9), voice, pitch and speed, from (DATA_SEED, split)."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {tuple(SPLITS)}; got {split!r}")
-    number, count = SPLITS[split]
-    rng = np.random.default_rng([DATA_SEED, number])
-    plan = []
-    for i in range(count):
-        accent = ACCENTS[int(rng.integers(len(ACCENTS)))]
-        variant = VARIANTS[int(rng.integers(len(VARIANTS)))]
-        plan.append({"digit": i % 10, "voice": f"{accent}+{variant}",
-                     "pitch": int(rng.integers(PITCH_RANGE[0], PITCH_RANGE[1] + 1)),
-                     "speed": int(rng.integers(SPEED_RANGE[0], SPEED_RANGE[1] + 1))})
-    return plan
-
-
-def clip_audio(item: dict[str, Any], config: Any, *, executable: str = "espeak-ng") -> np.ndarray:
-    """One planned clip as a 16 kHz waveform of ``config.clip_samples`` samples (see ``zoo.audio.fit_clip``)."""
-    from ldpruner.zoo.audio import fit_clip
-    from scipy.signal import resample_poly
-
-    raw = synthesize(DIGIT_WORDS[item["digit"]], item["voice"], item["pitch"], item["speed"], executable=executable)
-    g = math.gcd(config.sample_rate, ESPEAK_RATE)
-    audio = resample_poly(raw, config.sample_rate // g, ESPEAK_RATE // g)
-    return fit_clip(audio, config)
-
-
-def _require_scipy() -> None:
-    try:
-        import scipy.signal  # noqa: F401
-    except ImportError as exc:
-        raise MissingPackageError("the espeak-digits data preparation resamples with scipy; install it with: "
-                                  "pip install scipy (or pip install 'ldpruner[zoo]')", name="scipy") from exc
-
-
-def load_split(split: str, *, config: Any = None, executable: str = "espeak-ng", cache_dir: str | os.PathLike | None
-               = None, workers: int = 2, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """(mels float32 (N, 1, n_mels, n_frames) in [-1, 1], digits int64 (N,)) of a split, in plan order.
-
-    With ``cache_dir`` the arrays are kept in ``<cache_dir>/espeak-digits-<split>-<key>.npz``, keyed by the plan,
-    the mel settings and the espeak-ng version, so a changed setting never reads stale data.
-    """
-    from ldpruner.zoo.audio import MelConfig, waveform_to_mel
-
-    config = config or MelConfig()
-    exe = check_espeak(executable)
-    _require_scipy()
-    plan = split_plan(split)
-    cache = None
-    if cache_dir is not None:
-        version = subprocess.run([exe, "--version"], capture_output=True, text=True, check=False).stdout.strip()
-        key = hashlib.sha256(json.dumps([plan, config.to_json(), version], sort_keys=True).encode()).hexdigest()[:16]
-        cache = Path(cache_dir) / f"espeak-digits-{split}-{key}.npz"
-        if cache.is_file():
-            with np.load(cache) as f:
-                return f["mels"], f["digits"]
-    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        results = pool.map(lambda item: clip_audio(item, config, executable=exe), plan)
-        if progress:
-            from tqdm import tqdm
-
-            results = tqdm(results, total=len(plan), desc=f"espeak-ng {split}", unit="clip", mininterval=2.0)
-        audio = np.stack(list(results))
-    mels = np.concatenate([waveform_to_mel(audio[i:i + 500], config) for i in range(0, len(audio), 500)])
-    digits = np.array([item["digit"] for item in plan], dtype=np.int64)
-    if cache is not None:
-        with atomic_path(cache, suffix=".npz") as tmp:
-            np.savez(tmp, mels=mels, digits=digits)
-    return mels, digits
-
 
 # -- model -------------------------------------------------------------------------------------------------------
 
@@ -220,12 +101,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--grid-steps", type=int, default=25, help="DDIM steps for samples.png, the WAVs and the metrics")
     p.add_argument("--griffin-lim-iters", type=int, default=64, help="Griffin-Lim iterations for the WAVs")
     p.add_argument("--eval-samples", type=int, default=500,
-                   help="generated clips for the metrics (0 skips them; needs benchmarks.metrics, i.e. run from the "
-                        "repository root, and the spoken-digit classifier's weights)")
+                   help="generated clips for the metrics (0 skips them; needs the metrics: pip install "
+                        "'ldpruner[bench]')")
     _training.add_output_arguments(p, evaluate_only_rewrites="samples, WAVs, training.json and the card")
     args = _training.parse_recipe_args(p, argv, positive=("vae_batch_size", "grid_steps", "griffin_lim_iters"))
-    if not 0 <= args.eval_samples <= SPLITS["eval"][1] // 2:
-        p.error(f"--eval-samples must be in [0, {SPLITS['eval'][1] // 2}] (half the eval split is the reference, "
+    if not 0 <= args.eval_samples <= ESPEAK_SPLITS["eval"][1] // 2:
+        p.error(f"--eval-samples must be in [0, {ESPEAK_SPLITS['eval'][1] // 2}] (half the eval split is the reference, "
                 f"half the real-vs-real baseline); got {args.eval_samples}")
     return args
 
@@ -251,8 +132,8 @@ def _run(args: argparse.Namespace, out: Path) -> None:
     config = MelConfig()
 
     start = time.perf_counter()
-    mels, _ = load_split("ldm", config=config, executable=args.espeak, cache_dir=args.data_cache, progress=True)
-    held, _ = load_split("eval", config=config, executable=args.espeak, cache_dir=args.data_cache, progress=True)
+    mels, _ = load_espeak_split("ldm", config=config, executable=args.espeak, cache_dir=args.data_cache, progress=True)
+    held, _ = load_espeak_split("eval", config=config, executable=args.espeak, cache_dir=args.data_cache, progress=True)
     log["data_seconds"] = round(time.perf_counter() - start, 1)
     x_train, x_held = torch.from_numpy(mels), torch.from_numpy(held)
 
@@ -278,12 +159,12 @@ def _data_record(n_ldm: int) -> dict[str, Any]:
         "source": "Debian espeak-ng (GPL-3+), run as a subprocess; the speech it outputs is free to use",
         "espeak_ng": version,
         "words": list(DIGIT_WORDS),
-        "accents": list(ACCENTS),
-        "variants": list(VARIANTS),
-        "pitch_range": list(PITCH_RANGE),
-        "speed_range_wpm": list(SPEED_RANGE),
-        "data_seed": DATA_SEED,
-        "splits": {name: {"generator": [DATA_SEED, number], "clips": count} for name, (number, count) in SPLITS.items()},
+        "accents": list(ESPEAK_ACCENTS),
+        "variants": list(ESPEAK_VARIANTS),
+        "pitch_range": list(ESPEAK_PITCH_RANGE),
+        "speed_range_wpm": list(ESPEAK_SPEED_RANGE),
+        "data_seed": ESPEAK_DATA_SEED,
+        "splits": {name: {"generator": [ESPEAK_DATA_SEED, number], "clips": count} for name, (number, count) in ESPEAK_SPLITS.items()},
         "ldm_clips": n_ldm,
         "preprocessing": "22,050 Hz -> 16 kHz (scipy resample_poly 320/441), silence trimmed (1 % of peak), "
                          "peak 0.9, starts 50 ms into a 16,128-sample clip (1.008 s)",
@@ -302,7 +183,7 @@ def _finish(out: Path, training: dict, args: argparse.Namespace) -> None:
     config = MelConfig.from_folder(out)
     model = load_unconditional(out)
     cache = a.get("data_cache")
-    held, held_digits = load_split("eval", config=config, executable=a.get("espeak", "espeak-ng"), cache_dir=cache)
+    held, held_digits = load_espeak_split("eval", config=config, executable=a.get("espeak", "espeak-ng"), cache_dir=cache)
 
     start = time.perf_counter()
     generated = model.sample(GRID_GENERATED, steps=a["grid_steps"], seed=0)
@@ -339,7 +220,7 @@ def evaluate(model: Any, held: np.ndarray, held_digits: np.ndarray, config: Any,
     against the held-out ``eval`` split, beside real clips and noise; and whether Griffin-Lim keeps the digit.
 
     The eval split says the digits 0–9 in turn, so its clips come in blocks of ten: reference = the even-numbered
-    blocks, real-vs-real baseline = the first ``n`` clips of the odd-numbered blocks (both digit-balanced, disjoint). The metrics live in the repository's ``benchmarks.metrics``; without it this
+    blocks, real-vs-real baseline = the first ``n`` clips of the odd-numbered blocks (both digit-balanced, disjoint). The metrics live in ``ldpruner.bench.metrics`` (the ``[bench]`` extra); without it this
     returns why it was skipped.
     """
     import torch
@@ -348,7 +229,7 @@ def evaluate(model: Any, held: np.ndarray, held_digits: np.ndarray, config: Any,
     try:
         from ldpruner.bench.metrics import spoken_digits as sd
     except ImportError as exc:
-        return {"skipped": f"benchmarks.metrics is not importable ({exc}); run from the repository root"}
+        return {"skipped": f"ldpruner.bench.metrics is not importable ({exc}); pip install 'ldpruner[bench]'"}
     start = time.perf_counter()
     classifier = sd.load_spoken_digit_classifier()
     generated = model.sample(n, steps=steps, seed=[10_000 + i for i in range(n)])
@@ -360,7 +241,7 @@ def evaluate(model: Any, held: np.ndarray, held_digits: np.ndarray, config: Any,
         "samples": n,
         "ddim_steps": steps,
         **sd.spoken_digit_quality(generated, reference, baseline, noise=noise, classifier=classifier),
-        "classifier": {"weights": "benchmarks/assets/spoken_digit_classifier.safetensors",
+        "classifier": {"weights": "bench/assets/spoken_digit_classifier.safetensors",
                        "heldout_accuracy": classifier.record.get("heldout_accuracy"),
                        "n_heldout": classifier.record.get("n_heldout")},
     }
@@ -408,7 +289,7 @@ def _metrics_section(metrics: dict | None) -> str:
                         f"{q['entropy_bits']:.2f} | {' '.join(str(h) for h in q['histogram'])} |")
     agree = sum(b == a for b, a in zip(g["wav_digit_before"], g["wav_digit_after_round_trip"]))
     lines = [
-        (f"The spoken-digit classifier of `benchmarks/metrics/spoken_digits.py` (trained here on the `classifier` "
+        (f"The spoken-digit classifier of `bench/metrics/spoken_digits.py` (trained here on the `classifier` "
          f"split, never seen by this model) reads the held-out `eval` split with **{c['heldout_accuracy']:.1%}** "
          f"accuracy. The model has no prompt, so the metrics ask whether a clip says *some* digit clearly, which "
          f"digits come out, and how far the clips are from real ones:"),
@@ -506,7 +387,7 @@ shared with other jobs, so the times are pessimistic).
 {notes_section(training.get("notes"))}## Reproduce
 ```
 apt-get install espeak-ng && pip install 'ldpruner[zoo]'
-python -m benchmarks.metrics.spoken_digits --train --seed 0        # the metrics' classifier (committed)
+python -m ldpruner.bench.metrics.spoken_digits --train --seed 0        # the metrics' classifier (committed)
 python -m ldpruner.zoo.recipes.espeak_digits --out zoo/espeak-digits --overwrite --seed {args.seed}
 ```
 

