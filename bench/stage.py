@@ -22,72 +22,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ldpruner.errors import ArtifactError, ConfigError
+from ldpruner.config import BenchConfig
+from ldpruner.errors import ArtifactError
+from ldpruner.io import check_replaceable, write_json_atomic, write_text_atomic
 
 from .latency import measure_interleaved, onnx_feeds, onnx_peak_memory, ort_session
 
 __all__ = ["BenchConfig", "run_bench", "BENCH_FORMAT"]
 
 BENCH_FORMAT = "ldpruner.bench/1"
-
-
-@dataclasses.dataclass(frozen=True)
-class BenchConfig:
-    """Every option of ``ldpruner bench`` (validated; written into report.json)."""
-
-    models: tuple[str, ...]
-    out: str
-    budgets: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5)
-    metric: str = "params"
-    distill_steps: int = 0
-    repeats: int = 10
-    warmup: int = 3
-    batch_sizes: tuple[int, ...] = (1, 2)
-    quality: bool = True
-    samples: int = 100
-    sample_steps: int = 25
-    num_samples: int = 8  # analysis
-    steps: int = 10  # analysis
-    threads: int | None = None
-    memory: bool = True
-    distill_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    distill_data: str | None = None  # a dataset folder: distil on it (adds the denoising loss); one model only
-    overwrite: bool = False
-
-    def __post_init__(self) -> None:
-        problems = []
-        if not self.models:
-            problems.append("models is empty; name at least one MODEL (e.g. zoo:mnist-t2i)")
-        if not self.budgets or any(not 0 < b < 1 for b in self.budgets):
-            problems.append(f"budgets must be fractions in (0, 1); got {list(self.budgets)}")
-        if len(set(self.budgets)) != len(self.budgets):
-            problems.append(f"budgets repeat a value: {list(self.budgets)}")
-        for name, low in (("distill_steps", 0), ("repeats", 1), ("warmup", 0), ("samples", 2), ("sample_steps", 1),
-                          ("num_samples", 2), ("steps", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                problems.append(f"{name} must be an int ≥ {low}; got {value!r}")
-        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
-                                         or self.threads < 1):
-            problems.append(f"threads must be a positive int or None; got {self.threads!r}")
-        if not self.batch_sizes or any(isinstance(b, bool) or not isinstance(b, int) or b < 1
-                                       for b in self.batch_sizes):
-            problems.append(f"batch_sizes must be positive ints; got {list(self.batch_sizes)}")
-        if self.distill_data is not None:
-            if len(self.models) != 1:
-                problems.append(f"distill_data is one model's dataset; bench one model at a time with it "
-                                f"(got {len(self.models)} models)")
-            if not self.distill_steps:
-                problems.append("distill_data needs distill_steps > 0")
-        if self.metric not in ("params", "macs"):
-            problems.append(f"metric must be 'params' or 'macs'; got {self.metric!r}")
-        if problems:
-            raise ConfigError("bench: " + "; ".join(problems))
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["distill_options"] = dict(self.distill_options)
-        return d
 
 
 def _environment(threads: int) -> dict[str, Any]:
@@ -109,8 +52,7 @@ def run_bench(config: BenchConfig, *, progress: bool = False, objects: Mapping[s
     out = Path(config.out)
     if out.exists() and not out.is_dir():
         raise ArtifactError(f"--out {config.out!r} is a file, not a folder")
-    if (out / "report.json").exists() and not config.overwrite:
-        raise ArtifactError(f"{str(out / 'report.json')!r} exists; pass --overwrite (overwrite=True) to replace it")
+    check_replaceable(out / "report.json", config.overwrite)
     out.mkdir(parents=True, exist_ok=True)
     threads_before = torch.get_num_threads()
     threads = config.threads or threads_before
@@ -129,9 +71,7 @@ def run_bench(config: BenchConfig, *, progress: bool = False, objects: Mapping[s
 
 
 def _write(out: Path, report: dict[str, Any]) -> None:
-    from ldpruner.io import write_text_atomic
-
-    write_text_atomic(out / "report.json", json.dumps(report, indent=2, default=str) + "\n")
+    write_json_atomic(out / "report.json", report)
     write_text_atomic(out / "report.md", markdown(report))
 
 
@@ -204,14 +144,13 @@ def _bench_model(spec: str, model: Any, config: BenchConfig, out: Path, threads:
     import torch
 
     from ldpruner import api
-    from ldpruner.sources import load_model
     from ldpruner.passes.onnx.export import export_onnx
     from ldpruner.passes.remove import count_params
 
     t_model = time.perf_counter()
     model_dir = out / _slug(spec)
     model_dir.mkdir(parents=True, exist_ok=True)
-    loaded = load_model(model)
+    loaded = api.load(model)
     _log(progress, f"{spec}: analysis ({config.num_samples} samples × {config.steps} steps)")
     scores = api.analyze(loaded, out=model_dir, num_samples=config.num_samples, steps=config.steps,
                          overwrite=True, progress=progress)

@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ldpruner.io import read_json, write_json_atomic
+
 RUNS = (("1 process × 1 thread", 1, 1), ("1 process × 2 threads", 1, 2), ("2 processes × 1 thread", 2, 1))
 
 
@@ -50,7 +52,7 @@ def measure(model: str, args: argparse.Namespace) -> dict[str, Any]:
         process_s = time.perf_counter() - t0
         if done.returncode != 0:
             raise SystemExit(f"{label} failed on {model}:\n{done.stderr[-3000:]}")
-        scores = json.loads((out / "scores.json").read_text())
+        scores = read_json(out / "scores.json", what="scores file")
         values = {c["name"]: c["score"] for c in scores["candidates"]}
         if reference is None:
             reference = values
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.models:
         model = name if ":" in name or os.sep in name else f"zoo:{name}"
         report["models"].append(measure(model, args))
-        (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        write_json_atomic(args.out / "report.json", report)
         (args.out / "report.md").write_text(_markdown(report))
     print((args.out / "report.md").read_text())
     return 0

@@ -247,16 +247,15 @@ def criterion_scores(model: Any, graph: OperatorGraph, criteria: Sequence[str], 
 
 def analysis_conditioning(model: Any, graph: OperatorGraph, num_samples: int) -> Any:
     """The conditioning ``api.analyze`` would use for ``model`` (None for an unconditional UNet)."""
+    from ldpruner import api, calibration
     from ldpruner.passes.importance import resolve_conditioning
-
-    from ldpruner.sources import load_model
-    from ldpruner.api import _analysis_setup
 
     if "encoder_hidden_states" not in graph.traced.input_names and "class_labels" not in graph.traced.input_names:
         return None
-    _, config, calib = _analysis_setup(load_model(model), granularity=graph.traced.granularity.value, height=None,
-                                       width=None, num_samples=num_samples, steps=1, seed=0, guidance_scale=1.0,
-                                       prompts=None)
+    loaded = api.load(model)
+    config = calibration.analysis_config(loaded, {"num_samples": num_samples, "steps": 1, "seed": 0,
+                                                  "guidance_scale": 1.0}, None)
+    calib = calibration.conditioning_source(loaded, config)
     return resolve_conditioning(graph.traced, calib, config)
 
 

@@ -31,7 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .operators import Granularity, is_operator, operator_kind
 from .tracer import TracedUNet
 
-__all__ = ["Action", "Operator", "OperatorGraph", "build_operator_graph", "removed_nodes"]
+__all__ = ["Action", "Operator", "OperatorGraph", "build_operator_graph", "flop_counter", "removed_nodes"]
 
 _ADD_TARGETS = {pyop.add, torch.add, pyop.iadd}
 _GATE_TARGETS = {pyop.mul, torch.mul}  # ada-norm-zero gates the branch before the residual add
@@ -178,7 +178,7 @@ class _Profiler(torch.fx.Interpreter):
 
     def run_node(self, n: torch.fx.Node) -> Any:
         if n.op in ("call_module", "call_function", "call_method"):
-            counter = _flop_counter()
+            counter = flop_counter()
             with counter:
                 out = super().run_node(n)
             self.macs[n.name] = counter.get_total_flops() // 2
@@ -188,7 +188,7 @@ class _Profiler(torch.fx.Interpreter):
         return out
 
 
-def _flop_counter() -> FlopCounterMode:
+def flop_counter() -> FlopCounterMode:
     """A FlopCounterMode that also counts attention on CPU: torch has no formula for its fused CPU kernel
     (``_scaled_dot_product_flash_attention_for_cpu``), so scores and value mixing would count as zero."""
     cpu_sdpa = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)

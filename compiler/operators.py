@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import enum
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from ldpruner.errors import ConfigError
+
+if TYPE_CHECKING:
+    from torch import nn
 
 __all__ = ["Granularity", "parse_granularity", "leaf_operator_types", "operator_kind", "is_operator"]
 

@@ -1,107 +1,159 @@
-"""BuildConfig: every knob of ``ldpruner build``, frozen and validated; TOML in, dict out.
+"""The configs of the two commands that compose the stages: ``ldpruner build`` (:class:`BuildConfig`) and
+``ldpruner bench`` (:class:`BenchConfig`); TOML in, dict out.
 
-The field names are the CLI flags (``--num-samples`` ↔ ``num_samples``) and the keywords of :func:`ldpruner.api.build`,
-so a TOML file, a command line and a Python call say the same thing the same way.
+Their fields reuse the stage options' declarations (:mod:`ldpruner.passes.config`) by name, so a default, a range
+or a help text is written once. The field names are the CLI flags (``--num-samples`` ↔ ``num_samples``) and the
+keywords of :func:`ldpruner.api.build` / :func:`ldpruner.api.bench`, so a TOML file, a command line and a Python
+call say the same thing the same way.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import tomllib
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from .errors import ConfigError
+from .options import Config, option, same_as
+from .passes.config import (
+    AnalysisConfig,
+    DistillConfig,
+    ExportConfig,
+    OptimizeConfig,
+    PruneConfig,
+    SelectionConfig,
+    TraceConfig,
+)
 
-__all__ = ["BuildConfig", "load_config", "DEFAULT_MODEL"]
+__all__ = ["DEFAULT_MODEL", "BenchConfig", "BuildConfig", "load_config"]
 
 # what `ldpruner build` prunes when given no MODEL: the embedded text-to-image model
 DEFAULT_MODEL = "zoo:mnist-t2i"
+MODEL_HELP = ("a local diffusers pipeline folder, a UNet folder, zoo:<name> (see `ldpruner zoo list`) or "
+              "random:<family> (a published config with random weights)")
+
+
+class _Composed(Config):
+    """A config whose fields include other configs' fields; :meth:`part` builds one of those configs."""
+
+    _not_parts: ClassVar[tuple[str, ...]] = ()
+
+    def part(self, config: type[Config]) -> Any:
+        own = set(self.names()) - set(self._not_parts)
+        return config(**{n: getattr(self, n) for n in config.names() if n in own})
+
+    def _part_problems(self, configs: Iterable[type[Config]]) -> Iterable[str]:
+        for config in configs:
+            try:
+                self.part(config)
+            except ConfigError as exc:
+                yield str(exc).removeprefix(f"invalid {config.__name__}: ")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Any:
+        missing = [f.name for f in dataclasses.fields(cls)
+                   if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in data]
+        if missing and isinstance(data, Mapping) and not set(data) - set(cls.names()):
+            raise ConfigError(f"{cls.__name__} needs {' and '.join(missing)} (a flag, a keyword or a config-file key)")
+        return super().from_dict(data)
 
 
 @dataclasses.dataclass(frozen=True)
-class BuildConfig:
-    # where to write and what to prune
-    out: str
-    model: str = DEFAULT_MODEL
-    overwrite: bool = False
-    # trace
-    granularity: str = "block"
-    height: int | None = None  # latent height for tracing and analysis (default: the UNet's sample_size)
-    width: int | None = None
-    # analysis (LD score)
-    num_samples: int = 8
-    steps: int = 10
-    seed: int = 0
-    guidance_scale: float = 7.5
-    prompts: str | None = None  # a text file, one prompt per line (default: the built-in prompt set)
-    # selection
-    budget: float = 0.3
-    metric: str = "params"
-    order: str = "score"
-    # distillation (0: export the pruned student as it is)
-    distill_steps: int = 200
-    # export
-    exporter: str = "legacy"
-    opset: int | None = None  # None: the exporter's default (17 legacy, 18 dynamo)
-    optimize: bool = False
-    fp16: bool = False
-    verify: bool = True
+class BuildConfig(_Composed):
+    """Every knob of ``ldpruner build``: trace → analyze → select → prune → distill → export."""
 
-    def __post_init__(self) -> None:
-        errors: list[str] = []
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            expected = _TYPES[f.name]
-            if value is None and f.default is None:
-                continue
-            if expected is float and isinstance(value, int) and not isinstance(value, bool):
-                object.__setattr__(self, f.name, float(value))
-                continue
-            if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-                errors.append(f"{f.name}={value!r} must be {expected.__name__}")
-        for name in ("num_samples", "steps"):
-            if isinstance(getattr(self, name), int) and getattr(self, name) < 1:
-                errors.append(f"{name}={getattr(self, name)} must be >= 1")
-        if isinstance(self.distill_steps, int) and self.distill_steps < 0:
-            errors.append(f"distill_steps={self.distill_steps} must be >= 0 (0 skips distillation)")
-        for name in ("height", "width"):
-            value = getattr(self, name)
-            if isinstance(value, int) and value < 1:
-                errors.append(f"{name}={value} must be a positive latent size")
-        if errors:
-            raise ConfigError("invalid build config: " + "; ".join(errors))
+    _not_parts = ("prompts",)  # a prompt file here, the prompts themselves in AnalysisConfig
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    out: str = option(help="output folder: the artifacts of every stage, the report and the build state", flag=False,
+                      path=True)
+    model: str = option(DEFAULT_MODEL, MODEL_HELP, flag=False, path=True)
+    overwrite: bool = option(False, "replace outputs whose inputs changed")
+    granularity: str = same_as(TraceConfig, "granularity")
+    height: int | None = same_as(TraceConfig, "height")
+    width: int | None = same_as(TraceConfig, "width")
+    num_samples: int = same_as(AnalysisConfig, "num_samples")
+    steps: int = same_as(AnalysisConfig, "steps")
+    seed: int = same_as(AnalysisConfig, "seed")
+    guidance_scale: float = same_as(AnalysisConfig, "guidance_scale")
+    prompts: str | None = option(None, "text file with one prompt per line (blank and # lines skipped)",
+                                 none="the model's own prompt set, else the built-in one", metavar="FILE", path=True)
+    budget: float = same_as(SelectionConfig, "budget")
+    metric: str = same_as(SelectionConfig, "metric")
+    order: str = same_as(SelectionConfig, "order")
+    distill_steps: int = option(DistillConfig.default("steps"), "distillation steps after pruning, data-free on the "
+                                "dense model's own trajectories (0 exports the pruned student undistilled)",
+                                minimum=0)
+    exporter: str = same_as(ExportConfig, "exporter")
+    opset: int | None = same_as(ExportConfig, "opset")
+    optimize: bool = same_as(OptimizeConfig, "optimize")
+    fp16: bool = same_as(OptimizeConfig, "fp16")
+    verify: bool = same_as(PruneConfig, "verify")
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> BuildConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown config keys {unknown}; known keys: {sorted(known)}")
-        missing = [n for n in ("out",) if n not in data]
-        if missing:
-            raise ConfigError(f"build needs {' and '.join(missing)} (a flag, a keyword or a config-file key)")
-        return cls(**data)
+    def problems(self) -> Iterable[str]:
+        yield from self._part_problems((AnalysisConfig, SelectionConfig, ExportConfig, OptimizeConfig))
 
 
-_TYPES: dict[str, type] = {
-    "model": str, "out": str, "overwrite": bool, "granularity": str, "height": int, "width": int,
-    "num_samples": int, "steps": int, "seed": int, "guidance_scale": float, "prompts": str,
-    "budget": float, "metric": str, "order": str, "distill_steps": int, "exporter": str, "opset": int, "optimize": bool,
-    "fp16": bool, "verify": bool,
-}
+@dataclasses.dataclass(frozen=True)
+class BenchConfig(_Composed):
+    """Every option of ``ldpruner bench`` (validated; written into report.json)."""
+
+    models: tuple[str, ...] = option(help="the models to bench, one section each: " + MODEL_HELP, nonempty=True,
+                                     flag=False)
+    out: str = option(help="output folder: report.json, report.md, plots, sample grids, artifacts", flag=False,
+                      path=True)
+    budgets: tuple[float, ...] = option((0.1, 0.2, 0.3, 0.4, 0.5), "fractions of the metric to remove, one plan each",
+                                        minimum=0, maximum=1, exclusive_minimum=True, exclusive_maximum=True,
+                                        nonempty=True)
+    metric: str = same_as(SelectionConfig, "metric", help="what the budgets count")
+    distill_steps: int = option(0, "also distil each pruned model this many steps", minimum=0)
+    repeats: int = option(10, "timed calls per variant", minimum=1)
+    warmup: int = option(3, "untimed calls per variant first", minimum=0)
+    batch_sizes: tuple[int, ...] = option((1, 2), "latency batch sizes (2 = one guided step)", minimum=1,
+                                          nonempty=True)
+    quality: bool = option(True, "sample and score on the same seeds (zoo models with held-out real data: mnist-t2i, "
+                           "crawl-tiles, espeak-digits)")
+    samples: int = option(100, "samples per variant for quality", minimum=2)
+    sample_steps: int = option(25, "scheduler steps per sample for quality", minimum=1)
+    num_samples: int = same_as(AnalysisConfig, "num_samples", help="analysis: N samples for the LD score")
+    steps: int = same_as(AnalysisConfig, "steps", help="analysis: scheduler steps per sample")
+    threads: int | None = option(None, "torch and onnxruntime threads", minimum=1, none="torch's current setting")
+    memory: bool = option(True, "measure ONNX peak memory in a fresh process per model")
+    distill_options: Mapping[str, Any] = option(default_factory=dict, help="more DistillConfig fields for the "
+                                                "distillation (batch_size, lr, ...)", flag=False)
+    distill_data: str | None = option(None, "distil on this dataset folder (images; captions for text-to-image) "
+                                      "through the model's VAE; one model per run", none="data-free",
+                                      metavar="FOLDER", path=True)
+    overwrite: bool = option(False, "replace an existing report")
+
+    def problems(self) -> Iterable[str]:
+        if len(set(self.budgets)) != len(self.budgets):
+            yield f"budgets repeat a value: {list(self.budgets)}"
+        if not isinstance(self.distill_options, Mapping):
+            yield f"distill_options must be a mapping of DistillConfig fields, got {self.distill_options!r}"
+        else:
+            try:
+                DistillConfig.from_dict({"steps": max(1, self.distill_steps), **self.distill_options})
+            except ConfigError as exc:
+                yield f"distill_options: {exc}"
+        if self.distill_data is not None:
+            if len(self.models) != 1:
+                yield (f"distill_data is one model's dataset; bench one model at a time with it "
+                       f"(got {len(self.models)} models)")
+            if not self.distill_steps:
+                yield "distill_data needs distill_steps > 0"
 
 
 def load_config(path: str | Path, **overrides: Any) -> BuildConfig:
-    """Read a TOML build config; keyword overrides (e.g. from the command line) win."""
+    """Read a TOML build config (the keys of :class:`BuildConfig`); keyword overrides (the command line) win."""
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"config file {str(path)!r} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {str(path)!r} cannot be read: {exc}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from exc
     data.update({k: v for k, v in overrides.items() if v is not None})

@@ -18,6 +18,7 @@ from typing import Any
 from .errors import ArtifactError, LdprunerError
 
 __all__ = [
+    "check_replaceable",
     "atomic_dir",
     "atomic_path",
     "default_permissions",
@@ -79,6 +80,12 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_replaceable(path: str | os.PathLike, overwrite: bool) -> None:
+    """An existing output may be replaced only when the caller asked for it: ArtifactError otherwise."""
+    if Path(path).exists() and not overwrite:
+        raise ArtifactError(f"{str(path)!r} exists; pass --overwrite (overwrite=True) to replace it")
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

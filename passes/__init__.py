@@ -1,1 +1,68 @@
-"""ldpruner.passes: analysis (importance), selection, rewrite, distillation, export."""
+"""ldpruner.passes: the analysis (LD-score importance), selection, the rewrite, distillation and ONNX export.
+
+One pass per module, each stating its transformation in its docstring; every option of every pass is declared once
+in :mod:`ldpruner.passes.config`. The public surface is listed below and resolves lazily, so importing
+``ldpruner.passes`` (or its configs) does not load torch.
+
+    config        TraceConfig, AnalysisConfig, SelectionConfig, PruneConfig, DistillConfig, ExportConfig, OptimizeConfig
+    importance    analyze_importance → ImportanceReport (scores.json)       conditioning   Conditioning, prompts
+    select        select_removals, check_budget → RemovalPlan (plan.json)  plan           RemovalPlan, PlannedRemoval
+    remove        RemoveOperators, apply_plan, prune → PrunedUNet          student        save_student, load_student
+    distill/      distill.distill → DistillResult (trainer, data, datasets)
+    onnx/         export_onnx, validate_onnx, optimize_onnx (export, optimize, numeric_check, files)
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__all__ = [
+    "AnalysisConfig",
+    "CandidateScore",
+    "Conditioning",
+    "DistillConfig",
+    "DistillResult",
+    "ExportConfig",
+    "ExportResult",
+    "ImportanceReport",
+    "OptimizeConfig",
+    "PlannedRemoval",
+    "PruneConfig",
+    "PrunedUNet",
+    "RemovalPlan",
+    "RemoveOperators",
+    "SelectionConfig",
+    "TraceConfig",
+    "analyze_importance",
+    "apply_plan",
+    "check_budget",
+    "export_onnx",
+    "load_student",
+    "optimize_onnx",
+    "prune",
+    "save_student",
+    "select_removals",
+    "validate_onnx",
+]
+
+_WHERE = {
+    "AnalysisConfig": "config", "DistillConfig": "config", "ExportConfig": "config", "OptimizeConfig": "config",
+    "PruneConfig": "config", "SelectionConfig": "config", "TraceConfig": "config",
+    "CandidateScore": "importance", "ImportanceReport": "importance", "analyze_importance": "importance",
+    "Conditioning": "conditioning",
+    "check_budget": "select", "select_removals": "select",
+    "PlannedRemoval": "plan", "RemovalPlan": "plan",
+    "PrunedUNet": "remove", "RemoveOperators": "remove", "apply_plan": "remove", "prune": "remove",
+    "load_student": "student", "save_student": "student",
+    "DistillResult": "distill",
+    "ExportResult": "onnx.export", "export_onnx": "onnx.export", "validate_onnx": "onnx.export",
+    "optimize_onnx": "onnx.optimize",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        module = importlib.import_module(f"{__name__}.{_WHERE[name]}")
+        return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -36,6 +36,7 @@ from ldpruner.io import json_safe, read_json, write_text_atomic
 from ldpruner.runtime.graph_unet import GraphUNet
 from ldpruner.runtime.sampling import sample_latents
 
+from .config import AnalysisConfig
 from .conditioning import (
     DEFAULT_PROMPTS,
     Conditioning,
@@ -60,89 +61,12 @@ __all__ = [
     "random_conditioning",
     "read_prompt_file",
     "resolve_conditioning",
+    "scheduler_record",
     "weights_fingerprint",
 ]
 
 SCORES_FORMAT = "ldpruner.scores/1"
-_MAX_SEED = 2**32
-_MAX_SAMPLES = 2**20  # step-noise seeds are (seed << 20) + i + 1; see AnalysisConfig
 _SUPPORTED_INPUTS = ("sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids", "class_labels")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-@dataclasses.dataclass(frozen=True)
-class AnalysisConfig:
-    """How the analysis samples.
-
-    * ``num_samples`` N ≥ 2: latents per model; μ and σ are taken over them.
-    * ``steps``: scheduler steps per generation.
-    * ``seed``: the initial noise is ``torch.randn((N, C, H, W), generator=torch.Generator().manual_seed(seed))``;
-      schedulers that draw noise in ``step`` get one CPU generator per sample, seeded ``(seed << 20) + i + 1``,
-      so a sample's trajectory does not depend on ``batch_size``. Random embeddings (no text encoder) are
-      seeded with ``seed`` too.
-    * ``height`` / ``width``: latent size; None means the size the UNet was traced at.
-    * ``guidance_scale``: classifier-free guidance for conditional UNets (≤ 1 disables it); ignored for
-      unconditional ones.
-    * ``batch_size``: samples per UNet call (None: all N at once); with guidance the UNet sees twice as many.
-    * ``prompts``: prompts for the text-encoder path (None: :data:`DEFAULT_PROMPTS`); sample i uses prompt
-      ``i % len(prompts)``.
-    """
-
-    num_samples: int = 8
-    steps: int = 10
-    seed: int = 0
-    height: int | None = None
-    width: int | None = None
-    guidance_scale: float = 7.5
-    batch_size: int | None = None
-    prompts: tuple[str, ...] | None = None
-
-    def __post_init__(self) -> None:
-        errors = []
-        if not _is_int(self.num_samples) or not 2 <= self.num_samples < _MAX_SAMPLES:
-            errors.append(f"num_samples={self.num_samples!r} must be an integer in [2, {_MAX_SAMPLES}): "
-                          "σ over fewer than 2 samples is always 0")
-        if not _is_int(self.steps) or self.steps < 1:
-            errors.append(f"steps={self.steps!r} must be a positive integer")
-        if not _is_int(self.seed) or not 0 <= self.seed < _MAX_SEED:
-            errors.append(f"seed={self.seed!r} must be an integer in [0, 2**32)")
-        for name in ("height", "width"):
-            value = getattr(self, name)
-            if value is not None and (not _is_int(value) or value < 1):
-                errors.append(f"{name}={value!r} must be a positive integer (latent pixels) or None for the traced size")
-        g = self.guidance_scale
-        if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or g < 0:
-            errors.append(f"guidance_scale={g!r} must be a finite number >= 0 (<= 1 disables guidance)")
-        if self.batch_size is not None and (not _is_int(self.batch_size) or self.batch_size < 1):
-            errors.append(f"batch_size={self.batch_size!r} must be a positive integer or None for all samples at once")
-        if self.prompts is not None:
-            if isinstance(self.prompts, str) or not isinstance(self.prompts, (tuple, list)):
-                errors.append(f"prompts={self.prompts!r} must be a tuple of strings or None")
-            elif not self.prompts or not all(isinstance(p, str) and p.strip() for p in self.prompts):
-                errors.append(f"prompts={self.prompts!r} must be a non-empty tuple of non-empty strings")
-            else:
-                # lists arrive from TOML/JSON; the config stays hashable and immutable
-                object.__setattr__(self, "prompts", tuple(self.prompts))
-        if errors:
-            raise ConfigError("invalid AnalysisConfig: " + "; ".join(errors))
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["prompts"] = list(self.prompts) if self.prompts is not None else None
-        return d
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> AnalysisConfig:
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"analysis options must be a mapping, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown analysis option(s) {unknown}; known: {sorted(known)}")
-        return cls(**data)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -393,7 +317,9 @@ def _latent_size(traced: TracedUNet, config: AnalysisConfig) -> tuple[int, int]:
     return height, width
 
 
-def _scheduler_record(scheduler: Any | None) -> tuple[Any, dict[str, Any]]:
+def scheduler_record(scheduler: Any | None) -> tuple[Any, dict[str, Any]]:
+    """The scheduler a generation uses (``scheduler``, or diffusers' ``DDIMScheduler()`` when None) and how the
+    report records it: class, where it came from, its config."""
     if scheduler is None:
         from diffusers import DDIMScheduler
 
@@ -420,7 +346,7 @@ def weights_fingerprint(module: nn.Module) -> str:
 
 
 def _cache_key(operator_graph: OperatorGraph, conditioning: Conditioning, config: AnalysisConfig,
-               scheduler_record: dict[str, Any]) -> str:
+               scheduler_info: dict[str, Any]) -> str:
     traced = operator_graph.traced
     # options spelled differently but meaning the same analysis share a key
     options = config.to_dict()
@@ -435,7 +361,7 @@ def _cache_key(operator_graph: OperatorGraph, conditioning: Conditioning, config
         "candidates": [[op.name, op.action.value] for op in operator_graph.candidates],
         "weights": weights_fingerprint(traced.gm),
         "config": options,
-        "scheduler": {"class": scheduler_record["class"], "config": scheduler_record["config"]},
+        "scheduler": {"class": scheduler_info["class"], "config": scheduler_info["config"]},
         "conditioning": conditioning.fingerprint(),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
@@ -446,7 +372,7 @@ def cache_key(operator_graph: OperatorGraph, calib: Conditioning | str | os.Path
     """The key :func:`analyze_importance` stores in its report: sha256 of the weights, the config, the
     granularity, the traced input shapes, the candidates, the scheduler and the conditioning tensors.
     Compute it before analysing and pass it to :func:`load_cached` to reuse a previous scores.json."""
-    _, record = _scheduler_record(scheduler)
+    _, record = scheduler_record(scheduler)
     conditioning = resolve_conditioning(operator_graph.traced, calib, config)
     return _cache_key(operator_graph, conditioning, config, record)
 
@@ -491,7 +417,7 @@ def analyze_importance(
     traced = operator_graph.traced
     gm = traced.gm
     conditioning = resolve_conditioning(traced, calib, config)
-    scheduler, scheduler_record = _scheduler_record(scheduler)
+    scheduler, scheduler_info = scheduler_record(scheduler)
     train_steps = getattr(getattr(scheduler, "config", None), "num_train_timesteps", None)
     if train_steps is not None and config.steps > train_steps:
         raise ConfigError(f"steps={config.steps} exceeds the scheduler's num_train_timesteps={train_steps}")
@@ -502,7 +428,7 @@ def analyze_importance(
         raise ConfigError(
             f"guidance_scale={config.guidance_scale} enables classifier-free guidance, but the conditioning has "
             "no negative_encoder_hidden_states; add them or set guidance_scale <= 1")
-    key = _cache_key(operator_graph, conditioning, config, scheduler_record)
+    key = _cache_key(operator_graph, conditioning, config, scheduler_info)
 
     param = next(gm.parameters())
     device, dtype = param.device, param.dtype
@@ -559,7 +485,7 @@ def analyze_importance(
         total_params=operator_graph.total_params,
         total_macs=operator_graph.total_macs,
         config=config,
-        scheduler=scheduler_record,
+        scheduler=scheduler_info,
         conditioning=conditioning.source,
         prompts=conditioning.prompts,
         classifier_free_guidance=use_cfg,

@@ -36,9 +36,15 @@ import torch
 import torch.fx
 from torch import nn
 
-from ldpruner.compiler.graph import Action, Operator, OperatorGraph, build_operator_graph, removed_nodes
-from ldpruner.compiler.graph import _flop_counter  # the analysis' own counter, so before and after compare
-from ldpruner.compiler.passmanager import Pass, PassResult
+from ldpruner.compiler.graph import (
+    Action,
+    Operator,
+    OperatorGraph,
+    build_operator_graph,
+    flop_counter,
+    removed_nodes,
+)
+from ldpruner.compiler.passmanager import Pass, PassManager, PassResult
 from ldpruner.compiler.removal import PROJECTION_ROOT, make_projection, output_scale
 from ldpruner.compiler.tracer import TracedUNet
 from ldpruner.compiler.verify import verify_graph
@@ -46,7 +52,7 @@ from ldpruner.errors import PlanError, RewriteError
 
 from .plan import RemovalPlan
 
-__all__ = ["PrunedUNet", "RemoveOperators", "count_params", "projection_key", "prune"]
+__all__ = ["PrunedUNet", "RemoveOperators", "apply_plan", "count_params", "projection_key", "prune"]
 
 _CAT_TARGETS = {torch.cat, torch.concat, torch.concatenate}
 
@@ -178,11 +184,7 @@ class RemoveOperators(Pass):
         gm.recompile()
         gm.delete_all_unused_submodules()
 
-        batch = inputs[0].shape[0]
-        counter = _flop_counter()
-        with counter:
-            verify_graph(gm, inputs, self.operator_graph.output_shape)
-        macs_after = counter.get_total_flops() // 2 // batch
+        macs_after = _macs_per_sample(gm, inputs)
 
         params_after = count_params(gm)
         if params_before - params_after != plan.removed_params:
@@ -232,6 +234,18 @@ class RemoveOperators(Pass):
                         new.meta.setdefault("nn_module_stack", dict(node.meta["nn_module_stack"]))
         _replace_uses(out, replacement, cases)
         return out
+
+
+def _macs_per_sample(gm: torch.fx.GraphModule, inputs: list[torch.Tensor]) -> int:
+    """MACs per sample of one run on the example inputs, with the analysis' own counter so before and after
+    compare; a graph that cannot run is a RewriteError (the verifier, when it runs, says more)."""
+    counter = flop_counter()
+    try:
+        with torch.no_grad(), counter:
+            gm(*inputs)
+    except Exception as exc:  # any failure of the rewritten graph on its example inputs
+        raise RewriteError(f"the rewritten graph fails on its example inputs: {type(exc).__name__}: {exc}") from exc
+    return counter.get_total_flops() // 2 // inputs[0].shape[0]
 
 
 def _params_mismatch(plan: RemovalPlan, modules_before: Mapping[str, nn.Module], gm: torch.fx.GraphModule,
@@ -343,6 +357,29 @@ class PrunedUNet:
         return self.traced.input_names
 
 
+def apply_plan(
+    gm: torch.fx.GraphModule,
+    plan: RemovalPlan,
+    operator_graph: OperatorGraph,
+    *,
+    verify: bool = True,
+    allow_empty: bool = False,
+) -> PassResult:
+    """Rewrite ``gm`` in place by ``plan`` through the pass manager: :class:`RemoveOperators`, then — with
+    ``verify`` — the verifier as its declared post-condition (every called module exists, ``graph.lint()``, one run
+    on the example inputs giving the dense model's output shape)."""
+    traced = operator_graph.traced
+    verifier = None
+    if verify:
+        inputs = [traced.example_inputs[n] for n in traced.input_names]
+
+        def verifier(module: torch.fx.GraphModule) -> None:
+            verify_graph(module, inputs, operator_graph.output_shape)
+
+    manager = PassManager([RemoveOperators(plan, operator_graph, allow_empty=allow_empty)], verify=verifier)
+    return manager(gm)
+
+
 def prune(
     traced: TracedUNet,
     plan: RemovalPlan,
@@ -351,15 +388,17 @@ def prune(
     extra_operator_types: Iterable[type] = (),
     config: Mapping[str, Any] | None = None,
     allow_empty: bool = False,
+    verify: bool = True,
 ) -> PrunedUNet:
-    """Apply ``plan`` to a copy of ``traced.gm``; ``traced`` (and the model it came from) stay unchanged.
+    """Apply ``plan`` to a copy of ``traced.gm`` (:func:`apply_plan`); ``traced`` (and the model it came from) stay
+    unchanged.
 
     ``operator_graph`` defaults to ``build_operator_graph(traced, extra_operator_types=...)`` (one profiling run);
     ``config`` is the dense model's ``model.config``, kept for :func:`save_student`."""
     if operator_graph is None:
         operator_graph = build_operator_graph(traced, extra_operator_types=extra_operator_types)
     gm = copy.deepcopy(traced.gm)
-    result = RemoveOperators(plan, operator_graph, allow_empty=allow_empty)(gm)
+    result = apply_plan(gm, plan, operator_graph, verify=verify, allow_empty=allow_empty)
     pruned = dataclasses.replace(traced, gm=result.gm)
-    return PrunedUNet(traced=pruned, plan=plan, summary=result.summary,
-                      config=dict(config) if config is not None else None)
+    summary = result.summary[RemoveOperators.__name__]
+    return PrunedUNet(traced=pruned, plan=plan, summary=summary, config=dict(config) if config is not None else None)

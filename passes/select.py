@@ -14,12 +14,11 @@ from typing import Any, Protocol
 
 from ldpruner.errors import BudgetError, ConfigError
 
+from .config import SelectionConfig
 from .plan import PlannedRemoval, RemovalPlan
 
 __all__ = ["SelectionConfig", "ScoredCandidate", "check_budget", "select_removals"]
 
-_METRICS = ("params", "macs")
-_ORDERS = ("score", "score-per-cost")
 
 
 class ScoredCandidate(Protocol):
@@ -28,23 +27,6 @@ class ScoredCandidate(Protocol):
     params: int
     macs: int
     action: str
-
-
-@dataclasses.dataclass(frozen=True)
-class SelectionConfig:
-    """``budget``: fraction of ``metric`` to remove, in (0, 1). ``order``: ranking rule."""
-
-    budget: float = 0.3
-    metric: str = "params"
-    order: str = "score"
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.budget, (int, float)) or isinstance(self.budget, bool) or not 0 < self.budget < 1:
-            raise ConfigError(f"budget={self.budget!r} must be a fraction in (0, 1), e.g. 0.3 to remove 30 %")
-        if self.metric not in _METRICS:
-            raise ConfigError(f"metric={self.metric!r} is not one of {list(_METRICS)}")
-        if self.order not in _ORDERS:
-            raise ConfigError(f"order={self.order!r} is not one of {list(_ORDERS)}")
 
 
 def _action(c: ScoredCandidate) -> str:

@@ -24,9 +24,9 @@ from ldpruner.compiler.graph import build_operator_graph
 from ldpruner.compiler.tracer import trace_unet
 from ldpruner.errors import ArtifactError, LdprunerError, ModelLoadError
 
-from ldpruner.io import atomic_dir, json_safe, read_json
+from ldpruner.io import atomic_dir, check_replaceable, json_safe, read_json
 from .plan import RemovalPlan
-from .remove import PrunedUNet, RemoveOperators
+from .remove import PrunedUNet, RemoveOperators, apply_plan
 
 __all__ = ["STUDENT_FILES", "TRACE_FORMAT", "WEIGHTS_NAME", "load_student", "read_safetensors", "save_student",
            "tensors_for_safetensors"]
@@ -54,8 +54,7 @@ def save_student(
     from safetensors.torch import save_file
 
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise ArtifactError(f"{str(path)!r} already exists; pass overwrite=True to replace it")
+    check_replaceable(path, overwrite)
     config = config if config is not None else pruned.config
     traced = pruned.traced
     config_json = _config_json(config, traced.model_class)
@@ -125,9 +124,11 @@ def load_student(
     traced = trace_unet(model, {n: example_inputs[n] for n in input_names}, granularity=granularity,
                         copy_model=False, extra_leaf_types=tuple(extra_leaf_types))
     operator_graph = build_operator_graph(traced, extra_operator_types=extra_operator_types)
-    result = RemoveOperators(plan, operator_graph, allow_empty=not plan.removals)(traced.gm)
+    # the plan was verified when the student was made; replaying it keeps the rewrite's own checks (exact parameter
+    # count, a run on the example inputs) and leaves out the verifier's extra run
+    result = apply_plan(traced.gm, plan, operator_graph, verify=False, allow_empty=not plan.removals)
     _load_state(result.gm, state, path / WEIGHTS_NAME)
-    return PrunedUNet(traced=traced, plan=plan, summary=result.summary,
+    return PrunedUNet(traced=traced, plan=plan, summary=result.summary[RemoveOperators.__name__],
                       config=None if config.get("_ldpruner_not_diffusers") else config)
 
 

@@ -1,4 +1,8 @@
-"""Resolve MODEL arguments: a local diffusers pipeline folder, a UNet folder, or ``random:<family>``."""
+"""Model sources: what a MODEL argument names, loaded — a local diffusers pipeline folder, a UNet folder,
+``zoo:<name>`` (an embedded trained model, :mod:`ldpruner.zoo`) or ``random:<family>`` (a published config with
+random weights, :mod:`ldpruner.sources.families`) — as a :class:`LoadedModel`: the UNet with what the stages need
+beside it (the pipeline's scheduler, its text encoder, the model's own prompts).
+"""
 
 from __future__ import annotations
 
@@ -10,9 +14,9 @@ from typing import Any
 from torch import nn
 
 from ldpruner.errors import ModelLoadError
-from ldpruner.io import read_json
+from ldpruner.io import json_safe, read_json
 
-__all__ = ["LoadedModel", "load_model", "UNET_CLASSES"]
+__all__ = ["RANDOM_PREFIX", "UNET_CLASSES", "ZOO_PREFIX", "LoadedModel", "load"]
 
 UNET_CLASSES = ("UNet2DConditionModel", "UNet2DModel")
 RANDOM_PREFIX = "random:"
@@ -30,6 +34,46 @@ class LoadedModel:
     text_encoder_config: Path | None = None  # zoo text-to-image models: the frozen text encoder they were trained with
     default_prompts: tuple[str, ...] | None = None  # the model's own calibration prompts (prompts.txt beside it)
 
+    @property
+    def zoo_name(self) -> str | None:
+        """The registry name of a zoo model (``zoo:<name>``), else None."""
+        return self.source.removeprefix(ZOO_PREFIX) if self.source.startswith(ZOO_PREFIX) else None
+
+    @property
+    def pipeline_text_encoder(self) -> Path | None:
+        """The pipeline folder when it has a text encoder (tokenizer/ + text_encoder/) to encode prompts with."""
+        if self.pipeline_dir is not None and (self.pipeline_dir / "text_encoder").is_dir():
+            return self.pipeline_dir
+        return None
+
+    @property
+    def unet_config(self) -> dict[str, Any] | None:
+        """The diffusers config of the UNet as plain JSON values (None for a module without one)."""
+        return json_safe(dict(self.unet.config)) if hasattr(self.unet, "config") else None
+
+    @property
+    def device(self) -> Any:
+        return next(self.unet.parameters()).device
+
+    def trace(self, config: Any = None) -> Any:
+        """The UNet traced into a :class:`~ldpruner.compiler.tracer.TracedUNet` at ``config`` (a
+        :class:`~ldpruner.passes.config.TraceConfig`; None: block granularity at the UNet's sample_size), from
+        seeded example inputs of batch 2. The loaded UNet is never changed (the tracer works on a copy)."""
+        from ldpruner.compiler.tracer import trace_unet, unet_example_inputs
+        from ldpruner.passes.config import TraceConfig
+
+        config = config if config is not None else TraceConfig()
+        inputs = unet_example_inputs(self.unet, batch=2, height=config.height, width=config.width)
+        return trace_unet(self.unet, inputs, granularity=config.granularity)
+
+    def trace_like(self, traced: Any) -> Any:
+        """The UNet traced exactly like ``traced`` (same inputs, shapes and granularity): the dense teacher of a
+        student that was pruned from a trace of this model."""
+        from ldpruner.compiler.tracer import trace_unet
+
+        return trace_unet(self.unet, {n: traced.example_inputs[n] for n in traced.input_names},
+                          granularity=traced.granularity.value)
+
     def describe(self) -> dict[str, Any]:
         return {
             "source": self.source,
@@ -42,7 +86,7 @@ class LoadedModel:
         }
 
 
-def load_model(model: str | os.PathLike | nn.Module | LoadedModel) -> LoadedModel:
+def load(model: str | os.PathLike | nn.Module | LoadedModel) -> LoadedModel:
     """Load a UNet (and the pipeline's scheduler when there is one) from what the user named."""
     if isinstance(model, LoadedModel):
         return model
@@ -117,7 +161,7 @@ def _zoo_model(spec: str) -> LoadedModel:
     from ldpruner import zoo
 
     folder = zoo.model_dir(spec[len(ZOO_PREFIX):])
-    loaded = load_model(folder)
+    loaded = load(folder)
     loaded.source = spec
     text_encoder = folder / "text_encoder.json"
     loaded.text_encoder_config = text_encoder if text_encoder.is_file() else None

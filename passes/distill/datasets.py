@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ldpruner.errors import ConfigError, ModelLoadError
+from ldpruner.io import read_json
 
 __all__ = ["IMAGE_SUFFIXES", "encode_dataset", "read_image_folder"]
 
@@ -81,7 +82,8 @@ def _load_vae(pipeline_dir: Path | None, source: str) -> Any:
     for name in ("vae", "vqvae"):
         folder = pipeline_dir / name if pipeline_dir is not None else None
         if folder is not None and (folder / "config.json").is_file():
-            class_name = json.loads((folder / "config.json").read_text()).get("_class_name", "AutoencoderKL")
+            class_name = read_json(folder / "config.json", what="autoencoder config",
+                                   error=ModelLoadError).get("_class_name", "AutoencoderKL")
             cls = getattr(diffusers, str(class_name), None)
             if cls is None or not hasattr(cls, "encode"):
                 raise ModelLoadError(f"{str(folder)!r} names {class_name!r}, which is not a diffusers autoencoder")

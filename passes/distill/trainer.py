@@ -40,8 +40,9 @@ from ldpruner.compiler.tracer import TracedUNet
 from ldpruner.errors import ArtifactError, ConfigError, DistillError
 
 from ldpruner import distributed
-from ldpruner.io import atomic_dir, atomic_path, write_text_atomic
+from ldpruner.io import atomic_dir, atomic_path, read_json, write_text_atomic
 
+from ..config import DistillConfig
 from ..remove import PrunedUNet
 from ..student import read_safetensors, save_student, tensors_for_safetensors
 from .data import DistillData
@@ -51,93 +52,7 @@ __all__ = ["CHECKPOINTS", "DistillConfig", "DistillResult", "distill", "feature_
 
 CHECKPOINTS = "checkpoints"
 CHECKPOINT_FORMAT = "ldpruner.distill-checkpoint/1"
-FEATURE_LOSSES = ("normalized", "mse")
-LR_SCHEDULES = ("cosine", "linear", "constant")
-PRECISIONS = ("fp32", "bf16")
 LOG_FIELDS = ("step", "lr", "loss", "task", "out", "feat", "grad_norm", "time_s")
-
-
-def _positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-@dataclasses.dataclass(frozen=True)
-class DistillConfig:
-    """How to distill. ``batch_size`` is the global batch (split evenly over ranks). ``w_task`` None means
-    1.0 when the data knows the true noise and 0 otherwise. Data-free fields: ``trajectories`` seeded teacher
-    samplings of ``trajectory_steps`` steps with ``guidance_scale``, ``renoise`` share of each batch re-noised
-    from the teacher's final latents."""
-
-    steps: int = 200
-    batch_size: int = 16
-    lr: float = 5e-4
-    lr_schedule: str = "cosine"
-    warmup_steps: int = 20
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    grad_clip: float | None = 1.0
-    w_task: float | None = None
-    w_out: float = 1.0
-    w_feat: float = 1.0
-    feature_loss: str = "normalized"
-    ema_decay: float | None = None
-    precision: str = "fp32"
-    checkpoint_every: int = 50
-    keep_checkpoints: int = 2
-    seed: int = 0
-    trajectories: int = 32
-    trajectory_steps: int = 25
-    guidance_scale: float = 7.5
-    renoise: float = 0.5
-
-    def __post_init__(self) -> None:
-        errors = []
-        for name in ("steps", "batch_size", "checkpoint_every", "keep_checkpoints", "trajectories", "trajectory_steps"):
-            if not _positive_int(getattr(self, name)):
-                errors.append(f"{name} must be a positive int, got {getattr(self, name)!r}")
-        if not (isinstance(self.warmup_steps, int) and not isinstance(self.warmup_steps, bool)
-                and self.warmup_steps >= 0):
-            errors.append(f"warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
-        if not (isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0):
-            errors.append(f"seed must be an int >= 0, got {self.seed!r}")
-        if not (_number(self.lr) and self.lr > 0):
-            errors.append(f"lr must be a number > 0, got {self.lr!r}")
-        for name in ("w_out", "w_feat", "weight_decay", "guidance_scale"):
-            if not (_number(getattr(self, name)) and getattr(self, name) >= 0):
-                errors.append(f"{name} must be a number >= 0, got {getattr(self, name)!r}")
-        if self.w_task is not None and not (_number(self.w_task) and self.w_task >= 0):
-            errors.append(f"w_task must be a number >= 0 or None, got {self.w_task!r}")
-        if self.grad_clip is not None and not (_number(self.grad_clip) and self.grad_clip > 0):
-            errors.append(f"grad_clip must be a number > 0 or None, got {self.grad_clip!r}")
-        if not (_number(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1):
-            errors.append(f"min_lr_ratio must be within [0, 1], got {self.min_lr_ratio!r}")
-        if not (_number(self.renoise) and 0 <= self.renoise <= 1):
-            errors.append(f"renoise must be within [0, 1], got {self.renoise!r}")
-        if self.ema_decay is not None and not (_number(self.ema_decay) and 0 < self.ema_decay < 1):
-            errors.append(f"ema_decay must be within (0, 1) or None, got {self.ema_decay!r}")
-        for name, allowed in (("feature_loss", FEATURE_LOSSES), ("lr_schedule", LR_SCHEDULES),
-                              ("precision", PRECISIONS)):
-            if getattr(self, name) not in allowed:
-                errors.append(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if errors:
-            raise ConfigError("invalid DistillConfig: " + "; ".join(errors))
-        if self.w_out == 0 and self.w_feat == 0 and not self.w_task:
-            raise ConfigError("every loss weight is 0 (w_out, w_feat, w_task): nothing would be learned")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> DistillConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown DistillConfig keys {unknown}; known: {sorted(known)}")
-        return cls(**data)
 
 
 @dataclasses.dataclass
@@ -328,10 +243,7 @@ class _Trainer:
         return path
 
     def load_checkpoint(self, path: Path) -> None:
-        try:
-            state = json.loads((path / "state.json").read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise DistillError(f"checkpoint {str(path)!r} has no readable state.json: {exc}") from exc
+        state = read_json(path / "state.json", what="checkpoint state", error=DistillError)
         if state.get("format") != CHECKPOINT_FORMAT:
             raise DistillError(f"{str(path)!r} is not a distillation checkpoint (format {state.get('format')!r})")
         saved = dict(state["config"])

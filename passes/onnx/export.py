@@ -28,6 +28,7 @@ from ldpruner.runtime.unet import CONFIG_FILENAME, EXPORT_METADATA_KEY
 
 from ldpruner.errors import ConfigError, ExportError, ExportValidationError
 
+from ..config import PROTOBUF_LIMIT, ExportConfig, Tolerance
 from .numeric_check import (
     DEFAULT_TOLERANCES,
     InputSpec,
@@ -43,133 +44,8 @@ from .files import check_destination, publish_model, staging_dir
 __all__ = ["ExportConfig", "ExportResult", "export_onnx", "validate_onnx", "Tolerance", "ValidationReport"]
 
 EXPORT_FORMAT = "ldpruner.onnx/1"
-_EXPORTERS = ("legacy", "dynamo")
-# Opsets each exporter writes natively (torch 2.13): TorchScript exporter up to 20, dynamo/onnxscript 18..23.
-_OPSET_RANGE = {"legacy": (14, 20), "dynamo": (18, 23)}
-_DEFAULT_OPSET = {"legacy": 17, "dynamo": 18}
-_EXTERNAL_DATA_MODES = ("auto", "always", "never")
 _TIMESTEP_DTYPES = {"float32": torch.float32, "int64": torch.int64}
-_PROTOBUF_LIMIT = 2**31  # bytes; a single .onnx protobuf cannot be larger
 _TORCH_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-
-
-@dataclasses.dataclass(frozen=True)
-class ExportConfig:
-    """How to export and how to validate.
-
-    exporter: "legacy" (TorchScript-based ``torch.onnx.export(dynamo=False)``) is the default: on 2 CPU cores it
-        exported a 142M-parameter SD-shaped UNet in 15 s against 39 s for "dynamo", and onnxruntime's
-        transformer optimizer fuses attention only in legacy exports. "dynamo" is the supported path forward.
-    opset: None picks 17 for legacy, 18 for dynamo.
-    dynamic_spatial: None makes latent height/width dynamic exactly when the trace is valid for other sizes
-        (``TracedUNet.spatial_multiple``); True demands it (error if the trace does not allow it); False fixes them.
-    external_data: "auto" stores weights in ``<name>.data`` when they exceed ``external_data_threshold_bytes``;
-        "always" / "never" force it ("never" fails for models over the 2 GiB protobuf limit).
-    timestep_dtype: dtype of the (batch,) timestep input; float32 keeps fractional timesteps (Karras/Euler
-        schedulers) exact and is what the diffusers UNet computes with after its first cast.
-    tolerances: per compute dtype of the graph; see ``DEFAULT_TOLERANCES``.
-    """
-
-    exporter: str = "legacy"
-    opset: int | None = None
-    dynamic_spatial: bool | None = None
-    external_data: str = "auto"
-    external_data_threshold_bytes: int = 1_800_000_000
-    timestep_dtype: str = "float32"
-    output_name: str = "out_sample"
-    validate: bool = True
-    validation_batch_sizes: tuple[int, ...] = (1, 2)
-    validation_spatial_size: tuple[int, int] | None = None  # None: traced size + (m, 2m) when spatial is dynamic
-    validation_seed: int = 0
-    validation_providers: tuple[str, ...] = ("CPUExecutionProvider",)
-    tolerances: Mapping[str, Tolerance] = dataclasses.field(default_factory=lambda: dict(DEFAULT_TOLERANCES))
-
-    def __post_init__(self) -> None:
-        problems: list[str] = []
-        if self.exporter not in _EXPORTERS:
-            problems.append(f"exporter must be one of {list(_EXPORTERS)}, got {self.exporter!r}")
-        if self.opset is not None:
-            if isinstance(self.opset, bool) or not isinstance(self.opset, int):
-                problems.append(f"opset must be an int or None, got {self.opset!r}")
-            elif self.exporter in _OPSET_RANGE:
-                low, high = _OPSET_RANGE[self.exporter]
-                if not low <= self.opset <= high:
-                    problems.append(
-                        f"opset {self.opset} is outside what the {self.exporter} exporter writes ({low}..{high}); "
-                        "use opset=None for its default"
-                    )
-        if self.dynamic_spatial not in (None, True, False):
-            problems.append(f"dynamic_spatial must be None, True or False, got {self.dynamic_spatial!r}")
-        if self.external_data not in _EXTERNAL_DATA_MODES:
-            problems.append(f"external_data must be one of {list(_EXTERNAL_DATA_MODES)}, got {self.external_data!r}")
-        threshold = self.external_data_threshold_bytes
-        if not _is_int(threshold) or not 0 < threshold < _PROTOBUF_LIMIT:
-            problems.append(
-                f"external_data_threshold_bytes must be an int in (0, {_PROTOBUF_LIMIT}), "
-                f"got {self.external_data_threshold_bytes!r}"
-            )
-        if self.timestep_dtype not in _TIMESTEP_DTYPES:
-            problems.append(f"timestep_dtype must be one of {list(_TIMESTEP_DTYPES)}, got {self.timestep_dtype!r}")
-        if not isinstance(self.output_name, str) or not self.output_name:
-            problems.append(f"output_name must be a non-empty string, got {self.output_name!r}")
-        if not isinstance(self.validate, bool):
-            problems.append(f"validate must be a bool, got {self.validate!r}")
-        batches = tuple(self.validation_batch_sizes) if isinstance(self.validation_batch_sizes, (list, tuple)) else None
-        if not batches or not all(_is_int(b) and b >= 1 for b in batches):
-            problems.append(
-                f"validation_batch_sizes must be a non-empty sequence of ints >= 1, got {self.validation_batch_sizes!r}"
-            )
-        else:
-            object.__setattr__(self, "validation_batch_sizes", batches)
-        size = self.validation_spatial_size
-        if size is not None:
-            if not isinstance(size, (list, tuple)) or len(size) != 2 or not all(_is_int(s) and s >= 1 for s in size):
-                problems.append(f"validation_spatial_size must be None or (height, width) ints >= 1, got {size!r}")
-            else:
-                object.__setattr__(self, "validation_spatial_size", tuple(size))
-        if not _is_int(self.validation_seed):
-            problems.append(f"validation_seed must be an int, got {self.validation_seed!r}")
-        providers = self.validation_providers
-        if isinstance(providers, str) or not isinstance(providers, (list, tuple)) or not providers:
-            problems.append(f"validation_providers must be a non-empty sequence of provider names, got {providers!r}")
-        else:
-            object.__setattr__(self, "validation_providers", tuple(providers))
-        tolerances: dict[str, Tolerance] = {}
-        if not isinstance(self.tolerances, Mapping):
-            problems.append(f"tolerances must map a dtype name to (atol, rtol), got {self.tolerances!r}")
-        else:
-            for dtype, tol in self.tolerances.items():
-                if dtype not in DEFAULT_TOLERANCES:
-                    problems.append(f"tolerances has unknown dtype {dtype!r}; known: {list(DEFAULT_TOLERANCES)}")
-                    continue
-                try:
-                    tolerances[dtype] = _as_tolerance(tol)
-                except ConfigError as exc:
-                    problems.append(f"tolerances[{dtype!r}]: {exc}")
-        if problems:
-            raise ConfigError("ExportConfig: " + "; ".join(problems))
-        merged = {**DEFAULT_TOLERANCES, **tolerances}
-        object.__setattr__(self, "tolerances", types.MappingProxyType(merged))
-
-    @property
-    def resolved_opset(self) -> int:
-        return self.opset if self.opset is not None else _DEFAULT_OPSET[self.exporter]
-
-    def to_dict(self) -> dict[str, Any]:
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        out["validation_batch_sizes"] = list(self.validation_batch_sizes)
-        out["validation_spatial_size"] = list(self.validation_spatial_size) if self.validation_spatial_size else None
-        out["validation_providers"] = list(self.validation_providers)
-        out["tolerances"] = {k: v.to_dict() for k, v in self.tolerances.items()}
-        return out
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> ExportConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"ExportConfig: unknown keys {unknown}; known: {sorted(known)}")
-        return cls(**dict(data))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,7 +132,7 @@ def export_onnx(
     external = config.external_data == "always" or (
         config.external_data == "auto" and weight_bytes > config.external_data_threshold_bytes
     )
-    if config.external_data == "never" and weight_bytes >= _PROTOBUF_LIMIT:
+    if config.external_data == "never" and weight_bytes >= PROTOBUF_LIMIT:
         raise ExportError(
             f"external_data='never' but the weights take {weight_bytes / 2**30:.2f} GiB, over the 2 GiB protobuf "
             "limit of a single .onnx file; use external_data='auto'"
@@ -406,16 +282,6 @@ def validate_onnx(
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _as_tolerance(value: Any) -> Tolerance:
-    if isinstance(value, Tolerance):
-        return value
-    if isinstance(value, Mapping) and set(value) == {"atol", "rtol"}:
-        return Tolerance(atol=value["atol"], rtol=value["rtol"])
-    if isinstance(value, (list, tuple)) and len(value) == 2:
-        return Tolerance(atol=value[0], rtol=value[1])
-    raise ConfigError(f"expected Tolerance, {{'atol': .., 'rtol': ..}} or (atol, rtol), got {value!r}")
 
 
 def _unpack(

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ldpruner.errors import ArtifactError
 
-from ldpruner.io import default_permissions
+from ldpruner.io import check_replaceable, default_permissions
 
 __all__ = ["staging_dir", "publish_model", "data_file", "check_destination"]
 
@@ -29,8 +29,7 @@ def data_file(path: Path) -> Path:
 def check_destination(out_path: Path, *, overwrite: bool) -> None:
     if out_path.is_dir():
         raise ArtifactError(f"out_path {out_path} is a folder; give the .onnx file path, e.g. {out_path / 'unet.onnx'}")
-    if out_path.exists() and not overwrite:
-        raise ArtifactError(f"{out_path} exists; pass overwrite=True to replace it")
+    check_replaceable(out_path, overwrite)
 
 
 @contextlib.contextmanager

@@ -16,6 +16,8 @@ import numpy as np
 
 from ldpruner.errors import ConfigError
 
+from ..config import DEFAULT_TOLERANCES, Tolerance
+
 __all__ = [
     "Tolerance",
     "DEFAULT_TOLERANCES",
@@ -26,38 +28,6 @@ __all__ = [
     "compare_outputs",
     "run_failure",
 ]
-
-
-@dataclasses.dataclass(frozen=True)
-class Tolerance:
-    """``max_abs_diff <= atol + rtol * max_abs_ref``."""
-
-    atol: float
-    rtol: float
-
-    def __post_init__(self) -> None:
-        problems = [
-            f"{name} must be a finite number >= 0, got {value!r}"
-            for name, value in (("atol", self.atol), ("rtol", self.rtol))
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0
-        ]
-        if problems:
-            raise ConfigError("Tolerance: " + "; ".join(problems))
-
-    def bound(self, max_abs_ref: float) -> float:
-        return self.atol + self.rtol * max_abs_ref
-
-    def to_dict(self) -> dict[str, float]:
-        return {"atol": self.atol, "rtol": self.rtol}
-
-
-# fp32: ORT and torch run the same kernels up to summation order; measured ~1e-6 on tiny and 142M-param
-# UNets, so 1e-4 leaves room for deep models without hiding a wrong weight. fp16/bf16: half-precision rounding.
-DEFAULT_TOLERANCES: dict[str, Tolerance] = {
-    "float32": Tolerance(atol=1e-4, rtol=1e-4),
-    "float16": Tolerance(atol=1e-2, rtol=1e-2),
-    "bfloat16": Tolerance(atol=5e-2, rtol=5e-2),
-}
 
 
 @dataclasses.dataclass(frozen=True)

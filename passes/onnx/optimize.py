@@ -26,6 +26,7 @@ from ldpruner.runtime.unet import EXPORT_METADATA_KEY
 
 from ldpruner.errors import ArtifactError, ExportError, ExportValidationError
 
+from ..config import PROTOBUF_LIMIT
 from .numeric_check import (
     DEFAULT_TOLERANCES,
     InputSpec,
@@ -52,7 +53,6 @@ CUDA_ONLY_FUSIONS = (
 )
 # Packed QKV / KV attention has fp16 kernels only (onnxruntime's own SD optimizer turns them off for fp32).
 _PACKED_ATTENTION = ("enable_packed_qkv", "enable_packed_kv")
-_PROTOBUF_LIMIT = 2**31
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,7 +137,7 @@ def optimize_onnx(
     metadata = {p.key: p.value for p in source.metadata_props}
     external = any(
         t.data_location == onnx.TensorProto.EXTERNAL for t in source.graph.initializer
-    ) or source.ByteSize() >= _PROTOBUF_LIMIT
+    ) or source.ByteSize() >= PROTOBUF_LIMIT
     del source
 
     started = time.perf_counter()

@@ -215,9 +215,9 @@ def test_api_build_rejects_unknown_and_missing_options(tmp_path):
     from ldpruner import api
     from ldpruner.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"unknown config keys \['num_sample'\]"):
+    with pytest.raises(ConfigError, match=r"unknown BuildConfig option\(s\) \['num_sample'\]"):
         api.build("random:sd-tiny", out=tmp_path, num_sample=2)
-    with pytest.raises(ConfigError, match="build needs out"):
+    with pytest.raises(ConfigError, match="BuildConfig needs out"):
         api.build("random:sd-tiny")
     with pytest.raises(ConfigError, match=r"steps=0 must be >= 1"):
         api.build("random:sd-tiny", out=tmp_path, steps=0)

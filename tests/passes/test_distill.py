@@ -108,10 +108,10 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
-    (dict(steps=0), "steps must be a positive int"),
-    (dict(feature_loss="l1"), "feature_loss must be one of"),
-    (dict(ema_decay=1.5), "ema_decay must be within"),
-    (dict(precision="fp8"), "precision must be one of"),
+    (dict(steps=0), "steps=0 must be >= 1"),
+    (dict(feature_loss="l1"), r"feature_loss='l1' is not one of \['normalized', 'mse'\]"),
+    (dict(ema_decay=1.5), r"ema_decay=1.5 must be in \(0, 1\)"),
+    (dict(precision="fp8"), "precision='fp8' is not one of"),
     (dict(w_out=0, w_feat=0), "every loss weight is 0"),
 ])
 def test_bad_config_is_a_config_error(kwargs, message):

@@ -321,7 +321,7 @@ def test_config_errors_are_collected_and_dicts_round_trip():
     config = AnalysisConfig(prompts=["a", "b"])
     assert config.prompts == ("a", "b")
     assert AnalysisConfig.from_dict(config.to_dict()) == config
-    with pytest.raises(ConfigError, match="unknown analysis option"):
+    with pytest.raises(ConfigError, match=r"unknown AnalysisConfig option\(s\) \['sample_count'\]"):
         AnalysisConfig.from_dict({"sample_count": 4})
 
 

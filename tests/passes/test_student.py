@@ -87,7 +87,7 @@ def test_custom_unet_with_projections_and_tied_weights_round_trips(tmp_path):
 def test_saving_over_an_existing_folder_needs_overwrite(sd_student, tmp_path):
     pruned, _ = sd_student
     path = save_student(pruned, tmp_path / "student")
-    with pytest.raises(ArtifactError, match="already exists; pass overwrite=True"):
+    with pytest.raises(ArtifactError, match=r"exists; pass --overwrite \(overwrite=True\)"):
         save_student(pruned, path)
     save_student(pruned, path, overwrite=True)
     assert sorted(p.name for p in path.iterdir()) == sorted(STUDENT_FILES)

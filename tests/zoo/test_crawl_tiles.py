@@ -157,9 +157,9 @@ def test_latent_shape_rejects_other_sample_sizes():
 def test_pruning_loader_takes_the_unet_and_scheduler_from_the_zoo_folder():
     from diffusers import DDIMScheduler, UNet2DModel
 
-    from ldpruner.sources import load_model
+    from ldpruner.sources import load
 
-    loaded = load_model("zoo:crawl-tiles")
+    loaded = load("zoo:crawl-tiles")
     assert isinstance(loaded.unet, UNet2DModel) and isinstance(loaded.scheduler, DDIMScheduler)
     assert loaded.unet_dir == zoo.model_dir(NAME) / "unet" and loaded.source == "zoo:crawl-tiles"
     assert loaded.text_encoder_config is None and loaded.default_prompts is None

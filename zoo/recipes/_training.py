@@ -22,6 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ldpruner.errors import ConfigError
+from ldpruner.io import json_safe, read_json, write_json_atomic
 from ldpruner.zoo import MissingPackageError
 
 __all__ = [
@@ -305,10 +307,6 @@ def parameter_counts(unet: Any, vae: Any) -> dict[str, int]:
     return {"unet": sum(p.numel() for p in unet.parameters()), "vae": sum(p.numel() for p in vae.parameters())}
 
 
-def _json_value(value: Any) -> Any:
-    return str(value) if isinstance(value, Path) else value
-
-
 def training_record(module: str, args: argparse.Namespace, log: dict, *, data: dict, params: dict[str, int],
                     **sections: Any) -> dict[str, Any]:
     """training.json of ``zoo/recipes/<module>.py``: the command and its arguments, ``data``, the recipe's own
@@ -319,7 +317,7 @@ def training_record(module: str, args: argparse.Namespace, log: dict, *, data: d
     return {
         "recipe": f"zoo/recipes/{module}.py",
         "command": f"python -m ldpruner.zoo.recipes.{module} " + " ".join(sys.argv[1:]),
-        "args": {k: _json_value(v) for k, v in vars(args).items()},
+        "args": {k: json_safe(v) for k, v in vars(args).items()},
         "data": data,
         **sections,
         "params": params,
@@ -331,13 +329,13 @@ def training_record(module: str, args: argparse.Namespace, log: dict, *, data: d
 
 def reread_training(out: Path, args: argparse.Namespace, names: tuple[str, ...]) -> dict[str, Any]:
     """--out's training.json for --evaluate-only, its arguments ``names`` replaced by this command's."""
-    training = json.loads((out / "training.json").read_text())
-    training["args"].update({name: _json_value(getattr(args, name)) for name in names})
+    training = read_json(out / "training.json", what="training record", error=ConfigError)
+    training["args"].update({name: json_safe(getattr(args, name)) for name in names})
     return training
 
 
 def write_training_and_card(out: Path, training: dict, model_card: Callable[[dict], str]) -> None:
-    (out / "training.json").write_text(json.dumps(training, indent=2) + "\n")
+    write_json_atomic(out / "training.json", training)
     (out / "README.md").write_text(model_card(training))
 
 

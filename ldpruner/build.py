@@ -1,0 +1,272 @@
+"""``ldpruner build``: every stage into one folder, as a declared sequence (:data:`STAGES`).
+
+Each :class:`Stage` names its artifact (a path in the build folder), the stage whose result it reads, the options
+its result depends on, and how to run it. A stage's key hashes its options with the key of the stage it reads, so
+a changed option invalidates exactly the stages downstream of it; a stage whose artifact exists with the key it had
+in the last build into the same folder is reused (``.ldpruner-build.json`` keeps the keys), and one whose artifact
+would change is replaced only with ``overwrite``. Under torchrun the stages marked ``all_ranks`` run on every rank
+(the analysis scores its share of the candidates, distillation trains on its shard of the data); rank 0 alone runs
+the others and writes the report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from . import distributed, report, stages
+from .config import BuildConfig
+from .errors import ArtifactError
+from .io import check_replaceable, read_json, write_json_atomic, write_text_atomic
+from .passes.config import DistillConfig, ExportConfig, OptimizeConfig, PruneConfig, SelectionConfig, TraceConfig
+from .sources import LoadedModel, load
+
+__all__ = ["STAGES", "STATE_FILE", "Stage", "run_build"]
+
+STATE_FILE = ".ldpruner-build.json"  # the key of each stage's artifact in the last build, for reuse
+
+
+@dataclasses.dataclass
+class Build:
+    """What the stages of one build share: the config, the loaded model and analysis inputs, the keys so far."""
+
+    cfg: BuildConfig
+    out: Path
+    progress: bool
+    loaded: LoadedModel
+    graph: Any  # the dense model's OperatorGraph
+    analysis: Any  # AnalysisConfig
+    calib: Any  # the analysis' conditioning source
+    world: distributed.World
+    state: dict[str, str]
+    analysis_key: str  # the importance pass's own cache key: weights, options, conditioning, scheduler
+    keys: dict[str, str] = dataclasses.field(default_factory=dict)
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
+    reused: list[str] = dataclasses.field(default_factory=list)
+    students: dict[str, Any] = dataclasses.field(default_factory=dict)  # made in this run, by stage: not reloaded
+
+    def enabled(self, name: str) -> bool:
+        return next(s for s in STAGES if s.name == name).enabled(self)
+
+    def student(self, stage: str) -> Any:
+        """The student the ``stage`` stage wrote: from memory when it ran in this build, else from its folder."""
+        if stage in self.students:
+            return self.students[stage]
+        from ldpruner.passes.student import load_student
+
+        return load_student(self.out / STUDENT_FOLDERS[stage])
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One step of a build: ``run(build)`` writes ``artifact``; the artifact is current while the stage's key —
+    a hash of ``options(build)`` and of the key of the first enabled stage in ``reads`` — is unchanged."""
+
+    name: str
+    artifact: str
+    reads: tuple[str, ...]
+    options: Callable[[Build], Any]
+    run: Callable[[Build], Any]
+    enabled: Callable[[Build], bool] = lambda build: True
+    all_ranks: bool = False
+
+
+def _analyze(b: Build) -> None:
+    stages.analyze(b.loaded, b.graph, b.analysis, b.calib, out=b.out, overwrite=True, progress=b.progress)
+
+
+def _select(b: Build) -> None:
+    from ldpruner.passes.importance import ImportanceReport
+
+    stages.select(ImportanceReport.load(b.out / stages.SCORES), b.graph, b.cfg.part(SelectionConfig), out=b.out,
+                  overwrite=True)
+
+
+def _prune(b: Build) -> None:
+    from ldpruner.passes.plan import RemovalPlan
+
+    b.students["prune"] = stages.prune(b.loaded, RemovalPlan.load(b.out / stages.PLAN), b.cfg.part(TraceConfig),
+                                       b.cfg.part(PruneConfig), out=b.out, overwrite=True, graph=b.graph)
+
+
+def _distill_options(b: Build) -> dict[str, Any]:
+    return {"steps": b.cfg.distill_steps, "seed": b.cfg.seed, "guidance_scale": b.cfg.guidance_scale}
+
+
+def _distill(b: Build) -> None:
+    # a copy of the student is trained into distill/student: student/ stays the pruned-only model, so a change of
+    # distillation settings never trains an already distilled student again
+    from ldpruner.passes.student import load_student
+
+    result = stages.distill(b.loaded, load_student(b.out / stages.STUDENT), DistillConfig(**_distill_options(b)),
+                            out=b.out / stages.DISTILL_DIR, data=None, prompts_file=b.cfg.prompts, resume=False,
+                            overwrite=True, progress=b.progress)
+    b.students["distill"] = result.student
+
+
+def _final_student(b: Build) -> str:
+    """The stage whose student is exported: the distilled one when distillation is on, else the pruned one."""
+    return "distill" if b.enabled("distill") else "prune"
+
+
+def _export(b: Build) -> None:
+    student = b.student(_final_student(b))
+    summary = stages.export(student, b.cfg.part(ExportConfig), b.cfg.part(OptimizeConfig), out=b.out, overwrite=True)
+    write_json_atomic(b.out / EXPORT_SUMMARY, summary)
+
+
+def sample_rows(b: Build) -> list[str]:
+    """The rows of samples.png (zoo models only: they know how to sample and decode their outputs)."""
+    if b.loaded.zoo_name is None:
+        return []
+    return ["dense", "pruned"] + (["distilled"] if b.enabled("distill") else [])
+
+
+def _samples(b: Build) -> None:
+    from ldpruner.runtime.graph_unet import GraphUNet
+    from ldpruner.zoo.preview import preview_grid
+
+    from ldpruner.passes.student import load_student
+
+    # reloaded from the folders on purpose: the grid shows the saved students
+    variants = {row: None if row == "dense" else GraphUNet.of(load_student(b.out / STUDENT_FOLDERS[stage]))
+                for row, stage in (("dense", None), ("pruned", "prune"), ("distilled", "distill"))
+                if row in sample_rows(b)}
+    preview_grid(b.loaded.zoo_name, variants, b.out / report.SAMPLES)
+
+
+EXPORT_SUMMARY = f"{stages.ONNX_DIR}/export.json"
+STUDENT_FOLDERS = {"prune": stages.STUDENT, "distill": f"{stages.DISTILL_DIR}/{stages.STUDENT}"}
+
+STAGES: tuple[Stage, ...] = (
+    Stage("analyze", stages.SCORES, reads=(), all_ranks=True,
+          options=lambda b: b.analysis_key, run=_analyze),
+    Stage("select", stages.PLAN, reads=("analyze",),
+          options=lambda b: b.cfg.part(SelectionConfig).to_dict(), run=_select),
+    Stage("prune", stages.STUDENT, reads=("select",),
+          options=lambda b: (b.cfg.height, b.cfg.width), run=_prune),
+    Stage("distill", f"{stages.DISTILL_DIR}/distill.json", reads=("prune",), all_ranks=True,
+          options=lambda b: (_distill_options(b), b.cfg.prompts), run=_distill,
+          enabled=lambda b: b.cfg.distill_steps > 0),
+    Stage("export", EXPORT_SUMMARY, reads=("distill", "prune"),
+          options=lambda b: {n: getattr(b.cfg, n) for n in ("exporter", "opset", "optimize", "fp16")}, run=_export),
+    Stage("samples", report.SAMPLES, reads=("distill", "prune"),
+          options=lambda b: ("samples/1", sample_rows(b)), run=_samples, enabled=lambda b: bool(sample_rows(b))),
+)
+
+
+def _key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _read_state(out: Path) -> dict[str, str]:
+    """The keys of the last build's stages (none when there was no build or the file is unreadable: every stage
+    then runs again, and guards its outputs)."""
+    try:
+        return read_json(out / STATE_FILE, what="build state")
+    except ArtifactError:
+        return {}
+
+
+def run_build(cfg: BuildConfig, *, progress: bool = True) -> dict[str, Any]:
+    """Run :data:`STAGES` into ``cfg.out``; returns the report (rank 0) or what this rank did (other ranks)."""
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ArtifactError(f"--out {cfg.out!r} is a file, not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    loaded = load(cfg.model)
+    world = distributed.join(loaded.device)
+    try:
+        build = _prepare(cfg, out, loaded, world, progress)
+        build.timings["load+trace"] = round(time.perf_counter() - t0, 3)
+        _run_stages(build)
+        if not world.is_main:
+            ran = ", ".join(s.name for s in STAGES if s.all_ranks and s.enabled(build))
+            return {"summary": f"rank {world.rank} of {world.size}: ran {ran} on its share; rank 0 writes the build",
+                    "timings_s": build.timings}
+        from ldpruner.passes.plan import RemovalPlan
+
+        result = report.build_report(cfg, loaded, build.graph, RemovalPlan.load(out / stages.PLAN), out,
+                                     build.timings, build.reused, sample_rows(build))
+        write_json_atomic(out / report.REPORT, result)
+        write_text_atomic(out / report.REPORT_MD, report.report_markdown(result))
+        return result
+    finally:
+        distributed.leave(world)
+
+
+def _prepare(cfg: BuildConfig, out: Path, loaded: LoadedModel, world: distributed.World, progress: bool) -> Build:
+    """Trace, the analysis inputs, the budget check (an unreachable budget is known from the operator graph alone:
+    fail before the costly analysis) and the operator table."""
+    from ldpruner.passes.importance import cache_key
+    from ldpruner.passes.select import check_budget
+
+    analysis_options = {n: getattr(cfg, n) for n in ("num_samples", "steps", "seed", "guidance_scale")}
+    graph, analysis, calib = stages.analysis_inputs(loaded, cfg.part(TraceConfig), analysis_options, cfg.prompts)
+    check_budget(graph.candidates, total_params=graph.total_params, total_macs=graph.total_macs,
+                 config=cfg.part(SelectionConfig))
+    if world.is_main:
+        write_text_atomic(out / "operators.txt", graph.table() + "\n")
+        write_text_atomic(out / "operators.json", graph.to_json() + "\n")
+    return Build(cfg=cfg, out=out, progress=progress, loaded=loaded, graph=graph, analysis=analysis, calib=calib,
+                 world=world, state=_read_state(out),
+                 analysis_key=cache_key(graph, calib, config=analysis, scheduler=loaded.scheduler))
+
+
+def _run_stages(build: Build) -> None:
+    """Every enabled stage in order; a rank other than 0 runs the ``all_ranks`` ones only, after a barrier when
+    rank 0 ran others since the last one (their artifacts are what it reads)."""
+    world = build.world
+    enabled = [s for s in STAGES if s.enabled(build)]
+    last_all_ranks = max((i for i, s in enumerate(enabled) if s.all_ranks), default=-1)
+    main_only_since_barrier = False
+    for i, stage in enumerate(enabled):
+        upstream = next((build.keys[r] for r in stage.reads if r in build.keys), None)
+        key = _key(upstream, stage.options(build))
+        build.keys[stage.name] = key
+        if stage.all_ranks and main_only_since_barrier and world.size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+            main_only_since_barrier = False
+        if not stage.all_ranks:
+            main_only_since_barrier = True
+            if not world.is_main:
+                continue
+        _run_stage(build, stage, key)
+        if not world.is_main and i >= last_all_ranks:
+            return
+
+
+def _run_stage(build: Build, stage: Stage, key: str) -> None:
+    artifact = build.out / stage.artifact
+    if artifact.exists() and build.state.get(stage.name) == key:
+        build.reused.append(stage.name)
+        return
+    check_replaceable(artifact, build.cfg.overwrite)
+    start = time.perf_counter()
+    stage.run(build)
+    build.timings[stage.name] = round(time.perf_counter() - start, 3)
+    build.state[stage.name] = key
+    if build.world.is_main:
+        write_json_atomic(build.out / STATE_FILE, build.state)
+
+
+def build_config(model: Any, *, out: str | os.PathLike | None, config: str | os.PathLike | None,
+                 options: dict[str, Any]) -> BuildConfig:
+    """The BuildConfig of an API or CLI call: ``options`` (None means not given) over the TOML file ``config``."""
+    from .config import load_config
+
+    given = {k: v for k, v in options.items() if v is not None}
+    if model is not None:
+        given["model"] = os.fspath(model)
+    if out is not None:
+        given["out"] = os.fspath(out)
+    return load_config(config, **given) if config is not None else BuildConfig.from_dict(given)

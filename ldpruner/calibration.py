@@ -1,0 +1,110 @@
+"""What a loaded model is calibrated and distilled on: the conditioning of the analysis and the data of the
+distillation, wired from what the model brings.
+
+* Conditioning (:func:`conditioning_source`): a zoo text-to-image model's own frozen text encoder on its prompts,
+  a pipeline folder's tokenizer and text encoder, or nothing — the analysis then gives conditional UNets seeded
+  random embeddings and unconditional ones none (:func:`ldpruner.passes.importance.resolve_conditioning`).
+* Prompts: a prompt file when given, else the model's own prompt set (zoo models), else the built-in one.
+* Distillation data (:func:`distill_data`): the teacher's own sampling trajectories (data-free), or an image
+  folder encoded through the model's VAE with its captions encoded like the prompts.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+from .sources import LoadedModel
+
+__all__ = ["analysis_config", "conditioning_source", "distill_data", "prompts_for"]
+
+
+def prompts_for(loaded: LoadedModel, prompts_file: str | os.PathLike | None) -> tuple[str, ...] | None:
+    """The prompts a stage uses: the file's, else the model's own set (None: the built-in default)."""
+    from ldpruner.passes.conditioning import read_prompt_file
+
+    return read_prompt_file(prompts_file) if prompts_file else loaded.default_prompts
+
+
+def analysis_config(loaded: LoadedModel, options: dict[str, Any], prompts_file: str | os.PathLike | None) -> Any:
+    """The :class:`~ldpruner.passes.config.AnalysisConfig` of ``options`` with the prompts this model uses."""
+    from ldpruner.passes.config import AnalysisConfig
+
+    return AnalysisConfig.from_dict({**options, "prompts": prompts_for(loaded, prompts_file)})
+
+
+def conditioning_source(loaded: LoadedModel, config: Any) -> Any:
+    """What conditions the analysis (the ``calib`` of ``analyze_importance``): the zoo model's encoded prompts, the
+    pipeline folder with a text encoder, or None."""
+    if loaded.text_encoder_config is not None:
+        return _zoo_conditioning(loaded, config.prompts)
+    return loaded.pipeline_text_encoder
+
+
+def _zoo_conditioning(loaded: LoadedModel, prompts: tuple[str, ...] | None) -> Any:
+    """A zoo text-to-image model's prompts, encoded by the frozen text encoder it was trained with."""
+    from ldpruner.passes.conditioning import DEFAULT_PROMPTS, Conditioning
+    from ldpruner.zoo.text import TextEncoder
+
+    encoder = TextEncoder.from_config_file(loaded.text_encoder_config)
+    prompts = tuple(prompts or DEFAULT_PROMPTS)
+    return Conditioning(
+        encoder_hidden_states=encoder.encode(list(prompts)),
+        negative_encoder_hidden_states=encoder.encode_negative(1),
+        source=f"{loaded.source}: {encoder.describe().get('package', 'text encoder')} on {len(prompts)} prompts",
+        prompts=prompts,
+    )
+
+
+def distill_data(loaded: LoadedModel, teacher: Any, config: Any, *, data: str | os.PathLike | None,
+                 prompts_file: str | os.PathLike | None, rank: int, world: int, progress: bool) -> Any:
+    """What the student learns from: ``data`` None gives the teacher's trajectories (``config.trajectories`` seeded
+    samplings, the model's prompts and guidance); a folder gives its images as VAE latents, with the captions
+    encoded like the prompts (required for text-to-image models). Each rank gets its own shard."""
+    from ldpruner.passes.config import AnalysisConfig
+    from ldpruner.passes.distill.data import LatentData, TeacherTrajectories
+    from ldpruner.passes.importance import resolve_conditioning, scheduler_record
+
+    scheduler, _ = scheduler_record(loaded.scheduler)
+    sample = teacher.example_inputs[teacher.input_names[0]]
+    analysis = AnalysisConfig(num_samples=config.trajectories, seed=config.seed,
+                              prompts=prompts_for(loaded, prompts_file),
+                              height=int(sample.shape[-2]), width=int(sample.shape[-1]))
+    if data is not None:
+        import torch
+
+        from ldpruner.passes.distill.datasets import encode_dataset
+
+        latents, captions = encode_dataset(loaded, Path(data), latent_size=tuple(sample.shape[-2:]),
+                                           progress=progress and rank == 0)
+        conditioning = cond_ids = None
+        if "encoder_hidden_states" in teacher.input_names:
+            if captions is None:
+                raise ConfigError(f"{str(data)!r} has no captions, and {teacher.model_class} is conditioned on "
+                                  "text: add metadata.jsonl ({\"file_name\": ..., \"text\": ...} per line) or "
+                                  "<image>.txt beside each image")
+            unique = tuple(dict.fromkeys(captions))
+            conditioning = _caption_conditioning(loaded, teacher, unique, analysis)
+            cond_ids = torch.tensor([unique.index(c) for c in captions], dtype=torch.int64)
+        return LatentData(latents, scheduler, teacher.input_names, conditioning=conditioning, cond_ids=cond_ids,
+                          source=str(data), rank=rank, world=world)
+    conditioning = resolve_conditioning(teacher, conditioning_source(loaded, analysis), analysis)
+    return TeacherTrajectories(
+        teacher.gm, teacher.input_names, scheduler, conditioning=conditioning,
+        latent_shape=tuple(sample.shape[1:]), trajectories=config.trajectories, steps=config.trajectory_steps,
+        guidance_scale=config.guidance_scale, seed=config.seed, renoise=config.renoise, rank=rank, world=world,
+        batch_size=max(1, config.batch_size), progress=progress and rank == 0)
+
+
+def _caption_conditioning(loaded: LoadedModel, teacher: Any, captions: tuple[str, ...], analysis: Any) -> Any:
+    from ldpruner.passes.conditioning import encode_prompts
+    from ldpruner.passes.importance import resolve_conditioning
+
+    if loaded.text_encoder_config is not None:
+        return _zoo_conditioning(loaded, captions)
+    if loaded.pipeline_text_encoder is not None:
+        return resolve_conditioning(teacher, encode_prompts(loaded.pipeline_text_encoder, captions), analysis)
+    raise ConfigError(f"{loaded.source} has no text encoder to encode the dataset's captions with: pass a pipeline "
+                      "folder with tokenizer/ and text_encoder/, or distill data-free (no data)")

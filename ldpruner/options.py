@@ -1,0 +1,319 @@
+"""Options declared once: every knob of every stage is a field of a frozen config dataclass that says its default,
+what it means and which values it takes. From that one declaration come
+
+* validation — :meth:`Config.__post_init__` checks every field against its type annotation and its :class:`Spec`
+  (choices, bounds), adds the config's own cross-field rules (:meth:`Config.problems`), and raises one
+  :class:`~ldpruner.errors.ConfigError` that lists every problem;
+* construction from data — :meth:`Config.from_dict` (TOML, JSON, keyword arguments) refuses unknown keys by name;
+* the command line — :func:`add_flags` makes one flag per field, with the field's type, choices, default and help.
+
+A config that composes others (a build runs every stage) reuses their declarations with :func:`same_as`, so a
+default is written in one place. Part of the base layer: standard library only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import types
+import typing
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, ClassVar
+
+from .errors import ConfigError
+
+__all__ = ["Config", "Spec", "add_flags", "option", "same_as", "split_options"]
+
+_META = "ldpruner.option"
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """What a field means and which values it takes (beyond its type annotation).
+
+    ``minimum`` / ``maximum`` bound numbers (and every element of a tuple), inclusive unless ``exclusive_*``;
+    ``none`` says what None means (only fields annotated ``X | None`` may be None); ``hint`` is appended to an
+    error about the field (the reason for the rule, or the fix); ``flag`` False keeps the field off the command
+    line (API and config files only); ``nonempty`` is for tuples; ``path`` str fields take ``os.PathLike`` too."""
+
+    help: str
+    choices: tuple[Any, ...] | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+    exclusive_minimum: bool = False
+    exclusive_maximum: bool = False
+    none: str | None = None
+    hint: str = ""
+    flag: bool = True
+    nonempty: bool = False
+    metavar: str | None = None
+    path: bool = False  # a str field that names a file or folder: os.PathLike values are accepted (as str)
+    check: Callable[[Any], Iterable[str]] | None = None  # more rules for one field (its problems, if any)
+
+    def bounds_text(self) -> str | None:
+        lo, hi = self.minimum, self.maximum
+        if lo is not None and hi is not None:
+            return (f"in {'(' if self.exclusive_minimum else '['}{_number(lo)}, {_number(hi)}"
+                    f"{')' if self.exclusive_maximum else ']'}")
+        if lo is not None:
+            return f"{'>' if self.exclusive_minimum else '>='} {_number(lo)}"
+        if hi is not None:
+            return f"{'<' if self.exclusive_maximum else '<='} {_number(hi)}"
+        return None
+
+    def within(self, value: float) -> bool:
+        if self.minimum is not None and (value <= self.minimum if self.exclusive_minimum else value < self.minimum):
+            return False
+        if self.maximum is not None and (value >= self.maximum if self.exclusive_maximum else value > self.maximum):
+            return False
+        return True
+
+
+def _number(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", *, default_factory: Any = dataclasses.MISSING,
+           **spec: Any) -> Any:
+    """A dataclass field with its default and its :class:`Spec` (``help`` and the keywords of Spec)."""
+    meta = {_META: Spec(help=help, **spec)}
+    if default_factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def same_as(config: type[Config], name: str, **changes: Any) -> Any:
+    """The declaration of ``config``'s field ``name`` (default and spec) for a config that composes it; ``changes``
+    replace spec entries (a different ``help`` for the composed meaning, say)."""
+    field = config.field(name)
+    spec = dataclasses.replace(field.metadata[_META], **changes)
+    if field.default_factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=field.default_factory, metadata={_META: spec})
+    return dataclasses.field(default=field.default, metadata={_META: spec})
+
+
+# --- types -----------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class _Kind:
+    base: Any  # int, float, bool, str, or None for types checked by the config itself
+    optional: bool
+    element: Any = None  # for tuple[T, ...]: T
+
+    def describe(self) -> str:
+        names = {int: "an int", float: "a number", bool: "a bool (true/false)", str: "a string"}
+        if self.base is tuple:
+            text = f"a sequence of {names.get(self.element, 'values').split(' ', 1)[1]}s"
+        else:
+            text = names.get(self.base, "a value")
+        return text + (" or None" if self.optional else "")
+
+
+def _kind(annotation: Any) -> _Kind:
+    optional = False
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        rest = [a for a in args if a is not type(None)]
+        optional = len(rest) < len(args)
+        annotation = rest[0] if len(rest) == 1 else None
+        args = typing.get_args(annotation)
+    if annotation in (int, float, bool, str):
+        return _Kind(annotation, optional)
+    if typing.get_origin(annotation) is tuple and len(args) == 2 and args[1] is Ellipsis:
+        return _Kind(tuple, optional, args[0])
+    return _Kind(None, optional)
+
+
+def _scalar(value: Any, base: Any) -> tuple[bool, Any]:
+    """(ok, value converted): ints are accepted for floats (and become floats); bools are never numbers."""
+    if base is bool:
+        return isinstance(value, bool), value
+    if isinstance(value, bool):
+        return False, value
+    if base is int:
+        return isinstance(value, int), value
+    if base is float:
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            return True, float(value)
+        return False, value
+    if base is str:
+        return isinstance(value, str), value
+    return True, value
+
+
+class Config:
+    """Base of the frozen option dataclasses: one validator, ``to_dict`` / ``from_dict``, declarations by name.
+
+    Subclasses are ``@dataclasses.dataclass(frozen=True)`` whose fields are made with :func:`option` (or
+    :func:`same_as`) and may add cross-field rules in :meth:`problems`."""
+
+    _kinds: ClassVar[dict[str, _Kind]]
+
+    def __post_init__(self) -> None:
+        problems = self._field_problems()
+        if not problems:
+            problems = list(self.problems())
+        if problems:
+            raise ConfigError(f"invalid {type(self).__name__}: " + "; ".join(problems))
+
+    def problems(self) -> Iterable[str]:
+        """Rules between fields, checked once every field is valid on its own; one message per broken rule."""
+        return ()
+
+    @classmethod
+    def _kind_of(cls) -> dict[str, _Kind]:
+        if "_kinds" not in cls.__dict__:
+            hints = typing.get_type_hints(cls)
+            cls._kinds = {f.name: _kind(hints[f.name]) for f in dataclasses.fields(cls)}
+        return cls._kinds
+
+    def _field_problems(self) -> list[str]:
+        problems = []
+        kinds = self._kind_of()
+        for f in dataclasses.fields(self):
+            spec = f.metadata.get(_META)
+            if spec is None:
+                continue
+            value = getattr(self, f.name)
+            kind = kinds[f.name]
+            problem, converted = _check(f.name, value, kind, spec)
+            if problem:
+                problems.append(problem + (f" ({spec.hint})" if spec.hint else ""))
+                continue
+            if converted is not value:
+                object.__setattr__(self, f.name, converted)
+            if spec.check is not None and converted is not None:
+                problems += list(spec.check(converted))
+        return problems
+
+    # --- declarations -----------------------------------------------------------------------------------------------
+    @classmethod
+    def field(cls, name: str) -> dataclasses.Field:
+        for f in dataclasses.fields(cls):
+            if f.name == name:
+                return f
+        raise KeyError(f"{cls.__name__} has no option {name!r}")
+
+    @classmethod
+    def spec(cls, name: str) -> Spec:
+        return cls.field(name).metadata[_META]
+
+    @classmethod
+    def default(cls, name: str) -> Any:
+        f = cls.field(name)
+        return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    # --- data ---------------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Every field, tuples as lists and mappings as dicts: what a report or a config file records."""
+        def plain(value: Any) -> Any:
+            if isinstance(value, (list, tuple)):
+                return [plain(v) for v in value]
+            if isinstance(value, Mapping):
+                return {k: plain(v) for k, v in value.items()}
+            if hasattr(value, "to_dict"):
+                return value.to_dict()
+            return value
+
+        return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Any:
+        """Build from a mapping; an unknown key is a ConfigError naming it and the known ones."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{cls.__name__} options must be a mapping, got {type(data).__name__}")
+        known = cls.names()
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown {cls.__name__} option(s) {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+
+def _check(name: str, value: Any, kind: _Kind, spec: Spec) -> tuple[str | None, Any]:
+    """(problem or None, the value converted to its declared type)."""
+    if value is None:
+        return (None, value) if kind.optional else (f"{name}=None must be {kind.describe()}", value)
+    if kind.base is tuple:
+        if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+            return f"{name}={value!r} must be {kind.describe()}", value
+        items = []
+        for item in value:
+            ok, item = _scalar(item, kind.element)
+            if not ok or (isinstance(item, (int, float)) and not isinstance(item, bool) and not spec.within(item)):
+                bounds = spec.bounds_text()
+                return (f"{name}={list(value)!r} must be {kind.describe()}"
+                        + (f", each {bounds}" if bounds else "")), value
+            items.append(item)
+        if spec.nonempty and not items:
+            return f"{name}=[] must hold at least one value", value
+        if spec.choices is not None and any(i not in spec.choices for i in items):
+            return f"{name}={list(value)!r} may only hold {list(spec.choices)}", value
+        return None, tuple(items)
+    if spec.path and isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    ok, converted = _scalar(value, kind.base)
+    if not ok:
+        return f"{name}={value!r} must be {kind.describe()}", value
+    if spec.choices is not None and converted not in spec.choices:
+        return f"{name}={value!r} is not one of {list(spec.choices)}", value
+    if isinstance(converted, (int, float)) and not isinstance(converted, bool) and not spec.within(converted):
+        return f"{name}={value!r} must be {spec.bounds_text()}", value
+    return None, converted
+
+
+def split_options(options: Mapping[str, Any], *configs: type[Config] | tuple[type[Config], Sequence[str]]
+                  ) -> list[dict[str, Any]]:
+    """Share keyword options out among configs: one dict per config with the keys it declares (a name two configs
+    declare goes to both). ``(Config, names)`` restricts a config to some of its fields. A key no config takes is
+    a ConfigError that lists the keys this call accepts."""
+    parts: list[dict[str, Any]] = []
+    accepted: list[str] = []
+    for entry in configs:
+        config, names = entry if isinstance(entry, tuple) else (entry, entry.names())
+        parts.append({k: v for k, v in options.items() if k in names})
+        accepted += [n for n in names if n not in accepted]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ConfigError(f"unknown option(s) {unknown}; this call takes {sorted(accepted)}")
+    return parts
+
+
+# --- the command line ------------------------------------------------------------------------------------------------
+
+def _show(value: Any) -> str:
+    if isinstance(value, (tuple, list)):
+        return " ".join(_show(v) for v in value)
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
+
+
+def add_flags(parser: argparse.ArgumentParser, config: type[Config], names: Sequence[str] | None = None, *,
+              help: Mapping[str, str] | None = None) -> None:
+    """One flag per field of ``config`` (all of its command-line fields, or ``names``): ``--num-samples`` for
+    ``num_samples``, typed, with its choices, ``--x/--no-x`` for bools, several values for tuples, and the
+    declared help with the default. Absent flags stay absent from the parsed namespace (the config's default
+    applies), so only what the user typed reaches the API. ``help`` replaces the help of some fields."""
+    kinds = config._kind_of()
+    for name in names if names is not None else [n for n in config.names() if config.spec(n).flag]:
+        spec, kind, default = config.spec(name), kinds[name], config.default(name)
+        text = (help or {}).get(name, spec.help)
+        shown = spec.none if default is None and spec.none else _show(default)
+        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": f"{text} (default: {shown})"}
+        if kind.base is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = kind.element if kind.base is tuple else kind.base
+            if kind.base is tuple:
+                kwargs["nargs"] = "+"
+            if spec.choices is not None:
+                kwargs["choices"] = spec.choices
+            if spec.metavar:
+                kwargs["metavar"] = spec.metavar
+        parser.add_argument("--" + name.replace("_", "-"), **kwargs)

@@ -1,0 +1,134 @@
+"""The build report: what ``ldpruner build`` did, read back from the artifacts on disk — ``report.json`` (every
+number) and ``report.md`` (the same for a reader: removals, params and MACs before/after, the distillation, the
+samples, the export's validation, stage timings and reuse)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .io import read_json
+from .stages import DISTILL_DIR, ONNX_DIR, PLAN, SCORES, STUDENT
+
+__all__ = ["REPORT", "REPORT_MD", "SAMPLES", "build_report", "report_markdown"]
+
+REPORT = "report.json"
+REPORT_MD = "report.md"
+SAMPLES = "samples.png"
+
+
+def build_report(cfg: Any, loaded: Any, graph: Any, plan: Any, out_dir: Path, timings: dict[str, float],
+                 reused: list[str], sample_rows: list[str]) -> dict[str, Any]:
+    """report.json's content for a finished build into ``out_dir`` (the scores, export and distillation summaries are
+    read from the files there, so the report describes what is on disk)."""
+    from ldpruner.passes.importance import ImportanceReport
+
+    scores = ImportanceReport.load(out_dir / SCORES)
+    export_summary = read_json(out_dir / ONNX_DIR / "export.json", what="export summary")
+    validation = export_summary["export"]["validation"]
+    totals = plan.to_dict()["totals"]
+    removed = [dict(r.to_dict(), kind=graph[r.name].kind) for r in plan.removals]
+    summary = (
+        f"{cfg.model}: removed {len(plan.removals)} of {len(graph.candidates)} candidate operators; "
+        f"UNet params {totals['params_before']:,} -> {totals['params_after']:,} "
+        f"(-{totals['params_removed_fraction']:.1%}), MACs/sample -{totals['macs_removed_fraction']:.1%}; "
+        f"ONNX {'validated' if validation.get('passed') else 'NOT validated'} "
+        f"(max abs diff {validation.get('max_abs_diff', float('nan')):.2e}); report: {out_dir / 'report.md'}"
+    )
+    return {
+        "format": "ldpruner.report/1",
+        "summary": summary,
+        "config": cfg.to_dict(),
+        "model": loaded.describe(),
+        "trace": graph.traced.validity(),
+        "operators": {"total": len(graph.operators), "candidates": len(graph.candidates)},
+        "params": {"dense": totals["params_before"], "pruned": totals["params_after"],
+                   "removed_fraction": totals["params_removed_fraction"]},
+        "macs_per_sample": {"dense": totals["macs_per_sample_before"], "pruned": totals["macs_per_sample_after"],
+                            "removed_fraction": totals["macs_removed_fraction"],
+                            "at_latent_shape": graph.traced.validity()["traced_sample_shape"][1:]},
+        "analysis": {"conditioning": scores.conditioning, "unet_calls": scores.unet_calls,
+                     "wall_time_s": scores.wall_time_s, "scheduler": scores.scheduler},
+        "removed": removed,
+        "distill": _distill_report(out_dir / DISTILL_DIR) if cfg.distill_steps else None,
+        "samples": {"path": str(out_dir / SAMPLES), "rows": sample_rows} if sample_rows else None,
+        "export": export_summary,
+        "timings_s": timings,
+        "reused_stages": reused,
+        "artifacts": {name: str(out_dir / name) for name in
+                      (SCORES, PLAN, STUDENT, *([f"{DISTILL_DIR}/{STUDENT}"] if cfg.distill_steps else []),
+                       f"{ONNX_DIR}/unet.onnx", "operators.txt", REPORT, REPORT_MD,
+                       *([SAMPLES] if sample_rows else []))},
+    }
+
+
+def _distill_report(folder: Path) -> dict[str, Any]:
+    summary = read_json(folder / "distill.json", what="distillation summary")
+    return {"steps": summary["steps"], "wall_time_s": summary["wall_time_s_this_run"],
+            "data": summary["data"]["kind"], "feature_taps": summary["feature_taps"]["groups"],
+            "loss_first_10pct": summary["loss_first_10pct"], "loss_last_10pct": summary["loss_last_10pct"],
+            "student": str(folder / STUDENT), "loss_plot": str(folder / "loss.png"),
+            "loss_log": str(folder / "loss.csv")}
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    """report.md: the report for a reader."""
+    p, m = report["params"], report["macs_per_sample"]
+    val = report["export"]["export"]["validation"]
+    lines = [
+        "# ldpruner build report",
+        "",
+        report["summary"],
+        "",
+    ]
+    if report["model"].get("random_weights"):
+        lines += ["> **Random weights.** This model was created from a config with random weights: the numbers",
+                  "> below prove the pipeline, not pruning quality.", ""]
+    lines += [
+        "| | dense | pruned | removed |",
+        "|---|---:|---:|---:|",
+        f"| UNet parameters | {p['dense']:,} | {p['pruned']:,} | {p['removed_fraction']:.1%} |",
+        f"| MACs / sample at latent {'x'.join(map(str, m['at_latent_shape']))} | {m['dense']:,} | {m['pruned']:,} "
+        f"| {m['removed_fraction']:.1%} |",
+        "",
+        f"## Removed operators ({len(report['removed'])})",
+        "",
+        "| operator | kind | action | LD score | params |",
+        "|---|---|---|---:|---:|",
+    ]
+    for r in report["removed"]:
+        lines.append(f"| `{r['name']}` | {r['kind']} | {r['action']} | {r['score']:.4g} | {r['params']:,} |")
+    d = report.get("distill")
+    if d:
+        first, last = d["loss_first_10pct"], d["loss_last_10pct"]
+        lines += [
+            "",
+            f"## Distillation ({d['steps']} steps, {d['data']}, {d['wall_time_s']:.0f} s)",
+            "",
+            "| loss term | first 10 % of steps | last 10 % of steps |",
+            "|---|---:|---:|",
+            *[f"| {k} | {first[k]:.4g} | {last[k]:.4g} |" for k in ("loss", "out", "feat", "task") if first[k] or last[k]],
+            "",
+            f"Feature taps: {', '.join(f'`{g}`' for g in d['feature_taps'])}. Distilled student: `{d['student']}`; "
+            f"loss log `{d['loss_log']}`.",
+            "",
+            f"![distillation loss]({DISTILL_DIR}/loss.png)",
+        ]
+    if report.get("samples"):
+        lines += ["", "## Samples", "",
+                  f"Rows: {', '.join(report['samples']['rows'])} — the same seeds (and prompts) in every row; quality "
+                  "numbers come from `ldpruner bench`.", "", f"![samples]({SAMPLES})"]
+    lines += [
+        "",
+        "## Export",
+        "",
+        f"- ONNX: `{report['artifacts']['onnx/unet.onnx']}`; validation against torch: "
+        f"{'passed' if val.get('passed') else 'FAILED'}, max abs diff {val.get('max_abs_diff', float('nan')):.2e}",
+        f"- trace validity: {report['trace']['note']}",
+        f"- analysis: {report['analysis']['unet_calls']} UNet calls in {report['analysis']['wall_time_s']:.1f} s, "
+        f"conditioning: {report['analysis']['conditioning']}",
+        f"- stage timings (s): {json.dumps(report['timings_s'])}; reused: {report['reused_stages'] or 'none'}",
+        "",
+    ]
+    return "\n".join(lines)

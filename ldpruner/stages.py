@@ -1,0 +1,163 @@
+"""The stages, on loaded objects and validated configs: each runs its pass and, given an output folder, writes its
+artifact there (atomically; an existing artifact is replaced only with ``overwrite``). The API
+(:mod:`ldpruner.api`) resolves paths and keyword options into these arguments; ``ldpruner build``
+(:mod:`ldpruner.build`) chains them.
+
+    stage     reads                              writes (in ``out``)
+    inspect   a model                            — (an OperatorGraph)
+    analyze   a model + its calibration          scores.json: the LD score of every candidate (reused when its
+                                                 cache key — weights, options, conditioning — matches)
+    select    scores (+ the operator graph)      plan.json: the removals under the budget
+    prune     a model + a plan                   student/: the rewritten graph's weights, plan and trace
+    distill   the dense model + a student        student/, loss log and plot, checkpoints, distill.json
+    export    a student                          onnx/unet.onnx (+ .data, optimized / fp16 variants), validated
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from . import calibration, distributed
+from .errors import ConfigError
+from .io import check_replaceable
+from .sources import LoadedModel
+
+__all__ = [
+    "DISTILL_DIR",
+    "ONNX_DIR",
+    "PLAN",
+    "SCORES",
+    "STUDENT",
+    "analysis_inputs",
+    "analyze",
+    "distill",
+    "export",
+    "inspect",
+    "prune",
+    "select",
+]
+
+SCORES = "scores.json"
+PLAN = "plan.json"
+STUDENT = "student"
+DISTILL_DIR = "distill"
+ONNX_DIR = "onnx"
+
+
+def inspect(loaded: LoadedModel, trace: Any) -> Any:
+    """The model's :class:`~ldpruner.compiler.graph.OperatorGraph` at ``trace`` (a TraceConfig)."""
+    from ldpruner.compiler.graph import build_operator_graph
+
+    return build_operator_graph(loaded.trace(trace))
+
+
+def analysis_inputs(loaded: LoadedModel, trace: Any, options: dict[str, Any],
+                    prompts_file: str | os.PathLike | None) -> tuple[Any, Any, Any]:
+    """(operator graph, AnalysisConfig, conditioning source) of an analysis: the trace at ``trace``, the analysis
+    options (AnalysisConfig fields; the latent size is the trace's) with the prompts the model uses."""
+    config = calibration.analysis_config(loaded, {**options, "height": trace.height, "width": trace.width},
+                                         prompts_file)
+    return inspect(loaded, trace), config, calibration.conditioning_source(loaded, config)
+
+
+def analyze(loaded: LoadedModel, graph: Any, config: Any, calib: Any, *, out: str | os.PathLike | None,
+            overwrite: bool, progress: bool) -> Any:
+    """Score every candidate of ``graph``; with ``out``, reuse ``out/scores.json`` when its cache key matches and
+    write it otherwise."""
+    from ldpruner.passes.importance import analyze_importance, cache_key, load_cached
+
+    path = Path(out) / SCORES if out is not None else None
+    if path is not None and path.exists():
+        cached = load_cached(path, cache_key(graph, calib, config=config, scheduler=loaded.scheduler))
+        if cached is not None:
+            return cached
+        check_replaceable(path, overwrite)
+    return analyze_importance(graph, calib, config=config, scheduler=loaded.scheduler, progress=progress,
+                              save_to=path)
+
+
+def select(report: Any, graph: Any, config: Any, *, out: str | os.PathLike | None, overwrite: bool) -> Any:
+    """The :class:`~ldpruner.passes.plan.RemovalPlan` of ``report`` under ``config`` (a SelectionConfig). With
+    ``graph`` (the analysed model's operator graph) candidates that would jointly remove shared modules are
+    skipped; without it such a plan is refused at prune time instead."""
+    from ldpruner.passes.select import select_removals
+
+    plan = select_removals(report, total_params=report.total_params, total_macs=report.total_macs,
+                           model_class=report.model_class, granularity=report.granularity, config=config,
+                           jointly_removed=graph.jointly_removed if graph is not None else None)
+    if out is not None:
+        path = Path(out) / PLAN
+        check_replaceable(path, overwrite)
+        plan.save(path)
+    return plan
+
+
+def prune(loaded: LoadedModel, plan: Any, trace: Any, config: Any, *, out: str | os.PathLike | None,
+          overwrite: bool, graph: Any = None) -> Any:
+    """``plan`` applied to a copy of the model traced at ``trace`` (a TraceConfig at the plan's granularity), through
+    the pass manager (verifier per ``config.verify``); with ``out``, saved as ``out/student/``. ``graph`` reuses an
+    operator graph of that trace."""
+    from ldpruner.passes.remove import prune as prune_graph
+    from ldpruner.passes.student import save_student
+
+    if type(loaded.unet).__name__ != plan.model_class:
+        raise ConfigError(f"the plan was made for a {plan.model_class}, but the model is a {type(loaded.unet).__name__}")
+    graph = graph if graph is not None else inspect(loaded, trace)
+    pruned = prune_graph(graph.traced, plan, operator_graph=graph, config=loaded.unet_config, verify=config.verify)
+    if out is not None:
+        path = Path(out) / STUDENT
+        check_replaceable(path, overwrite)
+        save_student(pruned, path, overwrite=overwrite)
+    return pruned
+
+
+def distill(loaded: LoadedModel, student: Any, config: Any, *, out: str | os.PathLike,
+            data: str | os.PathLike | None, prompts_file: str | os.PathLike | None, resume: bool, overwrite: bool,
+            progress: bool) -> Any:
+    """Fine-tune ``student`` (a PrunedUNet, trained in place) against the dense ``loaded`` model it was pruned from,
+    on the teacher's trajectories or on ``data`` (:func:`ldpruner.calibration.distill_data`). Under torchrun every
+    rank calls this and trains on its own shard; rank 0 writes."""
+    from ldpruner.passes.distill import distill as run_distill
+    from ldpruner.passes.remove import count_params
+
+    if type(loaded.unet).__name__ != student.plan.model_class:
+        raise ConfigError(f"the student was pruned from a {student.plan.model_class}, MODEL is a "
+                          f"{type(loaded.unet).__name__}")
+    pruned = student
+    teacher = loaded.trace_like(pruned.traced)
+    if count_params(teacher.gm) != pruned.plan.total_params:
+        raise ConfigError(f"MODEL has {count_params(teacher.gm):,} UNet parameters, the student's plan was made for "
+                          f"{pruned.plan.total_params:,}: pass the dense model the student was pruned from")
+    world = distributed.join(distributed.default_device())
+    try:
+        source = calibration.distill_data(loaded, teacher, config, data=data, prompts_file=prompts_file,
+                                          rank=world.rank, world=world.size, progress=progress)
+        return run_distill(pruned, teacher, source, config=config, out=out, resume=resume, overwrite=overwrite,
+                           progress=progress)
+    finally:
+        distributed.leave(world)
+
+
+def export(student: Any, config: Any, variants: Any, *, out: str | os.PathLike, overwrite: bool) -> dict[str, Any]:
+    """``out/onnx/unet.onnx`` from ``student`` (a PrunedUNet, or any object with ``traced`` and ``config``) under
+    ``config`` (an ExportConfig), validated against torch; with ``variants.optimize`` also onnxruntime's optimized
+    model (``unet.opt.onnx``) and with ``variants.fp16`` its fp16 conversion (``unet.fp16.onnx``)."""
+    from ldpruner.passes.onnx.export import export_onnx
+
+    onnx_dir = Path(out) / ONNX_DIR
+    result = export_onnx(student.traced, None, None, onnx_dir / "unet.onnx", config=config, unet_config=student.config,
+                         overwrite=overwrite)
+    summary: dict[str, Any] = {"export": result.to_dict()}
+    if variants.optimize:
+        import onnxruntime as ort
+
+        from ldpruner.passes.onnx.optimize import optimize_onnx
+
+        use_gpu = "CUDAExecutionProvider" in ort.get_available_providers()
+        for name, filename, half in [("optimized", "unet.opt.onnx", False)] + (
+                [("fp16", "unet.fp16.onnx", True)] if variants.fp16 else []):
+            summary[name] = optimize_onnx(result.onnx_path, onnx_dir / filename, use_gpu=use_gpu, fp16=half,
+                                          overwrite=overwrite).to_dict()
+    return summary

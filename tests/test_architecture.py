@@ -1,0 +1,155 @@
+"""The layer contract (docs/architecture.md): every import statement of the product, read from the source (lazy
+imports inside functions included), goes down the layers or sideways where the table allows it; nothing in the
+product imports the studies or the tests; and no module reaches into another package's private (``_``) module or
+private name. No exceptions are listed."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+# folder of the repository → the package it is (pyproject maps compiler/ to ldpruner.compiler, …)
+FOLDERS = {"ldpruner": "ldpruner", "compiler": "ldpruner.compiler", "passes": "ldpruner.passes",
+           "runtime": "ldpruner.runtime", "zoo": "ldpruner.zoo", "bench": "ldpruner.bench", "benchmarks": "benchmarks"}
+
+# module prefix → layer; the longest matching prefix decides
+LAYER_OF = {
+    "ldpruner": "base",  # the package itself (its version)
+    "ldpruner.errors": "base",
+    "ldpruner.io": "base",
+    "ldpruner.distributed": "base",
+    "ldpruner.options": "base",
+    "ldpruner.compiler": "compiler",
+    "ldpruner.runtime": "runtime",
+    "ldpruner.passes": "passes",
+    "ldpruner.zoo": "zoo",
+    "ldpruner.zoo.recipes": "recipes",
+    "ldpruner.sources": "sources",
+    "ldpruner.config": "stages",
+    "ldpruner.calibration": "stages",
+    "ldpruner.stages": "stages",
+    "ldpruner.build": "stages",
+    "ldpruner.report": "stages",
+    "ldpruner.api": "api",
+    "ldpruner.bench": "bench",
+    "ldpruner.cli": "cli",
+    "ldpruner.__main__": "cli",
+    "benchmarks": "studies",
+}
+
+# layer → the layers it may import (besides itself)
+ALLOWED = {
+    "base": set(),
+    "compiler": {"base"},
+    "runtime": {"base"},
+    "passes": {"base", "compiler", "runtime"},
+    "zoo": {"base", "runtime"},
+    "sources": {"base", "compiler", "passes", "zoo"},
+    "stages": {"base", "compiler", "runtime", "passes", "zoo", "sources"},
+    "api": {"base", "passes", "sources", "stages", "bench"},
+    "bench": {"base", "compiler", "runtime", "passes", "zoo", "sources", "stages", "api"},
+    "recipes": {"base", "runtime", "zoo", "bench"},
+    "cli": {"base", "passes", "zoo", "stages", "api"},
+    "studies": {"base", "compiler", "runtime", "passes", "zoo", "sources", "stages", "api", "bench", "recipes"},
+}
+
+
+def _modules() -> dict[str, Path]:
+    found = {}
+    for folder, package in FOLDERS.items():
+        for path in (ROOT / folder).rglob("*.py"):
+            parts = list(path.relative_to(ROOT / folder).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            found[".".join([package, *parts])] = path
+    return found
+
+
+MODULES = _modules()
+
+
+def _layer(module: str) -> str | None:
+    best = None
+    for prefix in LAYER_OF:
+        if (module == prefix or module.startswith(prefix + ".")) and (best is None or len(prefix) > len(best)):
+            best = prefix
+    return LAYER_OF[best] if best is not None else None
+
+
+def _imports(module: str, path: Path) -> list[tuple[int, str, list[str]]]:
+    """(line, imported module, names imported from it) for every import statement, relative ones resolved."""
+    is_package = path.name == "__init__.py"
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name, []) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = module.split(".") if is_package else module.split(".")[:-1]
+                anchor = anchor[: len(anchor) - (node.level - 1)]
+                base = ".".join(anchor + ([base] if base else []))
+            names = [a.name for a in node.names]
+            # `from package import submodule` imports the submodule
+            subs = [n for n in names if f"{base}.{n}" in MODULES]
+            found += [(node.lineno, f"{base}.{n}", []) for n in subs]
+            found.append((node.lineno, base, [n for n in names if n not in subs]))
+    return found
+
+
+def _private_part(module: str) -> str | None:
+    """The package that owns ``module`` when ``module`` (or a package on its path) is private, else None."""
+    parts = module.split(".")
+    for i, part in enumerate(parts):
+        if part.startswith("_") and not part.startswith("__"):
+            return ".".join(parts[:i])
+    return None
+
+
+def _violations() -> list[str]:
+    problems = []
+    for module, path in sorted(MODULES.items()):
+        layer = _layer(module)
+        for line, target, names in _imports(module, path):
+            where = f"{path.relative_to(ROOT)}:{line}: {module} imports {target}"
+            if target.split(".")[0] in ("tests", "conftest") or (layer != "studies" and target.startswith("benchmarks")):
+                problems.append(f"{where} (the product and the studies never import the tests; the product never "
+                                "imports the studies)")
+                continue
+            target_layer = _layer(target)
+            if target_layer is not None and target_layer != layer and target_layer not in ALLOWED[layer]:
+                problems.append(f"{where} (layer {layer} may import {sorted(ALLOWED[layer]) or 'nothing'} only)")
+            owner = _private_part(target)
+            if owner is not None and not (module == owner or module.startswith(owner + ".")
+                                          and module.count(".") == owner.count(".") + 1):
+                problems.append(f"{where} (a private module of {owner}, imported from outside it)")
+            if target in MODULES:
+                private = [n for n in names if n.startswith("_") and not n.startswith("__")]
+                if private and not module.startswith(target.rpartition(".")[0] + "."):
+                    problems.append(f"{where}: private name(s) {private} of another package")
+    return problems
+
+
+def test_every_product_module_has_a_layer():
+    assert [m for m in MODULES if _layer(m) is None] == []
+
+
+def test_imports_follow_the_layers_with_no_exceptions():
+    problems = _violations()
+    assert problems == [], "\n".join(problems)
+
+
+@pytest.mark.parametrize(("module", "target", "allowed"), [
+    ("ldpruner.compiler.graph", "ldpruner.passes.plan", False),  # the compiler sits below the passes
+    ("ldpruner.runtime.unet", "ldpruner.compiler.tracer", False),  # a deployment needs only runtime + onnxruntime
+    ("ldpruner.passes.remove", "ldpruner.api", False),
+    ("ldpruner.api", "ldpruner.bench.stage", True),
+    ("ldpruner.bench.stage", "ldpruner.api", True),
+    ("ldpruner.cli", "ldpruner.api", True),
+])
+def test_the_table_says_what_docs_architecture_says(module, target, allowed):
+    layer, target_layer = _layer(module), _layer(target)
+    assert (target_layer == layer or target_layer in ALLOWED[layer]) is allowed
