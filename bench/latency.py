@@ -8,10 +8,11 @@ inter-quartile range of the R times; the ratio of two variants is the ratio of t
 ``onnx_peak_memory`` runs an ONNX model in a fresh Python process that imports only onnxruntime and numpy and
 reports its resident set: after the imports (baseline), after the session is created (weights + initialisation),
 the peak during session creation, and the peak while running (``VmHWM``, reset through ``/proc/self/clear_refs``
-after the session is created, so it is the peak of inference alone; ``ru_maxrss`` where the reset is refused). A fresh process is the only way to
-read a per-model peak on CPU: a process's high-water mark never goes down, and tracemalloc does not see the
-allocations of torch or onnxruntime. The process runs without onnxruntime's CPU memory arena: the arena grows in
-power-of-two steps, which would make the peak jump by 2× between models of nearly equal need.
+after the session is created, so it is the peak of inference alone; ``ru_maxrss`` where the reset is refused). A
+fresh process is the only way to read a per-model peak on CPU: a process's high-water mark never goes down, and
+tracemalloc does not see the allocations of torch or onnxruntime. The process runs without onnxruntime's CPU memory
+arena: the arena grows in power-of-two steps, which would make the peak jump by 2× between models of nearly equal
+need.
 """
 
 from __future__ import annotations
@@ -182,7 +183,7 @@ for _ in range(spec["runs"]):
 peak = rss_mib("VmHWM:") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(json.dumps({"baseline_rss_mib": base, "after_load_rss_mib": loaded, "creation_peak_rss_mib": creation_peak,
                   "peak_rss_mib": peak, "peak_is_inference_only": reset}))
-"""
+"""  # noqa: E501
 
 
 def onnx_peak_memory(path: str | os.PathLike, inputs: Mapping[str, tuple[Sequence[int], str]], *, threads: int,

@@ -15,7 +15,8 @@ import torch
 
 from ldpruner.errors import ConfigError
 
-__all__ = ["QUALITY_MODELS", "AUDIO_MODELS", "primary", "quality_table", "real_sets", "zoo_sampler", "QualityMeter", "distill_options"]
+__all__ = ["QUALITY_MODELS", "AUDIO_MODELS", "primary", "quality_table", "real_sets", "zoo_sampler", "QualityMeter",
+           "distill_options"]
 
 QUALITY_MODELS = ("mnist-t2i", "crawl-tiles", "espeak-digits")  # zoo models with a held-out real set
 AUDIO_MODELS = ("espeak-digits",)
@@ -50,7 +51,8 @@ def real_sets(name: str, n: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, 
         unit = (torch.from_numpy(mels) + 1) / 2
         even = (torch.arange(len(unit)) // 10) % 2 == 0
         if n > int((~even).sum()):
-            raise ConfigError(f"espeak-digits has {int((~even).sum())} real baseline clips; samples must not exceed that")
+            raise ConfigError(f"espeak-digits has {int((~even).sum())} real baseline clips; "
+                              "samples must not exceed that")
         return unit[even], unit[~even][:n], {"held_labels": digits[even.numpy()]}
     raise ConfigError(f"no real reference set for zoo model {name!r}; quality is measured for {list(QUALITY_MODELS)}")
 
@@ -119,8 +121,8 @@ class QualityMeter:
         except ModuleNotFoundError as exc:
             from ldpruner.errors import BenchError
 
-            raise BenchError(f"quality metrics need the package {(exc.name or '?').partition('.')[0]!r}: pip install 'ldpruner[bench]' "
-                             "(or pass --no-quality)") from exc
+            raise BenchError(f"quality metrics need the package {(exc.name or '?').partition('.')[0]!r}: "
+                             "pip install 'ldpruner[bench]' (or pass --no-quality)") from exc
 
         self.metrics = metrics
         self.name, self.n = name, n

@@ -13,8 +13,6 @@ Called by ``ldpruner bench`` (``ldpruner.api.bench``).
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 import platform
 import time
@@ -42,7 +40,8 @@ def _environment(threads: int) -> dict[str, Any]:
             "load_average_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
 
 
-def run_bench(config: BenchConfig, *, progress: bool = False, objects: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def run_bench(config: BenchConfig, *, progress: bool = False,
+              objects: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Run the benchmark described by ``config``; returns the report (also written to ``config.out``).
 
     ``objects`` maps a name in ``config.models`` to an in-memory model (a diffusers UNet) to use instead of
@@ -163,7 +162,8 @@ def _bench_model(spec: str, model: Any, config: BenchConfig, out: Path, threads:
     dense_export = export_onnx(dense, None, None, dense_onnx, overwrite=True).to_dict()
     dense_session = ort_session(dense_onnx, threads=threads)
     record: dict[str, Any] = {
-        "model": spec, "class": type(loaded.unet).__name__, "random_weights": bool(loaded.describe().get("random_weights")),
+        "model": spec, "class": type(loaded.unet).__name__,
+        "random_weights": bool(loaded.describe().get("random_weights")),
         "latent_shape": latent, "analysis": {"unet_calls": scores.unet_calls, "wall_time_s": scores.wall_time_s,
                                              "num_samples": config.num_samples, "steps": config.steps},
         "dense": {"params": dense_params, "macs_per_sample": graph.total_macs,
@@ -236,7 +236,8 @@ def _bench_model(spec: str, model: Any, config: BenchConfig, out: Path, threads:
             entry["distill"] = {"steps": s["steps"], "wall_time_s": s["wall_time_s_this_run"], "options": options,
                                 "data": config.distill_data or "teacher trajectories",
                                 "loss_first_10pct": s["loss_first_10pct"]["loss"],
-                                "loss_last_10pct": s["loss_last_10pct"]["loss"], "student": str(bdir / "distill" / "student")}
+                                "loss_last_10pct": s["loss_last_10pct"]["loss"],
+                                "student": str(bdir / "distill" / "student")}
             student = result.student
         if quality["available"]:
             from ldpruner.runtime.graph_unet import GraphUNet
@@ -333,10 +334,9 @@ def _grids(grids: Mapping[str, Any], samples_dir: Path, model_dir: Path, shown: 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import torch
 
     from .metrics import image_grid, save_image_grid
-
-    import torch
 
     def spread(images, k):  # evenly spaced over the set: T2I samples come in prompt order, one digit after another
         return images[torch.linspace(0, len(images) - 1, min(k, len(images))).round().long()]
@@ -414,8 +414,8 @@ def markdown(report: Mapping[str, Any]) -> str:
         header += ["ORT peak MiB (ratio)", "ONNX valid"]
         lines += ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
         for e in rec["budgets"]:
-            row = [f"{e['budget']:.0%}", str(len(e["removed"])), f"{e['params']['pruned']:,} ({e['params']['ratio']:.3f})",
-                   f"{e['macs_per_sample']['ratio']:.3f}"]
+            row = [f"{e['budget']:.0%}", str(len(e["removed"])),
+                   f"{e['params']['pruned']:,} ({e['params']['ratio']:.3f})", f"{e['macs_per_sample']['ratio']:.3f}"]
             for runtime in ("torch", "onnxruntime"):
                 for b in batches:
                     lat = e["latency"][runtime][b]
@@ -431,7 +431,8 @@ def markdown(report: Mapping[str, Any]) -> str:
                           f"({dense_mem['peak_rss_mib']:.0f} MiB RSS)."]
         distilled = [e for e in rec["budgets"] if e.get("distill")]
         if distilled:
-            lines += ["", "| budget | distill steps | loss first 10 % | loss last 10 % | wall s |", "|---|---:|---:|---:|---:|"]
+            lines += ["", "| budget | distill steps | loss first 10 % | loss last 10 % | wall s |",
+                      "|---|---:|---:|---:|---:|"]
             for e in distilled:
                 ds = e["distill"]
                 lines.append(f"| {e['budget']:.0%} | {ds['steps']} | {ds['loss_first_10pct']:.4g} | "
@@ -444,8 +445,8 @@ def markdown(report: Mapping[str, Any]) -> str:
             audio = "recognisability" in q["dense"]
             space = ("the spoken-digit classifier's features vs held-out real clips" if audio else
                      "EfficientNet-Lite0 features vs held-out real images")
-            lines += [f"Quality: {cfg['samples']} samples per variant, {cfg['sample_steps']} steps, same seeds; FD/KID on "
-                      f"{space} (relative numbers, not published FID).", ""]
+            lines += [f"Quality: {cfg['samples']} samples per variant, {cfg['sample_steps']} steps, same seeds; "
+                      f"FD/KID on {space} (relative numbers, not published FID).", ""]
             rows = [("dense", q["dense"])] + [(f"{v} {e['budget']:.0%}", qq) for e in rec["budgets"]
                                                for v, qq in e.get("quality", {}).items()]
             lines += quality_table(rows)

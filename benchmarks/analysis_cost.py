@@ -82,7 +82,8 @@ def _markdown(report: dict[str, Any]) -> str:
                   "|---|---:|---:|---:|---:|---:|"]
         for r in rec["runs"]:
             lines.append(f"| {r['label']} | {r['unet_calls']:,} | {r['wall_time_s']:.1f} | "
-                         f"{r['speedup_vs_serial']:.2f}× | {r['process_s']:.1f} | {r['max_rel_score_diff_vs_first']:.1e} |")
+                         f"{r['speedup_vs_serial']:.2f}× | {r['process_s']:.1f} | "
+                         f"{r['max_rel_score_diff_vs_first']:.1e} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -30,12 +30,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+
 from ldpruner.compiler.graph import Action, OperatorGraph
 from ldpruner.compiler.removal import swapped
+from ldpruner.errors import ConfigError
 from ldpruner.passes.plan import RemovalPlan
 from ldpruner.passes.select import SelectionConfig, select_removals
-
-from ldpruner.errors import ConfigError
 
 __all__ = [
     "CRITERIA",

@@ -24,14 +24,15 @@ from typing import Any
 
 import torch
 
-from .zoo_fd import distill_options
-from ldpruner.runtime.graph_unet import GraphUNet
 from ldpruner.bench.quality import QualityMeter, primary, quality_table, zoo_sampler
+from ldpruner.runtime.graph_unet import GraphUNet
+
+from .zoo_fd import distill_options
 
 
 def evaluate_model(name: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    from ldpruner.bench import metrics
     from ldpruner import api
+    from ldpruner.bench import metrics
 
     spec = f"zoo:{name}"
     n = args.samples
@@ -80,7 +81,8 @@ def evaluate_model(name: str, args: argparse.Namespace, out: Path) -> dict[str, 
 def _markdown(report: dict[str, Any]) -> str:
     lines = ["# Dense vs LD-pruned vs pruned + distilled zoo models", "",
              f"Command: `{report['command']}`", "", "Numbers are relative (EfficientNet-Lite0 features for "
-             "images, the spoken-digit classifier's for audio; not published FID). Same seeds and prompts for every variant.", ""]
+             "images, the spoken-digit classifier's for audio; not published FID). Same seeds and prompts for every "
+             "variant.", ""]
     for rec in report["models"]:
         p = rec["plan"]
         lines += [f"## {rec['model']}: {len(p['removed'])} operators removed, UNet params "

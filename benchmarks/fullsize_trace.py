@@ -31,9 +31,9 @@ def measure(family: str, latent: int, batch: int, seq_len: int, granularities: S
             check_numerics: bool) -> dict[str, Any]:
     import torch
 
-    from ldpruner.sources.families import build_unet, spatial_multiple
     from ldpruner.compiler.graph import build_operator_graph
     from ldpruner.compiler.tracer import call_diffusers_unet, trace_unet, unet_example_inputs
+    from ldpruner.sources.families import build_unet, spatial_multiple
 
     report: dict[str, Any] = {
         "family": family,

@@ -24,10 +24,8 @@ from .baselines import SCORED_CRITERIA, criterion_scores, spearman
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from ldpruner.compiler.removal import swapped
-
     from ldpruner import api
-
+    from ldpruner.compiler.removal import swapped
     from ldpruner.runtime.graph_unet import GraphUNet
 
     from .zoo_fd import ZooFD
@@ -56,7 +54,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def _markdown(report: dict[str, Any]) -> str:
     d = report["dense"]
     lines = ["# Does the score predict damage?", "", f"Command: `{report['command']}`", "",
-             (f"{report['model']}: {len(report['removals'])} single-operator removals, {report['samples']} samples each "
+             (f"{report['model']}: {len(report['removals'])} single-operator removals, "
+             f"{report['samples']} samples each "
              f"({report['sample_steps']} DDIM steps, same seeds), FD on `{report['features']}` (relative only). "
              f"Dense FD {d['fd']:.2f} (real vs real {d['fd_real_vs_real']:.2f})."), "",
              "| criterion | Spearman ρ (score vs FD increase) | p | n |", "|---|---:|---:|---:|"]

@@ -29,7 +29,6 @@ from .baselines import CRITERIA, criterion_scores, plan_for
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from ldpruner import api
-
     from ldpruner.runtime.graph_unet import GraphUNet
 
     from .zoo_fd import ZooFD, distill_options
@@ -61,7 +60,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 print(json.dumps({k: row[k] for k in ("budget", "key")} | {"fd_before": row["before"]["fd"],
                       "fd_after": row["after"] and row["after"]["fd"]}), file=sys.stderr)
     return {"model": zoo.spec, "samples": args.samples, "sample_steps": args.sample_steps, "features": zoo.features,
-            "distill_steps": args.distill_steps, "ld_analysis": {"num_samples": args.ld_samples, "steps": args.ld_steps},
+            "distill_steps": args.distill_steps,
+            "ld_analysis": {"num_samples": args.ld_samples, "steps": args.ld_steps},
             "dense": dense, "rows": rows, "summary": summarise(rows, args.budgets)}
 
 
@@ -166,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    report = {"command": "python -m benchmarks.selection_quality " + " ".join(argv if argv is not None else sys.argv[1:])}
+    report = {"command": "python -m benchmarks.selection_quality "
+                         + " ".join(argv if argv is not None else sys.argv[1:])}
     report.update(run(args))
     (args.out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     (args.out / "report.md").write_text(_markdown(report))

@@ -3,8 +3,8 @@ budget, every single-operator removal): FD/KID against held-out real data beside
 the reference and baseline features computed once.
 
 Images (``mnist-t2i``, ``crawl-tiles``): ImageNet EfficientNet-Lite0 features (sampling and real sets from
-``ldpruner.bench.quality``); audio (``espeak-digits``, mel images): the spoken-digit classifier's features. Relative numbers
-(dense vs pruned on the same seeds), never comparable to a published FID.
+``ldpruner.bench.quality``); audio (``espeak-digits``, mel images): the spoken-digit classifier's features. Relative
+numbers (dense vs pruned on the same seeds), never comparable to a published FID.
 """
 
 from __future__ import annotations
@@ -13,9 +13,8 @@ from typing import Any
 
 import torch
 
-from ldpruner.errors import ConfigError
-
 from ldpruner.bench.quality import AUDIO_MODELS, QUALITY_MODELS, distill_options, real_sets, zoo_sampler
+from ldpruner.errors import ConfigError
 
 __all__ = ["FD_MODELS", "ZooFD", "distill_options"]
 

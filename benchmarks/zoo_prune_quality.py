@@ -29,7 +29,6 @@ def _accuracy(model, unet, prompts, digits, seeds, steps) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import torch
 
     from ldpruner import api
     from ldpruner.passes.plan import PlannedRemoval, RemovalPlan

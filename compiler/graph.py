@@ -234,8 +234,10 @@ def _find_join(node: torch.fx.Node, shapes: dict[str, Any]) -> tuple[torch.fx.No
             return None
         user = next(iter(branch.users))
         target = user.target if user.op == "call_function" else (user.target if user.op == "call_method" else None)
-        is_add = (user.op == "call_function" and target in _ADD_TARGETS) or (user.op == "call_method" and target == "add")
-        is_gate = (user.op == "call_function" and target in _GATE_TARGETS) or (user.op == "call_method" and target == "mul")
+        is_add = ((user.op == "call_function" and target in _ADD_TARGETS)
+                  or (user.op == "call_method" and target == "add"))
+        is_gate = ((user.op == "call_function" and target in _GATE_TARGETS)
+                   or (user.op == "call_method" and target == "mul"))
         if is_add:
             others = [a for a in user.args[:2] if a is not branch]
             if len(others) != 1 or not isinstance(others[0], torch.fx.Node):
@@ -303,7 +305,8 @@ def _removal_action(node: torch.fx.Node, module: nn.Module, shapes: dict[str, An
     if in_shape == out_shape:
         return Action.IDENTITY, "shapes equal: bypassed", None
     if len(out_shape) in (3, 4) and in_shape[0] == out_shape[0]:
-        return Action.CONV1X1, f"channels change {_channels(in_shape)} -> {_channels(out_shape)}: new 1x1 projection", None
+        return (Action.CONV1X1, f"channels change {_channels(in_shape)} -> {_channels(out_shape)}: new 1x1 projection",
+                None)
     return Action.NOT_REMOVABLE, f"shape changes {_fmt(in_shape)} -> {_fmt(out_shape)}", None
 
 

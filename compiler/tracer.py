@@ -387,13 +387,15 @@ def trace_unet(
         names = tuple(n for n in unet_input_names(model) if n in example_inputs)
         missing = [n for n in unet_input_names(model) if n not in example_inputs]
         if missing:
-            raise TraceError(f"example_inputs lacks {missing}; {type(model).__name__} needs {list(unet_input_names(model))}")
+            raise TraceError(f"example_inputs lacks {missing}; "
+                             f"{type(model).__name__} needs {list(unet_input_names(model))}")
         call = _diffusers_call(type(root))
     else:
         params = tuple(inspect.signature(type(root).forward).parameters)[1:]
         unknown = [n for n in example_inputs if n not in params]
         if unknown:
-            raise TraceError(f"example_inputs names {unknown} that {type(model).__name__}.forward does not take: {list(params)}")
+            raise TraceError(f"example_inputs names {unknown} that {type(model).__name__}.forward does not take: "
+                             f"{list(params)}")
         names = tuple(n for n in params if n in example_inputs)
         call = _keyword_call(type(root))
     # trace a subclass whose forward takes exactly the given tensors: no placeholders for optional inputs

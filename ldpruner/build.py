@@ -129,10 +129,9 @@ def sample_rows(b: Build) -> list[str]:
 
 
 def _samples(b: Build) -> None:
+    from ldpruner.passes.student import load_student
     from ldpruner.runtime.graph_unet import GraphUNet
     from ldpruner.zoo.preview import preview_grid
-
-    from ldpruner.passes.student import load_student
 
     # reloaded from the folders on purpose: the grid shows the saved students
     variants = {row: None if row == "dense" else GraphUNet.of(load_student(b.out / STUDENT_FOLDERS[stage]))

@@ -34,8 +34,15 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .config import MODEL_HELP, BenchConfig, BuildConfig
     from .options import add_flags
-    from .passes.config import AnalysisConfig, DistillConfig, ExportConfig, OptimizeConfig, PruneConfig, SelectionConfig
-    from .passes.config import TraceConfig
+    from .passes.config import (
+        AnalysisConfig,
+        DistillConfig,
+        ExportConfig,
+        OptimizeConfig,
+        PruneConfig,
+        SelectionConfig,
+        TraceConfig,
+    )
 
     parser = argparse.ArgumentParser(
         prog="ldpruner",

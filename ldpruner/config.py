@@ -54,7 +54,8 @@ class _Composed(Config):
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Any:
         missing = [f.name for f in dataclasses.fields(cls)
-                   if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in data]
+                   if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+                   and f.name not in data]
         if missing and isinstance(data, Mapping) and not set(data) - set(cls.names()):
             raise ConfigError(f"{cls.__name__} needs {' and '.join(missing)} (a flag, a keyword or a config-file key)")
         return super().from_dict(data)

@@ -108,7 +108,8 @@ def report_markdown(report: dict[str, Any]) -> str:
             "",
             "| loss term | first 10 % of steps | last 10 % of steps |",
             "|---|---:|---:|",
-            *[f"| {k} | {first[k]:.4g} | {last[k]:.4g} |" for k in ("loss", "out", "feat", "task") if first[k] or last[k]],
+            *[f"| {k} | {first[k]:.4g} | {last[k]:.4g} |" for k in ("loss", "out", "feat", "task")
+              if first[k] or last[k]],
             "",
             f"Feature taps: {', '.join(f'`{g}`' for g in d['feature_taps'])}. Distilled student: `{d['student']}`; "
             f"loss log `{d['loss_log']}`.",

@@ -103,7 +103,8 @@ def prune(loaded: LoadedModel, plan: Any, trace: Any, config: Any, *, out: str |
     from ldpruner.passes.student import save_student
 
     if type(loaded.unet).__name__ != plan.model_class:
-        raise ConfigError(f"the plan was made for a {plan.model_class}, but the model is a {type(loaded.unet).__name__}")
+        raise ConfigError(f"the plan was made for a {plan.model_class}, "
+                          f"but the model is a {type(loaded.unet).__name__}")
     graph = graph if graph is not None else inspect(loaded, trace)
     pruned = prune_graph(graph.traced, plan, operator_graph=graph, config=loaded.unet_config, verify=config.verify)
     if out is not None:

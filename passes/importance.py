@@ -16,7 +16,6 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import time
 from collections.abc import Iterator, Mapping
@@ -27,16 +26,15 @@ import torch
 import torch.fx
 from torch import nn
 
+from ldpruner import distributed
 from ldpruner.compiler.graph import Operator, OperatorGraph
 from ldpruner.compiler.removal import swapped
 from ldpruner.compiler.tracer import TracedUNet
-from ldpruner import distributed
 from ldpruner.errors import ArtifactError, ConfigError
 from ldpruner.io import json_safe, read_json, write_text_atomic
 from ldpruner.runtime.graph_unet import GraphUNet
 from ldpruner.runtime.sampling import sample_latents
 
-from .config import AnalysisConfig
 from .conditioning import (
     DEFAULT_PROMPTS,
     Conditioning,
@@ -44,6 +42,7 @@ from .conditioning import (
     random_conditioning,
     read_prompt_file,
 )
+from .config import AnalysisConfig
 
 __all__ = [
     "AnalysisConfig",
@@ -329,7 +328,8 @@ def scheduler_record(scheduler: Any | None) -> tuple[Any, dict[str, Any]]:
     if not all(hasattr(scheduler, a) for a in ("set_timesteps", "step", "scale_model_input", "init_noise_sigma")):
         raise ConfigError(f"scheduler must be a diffusers scheduler, got {type(scheduler).__name__}")
     config = getattr(scheduler, "config", {})
-    return scheduler, {"class": type(scheduler).__name__, "source": "given", "config": json_safe(config, drop_private_keys=True)}
+    return scheduler, {"class": type(scheduler).__name__, "source": "given",
+                       "config": json_safe(config, drop_private_keys=True)}
 
 
 # --- cache key -----------------------------------------------------------------------------------------------
@@ -368,10 +368,12 @@ def _cache_key(operator_graph: OperatorGraph, conditioning: Conditioning, config
 
 
 def cache_key(operator_graph: OperatorGraph, calib: Conditioning | str | os.PathLike | None = None, *,
-              config: AnalysisConfig = AnalysisConfig(), scheduler: Any | None = None) -> str:
+              config: AnalysisConfig | None = None, scheduler: Any | None = None) -> str:
     """The key :func:`analyze_importance` stores in its report: sha256 of the weights, the config, the
     granularity, the traced input shapes, the candidates, the scheduler and the conditioning tensors.
-    Compute it before analysing and pass it to :func:`load_cached` to reuse a previous scores.json."""
+    Compute it before analysing and pass it to :func:`load_cached` to reuse a previous scores.json. ``config``
+    None is ``AnalysisConfig()``."""
+    config = config if config is not None else AnalysisConfig()
     _, record = scheduler_record(scheduler)
     conditioning = resolve_conditioning(operator_graph.traced, calib, config)
     return _cache_key(operator_graph, conditioning, config, record)
@@ -396,7 +398,7 @@ def analyze_importance(
     operator_graph: OperatorGraph,
     calib: Conditioning | str | os.PathLike | None = None,
     *,
-    config: AnalysisConfig = AnalysisConfig(),
+    config: AnalysisConfig | None = None,
     scheduler: Any | None = None,
     progress: bool = True,
     save_to: str | os.PathLike | None = None,
@@ -411,6 +413,7 @@ def analyze_importance(
     ``candidates[r::world]`` and every rank returns the full report. Place the model on the rank's device first.
     The graph and its weights are unchanged afterwards.
     """
+    config = config if config is not None else AnalysisConfig()
     if not isinstance(config, AnalysisConfig):
         raise ConfigError(f"config must be an AnalysisConfig, got {type(config).__name__}")
     start = time.perf_counter()

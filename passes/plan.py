@@ -81,7 +81,8 @@ class RemovalPlan:
     def from_dict(cls, data: dict[str, Any]) -> RemovalPlan:
         if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
             raise PlanError(
-                f"not an ldpruner plan: expected format {PLAN_FORMAT!r}, got {data.get('format') if isinstance(data, dict) else type(data).__name__!r}"
+                f"not an ldpruner plan: expected format {PLAN_FORMAT!r}, "
+                f"got {data.get('format') if isinstance(data, dict) else type(data).__name__!r}"
             )
         try:
             removals = tuple(PlannedRemoval(**r) for r in data["removals"])

@@ -12,7 +12,7 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
-from ldpruner.errors import BudgetError, ConfigError
+from ldpruner.errors import BudgetError
 
 from .config import SelectionConfig
 from .plan import PlannedRemoval, RemovalPlan
@@ -46,7 +46,8 @@ def check_budget(candidates: Iterable[Any], *, total_params: int, total_macs: in
     if reachable < config.budget:
         raise BudgetError(
             f"budget {config.metric}={config.budget:g} removes more than the {reachable:.1%} of {config.metric} "
-            f"that are removable ({len(useful)} candidates); the largest reachable is {math.floor(reachable * 100) / 100:g}"
+            f"that are removable ({len(useful)} candidates); "
+            f"the largest reachable is {math.floor(reachable * 100) / 100:g}"
         )
     return useful
 
@@ -58,7 +59,7 @@ def select_removals(
     total_macs: int,
     model_class: str,
     granularity: str,
-    config: SelectionConfig = SelectionConfig(),
+    config: SelectionConfig | None = None,
     jointly_removed: Callable[[Sequence[str]], dict[str, int]] | None = None,
 ) -> RemovalPlan:
     """Pick removals in rank order until ``config.budget`` of ``config.metric`` is removed.
@@ -68,6 +69,7 @@ def select_removals(
     that is skipped, so the plan's predicted totals stay exact and shared structure is never removed by accident.
     Raises :class:`BudgetError` naming the largest reachable fraction when even removing every candidate
     falls short."""
+    config = config if config is not None else SelectionConfig()
     useful = check_budget(candidates, total_params=total_params, total_macs=total_macs, config=config)
     total = total_params if config.metric == "params" else total_macs
 
@@ -98,7 +100,8 @@ def select_removals(
             params=c.params,
             macs=c.macs,
             score=float(c.score),
-            reason=f"rank {len(chosen) + 1} by {config.order}; cumulative {config.metric} removed {removed / total:.1%}",
+            reason=(f"rank {len(chosen) + 1} by {config.order}; "
+                    f"cumulative {config.metric} removed {removed / total:.1%}"),
         ))
     if removed < target:
         raise BudgetError(

@@ -23,8 +23,8 @@ from torch import nn
 from ldpruner.compiler.graph import build_operator_graph
 from ldpruner.compiler.tracer import trace_unet
 from ldpruner.errors import ArtifactError, LdprunerError, ModelLoadError
-
 from ldpruner.io import atomic_dir, check_replaceable, json_safe, read_json
+
 from .plan import RemovalPlan
 from .remove import PrunedUNet, RemoveOperators, apply_plan
 
@@ -116,10 +116,13 @@ def load_student(
     if model is None:
         model = _model_from_config(config, model_class)
     elif type(model).__name__ != model_class:
-        raise ModelLoadError(f"the student was traced from a {model_class}, the model given is a {type(model).__name__}")
+        raise ModelLoadError(f"the student was traced from a {model_class}, "
+                             f"the model given is a {type(model).__name__}")
     else:  # the rewrite deletes submodules of the traced module: never the caller's
         model = copy.deepcopy(model)
-    model = model.to(dtype).eval()
+    if next(model.parameters()).dtype != dtype:  # diffusers warns on any .to(dtype), even a no-op one
+        model = model.to(dtype)
+    model = model.eval()
 
     traced = trace_unet(model, {n: example_inputs[n] for n in input_names}, granularity=granularity,
                         copy_model=False, extra_leaf_types=tuple(extra_leaf_types))

@@ -9,7 +9,6 @@ rejected when they are not None, never silently ignored.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os

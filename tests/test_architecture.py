@@ -115,7 +115,8 @@ def _violations() -> list[str]:
         layer = _layer(module)
         for line, target, names in _imports(module, path):
             where = f"{path.relative_to(ROOT)}:{line}: {module} imports {target}"
-            if target.split(".")[0] in ("tests", "conftest") or (layer != "studies" and target.startswith("benchmarks")):
+            if target.split(".")[0] in ("tests", "conftest") or (layer != "studies"
+                                                                 and target.startswith("benchmarks")):
                 problems.append(f"{where} (the product and the studies never import the tests; the product never "
                                 "imports the studies)")
                 continue

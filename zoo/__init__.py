@@ -110,7 +110,8 @@ def get_entry(name: str) -> ZooEntry:
         if entry.name == name:
             return entry
     known = ", ".join(f"{e.name} ({e.task})" for e in _ENTRIES)
-    hint = " (pass the bare name, without the 'zoo:' prefix)" if isinstance(name, str) and name.startswith("zoo:") else ""
+    hint = (" (pass the bare name, without the 'zoo:' prefix)" if isinstance(name, str) and name.startswith("zoo:")
+            else "")
     raise ModelLoadError(f"unknown zoo model {name!r}{hint}; known: {known}")
 
 

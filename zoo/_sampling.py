@@ -30,7 +30,8 @@ def seeds_for(seed: int | Sequence[int], n: int) -> list[int]:
         return [seed + i for i in range(n)]
     seeds = list(seed)
     if len(seeds) != n or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-        raise ConfigError(f"seed must be an int or {n} ints, one per image (one per prompt for text-to-image); got {seed!r}")
+        raise ConfigError(f"seed must be an int or {n} ints, one per image (one per prompt for text-to-image); "
+                          f"got {seed!r}")
     return seeds
 
 

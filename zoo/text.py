@@ -46,7 +46,8 @@ class TextEncoder:
         folder = package_dir(_MODULE, distribution=PACKAGE, needed_for="the zoo's text encoder (all-MiniLM-L6-v2)")
         model_dir = folder / "model"
         if not (model_dir / "config.json").is_file():
-            raise ModelLoadError(f"{PACKAGE} is installed but has no model/config.json under {str(folder)!r}; reinstall it")
+            raise ModelLoadError(f"{PACKAGE} is installed but has no model/config.json under {str(folder)!r}; "
+                                 "reinstall it")
         # The folder is local, so nothing needs the hub; offline mode makes sure nothing tries.
         os.environ["HF_HUB_OFFLINE"] = "1"
         from transformers import AutoModel, AutoTokenizer

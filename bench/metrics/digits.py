@@ -39,7 +39,7 @@ from ._classifier import (
     train_classifier,
 )
 from ._images import check_value_range, to_unit_range
-from .errors import MetricInputError, MissingMetricPackageError
+from .errors import MetricInputError
 
 __all__ = [
     "DIGIT_CLASSIFIER_PATH",

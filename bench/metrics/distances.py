@@ -10,9 +10,8 @@ Both are computed in float64 with numpy and scipy. Feature sets are (N, D) numpy
 
 from __future__ import annotations
 
-from typing import Any
-
 import warnings
+from typing import Any
 
 import numpy as np
 import scipy.linalg

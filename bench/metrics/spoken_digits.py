@@ -149,7 +149,8 @@ def train_spoken_digit_classifier(
     return train_classifier(
         SpokenDigitClassifier, (x_train, y_train), (x_held, y_held), architecture=ARCHITECTURE,
         data=(f"espeak-ng spoken digits (ldpruner.zoo.datasets): train = the 'classifier' split "
-              f"({ESPEAK_SPLITS['classifier'][1]} clips), held out = the 'eval' split ({ESPEAK_SPLITS['eval'][1]} clips); "
+              f"({ESPEAK_SPLITS['classifier'][1]} clips), held out = the 'eval' split "
+              f"({ESPEAK_SPLITS['eval'][1]} clips); "
               "neither is in the LDM's 'ldm' split"),
         augment=_augment, predict=lambda model, x: _predict(model, x).argmax(1), seed=seed, epochs=epochs,
         batch_size=batch_size, lr=lr, threads=threads, label_smoothing=0.05, per_digit=True,

@@ -105,11 +105,13 @@ def load(model: str | os.PathLike | nn.Module | LoadedModel) -> LoadedModel:
             f"a UNet folder (with config.json), or {RANDOM_PREFIX}<family> for a published config with random weights"
         )
     if not path.is_dir():
-        raise ModelLoadError(f"model path {spec!r} is a file; pass the folder that holds config.json or model_index.json")
+        raise ModelLoadError(f"model path {spec!r} is a file; "
+                             "pass the folder that holds config.json or model_index.json")
     if (path / "model_index.json").is_file():
         unet_dir = path / "unet"
         if not (unet_dir / "config.json").is_file():
-            raise ModelLoadError(f"pipeline folder {spec!r} has no unet/config.json; ldpruner prunes the pipeline's UNet")
+            raise ModelLoadError(f"pipeline folder {spec!r} has no unet/config.json; "
+                                 "ldpruner prunes the pipeline's UNet")
         unet = _load_unet(unet_dir)
         return LoadedModel(unet=unet, scheduler=_load_scheduler(path), source=spec, unet_dir=unet_dir,
                            pipeline_dir=path)
@@ -139,7 +141,8 @@ def _load_unet(folder: Path) -> nn.Module:
     try:
         unet = cls.from_pretrained(folder, use_safetensors=True, local_files_only=True)
     except Exception as exc:  # diffusers raises many kinds for a corrupt file; one typed error for the user
-        raise ModelLoadError(f"cannot load {class_name} weights from {str(folder)!r}: {type(exc).__name__}: {exc}") from exc
+        raise ModelLoadError(f"cannot load {class_name} weights from {str(folder)!r}: "
+                             f"{type(exc).__name__}: {exc}") from exc
     return unet.eval()
 
 

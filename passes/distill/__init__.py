@@ -3,7 +3,16 @@ trains on — the teacher's own trajectories or real latents (``data``) — and 
 model's VAE (``datasets``)."""
 
 from .data import DistillBatch, DistillData, LatentData, TeacherTrajectories
-from .trainer import CHECKPOINTS, DistillConfig, DistillResult, distill, feature_loss, latest_checkpoint, lr_factor, plot_loss
+from .trainer import (
+    CHECKPOINTS,
+    DistillConfig,
+    DistillResult,
+    distill,
+    feature_loss,
+    latest_checkpoint,
+    lr_factor,
+    plot_loss,
+)
 
 __all__ = [
     "CHECKPOINTS",

@@ -1,7 +1,8 @@
 """Distillation fine-tuning: the pruned UNet (student) learns to match the dense UNet (teacher, frozen).
 
-    L = w_task · ‖ε_s − ε‖²  +  w_out · ‖ε_s − ε_t‖²  +  w_feat · F,   F = Σ_g ‖f_s^g − f_t^g‖²  ("mse")
-                                                                   or F = (1/G) Σ_g ‖f_s^g − f_t^g‖² / ‖f_t^g‖²  ("normalized")
+    L = w_task · ‖ε_s − ε‖²  +  w_out · ‖ε_s − ε_t‖²  +  w_feat · F,
+        F = Σ_g ‖f_s^g − f_t^g‖²  ("mse")
+     or F = (1/G) Σ_g ‖f_s^g − f_t^g‖² / ‖f_t^g‖²  ("normalized")
 
 ε_s, ε_t: student and teacher predictions on the same inputs; ε: the true noise (task term, real data only);
 f^g: the output of operator group g (``down_blocks.i``, ``mid_block``, ``up_blocks.i``), tapped through the fx
@@ -35,11 +36,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ldpruner import distributed
 from ldpruner.compiler.taps import FeatureTaps, match_taps, tapped
 from ldpruner.compiler.tracer import TracedUNet
 from ldpruner.errors import ArtifactError, ConfigError, DistillError
-
-from ldpruner import distributed
 from ldpruner.io import atomic_dir, atomic_path, read_json, write_text_atomic
 
 from ..config import DistillConfig
@@ -136,7 +136,8 @@ class _Trainer:
         if world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
-            self.model = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
+            self.model = DistributedDataParallel(self.model,
+                                                 device_ids=[device.index] if device.type == "cuda" else None)
         self.params = dict(student.gm.named_parameters())
         self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, config))
@@ -167,11 +168,13 @@ class _Trainer:
         s_out, t_out = s_out.float(), t_out.float()
         out_term = F.mse_loss(s_out, t_out)
         feat_term = feature_loss(s_feats, t_feats, config.feature_loss).to(s_out.device)
-        task_term = F.mse_loss(s_out, batch.target.to(s_out)) if batch.target is not None else torch.zeros((), device=s_out.device)
+        task_term = (F.mse_loss(s_out, batch.target.to(s_out)) if batch.target is not None
+                     else torch.zeros((), device=s_out.device))
         loss = config.w_out * out_term + config.w_feat * feat_term + w_task * task_term
         if not torch.isfinite(loss):
             raise DistillError(f"the loss is {float(loss)} at step {self.step + 1} (out {float(out_term):.4g}, feat "
-                               f"{float(feat_term):.4g}, task {float(task_term):.4g}); lower lr or use precision='fp32'")
+                               f"{float(feat_term):.4g}, task {float(task_term):.4g}); "
+                               "lower lr or use precision='fp32'")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip is not None:
@@ -342,7 +345,7 @@ def distill(
     teacher: TracedUNet,
     data: DistillData,
     *,
-    config: DistillConfig = DistillConfig(),
+    config: DistillConfig | None = None,
     out: str | os.PathLike,
     resume: bool = False,
     overwrite: bool = False,
@@ -357,6 +360,7 @@ def distill(
     ``resume`` continues from the newest checkpoint in ``out`` (or starts fresh when there is none). ``callback``
     gets each step's log row (an exception it raises stops the run, as a kill would). Under torchrun every rank
     calls this; rank 0 alone writes."""
+    config = config if config is not None else DistillConfig()
     if not isinstance(config, DistillConfig):
         raise ConfigError(f"config must be a DistillConfig, got {type(config).__name__}")
     if teacher.input_names != student.traced.input_names:

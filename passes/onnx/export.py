@@ -13,7 +13,6 @@ import dataclasses
 import json
 import os
 import time
-import types
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -22,24 +21,22 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
+
 from ldpruner.compiler.tracer import TracedUNet
+from ldpruner.errors import ConfigError, ExportError, ExportValidationError
 from ldpruner.runtime.session import create_session
 from ldpruner.runtime.unet import CONFIG_FILENAME, EXPORT_METADATA_KEY
 
-from ldpruner.errors import ConfigError, ExportError, ExportValidationError
-
 from ..config import PROTOBUF_LIMIT, ExportConfig, Tolerance
+from .files import check_destination, publish_model, staging_dir
 from .numeric_check import (
-    DEFAULT_TOLERANCES,
     InputSpec,
     NumericCheck,
-    Tolerance,
     ValidationReport,
     compare_outputs,
     make_inputs,
     run_failure,
 )
-from .files import check_destination, publish_model, staging_dir
 
 __all__ = ["ExportConfig", "ExportResult", "export_onnx", "validate_onnx", "Tolerance", "ValidationReport"]
 

@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ldpruner.errors import ArtifactError
-
 from ldpruner.io import check_replaceable, default_permissions
 
 __all__ = ["staging_dir", "publish_model", "data_file", "check_destination"]

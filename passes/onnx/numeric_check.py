@@ -8,13 +8,10 @@ agree and neither side has a NaN/Inf. Every check runs; failures are collected, 
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-
-from ldpruner.errors import ConfigError
 
 from ..config import DEFAULT_TOLERANCES, Tolerance
 

@@ -21,12 +21,13 @@ from typing import Any
 
 import numpy as np
 import onnx
+
+from ldpruner.errors import ArtifactError, ExportError, ExportValidationError
 from ldpruner.runtime.session import OrtSession, create_session
 from ldpruner.runtime.unet import EXPORT_METADATA_KEY
 
-from ldpruner.errors import ArtifactError, ExportError, ExportValidationError
-
 from ..config import PROTOBUF_LIMIT
+from .files import check_destination, publish_model, staging_dir
 from .numeric_check import (
     DEFAULT_TOLERANCES,
     InputSpec,
@@ -37,7 +38,6 @@ from .numeric_check import (
     make_inputs,
     run_failure,
 )
-from .files import check_destination, publish_model, staging_dir
 
 __all__ = ["OptimizeResult", "optimize_onnx", "fusion_options", "CUDA_ONLY_FUSIONS"]
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from ldpruner.compiler.graph import Action
-from ldpruner.passes.importance import AnalysisConfig, resolve_conditioning
 
 from benchmarks import baselines
 from ldpruner import api
+from ldpruner.compiler.graph import Action
+from ldpruner.passes.importance import AnalysisConfig, resolve_conditioning
 from tests.conftest import make_tiny_sd_unet
 
 

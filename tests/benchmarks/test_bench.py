@@ -90,7 +90,8 @@ def test_bench_distils_on_a_dataset_folder(tmp_path):
                        batch_sizes=[1], num_samples=2, steps=1, progress=False)
     (entry,) = report["models"][0]["budgets"]
     assert entry["distill"]["data"] == str(tmp_path) and entry["distill"]["steps"] == 2
-    distilled = json.loads((tmp_path / "bench" / "zoo-crawl-tiles" / "budget-0.20" / "distill" / "distill.json").read_text())
+    distilled = json.loads(
+        (tmp_path / "bench" / "zoo-crawl-tiles" / "budget-0.20" / "distill" / "distill.json").read_text())
     assert distilled["data"]["kind"] == "latents" and distilled["data"]["rows_on_this_rank"] == 4
 
 
@@ -121,7 +122,8 @@ def test_bench_smoke_tiny_unet(tmp_path):
     assert entry["distill"] is None  # distill_steps=0; the distilled variant is exercised by the real runs
     mem = entry["peak_memory_onnx"]
     if mem["available"]:  # Linux
-        assert mem["run_peak_ratio"] == pytest.approx(mem["run_peak_mib"] / model["dense"]["peak_memory_onnx"]["run_peak_mib"])
+        assert mem["run_peak_ratio"] == pytest.approx(mem["run_peak_mib"]
+                                                      / model["dense"]["peak_memory_onnx"]["run_peak_mib"])
         assert mem["model_mib"] > 0
     assert (out / "report.md").read_text().startswith("# ldpruner bench")
     assert (out / model["plots"]["latency"].split("/")[-2] / "latency.png").is_file()
@@ -134,10 +136,9 @@ def test_bench_smoke_tiny_unet(tmp_path):
 def test_missing_metric_package_is_a_typed_error(monkeypatch):
     import sys
 
+    import ldpruner.bench
     from ldpruner.bench.quality import QualityMeter
     from ldpruner.errors import BenchError
-
-    import ldpruner.bench
 
     # a fresh import of the metrics, in a world without scipy (their FD needs it; the [bench] extra installs it)
     for name in [m for m in sys.modules if m.startswith(("ldpruner.bench.metrics", "scipy"))]:

@@ -113,7 +113,8 @@ def test_quality_reports_noise_beside_real(classifier, real):
     noise = noise_mels(N_REAL // 2, seed=2)
     q = spoken_digit_quality(noise, *_halves(mels), noise=noise, classifier=classifier)
     assert q["fd"] > 10 * q["fd_real_vs_real"]
-    assert q["recognisability"]["noise"]["recognised"]["0.9"] < q["recognisability"]["real_heldout"]["recognised"]["0.9"]
+    assert (q["recognisability"]["noise"]["recognised"]["0.9"]
+            < q["recognisability"]["real_heldout"]["recognised"]["0.9"])
     assert q["kid"]["mean"] > q["kid_real_vs_real"]["mean"]
     with pytest.raises(MetricInputError, match="same sample count"):
         spoken_digit_quality(noise[:50], *_halves(mels), classifier=classifier)

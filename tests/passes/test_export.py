@@ -10,17 +10,17 @@ import onnx
 import pytest
 import torch
 from conftest import make_tiny_sd_unet, make_tiny_unet2d
-from ldpruner.compiler.tracer import trace_unet
-from ldpruner.passes.onnx.export import ExportConfig, Tolerance, export_onnx, validate_onnx
-from ldpruner.runtime.session import create_session
 from onnx import numpy_helper
 
+from ldpruner.compiler.tracer import trace_unet
 from ldpruner.errors import (
     ArtifactError,
     ConfigError,
     ExportError,
     ExportValidationError,
 )
+from ldpruner.passes.onnx.export import ExportConfig, Tolerance, export_onnx, validate_onnx
+from ldpruner.runtime.session import create_session
 
 FP32 = ExportConfig().tolerances["float32"]
 

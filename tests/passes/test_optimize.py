@@ -7,13 +7,13 @@ import onnx
 import onnxruntime as ort
 import pytest
 from conftest import make_tiny_sd_unet
+
 from ldpruner.compiler.tracer import trace_unet
+from ldpruner.errors import ExportError, ExportValidationError
 from ldpruner.passes.onnx import optimize as optimize_module
 from ldpruner.passes.onnx.export import ExportConfig, export_onnx
 from ldpruner.passes.onnx.optimize import CUDA_ONLY_FUSIONS, Tolerance, optimize_onnx
 from ldpruner.runtime.session import create_session
-
-from ldpruner.errors import ExportError, ExportValidationError
 
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 CUDA_ONLY_OPS = ("NhwcConv", "GroupNorm", "SkipGroupNorm", "BiasSplitGelu", "BiasAdd")

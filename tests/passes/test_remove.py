@@ -236,7 +236,7 @@ def forward(self, sample):
     ldpruner_projections_merge = self.ldpruner_projections.merge(cat);  cat = None
     ldpruner_projections_head = self.ldpruner_projections.head(ldpruner_projections_merge);  ldpruner_projections_merge = None
     return ldpruner_projections_head
-    """
+    """  # noqa: E501
 
 
 def test_conv1x1_rewrite_of_a_custom_unet_is_golden_and_matches_the_stand_ins():
@@ -284,7 +284,8 @@ def test_unknown_operator_is_a_plan_error_naming_it_and_close_names(sd_block):
     typo = PlannedRemoval("mid_block.resnet.0", "identity", 1, 1)
     bad = RemovalPlan((*plan.removals, typo), plan.model_class, plan.granularity, plan.total_params, plan.total_macs)
     code = traced.gm.code
-    with pytest.raises(PlanError, match=r"'mid_block.resnet.0' is not an operator.*close names: \['mid_block.resnets.0'"):
+    with pytest.raises(PlanError,
+                       match=r"'mid_block.resnet.0' is not an operator.*close names: \['mid_block.resnets.0'"):
         prune(traced, bad, operator_graph=og)
     with pytest.raises(PlanError, match="mid_block.resnet.0"):
         RemoveOperators(bad, og)(traced.gm)  # validated whole before anything is touched:

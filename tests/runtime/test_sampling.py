@@ -14,7 +14,6 @@ from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, StableDiffusio
 from ldpruner.errors import ConfigError
 from ldpruner.runtime.sampling import sample_latents
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -7,10 +7,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from ldpruner.runtime.session import create_session, default_providers
 from onnx import TensorProto, helper, numpy_helper
 
 from ldpruner.errors import ArtifactError, ConfigError, UnsupportedInputError
+from ldpruner.runtime.session import create_session, default_providers
 
 
 @pytest.fixture

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_tiny_sd_unet, make_tiny_unet2d
+
 from ldpruner.compiler.tracer import trace_unet
+from ldpruner.errors import ArtifactError, UnsupportedInputError
 from ldpruner.passes.onnx.export import ExportConfig, export_onnx
 from ldpruner.runtime.session import create_session
 from ldpruner.runtime.unet import ORTUNet
-
-from ldpruner.errors import ArtifactError, UnsupportedInputError
 
 # torch vs onnxruntime fp32 (see ldpruner.passes.onnx.export DEFAULT_TOLERANCES); pipelines compound a few steps
 ATOL = 1e-4

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+
 from ldpruner.zoo import datasets
 from ldpruner.zoo.recipes import crawl_tiles as recipe
 
@@ -76,6 +77,7 @@ def test_missing_atlases_name_the_debian_package(tmp_path, capsys):
 
 def test_tiny_end_to_end_run_writes_a_loadable_model(tmp_path):
     import diffusers
+
     from ldpruner.zoo import load_unconditional
 
     _write_atlases(tmp_path / "tiles", np.random.default_rng(0))

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 from committed_parts import load_unet_and_vae
-from ldpruner.zoo import MissingPackageError, datasets
-from ldpruner.zoo.audio import MelConfig, fit_clip, mel_to_waveform, waveform_to_mel
-from ldpruner.zoo.recipes import espeak_digits as recipe
 
 from ldpruner import zoo
 from ldpruner.errors import ConfigError
+from ldpruner.zoo import MissingPackageError, datasets
+from ldpruner.zoo.audio import MelConfig, fit_clip, mel_to_waveform, waveform_to_mel
+from ldpruner.zoo.recipes import espeak_digits as recipe
 
 NAME = "espeak-digits"
 HAS_ESPEAK = shutil.which("espeak-ng") is not None

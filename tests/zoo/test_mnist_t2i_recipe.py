@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+
 from ldpruner.zoo import datasets
 from ldpruner.zoo.recipes import mnist_t2i as recipe
 

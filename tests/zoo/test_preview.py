@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ldpruner import api, zoo
+from ldpruner import api
 from ldpruner.errors import ConfigError
 from ldpruner.runtime.graph_unet import GraphUNet
 from ldpruner.zoo.preview import preview_grid
@@ -30,7 +30,8 @@ def test_build_of_a_zoo_model_writes_a_sample_row_per_variant(tmp_path):
     assert "samples" in again["reused_stages"]
     two = api.build("zoo:crawl-tiles", out=tmp_path / "b", budget=0.2, num_samples=2, steps=2, distill_steps=0,
                     progress=False)
-    assert two["samples"]["rows"] == ["dense", "pruned"] and Image.open(tmp_path / "b" / "samples.png").size[1] == 2 * 64 + 3 * 2
+    assert (two["samples"]["rows"] == ["dense", "pruned"]
+            and Image.open(tmp_path / "b" / "samples.png").size[1] == 2 * 64 + 3 * 2)
 
 
 def test_a_non_zoo_build_has_no_samples(tmp_path):

@@ -7,6 +7,7 @@ import itertools
 from pathlib import Path
 
 import pytest
+
 from ldpruner.zoo.recipes import _training, crawl_tiles, espeak_digits, mnist_t2i
 
 RECIPES = {"mnist-t2i": mnist_t2i, "crawl-tiles": crawl_tiles, "espeak-digits": espeak_digits}

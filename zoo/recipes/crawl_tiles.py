@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from ldpruner.zoo.datasets import (
     CRAWL_ATLASES,
     CRAWL_TILES_DIR,

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import shutil
 import subprocess
 import time
@@ -32,12 +30,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from ldpruner.zoo.datasets import (
     DIGIT_WORDS,
     ESPEAK_ACCENTS,
     ESPEAK_DATA_SEED,
     ESPEAK_PITCH_RANGE,
-    ESPEAK_RATE,
     ESPEAK_SPEED_RANGE,
     ESPEAK_SPLITS,
     ESPEAK_VARIANTS,
@@ -124,6 +122,7 @@ def _evaluate_only(args: argparse.Namespace, out: Path) -> None:
 
 def _run(args: argparse.Namespace, out: Path) -> None:
     import torch
+
     from ldpruner.zoo.audio import MEL_CONFIG_FILE, MelConfig
 
     wall = time.perf_counter()
@@ -174,6 +173,7 @@ def _data_record(n_ldm: int) -> dict[str, Any]:
 def _finish(out: Path, training: dict, args: argparse.Namespace) -> None:
     """From the saved folder: samples.png, samples/*.wav, the metrics, training.json and the model card."""
     import torch
+
     from ldpruner.zoo.audio import MelConfig, mel_to_waveform
     from ldpruner.zoo.text_to_image import image_grid
     from ldpruner.zoo.unconditional import load_unconditional
@@ -224,6 +224,7 @@ def evaluate(model: Any, held: np.ndarray, held_digits: np.ndarray, config: Any,
     returns why it was skipped.
     """
     import torch
+
     from ldpruner.zoo.audio import mel_to_waveform, waveform_to_mel
 
     try:

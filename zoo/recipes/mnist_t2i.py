@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from ldpruner.zoo.datasets import (
     DIGIT_WORDS,
     MNIST_FILE,
@@ -149,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, out: Path) -> None:
     import torch
+
     from ldpruner.zoo.text import TextEncoder
 
     wall = time.perf_counter()
@@ -291,6 +292,7 @@ def evaluate(model: Any, *, per_digit: int, steps: int, guidance_scale: float) -
 
 def _reload(out: Path, text: Any) -> Any:
     import diffusers
+
     from ldpruner.zoo.text_to_image import TextToImageModel
 
     unet = diffusers.UNet2DConditionModel.from_pretrained(out / "unet", use_safetensors=True, local_files_only=True)
