@@ -66,8 +66,10 @@ class PassManager:
                 if self.verify is not None:
                     self.verify(result.gm)
             except LdprunerError as exc:
+                # the same exception (type, attributes, traceback), its message naming the pass and what ran before
                 ran = ", ".join(done) or "none"
-                raise type(exc)(f"in pass {p.name} (passes already run: {ran}): {exc}") from exc
+                exc.args = (f"in pass {p.name} (passes already run: {ran}): {exc}", *exc.args[1:])
+                raise
             gm = result.gm
             modified |= result.modified
             summaries[p.name] = result.summary

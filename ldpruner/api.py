@@ -147,6 +147,8 @@ def bench(models: ModelLike | list[ModelLike] | tuple[ModelLike, ...], *, out: s
         else:
             names.append(f"<{type(m).__name__} #{i}>")
             objects[names[-1]] = m
+    if options.get("distill_options", {}) is None:
+        options["distill_options"] = {}
     config = BenchConfig.from_dict({**options, "models": tuple(names), "out": os.fspath(out)})
     return run_bench(config, progress=progress, objects=objects)
 

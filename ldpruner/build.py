@@ -1,8 +1,9 @@
 """``ldpruner build``: every stage into one folder, as a declared sequence (:data:`STAGES`).
 
-Each :class:`Stage` names its artifact (a path in the build folder), the stage whose result it reads, the options
-its result depends on, and how to run it. A stage's key hashes its options with the key of the stage it reads, so
-a changed option invalidates exactly the stages downstream of it; a stage whose artifact exists with the key it had
+Each :class:`Stage` names its artifact (a path in the build folder), the stage whose result it reads, the inputs
+its result depends on, and how to run it. A stage's key hashes its inputs with the key of the stage it reads (the
+analysis, which reads none, is keyed by the importance pass's own cache key), so a changed option invalidates
+exactly the stages downstream of it; a stage whose artifact exists with the key it had
 in the last build into the same folder is reused (``.ldpruner-build.json`` keeps the keys), and one whose artifact
 would change is replaced only with ``overwrite``. Under torchrun the stages marked ``all_ranks`` run on every rank
 (the analysis scores its share of the candidates, distillation trains on its shard of the data); rank 0 alone runs
@@ -66,12 +67,13 @@ class Build:
 @dataclasses.dataclass(frozen=True)
 class Stage:
     """One step of a build: ``run(build)`` writes ``artifact``; the artifact is current while the stage's key —
-    a hash of ``options(build)`` and of the key of the first enabled stage in ``reads`` — is unchanged."""
+    a hash of the key of the first enabled stage in ``reads`` and the parts ``inputs(build)`` (a stage that reads
+    none: its one input itself) — is unchanged."""
 
     name: str
     artifact: str
     reads: tuple[str, ...]
-    options: Callable[[Build], Any]
+    inputs: Callable[[Build], tuple[Any, ...]]
     run: Callable[[Build], Any]
     enabled: Callable[[Build], bool] = lambda build: True
     all_ranks: bool = False
@@ -145,18 +147,19 @@ STUDENT_FOLDERS = {"prune": stages.STUDENT, "distill": f"{stages.DISTILL_DIR}/{s
 
 STAGES: tuple[Stage, ...] = (
     Stage("analyze", stages.SCORES, reads=(), all_ranks=True,
-          options=lambda b: b.analysis_key, run=_analyze),
+          inputs=lambda b: (b.analysis_key,), run=_analyze),
     Stage("select", stages.PLAN, reads=("analyze",),
-          options=lambda b: b.cfg.part(SelectionConfig).to_dict(), run=_select),
+          inputs=lambda b: (b.cfg.part(SelectionConfig).to_dict(),), run=_select),
     Stage("prune", stages.STUDENT, reads=("select",),
-          options=lambda b: (b.cfg.height, b.cfg.width), run=_prune),
+          inputs=lambda b: (b.cfg.height, b.cfg.width), run=_prune),
     Stage("distill", f"{stages.DISTILL_DIR}/distill.json", reads=("prune",), all_ranks=True,
-          options=lambda b: (_distill_options(b), b.cfg.prompts), run=_distill,
+          inputs=lambda b: (_distill_options(b), b.cfg.prompts), run=_distill,
           enabled=lambda b: b.cfg.distill_steps > 0),
     Stage("export", EXPORT_SUMMARY, reads=("distill", "prune"),
-          options=lambda b: {n: getattr(b.cfg, n) for n in ("exporter", "opset", "optimize", "fp16")}, run=_export),
+          inputs=lambda b: ({n: getattr(b.cfg, n) for n in ("exporter", "opset", "optimize", "fp16")},),
+          run=_export),
     Stage("samples", report.SAMPLES, reads=("distill", "prune"),
-          options=lambda b: ("samples/1", sample_rows(b)), run=_samples, enabled=lambda b: bool(sample_rows(b))),
+          inputs=lambda b: (b.keys["prune"], "samples/1"), run=_samples, enabled=lambda b: bool(sample_rows(b))),
 )
 
 
@@ -181,7 +184,8 @@ def run_build(cfg: BuildConfig, *, progress: bool = True) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     loaded = load(cfg.model)
-    world = distributed.join(loaded.device)
+    # the device the ranks train on when distillation runs (the analysis runs where the model is)
+    world = distributed.join(distributed.default_device())
     try:
         build = _prepare(cfg, out, loaded, world, progress)
         build.timings["load+trace"] = round(time.perf_counter() - t0, 3)
@@ -227,8 +231,11 @@ def _run_stages(build: Build) -> None:
     last_all_ranks = max((i for i, s in enumerate(enabled) if s.all_ranks), default=-1)
     main_only_since_barrier = False
     for i, stage in enumerate(enabled):
-        upstream = next((build.keys[r] for r in stage.reads if r in build.keys), None)
-        key = _key(upstream, stage.options(build))
+        inputs = stage.inputs(build)
+        if stage.reads:
+            key = _key(next(build.keys[r] for r in stage.reads if r in build.keys), *inputs)
+        else:
+            (key,) = inputs
         build.keys[stage.name] = key
         if stage.all_ranks and main_only_since_barrier and world.size > 1:
             import torch.distributed as dist

@@ -26,8 +26,12 @@ def _add_out(p: argparse.ArgumentParser, *, required: bool = True) -> None:
     from .config import BuildConfig
     from .options import add_flags
 
-    p.add_argument("--out", required=required, help="output folder" + ("" if required else " (required)"))
-    add_flags(p, BuildConfig, ["overwrite"])
+    if required:
+        p.add_argument("--out", required=True, help="output folder")
+        add_flags(p, BuildConfig, ["overwrite"], help={"overwrite": "replace outputs that exist"})
+    else:  # build: the folder may come from --config; only outputs whose inputs changed are ever replaced
+        p.add_argument("--out", help=BuildConfig.spec("out").help + " (required here or as `out` in --config)")
+        add_flags(p, BuildConfig, ["overwrite"])
 
 
 def build_parser() -> argparse.ArgumentParser:

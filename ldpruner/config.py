@@ -104,9 +104,8 @@ class BenchConfig(_Composed):
                                      flag=False)
     out: str = option(help="output folder: report.json, report.md, plots, sample grids, artifacts", flag=False,
                       path=True)
-    budgets: tuple[float, ...] = option((0.1, 0.2, 0.3, 0.4, 0.5), "fractions of the metric to remove, one plan each",
-                                        minimum=0, maximum=1, exclusive_minimum=True, exclusive_maximum=True,
-                                        nonempty=True)
+    budgets: tuple[float, ...] = same_as(SelectionConfig, "budget", help="fractions of the metric to remove, one plan "
+                                         "each", nonempty=True, default=(0.1, 0.2, 0.3, 0.4, 0.5))
     metric: str = same_as(SelectionConfig, "metric", help="what the budgets count")
     distill_steps: int = option(0, "also distil each pruned model this many steps", minimum=0)
     repeats: int = option(10, "timed calls per variant", minimum=1)
@@ -122,7 +121,8 @@ class BenchConfig(_Composed):
     threads: int | None = option(None, "torch and onnxruntime threads", minimum=1, none="torch's current setting")
     memory: bool = option(True, "measure ONNX peak memory in a fresh process per model")
     distill_options: Mapping[str, Any] = option(default_factory=dict, help="more DistillConfig fields for the "
-                                                "distillation (batch_size, lr, ...)", flag=False)
+                                                "distillation (batch_size, lr, ...)", flag=False,
+                                                check=lambda value: _distill_option_problems(value))
     distill_data: str | None = option(None, "distil on this dataset folder (images; captions for text-to-image) "
                                       "through the model's VAE; one model per run", none="data-free",
                                       metavar="FOLDER", path=True)
@@ -131,19 +131,22 @@ class BenchConfig(_Composed):
     def problems(self) -> Iterable[str]:
         if len(set(self.budgets)) != len(self.budgets):
             yield f"budgets repeat a value: {list(self.budgets)}"
-        if not isinstance(self.distill_options, Mapping):
-            yield f"distill_options must be a mapping of DistillConfig fields, got {self.distill_options!r}"
-        else:
-            try:
-                DistillConfig.from_dict({"steps": max(1, self.distill_steps), **self.distill_options})
-            except ConfigError as exc:
-                yield f"distill_options: {exc}"
         if self.distill_data is not None:
             if len(self.models) != 1:
                 yield (f"distill_data is one model's dataset; bench one model at a time with it "
                        f"(got {len(self.models)} models)")
             if not self.distill_steps:
                 yield "distill_data needs distill_steps > 0"
+
+
+def _distill_option_problems(value: Any) -> list[str]:
+    if not isinstance(value, Mapping):
+        return [f"distill_options must be a mapping of DistillConfig fields, got {value!r}"]
+    try:
+        DistillConfig.from_dict({"steps": 1, **value})
+    except ConfigError as exc:
+        return [f"distill_options: {exc}"]
+    return []
 
 
 def load_config(path: str | Path, **overrides: Any) -> BuildConfig:

@@ -36,7 +36,9 @@ class Spec:
     ``minimum`` / ``maximum`` bound numbers (and every element of a tuple), inclusive unless ``exclusive_*``;
     ``none`` says what None means (only fields annotated ``X | None`` may be None); ``hint`` is appended to an
     error about the field (the reason for the rule, or the fix); ``flag`` False keeps the field off the command
-    line (API and config files only); ``nonempty`` is for tuples; ``path`` str fields take ``os.PathLike`` too."""
+    line (API and config files only); ``nonempty`` refuses an empty tuple or string; ``path`` str fields take
+    ``os.PathLike`` too; ``check`` adds rules of its own (required for a type the validator does not read, such as
+    a mapping)."""
 
     help: str
     choices: tuple[Any, ...] | None = None
@@ -84,11 +86,14 @@ def option(default: Any = dataclasses.MISSING, help: str = "", *, default_factor
     return dataclasses.field(default=default, metadata=meta)
 
 
-def same_as(config: type[Config], name: str, **changes: Any) -> Any:
+def same_as(config: type[Config], name: str, *, default: Any = dataclasses.MISSING, **changes: Any) -> Any:
     """The declaration of ``config``'s field ``name`` (default and spec) for a config that composes it; ``changes``
-    replace spec entries (a different ``help`` for the composed meaning, say)."""
+    replace spec entries (a different ``help`` for the composed meaning, say) and ``default`` the default (the
+    composed field may hold several values of the original, each under the same rules)."""
     field = config.field(name)
     spec = dataclasses.replace(field.metadata[_META], **changes)
+    if default is not dataclasses.MISSING:
+        return dataclasses.field(default=default, metadata={_META: spec})
     if field.default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=field.default_factory, metadata={_META: spec})
     return dataclasses.field(default=field.default, metadata={_META: spec})
@@ -101,13 +106,14 @@ class _Kind:
     base: Any  # int, float, bool, str, or None for types checked by the config itself
     optional: bool
     element: Any = None  # for tuple[T, ...]: T
+    label: str = "a value"  # how an error names a type the validator does not read
 
     def describe(self) -> str:
-        names = {int: "an int", float: "a number", bool: "a bool (true/false)", str: "a string"}
+        names = {int: "an int", float: "a finite number", bool: "a bool (true/false)", str: "a string"}
         if self.base is tuple:
-            text = f"a sequence of {names.get(self.element, 'values').split(' ', 1)[1]}s"
+            text = f"a sequence of {names.get(self.element, 'a value').split(' ', 1)[1]}s"
         else:
-            text = names.get(self.base, "a value")
+            text = names.get(self.base, self.label)
         return text + (" or None" if self.optional else "")
 
 
@@ -123,7 +129,9 @@ def _kind(annotation: Any) -> _Kind:
         return _Kind(annotation, optional)
     if typing.get_origin(annotation) is tuple and len(args) == 2 and args[1] is Ellipsis:
         return _Kind(tuple, optional, args[0])
-    return _Kind(None, optional)
+    origin = typing.get_origin(annotation) or annotation
+    is_mapping = isinstance(origin, type) and issubclass(origin, Mapping)
+    return _Kind(None, optional, label="a mapping" if is_mapping else "a value")
 
 
 def _scalar(value: Any, base: Any) -> tuple[bool, Any]:
@@ -166,7 +174,13 @@ class Config:
     def _kind_of(cls) -> dict[str, _Kind]:
         if "_kinds" not in cls.__dict__:
             hints = typing.get_type_hints(cls)
-            cls._kinds = {f.name: _kind(hints[f.name]) for f in dataclasses.fields(cls)}
+            kinds = {f.name: _kind(hints[f.name]) for f in dataclasses.fields(cls)}
+            unchecked = [f.name for f in dataclasses.fields(cls) if kinds[f.name].base is None
+                         and _META in f.metadata and f.metadata[_META].check is None]
+            if unchecked:  # a declaration the validator cannot read would let any value through
+                raise TypeError(f"{cls.__name__}: options {unchecked} have a type the validator does not check "
+                                "(int, float, bool, str, tuple[T, ...], optionally | None); give them a check=")
+            cls._kinds = kinds
         return cls._kinds
 
     def _field_problems(self) -> list[str]:
@@ -260,6 +274,8 @@ def _check(name: str, value: Any, kind: _Kind, spec: Spec) -> tuple[str | None, 
     ok, converted = _scalar(value, kind.base)
     if not ok:
         return f"{name}={value!r} must be {kind.describe()}", value
+    if spec.nonempty and converted == "":
+        return f"{name}='' must not be empty", value
     if spec.choices is not None and converted not in spec.choices:
         return f"{name}={value!r} is not one of {list(spec.choices)}", value
     if isinstance(converted, (int, float)) and not isinstance(converted, bool) and not spec.within(converted):
@@ -304,8 +320,11 @@ def add_flags(parser: argparse.ArgumentParser, config: type[Config], names: Sequ
     for name in names if names is not None else [n for n in config.names() if config.spec(n).flag]:
         spec, kind, default = config.spec(name), kinds[name], config.default(name)
         text = (help or {}).get(name, spec.help)
-        shown = spec.none if default is None and spec.none else _show(default)
-        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": f"{text} (default: {shown})"}
+        if default is dataclasses.MISSING:
+            shown = "required"
+        else:
+            shown = "default: " + (spec.none if default is None and spec.none else _show(default))
+        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": f"{text} ({shown})"}
         if kind.base is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:

@@ -100,13 +100,15 @@ def prune(loaded: LoadedModel, plan: Any, trace: Any, config: Any, *, out: str |
     the pass manager (verifier per ``config.verify``); with ``out``, saved as ``out/student/``. ``graph`` reuses an
     operator graph of that trace."""
     from ldpruner.passes.remove import prune as prune_graph
-    from ldpruner.passes.student import save_student
+    from ldpruner.passes.student import save_student, student_config
 
     if type(loaded.unet).__name__ != plan.model_class:
         raise ConfigError(f"the plan was made for a {plan.model_class}, "
                           f"but the model is a {type(loaded.unet).__name__}")
     graph = graph if graph is not None else inspect(loaded, trace)
-    pruned = prune_graph(graph.traced, plan, operator_graph=graph, config=loaded.unet_config, verify=config.verify)
+    # the config the student carries is the one its folder holds, so an in-memory student exports like a saved one
+    unet_config = student_config(loaded.unet_config, plan.model_class) if loaded.unet_config is not None else None
+    pruned = prune_graph(graph.traced, plan, operator_graph=graph, config=unet_config, verify=config.verify)
     if out is not None:
         path = Path(out) / STUDENT
         check_replaceable(path, overwrite)

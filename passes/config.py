@@ -9,7 +9,6 @@ imports no third-party package, so the command line can read it without loading 
 from __future__ import annotations
 
 import dataclasses
-import math
 import types
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -145,20 +144,11 @@ class DistillConfig(Config):
 
 
 @dataclasses.dataclass(frozen=True)
-class Tolerance:
+class Tolerance(Config):
     """``max_abs_diff <= atol + rtol * max_abs_ref``."""
 
-    atol: float
-    rtol: float
-
-    def __post_init__(self) -> None:
-        problems = [
-            f"{name} must be a finite number >= 0, got {value!r}"
-            for name, value in (("atol", self.atol), ("rtol", self.rtol))
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0
-        ]
-        if problems:
-            raise ConfigError("Tolerance: " + "; ".join(problems))
+    atol: float = option(help="absolute tolerance", minimum=0)
+    rtol: float = option(help="tolerance relative to the reference's largest magnitude", minimum=0)
 
     def bound(self, max_abs_ref: float) -> float:
         return self.atol + self.rtol * max_abs_ref
@@ -234,7 +224,7 @@ class ExportConfig(Config):
                                                 minimum=1, maximum=PROTOBUF_LIMIT - 1, flag=False)
     timestep_dtype: str = option("float32", "dtype of the (batch,) timestep input", choices=("float32", "int64"),
                                  flag=False)
-    output_name: str = option("out_sample", "name of the output", flag=False)
+    output_name: str = option("out_sample", "name of the output", flag=False, nonempty=True)
     validate: bool = option(True, "compare onnxruntime with torch after the export", flag=False)
     validation_batch_sizes: tuple[int, ...] = option((1, 2), "batch sizes of the validation", minimum=1,
                                                      nonempty=True, flag=False)

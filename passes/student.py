@@ -29,7 +29,7 @@ from .plan import RemovalPlan
 from .remove import PrunedUNet, RemoveOperators, apply_plan
 
 __all__ = ["STUDENT_FILES", "TRACE_FORMAT", "WEIGHTS_NAME", "load_student", "read_safetensors", "save_student",
-           "tensors_for_safetensors"]
+           "student_config", "tensors_for_safetensors"]
 
 CONFIG_NAME = "config.json"
 PLAN_NAME = "plan.json"
@@ -57,7 +57,7 @@ def save_student(
     check_replaceable(path, overwrite)
     config = config if config is not None else pruned.config
     traced = pruned.traced
-    config_json = _config_json(config, traced.model_class)
+    config_json = student_config(config, traced.model_class)
     tensors, aliases = tensors_for_safetensors(pruned.gm.state_dict())
     trace = {
         "format": TRACE_FORMAT,
@@ -136,7 +136,9 @@ def load_student(
 
 
 # --- config ---------------------------------------------------------------------------------------------------
-def _config_json(config: Mapping[str, Any] | None, model_class: str) -> dict[str, Any]:
+def student_config(config: Mapping[str, Any] | None, model_class: str) -> dict[str, Any]:
+    """The dense model's diffusers config as a student carries it (config.json, and beside the ONNX export): plain
+    JSON values, diffusers' bookkeeping keys dropped, ``_class_name`` and ``_diffusers_version`` set."""
     if config is None:
         if model_class in ("UNet2DConditionModel", "UNet2DModel"):
             raise ArtifactError(f"saving a {model_class} needs its diffusers config: pass config=model.config "

@@ -65,6 +65,7 @@ def sample_latents(
     time_ids: torch.Tensor | None = None,
     class_labels: torch.Tensor | None = None,
     guidance_scale: float = 1.0,
+    guided: bool | None = None,
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
     seed: int = 0,
     progress: bool = False,
@@ -77,7 +78,8 @@ def sample_latents(
 
     Classifier-free guidance runs when ``guidance_scale > 1`` and ``encoder_hidden_states`` is given: the
     negative half comes first in the batch, as in diffusers pipelines. ``guidance_scale <= 1`` runs the
-    conditional half alone (no negatives needed).
+    conditional half alone (no negatives needed). ``guided`` True applies the guidance formula at any scale
+    (0 gives the unconditional prediction; the zoo samplers guide whenever the scale is not 1), False never.
 
     The scheduler is deep-copied (:func:`fresh_scheduler`) so no state survives between calls. Schedulers that draw
     noise in ``step`` (DDPM, ancestral samplers) get ``generator``: one generator, or a list of one per
@@ -90,7 +92,7 @@ def sample_latents(
     if noise.ndim != 4:
         raise ConfigError(f"noise must be (N, C, H, W), got shape {tuple(noise.shape)}")
     n = noise.shape[0]
-    use_cfg = encoder_hidden_states is not None and guidance_scale > 1.0
+    use_cfg = encoder_hidden_states is not None and (guidance_scale > 1.0 if guided is None else guided)
     if encoder_hidden_states is None and (text_embeds is not None or time_ids is not None):
         raise ConfigError("text_embeds / time_ids (SDXL) need encoder_hidden_states")
     encoder_hidden_states = _per_sample("encoder_hidden_states", encoder_hidden_states, n, allow_one=False)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ import numpy as np
 
 from ldpruner.errors import ConfigError
 from ldpruner.io import read_json
+from ldpruner.options import Config, option
 
 from ._packages import MissingPackageError
 
@@ -35,34 +37,26 @@ MEL_CONFIG_FILE = "mel.json"
 
 
 @dataclasses.dataclass(frozen=True)
-class MelConfig:
+class MelConfig(Config):
     """Log-mel settings; ``clip_samples = hop_length · (n_frames − 1)`` gives exactly ``n_frames`` centred frames."""
 
-    sample_rate: int = 16_000
-    n_fft: int = 1024
-    hop_length: int = 256
-    n_mels: int = 64
-    n_frames: int = 64
-    fmin: float = 0.0
-    fmax: float = 8000.0
-    db_min: float = -60.0
-    db_max: float = 25.0
-    peak: float = 0.9  # clips are scaled so that their largest |sample| is this
+    sample_rate: int = option(16_000, "sample rate of a clip (Hz)", minimum=1)
+    n_fft: int = option(1024, "STFT window length (samples)", minimum=1)
+    hop_length: int = option(256, "STFT hop (samples)", minimum=1)
+    n_mels: int = option(64, "mel bands: the image's height", minimum=1)
+    n_frames: int = option(64, "STFT frames: the image's width", minimum=1)
+    fmin: float = option(0.0, "lowest mel frequency (Hz)", minimum=0)
+    fmax: float = option(8000.0, "highest mel frequency (Hz), at most sample_rate / 2")
+    db_min: float = option(-60.0, "power in dB mapped to -1")
+    db_max: float = option(25.0, "power in dB mapped to +1")
+    peak: float = option(0.9, "clips are scaled so that their largest |sample| is this", minimum=0, maximum=1,
+                         exclusive_minimum=True)
 
-    def __post_init__(self) -> None:
-        bad = []
-        for name in ("sample_rate", "n_fft", "hop_length", "n_mels", "n_frames"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                bad.append(f"{name} must be a positive int (got {value!r})")
+    def problems(self) -> Iterable[str]:
         if not self.db_min < self.db_max:
-            bad.append(f"db_min must be below db_max (got {self.db_min} and {self.db_max})")
-        if not 0 <= self.fmin < self.fmax <= self.sample_rate / 2:
-            bad.append(f"need 0 <= fmin < fmax <= sample_rate/2 (got fmin {self.fmin}, fmax {self.fmax})")
-        if not 0 < self.peak <= 1:
-            bad.append(f"peak must be in (0, 1] (got {self.peak})")
-        if bad:
-            raise ConfigError("MelConfig: " + "; ".join(bad))
+            yield f"db_min must be below db_max (got {self.db_min} and {self.db_max})"
+        if not self.fmin < self.fmax <= self.sample_rate / 2:
+            yield f"need fmin < fmax <= sample_rate/2 (got fmin {self.fmin}, fmax {self.fmax})"
 
     @property
     def clip_samples(self) -> int:

@@ -2,9 +2,9 @@
 
     eps = eps(x_t, ∅) + w · (eps(x_t, prompt) − eps(x_t, ∅)),   image = VAE.decode(x_0 / scaling_factor)
 
-The denoising loop is the project's one sampling loop (:func:`ldpruner.runtime.sampling.sample_latents`; guidance
-runs when ``w > 1``, as in diffusers pipelines). Each image's starting noise comes from its own seed, so an image
-does not depend on what else is in the batch.
+The denoising loop is the project's one sampling loop (:func:`ldpruner.runtime.sampling.sample_latents`); guidance
+runs whenever ``w != 1`` (``w = 0`` gives unconditional samples). Each image's starting noise comes from its own
+seed, so an image does not depend on what else is in the batch.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ class TextToImageModel:
         seeds = seeds_for(seed, len(prompts))
         positive_int("steps", steps)
         if not isinstance(guidance_scale, (int, float)) or isinstance(guidance_scale, bool) or guidance_scale < 0:
-            raise ConfigError(f"guidance_scale must be a number >= 0 (<= 1 turns guidance off); got {guidance_scale!r}")
+            raise ConfigError(f"guidance_scale must be a number >= 0 (1 turns guidance off); got {guidance_scale!r}")
         denoiser = self.unet if unet is None else unet
         config = self.unet.config
         noise = seeded_noise((config.in_channels, config.sample_size, config.sample_size), seeds)
@@ -69,7 +69,8 @@ class TextToImageModel:
                 lambda sample, timestep, encoder_hidden_states: denoiser(
                     sample, timestep, encoder_hidden_states=encoder_hidden_states).sample,
                 self.scheduler, noise=noise, steps=steps, encoder_hidden_states=cond,
-                negative_encoder_hidden_states=self.text_encoder.encode_negative(1), guidance_scale=guidance_scale)
+                negative_encoder_hidden_states=self.text_encoder.encode_negative(1), guidance_scale=guidance_scale,
+                guided=guidance_scale != 1.0)
             images = self.vae.decode(latents / self.vae.config.scaling_factor).sample
         return ((images.float() + 1) / 2).clamp(0, 1)
 

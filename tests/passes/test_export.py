@@ -243,7 +243,7 @@ def test_config_collects_every_problem():
                      tolerances={"float32": (-1.0, 0.0), "int8": (0.1, 0.1)})
     message = str(info.value)
     for needle in ("exporter='tvm' is not one of", "external_data='sometimes' is not one of", "validation_batch_sizes",
-                   "atol must be a finite number >= 0", "unknown dtype 'int8'"):
+                   "atol=-1.0 must be >= 0", "unknown dtype 'int8'"):
         assert needle in message
     with pytest.raises(ConfigError, match=r"opset 21 is outside what the legacy exporter writes \(14..20\)"):
         ExportConfig(opset=21)

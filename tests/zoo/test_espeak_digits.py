@@ -94,7 +94,7 @@ def test_mel_config_validates_and_round_trips(tmp_path):
     assert MelConfig.from_folder(tmp_path) == config
     with pytest.raises(ConfigError, match="db_min must be below db_max"):
         MelConfig(db_min=10.0, db_max=0.0)
-    with pytest.raises(ConfigError, match="n_mels must be a positive int"):
+    with pytest.raises(ConfigError, match="n_mels=0 must be >= 1"):
         MelConfig(n_mels=0)
     with pytest.raises(ConfigError, match="mel.json"):
         MelConfig.from_folder(tmp_path / "nowhere")

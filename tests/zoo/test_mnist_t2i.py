@@ -103,6 +103,13 @@ def test_sample_accepts_a_replacement_unet_and_checks_its_arguments(t2i):
         t2i.sample(["7"], steps=1, guidance_scale=-1.0)
 
 
+def test_guidance_zero_samples_the_empty_prompt(t2i):
+    """The zoo sampler guides whenever the scale is not 1: at 0 only the unconditional branch remains."""
+    unguided = t2i.sample(["a handwritten seven", "the number 3"], steps=2, guidance_scale=0.0, seed=5)
+    empty = t2i.sample(["", ""], steps=2, guidance_scale=1.0, seed=5)
+    torch.testing.assert_close(unguided, empty, atol=1e-4, rtol=0)
+
+
 def test_unknown_model_names_the_known_ones():
     with pytest.raises(ModelLoadError, match=r"unknown zoo model 'nope'.*mnist-t2i \(text-to-image\)"):
         zoo.model_dir("nope")
