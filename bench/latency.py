@@ -122,8 +122,9 @@ _ORT_NUMPY = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(
               "tensor(int64)": "int64", "tensor(int32)": "int32"}
 
 
-def ort_session(path: str | os.PathLike, *, threads: int):
-    """A CPU onnxruntime session for timing: ``threads`` intra-op threads, no spinning.
+def ort_session(path: str | os.PathLike, *, threads: int, device: Any = None):
+    """An onnxruntime session for timing: ``threads`` intra-op threads, no spinning; on the CUDA provider (of the
+    device's GPU) when ``device`` is a CUDA device and onnxruntime-gpu offers it, else the CPU provider.
 
     Spinning is off because the variants are timed alternately: a session whose pool keeps spinning after its
     call would take cores from the next variant's call (measured on 2 cores); off, each call gets the machine."""
@@ -133,7 +134,11 @@ def ort_session(path: str | os.PathLike, *, threads: int):
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    providers: list[Any] = ["CPUExecutionProvider"]
+    if (device is not None and getattr(device, "type", None) == "cuda"
+            and "CUDAExecutionProvider" in ort.get_available_providers()):
+        providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
+    return ort.InferenceSession(str(path), sess_options=options, providers=providers)
 
 
 def onnx_feeds(session: Any, inputs: Mapping[str, Any]) -> dict[str, Any]:

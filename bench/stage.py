@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ldpruner import devices
 from ldpruner.config import BenchConfig
 from ldpruner.errors import ArtifactError
 from ldpruner.io import check_replaceable, write_json_atomic, write_text_atomic
@@ -31,12 +32,15 @@ __all__ = ["BenchConfig", "run_bench", "BENCH_FORMAT"]
 BENCH_FORMAT = "ldpruner.bench/1"
 
 
-def _environment(threads: int) -> dict[str, Any]:
+def _environment(threads: int, device_name: str) -> dict[str, Any]:
     import onnxruntime
     import torch
 
+    device = devices.resolve_device(device_name)
     return {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "python": platform.python_version(),
             "platform": platform.platform(), "cpu_count": os.cpu_count(), "threads": threads,
+            "device": str(device), "accelerator": devices.accelerator_name(device),
+            "onnxruntime_providers": onnxruntime.get_available_providers(),
             "load_average_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
 
 
@@ -58,7 +62,7 @@ def run_bench(config: BenchConfig, *, progress: bool = False,
     torch.set_num_threads(threads)
     try:
         report: dict[str, Any] = {"format": BENCH_FORMAT, "config": config.to_dict(),
-                                  "environment": _environment(threads), "models": []}
+                                  "environment": _environment(threads, config.device), "models": []}
         for spec in config.models:
             report["models"].append(_bench_model(spec, (objects or {}).get(spec, spec), config, out, threads, progress))
             _write(out, report)  # a long run leaves a readable report after every model
@@ -96,15 +100,21 @@ def _inputs(traced: Any, batch: int) -> dict[str, Any]:
     return result
 
 
-def _torch_latency(dense_unet: Any, pruned_gm: Any, traced: Any, batch: int, config: BenchConfig) -> dict[str, Any]:
+def _torch_latency(dense_unet: Any, pruned_gm: Any, traced: Any, batch: int, config: BenchConfig,
+                   device: Any) -> dict[str, Any]:
     import torch
 
-    inputs = _inputs(traced, batch)
+    inputs = {n: t.to(device) for n, t in _inputs(traced, batch).items()}
     args = [inputs[n] for n in traced.input_names]
     dense_unet.eval()
     pruned_gm.eval()
+
+    def timed(call: Any) -> Any:  # a CUDA call returns before the GPU is done: wait for it inside the timing
+        return (lambda: (call(), torch.cuda.synchronize(device))) if device.type == "cuda" else call
+
     with torch.inference_mode():
-        run = measure_interleaved({"dense": lambda: dense_unet(**inputs), "pruned": lambda: pruned_gm(*args)},
+        run = measure_interleaved({"dense": timed(lambda: dense_unet(**inputs)),
+                                   "pruned": timed(lambda: pruned_gm(*args))},
                                   warmup=config.warmup, repeats=config.repeats)
     return run.to_dict(ratio=("pruned", "dense"))
 
@@ -150,9 +160,12 @@ def _bench_model(spec: str, model: Any, config: BenchConfig, out: Path, threads:
     model_dir = out / _slug(spec)
     model_dir.mkdir(parents=True, exist_ok=True)
     loaded = api.load(model)
+    device = devices.resolve_device(config.device)
+    dense_unet = loaded.placed(device, next(loaded.unet.parameters()).dtype)  # the model as loaded, on the device
     _log(progress, f"{spec}: analysis ({config.num_samples} samples × {config.steps} steps)")
     scores = api.analyze(loaded, out=model_dir, num_samples=config.num_samples, steps=config.steps,
-                         overwrite=True, progress=progress)
+                         batch_size=config.batch_size, dtype=config.dtype, device=config.device, overwrite=True,
+                         progress=progress)
     graph = api.inspect(loaded, granularity=scores.granularity)
     dense = graph.traced
     dense_params = count_params(dense.gm)
@@ -160,7 +173,7 @@ def _bench_model(spec: str, model: Any, config: BenchConfig, out: Path, threads:
     _log(progress, f"{spec}: exporting the dense UNet")
     dense_onnx = model_dir / "dense" / "onnx" / "unet.onnx"
     dense_export = export_onnx(dense, None, None, dense_onnx, overwrite=True).to_dict()
-    dense_session = ort_session(dense_onnx, threads=threads)
+    dense_session = ort_session(dense_onnx, threads=threads, device=device)
     record: dict[str, Any] = {
         "model": spec, "class": type(loaded.unet).__name__,
         "random_weights": bool(loaded.describe().get("random_weights")),
@@ -198,7 +211,7 @@ def _bench_model(spec: str, model: Any, config: BenchConfig, out: Path, threads:
         totals = plan.to_dict()["totals"]
         export_summary = api.export(pruned, out=bdir, overwrite=True)["export"]
         pruned_onnx = bdir / "onnx" / "unet.onnx"
-        pruned_session = ort_session(pruned_onnx, threads=threads)
+        pruned_session = ort_session(pruned_onnx, threads=threads, device=device)
         pruned_params = count_params(pruned.gm)
         entry: dict[str, Any] = {
             "budget": budget, "metric": config.metric,
@@ -211,7 +224,8 @@ def _bench_model(spec: str, model: Any, config: BenchConfig, out: Path, threads:
         }
         # torch first, then onnxruntime: alternating the two runtimes would make their thread pools compete
         for batch in config.batch_sizes:
-            entry["latency"]["torch"][f"batch_{batch}"] = _torch_latency(loaded.unet, pruned.gm, dense, batch, config)
+            entry["latency"]["torch"][f"batch_{batch}"] = _torch_latency(dense_unet, pruned.gm.to(device), dense,
+                                                                         batch, config, device)
         for batch in config.batch_sizes:
             entry["latency"]["onnxruntime"][f"batch_{batch}"] = _ort_latency(dense_session, pruned_session, dense,
                                                                             batch, config)
@@ -231,7 +245,7 @@ def _bench_model(spec: str, model: Any, config: BenchConfig, out: Path, threads:
             zoo_defaults = distill_options(spec.removeprefix("zoo:")) if spec.startswith("zoo:") else {}
             options = {"steps": config.distill_steps, **zoo_defaults, **dict(config.distill_options)}
             result = api.distill(loaded, pruned, out=bdir / "distill", overwrite=True, progress=progress,
-                                 data=config.distill_data, **options)
+                                 data=config.distill_data, device=config.device, **options)
             s = result.summary
             entry["distill"] = {"steps": s["steps"], "wall_time_s": s["wall_time_s_this_run"], "options": options,
                                 "data": config.distill_data or "teacher trajectories",

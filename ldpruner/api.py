@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from . import stages
+from .config import ANALYSIS_OPTIONS
 from .options import split_options
 from .passes.config import (
+    DeviceConfig,
     DistillConfig,
     ExportConfig,
     OptimizeConfig,
@@ -51,15 +53,16 @@ def analyze(model: ModelLike, *, out: str | os.PathLike | None = None, prompts: 
     :class:`~ldpruner.passes.importance.ImportanceReport`); writes ``out/scores.json`` when ``out`` is given, and
     reuses one already there whose cache key (model weights + options + conditioning) matches.
 
-    ``options``: TraceConfig fields (granularity, height, width) and AnalysisConfig fields (num_samples, steps,
-    seed, guidance_scale, batch_size). ``prompts``: a prompt file (default: the model's own prompts, else the
-    built-in set)."""
+    ``options``: TraceConfig fields (granularity, height, width), AnalysisConfig fields (num_samples, steps,
+    seed, guidance_scale, batch_size, dtype) and DeviceConfig's device. ``prompts``: a prompt file (default: the
+    model's own prompts, else the built-in set)."""
     from .passes.config import AnalysisConfig
 
-    trace, analysis = split_options(options, TraceConfig, (AnalysisConfig, ("num_samples", "steps", "seed",
-                                                                            "guidance_scale", "batch_size")))
+    trace, analysis, placement = split_options(
+        options, TraceConfig, (AnalysisConfig, ANALYSIS_OPTIONS), DeviceConfig)
     loaded = load(model)
-    graph, config, calib = stages.analysis_inputs(loaded, TraceConfig(**trace), analysis, prompts)
+    graph, config, calib = stages.analysis_inputs(loaded, TraceConfig(**trace), analysis, prompts,
+                                                  DeviceConfig(**placement).device)
     return stages.analyze(loaded, graph, config, calib, out=out, overwrite=overwrite, progress=progress)
 
 
@@ -101,30 +104,33 @@ def distill(model: ModelLike, student: Any, *, out: str | os.PathLike, data: str
     ``out/checkpoints/``. Returns a :class:`~ldpruner.passes.distill.DistillResult` whose ``student`` is the
     trained copy: an in-memory ``student`` passed in stays as it was.
 
-    ``options``: DistillConfig fields (steps, batch_size, lr, w_out, …). ``data`` None distills data-free on the
+    ``options``: DistillConfig fields (steps, batch_size, lr, w_out, …) and DeviceConfig's device (where the student
+    trains; under torchrun each rank's GPU). ``data`` None distills data-free on the
     teacher's own sampling trajectories (prompts: ``prompts``, else the model's own prompt set, else the built-in
     one); a folder of images (captions in ``metadata.jsonl`` or ``<image>.txt``) is encoded through the model's
     VAE and adds the denoising (task) loss. ``resume`` continues from the newest checkpoint in ``out``. Under
     torchrun every rank runs this and trains on its own shard; rank 0 writes."""
     import copy
 
-    (distillation,) = split_options(options, DistillConfig)
-    config = DistillConfig(**distillation)
+    distillation, placement = split_options(options, DistillConfig, DeviceConfig)
+    config, device = DistillConfig(**distillation), DeviceConfig(**placement).device
     pruned = copy.deepcopy(student) if not isinstance(student, (str, os.PathLike)) else _load_student(student)
     return stages.distill(load(model), pruned, config, out=out, data=data, prompts_file=prompts, resume=resume,
-                          overwrite=overwrite, progress=progress)
+                          overwrite=overwrite, progress=progress, device=device)
 
 
 def export(student: Any, *, out: str | os.PathLike, overwrite: bool = False, **options: Any) -> dict[str, Any]:
     """Export a pruned student (a PrunedUNet or a student/ folder) to ``out/onnx/unet.onnx``, validated against
     torch; returns what was written and the validation numbers.
 
-    ``options``: ExportConfig fields (exporter, opset, …) and OptimizeConfig fields (optimize: also the
-    onnxruntime-optimized model; fp16: also its fp16 variant)."""
-    export_options, variants = split_options(options, ExportConfig, OptimizeConfig)
-    variants = OptimizeConfig(**variants)  # checked before the export runs
+    ``options``: ExportConfig fields (exporter, opset, …), OptimizeConfig fields (optimize: also the
+    onnxruntime-optimized model; fp16: also its fp16 variant) and DeviceConfig's device (CUDA: the checks run on
+    onnxruntime's CUDA provider, the optimizer targets it)."""
+    export_options, variants, placement = split_options(options, ExportConfig, OptimizeConfig, DeviceConfig)
+    variants, device = OptimizeConfig(**variants), DeviceConfig(**placement).device  # checked before exporting
     pruned = _load_student(student) if isinstance(student, (str, os.PathLike)) else student
-    return stages.export(pruned, ExportConfig(**export_options), variants, out=out, overwrite=overwrite)
+    return stages.export(pruned, ExportConfig(**export_options), variants, out=out, overwrite=overwrite,
+                         device=device)
 
 
 def bench(models: ModelLike | list[ModelLike] | tuple[ModelLike, ...], *, out: str | os.PathLike,

@@ -21,8 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import distributed, report, stages
-from .config import BuildConfig
+from . import devices, distributed, report, stages
+from .config import ANALYSIS_OPTIONS, BuildConfig
 from .errors import ArtifactError
 from .io import check_replaceable, read_json, write_json_atomic, write_text_atomic
 from .passes.config import DistillConfig, ExportConfig, OptimizeConfig, PruneConfig, SelectionConfig, TraceConfig
@@ -83,18 +83,27 @@ def _analyze(b: Build) -> None:
     stages.analyze(b.loaded, b.graph, b.analysis, b.calib, out=b.out, overwrite=True, progress=b.progress)
 
 
+def _rewrite_graph(b: Build) -> Any:
+    """The operator graph selection and the rewrite work on: the analysis' own when it traced the loaded UNet as it
+    is, else (the analysis ran on a cast or moved copy) a trace of the loaded UNet, and the copy is let go."""
+    param, loaded = next(b.graph.traced.gm.parameters()), next(b.loaded.unet.parameters())
+    if (param.dtype, param.device) != (loaded.dtype, loaded.device):
+        b.graph = stages.inspect(b.loaded, b.cfg.part(TraceConfig))
+    return b.graph
+
+
 def _select(b: Build) -> None:
     from ldpruner.passes.importance import ImportanceReport
 
-    stages.select(ImportanceReport.load(b.out / stages.SCORES), b.graph, b.cfg.part(SelectionConfig), out=b.out,
-                  overwrite=True)
+    stages.select(ImportanceReport.load(b.out / stages.SCORES), _rewrite_graph(b), b.cfg.part(SelectionConfig),
+                  out=b.out, overwrite=True)
 
 
 def _prune(b: Build) -> None:
     from ldpruner.passes.plan import RemovalPlan
 
     b.students["prune"] = stages.prune(b.loaded, RemovalPlan.load(b.out / stages.PLAN), b.cfg.part(TraceConfig),
-                                       b.cfg.part(PruneConfig), out=b.out, overwrite=True, graph=b.graph)
+                                       b.cfg.part(PruneConfig), out=b.out, overwrite=True, graph=_rewrite_graph(b))
 
 
 def _distill_options(b: Build) -> dict[str, Any]:
@@ -108,7 +117,7 @@ def _distill(b: Build) -> None:
 
     result = stages.distill(b.loaded, load_student(b.out / stages.STUDENT), DistillConfig(**_distill_options(b)),
                             out=b.out / stages.DISTILL_DIR, data=None, prompts_file=b.cfg.prompts, resume=False,
-                            overwrite=True, progress=b.progress)
+                            overwrite=True, progress=b.progress, device=b.cfg.device)
     b.students["distill"] = result.student
 
 
@@ -119,7 +128,8 @@ def _final_student(b: Build) -> str:
 
 def _export(b: Build) -> None:
     student = b.student(_final_student(b))
-    summary = stages.export(student, b.cfg.part(ExportConfig), b.cfg.part(OptimizeConfig), out=b.out, overwrite=True)
+    summary = stages.export(student, b.cfg.part(ExportConfig), b.cfg.part(OptimizeConfig), out=b.out, overwrite=True,
+                            device=b.cfg.device)
     write_json_atomic(b.out / EXPORT_SUMMARY, summary)
 
 
@@ -184,8 +194,8 @@ def run_build(cfg: BuildConfig, *, progress: bool = True) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     loaded = load(cfg.model)
-    # the device the ranks train on when distillation runs (the analysis runs where the model is)
-    world = distributed.join(distributed.default_device())
+    # NCCL when the ranks work on GPUs, gloo on CPUs
+    world = distributed.join(devices.resolve_device(cfg.device))
     try:
         build = _prepare(cfg, out, loaded, world, progress)
         build.timings["load+trace"] = round(time.perf_counter() - t0, 3)
@@ -211,8 +221,9 @@ def _prepare(cfg: BuildConfig, out: Path, loaded: LoadedModel, world: distribute
     from ldpruner.passes.importance import cache_key
     from ldpruner.passes.select import check_budget
 
-    analysis_options = {n: getattr(cfg, n) for n in ("num_samples", "steps", "seed", "guidance_scale")}
-    graph, analysis, calib = stages.analysis_inputs(loaded, cfg.part(TraceConfig), analysis_options, cfg.prompts)
+    analysis_options = {n: getattr(cfg, n) for n in ANALYSIS_OPTIONS}
+    graph, analysis, calib = stages.analysis_inputs(loaded, cfg.part(TraceConfig), analysis_options, cfg.prompts,
+                                                    cfg.device)
     check_budget(graph.candidates, total_params=graph.total_params, total_macs=graph.total_macs,
                  config=cfg.part(SelectionConfig))
     if world.is_main:

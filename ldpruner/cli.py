@@ -36,10 +36,12 @@ def _add_out(p: argparse.ArgumentParser, *, required: bool = True) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    from .config import MODEL_HELP, BenchConfig, BuildConfig
+    from .config import ANALYSIS_OPTIONS, MODEL_HELP, BenchConfig, BuildConfig
+    from .devices import DEVICE_HELP
     from .options import add_flags
     from .passes.config import (
         AnalysisConfig,
+        DeviceConfig,
         DistillConfig,
         ExportConfig,
         OptimizeConfig,
@@ -55,7 +57,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ldpruner {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    analysis = ["num_samples", "steps", "seed", "guidance_scale"]
 
     p = sub.add_parser("inspect", help="print the operator table")
     p.add_argument("model", help=MODEL_HELP)
@@ -65,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("analyze", help="score every removable operator (writes scores.json)")
     p.add_argument("model", help=MODEL_HELP)
     add_flags(p, TraceConfig)
-    add_flags(p, AnalysisConfig, analysis)
+    add_flags(p, AnalysisConfig, ANALYSIS_OPTIONS)
+    add_flags(p, DeviceConfig)
     add_flags(p, BuildConfig, ["prompts"])
     _add_out(p)
 
@@ -88,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="the dense model the student was pruned from: " + MODEL_HELP)
     p.add_argument("student", help="student/ folder from `ldpruner prune`")
     add_flags(p, DistillConfig)
+    add_flags(p, DeviceConfig, help={"device": "where the student trains: " + DEVICE_HELP})
     add_flags(p, BuildConfig, ["prompts"], help={"prompts": "data-free: prompt file for the teacher's trajectories"})
     p.add_argument("--data", help="folder of images (+ captions in metadata.jsonl or <image>.txt) to distill on, "
                                   "encoded by the model's VAE (default: data-free, on the teacher's trajectories)")
@@ -99,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("student", help="student/ folder from `ldpruner prune` or `ldpruner distill`")
     add_flags(p, ExportConfig)
     add_flags(p, OptimizeConfig)
+    add_flags(p, DeviceConfig, help={"device": "where the numeric checks run (CUDA: onnxruntime's CUDA provider, and "
+                                               "the optimizer's CUDA-only fusions): " + DEVICE_HELP})
     _add_out(p)
 
     p = sub.add_parser("bench", help="dense vs pruned side by side: params, MACs, torch/ORT latency, memory, quality "

@@ -15,10 +15,12 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
+from .devices import DEVICE_HELP
 from .errors import ConfigError
 from .options import Config, option, same_as
 from .passes.config import (
     AnalysisConfig,
+    DeviceConfig,
     DistillConfig,
     ExportConfig,
     OptimizeConfig,
@@ -27,8 +29,10 @@ from .passes.config import (
     TraceConfig,
 )
 
-__all__ = ["DEFAULT_MODEL", "BenchConfig", "BuildConfig", "load_config"]
+__all__ = ["ANALYSIS_OPTIONS", "DEFAULT_MODEL", "BenchConfig", "BuildConfig", "load_config"]
 
+# the AnalysisConfig fields a caller sets (the latent size comes from the trace, the prompts from a file or the model)
+ANALYSIS_OPTIONS = ("num_samples", "steps", "seed", "guidance_scale", "batch_size", "dtype")
 # what `ldpruner build` prunes when given no MODEL: the embedded text-to-image model
 DEFAULT_MODEL = "zoo:mnist-t2i"
 MODEL_HELP = ("a local diffusers pipeline folder, a UNet folder, zoo:<name> (see `ldpruner zoo list`) or "
@@ -78,6 +82,9 @@ class BuildConfig(_Composed):
     steps: int = same_as(AnalysisConfig, "steps")
     seed: int = same_as(AnalysisConfig, "seed")
     guidance_scale: float = same_as(AnalysisConfig, "guidance_scale")
+    batch_size: int | None = same_as(AnalysisConfig, "batch_size")
+    dtype: str = same_as(AnalysisConfig, "dtype")
+    device: str = same_as(DeviceConfig, "device")
     prompts: str | None = option(None, "text file with one prompt per line (blank and # lines skipped)",
                                  none="the model's own prompt set, else the built-in one", metavar="FILE", path=True)
     budget: float = same_as(SelectionConfig, "budget")
@@ -118,6 +125,10 @@ class BenchConfig(_Composed):
     sample_steps: int = option(25, "scheduler steps per sample for quality", minimum=1)
     num_samples: int = same_as(AnalysisConfig, "num_samples", help="analysis: N samples for the LD score")
     steps: int = same_as(AnalysisConfig, "steps", help="analysis: scheduler steps per sample")
+    batch_size: int | None = same_as(AnalysisConfig, "batch_size")
+    dtype: str = same_as(AnalysisConfig, "dtype", help="analysis: " + AnalysisConfig.spec("dtype").help)
+    device: str = same_as(DeviceConfig, "device", help="where the analysis, distillation and timings run: "
+                          + DEVICE_HELP)
     threads: int | None = option(None, "torch and onnxruntime threads", minimum=1, none="torch's current setting")
     memory: bool = option(True, "measure ONNX peak memory in a fresh process per model")
     distill_options: Mapping[str, Any] = option(default_factory=dict, help="more DistillConfig fields for the "

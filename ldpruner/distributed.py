@@ -44,9 +44,9 @@ def local_rank() -> int:
 
 def default_device() -> Any:
     """Where a rank works when nobody says: ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU."""
-    import torch
+    from .devices import resolve_device
 
-    return torch.device("cuda", local_rank()) if torch.cuda.is_available() else torch.device("cpu")
+    return resolve_device("auto")
 
 
 def join(device: Any = None) -> World:

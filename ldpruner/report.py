@@ -49,7 +49,9 @@ def build_report(cfg: Any, loaded: Any, graph: Any, plan: Any, out_dir: Path, ti
                             "removed_fraction": totals["macs_removed_fraction"],
                             "at_latent_shape": graph.traced.validity()["traced_sample_shape"][1:]},
         "analysis": {"conditioning": scores.conditioning, "unet_calls": scores.unet_calls,
-                     "wall_time_s": scores.wall_time_s, "scheduler": scores.scheduler},
+                     "wall_time_s": scores.wall_time_s, "scheduler": scores.scheduler,
+                     "placement": scores.placement, "batch_size": scores.config.batch_size,
+                     "peak_memory": scores.peak_memory},
         "removed": removed,
         "distill": _distill_report(out_dir / DISTILL_DIR) if cfg.distill_steps else None,
         "samples": {"path": str(out_dir / SAMPLES), "rows": sample_rows} if sample_rows else None,
@@ -127,9 +129,26 @@ def report_markdown(report: dict[str, Any]) -> str:
         f"- ONNX: `{report['artifacts']['onnx/unet.onnx']}`; validation against torch: "
         f"{'passed' if val.get('passed') else 'FAILED'}, max abs diff {val.get('max_abs_diff', float('nan')):.2e}",
         f"- trace validity: {report['trace']['note']}",
-        f"- analysis: {report['analysis']['unet_calls']} UNet calls in {report['analysis']['wall_time_s']:.1f} s, "
-        f"conditioning: {report['analysis']['conditioning']}",
+        f"- analysis: {report['analysis']['unet_calls']} UNet calls in {report['analysis']['wall_time_s']:.1f} s"
+        f"{_placement(report['analysis'])}, conditioning: {report['analysis']['conditioning']}",
         f"- stage timings (s): {json.dumps(report['timings_s'])}; reused: {report['reused_stages'] or 'none'}",
         "",
     ]
     return "\n".join(lines)
+
+
+def _placement(analysis: dict[str, Any]) -> str:
+    """" on <accelerator> (<dtype>, micro-batches of B), peak ... MiB" for the analysis line (empty for scores
+    written before these were recorded)."""
+    where = analysis.get("placement") or {}
+    if not where:
+        return ""
+    text = f" on {where.get('accelerator', where.get('device'))} ({where.get('dtype')}"
+    text += f", micro-batches of {analysis['batch_size']})" if analysis.get("batch_size") else ")"
+    peaks = analysis.get("peak_memory") or []
+    if peaks:
+        peak = peaks[0]
+        text += (f", peak {peak['cuda_peak_allocated_mib']:,.0f} MiB on the GPU" if "cuda_peak_allocated_mib" in peak
+                 else f", peak RSS {peak['host_peak_rss_mib']:,.0f} MiB")
+    return text
+

@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from . import calibration, distributed
+from . import calibration, devices, distributed
 from .errors import ConfigError
 from .io import check_replaceable
 from .sources import LoadedModel
@@ -54,12 +54,18 @@ def inspect(loaded: LoadedModel, trace: Any) -> Any:
 
 
 def analysis_inputs(loaded: LoadedModel, trace: Any, options: dict[str, Any],
-                    prompts_file: str | os.PathLike | None) -> tuple[Any, Any, Any]:
+                    prompts_file: str | os.PathLike | None, device: Any = "auto") -> tuple[Any, Any, Any]:
     """(operator graph, AnalysisConfig, conditioning source) of an analysis: the trace at ``trace``, the analysis
-    options (AnalysisConfig fields; the latent size is the trace's) with the prompts the model uses."""
+    options (AnalysisConfig fields; the latent size is the trace's) with the prompts the model uses. The graph is
+    of the model placed on ``device`` (a name, see :func:`ldpruner.devices.resolve_device`) in the analysis dtype:
+    the loaded UNet itself when it is there already, else a cast copy."""
     config = calibration.analysis_config(loaded, {**options, "height": trace.height, "width": trace.width},
                                          prompts_file)
-    return inspect(loaded, trace), config, calibration.conditioning_source(loaded, config)
+    unet = loaded.placed(devices.resolve_device(device), devices.torch_dtype(config.dtype))
+    from ldpruner.compiler.graph import build_operator_graph
+
+    graph = build_operator_graph(loaded.trace(trace, unet=unet))
+    return graph, config, calibration.conditioning_source(loaded, config)
 
 
 def analyze(loaded: LoadedModel, graph: Any, config: Any, calib: Any, *, out: str | os.PathLike | None,
@@ -118,7 +124,7 @@ def prune(loaded: LoadedModel, plan: Any, trace: Any, config: Any, *, out: str |
 
 def distill(loaded: LoadedModel, student: Any, config: Any, *, out: str | os.PathLike,
             data: str | os.PathLike | None, prompts_file: str | os.PathLike | None, resume: bool, overwrite: bool,
-            progress: bool) -> Any:
+            progress: bool, device: Any = "auto") -> Any:
     """Fine-tune ``student`` (a PrunedUNet, trained in place) against the dense ``loaded`` model it was pruned from,
     on the teacher's trajectories or on ``data`` (:func:`ldpruner.calibration.distill_data`). Under torchrun every
     rank calls this and trains on its own shard; rank 0 writes."""
@@ -129,38 +135,48 @@ def distill(loaded: LoadedModel, student: Any, config: Any, *, out: str | os.Pat
         raise ConfigError(f"the student was pruned from a {student.plan.model_class}, MODEL is a "
                           f"{type(loaded.unet).__name__}")
     pruned = student
-    teacher = loaded.trace_like(pruned.traced)
+    device = devices.resolve_device(device)
+    # the frozen teacher shares the loaded weights when it trains where they are (no second copy of the model)
+    teacher = loaded.trace_like(pruned.traced, share=loaded.device == device)
     if count_params(teacher.gm) != pruned.plan.total_params:
         raise ConfigError(f"MODEL has {count_params(teacher.gm):,} UNet parameters, the student's plan was made for "
                           f"{pruned.plan.total_params:,}: pass the dense model the student was pruned from")
-    world = distributed.join(distributed.default_device())
+    world = distributed.join(device)
     try:
         source = calibration.distill_data(loaded, teacher, config, data=data, prompts_file=prompts_file,
                                           rank=world.rank, world=world.size, progress=progress)
         return run_distill(pruned, teacher, source, config=config, out=out, resume=resume, overwrite=overwrite,
-                           progress=progress)
+                           progress=progress, device=device)
     finally:
         distributed.leave(world)
 
 
-def export(student: Any, config: Any, variants: Any, *, out: str | os.PathLike, overwrite: bool) -> dict[str, Any]:
+def export(student: Any, config: Any, variants: Any, *, out: str | os.PathLike, overwrite: bool,
+           device: Any = "auto") -> dict[str, Any]:
     """``out/onnx/unet.onnx`` from ``student`` (a PrunedUNet, or any object with ``traced`` and ``config``) under
     ``config`` (an ExportConfig), validated against torch; with ``variants.optimize`` also onnxruntime's optimized
-    model (``unet.opt.onnx``) and with ``variants.fp16`` its fp16 conversion (``unet.fp16.onnx``)."""
+    model (``unet.opt.onnx``) and with ``variants.fp16`` its fp16 conversion (``unet.fp16.onnx``). On a CUDA
+    ``device`` with onnxruntime-gpu the numeric checks run on the CUDA execution provider and the optimizer targets
+    it (its CUDA-only fusions on)."""
+    import dataclasses
+
+    import onnxruntime as ort
+
     from ldpruner.passes.onnx.export import export_onnx
 
+    on_cuda = (devices.resolve_device(device).type == "cuda"
+               and "CUDAExecutionProvider" in ort.get_available_providers())
+    if on_cuda and "CUDAExecutionProvider" not in config.validation_providers:
+        config = dataclasses.replace(config, validation_providers=("CUDAExecutionProvider", "CPUExecutionProvider"))
     onnx_dir = Path(out) / ONNX_DIR
     result = export_onnx(student.traced, None, None, onnx_dir / "unet.onnx", config=config, unet_config=student.config,
                          overwrite=overwrite)
     summary: dict[str, Any] = {"export": result.to_dict()}
     if variants.optimize:
-        import onnxruntime as ort
-
         from ldpruner.passes.onnx.optimize import optimize_onnx
 
-        use_gpu = "CUDAExecutionProvider" in ort.get_available_providers()
         for name, filename, half in [("optimized", "unet.opt.onnx", False)] + (
                 [("fp16", "unet.fp16.onnx", True)] if variants.fp16 else []):
-            summary[name] = optimize_onnx(result.onnx_path, onnx_dir / filename, use_gpu=use_gpu, fp16=half,
+            summary[name] = optimize_onnx(result.onnx_path, onnx_dir / filename, use_gpu=on_cuda, fp16=half,
                                           overwrite=overwrite).to_dict()
     return summary

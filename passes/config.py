@@ -14,12 +14,14 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ldpruner.compiler.operators import Granularity
+from ldpruner.devices import DEVICE_HELP, DTYPES, check_device
 from ldpruner.errors import ConfigError
 from ldpruner.options import Config, option
 
 __all__ = [
     "DEFAULT_TOLERANCES",
     "AnalysisConfig",
+    "DeviceConfig",
     "DistillConfig",
     "ExportConfig",
     "OptimizeConfig",
@@ -46,6 +48,13 @@ class TraceConfig(Config):
 
 
 @dataclasses.dataclass(frozen=True)
+class DeviceConfig(Config):
+    """Where a stage runs: the analysis, distillation, the export's numeric check and the bench's timings."""
+
+    device: str = option("auto", "where the work runs: " + DEVICE_HELP, check=check_device)
+
+
+@dataclasses.dataclass(frozen=True)
 class AnalysisConfig(Config):
     """How the analysis samples.
 
@@ -59,6 +68,8 @@ class AnalysisConfig(Config):
     * ``guidance_scale``: classifier-free guidance for conditional UNets (≤ 1 disables it); ignored for
       unconditional ones.
     * ``batch_size``: samples per UNet call (None: all N at once); with guidance the UNet sees twice as many.
+      μ and σ accumulate in float64 as micro-batches stream, so memory holds one micro-batch of activations.
+    * ``dtype``: the dtype the UNet is scored in (its weights and activations); the API casts a copy of the model.
     * ``prompts``: prompts for the text-encoder path (None: the built-in prompt set); sample i uses prompt
       ``i % len(prompts)``.
     """
@@ -71,9 +82,12 @@ class AnalysisConfig(Config):
     width: int | None = option(None, "latent width of the analysis", minimum=1, none="the traced size", flag=False)
     guidance_scale: float = option(7.5, "classifier-free guidance of text-to-image models (<= 1 disables it)",
                                    minimum=0)
-    batch_size: int | None = option(None, "samples per UNet call", minimum=1, none="all at once", flag=False)
+    batch_size: int | None = option(None, "analysis: samples per UNet call (x2 with guidance); bounds its memory",
+                                    minimum=1, none="all samples at once")
     prompts: tuple[str, ...] | None = option(None, "prompts of the text-encoder path", nonempty=True,
                                              none="the built-in prompt set", flag=False)
+    dtype: str = option("float32", "dtype the UNet is scored in (weights and activations; the statistics "
+                        "accumulate in float64)", choices=DTYPES)
 
     def problems(self) -> Iterable[str]:
         if self.prompts is not None and not all(p.strip() for p in self.prompts):

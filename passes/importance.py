@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import sys
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -26,7 +27,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from ldpruner import distributed
+from ldpruner import devices, distributed
 from ldpruner.compiler.graph import Operator, OperatorGraph
 from ldpruner.compiler.removal import swapped
 from ldpruner.compiler.tracer import TracedUNet
@@ -47,6 +48,7 @@ from .config import AnalysisConfig
 __all__ = [
     "AnalysisConfig",
     "CandidateScore",
+    "LatentMoments",
     "Conditioning",
     "DEFAULT_PROMPTS",
     "ImportanceReport",
@@ -112,6 +114,9 @@ class ImportanceReport:
     wall_time_s: float
     world_size: int
     cache_key: str
+    placement: dict[str, str] = dataclasses.field(default_factory=dict)  # device, dtype, accelerator
+    planned_unet_calls: int | None = None  # announced before the scoring started
+    peak_memory: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # one entry per rank
 
     def __getitem__(self, name: str) -> CandidateScore:
         return self.entries[name]
@@ -146,7 +151,10 @@ class ImportanceReport:
             "latent_shape": list(self.latent_shape),
             "score": "||mu_dense - mu_c||_2 + ||sigma_dense - sigma_c||_2; sigma: population std (unbiased=False)",
             "dense": {"mean_norm": self.dense_mean_norm, "std_norm": self.dense_std_norm},
-            "cost": {"unet_calls": self.unet_calls, "wall_time_s": self.wall_time_s, "world_size": self.world_size},
+            "placement": self.placement,
+            "cost": {"unet_calls": self.unet_calls, "planned_unet_calls": self.planned_unet_calls,
+                     "wall_time_s": self.wall_time_s, "world_size": self.world_size,
+                     "peak_memory": self.peak_memory},
             "candidates": [e.to_dict() for e in self.entries.values()],
         }
 
@@ -176,6 +184,9 @@ class ImportanceReport:
                 wall_time_s=float(cost["wall_time_s"]),
                 world_size=int(cost["world_size"]),
                 cache_key=data["cache_key"],
+                placement=dict(data.get("placement") or {}),
+                planned_unet_calls=cost.get("planned_unet_calls"),
+                peak_memory=list(cost.get("peak_memory") or []),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ArtifactError(f"malformed scores file: {type(exc).__name__}: {exc}") from exc
@@ -224,9 +235,44 @@ def latent_stats(latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x.mean(dim=0), torch.std(x, dim=0, correction=0)
 
 
-def latent_deviation_score(dense: tuple[torch.Tensor, torch.Tensor], latents: torch.Tensor) -> tuple[float, float]:
+class LatentMoments:
+    """Elementwise mean and population standard deviation of latents that arrive in micro-batches, accumulated in
+    float64 with Chan et al.'s pairwise update (count, mean, sum of squared deviations), so only one batch is ever
+    held and the result is that of all latents at once up to summation order::
+
+        δ = μ_b − μ,   μ ← μ + δ·n_b/n,   M2 ← M2 + M2_b + δ²·n·n_b/(n + n_b),   σ = √(M2 / n)
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.mean: torch.Tensor | None = None
+        self.m2: torch.Tensor | None = None
+
+    def update(self, latents: torch.Tensor) -> None:
+        x = latents.detach().to(torch.float64)
+        n_b = x.shape[0]
+        mean_b = x.mean(dim=0)
+        m2_b = (x - mean_b).square().sum(dim=0)
+        if self.count == 0:
+            self.count, self.mean, self.m2 = n_b, mean_b, m2_b
+            return
+        n = self.count + n_b
+        delta = mean_b - self.mean
+        self.mean = self.mean + delta * (n_b / n)
+        self.m2 = self.m2 + m2_b + delta.square() * (self.count * n_b / n)
+        self.count = n
+
+    def stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(μ, σ) over every latent so far."""
+        if self.count == 0:
+            raise ConfigError("no latents were accumulated")
+        return self.mean, (self.m2 / self.count).sqrt()
+
+
+def latent_deviation_score(dense: tuple[torch.Tensor, torch.Tensor],
+                           latents: torch.Tensor | LatentMoments) -> tuple[float, float]:
     """(‖μ_dense − μ_c‖₂, ‖σ_dense − σ_c‖₂) over all latent elements; the score is their sum."""
-    mu, sigma = latent_stats(latents)
+    mu, sigma = latents.stats() if isinstance(latents, LatentMoments) else latent_stats(latents)
     return (float(torch.linalg.vector_norm(dense[0] - mu)), float(torch.linalg.vector_norm(dense[1] - sigma)))
 
 
@@ -351,6 +397,8 @@ def _cache_key(operator_graph: OperatorGraph, conditioning: Conditioning, config
     # options spelled differently but meaning the same analysis share a key
     options = config.to_dict()
     options["height"], options["width"] = _latent_size(traced, config)
+    # the dtype is in the weights' fingerprint already; left out, a float32 key is the one earlier versions wrote
+    options.pop("dtype")
     if "encoder_hidden_states" not in traced.input_names:
         options["guidance_scale"] = None  # ignored by unconditional UNets
     payload = {
@@ -435,51 +483,76 @@ def analyze_importance(
 
     param = next(gm.parameters())
     device, dtype = param.device, param.dtype
+    if dtype != getattr(torch, config.dtype):
+        raise ConfigError(f"the analysis is configured for dtype={config.dtype!r} but the traced UNet is in "
+                          f"{str(dtype).removeprefix('torch.')}: cast the model before tracing it (the API does)")
     channels = traced.example_inputs[traced.input_names[0]].shape[1]
     shape = (config.num_samples, channels, height, width)
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(config.seed)).to(device=device, dtype=dtype)
     unet = GraphUNet(gm, traced.input_names)
     batch = config.batch_size or config.num_samples
-
-    def final_latents() -> torch.Tensor:
-        chunks = []
-        for begin in range(0, config.num_samples, batch):
-            index = torch.arange(begin, min(begin + batch, config.num_samples))
-            generators = [torch.Generator().manual_seed((config.seed << 20) + int(i) + 1) for i in index]
-            chunks.append(sample_latents(
-                unet.flat, scheduler, noise=noise[index], steps=config.steps,
-                guidance_scale=config.guidance_scale if use_cfg else 1.0, generator=generators,
-                **conditioning.rows(index, device, dtype)))
-        return torch.cat(chunks)
+    batches = [torch.arange(b, min(b + batch, config.num_samples)) for b in range(0, config.num_samples, batch)]
 
     joined = distributed.join(device)
     rank, world = joined.rank, joined.size
     mine: list[Operator] = operator_graph.candidates[rank::world]
+    # one generation = every micro-batch through every step; the dense model is generated once
+    calls_per_generation = len(batches) * config.steps
+    planned = (1 + len(mine)) * calls_per_generation
+    planned_total = (world + len(operator_graph.candidates)) * calls_per_generation
+    from tqdm.auto import tqdm
+
+    show = progress and rank == 0
+    if show:
+        tqdm.write(f"analysis: {len(operator_graph.candidates)} candidates + the dense model, {config.num_samples} "
+                   f"samples (micro-batches of {batch}{', x2 with guidance' if use_cfg else ''}) x {config.steps} "
+                   f"steps = {planned_total:,} UNet calls{f' over {world} ranks' if world > 1 else ''}, "
+                   f"{str(dtype).removeprefix('torch.')} on {device}", file=sys.stderr)
+    bar = tqdm(total=planned, desc=f"importance (rank {rank}/{world})" if world > 1 else "importance",
+               disable=not show, unit="call", dynamic_ncols=True)
+
+    def counted(**inputs: torch.Tensor) -> torch.Tensor:
+        out = unet.flat(**inputs)
+        bar.update(1)
+        return out
+
+    def final_moments() -> LatentMoments:
+        moments = LatentMoments()
+        for index in batches:
+            generators = [torch.Generator().manual_seed((config.seed << 20) + int(i) + 1) for i in index]
+            moments.update(sample_latents(
+                counted, scheduler, noise=noise[index], steps=config.steps,
+                guidance_scale=config.guidance_scale if use_cfg else 1.0, generator=generators,
+                **conditioning.rows(index, device, dtype)))
+        return moments
+
+    devices.reset_peak_memory(device)
     results: list[dict[str, Any]] = []
     with _analysis_mode(gm):
-        dense = latent_stats(final_latents())
-        from tqdm.auto import tqdm
-
-        bar = tqdm(mine, desc=f"importance (rank {rank}/{world})" if world > 1 else "importance",
-                   disable=not progress or rank != 0, unit="op")
-        for op in bar:
+        bar.set_postfix_str("dense", refresh=False)
+        dense = final_moments().stats()
+        for op in mine:
+            bar.set_postfix_str(op.name, refresh=False)
             with swapped(gm, op):
-                mu_term, sigma_term = latent_deviation_score(dense, final_latents())
+                mu_term, sigma_term = latent_deviation_score(dense, final_moments())
             results.append(CandidateScore(
                 name=op.name, score=mu_term + sigma_term, mu_term=mu_term, sigma_term=sigma_term,
                 params=op.params, macs=op.macs, action=op.action.value, kind=op.kind,
                 module_class=op.module_class).to_dict())
+    bar.close()
     elapsed = time.perf_counter() - start
+    peaks = [{"rank": rank, **devices.peak_memory(device)}]
 
     calls = unet.calls
     if world > 1:
         import torch.distributed as dist
 
         gathered: list[Any] = [None] * world
-        dist.all_gather_object(gathered, (results, calls, elapsed))
+        dist.all_gather_object(gathered, (results, calls, elapsed, peaks))
         results = [r for part in gathered for r in part[0]]
         calls = sum(part[1] for part in gathered)
         elapsed = max(part[2] for part in gathered)
+        peaks = [p for part in gathered for p in part[3]]
     by_name = {r["name"]: CandidateScore(**r) for r in results}
 
     report = ImportanceReport(
@@ -498,6 +571,9 @@ def analyze_importance(
         entries={op.name: by_name[op.name] for op in operator_graph.candidates},
         unet_calls=calls,
         wall_time_s=elapsed,
+        placement=devices.describe(device, dtype),
+        planned_unet_calls=planned_total,
+        peak_memory=peaks,
         world_size=world,
         cache_key=key,
     )

@@ -33,6 +33,9 @@ class LoadedModel:
     random_weights: bool = False
     text_encoder_config: Path | None = None  # zoo text-to-image models: the frozen text encoder they were trained with
     default_prompts: tuple[str, ...] | None = None  # the model's own calibration prompts (prompts.txt beside it)
+    # loaded here from a path or spec (True), or a caller's module (False): only an owned UNet may be traced without
+    # a copy (the graph then shares its modules; rewrites always work on copies) or used as a frozen teacher
+    owned: bool = True
 
     @property
     def zoo_name(self) -> str | None:
@@ -55,24 +58,41 @@ class LoadedModel:
     def device(self) -> Any:
         return next(self.unet.parameters()).device
 
-    def trace(self, config: Any = None) -> Any:
-        """The UNet traced into a :class:`~ldpruner.compiler.tracer.TracedUNet` at ``config`` (a
-        :class:`~ldpruner.passes.config.TraceConfig`; None: block granularity at the UNet's sample_size), from
-        seeded example inputs of batch 2. The loaded UNet is never changed (the tracer works on a copy)."""
+    def placed(self, device: Any, dtype: Any) -> nn.Module:
+        """The UNet on ``device`` in ``dtype``: the loaded module itself when it is there already, else a cast copy
+        (:func:`ldpruner.devices.cast_copy`: the loaded weights stay as they are, at their precision)."""
+        import torch
+
+        from ldpruner.devices import cast_copy
+
+        param = next(self.unet.parameters())
+        if param.device == torch.device(device) and param.dtype == dtype:
+            return self.unet
+        return cast_copy(self.unet, device, dtype)
+
+    def trace(self, config: Any = None, *, unet: nn.Module | None = None) -> Any:
+        """The UNet (or ``unet``, a placed copy of it) traced into a :class:`~ldpruner.compiler.tracer.TracedUNet`
+        at ``config`` (a :class:`~ldpruner.passes.config.TraceConfig`; None: block granularity at the UNet's
+        sample_size), from seeded example inputs of batch 2 on its device, in its dtype. A caller's module is
+        traced through a copy; one loaded here, or a placed copy, is shared with the graph (never changed by it)."""
         from ldpruner.compiler.tracer import trace_unet, unet_example_inputs
         from ldpruner.passes.config import TraceConfig
 
         config = config if config is not None else TraceConfig()
-        inputs = unet_example_inputs(self.unet, batch=2, height=config.height, width=config.width)
-        return trace_unet(self.unet, inputs, granularity=config.granularity)
+        module = unet if unet is not None else self.unet
+        inputs = unet_example_inputs(module, batch=2, height=config.height, width=config.width)
+        return trace_unet(module, inputs, granularity=config.granularity,
+                          copy_model=module is self.unet and not self.owned)
 
-    def trace_like(self, traced: Any) -> Any:
+    def trace_like(self, traced: Any, *, share: bool = False) -> Any:
         """The UNet traced exactly like ``traced`` (same inputs, shapes and granularity): the dense teacher of a
-        student that was pruned from a trace of this model."""
+        student that was pruned from a trace of this model. ``share`` (an owned UNet only) lets the teacher graph
+        use the loaded modules instead of a copy: no second copy of the weights, but whatever the teacher's user
+        does to them (freezing, moving) happens to the loaded UNet."""
         from ldpruner.compiler.tracer import trace_unet
 
         return trace_unet(self.unet, {n: traced.example_inputs[n] for n in traced.input_names},
-                          granularity=traced.granularity.value)
+                          granularity=traced.granularity.value, copy_model=not (share and self.owned))
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -92,7 +112,7 @@ def load(model: str | os.PathLike | nn.Module | LoadedModel) -> LoadedModel:
         return model
     if isinstance(model, nn.Module):
         return LoadedModel(unet=model, scheduler=None, source=f"<{type(model).__name__} object>",
-                           unet_dir=None, pipeline_dir=None)
+                           unet_dir=None, pipeline_dir=None, owned=False)
     spec = os.fspath(model)
     if spec.startswith(RANDOM_PREFIX):
         return _random_model(spec)

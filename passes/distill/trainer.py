@@ -131,7 +131,7 @@ class _Trainer:
         self.names = teacher.input_names
         self.teacher = tapped(teacher.gm, taps.groups).to(device).eval()
         self.teacher.requires_grad_(False)
-        student.gm.to(device).train()
+        student.gm.to(device).train().requires_grad_(True)  # every weight of the student learns
         self.model: torch.nn.Module = tapped(student.gm, taps.groups)
         if world > 1:
             from torch.nn.parallel import DistributedDataParallel

@@ -237,3 +237,14 @@ def test_zoo_model_as_model_with_its_text_encoder(capsys, tmp_path):
             and scores["scheduler"]["config"]["beta_schedule"] == "scaled_linear")
     code, out, err = run(capsys, "inspect", "zoo:nope")
     assert code == 1 and "unknown zoo model 'nope'" in err
+
+
+def test_help_does_not_load_torch():
+    """The flags come from the configs, which import no third-party package: --help is instant."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from ldpruner.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in ('torch', 'diffusers', 'onnx', 'numpy') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

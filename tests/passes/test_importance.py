@@ -192,6 +192,64 @@ def test_batching_does_not_change_scores_with_a_stochastic_scheduler(unet2d_grap
     assert deterministic.scores != whole.scores
 
 
+def test_micro_batches_stream_the_same_statistics_as_one_batch(sd_graph):
+    """Guided (the UNet sees 2 x the micro-batch), uneven micro-batches (3 + 1): μ and σ stream in float64 and
+    equal the one-batch statistics up to summation order; the announced cost is the cost paid."""
+    whole = analyze(sd_graph)
+    streamed = analyze(sd_graph, batch_size=3)
+    assert streamed.classifier_free_guidance and streamed.config.batch_size == 3
+    assert whole.planned_unet_calls == whole.unet_calls == (1 + len(whole)) * FAST.steps
+    assert streamed.planned_unet_calls == streamed.unet_calls == 2 * whole.unet_calls
+    for name, score in whole.scores.items():
+        assert streamed[name].score == pytest.approx(score, rel=1e-5, abs=1e-9)
+    assert streamed.placement["device"] == "cpu" and streamed.placement["dtype"] == "float32"
+    assert streamed.peak_memory[0]["host_peak_rss_mib"] > 0
+
+
+def test_latent_moments_equal_the_one_pass_statistics():
+    from ldpruner.passes.importance import LatentMoments, latent_stats
+
+    latents = torch.randn(11, 4, 5, 5, generator=torch.Generator().manual_seed(0)) * 3 + 1
+    moments = LatentMoments()
+    for chunk in (latents[:1], latents[1:5], latents[5:6], latents[6:]):
+        moments.update(chunk)
+    mean, std = moments.stats()
+    reference = latent_stats(latents)
+    assert mean.dtype == std.dtype == torch.float64 and moments.count == 11
+    torch.testing.assert_close(mean, reference[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(std, reference[1], rtol=1e-12, atol=1e-12)
+
+
+def test_bfloat16_analysis_on_cpu_scores_a_cast_copy(tmp_path):
+    from ldpruner import api
+
+    model = make_tiny_sd_unet()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = api.analyze(model, device="cpu", dtype="bfloat16", num_samples=2, steps=2, height=8, width=8,
+                         batch_size=1, progress=False, out=tmp_path)
+    assert report.config.dtype == "bfloat16" and report.placement["dtype"] == "bfloat16"
+    assert report.placement["device"] == "cpu" and report.placement["accelerator"]
+    assert all(torch.isfinite(torch.tensor(e.score)) for e in report)
+    # the caller's model is untouched: the analysis ran on a cast copy
+    assert all(v.dtype == torch.float32 and torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    saved = json.loads((tmp_path / "scores.json").read_text())
+    assert saved["placement"]["dtype"] == "bfloat16" and saved["cost"]["planned_unet_calls"] == report.unet_calls
+    float32 = api.analyze(model, device="cpu", num_samples=2, steps=2, height=8, width=8, progress=False)
+    assert float32.cache_key != report.cache_key  # cast weights are other weights
+
+
+def test_device_and_dtype_mismatches_are_config_errors(sd_graph):
+    from ldpruner import api
+
+    with pytest.raises(ConfigError, match=r"configured for dtype='bfloat16' but the traced UNet is in float32"):
+        analyze(sd_graph, dtype="bfloat16")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=r"device='cuda', but torch sees no CUDA device"):
+            api.analyze(make_tiny_sd_unet(), device="cuda", num_samples=2, steps=1)
+    with pytest.raises(ConfigError, match=r"device='gpu' is not one of auto, cpu, cuda, cuda:N"):
+        api.analyze(make_tiny_sd_unet(), device="gpu")
+
+
 # --- conditioning ---------------------------------------------------------------------------------------------
 
 def make_text_pipeline(folder: Path, hidden: int = 32) -> None:
