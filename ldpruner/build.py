@@ -13,6 +13,7 @@ the others and writes the report.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import json
 import os
@@ -47,6 +48,7 @@ class Build:
     world: distributed.World
     state: dict[str, str]
     analysis_key: str  # the importance pass's own cache key: weights, options, conditioning, scheduler
+    description: dict[str, Any]  # the loaded model's, for the report (the model itself is let go before the export)
     keys: dict[str, str] = dataclasses.field(default_factory=dict)
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
     reused: list[str] = dataclasses.field(default_factory=list)
@@ -88,6 +90,8 @@ def _rewrite_graph(b: Build) -> Any:
     is, else (the analysis ran on a cast or moved copy) a trace of the loaded UNet, and the copy is let go."""
     param, loaded = next(b.graph.traced.gm.parameters()), next(b.loaded.unet.parameters())
     if (param.dtype, param.device) != (loaded.dtype, loaded.device):
+        b.graph = None
+        gc.collect()  # fx graphs hold reference cycles: free the copy now, before the trace that replaces it
         b.graph = stages.inspect(b.loaded, b.cfg.part(TraceConfig))
     return b.graph
 
@@ -107,15 +111,20 @@ def _prune(b: Build) -> None:
 
 
 def _distill_options(b: Build) -> dict[str, Any]:
-    return {"steps": b.cfg.distill_steps, "seed": b.cfg.seed, "guidance_scale": b.cfg.guidance_scale}
+    """The DistillConfig of the build: its steps, the analysis' seed and guidance, then ``distill_options``."""
+    return {"steps": b.cfg.distill_steps, "seed": b.cfg.seed, "guidance_scale": b.cfg.guidance_scale,
+            **b.cfg.distill_options}
 
 
 def _distill(b: Build) -> None:
-    # a copy of the student is trained into distill/student: student/ stays the pruned-only model, so a change of
-    # distillation settings never trains an already distilled student again
+    # the student trains into distill/student while student/ stays the pruned-only model, so a change of
+    # distillation settings never trains an already distilled student again; the pruned student of this run (saved
+    # already) trains in place rather than beside a reloaded copy, which would hold the model twice
     from ldpruner.passes.student import load_student
 
-    result = stages.distill(b.loaded, load_student(b.out / stages.STUDENT), DistillConfig(**_distill_options(b)),
+    pruned = b.students.pop("prune", None)
+    pruned = pruned if pruned is not None else load_student(b.out / stages.STUDENT)
+    result = stages.distill(b.loaded, pruned, DistillConfig(**_distill_options(b)),
                             out=b.out / stages.DISTILL_DIR, data=None, prompts_file=b.cfg.prompts, resume=False,
                             overwrite=True, progress=b.progress, device=b.cfg.device)
     b.students["distill"] = result.student
@@ -128,6 +137,11 @@ def _final_student(b: Build) -> str:
 
 def _export(b: Build) -> None:
     student = b.student(_final_student(b))
+    # no later stage needs the dense model: let it go, so that a full-size model and its exported student are not
+    # in memory together (the ONNX export holds a second copy of the student's weights while it writes them)
+    b.loaded.release()
+    b.graph = None
+    gc.collect()
     summary = stages.export(student, b.cfg.part(ExportConfig), b.cfg.part(OptimizeConfig), out=b.out, overwrite=True,
                             device=b.cfg.device)
     write_json_atomic(b.out / EXPORT_SUMMARY, summary)
@@ -206,7 +220,7 @@ def run_build(cfg: BuildConfig, *, progress: bool = True) -> dict[str, Any]:
                     "timings_s": build.timings}
         from ldpruner.passes.plan import RemovalPlan
 
-        result = report.build_report(cfg, loaded, build.graph, RemovalPlan.load(out / stages.PLAN), out,
+        result = report.build_report(cfg, build.description, RemovalPlan.load(out / stages.PLAN), out,
                                      build.timings, build.reused, sample_rows(build))
         write_json_atomic(out / report.REPORT, result)
         write_text_atomic(out / report.REPORT_MD, report.report_markdown(result))
@@ -230,7 +244,7 @@ def _prepare(cfg: BuildConfig, out: Path, loaded: LoadedModel, world: distribute
         write_text_atomic(out / "operators.txt", graph.table() + "\n")
         write_text_atomic(out / "operators.json", graph.to_json() + "\n")
     return Build(cfg=cfg, out=out, progress=progress, loaded=loaded, graph=graph, analysis=analysis, calib=calib,
-                 world=world, state=_read_state(out),
+                 world=world, state=_read_state(out), description=loaded.describe(),
                  analysis_key=cache_key(graph, calib, config=analysis, scheduler=loaded.scheduler))
 
 

@@ -93,6 +93,10 @@ class BuildConfig(_Composed):
     distill_steps: int = option(DistillConfig.default("steps"), "distillation steps after pruning, data-free on the "
                                 "dense model's own trajectories (0 exports the pruned student undistilled)",
                                 minimum=0)
+    distill_options: Mapping[str, Any] = option(
+        default_factory=dict, help="a DistillConfig field for the distillation (batch_size, trajectories, "
+        "gradient_accumulation, gradient_checkpointing, ...; seed and guidance_scale default to the analysis')",
+        items=DistillConfig, check=lambda value: _distill_option_problems(value))
     exporter: str = same_as(ExportConfig, "exporter")
     opset: int | None = same_as(ExportConfig, "opset")
     optimize: bool = same_as(OptimizeConfig, "optimize")
@@ -131,8 +135,9 @@ class BenchConfig(_Composed):
                           + DEVICE_HELP)
     threads: int | None = option(None, "torch and onnxruntime threads", minimum=1, none="torch's current setting")
     memory: bool = option(True, "measure ONNX peak memory in a fresh process per model")
-    distill_options: Mapping[str, Any] = option(default_factory=dict, help="more DistillConfig fields for the "
-                                                "distillation (batch_size, lr, ...)", flag=False,
+    distill_options: Mapping[str, Any] = option(default_factory=dict, help="a DistillConfig field for the "
+                                                "distillation (batch_size, lr, trajectories, ...)",
+                                                items=DistillConfig,
                                                 check=lambda value: _distill_option_problems(value))
     distill_data: str | None = option(None, "distil on this dataset folder (images; captions for text-to-image) "
                                       "through the model's VAE; one model per run", none="data-free",
@@ -153,6 +158,8 @@ class BenchConfig(_Composed):
 def _distill_option_problems(value: Any) -> list[str]:
     if not isinstance(value, Mapping):
         return [f"distill_options must be a mapping of DistillConfig fields, got {value!r}"]
+    if "steps" in value:
+        return ["distill_options may not set steps: distill_steps is the number of distillation steps"]
     try:
         DistillConfig.from_dict({"steps": 1, **value})
     except ConfigError as exc:

@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 
 from .errors import ConfigError
 
-__all__ = ["Config", "Spec", "add_flags", "option", "same_as", "split_options"]
+__all__ = ["Config", "Spec", "add_flags", "option", "parse_value", "same_as", "split_options"]
 
 _META = "ldpruner.option"
 
@@ -53,6 +53,7 @@ class Spec:
     metavar: str | None = None
     path: bool = False  # a str field that names a file or folder: os.PathLike values are accepted (as str)
     check: Callable[[Any], Iterable[str]] | None = None  # more rules for one field (its problems, if any)
+    items: Any = None  # a mapping of another config's fields: that config (the CLI takes NAME=VALUE flags)
 
     def bounds_text(self) -> str | None:
         lo, hi = self.minimum, self.maximum
@@ -303,11 +304,54 @@ def split_options(options: Mapping[str, Any], *configs: type[Config] | tuple[typ
 # --- the command line ------------------------------------------------------------------------------------------------
 
 def _show(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return " ".join(f"{k}={_show(v)}" for k, v in value.items()) or "none"
     if isinstance(value, (tuple, list)):
         return " ".join(_show(v) for v in value)
     if isinstance(value, bool):
         return "on" if value else "off"
     return str(value)
+
+
+def parse_value(config: type[Config], name: str, text: str) -> Any:
+    """``text`` (a command-line word) as a value of ``config``'s field ``name``, by its declared type; the config
+    validates the value itself later."""
+    if name not in config.names():
+        raise ConfigError(f"{config.__name__} has no option {name!r}; known: {sorted(config.names())}")
+    kind = config._kind_of()[name]
+    if kind.optional and text.lower() == "none":
+        return None
+    try:
+        if kind.base is bool:
+            words = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False,
+                     "off": False}
+            return words[text.lower()]
+        if kind.base in (int, float):
+            return kind.base(text)
+    except (KeyError, ValueError):
+        raise ConfigError(f"{name}={text!r} is not {kind.describe()}") from None
+    return text
+
+
+class _Assignments(argparse.Action):
+    """``--flag NAME=VALUE`` (repeatable) into a dict of ``config``'s fields, each value typed by its declaration."""
+
+    def __init__(self, *args: Any, config: type[Config], **kwargs: Any) -> None:
+        self.config = config
+        super().__init__(*args, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        name, sep, text = str(values).partition("=")
+        if not sep:
+            parser.error(f"{option_string} takes NAME=VALUE, got {values!r}")
+        try:
+            value = parse_value(self.config, name.strip().replace("-", "_"), text.strip())
+        except ConfigError as exc:
+            parser.error(f"{option_string}: {exc}")
+        current = dict(getattr(namespace, self.dest, None) or {})
+        current[name.strip().replace("-", "_")] = value
+        setattr(namespace, self.dest, current)
 
 
 def add_flags(parser: argparse.ArgumentParser, config: type[Config], names: Sequence[str] | None = None, *,
@@ -325,6 +369,12 @@ def add_flags(parser: argparse.ArgumentParser, config: type[Config], names: Sequ
         else:
             shown = "default: " + (spec.none if default is None and spec.none else _show(default))
         kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": f"{text} ({shown})"}
+        if spec.items is not None:  # a mapping of another config's fields: one NAME=VALUE flag per entry
+            flag = "--" + name.replace("_", "-").removesuffix("s")
+            kwargs.update(action=_Assignments, config=spec.items, metavar=spec.metavar or "NAME=VALUE",
+                          dest=name, help=f"{text}; repeat the flag for several ({shown})")
+            parser.add_argument(flag, **kwargs)
+            continue
         if kind.base is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:

@@ -18,19 +18,24 @@ REPORT_MD = "report.md"
 SAMPLES = "samples.png"
 
 
-def build_report(cfg: Any, loaded: Any, graph: Any, plan: Any, out_dir: Path, timings: dict[str, float],
+def build_report(cfg: Any, model: dict[str, Any], plan: Any, out_dir: Path, timings: dict[str, float],
                  reused: list[str], sample_rows: list[str]) -> dict[str, Any]:
-    """report.json's content for a finished build into ``out_dir`` (the scores, export and distillation summaries are
-    read from the files there, so the report describes what is on disk)."""
+    """report.json's content for a finished build into ``out_dir`` (``model``: the LoadedModel's description). The
+    operator table, the scores, export and distillation summaries are read from the files there, so the report
+    describes what is on disk."""
     from ldpruner.passes.importance import ImportanceReport
 
+    operators = read_json(out_dir / "operators.json", what="operator table")
+    kinds = {op["name"]: op["kind"] for op in operators["operators"]}
+    candidates = [op for op in operators["operators"] if op["action"] != "not-removable"]
+    trace = operators["trace"]
     scores = ImportanceReport.load(out_dir / SCORES)
     export_summary = read_json(out_dir / ONNX_DIR / "export.json", what="export summary")
     validation = export_summary["export"]["validation"]
     totals = plan.to_dict()["totals"]
-    removed = [dict(r.to_dict(), kind=graph[r.name].kind) for r in plan.removals]
+    removed = [dict(r.to_dict(), kind=kinds[r.name]) for r in plan.removals]
     summary = (
-        f"{cfg.model}: removed {len(plan.removals)} of {len(graph.candidates)} candidate operators; "
+        f"{cfg.model}: removed {len(plan.removals)} of {len(candidates)} candidate operators; "
         f"UNet params {totals['params_before']:,} -> {totals['params_after']:,} "
         f"(-{totals['params_removed_fraction']:.1%}), MACs/sample -{totals['macs_removed_fraction']:.1%}; "
         f"ONNX {'validated' if validation.get('passed') else 'NOT validated'} "
@@ -40,14 +45,14 @@ def build_report(cfg: Any, loaded: Any, graph: Any, plan: Any, out_dir: Path, ti
         "format": "ldpruner.report/1",
         "summary": summary,
         "config": cfg.to_dict(),
-        "model": loaded.describe(),
-        "trace": graph.traced.validity(),
-        "operators": {"total": len(graph.operators), "candidates": len(graph.candidates)},
+        "model": model,
+        "trace": trace,
+        "operators": {"total": len(operators["operators"]), "candidates": len(candidates)},
         "params": {"dense": totals["params_before"], "pruned": totals["params_after"],
                    "removed_fraction": totals["params_removed_fraction"]},
         "macs_per_sample": {"dense": totals["macs_per_sample_before"], "pruned": totals["macs_per_sample_after"],
                             "removed_fraction": totals["macs_removed_fraction"],
-                            "at_latent_shape": graph.traced.validity()["traced_sample_shape"][1:]},
+                            "at_latent_shape": trace["traced_sample_shape"][1:]},
         "analysis": {"conditioning": scores.conditioning, "unet_calls": scores.unet_calls,
                      "wall_time_s": scores.wall_time_s, "scheduler": scores.scheduler,
                      "placement": scores.placement, "batch_size": scores.config.batch_size,

@@ -179,4 +179,23 @@ def export(student: Any, config: Any, variants: Any, *, out: str | os.PathLike, 
                 [("fp16", "unet.fp16.onnx", True)] if variants.fp16 else []):
             summary[name] = optimize_onnx(result.onnx_path, onnx_dir / filename, use_gpu=on_cuda, fp16=half,
                                           overwrite=overwrite).to_dict()
+        summary["attention_fusion"] = _attention_fusion(student, summary["optimized"]["fused_operators"])
     return summary
+
+
+def _attention_fusion(student: Any, fused: dict[str, int]) -> dict[str, Any]:
+    """How many of the student's attention blocks onnxruntime fused into one attention operator. A removal can
+    break the pattern the fusion matches around a neighbour; the count says so instead of a silent slowdown."""
+    import logging
+
+    from ldpruner.passes.onnx.optimize import ATTENTION_FUSIONS
+
+    blocks = sum(1 for _, m in student.gm.named_modules() if type(m).__name__ == "Attention")
+    fused_count = sum(int(fused.get(name, 0)) for name in ATTENTION_FUSIONS)
+    result: dict[str, Any] = {"attention_blocks": blocks, "fused": fused_count, "warning": None}
+    if fused_count < blocks:
+        result["warning"] = (f"{blocks - fused_count} of {blocks} attention blocks were not fused by onnxruntime's "
+                             "optimizer (their pattern did not match): they run as separate MatMul/Softmax nodes")
+        logging.getLogger("ldpruner.stages").warning(result["warning"])
+    return result
+

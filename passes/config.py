@@ -151,6 +151,11 @@ class DistillConfig(Config):
     guidance_scale: float = option(7.5, "data-free: guidance of the teacher's trajectories", minimum=0)
     renoise: float = option(0.5, "data-free: share of each batch re-noised from the teacher's final latents",
                             minimum=0, maximum=1)
+    gradient_accumulation: int = option(1, "micro-batches per optimizer step: the batch (per process) is split into "
+                                        "this many, their gradients summed, so memory holds one micro-batch",
+                                        minimum=1)
+    gradient_checkpointing: bool = option(False, "recompute each operator's activations in the backward pass "
+                                          "instead of keeping them (less memory, about a third more compute)")
 
     def problems(self) -> Iterable[str]:
         if self.w_out == 0 and self.w_feat == 0 and not self.w_task:

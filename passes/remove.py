@@ -220,8 +220,11 @@ class RemoveOperators(Pass):
                 # [channels differ -> shortcut], without a shortcut to keep: a new projection
                 cases[CHANNELS_PROJECTION] += 1
                 key = projection_key(op.name)
-                like = next(module.parameters(), None)
-                like = like if like is not None else next(gm.parameters(), torch.empty(0))
+                # the new weights take the removed operator's dtype and the device of the tensors that stay (the
+                # removed operator's own may be meta tensors already: see _copy_keeping)
+                kept = next((q for q in gm.parameters() if q.device.type != "meta"), torch.empty(0))
+                dtype = next(module.parameters(), kept).dtype
+                like = torch.empty(0, device=kept.device, dtype=dtype)
                 _projection_root(gm)[key] = make_projection(op.in_shape, op.out_shape, like)
                 replacement, scale = graph.call_module(f"{PROJECTION_ROOT}.{key}", (x,)), 1.0
             else:
@@ -357,6 +360,40 @@ class PrunedUNet:
         return self.traced.input_names
 
 
+def _copy_keeping(gm: torch.fx.GraphModule, plan: RemovalPlan, operator_graph: OperatorGraph) -> torch.fx.GraphModule:
+    """A deep copy of ``gm`` for the rewrite, in which the tensors that only the planned removals hold are copied as
+    meta tensors (same shapes, no memory): the rewrite deletes them, so a full-size model is never held twice.
+
+    A tensor is left out only when every module path that reaches it lies inside a planned removal (and, for a
+    ``shortcut`` removal, outside the ``conv_shortcut`` that stays); names the plan gets wrong are left to the
+    rewrite's validation."""
+    removed: dict[str, str | None] = {}  # removal prefix → the kept part under it
+    for r in plan.removals:
+        if r.name in operator_graph.operators:
+            shortcut = operator_graph[r.name].action is Action.SHORTCUT
+            removed[r.name + "."] = f"{r.name}.conv_shortcut." if shortcut else None
+    if not removed:
+        return copy.deepcopy(gm)
+
+    def dropped(path: str) -> bool:
+        return any(path.startswith(prefix) and not (kept and path.startswith(kept))
+                   for prefix, kept in removed.items())
+
+    owners: dict[int, list[str]] = collections.defaultdict(list)
+    tensors: dict[int, torch.Tensor] = {}
+    for name, tensor in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
+        owners[id(tensor)].append(name)
+        tensors[id(tensor)] = tensor
+    memo: dict[int, Any] = {}
+    for key, names in owners.items():
+        if all(dropped(name) for name in names):
+            tensor = tensors[key]
+            meta = torch.empty_like(tensor, device="meta")
+            memo[key] = nn.Parameter(meta, requires_grad=tensor.requires_grad) if isinstance(
+                tensor, nn.Parameter) else meta
+    return copy.deepcopy(gm, memo)
+
+
 def apply_plan(
     gm: torch.fx.GraphModule,
     plan: RemovalPlan,
@@ -397,7 +434,7 @@ def prune(
     ``config`` is the dense model's ``model.config``, kept for :func:`save_student`."""
     if operator_graph is None:
         operator_graph = build_operator_graph(traced, extra_operator_types=extra_operator_types)
-    gm = copy.deepcopy(traced.gm)
+    gm = _copy_keeping(traced.gm, plan, operator_graph)
     result = apply_plan(gm, plan, operator_graph, verify=verify, allow_empty=allow_empty)
     pruned = dataclasses.replace(traced, gm=result.gm)
     summary = result.summary[RemoveOperators.__name__]

@@ -21,6 +21,7 @@ LAYER_OF = {
     "ldpruner.errors": "base",
     "ldpruner.io": "base",
     "ldpruner.distributed": "base",
+    "ldpruner.devices": "base",
     "ldpruner.options": "base",
     "ldpruner.compiler": "compiler",
     "ldpruner.runtime": "runtime",

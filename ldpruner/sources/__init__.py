@@ -36,6 +36,7 @@ class LoadedModel:
     # loaded here from a path or spec (True), or a caller's module (False): only an owned UNet may be traced without
     # a copy (the graph then shares its modules; rewrites always work on copies) or used as a frozen teacher
     owned: bool = True
+    _description: dict[str, Any] | None = dataclasses.field(default=None, init=False, repr=False)
 
     @property
     def zoo_name(self) -> str | None:
@@ -94,7 +95,15 @@ class LoadedModel:
         return trace_unet(self.unet, {n: traced.example_inputs[n] for n in traced.input_names},
                           granularity=traced.granularity.value, copy_model=not (share and self.owned))
 
+    def release(self) -> None:
+        """Let the UNet go (a build, once no stage needs the dense model any more); using it afterwards is an error,
+        its description stays."""
+        self._description = self.describe()
+        self.unet = None  # type: ignore[assignment]
+
     def describe(self) -> dict[str, Any]:
+        if self.unet is None:
+            return self._description
         return {
             "source": self.source,
             "class": type(self.unet).__name__,

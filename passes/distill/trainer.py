@@ -20,6 +20,7 @@ on CPU, NCCL on GPU), each rank trains on its own shard of the data, and only ra
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -36,7 +37,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ldpruner import distributed
+from ldpruner import devices, distributed
 from ldpruner.compiler.taps import FeatureTaps, match_taps, tapped
 from ldpruner.compiler.tracer import TracedUNet
 from ldpruner.errors import ArtifactError, ConfigError, DistillError
@@ -92,9 +93,41 @@ def feature_loss(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor,
     return stacked.mean() if kind == "normalized" else stacked.sum()
 
 
-def _step_generator(seed: int, step: int, rank: int) -> torch.Generator:
-    mixed = hashlib.sha256(f"{seed}:{step}:{rank}".encode()).digest()
+def _step_generator(seed: int, step: int, rank: int, micro: int = 0) -> torch.Generator:
+    """The generator of one micro-batch: a function of (seed, step, rank, micro-batch) alone, so a resumed run
+    draws the same batches (the first micro-batch's is the one runs without accumulation have always drawn)."""
+    key = f"{seed}:{step}:{rank}" + (f":{micro}" if micro else "")
+    mixed = hashlib.sha256(key.encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(mixed[:8], "little") & ((1 << 63) - 1))
+
+
+def _checkpointed(module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """Run ``module`` keeping only its inputs for the backward pass, which recomputes its activations."""
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(module, *args, use_reentrant=False, **kwargs)
+
+
+def checkpoint_operators(gm: torch.fx.GraphModule, granularity: Any) -> int:
+    """Rewrite ``gm`` (in place) so that every operator call (ResNet, transformer, attention blocks: the units the
+    analysis scores) runs under activation checkpointing; returns how many calls were wrapped. The modules and
+    their parameters are untouched, only the graph's calls change."""
+    from ldpruner.compiler.operators import is_operator
+
+    wrapped = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not is_operator(gm.get_submodule(node.target), granularity):
+            continue
+        with gm.graph.inserting_before(node):
+            module = gm.graph.get_attr(node.target)
+            call = gm.graph.call_function(_checkpointed, (module, *node.args), dict(node.kwargs))
+        call.meta = dict(node.meta)
+        node.replace_all_uses_with(call)
+        gm.graph.erase_node(node)
+        wrapped += 1
+    gm.graph.lint()
+    gm.recompile()
+    return wrapped
 
 
 # --- checkpoints -----------------------------------------------------------------------------------------------------
@@ -132,7 +165,9 @@ class _Trainer:
         self.teacher = tapped(teacher.gm, taps.groups).to(device).eval()
         self.teacher.requires_grad_(False)
         student.gm.to(device).train().requires_grad_(True)  # every weight of the student learns
-        self.model: torch.nn.Module = tapped(student.gm, taps.groups)
+        self.model: torch.nn.Module = tapped(student.gm, taps.groups)  # a new graph over the student's modules
+        self.checkpointed = (checkpoint_operators(self.model, student.traced.granularity)
+                             if config.gradient_checkpointing else 0)
         if world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -150,33 +185,22 @@ class _Trainer:
 
     # --- one step ------------------------------------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
+        """One optimizer step over ``gradient_accumulation`` micro-batches (their gradients summed, each loss
+        divided by their number, so the step sees the mean over the whole effective batch)."""
         config = self.config
         started = time.perf_counter()
-        batch = self.data.batch(_step_generator(config.seed, self.step, self.rank), config.batch_size // self.world)
-        inputs = [batch.inputs[n].to(self.device) for n in self.names]
-        w_task = self.w_task if self.w_task is not None else (1.0 if batch.target is not None else 0.0)
-        if w_task and batch.target is None:
-            raise DistillError(f"w_task={w_task} needs data with known noise (a dataset); teacher trajectories "
-                               "have none: set w_task to 0 or pass data")
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
-        with torch.no_grad(), autocast:
-            t_out, t_feats = self.teacher(*inputs)
-        with autocast:
-            s_out, s_feats = self.model(*inputs)
-        if self.step == self._checked_at:
-            self._check_taps(s_out, t_out, s_feats, t_feats)
-        s_out, t_out = s_out.float(), t_out.float()
-        out_term = F.mse_loss(s_out, t_out)
-        feat_term = feature_loss(s_feats, t_feats, config.feature_loss).to(s_out.device)
-        task_term = (F.mse_loss(s_out, batch.target.to(s_out)) if batch.target is not None
-                     else torch.zeros((), device=s_out.device))
-        loss = config.w_out * out_term + config.w_feat * feat_term + w_task * task_term
-        if not torch.isfinite(loss):
-            raise DistillError(f"the loss is {float(loss)} at step {self.step + 1} (out {float(out_term):.4g}, feat "
-                               f"{float(feat_term):.4g}, task {float(task_term):.4g}); "
-                               "lower lr or use precision='fp32'")
+        micro_batches = config.gradient_accumulation
+        size = config.batch_size // (self.world * micro_batches)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        sums = torch.zeros(4, dtype=torch.float64)
+        for micro in range(micro_batches):
+            batch = self.data.batch(_step_generator(config.seed, self.step, self.rank, micro), size)
+            # under DDP the gradients are averaged over ranks once, on the last micro-batch
+            last = micro == micro_batches - 1
+            sync = self.model.no_sync() if self.world > 1 and not last else contextlib.nullcontext()
+            with sync:
+                sums += self._micro_step(batch, micro == 0, scale=1.0 / micro_batches).double()
+        terms = (sums / micro_batches).float()
         if config.grad_clip is not None:
             grad_norm = torch.nn.utils.clip_grad_norm_(list(self.params.values()), config.grad_clip)
         else:
@@ -191,17 +215,46 @@ class _Trainer:
             with torch.no_grad():
                 for k, p in self.params.items():
                     self.ema[k].lerp_(p.detach().float(), 1 - decay)
-        terms = torch.stack([loss.detach(), task_term.detach(), out_term.detach(), feat_term.detach()]).float()
         if self.world > 1:
             import torch.distributed as dist
 
+            terms = terms.to(self.device)  # NCCL reduces device tensors, gloo host ones
             dist.all_reduce(terms)
-            terms /= self.world
+            terms = terms.cpu() / self.world
         row = {"step": self.step, "lr": lr, "loss": float(terms[0]), "task": float(terms[1]),
                "out": float(terms[2]), "feat": float(terms[3]), "grad_norm": float(grad_norm),
                "time_s": time.perf_counter() - started}
         self.log.append(row)
         return row
+
+    def _micro_step(self, batch: Any, first: bool, *, scale: float) -> torch.Tensor:
+        """Forward and backward of one micro-batch (its loss scaled by ``scale``); returns its loss terms
+        (loss, task, out, feat)."""
+        config = self.config
+        inputs = [batch.inputs[n].to(self.device) for n in self.names]
+        w_task = self.w_task if self.w_task is not None else (1.0 if batch.target is not None else 0.0)
+        if w_task and batch.target is None:
+            raise DistillError(f"w_task={w_task} needs data with known noise (a dataset); teacher trajectories "
+                               "have none: set w_task to 0 or pass data")
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
+        with torch.no_grad(), autocast:
+            t_out, t_feats = self.teacher(*inputs)
+        with autocast:
+            s_out, s_feats = self.model(*inputs)
+        if first and self.step == self._checked_at:
+            self._check_taps(s_out, t_out, s_feats, t_feats)
+        s_out, t_out = s_out.float(), t_out.float()
+        out_term = F.mse_loss(s_out, t_out)
+        feat_term = feature_loss(s_feats, t_feats, config.feature_loss).to(s_out.device)
+        task_term = (F.mse_loss(s_out, batch.target.to(s_out)) if batch.target is not None
+                     else torch.zeros((), device=s_out.device))
+        loss = config.w_out * out_term + config.w_feat * feat_term + w_task * task_term
+        if not torch.isfinite(loss):
+            raise DistillError(f"the loss is {float(loss)} at step {self.step + 1} (out {float(out_term):.4g}, feat "
+                               f"{float(feat_term):.4g}, task {float(task_term):.4g}); "
+                               "lower lr or use precision='fp32'")
+        (loss * scale if scale != 1.0 else loss).backward()
+        return torch.stack([loss.detach(), task_term.detach(), out_term.detach(), feat_term.detach()]).float().cpu()
 
     def _check_taps(self, s_out: Any, t_out: Any, s_feats: Any, t_feats: Any) -> None:
         pairs = [("the output", s_out, t_out)] + list(zip(self.taps.groups, s_feats, t_feats))
@@ -251,9 +304,11 @@ class _Trainer:
             raise DistillError(f"{str(path)!r} is not a distillation checkpoint (format {state.get('format')!r})")
         saved = dict(state["config"])
         now = self.config.to_dict()
-        differ = sorted(k for k in now if k != "steps" and saved.get(k) != now[k])
+        # options a checkpoint predates had their defaults then
+        differ = sorted(k for k in now if k != "steps" and saved.get(k, DistillConfig.default(k)) != now[k])
         if differ:
-            pairs = ", ".join(f"{k}: checkpoint {saved.get(k)!r}, now {now[k]!r}" for k in differ)
+            pairs = ", ".join(f"{k}: checkpoint {saved.get(k, DistillConfig.default(k))!r}, now {now[k]!r}"
+                              for k in differ)
             raise DistillError(f"cannot resume from {str(path)!r}: the config changed ({pairs}); only steps may "
                                "change on resume, or start over with overwrite")
         if state["world_size"] != self.world:
@@ -374,8 +429,9 @@ def distill(
     rank, world = joined.rank, joined.size
     out = Path(out)
     try:
-        if config.batch_size % world:
-            raise ConfigError(f"batch_size={config.batch_size} must split evenly over {world} processes")
+        if config.batch_size % (world * config.gradient_accumulation):
+            raise ConfigError(f"batch_size={config.batch_size} must split evenly over {world} process(es) x "
+                              f"gradient_accumulation={config.gradient_accumulation} micro-batches")
         checkpoint = _prepare_out(out, resume=resume, overwrite=overwrite) if rank == 0 else (
             latest_checkpoint(out) if resume else None)
         taps = match_taps(teacher.gm, student.gm)
@@ -385,6 +441,7 @@ def distill(
             trainer.load_checkpoint(checkpoint)
             resumed_from = trainer._checked_at = trainer.step
         started = time.perf_counter()
+        devices.reset_peak_memory(device)
         from tqdm.auto import tqdm
 
         bar = tqdm(total=config.steps, initial=trainer.step, desc="distill", unit="step",
@@ -432,7 +489,13 @@ def _summary(trainer: _Trainer, data: DistillData, resumed_from: int | None, ela
         "resumed_from_step": resumed_from,
         "wall_time_s_this_run": round(elapsed, 3),
         "device": str(device),
+        "accelerator": devices.accelerator_name(device),
         "world_size": world,
+        "micro_batch_per_process": trainer.config.batch_size // (world * trainer.config.gradient_accumulation),
+        "gradient_checkpointing": {"on": trainer.config.gradient_checkpointing,
+                                   "operators_wrapped": trainer.checkpointed},
+        # the peak of the training steps of this run (the host's is the process's high-water mark so far)
+        "peak_memory": devices.peak_memory(device),
         "data": data.describe(),
         "feature_taps": trainer.taps.to_dict(),
         "student_params": sum(p.numel() for p in trainer.params.values()),

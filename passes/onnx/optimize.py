@@ -39,7 +39,7 @@ from .numeric_check import (
     run_failure,
 )
 
-__all__ = ["OptimizeResult", "optimize_onnx", "fusion_options", "CUDA_ONLY_FUSIONS"]
+__all__ = ["ATTENTION_FUSIONS", "CUDA_ONLY_FUSIONS", "FP32_OPS", "OptimizeResult", "fusion_options", "optimize_onnx"]
 
 logger = logging.getLogger("ldpruner.passes.onnx.optimize")
 
@@ -53,6 +53,11 @@ CUDA_ONLY_FUSIONS = (
 )
 # Packed QKV / KV attention has fp16 kernels only (onnxruntime's own SD optimizer turns them off for fp32).
 _PACKED_ATTENTION = ("enable_packed_qkv", "enable_packed_kv")
+# Operators the fp16 variant keeps in float32: layer norms reduce over wide rows whose sums overflow float16's range
+# (onnxruntime's Stable Diffusion engine builder forces the same ones for its CUDA models).
+FP32_OPS = ("LayerNormalization", "SkipLayerNormalization")
+# fused operators that are an attention block
+ATTENTION_FUSIONS = ("Attention", "MultiHeadAttention", "PackedAttention", "PackedMultiHeadAttention")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +68,7 @@ class OptimizeResult:
     use_gpu: bool
     fusion_options: Mapping[str, bool]
     fused_operators: Mapping[str, int]  # get_fused_operator_statistics(), zeros included
+    fp32_ops: tuple[str, ...]  # operator types the fp16 variant keeps in float32 (empty for fp32)
     nodes_before: int
     nodes_after: int
     optimize_seconds: float
@@ -76,6 +82,7 @@ class OptimizeResult:
             "use_gpu": self.use_gpu,
             "fusion_options": dict(self.fusion_options),
             "fused_operators": dict(self.fused_operators),
+            "fp32_ops": list(self.fp32_ops),
             "nodes_before": self.nodes_before,
             "nodes_after": self.nodes_after,
             "optimize_seconds": self.optimize_seconds,
@@ -107,18 +114,21 @@ def optimize_onnx(
     tolerance: Tolerance | None = None,
     validation_inputs: Sequence[Mapping[str, np.ndarray]] | None = None,
     seed: int = 0,
+    fp32_ops: Sequence[str] = FP32_OPS,
     overwrite: bool = False,
 ) -> OptimizeResult:
     """Fuse ``in_path`` with onnxruntime's transformer optimizer (``model_type="unet"``) into ``out_path``.
 
     ``use_gpu``: the target is CUDA (all fusions on; the result only runs on CUDA). ``fp16``: convert to
-    float16 after fusing, keeping float32 inputs/outputs. ``validate``: run ``in_path`` (reference) and the
-    result on the same inputs — ``validation_inputs`` or, for models exported by ldpruner, seeded inputs at
-    batch 1 and 2 (and a second latent size when it is dynamic) — and compare with ``tolerance`` (default: the
-    fp32 or fp16 entry of DEFAULT_TOLERANCES). The check runs on CUDA when the target is CUDA and onnxruntime
-    has it; otherwise on CPU. When the result cannot run there (CUDA-only fusions without CUDA; fp16 kernels
-    missing on CPU) the result says ``validated: False`` with the reason instead of raising. A mismatch on a
-    model that did run raises ExportValidationError listing every failing check. Files appear all or nothing.
+    float16 after fusing, keeping float32 inputs/outputs and the operators in ``fp32_ops`` (numerically fragile
+    reductions) in float32; the check compares it with the float32 model at the float16 tolerance.
+    ``validate``: run ``in_path`` (reference) and the result on the same inputs — ``validation_inputs`` or, for
+    models exported by ldpruner, seeded inputs at batch 1 and 2 (and a second latent size when it is dynamic) — and
+    compare with ``tolerance`` (default: the fp32 or fp16 entry of DEFAULT_TOLERANCES). The check runs on CUDA
+    when the target is CUDA and onnxruntime has it; otherwise on CPU. When the result cannot run there (CUDA-only
+    fusions without CUDA; fp16 kernels missing on CPU) the result says ``validated: False`` with the reason instead
+    of raising. A mismatch on a model that did run raises ExportValidationError listing every failing check. Files
+    appear all or nothing.
     """
     in_path, out_path = Path(in_path), Path(out_path)
     if not in_path.is_file():
@@ -150,7 +160,10 @@ def optimize_onnx(
             )
         fused = dict(optimizer.get_fused_operator_statistics())
         if fp16:
-            optimizer.convert_float_to_float16(keep_io_types=True)
+            from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST
+
+            optimizer.convert_float_to_float16(keep_io_types=True,
+                                               op_block_list=list(DEFAULT_OP_BLOCK_LIST) + list(fp32_ops))
     except Exception as exc:
         raise ExportError(
             f"onnxruntime transformer optimizer failed on {in_path.name}: {type(exc).__name__}: {exc}"
@@ -183,6 +196,7 @@ def optimize_onnx(
         use_gpu=use_gpu,
         fusion_options={k: bool(v) for k, v in vars(options).items() if k.startswith("enable_")},
         fused_operators=fused,
+        fp32_ops=tuple(fp32_ops) if fp16 else (),
         nodes_before=nodes_before,
         nodes_after=nodes_after,
         optimize_seconds=seconds,

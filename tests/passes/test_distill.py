@@ -3,6 +3,7 @@ resume after an interruption, DDP with two gloo processes, and the typed errors.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -170,6 +171,49 @@ def test_resume_after_an_interruption_is_bit_identical(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     strip = [{k: v for k, v in r.items() if k != "time_s"} for r in whole.log]
     assert strip == [{k: v for k, v in r.items() if k != "time_s"} for r in resumed.log]
+
+
+def test_gradient_checkpointing_trains_exactly_as_without_it(tmp_path):
+    config = DistillConfig(steps=3, **FAST)
+    pruned, teacher, data = _setup()
+    plain = distill(pruned, teacher, data, config=config, out=tmp_path / "plain", progress=False)
+    pruned, teacher, data = _setup()
+    saved = distill(pruned, teacher, data, config=dataclasses.replace(config, gradient_checkpointing=True),
+                    out=tmp_path / "checkpointed", progress=False)
+    a, b = plain.student.gm.state_dict(), saved.student.gm.state_dict()
+    assert all(torch.allclose(a[k], b[k], rtol=1e-6, atol=1e-7) for k in a)  # recomputed, not approximated
+    summary = saved.summary
+    assert summary["gradient_checkpointing"]["on"] and summary["gradient_checkpointing"]["operators_wrapped"] >= 5
+    assert plain.summary["gradient_checkpointing"] == {"on": False, "operators_wrapped": 0}
+    assert summary["peak_memory"]["host_peak_rss_mib"] > 0 and summary["device"] == "cpu"
+    # the saved student is the plain graph (the wrapping lives in the training graph only)
+    assert "_checkpointed" not in saved.student.gm.code and "checkpoint" not in load_student(
+        tmp_path / "checkpointed" / "student").gm.code
+
+
+def test_gradient_accumulation_resumes_bit_identically_and_splits_the_batch(tmp_path):
+    config = DistillConfig(steps=4, checkpoint_every=2, gradient_accumulation=2, gradient_checkpointing=True, **FAST)
+    pruned, teacher, data = _setup()
+    whole = distill(pruned, teacher, data, config=config, out=tmp_path / "whole", progress=False)
+    assert whole.summary["micro_batch_per_process"] == 2
+
+    pruned, teacher, data = _setup()
+
+    def kill_at_step_3(row):
+        if row["step"] == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        distill(pruned, teacher, data, config=config, out=tmp_path / "cut", progress=False, callback=kill_at_step_3)
+    pruned, teacher, data = _setup()
+    resumed = distill(pruned, teacher, data, config=config, out=tmp_path / "cut", resume=True, progress=False)
+    a, b = whole.student.gm.state_dict(), resumed.student.gm.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    pruned, teacher, data = _setup()
+    with pytest.raises(ConfigError, match=r"batch_size=4 must split evenly over 1 process\(es\) x "
+                                          r"gradient_accumulation=3 micro-batches"):
+        distill(pruned, teacher, data, config=dataclasses.replace(config, gradient_accumulation=3),
+                out=tmp_path / "bad", progress=False)
 
 
 def test_resume_and_overwrite_rules(tmp_path):

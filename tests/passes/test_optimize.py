@@ -134,3 +134,26 @@ def test_foreign_model_needs_validation_inputs(exported, tmp_path):
     assert not (tmp_path / "out" / "unet.onnx").exists()
     result = optimize_onnx(foreign, tmp_path / "out" / "unet.onnx", validation_inputs=[_feeds(2, (16, 16), seed=0)])
     assert result.validation.passed and len(result.validation.checks) == 1
+
+
+def test_export_stage_counts_the_fused_attention_blocks_and_keeps_norms_in_fp32(tmp_path):
+    """api.export with optimize and fp16: every attention block of the pruned student fused (or a warning), and
+    the fp16 variant records the operators it keeps in float32."""
+    from test_remove import plan_for
+
+    from ldpruner import api
+    from ldpruner.compiler.graph import build_operator_graph
+    from ldpruner.passes.onnx.optimize import FP32_OPS
+    from ldpruner.passes.remove import prune
+
+    model = make_tiny_sd_unet()
+    traced = trace_unet(model)
+    graph = build_operator_graph(traced)
+    student = prune(traced, plan_for(graph, ["down_blocks.0.resnets.0", "up_blocks.1.attentions.1"]),
+                    operator_graph=graph, config=model.config)
+    summary = api.export(student, out=tmp_path, optimize=True, fp16=True, device="cpu")
+    fusion = summary["attention_fusion"]
+    # 4 transformer blocks less the removed one: 3 × (self-attention + cross-attention)
+    assert fusion == {"attention_blocks": 6, "fused": 6, "warning": None}
+    assert summary["fp16"]["fp32_ops"] == list(FP32_OPS) and summary["optimized"]["fp32_ops"] == []
+    assert (tmp_path / "onnx" / "unet.fp16.onnx").is_file()
