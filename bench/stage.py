@@ -161,12 +161,13 @@ def _bench_model(spec: str, model: Any, config: BenchConfig, out: Path, threads:
     model_dir.mkdir(parents=True, exist_ok=True)
     loaded = api.load(model)
     device = devices.resolve_device(config.device)
-    dense_unet = loaded.placed(device, next(loaded.unet.parameters()).dtype)  # the model as loaded, on the device
+    home = next(loaded.unet.parameters()).device
     _log(progress, f"{spec}: analysis ({config.num_samples} samples × {config.steps} steps)")
     scores = api.analyze(loaded, out=model_dir, num_samples=config.num_samples, steps=config.steps,
                          batch_size=config.batch_size, dtype=config.dtype, device=config.device, overwrite=True,
                          progress=progress)
     graph = api.inspect(loaded, granularity=scores.granularity)
+    dense_unet = loaded.placed(device, next(loaded.unet.parameters()).dtype)  # the model as loaded, on the device
     dense = graph.traced
     dense_params = count_params(dense.gm)
     latent = list(dense.example_inputs[dense.input_names[0]].shape[1:])
@@ -226,6 +227,7 @@ def _bench_model(spec: str, model: Any, config: BenchConfig, out: Path, threads:
         for batch in config.batch_sizes:
             entry["latency"]["torch"][f"batch_{batch}"] = _torch_latency(dense_unet, pruned.gm.to(device), dense,
                                                                          batch, config, device)
+        pruned.gm.to(home)  # back beside its example inputs: the export, distillation and sampling expect it there
         for batch in config.batch_sizes:
             entry["latency"]["onnxruntime"][f"batch_{batch}"] = _ort_latency(dense_session, pruned_session, dense,
                                                                             batch, config)

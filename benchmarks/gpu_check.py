@@ -43,6 +43,7 @@ def _time(variants: dict[str, Any], device: Any, repeats: int) -> dict[str, Any]
 def check(out: Path, *, repeats: int = 10, budget: float = 0.3, progress: bool = True) -> dict[str, Any]:
     """Build, export and time; returns the report (also written to ``out``)."""
     import numpy as np
+    import onnxruntime as ort
     import torch
 
     from ldpruner import api, devices
@@ -55,8 +56,15 @@ def check(out: Path, *, repeats: int = 10, budget: float = 0.3, progress: bool =
     device = devices.resolve_device("auto")
     cuda = device.type == "cuda"
     setting = GPU if cuda else CPU
-    report: dict[str, Any] = {"gpu": cuda, "device": str(device), "accelerator": devices.accelerator_name(device),
-                              "setting": setting, "torch": torch.__version__, "phases": {}}
+    # onnxruntime's CUDA-only fusions and its fp16 kernels need onnxruntime-gpu, not only a GPU
+    ort_cuda = cuda and "CUDAExecutionProvider" in ort.get_available_providers()
+    if cuda and not ort_cuda:
+        print("gpu_check: torch sees a GPU but onnxruntime has no CUDA provider (pip install 'ldpruner[gpu]', "
+              "without the CPU onnxruntime package): onnxruntime runs the fp32 model on the CPU", file=sys.stderr)
+        setting = {**setting, "onnx": "opt"}
+    report: dict[str, Any] = {"gpu": cuda, "onnxruntime_cuda": ort_cuda, "device": str(device),
+                              "accelerator": devices.accelerator_name(device), "setting": setting,
+                              "torch": torch.__version__, "onnxruntime": ort.__version__, "phases": {}}
     if not cuda:
         print("gpu_check: no GPU found (torch.cuda.is_available() is False): running the same path on the CPU at a "
               "tiny size", file=sys.stderr)
@@ -73,7 +81,7 @@ def check(out: Path, *, repeats: int = 10, budget: float = 0.3, progress: bool =
     built = phase("build", lambda: api.build(
         setting["model"], out=build_dir, height=size, width=size, dtype=setting["analysis_dtype"], batch_size=2,
         num_samples=4, steps=setting["steps"], budget=budget, distill_steps=setting["distill_steps"],
-        device=str(device), optimize=True, fp16=cuda,
+        device=str(device), optimize=True, fp16=ort_cuda,
         distill_options={"batch_size": 2, "trajectories": 2, "trajectory_steps": 4, "gradient_checkpointing": True},
         overwrite=True, progress=progress))
     report["build"] = {k: built[k] for k in ("summary", "params", "macs_per_sample", "timings_s")}
@@ -92,7 +100,8 @@ def check(out: Path, *, repeats: int = 10, budget: float = 0.3, progress: bool =
     phase("dense export", lambda: export_onnx(graph.traced, None, None, dense_onnx, overwrite=True))
     suffix = setting["onnx"]
     dense_variant = out / "dense" / f"unet.{suffix}.onnx"
-    phase("dense optimize", lambda: optimize_onnx(dense_onnx, dense_variant, use_gpu=cuda, fp16=cuda, overwrite=True))
+    phase("dense optimize", lambda: optimize_onnx(dense_onnx, dense_variant, use_gpu=ort_cuda, fp16=ort_cuda,
+                                                  overwrite=True))
     pruned_variant = build_dir / "onnx" / f"unet.{suffix}.onnx"
     sessions = {"dense": create_session(dense_variant), "pruned": create_session(pruned_variant)}
 

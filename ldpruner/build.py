@@ -147,6 +147,11 @@ def _export(b: Build) -> None:
     write_json_atomic(b.out / EXPORT_SUMMARY, summary)
 
 
+def _on_cuda(b: Build) -> bool:
+    """The export's checks and optimizer target CUDA (other fusions, another provider: another artifact)."""
+    return devices.resolve_device(b.cfg.device).type == "cuda"
+
+
 def sample_rows(b: Build) -> list[str]:
     """The rows of samples.png (zoo models only: they know how to sample and decode their outputs)."""
     if b.loaded.zoo_name is None:
@@ -180,7 +185,8 @@ STAGES: tuple[Stage, ...] = (
           inputs=lambda b: (_distill_options(b), b.cfg.prompts), run=_distill,
           enabled=lambda b: b.cfg.distill_steps > 0),
     Stage("export", EXPORT_SUMMARY, reads=("distill", "prune"),
-          inputs=lambda b: ({n: getattr(b.cfg, n) for n in ("exporter", "opset", "optimize", "fp16")},),
+          inputs=lambda b: ({n: getattr(b.cfg, n) for n in ("exporter", "opset", "optimize", "fp16")}
+                            | ({"target": "cuda"} if _on_cuda(b) else {}),),
           run=_export),
     Stage("samples", report.SAMPLES, reads=("distill", "prune"),
           inputs=lambda b: (b.keys["prune"], "samples/1"), run=_samples, enabled=lambda b: bool(sample_rows(b))),

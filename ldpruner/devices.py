@@ -50,16 +50,19 @@ def resolve_device(name: str) -> Any:
     if problems:
         raise ConfigError(problems[0])
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    if name == "auto":
-        return torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
-    if name == "cpu":
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
-    if not torch.cuda.is_available():
+    if ":" in name and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(f"device={name!r} names one GPU, but torchrun started {os.environ['WORLD_SIZE']} "
+                          "processes: pass device='cuda' (or auto) and each rank uses its own GPU (LOCAL_RANK)")
+    if name != "auto" and not torch.cuda.is_available():
         raise ConfigError(f"device={name!r}, but torch sees no CUDA device (torch {torch.__version__}, "
                           f"cuda available: False); use device='cpu' or 'auto'")
     device = torch.device(name) if ":" in name else torch.device("cuda", local)
     if device.index >= torch.cuda.device_count():
-        raise ConfigError(f"device={name!r}, but torch sees {torch.cuda.device_count()} CUDA device(s)")
+        which = f"device={name!r}" if ":" in name else f"LOCAL_RANK={local}"
+        raise ConfigError(f"{which} asks for GPU {device.index}, but torch sees {torch.cuda.device_count()} "
+                          "CUDA device(s)")
     return device
 
 

@@ -136,8 +136,10 @@ def distill(loaded: LoadedModel, student: Any, config: Any, *, out: str | os.Pat
                           f"{type(loaded.unet).__name__}")
     pruned = student
     device = devices.resolve_device(device)
-    # the frozen teacher shares the loaded weights when it trains where they are (no second copy of the model)
+    # the frozen teacher shares the loaded weights when it trains where they are (no second copy of the model);
+    # otherwise its copy moves to the device now, before it samples the data-free trajectories there
     teacher = loaded.trace_like(pruned.traced, share=loaded.device == device)
+    teacher.gm.to(device)
     if count_params(teacher.gm) != pruned.plan.total_params:
         raise ConfigError(f"MODEL has {count_params(teacher.gm):,} UNet parameters, the student's plan was made for "
                           f"{pruned.plan.total_params:,}: pass the dense model the student was pruned from")

@@ -170,13 +170,16 @@ def create_session(
     providers: Sequence[str] | None = None,
     threads: int | None = None,
     graph_optimization_level: str = "all",
+    exact_fp32: bool = False,
 ) -> OrtSession:
     """Open an ONNX model with onnxruntime.
 
     ``providers``: execution providers in priority order; None picks CUDA when available, else CPU. A provider
     that this onnxruntime build lacks raises :class:`ConfigError`; so does an explicit CUDA request that
     onnxruntime silently degraded to CPU (e.g. a missing CUDA library). ``threads``: intra-op threads (None:
-    onnxruntime's default, one per core). The chosen provider is logged and kept in ``OrtSession.provider``.
+    onnxruntime's default, one per core). ``exact_fp32``: on the CUDA provider, no TF32 matrix products (it uses
+    them on Ampere and newer GPUs by default, about 1e-3 relative error), so float32 results can be compared with
+    torch's at float32 tolerance. The chosen provider is logged and kept in ``OrtSession.provider``.
     """
     path = Path(path)
     if not path.is_file():
@@ -204,7 +207,9 @@ def create_session(
     options.graph_optimization_level = GRAPH_OPTIMIZATION_LEVELS[graph_optimization_level]
     if threads is not None:
         options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    chosen: list[Any] = [(p, {"use_tf32": "0"}) if exact_fp32 and p == "CUDAExecutionProvider" else p
+                         for p in providers]
+    session = ort.InferenceSession(str(path), sess_options=options, providers=chosen)
     wrapped = OrtSession(session, path)
     if explicit and wrapped.provider != providers[0]:
         raise ConfigError(

@@ -425,6 +425,7 @@ def distill(
         raise DistillError(f"teacher traced at {teacher.granularity.value} granularity, student at "
                            f"{student.traced.granularity.value}")
     device = torch.device(device) if device is not None else distributed.default_device()
+    home = next(student.gm.parameters()).device
     joined = distributed.join(device)
     rank, world = joined.rank, joined.size
     out = Path(out)
@@ -457,6 +458,7 @@ def distill(
         bar.close()
         elapsed = time.perf_counter() - started
         student.gm.eval()
+        student.gm.to(home)  # back where it came from: beside its example inputs, ready to export or sample
         if trainer.ema is not None:
             with torch.no_grad():
                 for k, p in trainer.params.items():

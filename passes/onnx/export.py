@@ -223,7 +223,7 @@ def validate_onnx(
         dynamic_spatial = _resolve_dynamic_spatial(config, multiple)
     dtype_name = _compute_dtype(examples, names)
     tolerance = config.tolerances[dtype_name]
-    session = create_session(onnx_path, providers=config.validation_providers)
+    session = create_session(onnx_path, providers=config.validation_providers, exact_fp32=True)
     missing = [n for n in names if n not in session.input_names]
     extra = [n for n in session.input_names if n not in names]
     if missing or extra:

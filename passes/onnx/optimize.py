@@ -268,7 +268,7 @@ def _validate(
     reference = create_session(reference_path, providers=["CPUExecutionProvider"])
     feeds_list = _validation_feeds(reference, metadata, validation_inputs, seed)
     try:
-        candidate = create_session(candidate_path, providers=[provider])
+        candidate = create_session(candidate_path, providers=[provider], exact_fp32=precision == "fp32")
     except Exception as exc:
         return not_run(f"onnxruntime cannot load the {precision} model on {provider}: {type(exc).__name__}: {exc}")
     # Only the fp16 variant on CPU may legitimately be unrunnable (missing fp16 kernels); anything else is a bug.

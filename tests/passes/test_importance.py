@@ -250,6 +250,15 @@ def test_device_and_dtype_mismatches_are_config_errors(sd_graph):
         api.analyze(make_tiny_sd_unet(), device="gpu")
 
 
+def test_one_named_gpu_under_torchrun_is_refused(monkeypatch):
+    from ldpruner import devices
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=r"device='cuda:1' names one GPU, but torchrun started 2 processes"):
+        devices.resolve_device("cuda:1")
+    assert devices.resolve_device("cpu").type == "cpu"
+
+
 # --- conditioning ---------------------------------------------------------------------------------------------
 
 def make_text_pipeline(folder: Path, hidden: int = 32) -> None:
