@@ -14,6 +14,7 @@ found, so CI keeps the script working. Writes ``report.json`` and ``report.md`` 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from functools import partial
@@ -49,7 +50,7 @@ def check(out: Path, *, repeats: int = 10, budget: float = 0.3, progress: bool =
     from ldpruner import api, devices
     from ldpruner.compiler.tracer import call_diffusers_unet, unet_example_inputs
     from ldpruner.passes.onnx.export import export_onnx
-    from ldpruner.passes.onnx.optimize import optimize_onnx
+    from ldpruner.passes.onnx.optimize import fusion_sites, fusion_table, optimize_onnx
     from ldpruner.passes.student import load_student
     from ldpruner.runtime.session import create_session
 
@@ -100,8 +101,14 @@ def check(out: Path, *, repeats: int = 10, budget: float = 0.3, progress: bool =
     phase("dense export", lambda: export_onnx(graph.traced, None, None, dense_onnx, overwrite=True))
     suffix = setting["onnx"]
     dense_variant = out / "dense" / f"unet.{suffix}.onnx"
-    phase("dense optimize", lambda: optimize_onnx(dense_onnx, dense_variant, use_gpu=ort_cuda, fp16=ort_cuda,
-                                                  overwrite=True))
+    dense_result = phase("dense optimize", lambda: optimize_onnx(dense_onnx, dense_variant, use_gpu=ort_cuda,
+                                                                 fp16=ort_cuda, overwrite=True))
+    # onnxruntime's fusions, dense vs pruned: a fused operator the pruned model has fewer of than its sites is a loss
+    exported = json.loads((build_dir / "onnx" / "export.json").read_text())
+    variant = "fp16" if setting["onnx"] == "fp16" else "optimized"
+    report["fusions"] = {"dense": fusion_table(dense_result, fusion_sites(graph.traced.gm))["kinds"],
+                         "pruned": exported["fusions"][variant]["kinds"],
+                         "warnings": exported["fusions"][variant]["warnings"]}
     pruned_variant = build_dir / "onnx" / f"unet.{suffix}.onnx"
     sessions = {"dense": create_session(dense_variant), "pruned": create_session(pruned_variant)}
 
@@ -135,6 +142,12 @@ def markdown(report: dict[str, Any]) -> str:
         for batch, lat in rows.items():
             lines.append(f"| {runtime} | {batch.removeprefix('batch_')} | {lat['dense']['median_ms']:.2f} | "
                          f"{lat['pruned']['median_ms']:.2f} | {lat['ratio']:.3f} |")
+    lines += ["", "| fusion | dense fused / sites | pruned fused / sites |", "|---|---:|---:|"]
+    for kind, dense in report["fusions"]["dense"].items():
+        pruned = report["fusions"]["pruned"][kind]
+        on = "" if dense["enabled"] else " (off)"
+        lines.append(f"| {kind}{on} | {dense['fused']} / {dense['sites']} | {pruned['fused']} / {pruned['sites']} |")
+    lines += [f"\nwarning: {w}" for w in report["fusions"]["warnings"]]
     lines += ["", f"| phase | seconds | peak MiB ({'GPU allocated' if report['gpu'] else 'host RSS'}) |",
               "|---|---:|---:|"]
     lines += [f"| {name} | {p['seconds']} | {p.get(peak, float('nan')):,.0f} |" for name, p in report["phases"].items()]

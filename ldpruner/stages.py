@@ -175,29 +175,33 @@ def export(student: Any, config: Any, variants: Any, *, out: str | os.PathLike, 
                          overwrite=overwrite)
     summary: dict[str, Any] = {"export": result.to_dict()}
     if variants.optimize:
-        from ldpruner.passes.onnx.optimize import optimize_onnx
+        from ldpruner.passes.onnx.optimize import fusion_sites, fusion_table, optimize_onnx
 
+        results = {}
         for name, filename, half in [("optimized", "unet.opt.onnx", False)] + (
                 [("fp16", "unet.fp16.onnx", True)] if variants.fp16 else []):
-            summary[name] = optimize_onnx(result.onnx_path, onnx_dir / filename, use_gpu=on_cuda, fp16=half,
-                                          overwrite=overwrite).to_dict()
-        summary["attention_fusion"] = _attention_fusion(student, summary["optimized"]["fused_operators"])
+            results[name] = optimize_onnx(result.onnx_path, onnx_dir / filename, use_gpu=on_cuda, fp16=half,
+                                          overwrite=overwrite)
+            summary[name] = results[name].to_dict()
+        pruned_sites, dense_sites = fusion_sites(student.gm), _dense_sites(student)
+        summary["fusions"] = {name: fusion_table(results[name], pruned_sites, dense_sites) for name in results}
     return summary
 
 
-def _attention_fusion(student: Any, fused: dict[str, int]) -> dict[str, Any]:
-    """How many of the student's attention blocks onnxruntime fused into one attention operator. A removal can
-    break the pattern the fusion matches around a neighbour; the count says so instead of a silent slowdown."""
-    import logging
+def _dense_sites(student: Any) -> dict[str, int] | None:
+    """The fusion sites of the dense UNet the student was pruned from, counted on a weightless (meta) instance built
+    from its config; None when the plan names no diffusers model class."""
+    import diffusers
+    import torch
 
-    from ldpruner.passes.onnx.optimize import ATTENTION_FUSIONS
+    from ldpruner.passes.onnx.optimize import fusion_sites
 
-    blocks = sum(1 for _, m in student.gm.named_modules() if type(m).__name__ == "Attention")
-    fused_count = sum(int(fused.get(name, 0)) for name in ATTENTION_FUSIONS)
-    result: dict[str, Any] = {"attention_blocks": blocks, "fused": fused_count, "warning": None}
-    if fused_count < blocks:
-        result["warning"] = (f"{blocks - fused_count} of {blocks} attention blocks were not fused by onnxruntime's "
-                             "optimizer (their pattern did not match): they run as separate MatMul/Softmax nodes")
-        logging.getLogger("ldpruner.stages").warning(result["warning"])
-    return result
+    cls = getattr(diffusers, getattr(getattr(student, "plan", None), "model_class", None) or "", None)
+    if student.config is None or cls is None:
+        return None
+    try:
+        with torch.device("meta"):
+            return fusion_sites(cls.from_config(dict(student.config)))
+    except Exception:  # a config this diffusers cannot build: the dense column stays empty
+        return None
 

@@ -39,7 +39,8 @@ from .numeric_check import (
     run_failure,
 )
 
-__all__ = ["ATTENTION_FUSIONS", "CUDA_ONLY_FUSIONS", "FP32_OPS", "OptimizeResult", "fusion_options", "optimize_onnx"]
+__all__ = ["ATTENTION_FUSIONS", "CUDA_ONLY_FUSIONS", "FP32_OPS", "FUSION_SITES", "OptimizeResult", "fusion_options",
+           "fusion_sites", "fusion_table", "optimize_onnx"]
 
 logger = logging.getLogger("ldpruner.passes.onnx.optimize")
 
@@ -58,6 +59,59 @@ _PACKED_ATTENTION = ("enable_packed_qkv", "enable_packed_kv")
 FP32_OPS = ("LayerNormalization", "SkipLayerNormalization")
 # fused operators that are an attention block
 ATTENTION_FUSIONS = ("Attention", "MultiHeadAttention", "PackedAttention", "PackedMultiHeadAttention")
+
+
+
+@dataclasses.dataclass(frozen=True)
+class FusionSite:
+    """A torch module kind whose exported pattern one onnxruntime fusion replaces by one fused operator."""
+
+    modules: tuple[str, ...]  # torch module class names (one site each)
+    operators: tuple[str, ...]  # the fused operator types that count as that site fused
+    options: tuple[str, ...]  # FusionOptions flags that turn the fusion on (any of them)
+
+
+# the fusions a diffusers UNet can get, by the module kind they fuse (get_fused_operator_statistics names)
+FUSION_SITES: dict[str, FusionSite] = {
+    "attention": FusionSite(("Attention",), ATTENTION_FUSIONS, ("enable_attention",)),
+    "layer_norm": FusionSite(("LayerNorm",), ("LayerNormalization", "SkipLayerNormalization"),
+                             ("enable_layer_norm", "enable_skip_layer_norm")),
+    "group_norm": FusionSite(("GroupNorm",), ("GroupNorm", "SkipGroupNorm"),
+                             ("enable_group_norm", "enable_skip_group_norm")),
+    "bias_split_gelu": FusionSite(("GEGLU",), ("BiasSplitGelu",), ("enable_bias_splitgelu",)),
+}
+
+
+def fusion_sites(module: Any) -> dict[str, int]:
+    """How many sites of each FUSION_SITES kind ``module`` (a UNet, a traced or pruned graph) holds."""
+    counts = dict.fromkeys(FUSION_SITES, 0)
+    for _, m in module.named_modules():
+        for kind, site in FUSION_SITES.items():
+            counts[kind] += type(m).__name__ in site.modules
+    return counts
+
+
+def fusion_table(result: OptimizeResult, pruned_sites: Mapping[str, int],
+                 dense_sites: Mapping[str, int] | None = None) -> dict[str, Any]:
+    """Per fusion kind: the sites in the dense and the pruned UNet, how many the optimizer fused, and a warning
+    for each enabled kind with sites left unfused. A removal can break the pattern a fusion matches around its
+    neighbour, and some fusions only match at some shapes: either way the unfused sites run as separate nodes, so
+    the table says so instead of a silent slowdown."""
+    kinds: dict[str, Any] = {}
+    warnings: list[str] = []
+    for kind, site in FUSION_SITES.items():
+        enabled = any(result.fusion_options.get(flag, False) for flag in site.options)
+        fused = sum(int(result.fused_operators.get(op, 0)) for op in site.operators)
+        sites = int(pruned_sites.get(kind, 0))
+        kinds[kind] = {"enabled": enabled, "dense_sites": None if dense_sites is None else int(dense_sites[kind]),
+                       "sites": sites, "fused": fused}
+        if enabled and fused < sites:
+            warnings.append(f"{result.onnx_path.name}: {sites - fused} of {sites} {kind} sites were not fused by "
+                            "onnxruntime's optimizer (a removal next to them can break the pattern it matches, or it "
+                            "does not match at these shapes): they run as separate nodes")
+    for message in warnings:
+        logger.warning(message)
+    return {"kinds": kinds, "warnings": warnings}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,4 +23,7 @@ def test_gpu_check_runs_its_cpu_fallback_and_says_no_gpu_was_found(tmp_path, cap
             latency = report["latency"][runtime][batch]
             assert latency["dense"]["repeats"] == 2 and latency["ratio"] > 0
     assert report["phases"]["build"]["host_peak_rss_mib"] > 0
+    dense, pruned = report["fusions"]["dense"]["attention"], report["fusions"]["pruned"]["attention"]
+    assert dense["enabled"] and dense["fused"] == dense["sites"] > 0 and pruned["fused"] == pruned["sites"]
+    assert "| attention | " in captured.out
     assert "| onnxruntime | 2 |" in captured.out and (tmp_path / "report.md").is_file()

@@ -152,8 +152,33 @@ def test_export_stage_counts_the_fused_attention_blocks_and_keeps_norms_in_fp32(
     student = prune(traced, plan_for(graph, ["down_blocks.0.resnets.0", "up_blocks.1.attentions.1"]),
                     operator_graph=graph, config=model.config)
     summary = api.export(student, out=tmp_path, optimize=True, fp16=True, device="cpu")
-    fusion = summary["attention_fusion"]
-    # 4 transformer blocks less the removed one: 3 × (self-attention + cross-attention)
-    assert fusion == {"attention_blocks": 6, "fused": 6, "warning": None}
+    table = summary["fusions"]["optimized"]
+    # 4 transformer blocks less the removed one: 3 × (self-attention + cross-attention), 3 × 3 layer norms, all
+    # fused; the CUDA-only fusions (group norm, bias-split-gelu) are off on CPU, so their unfused sites are no loss
+    assert table["kinds"]["attention"] == {"enabled": True, "dense_sites": 8, "sites": 6, "fused": 6}
+    assert table["kinds"]["layer_norm"] == {"enabled": True, "dense_sites": 12, "sites": 9, "fused": 9}
+    # a resnet (2 group norms) and a transformer (1) removed
+    assert table["kinds"]["group_norm"] == {"enabled": False, "dense_sites": 21, "sites": 18, "fused": 0}
+    assert table["warnings"] == [] and summary["fusions"]["fp16"]["kinds"]["attention"]["fused"] == 6
     assert summary["fp16"]["fp32_ops"] == list(FP32_OPS) and summary["optimized"]["fp32_ops"] == []
     assert (tmp_path / "onnx" / "unet.fp16.onnx").is_file()
+
+
+def test_fusion_table_warns_about_each_enabled_kind_left_unfused(tmp_path, caplog):
+    import dataclasses
+
+    from ldpruner.passes.onnx.optimize import FUSION_SITES, OptimizeResult, fusion_table
+
+    result = OptimizeResult(onnx_path=tmp_path / "unet.opt.onnx", data_path=None, precision="fp32", use_gpu=False,
+                            fusion_options={"enable_attention": True, "enable_group_norm": False},
+                            fused_operators={"Attention": 2, "MultiHeadAttention": 1}, fp32_ops=(), nodes_before=1,
+                            nodes_after=1, optimize_seconds=0.0, validation=None)
+    sites = dict.fromkeys(FUSION_SITES, 0) | {"attention": 4, "group_norm": 5}
+    table = fusion_table(result, sites)
+    assert table["kinds"]["attention"] == {"enabled": True, "dense_sites": None, "sites": 4, "fused": 3}
+    assert table["warnings"] == ["unet.opt.onnx: 1 of 4 attention sites were not fused by onnxruntime's optimizer "
+                                 "(a removal next to them can break the pattern it matches, or it does not match at "
+                                 "these shapes): they run as separate nodes"]
+    assert table["warnings"][0] in caplog.text
+    full = dataclasses.replace(result, fused_operators={"Attention": 4})
+    assert fusion_table(full, sites)["warnings"] == []  # group norm is off: its 5 unfused sites are no loss
