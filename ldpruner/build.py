@@ -126,7 +126,8 @@ def _distill(b: Build) -> None:
     pruned = pruned if pruned is not None else load_student(b.out / stages.STUDENT)
     result = stages.distill(b.loaded, pruned, DistillConfig(**_distill_options(b)),
                             out=b.out / stages.DISTILL_DIR, data=None, prompts_file=b.cfg.prompts, resume=False,
-                            overwrite=True, progress=b.progress, device=b.cfg.device)
+                            overwrite=True, progress=b.progress, device=b.cfg.device,
+                            consume=not sample_rows(b))  # the export needs the dense model no more; samples do
     b.students["distill"] = result.student
 
 

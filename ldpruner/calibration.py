@@ -77,8 +77,10 @@ def distill_data(loaded: LoadedModel, teacher: Any, config: Any, *, data: str | 
 
         from ldpruner.passes.distill.datasets import encode_dataset
 
+        # the VAE and the text encoder run where the teacher does
+        device = next(teacher.gm.parameters()).device
         latents, captions = encode_dataset(loaded, Path(data), latent_size=tuple(sample.shape[-2:]),
-                                           progress=progress and rank == 0)
+                                           progress=progress and rank == 0, device=device)
         conditioning = cond_ids = None
         if "encoder_hidden_states" in teacher.input_names:
             if captions is None:
@@ -106,6 +108,7 @@ def _caption_conditioning(loaded: LoadedModel, teacher: Any, captions: tuple[str
     if loaded.text_encoder_config is not None:
         return _zoo_conditioning(loaded, captions)
     if loaded.pipeline_text_encoder is not None:
-        return resolve_conditioning(teacher, encode_prompts(loaded.pipeline_text_encoder, captions), analysis)
+        encoded = encode_prompts(loaded.pipeline_text_encoder, captions, device=next(teacher.gm.parameters()).device)
+        return resolve_conditioning(teacher, encoded, analysis)
     raise ConfigError(f"{loaded.source} has no text encoder to encode the dataset's captions with: pass a pipeline "
                       "folder with tokenizer/ and text_encoder/, or distill data-free (no data)")

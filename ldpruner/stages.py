@@ -124,10 +124,12 @@ def prune(loaded: LoadedModel, plan: Any, trace: Any, config: Any, *, out: str |
 
 def distill(loaded: LoadedModel, student: Any, config: Any, *, out: str | os.PathLike,
             data: str | os.PathLike | None, prompts_file: str | os.PathLike | None, resume: bool, overwrite: bool,
-            progress: bool, device: Any = "auto") -> Any:
+            progress: bool, device: Any = "auto", consume: bool = False) -> Any:
     """Fine-tune ``student`` (a PrunedUNet, trained in place) against the dense ``loaded`` model it was pruned from,
     on the teacher's trajectories or on ``data`` (:func:`ldpruner.calibration.distill_data`). Under torchrun every
-    rank calls this and trains on its own shard; rank 0 writes."""
+    rank calls this and trains on its own shard; rank 0 writes. A ``config.teacher_dtype`` other than the loaded
+    weights' runs the teacher on a cast copy, or, with ``consume`` (the caller needs the dense model no more) and
+    an owned model, on the loaded weights cast in place: the full-precision dense model is not held beside it."""
     from ldpruner.passes.distill import distill as run_distill
     from ldpruner.passes.remove import count_params
 
@@ -136,9 +138,18 @@ def distill(loaded: LoadedModel, student: Any, config: Any, *, out: str | os.Pat
                           f"{type(loaded.unet).__name__}")
     pruned = student
     device = devices.resolve_device(device)
-    # the frozen teacher shares the loaded weights when it trains where they are (no second copy of the model);
-    # otherwise its copy moves to the device now, before it samples the data-free trajectories there
-    teacher = loaded.trace_like(pruned.traced, share=loaded.device == device)
+    # the frozen teacher shares the loaded weights when it trains where they are, in their dtype (no second copy
+    # of the model); otherwise its copy is placed on the device now, before it samples the trajectories there
+    import torch
+
+    dtype = getattr(torch, config.teacher_dtype)
+    if dtype == next(loaded.unet.parameters()).dtype:
+        teacher = loaded.trace_like(pruned.traced, share=loaded.device == device)
+    elif consume and loaded.owned:
+        # nn.Module.to: diffusers' own .to warns about fp32-only modules on every cast, even when a model has none
+        teacher = loaded.trace_like(pruned.traced, unet=torch.nn.Module.to(loaded.unet, device=device, dtype=dtype))
+    else:
+        teacher = loaded.trace_like(pruned.traced, unet=loaded.placed(device, dtype))
     teacher.gm.to(device)
     if count_params(teacher.gm) != pruned.plan.total_params:
         raise ConfigError(f"MODEL has {count_params(teacher.gm):,} UNet parameters, the student's plan was made for "

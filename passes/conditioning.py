@@ -185,11 +185,12 @@ def read_prompt_file(path: str | os.PathLike) -> tuple[str, ...]:
 
 
 def encode_prompts(pipeline_dir: str | os.PathLike, prompts: Sequence[str] = DEFAULT_PROMPTS, *,
-                   max_length: int | None = None) -> Conditioning:
+                   max_length: int | None = None, device: Any = None, batch_size: int = 64) -> Conditioning:
     """Encode ``prompts`` and the empty prompt with the tokenizer/ and text_encoder/ of a local diffusers
     pipeline folder (transformers, ``local_files_only=True``), the way StableDiffusionPipeline does:
     padded to ``max_length`` (default: the tokenizer's ``model_max_length``), last hidden state, attention mask
-    only when the encoder's config sets ``use_attention_mask``.
+    only when the encoder's config sets ``use_attention_mask``. The encoder runs on ``device`` (None: the CPU),
+    ``batch_size`` prompts at a time; the embeddings come back as float32 CPU tensors.
 
     Pipelines with a second text encoder (SDXL) are not handled here: pass a precomputed Conditioning."""
     folder = Path(pipeline_dir)
@@ -216,14 +217,20 @@ def encode_prompts(pipeline_dir: str | os.PathLike, prompts: Sequence[str] = DEF
             raise ConfigError(
                 f"the tokenizer in {str(folder / 'tokenizer')!r} sets no model_max_length; pass max_length")
     use_mask = bool(getattr(encoder.config, "use_attention_mask", False))
+    if device is not None:
+        encoder.to(device)
+    where = next(encoder.parameters()).device
 
     def encode(texts: Sequence[str]) -> torch.Tensor:
-        tokens = tokenizer(list(texts), padding="max_length", max_length=max_length, truncation=True,
-                           return_tensors="pt")
-        with torch.no_grad():
-            out = encoder(input_ids=tokens["input_ids"],
-                          attention_mask=tokens["attention_mask"] if use_mask else None)
-        return out.last_hidden_state.float()
+        states = []
+        for begin in range(0, len(texts), batch_size):
+            tokens = tokenizer(list(texts[begin:begin + batch_size]), padding="max_length", max_length=max_length,
+                               truncation=True, return_tensors="pt").to(where)
+            with torch.no_grad():
+                out = encoder(input_ids=tokens["input_ids"],
+                              attention_mask=tokens["attention_mask"] if use_mask else None)
+            states.append(out.last_hidden_state.float().cpu())
+        return torch.cat(states)
 
     return Conditioning(encoder_hidden_states=encode(prompts), negative_encoder_hidden_states=encode([""]),
                         source="text-encoder", prompts=prompts)

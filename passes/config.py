@@ -117,6 +117,8 @@ class PruneConfig(Config):
 FEATURE_LOSSES = ("normalized", "mse")
 LR_SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("fp32", "bf16")
+OPTIMIZERS = ("adamw", "adafactor")
+DEFAULT_LR = {"adamw": 5e-4, "adafactor": 1e-2}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,7 +130,12 @@ class DistillConfig(Config):
 
     steps: int = option(200, "distillation steps", minimum=1)
     batch_size: int = option(16, "global batch, split over processes", minimum=1)
-    lr: float = option(5e-4, "peak AdamW learning rate", minimum=0, exclusive_minimum=True)
+    optimizer: str = option("adamw", "AdamW (two moments per weight: twice the student's size in memory), or "
+                            "Adafactor (factored second moments, no first: a quarter of AdamW's state for SD 1.5, "
+                            "a twentieth for SDXL)",
+                            choices=OPTIMIZERS)
+    lr: float | None = option(None, "peak learning rate (Adafactor's is relative to each weight's RMS)", minimum=0,
+                              exclusive_minimum=True, none="5e-4 with AdamW, 1e-2 with Adafactor")
     lr_schedule: str = option("cosine", "decay after warm-up", choices=LR_SCHEDULES)
     warmup_steps: int = option(20, "linear warm-up steps", minimum=0)
     min_lr_ratio: float = option(0.1, "the learning rate decays to this share of its peak", minimum=0, maximum=1)
@@ -156,6 +163,14 @@ class DistillConfig(Config):
                                         minimum=1)
     gradient_checkpointing: bool = option(False, "recompute each operator's activations in the backward pass "
                                           "instead of keeping them (less memory, about a third more compute)")
+    teacher_dtype: str = option("float32", "dtype the frozen teacher runs in (its cast copy; a build that no "
+                                "longer needs the dense model casts it in place): bfloat16 halves its memory",
+                                choices=DTYPES)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.lr is None:  # recorded resolved, so a checkpoint or report names the rate that was used
+            object.__setattr__(self, "lr", DEFAULT_LR[self.optimizer])
 
     def problems(self) -> Iterable[str]:
         if self.w_out == 0 and self.w_feat == 0 and not self.w_task:

@@ -293,7 +293,8 @@ def resolve_conditioning(traced: TracedUNet, calib: Conditioning | str | os.Path
     if isinstance(calib, (str, os.PathLike)):
         if "encoder_hidden_states" not in names:
             raise ConfigError(f"calib={str(calib)!r} is a text encoder, but {traced.model_class} takes no text")
-        calib = encode_prompts(calib, config.prompts or DEFAULT_PROMPTS)
+        # the text encoder runs where the UNet does
+        calib = encode_prompts(calib, config.prompts or DEFAULT_PROMPTS, device=next(traced.gm.parameters()).device)
     if calib is None:
         calib = _default_conditioning(traced, config)
     if not isinstance(calib, Conditioning):

@@ -85,15 +85,20 @@ class LoadedModel:
         return trace_unet(module, inputs, granularity=config.granularity,
                           copy_model=module is self.unet and not self.owned)
 
-    def trace_like(self, traced: Any, *, share: bool = False) -> Any:
-        """The UNet traced exactly like ``traced`` (same inputs, shapes and granularity): the dense teacher of a
+    def trace_like(self, traced: Any, *, share: bool = False, unet: nn.Module | None = None) -> Any:
+        """The UNet (or ``unet``, a placed copy of it, shared with the graph) traced exactly like ``traced`` (same
+        inputs, shapes and granularity; the inputs in the module's dtype, on its device): the dense teacher of a
         student that was pruned from a trace of this model. ``share`` (an owned UNet only) lets the teacher graph
         use the loaded modules instead of a copy: no second copy of the weights, but whatever the teacher's user
         does to them (freezing, moving) happens to the loaded UNet."""
         from ldpruner.compiler.tracer import trace_unet
 
-        return trace_unet(self.unet, {n: traced.example_inputs[n] for n in traced.input_names},
-                          granularity=traced.granularity.value, copy_model=not (share and self.owned))
+        module = unet if unet is not None else self.unet
+        param = next(module.parameters())
+        inputs = {n: traced.example_inputs[n] for n in traced.input_names}
+        inputs = {n: t.to(param.device, param.dtype if t.is_floating_point() else t.dtype) for n, t in inputs.items()}
+        return trace_unet(module, inputs, granularity=traced.granularity.value,
+                          copy_model=unet is None and not (share and self.owned))
 
     def release(self) -> None:
         """Let the UNet go (a build, once no stage needs the dense model any more); using it afterwards is an error,

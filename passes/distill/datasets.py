@@ -93,9 +93,13 @@ def _load_vae(pipeline_dir: Path | None, source: str) -> Any:
 
 
 def encode_dataset(loaded: Any, folder: Path, *, latent_size: tuple[int, int], batch_size: int = 32,
-                   progress: bool = False) -> tuple[torch.Tensor, list[str] | None]:
-    """The folder's images as scaled latents (N, C, h, w) of ``latent_size``, and their captions."""
+                   progress: bool = False, device: Any = None) -> tuple[torch.Tensor, list[str] | None]:
+    """The folder's images as scaled latents (N, C, h, w) of ``latent_size`` (float32, on the CPU), and their
+    captions. The VAE encodes on ``device`` (None: the CPU)."""
     vae = _load_vae(loaded.pipeline_dir, loaded.source)
+    if device is not None:
+        vae.to(device)
+    where = next(vae.parameters()).device
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     size = (latent_size[0] * factor, latent_size[1] * factor)
     pixels, captions = read_image_folder(folder, size=size, channels=vae.config.in_channels)
@@ -106,7 +110,7 @@ def encode_dataset(loaded: Any, folder: Path, *, latent_size: tuple[int, int], b
     with torch.no_grad():
         for begin in tqdm(range(0, pixels.shape[0], batch_size), desc="encoding dataset", disable=not progress,
                           leave=False):
-            encoded = vae.encode(pixels[begin:begin + batch_size])
+            encoded = vae.encode(pixels[begin:begin + batch_size].to(where))
             dist = getattr(encoded, "latent_dist", None)
-            latents.append((dist.mode() if dist is not None else encoded.latents) * scaling)
+            latents.append(((dist.mode() if dist is not None else encoded.latents) * scaling).float().cpu())
     return torch.cat(latents), captions

@@ -11,11 +11,12 @@ default) divides each group's error by the teacher feature's mean square and ave
 high-magnitude block nor the number of blocks decides the loss (BK-SDM's plain sum is dominated by its largest
 features).
 
-Training: AdamW, linear warm-up then cosine (or linear / constant) decay, gradient-norm clipping, optional EMA of
-the student's weights, fp32 or bf16 autocast. Checkpoints (weights, EMA, optimizer, LR schedule, RNG, loss log)
-are written atomically every ``checkpoint_every`` steps; a resumed run continues bit-identically, because every
-batch is drawn from a generator seeded by (seed, step, rank). Under torchrun the student is wrapped in DDP (gloo
-on CPU, NCCL on GPU), each rank trains on its own shard of the data, and only rank 0 writes.
+Training: AdamW (or Adafactor), linear warm-up then cosine (or linear / constant) decay, gradient-norm clipping,
+optional EMA of the student's weights, fp32 or bf16 autocast; the teacher may run in a lower precision.
+Checkpoints (weights, EMA, optimizer, LR schedule, RNG, loss log) are written atomically every ``checkpoint_every``
+steps; a resumed run continues bit-identically, because every batch is drawn from a generator seeded by (seed,
+step, rank). Under torchrun the student is wrapped in DDP (gloo on CPU, NCCL on GPU), each rank trains on its own
+shard of the data, and only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -91,6 +92,10 @@ def feature_loss(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor,
         return torch.zeros(())
     stacked = torch.stack(terms)
     return stacked.mean() if kind == "normalized" else stacked.sum()
+
+
+def _cast(inputs: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+    return [x.to(dtype) if x.is_floating_point() else x for x in inputs]
 
 
 def _step_generator(seed: int, step: int, rank: int, micro: int = 0) -> torch.Generator:
@@ -174,7 +179,13 @@ class _Trainer:
             self.model = DistributedDataParallel(self.model,
                                                  device_ids=[device.index] if device.type == "cuda" else None)
         self.params = dict(student.gm.named_parameters())
-        self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=config.lr, weight_decay=config.weight_decay)
+        weights = list(self.params.values())
+        self.optimizer = (torch.optim.Adafactor(weights, lr=config.lr, weight_decay=config.weight_decay)
+                          if config.optimizer == "adafactor" else
+                          torch.optim.AdamW(weights, lr=config.lr, weight_decay=config.weight_decay))
+        # each model gets its inputs in its own dtype (a teacher cast to bfloat16 reads bfloat16)
+        self.teacher_dtype = next(self.teacher.parameters()).dtype
+        self.student_dtype = next(student.gm.parameters()).dtype
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, config))
         self.ema = ({k: p.detach().clone().float() for k, p in self.params.items()}
                     if config.ema_decay is not None else None)
@@ -238,9 +249,9 @@ class _Trainer:
                                "have none: set w_task to 0 or pass data")
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
         with torch.no_grad(), autocast:
-            t_out, t_feats = self.teacher(*inputs)
+            t_out, t_feats = self.teacher(*_cast(inputs, self.teacher_dtype))
         with autocast:
-            s_out, s_feats = self.model(*inputs)
+            s_out, s_feats = self.model(*_cast(inputs, self.student_dtype))
         if first and self.step == self._checked_at:
             self._check_taps(s_out, t_out, s_feats, t_feats)
         s_out, t_out = s_out.float(), t_out.float()

@@ -114,6 +114,9 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
     (dict(ema_decay=1.5), r"ema_decay=1.5 must be in \(0, 1\)"),
     (dict(precision="fp8"), "precision='fp8' is not one of"),
     (dict(w_out=0, w_feat=0), "every loss weight is 0"),
+    (dict(optimizer="sgd"), r"optimizer='sgd' is not one of \['adamw', 'adafactor'\]"),
+    (dict(teacher_dtype="int8"), r"teacher_dtype='int8' is not one of"),
+    (dict(lr=0), r"lr=0"),
 ])
 def test_bad_config_is_a_config_error(kwargs, message):
     with pytest.raises(ConfigError, match=message):
@@ -295,3 +298,31 @@ def test_ddp_with_two_gloo_processes_keeps_ranks_in_step(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)  # DDP averaged the gradients: one model on both ranks
     summary = json.loads((tmp_path / "run" / "distill.json").read_text())
     assert summary["world_size"] == 2 and summary["data"]["trajectories_on_this_rank"] == 3
+
+
+def test_adafactor_keeps_a_fraction_of_adamw_state_learns_and_resumes_bit_identically(tmp_path):
+    config = DistillConfig(steps=6, checkpoint_every=3, batch_size=4, warmup_steps=2, optimizer="adafactor")
+    assert config.lr == 1e-2 and DistillConfig().lr == 5e-4  # each optimizer's own default, recorded resolved
+    pruned, teacher, data = _setup()
+    whole = distill(pruned, teacher, data, config=config, out=tmp_path / "whole", progress=False)
+    assert whole.summary["config"]["optimizer"] == "adafactor" and whole.summary["config"]["lr"] == 1e-2
+    losses = [r["loss"] for r in whole.log]
+    assert sum(losses[-2:]) < sum(losses[:2])
+    step = tmp_path / "whole" / "checkpoints" / "step-00000006"
+    state, weights = (step / "optimizer.safetensors").stat().st_size, (step / "student.safetensors").stat().st_size
+    # AdamW's two moments would be twice the weights; Adafactor factors each weight's last two dims (3×3 conv
+    # kernels keep 2/3 of their size: this model is mostly convolutions; SDXL, mostly linear layers, keeps 10 %)
+    assert state < 0.7 * weights
+
+    pruned, teacher, data = _setup()
+
+    def kill_at_step_5(row):
+        if row["step"] == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        distill(pruned, teacher, data, config=config, out=tmp_path / "cut", progress=False, callback=kill_at_step_5)
+    pruned, teacher, data = _setup()
+    resumed = distill(pruned, teacher, data, config=config, out=tmp_path / "cut", resume=True, progress=False)
+    a, b = whole.student.gm.state_dict(), resumed.student.gm.state_dict()
+    assert resumed.summary["resumed_from_step"] == 3 and all(torch.equal(a[k], b[k]) for k in a)

