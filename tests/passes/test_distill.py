@@ -51,6 +51,22 @@ def _setup(seed: int = 3):
 FAST = dict(batch_size=4, warmup_steps=2, lr=1e-3)
 
 
+def _cut_and_resume(config: DistillConfig, out, kill_at: int):
+    """A run interrupted at step ``kill_at`` (as a kill would: its last checkpoint is the last thing written), then
+    resumed by a fresh process in which nothing survives but the files; returns the resumed result."""
+    pruned, teacher, data = _setup()
+
+    def kill(row):
+        if row["step"] == kill_at:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        distill(pruned, teacher, data, config=config, out=out, progress=False, callback=kill)
+    assert not (out / "student").exists()
+    pruned, teacher, data = _setup()
+    return distill(pruned, teacher, data, config=config, out=out, resume=True, progress=False)
+
+
 # --- taps --------------------------------------------------------------------------------------------------------
 
 def test_taps_expose_each_block_output_without_changing_the_graph():
@@ -156,20 +172,8 @@ def test_resume_after_an_interruption_is_bit_identical(tmp_path):
     pruned, teacher, data = _setup()
     whole = distill(pruned, teacher, data, config=config, out=tmp_path / "whole", progress=False)
 
-    pruned, teacher, data = _setup()
-
-    def kill_at_step_5(row):
-        if row["step"] == 5:
-            raise KeyboardInterrupt  # as a kill would: the checkpoint of step 3 is the last thing written
-
-    with pytest.raises(KeyboardInterrupt):
-        distill(pruned, teacher, data, config=config, out=tmp_path / "cut", progress=False, callback=kill_at_step_5)
-    assert latest_checkpoint(tmp_path / "cut").name == "step-00000003"
-    assert not (tmp_path / "cut" / "student").exists()
-
-    pruned, teacher, data = _setup()  # a fresh process: nothing survives but the files
-    resumed = distill(pruned, teacher, data, config=config, out=tmp_path / "cut", resume=True, progress=False)
-    assert resumed.summary["resumed_from_step"] == 3
+    resumed = _cut_and_resume(config, tmp_path / "cut", kill_at=5)
+    assert resumed.summary["resumed_from_step"] == 3 and latest_checkpoint(tmp_path / "cut").name == "step-00000007"
     a, b = whole.student.gm.state_dict(), resumed.student.gm.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     strip = [{k: v for k, v in r.items() if k != "time_s"} for r in whole.log]
@@ -200,16 +204,7 @@ def test_gradient_accumulation_resumes_bit_identically_and_splits_the_batch(tmp_
     whole = distill(pruned, teacher, data, config=config, out=tmp_path / "whole", progress=False)
     assert whole.summary["micro_batch_per_process"] == 2
 
-    pruned, teacher, data = _setup()
-
-    def kill_at_step_3(row):
-        if row["step"] == 3:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        distill(pruned, teacher, data, config=config, out=tmp_path / "cut", progress=False, callback=kill_at_step_3)
-    pruned, teacher, data = _setup()
-    resumed = distill(pruned, teacher, data, config=config, out=tmp_path / "cut", resume=True, progress=False)
+    resumed = _cut_and_resume(config, tmp_path / "cut", kill_at=3)
     a, b = whole.student.gm.state_dict(), resumed.student.gm.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     pruned, teacher, data = _setup()
@@ -314,15 +309,6 @@ def test_adafactor_keeps_a_fraction_of_adamw_state_learns_and_resumes_bit_identi
     # kernels keep 2/3 of their size: this model is mostly convolutions; SDXL, mostly linear layers, keeps 10 %)
     assert state < 0.7 * weights
 
-    pruned, teacher, data = _setup()
-
-    def kill_at_step_5(row):
-        if row["step"] == 5:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        distill(pruned, teacher, data, config=config, out=tmp_path / "cut", progress=False, callback=kill_at_step_5)
-    pruned, teacher, data = _setup()
-    resumed = distill(pruned, teacher, data, config=config, out=tmp_path / "cut", resume=True, progress=False)
+    resumed = _cut_and_resume(config, tmp_path / "cut", kill_at=5)
     a, b = whole.student.gm.state_dict(), resumed.student.gm.state_dict()
     assert resumed.summary["resumed_from_step"] == 3 and all(torch.equal(a[k], b[k]) for k in a)
