@@ -85,19 +85,11 @@ def _slug(spec: str) -> str:
 
 
 def _inputs(traced: Any, batch: int) -> dict[str, Any]:
-    """Seeded inputs at ``batch`` shaped like the trace's examples (text length, latent size)."""
-    import torch
+    """Seeded inputs at ``batch`` shaped like the trace's examples (the cost model's own, so a latency it predicts
+    and one measured here run on the same inputs)."""
+    from ldpruner.passes.costs import timing_inputs
 
-    g = torch.Generator().manual_seed(batch)
-    result = {}
-    for name in traced.input_names:
-        ex = traced.example_inputs[name]
-        shape = (batch, *ex.shape[1:]) if ex.dim() else (batch,)
-        if ex.is_floating_point() and name != "timestep":
-            result[name] = torch.randn(shape, generator=g, dtype=ex.dtype)
-        else:
-            result[name] = torch.full(shape, 500, dtype=ex.dtype)
-    return result
+    return timing_inputs(traced, batch)
 
 
 def _torch_latency(dense_unet: Any, pruned_gm: Any, traced: Any, batch: int, config: BenchConfig,
@@ -167,6 +159,13 @@ def _bench_model(spec: str, model: Any, config: BenchConfig, out: Path, threads:
                          batch_size=config.batch_size, dtype=config.dtype, device=config.device, overwrite=True,
                          progress=progress)
     graph = api.inspect(loaded, granularity=scores.granularity)
+    cost_report = None
+    if config.metric == "latency":
+        _log(progress, f"{spec}: latency costs per operator ({config.runtime})")
+        cost_report = api.costs(loaded, out=model_dir, overwrite=True, progress=progress,
+                                granularity=scores.granularity, runtime=config.runtime,
+                                latency_repeats=config.repeats, latency_warmup=config.warmup, threads=threads,
+                                device=config.device)
     dense_unet = loaded.placed(device, next(loaded.unet.parameters()).dtype)  # the model as loaded, on the device
     dense = graph.traced
     dense_params = count_params(dense.gm)
@@ -207,7 +206,8 @@ def _bench_model(spec: str, model: Any, config: BenchConfig, out: Path, threads:
     for budget in config.budgets:
         _log(progress, f"{spec}: budget {budget:.0%}")
         bdir = model_dir / f"budget-{budget:.2f}"
-        plan = api.select(scores, model=loaded, budget=budget, metric=config.metric)
+        plan = api.select(scores, model=loaded, costs=cost_report, budget=budget, metric=config.metric,
+                          order=config.order)
         pruned = api.prune(loaded, plan)
         totals = plan.to_dict()["totals"]
         export_summary = api.export(pruned, out=bdir, overwrite=True)["export"]
@@ -215,7 +215,7 @@ def _bench_model(spec: str, model: Any, config: BenchConfig, out: Path, threads:
         pruned_session = ort_session(pruned_onnx, threads=threads, device=device)
         pruned_params = count_params(pruned.gm)
         entry: dict[str, Any] = {
-            "budget": budget, "metric": config.metric,
+            "budget": budget, "metric": config.metric, "order": config.order,
             "removed": [r.name for r in plan.removals],
             "params": {"dense": dense_params, "pruned": pruned_params, "ratio": pruned_params / dense_params},
             "macs_per_sample": {"dense": totals["macs_per_sample_before"], "pruned": totals["macs_per_sample_after"],
@@ -231,6 +231,8 @@ def _bench_model(spec: str, model: Any, config: BenchConfig, out: Path, threads:
         for batch in config.batch_sizes:
             entry["latency"]["onnxruntime"][f"batch_{batch}"] = _ort_latency(dense_session, pruned_session, dense,
                                                                             batch, config)
+        if cost_report is not None:
+            entry["latency_prediction"] = _prediction(entry, plan, cost_report, dense, pruned, config, device)
         mem = _memory(pruned_onnx, pruned_session, dense, threads, config)
         dense_mem = record["dense"]["peak_memory_onnx"]
         if mem.get("available") and dense_mem.get("available"):
@@ -276,6 +278,27 @@ def _bench_model(spec: str, model: Any, config: BenchConfig, out: Path, threads:
             record["samples"]["audio"] = _audio(grids, spec, samples_dir)
     record["wall_time_s"] = round(time.perf_counter() - t_model, 1)
     return record
+
+
+def _prediction(entry: dict[str, Any], plan: Any, costs: Any, dense: Any, pruned: Any, config: BenchConfig,
+                device: Any) -> dict[str, Any]:
+    """The plan's predicted latency cut beside the measured one on the costs' runtime and batch: read from this
+    budget's latency table when it has that batch, else measured for the purpose."""
+    from ldpruner.passes.costs import check_latency
+
+    runtime, batch = costs.placement["runtime"], int(costs.placement["batch"])
+    predicted_cut = plan.latency["predicted_removed_fraction"]
+    measured = entry["latency"][runtime].get(f"batch_{batch}")
+    if measured is None:
+        check = check_latency(dense, pruned.traced, costs, plan.names, tolerance=config.latency_tolerance,
+                              device=device)
+        measured_cut = check["measured_cut"]
+    else:
+        measured_cut = 1 - measured["ratio"]
+    shortfall = (predicted_cut - measured_cut) / predicted_cut if predicted_cut > 0 else 0.0
+    return {"runtime": runtime, "batch": batch, "predicted_cut": predicted_cut, "measured_cut": measured_cut,
+            "shortfall": shortfall, "tolerance": config.latency_tolerance,
+            "flagged": shortfall > config.latency_tolerance}
 
 
 def _quality_setup(spec: str, loaded: Any, config: BenchConfig):
@@ -428,6 +451,9 @@ def markdown(report: Mapping[str, Any]) -> str:
             for b in batches:
                 header += [f"{runtime} {b.replace('batch_', 'b')} dense ms", "pruned ms", "ratio"]
         header += ["ORT peak MiB (ratio)", "ONNX valid"]
+        predicted = any(e.get("latency_prediction") for e in rec["budgets"])
+        if predicted:
+            header += ["latency cut predicted / measured"]
         lines += ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
         for e in rec["budgets"]:
             row = [f"{e['budget']:.0%}", str(len(e["removed"])),
@@ -440,6 +466,10 @@ def markdown(report: Mapping[str, Any]) -> str:
             row.append(f"{mem['run_peak_mib']:.0f} ({mem.get('run_peak_ratio', float('nan')):.2f})"
                        if mem.get("available") else "n/a")
             row.append("yes" if e["onnx"]["passed"] else "NO")
+            if predicted:
+                lp = e["latency_prediction"]
+                row.append(f"{lp['predicted_cut']:.1%} / {lp['measured_cut']:.1%} ({lp['runtime']} "
+                           f"b{lp['batch']}){' **FLAGGED**' if lp['flagged'] else ''}")
             lines.append("| " + " | ".join(row) + " |")
         dense_mem = d["peak_memory_onnx"]
         if dense_mem.get("available"):

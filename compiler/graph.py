@@ -108,6 +108,11 @@ class OperatorGraph:
         node = nodes[op.node]
         return nodes[op.output], [node.args[0]]
 
+    def removed_by(self, name: str) -> frozenset[str]:
+        """The fx nodes (by name) that removing operator ``name`` deletes: the ones its MACs count and its latency
+        cost times (the operator, its tuple unpacking, modules only it feeds, a branch's residual add)."""
+        return frozenset(n.name for n in removed_nodes(*self._removal_roots(self.operators[name])))
+
     def jointly_removed(self, names: Iterable[str]) -> dict[str, int]:
         """Modules that no single removal kills but the removals together do (every user of theirs is gone,
         e.g. the time embedding once every resnet is removed): qualified name → parameters.

@@ -18,6 +18,7 @@ from . import stages
 from .config import ANALYSIS_OPTIONS
 from .options import split_options
 from .passes.config import (
+    CostConfig,
     DeviceConfig,
     DistillConfig,
     ExportConfig,
@@ -29,7 +30,7 @@ from .passes.config import (
 from .sources import LoadedModel
 from .sources import load as _load
 
-__all__ = ["analyze", "bench", "build", "distill", "export", "inspect", "load", "prune", "select"]
+__all__ = ["analyze", "bench", "build", "costs", "distill", "export", "inspect", "load", "prune", "select"]
 
 ModelLike = Any  # str | os.PathLike | torch.nn.Module | LoadedModel
 
@@ -66,20 +67,38 @@ def analyze(model: ModelLike, *, out: str | os.PathLike | None = None, prompts: 
     return stages.analyze(loaded, graph, config, calib, out=out, overwrite=overwrite, progress=progress)
 
 
-def select(scores: Any, *, model: ModelLike | None = None, out: str | os.PathLike | None = None,
+def costs(model: ModelLike, *, out: str | os.PathLike | None = None, overwrite: bool = False, progress: bool = True,
+          **options: Any) -> Any:
+    """Measure what removing each operator saves in latency on the target runtime (a
+    :class:`~ldpruner.passes.costs.CostReport`); writes ``out/costs.json`` when ``out`` is given, and reuses one
+    already there whose key (graph, options, device, runtime versions) matches.
+
+    ``options``: TraceConfig fields (granularity, height, width: the latent size deployed), CostConfig fields
+    (runtime, latency_batch, latency_dtype, latency_repeats, latency_warmup, threads) and DeviceConfig's device."""
+    trace, measure, placement = split_options(options, TraceConfig, CostConfig, DeviceConfig)
+    return stages.costs(load(model), TraceConfig(**trace), CostConfig(**measure),
+                        device=DeviceConfig(**placement).device, out=out, overwrite=overwrite, progress=progress)
+
+
+def select(scores: Any, *, model: ModelLike | None = None, costs: Any = None, out: str | os.PathLike | None = None,
            overwrite: bool = False, **options: Any) -> Any:
     """Choose removals (a :class:`~ldpruner.passes.plan.RemovalPlan`) from an ImportanceReport or a scores.json
     path; writes ``out/plan.json``.
 
     ``options``: SelectionConfig fields (budget, metric, order). With ``model`` (the one that was analysed)
     selection skips candidates that, together with earlier ones, would remove shared modules (see
-    ``OperatorGraph.jointly_removed``); without it such a plan is refused at prune time instead."""
+    ``OperatorGraph.jointly_removed``); without it such a plan is refused at prune time instead. ``costs``: a
+    CostReport or a costs.json path (:func:`costs`), needed for ``metric="latency"``; with it any plan records the
+    latency it predicts."""
+    from .passes.costs import CostReport
     from .passes.importance import ImportanceReport
 
     (selection,) = split_options(options, SelectionConfig)
     report = scores if isinstance(scores, ImportanceReport) else ImportanceReport.load(Path(scores))
+    cost_report = costs if costs is None or isinstance(costs, CostReport) else CostReport.load(Path(costs))
     graph = inspect(model, granularity=report.granularity) if model is not None else None
-    return stages.select(report, graph, SelectionConfig(**selection), out=out, overwrite=overwrite)
+    return stages.select(report, graph, SelectionConfig(**selection), out=out, overwrite=overwrite,
+                         cost_report=cost_report)
 
 
 def prune(model: ModelLike, plan: Any, *, out: str | os.PathLike | None = None, overwrite: bool = False,

@@ -26,7 +26,15 @@ from . import devices, distributed, report, stages
 from .config import ANALYSIS_OPTIONS, BuildConfig
 from .errors import ArtifactError
 from .io import check_replaceable, read_json, write_json_atomic, write_text_atomic
-from .passes.config import DistillConfig, ExportConfig, OptimizeConfig, PruneConfig, SelectionConfig, TraceConfig
+from .passes.config import (
+    CostConfig,
+    DistillConfig,
+    ExportConfig,
+    OptimizeConfig,
+    PruneConfig,
+    SelectionConfig,
+    TraceConfig,
+)
 from .sources import LoadedModel, load
 
 __all__ = ["STAGES", "STATE_FILE", "Stage", "run_build"]
@@ -81,7 +89,28 @@ class Stage:
     all_ranks: bool = False
 
 
+def _timed(b: Build) -> bool:
+    """The budget is latency: the build measures costs first and checks the student's latency after pruning."""
+    return b.cfg.metric == "latency"
+
+
+def _costs(b: Build) -> None:
+    stages.costs(b.loaded, b.cfg.part(TraceConfig), b.cfg.part(CostConfig), device=b.cfg.device, out=b.out,
+                 overwrite=True, progress=b.progress)
+
+
+def _cost_report(b: Build) -> Any:
+    from ldpruner.passes.costs import CostReport
+
+    return CostReport.load(b.out / stages.COSTS) if _timed(b) else None
+
+
 def _analyze(b: Build) -> None:
+    if _timed(b):  # an unreachable latency budget is known from the costs: fail before the costly analysis
+        from ldpruner.passes.select import check_budget
+
+        check_budget(b.graph.candidates, total_params=b.graph.total_params, total_macs=b.graph.total_macs,
+                     config=b.cfg.part(SelectionConfig), costs=_cost_report(b))
     stages.analyze(b.loaded, b.graph, b.analysis, b.calib, out=b.out, overwrite=True, progress=b.progress)
 
 
@@ -100,7 +129,7 @@ def _select(b: Build) -> None:
     from ldpruner.passes.importance import ImportanceReport
 
     stages.select(ImportanceReport.load(b.out / stages.SCORES), _rewrite_graph(b), b.cfg.part(SelectionConfig),
-                  out=b.out, overwrite=True)
+                  out=b.out, overwrite=True, cost_report=_cost_report(b))
 
 
 def _prune(b: Build) -> None:
@@ -108,6 +137,11 @@ def _prune(b: Build) -> None:
 
     b.students["prune"] = stages.prune(b.loaded, RemovalPlan.load(b.out / stages.PLAN), b.cfg.part(TraceConfig),
                                        b.cfg.part(PruneConfig), out=b.out, overwrite=True, graph=_rewrite_graph(b))
+
+
+def _latency(b: Build) -> None:
+    stages.check_latency(b.loaded, b.student("prune"), _cost_report(b), b.cfg.part(TraceConfig), device=b.cfg.device,
+                         out=b.out, overwrite=True)
 
 
 def _distill_options(b: Build) -> dict[str, Any]:
@@ -127,7 +161,7 @@ def _distill(b: Build) -> None:
     result = stages.distill(b.loaded, pruned, DistillConfig(**_distill_options(b)),
                             out=b.out / stages.DISTILL_DIR, data=None, prompts_file=b.cfg.prompts, resume=False,
                             overwrite=True, progress=b.progress, device=b.cfg.device,
-                            consume=not sample_rows(b))  # the export needs the dense model no more; samples do
+                            consume=True)  # no later stage needs the dense model (samples reload the zoo's own)
     b.students["distill"] = result.student
 
 
@@ -150,7 +184,7 @@ def _export(b: Build) -> None:
 
 def _on_cuda(b: Build) -> bool:
     """The export's checks and optimizer target CUDA (other fusions, another provider: another artifact)."""
-    return devices.resolve_device(b.cfg.device).type == "cuda"
+    return stages.export_on_cuda(b.cfg.device)
 
 
 def sample_rows(b: Build) -> list[str]:
@@ -176,12 +210,16 @@ EXPORT_SUMMARY = f"{stages.ONNX_DIR}/export.json"
 STUDENT_FOLDERS = {"prune": stages.STUDENT, "distill": f"{stages.DISTILL_DIR}/{stages.STUDENT}"}
 
 STAGES: tuple[Stage, ...] = (
+    Stage("costs", stages.COSTS, reads=(), inputs=lambda b: (_cost_key(b),), run=_costs, enabled=_timed),
     Stage("analyze", stages.SCORES, reads=(), all_ranks=True,
           inputs=lambda b: (b.analysis_key,), run=_analyze),
     Stage("select", stages.PLAN, reads=("analyze",),
-          inputs=lambda b: (b.cfg.part(SelectionConfig).to_dict(),), run=_select),
+          inputs=lambda b: (b.cfg.part(SelectionConfig).to_dict(),) + ((b.keys["costs"],) if _timed(b) else ()),
+          run=_select),
     Stage("prune", stages.STUDENT, reads=("select",),
           inputs=lambda b: (b.cfg.height, b.cfg.width), run=_prune),
+    Stage("latency", stages.LATENCY, reads=("prune",), inputs=lambda b: (b.cfg.latency_tolerance,), run=_latency,
+          enabled=_timed),
     Stage("distill", f"{stages.DISTILL_DIR}/distill.json", reads=("prune",), all_ranks=True,
           inputs=lambda b: (_distill_options(b), b.cfg.prompts), run=_distill,
           enabled=lambda b: b.cfg.distill_steps > 0),
@@ -192,6 +230,14 @@ STAGES: tuple[Stage, ...] = (
     Stage("samples", report.SAMPLES, reads=("distill", "prune"),
           inputs=lambda b: (b.keys["prune"], "samples/1"), run=_samples, enabled=lambda b: bool(sample_rows(b))),
 )
+
+
+def _cost_key(b: Build) -> str:
+    """The cost stage's key: the costs' own cache key (graph, options, device, runtime versions), from the graph
+    already traced (operators and shapes are the same at any dtype)."""
+    from ldpruner.passes.costs import cache_key
+
+    return cache_key(b.graph, b.cfg.part(CostConfig), devices.resolve_device(b.cfg.device))
 
 
 def _key(*parts: Any) -> str:
@@ -245,8 +291,9 @@ def _prepare(cfg: BuildConfig, out: Path, loaded: LoadedModel, world: distribute
     analysis_options = {n: getattr(cfg, n) for n in ANALYSIS_OPTIONS}
     graph, analysis, calib = stages.analysis_inputs(loaded, cfg.part(TraceConfig), analysis_options, cfg.prompts,
                                                     cfg.device)
-    check_budget(graph.candidates, total_params=graph.total_params, total_macs=graph.total_macs,
-                 config=cfg.part(SelectionConfig))
+    if cfg.metric != "latency":  # a latency budget is checked once the costs are measured
+        check_budget(graph.candidates, total_params=graph.total_params, total_macs=graph.total_macs,
+                     config=cfg.part(SelectionConfig))
     if world.is_main:
         write_text_atomic(out / "operators.txt", graph.table() + "\n")
         write_text_atomic(out / "operators.json", graph.to_json() + "\n")

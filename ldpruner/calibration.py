@@ -97,8 +97,9 @@ def distill_data(loaded: LoadedModel, teacher: Any, config: Any, *, data: str | 
         teacher.gm, teacher.input_names, scheduler, conditioning=conditioning,
         latent_shape=tuple(sample.shape[1:]), trajectories=config.trajectories, steps=config.trajectory_steps,
         guidance_scale=config.guidance_scale, seed=config.seed, renoise=config.renoise, rank=rank, world=world,
-        # sampled under no_grad: one training micro-batch's worth of trajectories at a time
-        batch_size=max(1, config.batch_size // config.gradient_accumulation), progress=progress and rank == 0)
+        # sampled under no_grad: one micro-batch of this rank's worth of trajectories at a time
+        batch_size=max(1, config.batch_size // (world * config.gradient_accumulation)),
+        progress=progress and rank == 0)
 
 
 def _caption_conditioning(loaded: LoadedModel, teacher: Any, captions: tuple[str, ...], analysis: Any) -> Any:

@@ -19,7 +19,7 @@ __all__ = ["build_parser", "main"]
 
 # the positional arguments and I/O flags: not options of a stage
 _NOT_OPTIONS = {"command", "debug", "model", "models", "scores", "student", "plan", "json_path", "zoo_command", "out",
-                "config"}
+                "config", "costs"}
 
 
 def _add_out(p: argparse.ArgumentParser, *, required: bool = True) -> None:
@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .options import add_flags
     from .passes.config import (
         AnalysisConfig,
+        CostConfig,
         DeviceConfig,
         DistillConfig,
         ExportConfig,
@@ -71,10 +72,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(p, BuildConfig, ["prompts"])
     _add_out(p)
 
+    p = sub.add_parser("costs", help="measure the latency each removal saves on the target runtime (writes "
+                                     "costs.json, for select --metric latency)")
+    p.add_argument("model", help=MODEL_HELP)
+    add_flags(p, TraceConfig)
+    add_flags(p, CostConfig, [n for n in CostConfig.names() if n != "latency_tolerance"])
+    add_flags(p, DeviceConfig, help={"device": "where the latency is measured (onnxruntime: its CUDA provider on a "
+                                               "GPU): " + DEVICE_HELP})
+    _add_out(p)
+
     p = sub.add_parser("select", help="choose removals under a budget (writes plan.json)")
     p.add_argument("scores", help="scores.json from `ldpruner analyze`")
     p.add_argument("--model", help="the analysed model: lets selection skip removals that would jointly remove "
                                     "shared modules (else prune refuses such a plan)")
+    p.add_argument("--costs", help="costs.json from `ldpruner costs`: needed for --metric latency; with it any plan "
+                                   "records the latency it predicts")
     add_flags(p, SelectionConfig)
     _add_out(p)
 
@@ -148,11 +160,22 @@ def _run(args: argparse.Namespace) -> int:
         print(f"wrote {args.out}/scores.json ({len(report)} candidates, {report.unet_calls} UNet calls, "
               f"{report.wall_time_s:.1f} s)")
         return 0
+    if args.command == "costs":
+        report = api.costs(args.model, out=args.out, **options)
+        p = report.placement
+        print(f"dense {report.dense_ms:.2f} ms on {p['runtime']} ({p.get('provider') or p['device']}, batch "
+              f"{p['batch']}, {p['dtype']}); the candidates account for {report.attributed_ms / report.dense_ms:.0%}")
+        for cost in sorted(report.operators.values(), key=lambda c: -c.saves_ms):
+            print(f"{cost.saves_ms:10.3f} ms  {cost.saves_ms / report.dense_ms:6.1%}  {cost.name}")
+        print(f"wrote {args.out}/costs.json ({report.wall_time_s:.1f} s)")
+        return 0
     if args.command == "select":
-        plan = api.select(args.scores, model=args.model, out=args.out, **options)
+        plan = api.select(args.scores, model=args.model, costs=args.costs, out=args.out, **options)
         t = plan.to_dict()["totals"]
+        latency = (f"; latency {plan.latency['dense_ms']:.2f} -> {plan.latency['predicted_ms']:.2f} ms predicted "
+                   f"(-{plan.latency['predicted_removed_fraction']:.1%})" if plan.latency else "")
         print(f"{len(plan.removals)} removals; params {t['params_before']:,} -> {t['params_after']:,} "
-              f"(-{t['params_removed_fraction']:.1%}); MACs/sample -{t['macs_removed_fraction']:.1%}")
+              f"(-{t['params_removed_fraction']:.1%}); MACs/sample -{t['macs_removed_fraction']:.1%}{latency}")
         print(f"wrote {args.out}/plan.json")
         return 0
     if args.command == "prune":

@@ -20,6 +20,7 @@ from .errors import ConfigError
 from .options import Config, option, same_as
 from .passes.config import (
     AnalysisConfig,
+    CostConfig,
     DeviceConfig,
     DistillConfig,
     ExportConfig,
@@ -90,6 +91,13 @@ class BuildConfig(_Composed):
     budget: float = same_as(SelectionConfig, "budget")
     metric: str = same_as(SelectionConfig, "metric")
     order: str = same_as(SelectionConfig, "order")
+    runtime: str = same_as(CostConfig, "runtime")
+    latency_batch: int | None = same_as(CostConfig, "latency_batch")
+    latency_dtype: str = same_as(CostConfig, "latency_dtype")
+    latency_repeats: int = same_as(CostConfig, "latency_repeats")
+    latency_warmup: int = same_as(CostConfig, "latency_warmup")
+    threads: int | None = same_as(CostConfig, "threads")
+    latency_tolerance: float = same_as(CostConfig, "latency_tolerance")
     distill_steps: int = option(DistillConfig.default("steps"), "distillation steps after pruning, data-free on the "
                                 "dense model's own trajectories (0 exports the pruned student undistilled)",
                                 minimum=0)
@@ -104,7 +112,7 @@ class BuildConfig(_Composed):
     verify: bool = same_as(PruneConfig, "verify")
 
     def problems(self) -> Iterable[str]:
-        yield from self._part_problems((AnalysisConfig, SelectionConfig, ExportConfig, OptimizeConfig))
+        yield from self._part_problems((AnalysisConfig, SelectionConfig, CostConfig, ExportConfig, OptimizeConfig))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +126,10 @@ class BenchConfig(_Composed):
     budgets: tuple[float, ...] = same_as(SelectionConfig, "budget", help="fractions of the metric to remove, one plan "
                                          "each", nonempty=True, default=(0.1, 0.2, 0.3, 0.4, 0.5))
     metric: str = same_as(SelectionConfig, "metric", help="what the budgets count")
+    order: str = same_as(SelectionConfig, "order")
+    runtime: str = same_as(CostConfig, "runtime", help="metric latency: the runtime the costs are measured and "
+                           "predicted on (both are timed either way)")
+    latency_tolerance: float = same_as(CostConfig, "latency_tolerance")
     distill_steps: int = option(0, "also distil each pruned model this many steps", minimum=0)
     repeats: int = option(10, "timed calls per variant", minimum=1)
     warmup: int = option(3, "untimed calls per variant first", minimum=0)

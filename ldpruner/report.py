@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .io import read_json
-from .stages import DISTILL_DIR, ONNX_DIR, PLAN, SCORES, STUDENT
+from .stages import COSTS, DISTILL_DIR, LATENCY, ONNX_DIR, PLAN, SCORES, STUDENT
 
 __all__ = ["REPORT", "REPORT_MD", "SAMPLES", "build_report", "report_markdown"]
 
@@ -34,10 +34,16 @@ def build_report(cfg: Any, model: dict[str, Any], plan: Any, out_dir: Path, timi
     validation = export_summary["export"]["validation"]
     totals = plan.to_dict()["totals"]
     removed = [dict(r.to_dict(), kind=kinds[r.name]) for r in plan.removals]
+    latency = _latency_report(plan, out_dir)
+    timed = ""
+    if latency is not None:
+        m = latency["measured"]
+        timed = (f", latency -{m['predicted_cut']:.1%} predicted / -{m['measured_cut']:.1%} measured "
+                 f"({m['runtime']}, batch {m['batch']}){' FLAGGED' if m['flagged'] else ''}")
     summary = (
         f"{cfg.model}: removed {len(plan.removals)} of {len(candidates)} candidate operators; "
         f"UNet params {totals['params_before']:,} -> {totals['params_after']:,} "
-        f"(-{totals['params_removed_fraction']:.1%}), MACs/sample -{totals['macs_removed_fraction']:.1%}; "
+        f"(-{totals['params_removed_fraction']:.1%}), MACs/sample -{totals['macs_removed_fraction']:.1%}{timed}; "
         f"ONNX {'validated' if validation.get('passed') else 'NOT validated'} "
         f"(max abs diff {validation.get('max_abs_diff', float('nan')):.2e}); report: {out_dir / 'report.md'}"
     )
@@ -57,6 +63,7 @@ def build_report(cfg: Any, model: dict[str, Any], plan: Any, out_dir: Path, timi
                      "wall_time_s": scores.wall_time_s, "scheduler": scores.scheduler,
                      "placement": scores.placement, "batch_size": scores.config.batch_size,
                      "peak_memory": scores.peak_memory},
+        "latency": latency,
         "removed": removed,
         "distill": _distill_report(out_dir / DISTILL_DIR) if cfg.distill_steps else None,
         "samples": {"path": str(out_dir / SAMPLES), "rows": sample_rows} if sample_rows else None,
@@ -64,10 +71,18 @@ def build_report(cfg: Any, model: dict[str, Any], plan: Any, out_dir: Path, timi
         "timings_s": timings,
         "reused_stages": reused,
         "artifacts": {name: str(out_dir / name) for name in
-                      (SCORES, PLAN, STUDENT, *([f"{DISTILL_DIR}/{STUDENT}"] if cfg.distill_steps else []),
+                      (*([COSTS, LATENCY] if latency is not None else []), SCORES, PLAN, STUDENT,
+                       *([f"{DISTILL_DIR}/{STUDENT}"] if cfg.distill_steps else []),
                        f"{ONNX_DIR}/unet.onnx", "operators.txt", REPORT, REPORT_MD,
                        *([SAMPLES] if sample_rows else []))},
     }
+
+
+def _latency_report(plan: Any, out_dir: Path) -> dict[str, Any] | None:
+    """The plan's latency prediction and the measurement that checks it (builds with a latency budget)."""
+    if plan.latency is None or not (out_dir / LATENCY).is_file():
+        return None
+    return {"predicted": plan.latency, "measured": read_json(out_dir / LATENCY, what="latency check")}
 
 
 def _distill_report(folder: Path) -> dict[str, Any]:
@@ -98,6 +113,7 @@ def report_markdown(report: dict[str, Any]) -> str:
         f"| UNet parameters | {p['dense']:,} | {p['pruned']:,} | {p['removed_fraction']:.1%} |",
         f"| MACs / sample at latent {'x'.join(map(str, m['at_latent_shape']))} | {m['dense']:,} | {m['pruned']:,} "
         f"| {m['removed_fraction']:.1%} |",
+        *_latency_rows(report.get("latency")),
         "",
         f"## Removed operators ({len(report['removed'])})",
         "",
@@ -106,6 +122,8 @@ def report_markdown(report: dict[str, Any]) -> str:
     ]
     for r in report["removed"]:
         lines.append(f"| `{r['name']}` | {r['kind']} | {r['action']} | {r['score']:.4g} | {r['params']:,} |")
+    if report.get("latency") and report["latency"]["measured"]["flagged"]:
+        lines += ["", f"> **Latency prediction flagged.** {report['latency']['measured']['message']}"]
     d = report.get("distill")
     if d:
         first, last = d["loss_first_10pct"], d["loss_last_10pct"]
@@ -140,6 +158,18 @@ def report_markdown(report: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _latency_rows(latency: dict[str, Any] | None) -> list[str]:
+    """The latency rows of the report's table: the plan's prediction, and the measurement beside the dense model."""
+    if latency is None:
+        return []
+    p, m = latency["predicted"], latency["measured"]
+    where = f"{m['runtime']}, {p['basis'].get('provider') or p['basis']['device']}, batch {m['batch']}"
+    return [f"| latency predicted ({where}; ms) | {p['dense_ms']:.2f} | {p['predicted_ms']:.2f} | "
+            f"{m['predicted_cut']:.1%} |",
+            f"| latency measured (median of {m['repeats']}, interleaved; ms) | {m['dense_ms']:.2f} | "
+            f"{m['pruned_ms']:.2f} | {m['measured_cut']:.1%} |"]
 
 
 def _placement(analysis: dict[str, Any]) -> str:

@@ -5,9 +5,14 @@ artifact there (atomically; an existing artifact is replaced only with ``overwri
 
     stage     reads                              writes (in ``out``)
     inspect   a model                            — (an OperatorGraph)
+    costs     a model                            costs.json: the latency each removal saves on the target runtime
+                                                 (reused when its key — graph, options, device, versions — matches)
     analyze   a model + its calibration          scores.json: the LD score of every candidate (reused when its
                                                  cache key — weights, options, conditioning — matches)
-    select    scores (+ the operator graph)      plan.json: the removals under the budget
+    select    scores (+ the operator graph,      plan.json: the removals under the budget
+              + costs)
+    latency   the dense model + a student        latency.json: the student's measured latency beside the dense
+                                                 model's, against the plan's prediction
     prune     a model + a plan                   student/: the rewritten graph's weights, plan and trace
     distill   the dense model + a student        student/, loss log and plot, checkpoints, distill.json
     export    a student                          onnx/unet.onnx (+ .data, optimized / fp16 variants), validated
@@ -25,13 +30,17 @@ from .io import check_replaceable
 from .sources import LoadedModel
 
 __all__ = [
+    "COSTS",
     "DISTILL_DIR",
+    "LATENCY",
     "ONNX_DIR",
     "PLAN",
     "SCORES",
     "STUDENT",
     "analysis_inputs",
     "analyze",
+    "check_latency",
+    "costs",
     "distill",
     "export",
     "inspect",
@@ -40,6 +49,8 @@ __all__ = [
 ]
 
 SCORES = "scores.json"
+COSTS = "costs.json"
+LATENCY = "latency.json"
 PLAN = "plan.json"
 STUDENT = "student"
 DISTILL_DIR = "distill"
@@ -84,15 +95,86 @@ def analyze(loaded: LoadedModel, graph: Any, config: Any, calib: Any, *, out: st
                               save_to=path)
 
 
-def select(report: Any, graph: Any, config: Any, *, out: str | os.PathLike | None, overwrite: bool) -> Any:
+def _timed_graph(loaded: LoadedModel, trace: Any, config: Any, device: Any) -> Any:
+    """The operator graph the latency is timed on: torch in ``config.latency_dtype`` on ``device``; onnxruntime on
+    the float32 model (exported on the host; its session runs on ``device``'s provider)."""
+    import torch
+
+    if config.runtime == "torch":
+        unet = loaded.placed(device, devices.torch_dtype(config.latency_dtype))
+    else:
+        unet = loaded.placed(torch.device("cpu"), torch.float32)
+    from ldpruner.compiler.graph import build_operator_graph
+
+    return build_operator_graph(loaded.trace(trace, unet=unet))
+
+
+def costs(loaded: LoadedModel, trace: Any, config: Any, *, device: Any = "auto", out: str | os.PathLike | None,
+          overwrite: bool, progress: bool) -> Any:
+    """The latency cost of every candidate (a :class:`~ldpruner.passes.costs.CostReport`) of the model traced at
+    ``trace`` under ``config`` (a CostConfig) on ``device``; with ``out``, reuse ``out/costs.json`` when its key
+    matches and write it otherwise."""
+    from ldpruner.passes.costs import cache_key, load_cached, measure_costs
+
+    device = devices.resolve_device(device)
+    graph = _timed_graph(loaded, trace, config, device)
+    path = Path(out) / COSTS if out is not None else None
+    if path is not None and path.exists():
+        cached = load_cached(path, cache_key(graph, config, device))
+        if cached is not None:
+            return cached
+        check_replaceable(path, overwrite)
+    return measure_costs(graph, config, device=device, progress=progress, save_to=path)
+
+
+def check_latency(loaded: LoadedModel, student: Any, cost_report: Any, trace: Any, *, device: Any = "auto",
+                  out: str | os.PathLike | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """``student`` (a PrunedUNet) timed beside the dense ``loaded`` model on the runtime, batch, dtype and device of
+    ``cost_report``, against the latency its plan predicts; with ``out``, written to ``out/latency.json``. A
+    measured cut short of the predicted one by more than the tolerance is flagged, and logged."""
+    import dataclasses
+    import logging
+
+    from ldpruner.passes.costs import check_latency as check
+
+    device = devices.resolve_device(device)
+    config = cost_report.config
+    dense = _timed_graph(loaded, trace, config, device).traced
+    pruned = student.traced
+    if config.runtime == "torch":  # the student, placed like the dense model
+        dtype = devices.torch_dtype(config.latency_dtype)
+        pruned = dataclasses.replace(pruned, gm=devices.cast_copy(pruned.gm, device, dtype), example_inputs={
+            n: t.to(device, dtype if t.is_floating_point() else t.dtype) for n, t in pruned.example_inputs.items()})
+    result = check(dense, pruned, cost_report, student.plan.names, device=device)
+    result["predicted_by"] = cost_report.basis()
+    if result["flagged"]:
+        logging.getLogger("ldpruner.stages").warning(result["message"])
+    if out is not None:
+        from ldpruner.io import write_json_atomic
+
+        path = Path(out) / LATENCY
+        check_replaceable(path, overwrite)
+        write_json_atomic(path, result)
+    return result
+
+
+def select(report: Any, graph: Any, config: Any, *, out: str | os.PathLike | None, overwrite: bool,
+           cost_report: Any = None) -> Any:
     """The :class:`~ldpruner.passes.plan.RemovalPlan` of ``report`` under ``config`` (a SelectionConfig). With
     ``graph`` (the analysed model's operator graph) candidates that would jointly remove shared modules are
-    skipped; without it such a plan is refused at prune time instead."""
+    skipped; without it such a plan is refused at prune time instead. ``cost_report`` (a CostReport): the latency
+    costs, needed for ``metric="latency"``; with them every plan records its predicted latency."""
     from ldpruner.passes.select import select_removals
 
+    if cost_report is not None and (cost_report.model_class, cost_report.granularity) != (
+            report.model_class, report.granularity):
+        raise ConfigError(f"the costs were measured on a {cost_report.model_class} at {cost_report.granularity} "
+                          f"granularity, the scores on a {report.model_class} at {report.granularity}: measure "
+                          "both on the same model and granularity")
     plan = select_removals(report, total_params=report.total_params, total_macs=report.total_macs,
                            model_class=report.model_class, granularity=report.granularity, config=config,
-                           jointly_removed=graph.jointly_removed if graph is not None else None)
+                           jointly_removed=graph.jointly_removed if graph is not None else None,
+                           costs=cost_report)
     if out is not None:
         path = Path(out) / PLAN
         check_replaceable(path, overwrite)
@@ -127,9 +209,10 @@ def distill(loaded: LoadedModel, student: Any, config: Any, *, out: str | os.Pat
             progress: bool, device: Any = "auto", consume: bool = False) -> Any:
     """Fine-tune ``student`` (a PrunedUNet, trained in place) against the dense ``loaded`` model it was pruned from,
     on the teacher's trajectories or on ``data`` (:func:`ldpruner.calibration.distill_data`). Under torchrun every
-    rank calls this and trains on its own shard; rank 0 writes. A ``config.teacher_dtype`` other than the loaded
-    weights' runs the teacher on a cast copy, or, with ``consume`` (the caller needs the dense model no more) and
-    an owned model, on the loaded weights cast in place: the full-precision dense model is not held beside it."""
+    rank calls this and trains on its own shard; rank 0 writes. The frozen teacher shares the loaded weights when
+    they are on ``device`` in ``config.teacher_dtype``; otherwise it is a copy placed there in that dtype, or, with
+    ``consume`` (the caller needs the dense model no more) and an owned model, the loaded weights moved and cast in
+    place: the dense model is never held twice."""
     from ldpruner.passes.distill import distill as run_distill
     from ldpruner.passes.remove import count_params
 
@@ -138,17 +221,17 @@ def distill(loaded: LoadedModel, student: Any, config: Any, *, out: str | os.Pat
                           f"{type(loaded.unet).__name__}")
     pruned = student
     device = devices.resolve_device(device)
-    # the frozen teacher shares the loaded weights when it trains where they are, in their dtype (no second copy
-    # of the model); otherwise its copy is placed on the device now, before it samples the trajectories there
+    # the teacher is placed now, before it samples the data-free trajectories on the device
     import torch
 
-    dtype = getattr(torch, config.teacher_dtype)
-    if dtype == next(loaded.unet.parameters()).dtype:
-        teacher = loaded.trace_like(pruned.traced, share=loaded.device == device)
+    loaded_dtype = next(loaded.unet.parameters()).dtype
+    dtype = getattr(torch, config.teacher_dtype) if config.teacher_dtype is not None else loaded_dtype
+    if (dtype, device) == (loaded_dtype, loaded.device):
+        teacher = loaded.trace_like(pruned.traced, share=True)
     elif consume and loaded.owned:
         # nn.Module.to: diffusers' own .to warns about fp32-only modules on every cast, even when a model has none
         teacher = loaded.trace_like(pruned.traced, unet=torch.nn.Module.to(loaded.unet, device=device, dtype=dtype))
-    else:
+    else:  # a copy made on the device in the teacher's dtype: the loaded weights stay as they are
         teacher = loaded.trace_like(pruned.traced, unet=loaded.placed(device, dtype))
     teacher.gm.to(device)
     if count_params(teacher.gm) != pruned.plan.total_params:
@@ -164,6 +247,13 @@ def distill(loaded: LoadedModel, student: Any, config: Any, *, out: str | os.Pat
         distributed.leave(world)
 
 
+def export_on_cuda(device: Any) -> bool:
+    """Whether the export's checks and optimizer target CUDA on ``device``: a CUDA device and onnxruntime-gpu."""
+    import onnxruntime as ort
+
+    return devices.resolve_device(device).type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers()
+
+
 def export(student: Any, config: Any, variants: Any, *, out: str | os.PathLike, overwrite: bool,
            device: Any = "auto") -> dict[str, Any]:
     """``out/onnx/unet.onnx`` from ``student`` (a PrunedUNet, or any object with ``traced`` and ``config``) under
@@ -173,12 +263,9 @@ def export(student: Any, config: Any, variants: Any, *, out: str | os.PathLike, 
     it (its CUDA-only fusions on)."""
     import dataclasses
 
-    import onnxruntime as ort
-
     from ldpruner.passes.onnx.export import export_onnx
 
-    on_cuda = (devices.resolve_device(device).type == "cuda"
-               and "CUDAExecutionProvider" in ort.get_available_providers())
+    on_cuda = export_on_cuda(device)
     if on_cuda and "CUDAExecutionProvider" not in config.validation_providers:
         config = dataclasses.replace(config, validation_providers=("CUDAExecutionProvider", "CPUExecutionProvider"))
     onnx_dir = Path(out) / ONNX_DIR
@@ -213,6 +300,9 @@ def _dense_sites(student: Any) -> dict[str, int] | None:
     try:
         with torch.device("meta"):
             return fusion_sites(cls.from_config(dict(student.config)))
-    except Exception:  # a config this diffusers cannot build: the dense column stays empty
+    except Exception as exc:  # a config this diffusers cannot build: the dense column stays empty
+        import logging
+
+        logging.getLogger("ldpruner.stages").debug("no dense fusion sites for %s: %s", cls.__name__, exc)
         return None
 

@@ -1,5 +1,5 @@
 """The options of every pass, declared once (default, meaning, valid values): tracing, the analysis, selection, the
-rewrite, distillation, ONNX export and onnxruntime optimization.
+rewrite, the latency cost model, distillation, ONNX export and onnxruntime optimization.
 
 The passes take these configs; the API takes their fields as keywords, ``ldpruner build`` composes them
 (:mod:`ldpruner.config`) and the CLI makes its flags from them (:func:`ldpruner.options.add_flags`). This module
@@ -21,6 +21,7 @@ from ldpruner.options import Config, option
 __all__ = [
     "DEFAULT_TOLERANCES",
     "AnalysisConfig",
+    "CostConfig",
     "DeviceConfig",
     "DistillConfig",
     "ExportConfig",
@@ -94,16 +95,47 @@ class AnalysisConfig(Config):
             yield f"prompts={list(self.prompts)!r} must be non-empty strings"
 
 
+METRICS = ("params", "macs", "latency")
+ORDERS = ("score", "score-per-cost", "knapsack")
+RUNTIMES = ("onnxruntime", "torch")
+
+
 @dataclasses.dataclass(frozen=True)
 class SelectionConfig(Config):
     """``budget``: fraction of ``metric`` to remove. ``order``: ranking rule."""
 
     budget: float = option(0.3, "fraction of the metric to remove", minimum=0, maximum=1, exclusive_minimum=True,
                            exclusive_maximum=True, hint="e.g. 0.3 removes 30 %")
-    metric: str = option("params", "what the budget counts: UNet parameters, or multiply-accumulates per sample",
-                         choices=("params", "macs"))
-    order: str = option("score", "ranking rule: lowest LD score first, or lowest score per unit of the metric",
-                        choices=("score", "score-per-cost"))
+    metric: str = option("params", "what the budget counts: UNet parameters, multiply-accumulates per sample, or "
+                         "the dense model's latency on the target runtime (measured per operator: costs.json)",
+                         choices=METRICS)
+    order: str = option("score", "selection rule: lowest LD score first, lowest score per unit of the metric first, "
+                        "or the exact knapsack (the least total LD score that reaches the budget)", choices=ORDERS)
+
+
+@dataclasses.dataclass(frozen=True)
+class CostConfig(Config):
+    """How the latency cost of each operator is measured: on which runtime, at which batch and dtype, how often.
+    The latent size is the trace's; the device is the stage's."""
+
+    runtime: str = option("onnxruntime", "where latency is measured and predicted: onnxruntime (the exported "
+                          "model; the CUDA provider on a GPU) or torch eager", choices=RUNTIMES)
+    latency_batch: int | None = option(None, "UNet batch the latency is measured at", minimum=1,
+                                       none="2 for a text-conditioned UNet (one guided step), else 1")
+    latency_dtype: str = option("float32", "dtype the torch runtime is timed in (onnxruntime times the float32 "
+                                "export)", choices=DTYPES)
+    latency_repeats: int = option(10, "timed runs of the dense model (per-operator times are their medians)",
+                                  minimum=1)
+    latency_warmup: int = option(2, "untimed runs first", minimum=0)
+    threads: int | None = option(None, "intra-op threads of the timed runtime", minimum=1,
+                                 none="the runtime's default")
+    latency_tolerance: float = option(0.15, "flag a plan whose measured latency cut falls short of the predicted "
+                                      "cut by more than this share of it", minimum=0, maximum=1)
+
+    def problems(self) -> Iterable[str]:
+        if self.runtime == "onnxruntime" and self.latency_dtype != "float32":
+            yield (f"latency_dtype={self.latency_dtype!r} with runtime='onnxruntime': onnxruntime is timed on the "
+                   "float32 export; use runtime='torch' for another dtype")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,7 +171,8 @@ class DistillConfig(Config):
     lr_schedule: str = option("cosine", "decay after warm-up", choices=LR_SCHEDULES)
     warmup_steps: int = option(20, "linear warm-up steps", minimum=0)
     min_lr_ratio: float = option(0.1, "the learning rate decays to this share of its peak", minimum=0, maximum=1)
-    weight_decay: float = option(0.0, "AdamW weight decay", minimum=0)
+    weight_decay: float = option(0.0, "weight decay (AdamW's decoupled one; Adafactor's, scaled by its step)",
+                                 minimum=0)
     grad_clip: float | None = option(1.0, "clip the gradient norm to this", minimum=0, exclusive_minimum=True,
                                      none="no clipping")
     w_task: float | None = option(None, "weight of the denoising loss", minimum=0, none="1 with data, else 0")
@@ -163,9 +196,9 @@ class DistillConfig(Config):
                                         minimum=1)
     gradient_checkpointing: bool = option(False, "recompute each operator's activations in the backward pass "
                                           "instead of keeping them (less memory, about a third more compute)")
-    teacher_dtype: str = option("float32", "dtype the frozen teacher runs in (its cast copy; a build that no "
-                                "longer needs the dense model casts it in place): bfloat16 halves its memory",
-                                choices=DTYPES)
+    teacher_dtype: str | None = option(None, "dtype the frozen teacher runs in (its cast copy; a build, which "
+                                       "needs the dense model no more, casts it in place): bfloat16 halves its "
+                                       "memory", choices=DTYPES, none="the loaded weights' dtype")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -24,9 +24,13 @@ class PlannedRemoval:
     macs: int  # MACs per sample it saves at the traced size
     score: float | None = None  # LD score (None for hand-written plans)
     reason: str = ""
+    latency_ms: float | None = None  # the latency it saves on the costs' runtime (None without latency costs)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if self.latency_ms is None:
+            del data["latency_ms"]  # plans without latency costs read as they always have
+        return data
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +43,8 @@ class RemovalPlan:
     total_params: int
     total_macs: int
     budget: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # with latency costs: dense_ms, predicted_ms, predicted_removed_fraction and the basis (runtime, device, batch…)
+    latency: dict[str, Any] | None = None
 
     @property
     def names(self) -> list[str]:
@@ -61,7 +67,7 @@ class RemovalPlan:
         return self.total_macs - self.removed_macs
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             "format": PLAN_FORMAT,
             "model_class": self.model_class,
             "granularity": self.granularity,
@@ -76,6 +82,9 @@ class RemovalPlan:
             },
             "removals": [r.to_dict() for r in self.removals],
         }
+        if self.latency is not None:
+            data["latency"] = self.latency
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RemovalPlan:
@@ -94,6 +103,7 @@ class RemovalPlan:
                 total_params=int(totals["params_before"]),
                 total_macs=int(totals["macs_per_sample_before"]),
                 budget=dict(data.get("budget", {})),
+                latency=dict(data["latency"]) if data.get("latency") is not None else None,
             )
         except (KeyError, TypeError) as exc:
             raise PlanError(f"malformed plan: {type(exc).__name__}: {exc}") from exc

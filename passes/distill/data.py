@@ -106,7 +106,8 @@ class TeacherTrajectories:
         self.renoise = renoise
         self.noiser = noising_scheduler(scheduler)
         param = next(teacher.parameters())
-        self.dtype = param.dtype
+        teacher_dtype = param.dtype
+        self.dtype = torch.float32  # what the batches hold: each model gets them in its own dtype from the trainer
         use_cfg = conditioning is not None and conditioning.has_negative and guidance_scale > 1
         self.guidance_scale = guidance_scale if use_cfg else 1.0
         mine = list(range(rank, trajectories, world))
@@ -119,7 +120,7 @@ class TeacherTrajectories:
         graph = GraphUNet(teacher, self.input_names)
 
         def unet_fn(**inputs: torch.Tensor) -> torch.Tensor:
-            samples.append(inputs["sample"].detach().cpu())
+            samples.append(inputs["sample"].detach().float().cpu())
             timesteps.append(inputs["timestep"].detach().cpu().reshape(-1).expand(inputs["sample"].shape[0]))
             cond_ids.append(torch.cat([torch.full_like(chunk_ids, NEGATIVE), chunk_ids]) if use_cfg else chunk_ids)
             return graph.flat(**inputs)
@@ -133,13 +134,13 @@ class TeacherTrajectories:
                 index = torch.tensor(chunk)
                 chunk_ids = index % prompts
                 noise = torch.stack([torch.randn(latent_shape, generator=torch.Generator().manual_seed(
-                    seed * 1_000_003 + i)) for i in chunk]).to(param.device, self.dtype)
-                cond = conditioning.rows(index, param.device, self.dtype) if conditioning is not None else {}
+                    seed * 1_000_003 + i)) for i in chunk]).to(param.device, teacher_dtype)
+                cond = conditioning.rows(index, param.device, teacher_dtype) if conditioning is not None else {}
                 cond = {k: v for k, v in cond.items() if k in self.input_names or k.startswith("negative_")}
                 generators = [torch.Generator().manual_seed(seed * 1_000_003 + i + 7919) for i in chunk]
                 final = sample_latents(unet_fn, scheduler, noise=noise, steps=steps, guidance_scale=self.guidance_scale,
                                        generator=generators, **cond)
-                finals.append(final.detach().cpu())
+                finals.append(final.detach().float().cpu())
                 final_ids.append(chunk_ids)
         self.sample = torch.cat(samples)
         self.timestep = torch.cat(timesteps)

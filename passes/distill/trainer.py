@@ -31,7 +31,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -94,8 +94,11 @@ def feature_loss(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor,
     return stacked.mean() if kind == "normalized" else stacked.sum()
 
 
-def _cast(inputs: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
-    return [x.to(dtype) if x.is_floating_point() else x for x in inputs]
+def _cast(inputs: list[torch.Tensor], names: Sequence[str], dtype: torch.dtype) -> list[torch.Tensor]:
+    """The inputs in a model's dtype, but the timestep as it is: a float timestep (Euler, DPM schedulers) rounded to
+    bfloat16 would be another timestep (958 → 960), and the UNet embeds it in float32 itself."""
+    return [x.to(dtype) if x.is_floating_point() and name != "timestep" else x
+            for x, name in zip(inputs, names, strict=True)]
 
 
 def _step_generator(seed: int, step: int, rank: int, micro: int = 0) -> torch.Generator:
@@ -249,9 +252,9 @@ class _Trainer:
                                "have none: set w_task to 0 or pass data")
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
         with torch.no_grad(), autocast:
-            t_out, t_feats = self.teacher(*_cast(inputs, self.teacher_dtype))
+            t_out, t_feats = self.teacher(*_cast(inputs, self.names, self.teacher_dtype))
         with autocast:
-            s_out, s_feats = self.model(*_cast(inputs, self.student_dtype))
+            s_out, s_feats = self.model(*_cast(inputs, self.names, self.student_dtype))
         if first and self.step == self._checked_at:
             self._check_taps(s_out, t_out, s_feats, t_feats)
         s_out, t_out = s_out.float(), t_out.float()

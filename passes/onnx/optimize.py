@@ -69,25 +69,33 @@ class FusionSite:
     modules: tuple[str, ...]  # torch module class names (one site each)
     operators: tuple[str, ...]  # the fused operator types that count as that site fused
     options: tuple[str, ...]  # FusionOptions flags that turn the fusion on (any of them)
+    parents: tuple[str, ...] = ()  # the site's parent module must be one of these (empty: any)
+    not_parents: tuple[str, ...] = ()  # ... and none of these
 
 
-# the fusions a diffusers UNet can get, by the module kind they fuse (get_fused_operator_statistics names)
+# the fusions a diffusers UNet can get, by the module kind they fuse (get_fused_operator_statistics names). The
+# UNet attention fusion matches attention that starts from a LayerNorm: a transformer block's, not the
+# GroupNorm-led attention of UNet2DModel, whose own GroupNorm does not fuse either.
 FUSION_SITES: dict[str, FusionSite] = {
-    "attention": FusionSite(("Attention",), ATTENTION_FUSIONS, ("enable_attention",)),
+    "attention": FusionSite(("Attention",), ATTENTION_FUSIONS, ("enable_attention",),
+                            parents=("BasicTransformerBlock",)),
     "layer_norm": FusionSite(("LayerNorm",), ("LayerNormalization", "SkipLayerNormalization"),
                              ("enable_layer_norm", "enable_skip_layer_norm")),
     "group_norm": FusionSite(("GroupNorm",), ("GroupNorm", "SkipGroupNorm"),
-                             ("enable_group_norm", "enable_skip_group_norm")),
+                             ("enable_group_norm", "enable_skip_group_norm"), not_parents=("Attention",)),
     "bias_split_gelu": FusionSite(("GEGLU",), ("BiasSplitGelu",), ("enable_bias_splitgelu",)),
 }
 
 
 def fusion_sites(module: Any) -> dict[str, int]:
     """How many sites of each FUSION_SITES kind ``module`` (a UNet, a traced or pruned graph) holds."""
+    modules = dict(module.named_modules())
     counts = dict.fromkeys(FUSION_SITES, 0)
-    for _, m in module.named_modules():
+    for name, m in modules.items():
+        parent = type(modules.get(name.rpartition(".")[0], module)).__name__
         for kind, site in FUSION_SITES.items():
-            counts[kind] += type(m).__name__ in site.modules
+            counts[kind] += (type(m).__name__ in site.modules and (not site.parents or parent in site.parents)
+                             and parent not in site.not_parents)
     return counts
 
 

@@ -312,3 +312,13 @@ def test_adafactor_keeps_a_fraction_of_adamw_state_learns_and_resumes_bit_identi
     resumed = _cut_and_resume(config, tmp_path / "cut", kill_at=5)
     a, b = whole.student.gm.state_dict(), resumed.student.gm.state_dict()
     assert resumed.summary["resumed_from_step"] == 3 and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_model_gets_its_inputs_in_its_dtype_but_the_timestep_as_it_is():
+    from ldpruner.passes.distill.trainer import _cast
+
+    sample, timestep, ids = torch.randn(2, 4, 8, 8), torch.tensor([958.0, 925.0]), torch.tensor([1, 2])
+    cast = _cast([sample, timestep, ids], ["sample", "timestep", "class_labels"], torch.bfloat16)
+    assert cast[0].dtype == torch.bfloat16
+    # bfloat16 would make these 960 and 924: another timestep for the teacher than for the student
+    assert cast[1] is timestep and cast[2] is ids

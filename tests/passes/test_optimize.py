@@ -182,3 +182,20 @@ def test_fusion_table_warns_about_each_enabled_kind_left_unfused(tmp_path, caplo
     assert table["warnings"][0] in caplog.text
     full = dataclasses.replace(result, fused_operators={"Attention": 4})
     assert fusion_table(full, sites)["warnings"] == []  # group norm is off: its 5 unfused sites are no loss
+
+
+def test_fusion_sites_count_only_what_onnxruntime_can_fuse():
+    """Transformer-block attention and the group norms outside attention: UNet2DModel's GroupNorm-led attention
+    never fuses (not in the dense model either), so it is no site and can raise no warning."""
+    from conftest import make_tiny_unet2d
+
+    from ldpruner.passes.onnx.optimize import fusion_sites
+
+    sd = fusion_sites(make_tiny_sd_unet())
+    assert sd["attention"] == 8 and sd["layer_norm"] == 12 and sd["bias_split_gelu"] == 4
+    unet2d = make_tiny_unet2d()
+    plain = sum(type(m).__name__ == "GroupNorm" for m in unet2d.modules())
+    in_attention = sum(type(m).__name__ == "Attention" and m.group_norm is not None for m in unet2d.modules())
+    assert fusion_sites(unet2d) == {"attention": 0, "layer_norm": 0, "group_norm": plain - in_attention,
+                                    "bias_split_gelu": 0}
+    assert in_attention > 0
