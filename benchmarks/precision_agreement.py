@@ -18,8 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ldpruner.io import write_json_atomic, write_text_atomic
-
+from ._publish import command, publish
 from .baselines import spearman
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -93,14 +92,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    command = "python -m benchmarks.precision_agreement " + " ".join(argv if argv is not None else sys.argv[1:])
-    report = {"command": command,
+    report = {"command": command("precision_agreement", argv),
               "models": [agreement(m, num_samples=args.num_samples, steps=args.steps, device=args.device,
                                    budget=args.budget) for m in args.models]}
-    write_json_atomic(args.out / "report.json", report)
-    write_text_atomic(args.out / "report.md", markdown(report))
-    print(markdown(report))
-    return 0
+    return publish(args.out, report, markdown(report))
 
 
 if __name__ == "__main__":

@@ -147,3 +147,20 @@ def test_missing_metric_package_is_a_typed_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "scipy", None)
     with pytest.raises(BenchError, match=r"quality metrics need the package 'scipy'.*ldpruner\[bench\]"):
         QualityMeter("mnist-t2i", 10)
+
+
+def test_bench_with_a_latency_budget_predicts_and_measures_each_plan(tmp_path):
+    from ldpruner import api
+
+    report = api.bench("random:sd-tiny", out=tmp_path, budgets=[0.3], metric="latency", order="knapsack",
+                       runtime="torch", batch_sizes=[2], quality=False, memory=False, repeats=2, warmup=1,
+                       num_samples=2, steps=1, progress=False)
+    (entry,) = report["models"][0]["budgets"]
+    plan = json.loads((tmp_path / "random-sd-tiny" / "costs.json").read_text())
+    assert plan["placement"]["runtime"] == "torch" and entry["order"] == "knapsack"
+    prediction = entry["latency_prediction"]
+    # the measured cut is this budget's own torch batch-2 ratio
+    assert prediction["measured_cut"] == pytest.approx(1 - entry["latency"]["torch"]["batch_2"]["ratio"])
+    assert prediction["predicted_cut"] >= 0.3 and prediction["batch"] == 2
+    assert prediction["flagged"] == (prediction["shortfall"] > prediction["tolerance"])
+    assert "latency cut predicted / measured" in (tmp_path / "report.md").read_text()
