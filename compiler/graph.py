@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .operators import Granularity, is_operator, operator_kind
-from .tracer import TracedUNet
+from .tracer import OUTSIDE_WHY, TracedUNet
 
 __all__ = ["Action", "Operator", "OperatorGraph", "build_operator_graph", "flop_counter", "removed_nodes"]
 
@@ -156,13 +156,23 @@ class OperatorGraph:
             f"{len(self.operators)} operators, {len(removable)} removable; UNet params {self.total_params:,}, "
             f"MACs/sample {self.total_macs:,}"
         )
+        if self.traced.outside:
+            modules = ", ".join(f"{name} ({count:,})" for name, count in self.traced.outside.items())
+            lines.append(f"outside the graph: {self.traced.outside_params:,} params in {modules} — {OUTSIDE_WHY}")
         return "\n".join(lines)
+
+    def outside_graph(self) -> dict[str, Any] | None:
+        """The model's parameters the graph does not hold, and why (None when it holds them all)."""
+        if not self.traced.outside:
+            return None
+        return {"params": self.traced.outside_params, "modules": dict(self.traced.outside), "why": OUTSIDE_WHY}
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "model_class": self.traced.model_class,
             "granularity": self.traced.granularity.value,
             "total_params": self.total_params,
+            "outside_graph": self.outside_graph(),
             "total_macs_per_sample": self.total_macs,
             "trace": self.traced.validity(),
             "operators": [op.to_dict() for op in self],
@@ -297,11 +307,13 @@ def _removal_action(node: torch.fx.Node, module: nn.Module, shapes: dict[str, An
     if in_shape is None or out is None:
         return Action.NOT_REMOVABLE, "input or output is not a single tensor", None
     out_shape = shapes[out.name]
-    join = _find_join(out, shapes)
-    if join is not None:
-        return Action.IDENTITY, "residual branch: its residual add becomes the skip", join[0]
     if name == "ResnetBlock2D" and (getattr(module, "up", False) or getattr(module, "down", False)):
         return Action.NOT_REMOVABLE, "resnet with built-in up/down-sampling changes spatial size", None
+    join = _find_join(out, shapes)
+    # a branch whose removal leaves zeros in its place: the zeros take the input's shape, so only a branch that
+    # keeps the shape qualifies (score-SDE's skip blocks add a downsampling resnet to a skip path)
+    if join is not None and in_shape == out_shape:
+        return Action.IDENTITY, "residual branch: its residual add becomes the skip", join[0]
     if len(in_shape) != len(out_shape) or (len(out_shape) == 4 and in_shape[2:] != out_shape[2:]) or \
             (len(out_shape) == 3 and in_shape[1] != out_shape[1]):
         return Action.NOT_REMOVABLE, f"changes spatial size {_fmt(in_shape)} -> {_fmt(out_shape)}", None

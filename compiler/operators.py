@@ -49,10 +49,14 @@ def _diffusers_classes() -> dict[str, type]:
 def leaf_operator_types(granularity: Granularity) -> tuple[type, ...]:
     """Module classes the tracer keeps whole. Timestep embeddings are leaves too (not operators) to keep
     the graph readable."""
+    from diffusers.models.downsampling import KDownsample2D
     from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+    from diffusers.models.upsampling import KUpsample2D
 
     c = _diffusers_classes()
-    common = (c["ResnetBlock2D"], c["Attention"], c["Downsample2D"], c["Upsample2D"], Timesteps, TimestepEmbedding)
+    # K-diffusion resamplers build their kernel by item assignment, which a trace cannot record: kept whole
+    common = (c["ResnetBlock2D"], c["Attention"], c["Downsample2D"], c["Upsample2D"], Timesteps, TimestepEmbedding,
+              KDownsample2D, KUpsample2D)
     if granularity is Granularity.BLOCK:
         return common + (c["Transformer2DModel"],)
     return common + (c["FeedForward"],)

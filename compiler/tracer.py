@@ -24,11 +24,18 @@ import torch
 import torch.fx
 from torch import nn
 
-from ldpruner.errors import TraceError
+from ldpruner.errors import TraceError, UnsupportedModelError
+from ldpruner.unet_inputs import diffusers_kwargs
 
 from .operators import Granularity, leaf_operator_types, parse_granularity
+from .signature import unet_example_inputs, unet_input_names
 
-__all__ = ["Decision", "TracedUNet", "call_diffusers_unet", "trace_unet", "unet_example_inputs", "unet_input_names"]
+# why parameters can be outside a traced graph (inspect, the plan and the report say it with the modules)
+OUTSIDE_WHY = ("modules that run only with inputs the trace does not pass (GLIGEN's grounding, given as "
+               "cross_attention_kwargs['gligen']): not scored, not pruned, and not in the student or the ONNX export")
+
+__all__ = ["OUTSIDE_WHY", "Decision", "TracedUNet", "call_diffusers_unet", "trace_unet", "unet_example_inputs",
+           "unet_input_names"]
 
 _THIS_DIR = os.path.dirname(os.path.abspath(__file__))
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
@@ -59,6 +66,18 @@ class TracedUNet:
     model_class: str
     decisions: tuple[Decision, ...]
     spatial_multiple: int | None  # latent height/width must be a multiple of this (None: only the traced size)
+    # modules of the model whose parameters the graph never uses (branches that run only with inputs the trace did
+    # not pass, such as GLIGEN's grounding): qualified name -> parameter count
+    outside: dict[str, int] = dataclasses.field(default_factory=dict)
+    out_channels: int | None = None  # channels of the prediction on the example inputs
+
+    @property
+    def sample_channels(self) -> int:
+        return int(self.example_inputs[self.input_names[0]].shape[1])
+
+    @property
+    def outside_params(self) -> int:
+        return sum(self.outside.values())
 
     def validity(self) -> dict[str, Any]:
         shape = tuple(self.example_inputs[self.input_names[0]].shape)
@@ -174,6 +193,14 @@ class OperatorTracer(torch.fx.Tracer):
         self.decisions.append(Decision(kind, len(value) if kind == "len" else value, location, source))
         return value
 
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
+        node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        if kind == "get_attr":
+            # fx makes get_attr nodes for buffers and tensor constants (FIR kernels, K-blocks) directly, without a
+            # proxy: their values are read here, or later nodes would find nothing to compute with
+            self.values[node] = self._evaluate(node)
+        return node
+
     def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
         node = proxy.node
@@ -246,19 +273,14 @@ def _make_forward(names: Sequence[str], call: Callable[..., Any]) -> Callable[..
 
 def _diffusers_call(model_class: type) -> Callable[..., Any]:
     """Flat-signature adapter around a diffusers UNet's forward (tensors only, tensor out)."""
+    from diffusers import UNet2DModel
 
-    def call(self, sample, timestep, encoder_hidden_states=None, text_embeds=None, time_ids=None,
-             class_labels=None, timestep_cond=None):
-        kwargs: dict[str, Any] = {"return_dict": False}
-        if class_labels is not None:
-            kwargs["class_labels"] = class_labels
-        if encoder_hidden_states is not None:
-            if text_embeds is not None:
-                kwargs["added_cond_kwargs"] = {"text_embeds": text_embeds, "time_ids": time_ids}
-            if timestep_cond is not None:
-                kwargs["timestep_cond"] = timestep_cond
-            return model_class.forward(self, sample, timestep, encoder_hidden_states, **kwargs)[0]
-        return model_class.forward(self, sample, timestep, **kwargs)[0]
+    def call(self, sample, timestep, **flat):
+        if issubclass(model_class, UNet2DModel):
+            kwargs = {"class_labels": flat["class_labels"]} if flat.get("class_labels") is not None else {}
+        else:
+            kwargs = diffusers_kwargs(flat)
+        return model_class.forward(self, sample, timestep, return_dict=False, **kwargs)[0]
 
     return call
 
@@ -275,75 +297,6 @@ def _keyword_call(model_class: type) -> Callable[..., Any]:
         return model_class.forward(self, **tensors)
 
     return call
-
-
-def unet_input_names(model: nn.Module) -> tuple[str, ...]:
-    """The tensor inputs a diffusers UNet needs, in call order."""
-    from diffusers import UNet2DConditionModel, UNet2DModel
-
-    cfg = model.config
-    if isinstance(model, UNet2DConditionModel):
-        names = ["sample", "timestep", "encoder_hidden_states"]
-        if cfg.addition_embed_type == "text_time":
-            names += ["text_embeds", "time_ids"]
-        elif cfg.addition_embed_type is not None:
-            raise TraceError(
-                f"UNet2DConditionModel with addition_embed_type={cfg.addition_embed_type!r} is not supported; "
-                "supported: None and 'text_time' (SDXL)"
-            )
-        if cfg.class_embed_type is not None or cfg.num_class_embeds is not None:
-            names.append("class_labels")
-        if cfg.time_cond_proj_dim is not None:
-            names.append("timestep_cond")
-        return tuple(names)
-    if isinstance(model, UNet2DModel):
-        names = ["sample", "timestep"]
-        if cfg.class_embed_type is not None or cfg.num_class_embeds is not None:
-            names.append("class_labels")
-        return tuple(names)
-    raise TraceError(f"{type(model).__name__} is not a diffusers UNet2DModel / UNet2DConditionModel")
-
-
-def unet_example_inputs(
-    model: nn.Module,
-    *,
-    batch: int = 2,
-    height: int | None = None,
-    width: int | None = None,
-    seq_len: int = 77,
-    seed: int = 0,
-) -> dict[str, torch.Tensor]:
-    """Seeded example inputs for a diffusers UNet, from its config (sizes default to ``config.sample_size``)."""
-    cfg = model.config
-    size = cfg.sample_size if cfg.sample_size is not None else 64
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    height = height or size[0]
-    width = width or size[1]
-    gen = torch.Generator().manual_seed(seed)
-    param = next(model.parameters())
-    dtype, device = param.dtype, param.device
-
-    def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
-
-    inputs: dict[str, torch.Tensor] = {}
-    for name in unet_input_names(model):
-        if name == "sample":
-            inputs[name] = randn(batch, cfg.in_channels, height, width)
-        elif name == "timestep":
-            inputs[name] = torch.full((batch,), 500, dtype=torch.long, device=device)
-        elif name == "encoder_hidden_states":
-            inputs[name] = randn(batch, seq_len, cfg.cross_attention_dim)
-        elif name == "text_embeds":
-            inputs[name] = randn(batch, cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim)
-        elif name == "time_ids":
-            inputs[name] = torch.tensor([[height * 8, width * 8, 0, 0, height * 8, width * 8]] * batch,
-                                        dtype=dtype, device=device)
-        elif name == "class_labels":
-            inputs[name] = torch.zeros(batch, dtype=torch.long, device=device)
-        elif name == "timestep_cond":
-            inputs[name] = randn(batch, cfg.time_cond_proj_dim)
-    return inputs
 
 
 def _spatial_multiple(model: nn.Module) -> int | None:
@@ -407,8 +360,10 @@ def trace_unet(
     try:
         with _proxies_are_tensors():
             graph = tracer.trace(root)
+    except UnsupportedModelError:
+        raise
     except Exception as exc:  # any failure inside user code becomes one readable TraceError
-        raise _trace_error(model, exc) from exc
+        raise _trace_error(model, exc, is_diffusers) from exc
     finally:
         root.__class__ = original_cls
         if not copy_model and was_training:
@@ -423,7 +378,36 @@ def trace_unet(
         model_class=type(model).__name__,
         decisions=tuple(tracer.decisions),
         spatial_multiple=_spatial_multiple(model) if is_diffusers else None,
+        outside=_outside_graph(root, gm),
+        out_channels=_out_channels(tracer, graph),
     )
+
+
+def _out_channels(tracer: OperatorTracer, graph: torch.fx.Graph) -> int | None:
+    (output,) = [n for n in graph.nodes if n.op == "output"]
+    value = tracer.values.get(output.args[0]) if isinstance(output.args[0], torch.fx.Node) else None
+    return int(value.shape[1]) if isinstance(value, torch.Tensor) and value.ndim >= 2 else None
+
+
+def _outside_graph(root: nn.Module, gm: torch.fx.GraphModule) -> dict[str, int]:
+    """The largest modules of ``root`` none of whose parameters the graph holds, with their parameter counts."""
+    used = {id(p) for p in gm.parameters()}
+    unused = {name for name, p in root.named_parameters() if id(p) not in used}
+    if not unused:
+        return {}
+    out: dict[str, int] = {}
+    for name, module in root.named_modules():
+        params = [f"{name}.{n}" if name else n for n, _ in module.named_parameters()]
+        if not name or not params or not all(p in unused for p in params):
+            continue
+        if any(name.startswith(f"{outer}.") for outer in out):
+            continue
+        out[name] = sum(p.numel() for p in module.parameters())
+    # parameters held directly by a module the graph uses in part
+    covered = {p for outer in out for p in unused if p.startswith(f"{outer}.")}
+    for p in sorted(unused - covered):
+        out[p] = root.get_parameter(p).numel()
+    return out
 
 
 def _is_diffusers_unet(model: nn.Module) -> bool:
@@ -434,7 +418,7 @@ def _is_diffusers_unet(model: nn.Module) -> bool:
     return isinstance(model, (UNet2DConditionModel, UNet2DModel))
 
 
-def _trace_error(model: nn.Module, exc: BaseException) -> TraceError:
+def _trace_error(model: nn.Module, exc: BaseException, is_diffusers: bool) -> TraceError:
     frames = traceback.extract_tb(exc.__traceback__)
     where = ""
     for frame in reversed(frames):
@@ -443,8 +427,10 @@ def _trace_error(model: nn.Module, exc: BaseException) -> TraceError:
             continue
         where = f" at {_short_path(frame.filename)}:{frame.lineno} (`{(frame.line or '').strip()}`)"
         break
+    message = f"could not trace {type(model).__name__}{where}: {type(exc).__name__}: {exc}"
+    if is_diffusers:  # the user brought a config, not code: there is nothing for them to declare
+        return TraceError(f"{message}; this {type(model).__name__} configuration is not supported")
     return TraceError(
-        f"could not trace {type(model).__name__}{where}: {type(exc).__name__}: {exc}. "
-        "If the failing code is inside one module, declare that module's class a leaf "
+        f"{message}. If the failing code is inside one module, declare that module's class a leaf "
         "(extra_leaf_types=[...]) so it is kept whole; data-dependent control flow cannot be traced."
     )

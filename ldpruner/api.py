@@ -10,6 +10,7 @@ written atomically, and an existing output is replaced only with ``overwrite=Tru
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -49,19 +50,21 @@ def inspect(model: ModelLike, **options: Any) -> Any:
 
 
 def analyze(model: ModelLike, *, out: str | os.PathLike | None = None, prompts: str | os.PathLike | None = None,
-            overwrite: bool = False, progress: bool = True, **options: Any) -> Any:
+            calibration: str | os.PathLike | None = None, overwrite: bool = False, progress: bool = True,
+            **options: Any) -> Any:
     """Score every removable operator by latent deviation (an
     :class:`~ldpruner.passes.importance.ImportanceReport`); writes ``out/scores.json`` when ``out`` is given, and
     reuses one already there whose cache key (model weights + options + conditioning) matches.
 
     ``options``: TraceConfig fields (granularity, height, width), AnalysisConfig fields (num_samples, steps,
     seed, guidance_scale, batch_size, dtype) and DeviceConfig's device. ``prompts``: a prompt file (default: the
-    model's own prompts, else the built-in set)."""
+    model's own prompts, else the built-in set). ``calibration``: a safetensors file of conditioning inputs
+    (:func:`~ldpruner.passes.conditioning.read_calibration_file`; default: data-free stand-ins)."""
     from .passes.config import AnalysisConfig
 
     trace, analysis, placement = split_options(
         options, TraceConfig, (AnalysisConfig, ANALYSIS_OPTIONS), DeviceConfig)
-    loaded = load(model)
+    loaded = _with_calibration(load(model), calibration)
     graph, config, calib = stages.analysis_inputs(loaded, TraceConfig(**trace), analysis, prompts,
                                                   DeviceConfig(**placement).device)
     return stages.analyze(loaded, graph, config, calib, out=out, overwrite=overwrite, progress=progress)
@@ -116,8 +119,8 @@ def prune(model: ModelLike, plan: Any, *, out: str | os.PathLike | None = None, 
 
 
 def distill(model: ModelLike, student: Any, *, out: str | os.PathLike, data: str | os.PathLike | None = None,
-            prompts: str | os.PathLike | None = None, resume: bool = False, overwrite: bool = False,
-            progress: bool = True, **options: Any) -> Any:
+            prompts: str | os.PathLike | None = None, calibration: str | os.PathLike | None = None,
+            resume: bool = False, overwrite: bool = False, progress: bool = True, **options: Any) -> Any:
     """Fine-tune a pruned ``student`` (a PrunedUNet or a student/ folder) against the dense ``model`` it was
     pruned from; writes ``out/student/`` (the distilled student), the loss log and plot, ``distill.json`` and
     ``out/checkpoints/``. Returns a :class:`~ldpruner.passes.distill.DistillResult` whose ``student`` is the
@@ -134,8 +137,8 @@ def distill(model: ModelLike, student: Any, *, out: str | os.PathLike, data: str
     distillation, placement = split_options(options, DistillConfig, DeviceConfig)
     config, device = DistillConfig(**distillation), DeviceConfig(**placement).device
     pruned = copy.deepcopy(student) if not isinstance(student, (str, os.PathLike)) else _load_student(student)
-    return stages.distill(load(model), pruned, config, out=out, data=data, prompts_file=prompts, resume=resume,
-                          overwrite=overwrite, progress=progress, device=device)
+    return stages.distill(_with_calibration(load(model), calibration), pruned, config, out=out, data=data,
+                          prompts_file=prompts, resume=resume, overwrite=overwrite, progress=progress, device=device)
 
 
 def export(student: Any, *, out: str | os.PathLike, overwrite: bool = False, **options: Any) -> dict[str, Any]:
@@ -192,6 +195,15 @@ def build(model: ModelLike | None = None, *, out: str | os.PathLike | None = Non
     if model is not None and not isinstance(model, (str, os.PathLike)):
         raise ConfigError("build takes MODEL as a path or spec string; for an in-memory model use the stage functions")
     return run_build(build_config(model, out=out, config=config, options=options), progress=progress)
+
+
+def _with_calibration(loaded: LoadedModel, calibration: str | os.PathLike | None) -> LoadedModel:
+    if calibration is not None:
+        from .passes.conditioning import read_calibration_file
+
+        read_calibration_file(calibration)  # a bad file fails here, before the model is traced
+        return dataclasses.replace(loaded, calibration=Path(calibration))  # the caller's LoadedModel stays as it was
+    return loaded
 
 
 def _load_student(path: str | os.PathLike) -> Any:

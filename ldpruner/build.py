@@ -221,7 +221,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("latency", stages.LATENCY, reads=("prune",), inputs=lambda b: (b.cfg.latency_tolerance,), run=_latency,
           enabled=_timed),
     Stage("distill", f"{stages.DISTILL_DIR}/distill.json", reads=("prune",), all_ranks=True,
-          inputs=lambda b: (_distill_options(b), b.cfg.prompts), run=_distill,
+          inputs=lambda b: (_distill_options(b), b.cfg.prompts, _file_digest(b.cfg.calibration)), run=_distill,
           enabled=lambda b: b.cfg.distill_steps > 0),
     Stage("export", EXPORT_SUMMARY, reads=("distill", "prune"),
           inputs=lambda b: ({n: getattr(b.cfg, n) for n in ("exporter", "opset", "optimize", "fp16")}
@@ -230,6 +230,13 @@ STAGES: tuple[Stage, ...] = (
     Stage("samples", report.SAMPLES, reads=("distill", "prune"),
           inputs=lambda b: (b.keys["prune"], "samples/1"), run=_samples, enabled=lambda b: bool(sample_rows(b))),
 )
+
+
+def _file_digest(path: str | None) -> str | None:
+    """sha256 of a file the build reads (its content, not its name, decides whether a stage reruns)."""
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest() if path is not None else None
 
 
 def _cost_key(b: Build) -> str:
@@ -261,6 +268,11 @@ def run_build(cfg: BuildConfig, *, progress: bool = True) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     loaded = load(cfg.model)
+    if cfg.calibration is not None:
+        from ldpruner.passes.conditioning import read_calibration_file
+
+        read_calibration_file(cfg.calibration)  # a bad file fails before anything is traced or written
+        loaded.calibration = Path(cfg.calibration)
     # NCCL when the ranks work on GPUs, gloo on CPUs
     world = distributed.join(devices.resolve_device(cfg.device))
     try:

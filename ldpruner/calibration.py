@@ -39,8 +39,22 @@ def conditioning_source(loaded: LoadedModel, config: Any) -> Any:
     """What conditions the analysis (the ``calib`` of ``analyze_importance``): the zoo model's encoded prompts, the
     pipeline folder with a text encoder, or None."""
     if loaded.text_encoder_config is not None:
-        return _zoo_conditioning(loaded, config.prompts)
-    return loaded.pipeline_text_encoder
+        source = _zoo_conditioning(loaded, config.prompts)
+    else:
+        source = loaded.pipeline_text_encoder
+    if loaded.calibration is None:
+        return source
+    from ldpruner.passes.conditioning import Conditioning, encode_prompts, read_calibration_file
+
+    tensors = read_calibration_file(loaded.calibration)
+    if isinstance(source, Path) and "encoder_hidden_states" not in tensors:
+        from ldpruner.passes.conditioning import DEFAULT_PROMPTS
+
+        source = encode_prompts(source, config.prompts or DEFAULT_PROMPTS)
+    name = f"calibration file {loaded.calibration.name} ({', '.join(sorted(tensors))})"
+    if isinstance(source, Conditioning):
+        return source.replace(**tensors, source=f"{source.source}; {name}")
+    return Conditioning(**tensors, source=name, partial=True)
 
 
 def _zoo_conditioning(loaded: LoadedModel, prompts: tuple[str, ...] | None) -> Any:
@@ -65,13 +79,18 @@ def distill_data(loaded: LoadedModel, teacher: Any, config: Any, *, data: str | 
     encoded like the prompts (required for text-to-image models). Each rank gets its own shard."""
     from ldpruner.passes.config import AnalysisConfig
     from ldpruner.passes.distill.data import LatentData, TeacherTrajectories
-    from ldpruner.passes.importance import resolve_conditioning, scheduler_record
+    from ldpruner.passes.importance import extra_channel_count, resolve_conditioning, scheduler_record
 
     scheduler, _ = scheduler_record(loaded.scheduler)
     sample = teacher.example_inputs[teacher.input_names[0]]
     analysis = AnalysisConfig(num_samples=config.trajectories, seed=config.seed,
-                              prompts=prompts_for(loaded, prompts_file),
+                              prompts=prompts_for(loaded, prompts_file), guidance_scale=config.guidance_scale,
                               height=int(sample.shape[-2]), width=int(sample.shape[-1]))
+    extra = extra_channel_count(teacher, scheduler)
+    if data is not None and extra:
+        raise ConfigError(f"distilling from an image folder (data={str(data)!r}) is not supported for "
+                          f"in_channels={teacher.sample_channels}: the UNet takes {extra} channels besides the latent "
+                          "(a mask, a low-resolution image), which the folder does not give; distill data-free")
     if data is not None:
         import torch
 
@@ -92,14 +111,46 @@ def distill_data(loaded: LoadedModel, teacher: Any, config: Any, *, data: str | 
             cond_ids = torch.tensor([unique.index(c) for c in captions], dtype=torch.int64)
         return LatentData(latents, scheduler, teacher.input_names, conditioning=conditioning, cond_ids=cond_ids,
                           source=str(data), rank=rank, world=world)
-    conditioning = resolve_conditioning(teacher, conditioning_source(loaded, analysis), analysis)
+    conditioning = resolve_conditioning(teacher, conditioning_source(loaded, analysis), analysis, scheduler)
+    latent_shape = (teacher.sample_channels - extra, *sample.shape[2:])
+    if extra and conditioning.extra_channels is None:
+        conditioning = conditioning.replace(extra_channels=_extra_channels(teacher, scheduler, conditioning, config,
+                                                                           latent_shape))
     return TeacherTrajectories(
         teacher.gm, teacher.input_names, scheduler, conditioning=conditioning,
-        latent_shape=tuple(sample.shape[1:]), trajectories=config.trajectories, steps=config.trajectory_steps,
+        latent_shape=latent_shape, trajectories=config.trajectories, steps=config.trajectory_steps,
         guidance_scale=config.guidance_scale, seed=config.seed, renoise=config.renoise, rank=rank, world=world,
         # sampled under no_grad: one micro-batch of this rank's worth of trajectories at a time
         batch_size=max(1, config.batch_size // (world * config.gradient_accumulation)),
         progress=progress and rank == 0)
+
+
+def _extra_channels(teacher: Any, scheduler: Any, conditioning: Any, config: Any,
+                    latent_shape: tuple[int, ...]) -> Any:
+    """The analysis's data-free extra channels (:func:`~ldpruner.passes.importance.default_extra_channels`), one
+    row per conditioning row, drawn with the teacher."""
+    import torch
+
+    from ldpruner.passes.conditioning import uses_guidance
+    from ldpruner.passes.importance import default_extra_channels
+    from ldpruner.runtime.graph_unet import GraphUNet
+    from ldpruner.runtime.sampling import sample_latents
+
+    param = next(teacher.gm.parameters())
+    rows = conditioning.rows_count
+    noise = torch.randn((rows, *latent_shape), generator=torch.Generator().manual_seed(config.seed + 31)).to(
+        param.device, param.dtype)
+    guided = conditioning.has_negative and uses_guidance(teacher.input_names, config.guidance_scale)
+    graph = GraphUNet(teacher.gm, teacher.input_names)
+
+    def sample(noise: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
+        index = torch.arange(noise.shape[0])
+        cond = conditioning.replace(extra_channels=extra).rows(index, param.device, param.dtype)
+        with torch.no_grad():
+            return sample_latents(graph.flat, scheduler, noise=noise, steps=config.trajectory_steps,
+                                  guidance_scale=config.guidance_scale if guided else 1.0, seed=config.seed, **cond)
+
+    return default_extra_channels(teacher, scheduler, conditioning, noise=noise, sample=sample, seed=config.seed)
 
 
 def _caption_conditioning(loaded: LoadedModel, teacher: Any, captions: tuple[str, ...], analysis: Any) -> Any:

@@ -2,9 +2,9 @@
 
 The flags, their types, choices, defaults and help come from the stage configs (:mod:`ldpruner.passes.config`,
 :mod:`ldpruner.config`) through :func:`ldpruner.options.add_flags`; a flag the user does not give is not passed, so
-the config's default applies. Errors print one line (``error: <Type>: <message>``) and exit 1; ``--debug`` shows
-the traceback instead. Heavy imports (torch, diffusers, onnx) happen inside the commands, so ``ldpruner --help``
-is instant.
+the config's default applies. Errors print one line (``error: <Type>: <message>``; an error ldpruner did not
+raise on purpose says ``unexpected``) and exit 1; ``--debug`` shows the traceback instead. Heavy imports (torch,
+diffusers, onnx) happen inside the commands, so ``ldpruner --help`` is instant.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(p, TraceConfig)
     add_flags(p, AnalysisConfig, ANALYSIS_OPTIONS)
     add_flags(p, DeviceConfig)
-    add_flags(p, BuildConfig, ["prompts"])
+    add_flags(p, BuildConfig, ["prompts", "calibration"])
     _add_out(p)
 
     p = sub.add_parser("costs", help="measure the latency each removal saves on the target runtime (writes "
@@ -103,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("student", help="student/ folder from `ldpruner prune`")
     add_flags(p, DistillConfig)
     add_flags(p, DeviceConfig, help={"device": "where the student trains: " + DEVICE_HELP})
-    add_flags(p, BuildConfig, ["prompts"], help={"prompts": "data-free: prompt file for the teacher's trajectories"})
+    add_flags(p, BuildConfig, ["prompts", "calibration"],
+              help={"prompts": "data-free: prompt file for the teacher's trajectories",
+                    "calibration": "data-free: safetensors file of the teacher's conditioning inputs (as for analyze)"})
     p.add_argument("--data", help="folder of images (+ captions in metadata.jsonl or <image>.txt) to distill on, "
                                   "encoded by the model's VAE (default: data-free, on the teacher's trajectories)")
     p.add_argument("--resume", action="store_true", default=argparse.SUPPRESS,
@@ -236,6 +238,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # not raised on purpose: still one line, the traceback on request
+        if args.debug:
+            raise
+        message = " ".join(str(exc).split()) or "(no message)"
+        print(f"error: unexpected {type(exc).__name__}: {message[:600]} (a model ldpruner does not handle, or a bug; "
+              "--debug shows the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

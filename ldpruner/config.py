@@ -88,6 +88,10 @@ class BuildConfig(_Composed):
     device: str = same_as(DeviceConfig, "device")
     prompts: str | None = option(None, "text file with one prompt per line (blank and # lines skipped)",
                                  none="the model's own prompt set, else the built-in one", metavar="FILE", path=True)
+    calibration: str | None = option(
+        None, "safetensors file of calibration inputs named like Conditioning's fields (extra_channels: an "
+        "inpainting UNet's masks and masked-image latents, class_labels, image_embeds …; rows first)",
+        none="data-free defaults for every input (see README, MODEL)", metavar="FILE", path=True)
     budget: float = same_as(SelectionConfig, "budget")
     metric: str = same_as(SelectionConfig, "metric")
     order: str = same_as(SelectionConfig, "order")

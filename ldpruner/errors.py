@@ -18,6 +18,7 @@ __all__ = [
     "TapError",
     "DistillError",
     "BenchError",
+    "UnsupportedModelError",
 ]
 
 
@@ -80,3 +81,8 @@ class DistillError(LdprunerError):
 
 class BenchError(LdprunerError):
     """The bench stage cannot run: the benchmarks package or one of its dependencies is not importable."""
+
+
+class UnsupportedModelError(LdprunerError):
+    """A model whose configuration ldpruner cannot trace, drive or prune: the message names the config option,
+    its value and why."""

@@ -55,7 +55,8 @@ def build_report(cfg: Any, model: dict[str, Any], plan: Any, out_dir: Path, timi
         "trace": trace,
         "operators": {"total": len(operators["operators"]), "candidates": len(candidates)},
         "params": {"dense": totals["params_before"], "pruned": totals["params_after"],
-                   "removed_fraction": totals["params_removed_fraction"]},
+                   "removed_fraction": totals["params_removed_fraction"],
+                   "outside_graph": plan.outside_graph},
         "macs_per_sample": {"dense": totals["macs_per_sample_before"], "pruned": totals["macs_per_sample_after"],
                             "removed_fraction": totals["macs_removed_fraction"],
                             "at_latent_shape": trace["traced_sample_shape"][1:]},
@@ -94,6 +95,14 @@ def _distill_report(folder: Path) -> dict[str, Any]:
             "loss_log": str(folder / "loss.csv")}
 
 
+def _outside_lines(outside: dict[str, Any] | None) -> list[str]:
+    if not outside:
+        return []
+    modules = ", ".join(f"`{name}` ({count:,})" for name, count in outside["modules"].items())
+    return [f"**Outside the graph:** {outside['params']:,} parameters are not counted above, in {modules}: "
+            f"{outside['why']}.", ""]
+
+
 def report_markdown(report: dict[str, Any]) -> str:
     """report.md: the report for a reader."""
     p, m = report["params"], report["macs_per_sample"]
@@ -115,6 +124,7 @@ def report_markdown(report: dict[str, Any]) -> str:
         f"| {m['removed_fraction']:.1%} |",
         *_latency_rows(report.get("latency")),
         "",
+        *_outside_lines(p.get("outside_graph")),
         f"## Removed operators ({len(report['removed'])})",
         "",
         "| operator | kind | action | LD score | params |",

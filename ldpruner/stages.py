@@ -20,6 +20,7 @@ artifact there (atomically; an existing artifact is replaced only with ``overwri
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -175,6 +176,8 @@ def select(report: Any, graph: Any, config: Any, *, out: str | os.PathLike | Non
                            model_class=report.model_class, granularity=report.granularity, config=config,
                            jointly_removed=graph.jointly_removed if graph is not None else None,
                            costs=cost_report)
+    if graph is not None and graph.outside_graph() is not None:
+        plan = dataclasses.replace(plan, outside_graph=graph.outside_graph())
     if out is not None:
         path = Path(out) / PLAN
         check_replaceable(path, overwrite)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ldpruner.errors import ConfigError, ModelLoadError
+from ldpruner.unet_inputs import GUIDED_INPUTS
 
 __all__ = [
     "Conditioning",
@@ -23,10 +24,14 @@ __all__ = [
     "RANDOM_EMBEDDINGS",
     "random_conditioning",
     "encode_prompts",
+    "read_calibration_file",
     "read_prompt_file",
+    "uses_guidance",
 ]
 
 RANDOM_EMBEDDINGS = "random-embeddings"
+# tensors whose one row is shared by every sample (the loop broadcasts it) rather than indexed per sample
+_SHARED_PREFIXES = ("negative_", "time_ids", "timestep_cond")
 RANDOM_SEQ_LEN = 77  # CLIP's context length: what SD-family UNets see in training
 
 # Varied subjects, styles and layouts, so the calibration set exercises more than one kind of image.
@@ -58,9 +63,19 @@ class Conditioning:
     * ``negative_encoder_hidden_states`` (1 or P, seq, dim): the unconditional embeddings classifier-free
       guidance needs (diffusers: the encoding of the empty prompt). None disables guidance.
     * ``text_embeds`` / ``negative_text_embeds`` (P or 1, D) and ``time_ids`` (1 or P, 6): SDXL's added
-      conditioning (pooled text embedding, size/crop ids).
-    * ``class_labels`` (P,): for class-conditional UNets.
-    * ``source``: where the embeddings came from; the report records it.
+      conditioning (pooled text embedding, size/crop ids); Kandinsky 2.1's pooled text.
+    * ``image_embeds`` / ``negative_image_embeds`` (P or 1, D): Kandinsky's image embeddings (2.2 conditions on
+      them alone).
+    * ``hint`` (P, 3, 8H, 8W): Kandinsky 2.2 ControlNet's control image.
+    * ``class_labels`` (P,) ids or (P, D) embeddings: for class-conditional UNets (what kind the UNet's
+      ``class_embed_type`` says).
+    * ``timestep_cond`` (1 or P, D): LCM's guidance-scale embedding (``time_cond_proj_dim``).
+    * ``extra_channels`` (P, E, H, W): channels the pipeline concatenates to the latent before every UNet call
+      (inpainting: the mask and the masked-image latents; an upscaler: the low-resolution image).
+    * ``source``: where the rows came from; the report records it.
+
+    Inputs a Conditioning lacks that the UNet takes get the analysis' seeded defaults (class labels, hints, LCM's
+    embedding …), except the guided ones (text and image embeddings: a missing one is an error) unless ``partial``.
     """
 
     encoder_hidden_states: torch.Tensor | None = None
@@ -68,32 +83,41 @@ class Conditioning:
     text_embeds: torch.Tensor | None = None
     negative_text_embeds: torch.Tensor | None = None
     time_ids: torch.Tensor | None = None
+    image_embeds: torch.Tensor | None = None
+    negative_image_embeds: torch.Tensor | None = None
+    hint: torch.Tensor | None = None
     class_labels: torch.Tensor | None = None
+    timestep_cond: torch.Tensor | None = None
+    extra_channels: torch.Tensor | None = None
     source: str = "precomputed"
     prompts: tuple[str, ...] | None = None
+    # True: built from a partial source (a calibration file without embeddings); the inputs it lacks, text and image
+    # embeddings included, take the analysis' defaults. False: only inputs other than those may be filled in.
+    partial: bool = False
 
     def __post_init__(self) -> None:
         errors = []
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name in ("source", "prompts") or value is None:
+            if f.name in ("source", "prompts", "partial") or value is None:
                 continue
             if not isinstance(value, torch.Tensor):
                 errors.append(f"{f.name} must be a tensor or None, got {type(value).__name__}")
             elif value.ndim == 0 or value.shape[0] == 0:
                 errors.append(f"{f.name} must have at least one row, got shape {tuple(value.shape)}")
-        ehs = self.encoder_hidden_states
-        if isinstance(ehs, torch.Tensor) and ehs.ndim != 3:
-            errors.append(f"encoder_hidden_states must be (P, seq, dim), got shape {tuple(ehs.shape)}")
-        neg = self.negative_encoder_hidden_states
-        if isinstance(neg, torch.Tensor) and isinstance(ehs, torch.Tensor) and neg.shape[1:] != ehs.shape[1:]:
-            errors.append(
-                f"negative_encoder_hidden_states shape {tuple(neg.shape)} does not match encoder_hidden_states "
-                f"{tuple(ehs.shape)} past the first dimension"
-            )
-        if ehs is None and any(getattr(self, n) is not None for n in
-                               ("negative_encoder_hidden_states", "text_embeds", "negative_text_embeds", "time_ids")):
-            errors.append("negative_encoder_hidden_states / text_embeds / time_ids need encoder_hidden_states")
+        for name, ndim in (("encoder_hidden_states", 3), ("hint", 4), ("extra_channels", 4)):
+            value = getattr(self, name)
+            if isinstance(value, torch.Tensor) and value.ndim != ndim:
+                errors.append(f"{name} must have {ndim} dimensions, got shape {tuple(value.shape)}")
+        for name in GUIDED_INPUTS:
+            pos, neg = getattr(self, name), getattr(self, f"negative_{name}")
+            if isinstance(neg, torch.Tensor) and pos is None:
+                errors.append(f"negative_{name} needs {name}")
+            elif isinstance(neg, torch.Tensor) and isinstance(pos, torch.Tensor) and neg.shape[1:] != pos.shape[1:]:
+                errors.append(f"negative_{name} shape {tuple(neg.shape)} does not match {name} "
+                              f"{tuple(pos.shape)} past the first dimension")
+        if self.time_ids is not None and self.text_embeds is None:
+            errors.append("time_ids (SDXL) need text_embeds")
         if self.prompts is not None:
             object.__setattr__(self, "prompts", tuple(self.prompts))
         if errors:
@@ -101,7 +125,22 @@ class Conditioning:
 
     @property
     def has_negative(self) -> bool:
-        return self.negative_encoder_hidden_states is not None
+        """Every guided input given has its negative: classifier-free guidance can run."""
+        given = [n for n in GUIDED_INPUTS if getattr(self, n) is not None]
+        return bool(given) and all(getattr(self, f"negative_{n}") is not None for n in given)
+
+    @property
+    def rows_count(self) -> int:
+        """P: the number of distinct conditions (1 for an unconditional model)."""
+        for name in ("encoder_hidden_states", "image_embeds", "class_labels", "text_embeds", "extra_channels",
+                     "hint"):
+            value = getattr(self, name)
+            if value is not None:
+                return int(value.shape[0])
+        return 1
+
+    def replace(self, **changes: Any) -> Conditioning:
+        return dataclasses.replace(self, **changes)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
@@ -113,7 +152,7 @@ class Conditioning:
         Per-prompt tensors are indexed ``i % P``; one-row tensors stay one row (the loop broadcasts them)."""
         out: dict[str, torch.Tensor] = {}
         for name, value in self.tensors().items():
-            rows = value if value.shape[0] == 1 and name.startswith(("negative_", "time_ids")) else \
+            rows = value if value.shape[0] == 1 and name.startswith(_SHARED_PREFIXES) else \
                 value[indices % value.shape[0]]
             if rows.is_floating_point():
                 rows = rows.to(dtype=dtype)
@@ -170,6 +209,41 @@ def random_conditioning(*, num_rows: int, seed: int, cross_attention_dim: int, s
         extra["class_labels"] = torch.randint(0, num_classes, (num_rows,), generator=gen)
     return Conditioning(encoder_hidden_states=positive, negative_encoder_hidden_states=negative,
                         source=RANDOM_EMBEDDINGS, **extra)
+
+
+CALIBRATION_KEYS = ("encoder_hidden_states", "negative_encoder_hidden_states", "text_embeds", "negative_text_embeds",
+                    "time_ids", "image_embeds", "negative_image_embeds", "hint", "class_labels", "timestep_cond",
+                    "extra_channels")
+
+
+def read_calibration_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Calibration inputs from a safetensors file: tensors named like :class:`Conditioning`'s fields (rows first;
+    sample i of the analysis uses row ``i % rows``), for example ``extra_channels`` (N, 5, H, W) holding an
+    inpainting UNet's real masks and masked-image latents, or ``class_labels``. Inputs the file lacks get the
+    analysis' defaults."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"calibration file {str(path)!r} does not exist")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ConfigError(f"calibration file {str(path)!r} is not a readable safetensors file: {exc}") from exc
+    unknown = sorted(set(tensors) - set(CALIBRATION_KEYS))
+    if unknown or not tensors:
+        raise ConfigError(f"calibration file {str(path)!r} holds {sorted(tensors)}; its tensors must be named from "
+                          f"{list(CALIBRATION_KEYS)}" + (f" (unknown: {unknown})" if unknown else ""))
+    return tensors
+
+
+def uses_guidance(input_names: Sequence[str], guidance_scale: float) -> bool:
+    """Whether sampling a UNet with these inputs runs classifier-free guidance at ``guidance_scale``: it takes a
+    guided input (tokens, pooled text, an image embedding) and the scale is above 1 — except for LCM UNets
+    (``timestep_cond``), whose pipelines embed the scale instead of guiding."""
+    return guidance_scale > 1 and "timestep_cond" not in input_names and any(
+        n in input_names for n in GUIDED_INPUTS)
 
 
 def read_prompt_file(path: str | os.PathLike) -> tuple[str, ...]:

@@ -31,17 +31,26 @@ from ldpruner import devices, distributed
 from ldpruner.compiler.graph import Operator, OperatorGraph
 from ldpruner.compiler.removal import swapped
 from ldpruner.compiler.tracer import TracedUNet
-from ldpruner.errors import ArtifactError, ConfigError
+from ldpruner.errors import ArtifactError, ConfigError, UnsupportedModelError
 from ldpruner.io import json_safe, read_json, write_text_atomic
 from ldpruner.runtime.graph_unet import GraphUNet
-from ldpruner.runtime.sampling import sample_latents
+from ldpruner.runtime.sampling import (
+    guidance_embedding,
+    latent_channels,
+    learned_variance,
+    sample_latents,
+    unet_calls_per_step,
+)
+from ldpruner.unet_inputs import FLAT_INPUTS, GUIDED_INPUTS
 
 from .conditioning import (
     DEFAULT_PROMPTS,
+    RANDOM_EMBEDDINGS,
     Conditioning,
     encode_prompts,
     random_conditioning,
     read_prompt_file,
+    uses_guidance,
 )
 from .config import AnalysisConfig
 
@@ -67,7 +76,6 @@ __all__ = [
 ]
 
 SCORES_FORMAT = "ldpruner.scores/1"
-_SUPPORTED_INPUTS = ("sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids", "class_labels")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -279,71 +287,248 @@ def latent_deviation_score(dense: tuple[torch.Tensor, torch.Tensor],
 # --- inputs: conditioning, scheduler, latent size --------------------------------------------------------------
 
 def resolve_conditioning(traced: TracedUNet, calib: Conditioning | str | os.PathLike | None,
-                         config: AnalysisConfig) -> Conditioning:
+                         config: AnalysisConfig, scheduler: Any | None = None) -> Conditioning:
     """The conditioning the analysis uses, checked against the traced UNet's inputs.
 
     ``calib`` is a :class:`Conditioning`, a local diffusers pipeline folder (its tokenizer/ and text_encoder/
-    encode ``config.prompts``), or None: unconditional UNets need nothing; conditional ones get seeded random
-    embeddings (:func:`random_conditioning`), labelled ``"random-embeddings"`` in the report."""
+    encode ``config.prompts``), or None: unconditional UNets need nothing; conditional ones get seeded random rows
+    for every input (:func:`_default_conditioning`), labelled ``"random-embeddings"`` in the report. Inputs a given
+    Conditioning lacks (class labels, ``timestep_cond``, an image embedding …) get the same defaults, and the
+    source says which. ``extra_channels`` a UNet needs and the Conditioning lacks are made later, by the analysis
+    (:func:`default_extra_channels`); the source names the default. ``scheduler`` (None: DDIM) decides whether the
+    prediction carries a learned variance, and with it which input channels are the latent."""
     names = traced.input_names
-    unsupported = [n for n in names if n not in _SUPPORTED_INPUTS]
+    unsupported = [n for n in names if n not in FLAT_INPUTS]
     if unsupported:
-        raise ConfigError(f"the analysis cannot drive UNet inputs {unsupported}; supported: {list(_SUPPORTED_INPUTS)}")
+        raise ConfigError(f"the analysis cannot drive UNet inputs {unsupported}; supported: {list(FLAT_INPUTS)}")
+    _refuse_k_diffusion(traced)
     example = traced.example_inputs
     if isinstance(calib, (str, os.PathLike)):
         if "encoder_hidden_states" not in names:
             raise ConfigError(f"calib={str(calib)!r} is a text encoder, but {traced.model_class} takes no text")
         # the text encoder runs where the UNet does
         calib = encode_prompts(calib, config.prompts or DEFAULT_PROMPTS, device=next(traced.gm.parameters()).device)
-    if calib is None:
-        calib = _default_conditioning(traced, config)
-    if not isinstance(calib, Conditioning):
+    if calib is not None and not isinstance(calib, Conditioning):
         raise ConfigError(f"calib must be a Conditioning, a pipeline folder or None, got {type(calib).__name__}")
+    defaults = _default_conditioning(traced, config, rows=calib.rows_count if calib is not None else None)
+    if calib is None:
+        calib = defaults
+    else:
+        guided = {*GUIDED_INPUTS, *(f"negative_{n}" for n in GUIDED_INPUTS)}
+        # a negative is never a stand-in for the negative of real embeddings: it pairs with the default positive only
+        given = {f"negative_{n}" for n in GUIDED_INPUTS if getattr(calib, n) is not None}
+        filled = {n: getattr(defaults, n) for n in _conditioning_inputs(names)
+                  if getattr(calib, n) is None and getattr(defaults, n) is not None
+                  and (calib.partial or n not in guided) and n not in given}
+        if filled:
+            calib = calib.replace(**filled, source=f"{calib.source}; {', '.join(filled)}: seeded defaults")
 
     errors = []
-    for name in ("encoder_hidden_states", "text_embeds", "time_ids", "class_labels"):
+    for name in ("encoder_hidden_states", "text_embeds", "time_ids", "image_embeds", "hint", "class_labels",
+                 "timestep_cond"):
         given = getattr(calib, name) is not None
         if given and name not in names:
             errors.append(f"{name} is given but {traced.model_class} takes no {name}")
         elif not given and name in names:
             errors.append(f"{traced.model_class} needs {name}, which the conditioning lacks")
-    for name in ("encoder_hidden_states", "text_embeds"):
-        value = getattr(calib, name)
-        if value is not None and name in example and value.shape[-1] != example[name].shape[-1]:
-            errors.append(f"{name} has dim {value.shape[-1]}, the UNet expects {example[name].shape[-1]}")
+        elif given and example[name].ndim > 1 and tuple(getattr(calib, name).shape[1:]) != tuple(
+                example[name].shape[1:]) and name not in ("encoder_hidden_states", "hint"):
+            errors.append(f"{name} rows have shape {tuple(getattr(calib, name).shape[1:])}, the UNet expects "
+                          f"{tuple(example[name].shape[1:])}")
+        elif given and name == "hint" and (calib.hint.shape[1] != example["hint"].shape[1] or tuple(
+                calib.hint.shape[2:]) != tuple(d * _hint_scale(traced) for d in _latent_size(traced, config))):
+            size = [d * _hint_scale(traced) for d in _latent_size(traced, config)]
+            errors.append(f"hint rows have shape {tuple(calib.hint.shape[1:])}; at this latent size the UNet takes "
+                          f"({example['hint'].shape[1]}, {size[0]}, {size[1]})")
+        elif given and name == "class_labels" and example[name].ndim == 1 and getattr(calib, name).ndim != 1:
+            errors.append(f"class_labels must be one id per row for {traced.model_class}, got shape "
+                          f"{tuple(calib.class_labels.shape)}")
+    value = calib.encoder_hidden_states
+    if value is not None and "encoder_hidden_states" in example and \
+            value.shape[-1] != example["encoder_hidden_states"].shape[-1]:
+        errors.append(f"encoder_hidden_states has dim {value.shape[-1]}, the UNet expects "
+                      f"{example['encoder_hidden_states'].shape[-1]}")
+    extra = extra_channel_count(traced, scheduler)
+    if calib.extra_channels is not None and calib.extra_channels.shape[1] != extra:
+        errors.append(f"extra_channels has {calib.extra_channels.shape[1]} channels; {traced.model_class} takes "
+                      f"{traced.sample_channels} input channels, {extra} of them besides the latent")
     if errors:
         raise ConfigError("conditioning does not fit the UNet: " + "; ".join(errors))
+    if extra and calib.extra_channels is None:
+        calib = calib.replace(source=f"{calib.source}; extra channels: {_extra_default_name(traced, scheduler)}")
     return calib
 
 
-def _default_conditioning(traced: TracedUNet, config: AnalysisConfig) -> Conditioning:
+def _conditioning_inputs(names: tuple[str, ...]) -> list[str]:
+    """The Conditioning fields a UNet with these inputs reads (negatives included)."""
+    out = []
+    for name in names:
+        if name in ("sample", "timestep"):
+            continue
+        out.append(name)
+        if name in GUIDED_INPUTS:
+            out.append(f"negative_{name}")
+    return out
+
+
+# the resamplers of diffusers' K-blocks (KDownBlock2D, KCrossAttnUpBlock2D, ...): leaves of every trace
+_K_RESAMPLERS = ("KDownsample2D", "KUpsample2D")
+
+
+def _refuse_k_diffusion(traced: TracedUNet) -> None:
+    found = sorted({type(m).__name__ for m in traced.gm.modules() if type(m).__name__ in _K_RESAMPLERS})
+    if found:
+        raise UnsupportedModelError(
+            "down_block_types with K-diffusion blocks (KDownBlock2D, KCrossAttnDownBlock2D, …: this UNet has "
+            f"their resamplers {found}) are not supported by the analysis: the K-upscaler of "
+            "StableDiffusionLatentUpscalePipeline preconditions its inputs and outputs outside the UNet (Karras "
+            "c_in/c_out scaling, a fifth output channel), which the sampling loop does not reproduce; inspect, "
+            "prune and export work")
+
+
+# the noise levels the pipelines use by default: StableDiffusionUpscalePipeline (noise_level=20) and
+# IFSuperResolutionPipeline (noise_level=250)
+UPSCALER_NOISE_LEVEL = 20
+IF_NOISE_LEVEL = 250
+
+
+def _hint_scale(traced: TracedUNet) -> int:
+    """How much larger than the latent Kandinsky's control hint is (8: the hint block downsamples it 3 times)."""
+    return int(traced.example_inputs["hint"].shape[-2]) // int(traced.example_inputs["sample"].shape[-2])
+
+
+def _if_super_resolution(traced: TracedUNet) -> bool:
+    """A UNet that embeds a noise level like a timestep (class_embed_type='timestep') and predicts as many
+    channels as it takes: IF stage II, whose input holds the latent and the upscaled image, whose output the mean
+    and the variance."""
+    labels = traced.example_inputs.get("class_labels")
+    embedding = getattr(traced.gm, "class_embedding", None)
+    return (traced.model_class == "UNet2DConditionModel" and labels is not None and not labels.is_floating_point()
+            and not isinstance(embedding, nn.Embedding)
+            and traced.out_channels == traced.sample_channels and traced.sample_channels % 2 == 0)
+
+
+def extra_channel_count(traced: TracedUNet, scheduler: Any | None = None) -> int:
+    """How many of the ``sample`` input's channels are conditioning the pipeline concatenates to the latent."""
+    if traced.out_channels is None:
+        return 0
+    if _if_super_resolution(traced) and not learned_variance(scheduler):
+        name = type(scheduler).__name__ if scheduler is not None else "the default DDIMScheduler"
+        raise UnsupportedModelError(
+            f"variance_type={getattr(getattr(scheduler, 'config', None), 'variance_type', None)!r} ({name}) is not "
+            f"supported for this UNet: with class_embed_type='timestep' and out_channels=in_channels="
+            f"{traced.sample_channels} (IF super-resolution) only a learned-variance scheduler tells the latent from "
+            "the upscaled image's channels; use the pipeline folder with its DDPMScheduler(variance_type="
+            "'learned_range')")
+    return traced.sample_channels - latent_channels(traced.sample_channels, traced.out_channels, scheduler)
+
+
+def _extra_default_name(traced: TracedUNet, scheduler: Any | None) -> str:
+    latent = traced.sample_channels - extra_channel_count(traced, scheduler)
+    if extra_channel_count(traced, scheduler) == latent + 1:
+        return "inpainting masks over the dense model's own samples"
+    return "smooth random images"
+
+
+def default_extra_channels(traced: TracedUNet, scheduler: Any, conditioning: Conditioning, *,
+                           noise: torch.Tensor, sample: Any, seed: int) -> torch.Tensor:
+    """Data-free extra input channels, one row per noise sample (N, E, H, W), float32 on the CPU.
+
+    * E = C + 1 (SD inpainting: a mask and the masked image's latents): the dense model first generates its own
+      samples with everything masked (mask 1, masked latents 0: "inpaint the whole image", a valid pipeline
+      input); each sample then gets a seeded random rectangle mask (a quarter to three quarters of each side) and
+      its latent outside the mask: ``[mask, sample · (1 − mask)]``, the mask first as in the pipeline.
+    * otherwise (an upscaler's low-resolution image, IF's upscaled stage-I image): smooth seeded random images in
+      [−1, 1] (Gaussian noise at a quarter of the size, upsampled bicubically, squashed by tanh).
+
+    ``sample(noise, extra)`` runs the dense model's sampling loop with these extra channels and returns the final
+    latents. Pass real inputs as ``Conditioning(extra_channels=...)`` to calibrate on them instead."""
+    n, latent, height, width = noise.shape
+    extra = extra_channel_count(traced, scheduler)
+    gen = torch.Generator().manual_seed(seed + 104_729)
+    if extra == latent + 1:
+        full = torch.cat([torch.ones(n, 1, height, width), torch.zeros(n, latent, height, width)], dim=1)
+        reference = sample(noise, full).float().cpu()
+        mask = torch.zeros(n, 1, height, width)
+        for i in range(n):
+            h = int(torch.randint(max(1, height // 4), max(2, 3 * height // 4 + 1), (1,), generator=gen))
+            w = int(torch.randint(max(1, width // 4), max(2, 3 * width // 4 + 1), (1,), generator=gen))
+            top = int(torch.randint(0, height - h + 1, (1,), generator=gen))
+            left = int(torch.randint(0, width - w + 1, (1,), generator=gen))
+            mask[i, :, top:top + h, left:left + w] = 1.0
+        return torch.cat([mask, reference * (1 - mask)], dim=1)
+    coarse = torch.randn(n, extra, max(1, height // 4), max(1, width // 4), generator=gen)
+    smooth = torch.nn.functional.interpolate(coarse, size=(height, width), mode="bicubic", align_corners=False)
+    return torch.tanh(smooth)
+
+
+def _default_conditioning(traced: TracedUNet, config: AnalysisConfig, rows: int | None = None) -> Conditioning:
+    """Seeded stand-ins for every conditioning input the UNet takes (``rows`` prompt rows; None: one per sample):
+    N(0, 1) token, pooled-text and image embeddings with one shared negative each (random_conditioning), SDXL's
+    size ids, uniform [0, 1] control hints at the analysed size, random class ids below the embedding's size, the
+    pipelines' default noise level for upscalers' labels (20 for the x4 upscaler's ids, 250 for IF stage II's
+    timestep-embedded level; the low-resolution channels are not noised to it), N(0, 1) label embeddings, and LCM's
+    embedding of ``guidance_scale``."""
     names, example = traced.input_names, traced.example_inputs
-    num_classes = None
-    if "class_labels" in names:
-        embedding = getattr(traced.gm, "class_embedding", None)
-        if not isinstance(embedding, nn.Embedding):
-            raise ConfigError(
-                f"{traced.model_class} takes class_labels that are not class ids; pass "
-                "Conditioning(class_labels=...) as calib")
-        num_classes = embedding.num_embeddings
-    if "encoder_hidden_states" not in names:
-        if num_classes is None:
-            return Conditioning(source="unconditional")
-        labels = torch.randint(0, num_classes, (config.num_samples,),
-                               generator=torch.Generator().manual_seed(config.seed))
-        return Conditioning(class_labels=labels, source="random-class-labels")
-    height, width = _latent_size(traced, config)
-    time_ids = example.get("time_ids")
-    # SDXL's size ids are in image pixels; the traced example says how latent pixels map to them
-    scale = int(time_ids[0, 0].item()) // example["sample"].shape[-2] if time_ids is not None else 8
-    return random_conditioning(
-        num_rows=config.num_samples,
-        seed=config.seed,
-        cross_attention_dim=example["encoder_hidden_states"].shape[-1],
-        pooled_dim=example["text_embeds"].shape[-1] if "text_embeds" in names else None,
-        image_size=(height * scale, width * scale),
-        num_classes=num_classes,
-    )
+    rows = rows or config.num_samples
+    gen = torch.Generator().manual_seed(config.seed + 7_919)
+    fields: dict[str, Any] = {}
+    sources = []
+    labels = example.get("class_labels")
+    embedding = getattr(traced.gm, "class_embedding", None)
+    # ids or noise levels beside extra image channels are that image's noise level (the x4 upscaler, IF stage II)
+    wide = traced.out_channels is not None and traced.out_channels == 2 * traced.sample_channels
+    extra_channels_present = _if_super_resolution(traced) or (
+        traced.out_channels is not None and not wide and traced.sample_channels > traced.out_channels)
+    class_ids = labels is not None and not labels.is_floating_point() and isinstance(embedding, nn.Embedding)
+    if "encoder_hidden_states" in names:
+        height, width = _latent_size(traced, config)
+        time_ids = example.get("time_ids")
+        # SDXL's size ids are in image pixels; the traced example says how latent pixels map to them
+        scale = int(time_ids[0, 0].item()) // example["sample"].shape[-2] if time_ids is not None else 8
+        random = random_conditioning(
+            num_rows=rows, seed=config.seed, cross_attention_dim=example["encoder_hidden_states"].shape[-1],
+            pooled_dim=example["text_embeds"].shape[-1] if "text_embeds" in names else None,
+            image_size=(height * scale, width * scale),
+            num_classes=embedding.num_embeddings if class_ids and not extra_channels_present else None)
+        fields.update({k: v for k, v in random.tensors().items() if k != "time_ids" or "time_ids" in names})
+        sources.append(RANDOM_EMBEDDINGS)
+        if class_ids and not extra_channels_present:
+            sources.append("random-class-labels")
+    elif "text_embeds" in names:
+        fields["text_embeds"] = torch.randn(rows, example["text_embeds"].shape[-1], generator=gen)
+        fields["negative_text_embeds"] = torch.randn(1, example["text_embeds"].shape[-1], generator=gen)
+    if "image_embeds" in names:
+        dim = example["image_embeds"].shape[-1]
+        fields["image_embeds"] = torch.randn(rows, dim, generator=gen)
+        fields["negative_image_embeds"] = torch.randn(1, dim, generator=gen)
+        sources.append("random-image-embeddings")
+    if "hint" in names:
+        height, width = _latent_size(traced, config)
+        scale = _hint_scale(traced)
+        fields["hint"] = torch.rand(rows, example["hint"].shape[1], height * scale, width * scale, generator=gen)
+        sources.append("random-hints")
+    if labels is not None and "class_labels" not in fields:
+        if class_ids and not extra_channels_present:  # class-conditional: own generator, as random_conditioning's
+            fields["class_labels"] = torch.randint(0, embedding.num_embeddings, (rows,),
+                                                   generator=torch.Generator().manual_seed(config.seed))
+            sources.append("random-class-labels")
+        elif class_ids:  # beside extra image channels: an upscaler, the ids are the low-resolution image's noise level
+            level = min(UPSCALER_NOISE_LEVEL, embedding.num_embeddings - 1)
+            fields["class_labels"] = torch.full((rows,), level, dtype=torch.long)
+            sources.append(f"noise-level {level}")
+        elif labels.is_floating_point():
+            fields["class_labels"] = torch.randn(rows, *labels.shape[1:], generator=gen)
+            sources.append("random-class-embeddings")
+        else:  # class_embed_type="timestep": a noise level, embedded like the timestep (IF super-resolution)
+            fields["class_labels"] = torch.full((rows,), IF_NOISE_LEVEL, dtype=torch.long)
+            sources.append(f"noise-level {IF_NOISE_LEVEL}")
+    if "timestep_cond" in names:
+        fields["timestep_cond"] = guidance_embedding(config.guidance_scale, example["timestep_cond"].shape[-1])
+        sources.append(f"guidance-embedding(w={config.guidance_scale - 1:g})")
+    if not fields:
+        return Conditioning(source="unconditional")
+    return Conditioning(source=" + ".join(sources) if sources else RANDOM_EMBEDDINGS, **fields)
 
 
 def _latent_size(traced: TracedUNet, config: AnalysisConfig) -> tuple[int, int]:
@@ -372,7 +557,9 @@ def scheduler_record(scheduler: Any | None) -> tuple[Any, dict[str, Any]]:
         default = DDIMScheduler()
         return default, {"class": "DDIMScheduler", "source": "default: diffusers DDIMScheduler()",
                          "config": json_safe(default.config, drop_private_keys=True)}
-    if not all(hasattr(scheduler, a) for a in ("set_timesteps", "step", "scale_model_input", "init_noise_sigma")):
+    score_sde = all(hasattr(scheduler, a) for a in ("set_timesteps", "set_sigmas", "step_pred", "step_correct"))
+    if not score_sde and not all(hasattr(scheduler, a)
+                                 for a in ("set_timesteps", "step", "scale_model_input", "init_noise_sigma")):
         raise ConfigError(f"scheduler must be a diffusers scheduler, got {type(scheduler).__name__}")
     config = getattr(scheduler, "config", {})
     return scheduler, {"class": type(scheduler).__name__, "source": "given",
@@ -400,8 +587,8 @@ def _cache_key(operator_graph: OperatorGraph, conditioning: Conditioning, config
     options["height"], options["width"] = _latent_size(traced, config)
     # the dtype is in the weights' fingerprint already; left out, a float32 key is the one earlier versions wrote
     options.pop("dtype")
-    if "encoder_hidden_states" not in traced.input_names:
-        options["guidance_scale"] = None  # ignored by unconditional UNets
+    if not uses_guidance(traced.input_names, 2.0) and "timestep_cond" not in traced.input_names:
+        options["guidance_scale"] = None  # ignored by UNets without guided inputs
     payload = {
         "format": SCORES_FORMAT,
         "model_class": traced.model_class,
@@ -424,7 +611,7 @@ def cache_key(operator_graph: OperatorGraph, calib: Conditioning | str | os.Path
     None is ``AnalysisConfig()``."""
     config = config if config is not None else AnalysisConfig()
     _, record = scheduler_record(scheduler)
-    conditioning = resolve_conditioning(operator_graph.traced, calib, config)
+    conditioning = resolve_conditioning(operator_graph.traced, calib, config, scheduler)
     return _cache_key(operator_graph, conditioning, config, record)
 
 
@@ -468,18 +655,18 @@ def analyze_importance(
     start = time.perf_counter()
     traced = operator_graph.traced
     gm = traced.gm
-    conditioning = resolve_conditioning(traced, calib, config)
     scheduler, scheduler_info = scheduler_record(scheduler)
+    conditioning = resolve_conditioning(traced, calib, config, scheduler)
     train_steps = getattr(getattr(scheduler, "config", None), "num_train_timesteps", None)
     if train_steps is not None and config.steps > train_steps:
         raise ConfigError(f"steps={config.steps} exceeds the scheduler's num_train_timesteps={train_steps}")
     height, width = _latent_size(traced, config)
-    is_conditional = "encoder_hidden_states" in traced.input_names
-    use_cfg = is_conditional and config.guidance_scale > 1
+    use_cfg = uses_guidance(traced.input_names, config.guidance_scale)
     if use_cfg and not conditioning.has_negative:
         raise ConfigError(
-            f"guidance_scale={config.guidance_scale} enables classifier-free guidance, but the conditioning has "
-            "no negative_encoder_hidden_states; add them or set guidance_scale <= 1")
+            f"guidance_scale={config.guidance_scale} enables classifier-free guidance, but the conditioning lacks "
+            f"the negative of {[n for n in GUIDED_INPUTS if n in traced.input_names]}; add them or set "
+            "guidance_scale <= 1")
     key = _cache_key(operator_graph, conditioning, config, scheduler_info)
 
     param = next(gm.parameters())
@@ -487,8 +674,10 @@ def analyze_importance(
     if dtype != getattr(torch, config.dtype):
         raise ConfigError(f"the analysis is configured for dtype={config.dtype!r} but the traced UNet is in "
                           f"{str(dtype).removeprefix('torch.')}: cast the model before tracing it (the API does)")
-    channels = traced.example_inputs[traced.input_names[0]].shape[1]
+    extra = extra_channel_count(traced, scheduler)
+    channels = traced.sample_channels - extra
     shape = (config.num_samples, channels, height, width)
+    make_extra = extra > 0 and conditioning.extra_channels is None
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(config.seed)).to(device=device, dtype=dtype)
     unet = GraphUNet(gm, traced.input_names)
     batch = config.batch_size or config.num_samples
@@ -498,9 +687,11 @@ def analyze_importance(
     rank, world = joined.rank, joined.size
     mine: list[Operator] = operator_graph.candidates[rank::world]
     # one generation = every micro-batch through every step; the dense model is generated once
-    calls_per_generation = len(batches) * config.steps
-    planned = (1 + len(mine)) * calls_per_generation
-    planned_total = (world + len(operator_graph.candidates)) * calls_per_generation
+    calls_per_generation = len(batches) * config.steps * unet_calls_per_step(scheduler)
+    # inpainting's data-free masks are drawn over one more dense generation (every rank makes the same)
+    references = int(make_extra and extra == channels + 1)
+    planned = (1 + references + len(mine)) * calls_per_generation
+    planned_total = (world * (1 + references) + len(operator_graph.candidates)) * calls_per_generation
     from tqdm.auto import tqdm
 
     show = progress and rank == 0
@@ -517,19 +708,30 @@ def analyze_importance(
         bar.update(1)
         return out
 
-    def final_moments() -> LatentMoments:
-        moments = LatentMoments()
+    def generate(rows: Conditioning) -> Iterator[torch.Tensor]:
         for index in batches:
             generators = [torch.Generator().manual_seed((config.seed << 20) + int(i) + 1) for i in index]
-            moments.update(sample_latents(
+            yield sample_latents(
                 counted, scheduler, noise=noise[index], steps=config.steps,
                 guidance_scale=config.guidance_scale if use_cfg else 1.0, generator=generators,
-                **conditioning.rows(index, device, dtype)))
+                **rows.rows(index, device, dtype))
+
+    def final_moments() -> LatentMoments:
+        moments = LatentMoments()
+        for latents in generate(conditioning):
+            moments.update(latents)
         return moments
+
+    def dense_samples(_noise: torch.Tensor, extra_rows: torch.Tensor) -> torch.Tensor:
+        return torch.cat(list(generate(conditioning.replace(extra_channels=extra_rows))))
 
     devices.reset_peak_memory(device)
     results: list[dict[str, Any]] = []
     with _analysis_mode(gm):
+        if make_extra:
+            bar.set_postfix_str("extra channels", refresh=False)
+            conditioning = conditioning.replace(extra_channels=default_extra_channels(
+                traced, scheduler, conditioning, noise=noise, sample=dense_samples, seed=config.seed))
         bar.set_postfix_str("dense", refresh=False)
         dense = final_moments().stats()
         for op in mine:

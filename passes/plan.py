@@ -45,6 +45,8 @@ class RemovalPlan:
     budget: dict[str, Any] = dataclasses.field(default_factory=dict)
     # with latency costs: dense_ms, predicted_ms, predicted_removed_fraction and the basis (runtime, device, batch…)
     latency: dict[str, Any] | None = None
+    # the model's parameters outside the traced graph (params, modules, why): not in the totals, not in the student
+    outside_graph: dict[str, Any] | None = None
 
     @property
     def names(self) -> list[str]:
@@ -84,6 +86,8 @@ class RemovalPlan:
         }
         if self.latency is not None:
             data["latency"] = self.latency
+        if self.outside_graph is not None:
+            data["outside_graph"] = self.outside_graph
         return data
 
     @classmethod
@@ -104,6 +108,7 @@ class RemovalPlan:
                 total_macs=int(totals["macs_per_sample_before"]),
                 budget=dict(data.get("budget", {})),
                 latency=dict(data["latency"]) if data.get("latency") is not None else None,
+                outside_graph=dict(data["outside_graph"]) if data.get("outside_graph") is not None else None,
             )
         except (KeyError, TypeError) as exc:
             raise PlanError(f"malformed plan: {type(exc).__name__}: {exc}") from exc

@@ -1,8 +1,8 @@
 """A traced or pruned UNet graph behind the two calls the project makes with a UNet.
 
-The graph is a torch.fx GraphModule whose placeholders are the UNet's flat tensor inputs (``sample``,
-``timestep``, ``encoder_hidden_states``, ``text_embeds``, ``time_ids``, ``class_labels``, ``timestep_cond``, in
-the order the tracer recorded) and whose output is the prediction tensor. :class:`GraphUNet` calls it
+The graph is a torch.fx GraphModule whose placeholders are the UNet's flat tensor inputs
+(:data:`ldpruner.unet_inputs.FLAT_INPUTS`, in the order the tracer recorded) and whose output is the prediction
+tensor. :class:`GraphUNet` calls it
 
 * the way diffusers calls a UNet — ``unet(sample, timestep, encoder_hidden_states=..., added_cond_kwargs=...,
   class_labels=..., timestep_cond=...)`` returning an object with ``.sample`` (or a 1-tuple with
@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ldpruner.errors import UnsupportedInputError
+from ldpruner.unet_inputs import flat_inputs
 
 __all__ = ["GraphUNet", "GraphUNetOutput"]
 
@@ -66,13 +67,8 @@ class GraphUNet:
         added_cond_kwargs: Mapping[str, torch.Tensor] | None = None,
         return_dict: bool = True,
     ) -> GraphUNetOutput | tuple[torch.Tensor]:
-        added = dict(added_cond_kwargs or {})
-        unknown = sorted(set(added) - {"text_embeds", "time_ids"})
-        if unknown:
-            raise UnsupportedInputError(f"added_cond_kwargs {unknown} are not inputs of a traced UNet graph; "
-                                        "it takes text_embeds and time_ids")
+        flat = flat_inputs(encoder_hidden_states=encoder_hidden_states, class_labels=class_labels,
+                           timestep_cond=timestep_cond, added_cond_kwargs=added_cond_kwargs, caller="GraphUNet")
         t = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(sample.shape[0])
-        out = self.flat(sample=sample, timestep=t, encoder_hidden_states=encoder_hidden_states,
-                        class_labels=class_labels, timestep_cond=timestep_cond, text_embeds=added.get("text_embeds"),
-                        time_ids=added.get("time_ids"))
+        out = self.flat(sample=sample, timestep=t, **flat)
         return GraphUNetOutput(out) if return_dict else (out,)

@@ -24,6 +24,7 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 from ldpruner.errors import ArtifactError, UnsupportedInputError
 from ldpruner.io import read_json
+from ldpruner.unet_inputs import ADDED_COND_KEYS, FLAT_INPUTS, flat_inputs
 
 from .session import OrtSession, create_session
 
@@ -36,9 +37,7 @@ CONFIG_FILENAME = "config.json"
 EXPORT_METADATA_KEY = "ldpruner.export"  # JSON written by ldpruner.passes.onnx.export into the model's metadata_props
 
 # Graph inputs ORTUNet knows how to fill, in the order the tracer emits them.
-_KNOWN_INPUTS = (
-    "sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids", "class_labels", "timestep_cond",
-)
+_KNOWN_INPUTS = FLAT_INPUTS
 _TORCH_DTYPES = {
     np.dtype(np.float32): torch.float32,
     np.dtype(np.float16): torch.float16,
@@ -183,16 +182,12 @@ class ORTUNet(torch.nn.Module):
                             "scales are baked into the exported graph; pass None)")
         if not isinstance(sample, torch.Tensor) or sample.dim() != 4:
             problems.append(f"sample must be a 4-D NCHW tensor, got {getattr(sample, 'shape', type(sample).__name__)}")
-        given: dict[str, torch.Tensor | None] = {
-            "encoder_hidden_states": encoder_hidden_states,
-            "class_labels": class_labels,
-            "timestep_cond": timestep_cond,
-        }
-        added = dict(added_cond_kwargs or {})
-        for key in ("text_embeds", "time_ids"):
-            given[key] = added.pop(key, None)
-        if added:
-            problems.append(f"added_cond_kwargs keys {sorted(added)} (only text_embeds and time_ids are graph inputs)")
+        unknown = sorted(set(added_cond_kwargs or {}) - set(ADDED_COND_KEYS))
+        if unknown:
+            problems.append(f"added_cond_kwargs keys {unknown} (graph inputs are {list(ADDED_COND_KEYS)})")
+        given = flat_inputs(encoder_hidden_states=encoder_hidden_states, class_labels=class_labels,
+                            timestep_cond=timestep_cond, caller="ORTUNet.forward",
+                            added_cond_kwargs={k: v for k, v in (added_cond_kwargs or {}).items() if k not in unknown})
         for name, value in given.items():
             if value is not None and name not in self.session.input_names:
                 problems.append(f"{name} was given but {self.session.path.name} takes no such input")

@@ -23,6 +23,7 @@ LAYER_OF = {
     "ldpruner.distributed": "base",
     "ldpruner.devices": "base",
     "ldpruner.options": "base",
+    "ldpruner.unet_inputs": "base",
     "ldpruner.compiler": "compiler",
     "ldpruner.runtime": "runtime",
     "ldpruner.passes": "passes",

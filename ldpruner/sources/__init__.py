@@ -33,6 +33,9 @@ class LoadedModel:
     random_weights: bool = False
     text_encoder_config: Path | None = None  # zoo text-to-image models: the frozen text encoder they were trained with
     default_prompts: tuple[str, ...] | None = None  # the model's own calibration prompts (prompts.txt beside it)
+    # a safetensors file of calibration inputs the user gave (extra channels, class labels …; see
+    # ldpruner.passes.conditioning.read_calibration_file): the analysis and distillation condition on them
+    calibration: Path | None = None
     # loaded here from a path or spec (True), or a caller's module (False): only an owned UNet may be traced without
     # a copy (the graph then shares its modules; rewrites always work on copies) or used as a frozen teacher
     owned: bool = True

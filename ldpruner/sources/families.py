@@ -202,6 +202,15 @@ _SD_TINY: dict[str, Any] = {
 }
 
 
+# runwayml/stable-diffusion-inpainting, unet/config.json: SD 1.5 with 9 input channels (the latent, the mask and the
+# masked image's latent, concatenated by StableDiffusionInpaintPipeline).
+_SD15_INPAINTING: dict[str, Any] = {**_SD15, "in_channels": 9}
+
+# SimianLuo/LCM_Dreamshaper_v7, unet/config.json: SD 1.5 distilled for few-step sampling, with a 256-dim
+# guidance-scale embedding (time_cond_proj_dim; LatentConsistencyModelPipeline passes it as timestep_cond).
+_LCM_SD15: dict[str, Any] = {**_SD15, "time_cond_proj_dim": 256}
+
+
 def _frozen(config: dict[str, Any]) -> Mapping[str, Any]:
     """Read-only all the way down: lists become tuples (``family_config`` turns them back into lists)."""
     return MappingProxyType({k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
@@ -219,6 +228,8 @@ FAMILIES: Mapping[str, Mapping[str, Any]] = MappingProxyType({
     "ldm-celebahq-256": _frozen(_CELEBAHQ),
     "audio-diffusion-256": _frozen(_AUDIO),
     "sd-tiny": _frozen(_SD_TINY),
+    "sd15-inpainting": _frozen(_SD15_INPAINTING),
+    "lcm-sd15": _frozen(_LCM_SD15),
 })
 
 

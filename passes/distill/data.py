@@ -23,11 +23,17 @@ from ldpruner.errors import ConfigError
 from ldpruner.runtime.graph_unet import GraphUNet
 from ldpruner.runtime.sampling import sample_latents
 
-from ..conditioning import Conditioning
+from ..conditioning import Conditioning, uses_guidance
 
 __all__ = ["DistillBatch", "DistillData", "LatentData", "TeacherTrajectories", "noising_scheduler"]
 
-NEGATIVE = -1  # cond id of the unconditional (negative) embedding
+NEGATIVE = -1  # cond id of the unconditional (negative) embedding of row 0; row i's is negative(i) = -(i + 1)
+
+
+def negative(ids: torch.Tensor) -> torch.Tensor:
+    """The cond ids of the unconditional half for rows ``ids``: the guided inputs (text, image embeddings) become
+    their negatives, the others (class labels, hints, extra channels) stay the row's own."""
+    return -(ids + 1)
 
 
 @dataclasses.dataclass
@@ -66,20 +72,21 @@ def _target(noiser: Any, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor)
 
 def _conditioning_inputs(conditioning: Conditioning | None, ids: torch.Tensor, input_names: Sequence[str],
                          dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """UNet conditioning inputs for cond ids (row i of the prompt tensors, or NEGATIVE for the empty prompt)."""
+    """UNet conditioning inputs for cond ids: row i of every conditioning tensor (i modulo its rows), with the guided
+    inputs replaced by their negatives for ids ``negative(i)``."""
     if conditioning is None:
         return {}
-    negative = ids == NEGATIVE
-    rows = conditioning.rows(ids.clamp(min=0), torch.device("cpu"), dtype)
+    unconditional = ids < 0
+    rows = conditioning.rows(torch.where(unconditional, -ids - 1, ids), torch.device("cpu"), dtype)
     n = ids.shape[0]
     out: dict[str, torch.Tensor] = {}
-    for name in ("encoder_hidden_states", "text_embeds", "time_ids", "class_labels"):
-        if name not in input_names or name not in rows:
+    for name in input_names:
+        if name in ("sample", "timestep") or name not in rows:
             continue
         value = rows[name].expand(n, *rows[name].shape[1:]).clone()
         neg = rows.get(f"negative_{name}")
-        if neg is not None and bool(negative.any()):
-            value[negative] = neg.expand(int(negative.sum()), *neg.shape[1:]).to(value.dtype)
+        if neg is not None and bool(unconditional.any()):
+            value[unconditional] = neg.expand(int(unconditional.sum()), *neg.shape[1:]).to(value.dtype)
         out[name] = value
     return out
 
@@ -87,10 +94,10 @@ def _conditioning_inputs(conditioning: Conditioning | None, ids: torch.Tensor, i
 class TeacherTrajectories:
     """UNet inputs recorded along the teacher's own sampling trajectories (data-free distillation).
 
-    ``trajectories`` seeded noises (trajectory i uses prompt row ``i % P`` and seed ``seed·1_000_003 + i``) are
-    sampled with ``steps`` scheduler steps; every UNet call's (x_t, t, cond id) rows are kept, the negative half
-    of a guided batch included. Under torch.distributed, rank r records trajectories ``r::world`` only: each rank
-    trains on its own shard."""
+    ``trajectories`` seeded noises (trajectory i uses row ``i`` of each conditioning tensor, modulo its rows, and
+    seed ``seed·1_000_003 + i``) are sampled with ``steps`` scheduler steps; every UNet call's (x_t, t, cond id)
+    rows are kept, the negative half of a guided batch included. Under torch.distributed, rank r records
+    trajectories ``r::world`` only: each rank trains on its own shard."""
 
     def __init__(self, teacher: Any, input_names: Sequence[str], scheduler: Any, *, conditioning: Conditioning | None,
                  latent_shape: tuple[int, int, int], trajectories: int, steps: int, guidance_scale: float,
@@ -103,12 +110,13 @@ class TeacherTrajectories:
                               f"use at least {world}")
         self.input_names = tuple(input_names)
         self.conditioning = conditioning
-        self.renoise = renoise
+        # a score-SDE UNet takes noise levels (sigmas), not the training timesteps a re-noised row would carry
+        self.renoise = 0.0 if hasattr(scheduler, "step_pred") else renoise
         self.noiser = noising_scheduler(scheduler)
         param = next(teacher.parameters())
         teacher_dtype = param.dtype
         self.dtype = torch.float32  # what the batches hold: each model gets them in its own dtype from the trainer
-        use_cfg = conditioning is not None and conditioning.has_negative and guidance_scale > 1
+        use_cfg = conditioning is not None and conditioning.has_negative and uses_guidance(input_names, guidance_scale)
         self.guidance_scale = guidance_scale if use_cfg else 1.0
         mine = list(range(rank, trajectories, world))
         samples: list[torch.Tensor] = []
@@ -122,21 +130,23 @@ class TeacherTrajectories:
         def unet_fn(**inputs: torch.Tensor) -> torch.Tensor:
             samples.append(inputs["sample"].detach().float().cpu())
             timesteps.append(inputs["timestep"].detach().cpu().reshape(-1).expand(inputs["sample"].shape[0]))
-            cond_ids.append(torch.cat([torch.full_like(chunk_ids, NEGATIVE), chunk_ids]) if use_cfg else chunk_ids)
+            cond_ids.append(torch.cat([negative(chunk_ids), chunk_ids]) if use_cfg else chunk_ids)
             return graph.flat(**inputs)
 
         from tqdm.auto import tqdm
 
         chunks = [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
-        prompts = 1 if conditioning is None else _prompt_rows(conditioning)
         with torch.no_grad():
             for chunk in tqdm(chunks, desc="teacher trajectories", disable=not progress, leave=False):
                 index = torch.tensor(chunk)
-                chunk_ids = index % prompts
+                # the trajectory's own index: every conditioning tensor is indexed by it modulo its own rows, in the
+                # batches as in the sampling (tensors may have different row counts)
+                chunk_ids = index
                 noise = torch.stack([torch.randn(latent_shape, generator=torch.Generator().manual_seed(
                     seed * 1_000_003 + i)) for i in chunk]).to(param.device, teacher_dtype)
                 cond = conditioning.rows(index, param.device, teacher_dtype) if conditioning is not None else {}
-                cond = {k: v for k, v in cond.items() if k in self.input_names or k.startswith("negative_")}
+                cond = {k: v for k, v in cond.items()
+                        if k in self.input_names or k.startswith("negative_") or k == "extra_channels"}
                 generators = [torch.Generator().manual_seed(seed * 1_000_003 + i + 7919) for i in chunk]
                 final = sample_latents(unet_fn, scheduler, noise=noise, steps=steps, guidance_scale=self.guidance_scale,
                                        generator=generators, **cond)
@@ -161,12 +171,17 @@ class TeacherTrajectories:
             j = torch.randint(0, self.final.shape[0], (renoised,), generator=generator)
             steps = torch.randint(0, self.noiser.config.num_train_timesteps, (renoised,), generator=generator)
             noise = torch.randn(self.final[j].shape, generator=generator)
-            x.append(self.noiser.add_noise(self.final[j].float(), noise, steps).to(self.sample.dtype))
+            noised = self.noiser.add_noise(self.final[j].float(), noise, steps)
+            if self.conditioning is not None and self.conditioning.extra_channels is not None:
+                # the recorded inputs carry the pipeline's extra channels; a renoised final latent gets its own
+                extra = self.conditioning.extra_channels
+                noised = torch.cat([noised, extra[self.final_ids[j] % extra.shape[0]].float()], dim=1)
+            x.append(noised.to(self.sample.dtype))
             t.append(steps.to(self.timestep.dtype))
             drop = torch.rand(renoised, generator=generator) < 0.5 if self.guidance_scale > 1 else None
             fid = self.final_ids[j].clone()
             if drop is not None:
-                fid[drop] = NEGATIVE
+                fid[drop] = negative(fid[drop])
             ids.append(fid)
         cond_ids = torch.cat(ids)
         inputs = {"sample": torch.cat(x), "timestep": torch.cat(t)}
@@ -184,14 +199,6 @@ class TeacherTrajectories:
             "conditioning": None if self.conditioning is None else self.conditioning.source,
             "teacher_unet_calls": self.unet_calls,
         }
-
-
-def _prompt_rows(conditioning: Conditioning) -> int:
-    for name in ("encoder_hidden_states", "class_labels", "text_embeds"):
-        value = getattr(conditioning, name)
-        if value is not None:
-            return int(value.shape[0])
-    return 1
 
 
 class LatentData:
@@ -227,7 +234,8 @@ class LatentData:
         if self.cond_ids is not None:
             ids = self.cond_ids[idx].clone()
             if self.cfg_dropout:
-                ids[torch.rand(size, generator=generator) < self.cfg_dropout] = NEGATIVE
+                drop = torch.rand(size, generator=generator) < self.cfg_dropout
+                ids[drop] = negative(ids[drop])
             inputs.update(_conditioning_inputs(self.conditioning, ids, self.input_names, torch.float32))
         missing = [n for n in self.input_names if n not in inputs]
         if missing:

@@ -156,7 +156,8 @@ def export_onnx(
         final_dir = stage / "final"
         final_dir.mkdir()
         staged = final_dir / out_path.name
-        _write_layout(raw / out_path.name, staged, external=external, metadata=metadata)
+        _write_layout(raw / out_path.name, staged, external=external, metadata=metadata,
+                      interface=_interface(names, export_examples, axes))
         try:
             onnx.checker.check_model(str(staged), full_check=True)
         except Exception as exc:
@@ -244,7 +245,7 @@ def validate_onnx(
     with _eval_mode(module), torch.no_grad():
         for index, (batch, size) in enumerate(plans):
             feeds = make_inputs(specs, batch=batch, spatial=size, seed=config.validation_seed + index,
-                                spatial_input=names[0])
+                                spatial_input=names[0], scaled={"hint": 8} if "hint" in names else None)
             label = f"batch={batch} latent={size[0]}x{size[1]}"
             try:
                 ref: np.ndarray | BaseException = _call_reference(module, names, examples, feeds)
@@ -369,6 +370,8 @@ def _dynamic_axes(names: Sequence[str], output_name: str, dynamic_spatial: bool)
     axes: dict[str, dict[int, str]] = {name: {0: "batch"} for name in names}
     spatial = {2: "height", 3: "width"} if dynamic_spatial else {}
     axes[names[0]].update(spatial)
+    if "hint" in axes and dynamic_spatial:  # Kandinsky's control image: 8x the latent, its own symbols
+        axes["hint"].update({2: "hint_height", 3: "hint_width"})
     axes[output_name] = {0: "batch", **spatial}
     return axes
 
@@ -432,7 +435,37 @@ def _run_exporter(
     return seconds, tuple(messages[:20])
 
 
-def _write_layout(raw: Path, final: Path, *, external: bool, metadata: Mapping[str, Any]) -> None:
+_ONNX_TYPES = {torch.float32: onnx.TensorProto.FLOAT, torch.float16: onnx.TensorProto.FLOAT16,
+               torch.bfloat16: onnx.TensorProto.BFLOAT16, torch.float64: onnx.TensorProto.DOUBLE,
+               torch.int64: onnx.TensorProto.INT64, torch.int32: onnx.TensorProto.INT32}
+
+
+def _interface(names: Sequence[str], examples: Mapping[str, torch.Tensor],
+               axes: Mapping[str, Mapping[int, str]]) -> list[onnx.ValueInfoProto]:
+    """The graph inputs the exported model must declare, in order: every input of the traced UNet, whether or not
+    the graph still reads it (a plan that removes every cross-attention leaves ``encoder_hidden_states`` unread,
+    and the exporters drop unread inputs; a pipeline still passes it)."""
+    out = []
+    for name in names:
+        example = examples[name]
+        elem = _ONNX_TYPES[example.dtype]
+        shape = [axes.get(name, {}).get(i, int(d)) for i, d in enumerate(example.shape)]
+        out.append(onnx.helper.make_tensor_value_info(name, elem, shape))
+    return out
+
+
+def _restore_inputs(model: onnx.ModelProto, interface: Sequence[onnx.ValueInfoProto]) -> None:
+    present = {i.name: i for i in model.graph.input}
+    if all(i.name in present for i in interface):
+        return
+    ordered = [present.get(i.name, i) for i in interface] + [i for i in model.graph.input
+                                                              if i.name not in {v.name for v in interface}]
+    del model.graph.input[:]
+    model.graph.input.extend(ordered)
+
+
+def _write_layout(raw: Path, final: Path, *, external: bool, metadata: Mapping[str, Any],
+                  interface: Sequence[onnx.ValueInfoProto] = ()) -> None:
     """Write ``final`` with the metadata and the requested weight layout: one ``<name>.data`` file or none.
 
     The legacy exporter scatters a >2 GB model over one file per tensor and the dynamo exporter writes
@@ -443,12 +476,14 @@ def _write_layout(raw: Path, final: Path, *, external: bool, metadata: Mapping[s
     if already:
         model = onnx.load(str(raw), load_external_data=False)
         _set_metadata(model, metadata)
+        _restore_inputs(model, interface)
         onnx.save_model(model, str(final))
         if external:
             os.replace(raw.parent / data_name, final.parent / data_name)
         return
     model = onnx.load(str(raw), load_external_data=True)
     _set_metadata(model, metadata)
+    _restore_inputs(model, interface)
     if external:
         onnx.save_model(model, str(final), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=data_name, size_threshold=1024)

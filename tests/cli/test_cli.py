@@ -248,3 +248,19 @@ def test_help_does_not_load_torch():
             "print(sorted(m for m in ('torch', 'diffusers', 'onnx', 'numpy') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_an_error_ldpruner_did_not_raise_on_purpose_is_still_one_line(monkeypatch, capsys, unet_dir):
+    from ldpruner import api
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied\n(2x3 and 4x5)")
+
+    monkeypatch.setattr(api, "inspect", broken)
+    code, out, err = run(capsys, "inspect", unet_dir)
+    assert code == 1 and out == ""
+    assert err.strip().splitlines() == [
+        "error: unexpected RuntimeError: mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5) (a model ldpruner "
+        "does not handle, or a bug; --debug shows the traceback)"]
+    with pytest.raises(RuntimeError, match="mat1"):
+        main(["--debug", "inspect", str(unet_dir)])

@@ -76,10 +76,28 @@ FULL_PARAMS = {
     "ldm-celebahq-256": 274_056_163,
     "audio-diffusion-256": 113_668_609,
     "sd-tiny": 2_547_428,
+    # SD 1.5 with 5 more input channels (inpainting), or with a 256-dim guidance embedding (LCM)
+    "sd15-inpainting": 859_535_364,
+    "lcm-sd15": 859_602_884,
 }
+# families whose topology is SD 1.5's: checked for their counts and inputs (tests/test_diffusers_families.py
+# builds their kinds end to end)
+SD15_VARIANTS = ("sd15-inpainting", "lcm-sd15")
 
 
-@pytest.mark.parametrize("name", FAMILY_NAMES)
+@pytest.mark.parametrize("name", SD15_VARIANTS)
+def test_sd15_variants_trace_with_their_own_inputs(name):
+    model = _build(name)
+    inputs = unet_example_inputs(model, batch=2, seq_len=SEQ_LEN)
+    traced = trace_unet(model, inputs)
+    expected = {"sd15-inpainting": ("sample", "timestep", "encoder_hidden_states"),
+                "lcm-sd15": ("sample", "timestep", "encoder_hidden_states", "timestep_cond")}[name]
+    assert traced.input_names == expected
+    assert inputs["sample"].shape[1] == (9 if name == "sd15-inpainting" else 4)
+    torch.testing.assert_close(_call(traced, inputs), _eager(model, inputs))
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES + SD15_VARIANTS)
 def test_full_size_parameter_counts(name):
     model = build_unet(name, device="meta")
     assert sum(p.numel() for p in model.parameters()) == FULL_PARAMS[name]

@@ -107,7 +107,9 @@ def test_guidance_scale_at_most_one_runs_the_conditional_half_only():
         (dict(encoder_hidden_states=torch.zeros(2, 77, 32), guidance_scale=5.0), "negative_encoder_hidden_states"),
         (dict(encoder_hidden_states=torch.zeros(2, 77, 32), guidance_scale=5.0,
               negative_encoder_hidden_states=torch.zeros(3, 77, 32)), "negative_encoder_hidden_states has 3 rows"),
-        (dict(text_embeds=torch.zeros(2, 8)), "need encoder_hidden_states"),
+        (dict(encoder_hidden_states=torch.zeros(2, 77, 32), time_ids=torch.zeros(1, 6)), "need text_embeds"),
+        (dict(image_embeds=torch.zeros(2, 8), guidance_scale=5.0), "needs negative_image_embeds"),
+        (dict(extra_channels=torch.zeros(2, 5, 4, 4)), "extra_channels have spatial size"),
     ],
 )
 def test_bad_arguments_raise_config_error(kwargs, message):

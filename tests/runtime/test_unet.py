@@ -81,10 +81,11 @@ def test_unsupported_arguments_are_rejected_together(sd):
     sample, text = _sd_inputs()
     with pytest.raises(UnsupportedInputError) as info:
         ort_unet(sample, 5, text, cross_attention_kwargs={"scale": 0.5}, mid_block_additional_residual=torch.zeros(1),
-                 added_cond_kwargs={"text_embeds": torch.zeros(2, 8), "image_embeds": torch.zeros(1)}, foo=1)
+                 added_cond_kwargs={"text_embeds": torch.zeros(2, 8), "image_embeds": torch.zeros(1),
+                                    "bogus": torch.zeros(1)}, foo=1)
     message = str(info.value)
     for needle in ("mid_block_additional_residual", "foo", "cross_attention_kwargs ['scale']",
-                   "added_cond_kwargs keys ['image_embeds']",
+                   "added_cond_kwargs keys ['bogus']", "image_embeds was given but unet.onnx takes no such input",
                    "text_embeds was given but unet.onnx takes no such input"):
         assert needle in message
     with pytest.raises(UnsupportedInputError, match="encoder_hidden_states is required"):
