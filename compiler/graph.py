@@ -258,6 +258,8 @@ def _find_join(node: torch.fx.Node, shapes: dict[str, Any]) -> tuple[torch.fx.No
             if len(others) != 1 or not isinstance(others[0], torch.fx.Node):
                 return None
             skip = others[0]
+            if skip.op == "placeholder":  # a graph input added on (ControlNet's residuals): not the op's own skip
+                return None
             if shapes.get(skip.name) is None or shapes.get(skip.name) != shapes.get(user.name):
                 return None
             if _depends_on(skip, node):

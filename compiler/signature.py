@@ -25,9 +25,10 @@ import torch
 from torch import nn
 
 from ldpruner.errors import TraceError, UnsupportedModelError
-from ldpruner.unet_inputs import FLAT_INPUTS
+from ldpruner.unet_inputs import DOWN_RESIDUAL, FLAT_INPUTS, INTRA_RESIDUAL, MID_RESIDUAL
 
-__all__ = ["ClassLabels", "UNetSignature", "signature", "unet_example_inputs", "unet_input_names"]
+__all__ = ["ClassLabels", "UNetSignature", "adapter_features", "controlnet_residuals", "signature",
+           "unet_example_inputs", "unet_input_names"]
 
 _CROSS_ATTENTION_BLOCKS = ("CrossAttn",)  # substring of every diffusers block type with cross-attention
 
@@ -251,3 +252,67 @@ def unet_example_inputs(
         "timestep_cond": lambda: randn(batch, sig.timestep_cond_dim),
     }
     return {name: makers[name]() for name in sig.names}
+
+
+def controlnet_residuals(model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Example ControlNet residuals for ``model`` at ``inputs``: one tensor per skip tensor of the down path (the
+    conv_in output and every down block's res samples, diffusers' ``down_block_additional_residuals``) and one for
+    the mid block's output, shaped by a run of the model (their shapes depend on the block types)."""
+    from diffusers import UNet2DConditionModel
+
+    from .tracer import call_diffusers_unet
+
+    if not isinstance(model, UNet2DConditionModel):
+        raise UnsupportedModelError(f"controlnet=True is not supported for a {type(model).__name__}: ControlNet "
+                                    "residuals are inputs of UNet2DConditionModel only")
+    shapes: list[tuple[int, ...]] = []
+    mid: list[tuple[int, ...]] = []
+    hooks = [model.conv_in.register_forward_hook(lambda m, a, out: shapes.append(tuple(out.shape)))]
+    for block in model.down_blocks:
+        hooks.append(block.register_forward_hook(
+            lambda m, a, out: shapes.extend(tuple(t.shape) for t in out[1])))
+    if model.mid_block is None:
+        raise UnsupportedModelError("controlnet=True is not supported with mid_block_type=None: ControlNet adds a "
+                                    "residual to the mid block's output")
+    hooks.append(model.mid_block.register_forward_hook(lambda m, a, out: mid.append(tuple(out.shape))))
+    try:
+        call_diffusers_unet(model, inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    param = next(model.parameters())
+    gen = torch.Generator().manual_seed(11)
+    out = {f"{DOWN_RESIDUAL}{i}": torch.randn(shape, generator=gen).to(param.device, param.dtype)
+           for i, shape in enumerate(shapes)}
+    out[MID_RESIDUAL] = torch.randn(mid[0], generator=gen).to(param.device, param.dtype)
+    return out
+
+
+def adapter_features(model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Example T2I-Adapter features for ``model`` at ``inputs``: one per down block, shaped like what diffusers adds
+    it to (a cross-attention block's last layer output, before its downsampler; a plain block's output)."""
+    from diffusers import UNet2DConditionModel
+
+    from .tracer import call_diffusers_unet
+
+    if not isinstance(model, UNet2DConditionModel):
+        raise UnsupportedModelError(f"adapter=True is not supported for a {type(model).__name__}: T2I-Adapter "
+                                    "features are inputs of UNet2DConditionModel only")
+    shapes: list[tuple[int, ...]] = []
+
+    def record(block: nn.Module, _args: Any, out: Any) -> None:
+        if getattr(block, "has_cross_attention", False):
+            shapes.append(tuple(out[1][len(block.resnets) - 1].shape))
+        else:
+            shapes.append(tuple(out[0].shape))
+
+    hooks = [block.register_forward_hook(record) for block in model.down_blocks]
+    try:
+        call_diffusers_unet(model, inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    param = next(model.parameters())
+    gen = torch.Generator().manual_seed(13)
+    return {f"{INTRA_RESIDUAL}{i}": torch.randn(shape, generator=gen).to(param.device, param.dtype)
+            for i, shape in enumerate(shapes)}

@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import inspect
 import linecache
+import operator
 import os
 import traceback
 from collections.abc import Callable, Mapping, Sequence
@@ -25,7 +26,7 @@ import torch.fx
 from torch import nn
 
 from ldpruner.errors import TraceError, UnsupportedModelError
-from ldpruner.unet_inputs import diffusers_kwargs
+from ldpruner.unet_inputs import INTRA_RESIDUAL, MID_RESIDUAL, diffusers_kwargs, residual_names
 
 from .operators import Granularity, leaf_operator_types, parse_granularity
 from .signature import unet_example_inputs, unet_input_names
@@ -133,6 +134,14 @@ class _ConcreteProxy(torch.fx.Proxy):
     def __getattr__(self, k: str) -> torch.fx.proxy.Attribute:
         return _ConcreteAttribute(self, k)
 
+    def __iadd__(self, other: Any) -> torch.fx.Proxy:
+        # ``sample += x`` mutates a tensor that other names may still hold (diffusers' T2I-Adapter path adds to a down
+        # block's output, which is also that block's skip): the graph stays functional, an add whose result every
+        # later use of the old value takes instead, so the skip sees the sum as it does in eager PyTorch
+        result = self.tracer.create_proxy("call_function", operator.add, (self, other), {})
+        self.tracer.replaced[self.node] = result.node
+        return result
+
 
 class _ConcreteAttribute(torch.fx.proxy.Attribute, _ConcreteProxy):
     """``x.shape`` / ``x.ndim``: an attribute proxy that answers python's questions like any other."""
@@ -166,6 +175,7 @@ class OperatorTracer(torch.fx.Tracer):
         self.example_inputs = dict(example_inputs)
         self.values: dict[torch.fx.Node, Any] = {}
         self.decisions: list[Decision] = []
+        self.replaced: dict[torch.fx.Node, torch.fx.Node] = {}  # a value updated in place -> the node holding it now
 
     # --- leaves -----------------------------------------------------------------------------------------
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
@@ -194,6 +204,13 @@ class OperatorTracer(torch.fx.Tracer):
         return value
 
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
+        if self.replaced:
+            def latest(n: torch.fx.Node) -> torch.fx.Node:
+                while n in self.replaced:
+                    n = self.replaced[n]
+                return n
+
+            args, kwargs = torch.fx.node.map_arg(args, latest), torch.fx.node.map_arg(kwargs, latest)
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
         if kind == "get_attr":
             # fx makes get_attr nodes for buffers and tensor constants (FIR kernels, K-blocks) directly, without a
@@ -337,11 +354,17 @@ def trace_unet(
     root = copy.deepcopy(model) if copy_model else model
     root.eval()
     if is_diffusers:
+        residuals = residual_names(list(example_inputs))
         names = tuple(n for n in unet_input_names(model) if n in example_inputs)
         missing = [n for n in unet_input_names(model) if n not in example_inputs]
         if missing:
             raise TraceError(f"example_inputs lacks {missing}; "
                              f"{type(model).__name__} needs {list(unet_input_names(model))}")
+        if residuals:  # ControlNet residuals: the down ones in skip order, then the mid one
+            if MID_RESIDUAL not in example_inputs:
+                raise TraceError(f"example_inputs has ControlNet residuals {residuals} but no {MID_RESIDUAL}")
+            names = (*names, *residuals, MID_RESIDUAL)
+        names = (*names, *residual_names(list(example_inputs), INTRA_RESIDUAL))  # T2I-Adapter features
         call = _diffusers_call(type(root))
     else:
         params = tuple(inspect.signature(type(root).forward).parameters)[1:]

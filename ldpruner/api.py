@@ -11,12 +11,14 @@ written atomically, and an existing output is replaced only with ``overwrite=Tru
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from pathlib import Path
 from typing import Any
 
 from . import stages
 from .config import ANALYSIS_OPTIONS
+from .errors import ConfigError
 from .options import split_options
 from .passes.config import (
     CostConfig,
@@ -141,18 +143,61 @@ def distill(model: ModelLike, student: Any, *, out: str | os.PathLike, data: str
                           prompts_file=prompts, resume=resume, overwrite=overwrite, progress=progress, device=device)
 
 
-def export(student: Any, *, out: str | os.PathLike, overwrite: bool = False, **options: Any) -> dict[str, Any]:
-    """Export a pruned student (a PrunedUNet or a student/ folder) to ``out/onnx/unet.onnx``, validated against
-    torch; returns what was written and the validation numbers.
+def export(model: Any, *, out: str | os.PathLike, overwrite: bool = False, controlnet: bool = False,
+           adapter: bool = False, **options: Any) -> dict[str, Any]:
+    """Export a UNet to ``out/onnx/unet.onnx`` (with ``config.json``), validated against torch; returns what was
+    written and the validation numbers. ``model``: a pruned student (a PrunedUNet, a StudentUNet or a student/
+    folder) or any model ldpruner loads (a pipeline or UNet folder, ``zoo:``, ``random:``, a diffusers UNet): the
+    dense baseline, from the same exporter.
 
     ``options``: ExportConfig fields (exporter, opset, …), OptimizeConfig fields (optimize: also the
-    onnxruntime-optimized model; fp16: also its fp16 variant) and DeviceConfig's device (CUDA: the checks run on
-    onnxruntime's CUDA provider, the optimizer targets it)."""
-    export_options, variants, placement = split_options(options, ExportConfig, OptimizeConfig, DeviceConfig)
+    onnxruntime-optimized model; fp16: also its fp16 variant), DeviceConfig's device (CUDA: the checks run on
+    onnxruntime's CUDA provider, the optimizer targets it) and, for a dense model, TraceConfig's height and width
+    (the traced latent size; the ONNX model's spatial size stays dynamic). ``controlnet``: the ONNX model also
+    takes ControlNet's residuals (``down_block_additional_residual_<i>``, ``mid_block_additional_residual``), as
+    optimum's Stable Diffusion ControlNet export does; ``adapter``: T2I-Adapter's features
+    (``down_intrablock_additional_residual_<i>``)."""
+    export_options, variants, placement, trace = split_options(options, ExportConfig, OptimizeConfig, DeviceConfig,
+                                                               (TraceConfig, ("height", "width")))
     variants, device = OptimizeConfig(**variants), DeviceConfig(**placement).device  # checked before exporting
-    pruned = _load_student(student) if isinstance(student, (str, os.PathLike)) else student
-    return stages.export(pruned, ExportConfig(**export_options), variants, out=out, overwrite=overwrite,
-                         device=device)
+    config = ExportConfig(**export_options)
+    student = getattr(model, "pruned", model)  # a StudentUNet carries its PrunedUNet
+    if isinstance(student, (str, os.PathLike)) and _is_student_folder(student):
+        student = _load_student(student)
+    if hasattr(student, "traced"):
+        if trace:
+            raise ConfigError(f"height/width ({trace}) apply to a dense model; a student exports at the size it was "
+                              "traced at (its ONNX model takes any multiple of the UNet's spatial multiple)")
+    else:
+        student = stages.dense_as_student(load(model), TraceConfig(**trace))
+    if controlnet or adapter:
+        from .passes.student import with_residual_inputs
+
+        student = with_residual_inputs(student, controlnet=controlnet, adapter=adapter)
+    return stages.export(student, config, variants, out=out, overwrite=overwrite, device=device)
+
+
+def lora(student: Any, lora: str | os.PathLike, *, out: str | os.PathLike | None = None, scale: float = 1.0,
+         overwrite: bool = False) -> tuple[Any, dict[str, Any]]:
+    """Fuse a LoRA trained for the dense UNet (a diffusers / PEFT / kohya ``.safetensors`` file) into a pruned
+    ``student`` (a PrunedUNet, a StudentUNet or a student/ folder; never changed): LoRA pairs inside operators the
+    plan removed are dropped and counted. Returns (the fused student as a :class:`~ldpruner.unet.StudentUNet`, the
+    report); with ``out`` also writes ``out/student/`` and ``out/lora.json``."""
+    from .unet import StudentUNet
+
+    pruned = getattr(student, "pruned", student)
+    if isinstance(pruned, (str, os.PathLike)):
+        pruned = _load_student(pruned)
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
+        raise ConfigError(f"scale={scale!r} must be a finite number")
+    fused, report = stages.lora(pruned, lora, scale=float(scale), out=out, overwrite=overwrite)
+    return StudentUNet(fused), report
+
+
+def _is_student_folder(path: str | os.PathLike) -> bool:
+    from .passes.student import TRACE_NAME
+
+    return (Path(path) / TRACE_NAME).is_file()
 
 
 def bench(models: ModelLike | list[ModelLike] | tuple[ModelLike, ...], *, out: str | os.PathLike,

@@ -172,6 +172,10 @@ def _final_student(b: Build) -> str:
 
 def _export(b: Build) -> None:
     student = b.student(_final_student(b))
+    if b.cfg.controlnet or b.cfg.adapter:
+        from ldpruner.passes.student import with_residual_inputs
+
+        student = with_residual_inputs(student, controlnet=b.cfg.controlnet, adapter=b.cfg.adapter)
     # no later stage needs the dense model: let it go, so that a full-size model and its exported student are not
     # in memory together (the ONNX export holds a second copy of the student's weights while it writes them)
     b.loaded.release()
@@ -224,7 +228,8 @@ STAGES: tuple[Stage, ...] = (
           inputs=lambda b: (_distill_options(b), b.cfg.prompts, _file_digest(b.cfg.calibration)), run=_distill,
           enabled=lambda b: b.cfg.distill_steps > 0),
     Stage("export", EXPORT_SUMMARY, reads=("distill", "prune"),
-          inputs=lambda b: ({n: getattr(b.cfg, n) for n in ("exporter", "opset", "optimize", "fp16")}
+          inputs=lambda b: ({n: getattr(b.cfg, n) for n in ("exporter", "opset", "optimize", "fp16", "controlnet",
+                                                           "adapter")}
                             | ({"target": "cuda"} if _on_cuda(b) else {}),),
           run=_export),
     Stage("samples", report.SAMPLES, reads=("distill", "prune"),

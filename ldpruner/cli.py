@@ -112,8 +112,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from the newest checkpoint in --out")
     _add_out(p)
 
-    p = sub.add_parser("export", help="export a pruned student to ONNX and validate it (writes onnx/)")
+    p = sub.add_parser("lora", help="fuse a LoRA trained for the dense UNet into a pruned student (writes student/ "
+                                    "and lora.json: what was fused, what was dropped with the removed operators)")
     p.add_argument("student", help="student/ folder from `ldpruner prune` or `ldpruner distill`")
+    p.add_argument("--lora", required=True, help="the LoRA: a .safetensors file in diffusers, PEFT or kohya format")
+    p.add_argument("--scale", type=float, default=argparse.SUPPRESS, help="LoRA strength (default: 1.0)")
+    _add_out(p)
+
+    p = sub.add_parser("export", help="export a pruned student, or a dense MODEL as the baseline, to ONNX and "
+                                      "validate it (writes onnx/)")
+    p.add_argument("model", help="student/ folder from `ldpruner prune` or `ldpruner distill`, or any MODEL (the "
+                                 "dense baseline): " + MODEL_HELP)
+    add_flags(p, TraceConfig, ["height", "width"],
+              help={"height": "dense MODEL: latent height to trace at (default: its sample_size; the ONNX model "
+                              "keeps height and width dynamic)",
+                    "width": "dense MODEL: latent width to trace at (default: its sample_size)"})
+    p.add_argument("--controlnet", action="store_true", default=argparse.SUPPRESS,
+                   help="the ONNX model also takes ControlNet's residuals (down_block_additional_residual_<i>, "
+                        "mid_block_additional_residual)")
+    p.add_argument("--adapter", action="store_true", default=argparse.SUPPRESS,
+                   help="the ONNX model also takes T2I-Adapter's features (down_intrablock_additional_residual_<i>)")
     add_flags(p, ExportConfig)
     add_flags(p, OptimizeConfig)
     add_flags(p, DeviceConfig, help={"device": "where the numeric checks run (CUDA: onnxruntime's CUDA provider, and "
@@ -193,8 +211,14 @@ def _run(args: argparse.Namespace) -> int:
               f"{first:.4g} -> {last:.4g}; {s['wall_time_s_this_run']:.1f} s")
         print(f"wrote {args.out}/student/, {args.out}/loss.csv, {args.out}/loss.png, {args.out}/checkpoints/")
         return 0
+    if args.command == "lora":
+        _, report = api.lora(args.student, options.pop("lora"), out=args.out, **options)
+        print(f"fused {report['fused']} of {report['pairs']} LoRA pairs; dropped {report['dropped']} inside removed "
+              f"operators ({report['dropped_fraction']:.1%} of the LoRA's parameters); wrote {args.out}/student/ "
+              f"and {args.out}/lora.json")
+        return 0
     if args.command == "export":
-        print(json.dumps(api.export(args.student, out=args.out, **options), indent=2, default=str))
+        print(json.dumps(api.export(args.model, out=args.out, **options), indent=2, default=str))
         return 0
     if args.command == "bench":
         report = api.bench(args.models, out=args.out, **options)

@@ -88,6 +88,10 @@ class BuildConfig(_Composed):
     device: str = same_as(DeviceConfig, "device")
     prompts: str | None = option(None, "text file with one prompt per line (blank and # lines skipped)",
                                  none="the model's own prompt set, else the built-in one", metavar="FILE", path=True)
+    controlnet: bool = option(False, "the exported ONNX model also takes ControlNet's residuals "
+                                     "(down_block_additional_residual_<i>, mid_block_additional_residual)")
+    adapter: bool = option(False, "the exported ONNX model also takes T2I-Adapter's features "
+                                  "(down_intrablock_additional_residual_<i>)")
     calibration: str | None = option(
         None, "safetensors file of calibration inputs named like Conditioning's fields (extra_channels: an "
         "inpainting UNet's masks and masked-image latents, class_labels, image_embeds …; rows first)",

@@ -54,6 +54,7 @@ COSTS = "costs.json"
 LATENCY = "latency.json"
 PLAN = "plan.json"
 STUDENT = "student"
+LORA = "lora.json"
 DISTILL_DIR = "distill"
 ONNX_DIR = "onnx"
 
@@ -248,6 +249,44 @@ def distill(loaded: LoadedModel, student: Any, config: Any, *, out: str | os.Pat
                            progress=progress, device=device)
     finally:
         distributed.leave(world)
+
+
+def dense_as_student(loaded: LoadedModel, trace: Any) -> Any:
+    """The dense model as an exportable "student": its trace at ``trace`` (a TraceConfig) with an empty plan, so the
+    exporter that exports pruned students gives a validated dense baseline from the same code."""
+    from ldpruner.passes.plan import RemovalPlan
+    from ldpruner.passes.remove import PrunedUNet
+    from ldpruner.passes.student import student_config
+
+    traced = loaded.trace(trace)
+    params = sum(p.numel() for p in traced.gm.parameters())
+    plan = RemovalPlan((), traced.model_class, traced.granularity.value, params, 0,
+                       budget={"note": "dense model: nothing removed"})
+    config = student_config(loaded.unet_config, traced.model_class) if loaded.unet_config is not None else None
+    return PrunedUNet(traced=traced, plan=plan, summary={"removed": [], "dense": True}, config=config)
+
+
+def lora(student: Any, lora_path: str | os.PathLike, *, scale: float, out: str | os.PathLike | None,
+         overwrite: bool) -> tuple[Any, dict[str, Any]]:
+    """A copy of ``student`` (a PrunedUNet) with the LoRA at ``lora_path`` fused into it (times ``scale``), and the
+    report (``lora.json``): pairs fused, dropped with the operators the plan removed, their share of the LoRA.
+    With ``out``: ``out/student/`` and ``out/lora.json``."""
+    import copy
+
+    from ldpruner.io import write_json_atomic
+    from ldpruner.passes.lora import apply_lora, read_lora
+    from ldpruner.passes.student import save_student
+
+    if out is not None:
+        for path in (Path(out) / STUDENT, Path(out) / LORA):
+            check_replaceable(path, overwrite)
+    adapter = read_lora(lora_path)
+    fused = copy.deepcopy(student)
+    report = apply_lora(fused.gm, adapter, removed=tuple(fused.plan.names), scale=scale)
+    if out is not None:
+        save_student(fused, Path(out) / STUDENT, overwrite=overwrite)
+        write_json_atomic(Path(out) / LORA, report)
+    return fused, report
 
 
 def export_on_cuda(device: Any) -> bool:

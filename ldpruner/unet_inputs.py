@@ -13,20 +13,30 @@ tracer, the graph wrappers (``GraphUNet``, ``ORTUNet``) and the sampling loop ag
 * ``image_embeds`` (B, D): Kandinsky's image embeddings; ``hint`` (B, 3, 8H, 8W): Kandinsky 2.2 ControlNet's
   control image;
 * ``class_labels`` (B,) ids or (B, D) embeddings, per the UNet's ``class_embed_type``;
-* ``timestep_cond`` (B, D): LCM's guidance-scale embedding (``time_cond_proj_dim``).
+* ``timestep_cond`` (B, D): LCM's guidance-scale embedding (``time_cond_proj_dim``);
+* ``down_block_additional_residual_<i>`` and ``mid_block_additional_residual``: ControlNet's residuals, in graphs
+  traced with them (``controlnet=True``); ``down_intrablock_additional_residual_<i>``: T2I-Adapter's features
+  (``adapter=True``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .errors import UnsupportedInputError
 
-__all__ = ["ADDED_COND_KEYS", "FLAT_INPUTS", "GUIDED_INPUTS", "diffusers_kwargs", "flat_inputs"]
+__all__ = ["ADDED_COND_KEYS", "DOWN_RESIDUAL", "FLAT_INPUTS", "GUIDED_INPUTS", "INTRA_RESIDUAL", "MID_RESIDUAL",
+           "adapter_inputs", "diffusers_kwargs", "flat_inputs", "residual_inputs", "residual_names"]
 
 FLAT_INPUTS = ("sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids", "image_embeds", "hint",
                "class_labels", "timestep_cond")
+# ControlNet residuals, when a graph is traced with them: one input per skip tensor of the down path (what diffusers
+# takes as down_block_additional_residuals), then the mid block's
+DOWN_RESIDUAL = "down_block_additional_residual_"
+MID_RESIDUAL = "mid_block_additional_residual"
+# T2I-Adapter's features, when a graph is traced with them: one per down block (down_intrablock_additional_residuals)
+INTRA_RESIDUAL = "down_intrablock_additional_residual_"
 # passed to a diffusers UNet inside added_cond_kwargs
 ADDED_COND_KEYS = ("text_embeds", "time_ids", "image_embeds", "hint")
 # inputs with an unconditional counterpart: classifier-free guidance runs the UNet on the negative row
@@ -43,7 +53,58 @@ def diffusers_kwargs(flat: Mapping[str, Any]) -> dict[str, Any]:
     added = {k: flat[k] for k in ADDED_COND_KEYS if flat.get(k) is not None}
     if added:
         kwargs["added_cond_kwargs"] = added
+    down = residual_names(list(flat))
+    if down:
+        kwargs["down_block_additional_residuals"] = tuple(flat[k] for k in down)
+        kwargs["mid_block_additional_residual"] = flat.get(MID_RESIDUAL)
+    intra = residual_names(list(flat), INTRA_RESIDUAL)
+    if intra:  # a fresh list per call: diffusers pops from it
+        kwargs["down_intrablock_additional_residuals"] = [flat[k] for k in intra]
     return kwargs
+
+
+def residual_names(names: Sequence[str], prefix: str = DOWN_RESIDUAL) -> list[str]:
+    """The input names among ``names`` that start with ``prefix`` (ControlNet's down residuals by default,
+    T2I-Adapter's with INTRA_RESIDUAL), in order (0, 1, … 10, 11)."""
+    return sorted((n for n in names if n.startswith(prefix) and n[len(prefix):].isdigit()),
+                  key=lambda n: int(n[len(prefix):]))
+
+
+def adapter_inputs(features: Sequence[Any] | None, taken: Sequence[str], caller: str) -> dict[str, Any]:
+    """The flat inputs of diffusers' ``down_intrablock_additional_residuals`` (T2I-Adapter) for a graph whose inputs
+    are ``taken``; an error that says how to get such a graph when it has none."""
+    if features is None:
+        return {}
+    names = residual_names(taken, INTRA_RESIDUAL)
+    if not names:
+        raise UnsupportedInputError(f"{caller}: down_intrablock_additional_residuals (T2I-Adapter features) given, "
+                                    "but this graph was not traced with them; load or export the student with "
+                                    "adapter=True (CLI: --adapter)")
+    if len(features) != len(names):
+        raise UnsupportedInputError(f"{caller}: {len(features)} down_intrablock_additional_residuals given; the "
+                                    f"UNet takes {len(names)}, one per down block")
+    return dict(zip(names, features))
+
+
+def residual_inputs(down: Sequence[Any] | None, mid: Any, taken: Sequence[str], caller: str) -> dict[str, Any]:
+    """The flat inputs of diffusers' ``down_block_additional_residuals`` / ``mid_block_additional_residual`` for a
+    graph whose inputs are ``taken``; an error that says how to get such a graph when it has none."""
+    if down is None and mid is None:
+        return {}
+    names = residual_names(taken)
+    if not names:
+        given = [n for n, v in (("down_block_additional_residuals", down), ("mid_block_additional_residual", mid))
+                 if v is not None]
+        raise UnsupportedInputError(f"{caller}: {' and '.join(given)} (ControlNet residuals) given, but this graph "
+                                    "was not traced with them; load or export the student with controlnet=True "
+                                    "(CLI: --controlnet)")
+    if down is None or mid is None:
+        raise UnsupportedInputError(f"{caller}: ControlNet residuals come as a pair: down_block_additional_residuals "
+                                    "and mid_block_additional_residual")
+    if len(down) != len(names):
+        raise UnsupportedInputError(f"{caller}: {len(down)} down_block_additional_residuals given; the UNet has "
+                                    f"{len(names)} skip tensors")
+    return {**dict(zip(names, down)), MID_RESIDUAL: mid}
 
 
 def flat_inputs(*, encoder_hidden_states: Any = None, class_labels: Any = None, timestep_cond: Any = None,

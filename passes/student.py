@@ -21,9 +21,11 @@ import torch
 from torch import nn
 
 from ldpruner.compiler.graph import build_operator_graph
+from ldpruner.compiler.signature import adapter_features, controlnet_residuals
 from ldpruner.compiler.tracer import trace_unet
 from ldpruner.errors import ArtifactError, LdprunerError, ModelLoadError
 from ldpruner.io import atomic_dir, check_replaceable, json_safe, read_json
+from ldpruner.unet_inputs import DOWN_RESIDUAL, INTRA_RESIDUAL, MID_RESIDUAL, residual_names
 
 from .plan import RemovalPlan
 from .remove import PrunedUNet, RemoveOperators, apply_plan
@@ -87,11 +89,14 @@ def load_student(
     model: nn.Module | None = None,
     extra_leaf_types: Iterable[type] = (),
     extra_operator_types: Iterable[type] = (),
+    controlnet: bool = False,
+    adapter: bool = False,
 ) -> PrunedUNet:
     """Rebuild a pruned UNet from a ``student/`` folder: dense model from ``config.json`` (or ``model``, any
     module of the same architecture; it is copied, never changed), trace at the recorded shapes, replay
-    ``plan.json``, load the weights strictly. Raises :class:`ArtifactError` for missing or unreadable files and
-    :class:`ModelLoadError` when the weights do not fit the rebuilt graph."""
+    ``plan.json``, load the weights strictly. ``controlnet`` / ``adapter``: trace with ControlNet's residuals /
+    T2I-Adapter's features as inputs (a student saved with them has them anyway). Raises :class:`ArtifactError`
+    for missing or unreadable files and :class:`ModelLoadError` when the weights do not fit the rebuilt graph."""
     path = Path(path)
     if not path.is_dir():
         raise ArtifactError(f"student folder {str(path)!r} does not exist")
@@ -124,8 +129,10 @@ def load_student(
         model = model.to(dtype)
     model = model.eval()
 
-    traced = trace_unet(model, {n: example_inputs[n] for n in input_names}, granularity=granularity,
-                        copy_model=False, extra_leaf_types=tuple(extra_leaf_types))
+    inputs = {n: example_inputs[n] for n in input_names}
+    inputs.update(_residual_examples(model, inputs, controlnet=controlnet, adapter=adapter))
+    traced = trace_unet(model, inputs, granularity=granularity, copy_model=False,
+                        extra_leaf_types=tuple(extra_leaf_types))
     operator_graph = build_operator_graph(traced, extra_operator_types=extra_operator_types)
     # the plan was verified when the student was made; replaying it keeps the rewrite's own checks (exact parameter
     # count, a run on the example inputs) and leaves out the verifier's extra run
@@ -133,6 +140,44 @@ def load_student(
     _load_state(result.gm, state, path / WEIGHTS_NAME)
     return PrunedUNet(traced=traced, plan=plan, summary=result.summary[RemoveOperators.__name__],
                       config=None if config.get("_ldpruner_not_diffusers") else config)
+
+
+def _residual_examples(model: nn.Module, inputs: dict[str, torch.Tensor], *, controlnet: bool,
+                       adapter: bool) -> dict[str, torch.Tensor]:
+    """Example ControlNet residuals / T2I-Adapter features the trace lacks and is asked for."""
+    out: dict[str, torch.Tensor] = {}
+    plain = {n: t for n, t in inputs.items() if not n.startswith((DOWN_RESIDUAL, MID_RESIDUAL, INTRA_RESIDUAL))}
+    if controlnet and not residual_names(list(inputs)):
+        out.update(controlnet_residuals(model, plain))
+    if adapter and not residual_names(list(inputs), INTRA_RESIDUAL):
+        out.update(adapter_features(model, plain))
+    return out
+
+
+def with_residual_inputs(pruned: PrunedUNet, *, controlnet: bool = False, adapter: bool = False) -> PrunedUNet:
+    """``pruned`` traced again with ControlNet's residuals (``down_block_additional_residual_<i>``,
+    ``mid_block_additional_residual``) and/or T2I-Adapter's features (``down_intrablock_additional_residual_<i>``)
+    as graph inputs: the dense model rebuilt from the config, the plan replayed, the weights copied. Removals
+    substitute operators and never delete a skip tensor or a block output, so each residual lands where it lands in
+    the dense model; the replay checks every removal's parameter count against the plan."""
+    if pruned.config is None:
+        raise ArtifactError("a student without a diffusers config cannot be traced again with residual inputs")
+    model = _model_from_config(pruned.config, pruned.traced.model_class)
+    param = next(pruned.gm.parameters())
+    model = model.to(device=param.device, dtype=param.dtype).eval()
+    inputs = dict(pruned.traced.example_inputs)
+    extra = _residual_examples(model, inputs, controlnet=controlnet, adapter=adapter)
+    if not extra:
+        return pruned
+    inputs.update(extra)
+    traced = trace_unet(model, inputs, granularity=pruned.traced.granularity.value, copy_model=False)
+    graph = build_operator_graph(traced)
+    result = apply_plan(traced.gm, pruned.plan, graph, verify=False, allow_empty=not pruned.plan.removals)
+    missing, unexpected = result.gm.load_state_dict(pruned.gm.state_dict(), strict=False)
+    if missing or unexpected:
+        raise ModelLoadError(f"the student's weights do not fit its trace with residual inputs (missing "
+                             f"{missing[:3]}, unexpected {unexpected[:3]})")
+    return PrunedUNet(traced=traced, plan=pruned.plan, summary=pruned.summary, config=pruned.config)
 
 
 # --- config ---------------------------------------------------------------------------------------------------

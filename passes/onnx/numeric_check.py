@@ -130,12 +130,12 @@ def make_inputs(
     spatial: tuple[int, int] | None,
     seed: int,
     spatial_input: str = "sample",
-    scaled: Mapping[str, int] | None = None,
+    scaled: Mapping[str, float] | None = None,
 ) -> dict[str, np.ndarray]:
     """Seeded inputs for a UNet: ``spatial_input`` (the NCHW latent) gets the batch and (when given) the spatial
-    size, ``scaled`` inputs that size times their factor (Kandinsky's hint: 8), every other input keeps its example
-    shape with the new batch. Timesteps differ per batch element (so a timestep broadcast baked in at trace time
-    would show), integer inputs (class labels) are 0."""
+    size, ``scaled`` inputs that size times their factor (Kandinsky's hint: 8, ControlNet residuals: 1 to 1/2^k),
+    every other input keeps its example shape with the new batch. Timesteps differ per batch element (so a
+    timestep broadcast baked in at trace time would show), integer inputs (class labels) are 0."""
     rng = np.random.default_rng(seed)
     inputs: dict[str, np.ndarray] = {}
     factors = {spatial_input: 1, **(scaled or {})}
@@ -143,7 +143,7 @@ def make_inputs(
         dtype = np.dtype(spec.dtype)
         shape = (batch, *spec.shape[1:])
         if spec.name in factors and spatial is not None:
-            shape = (batch, *spec.shape[1:-2], *(d * factors[spec.name] for d in spatial))
+            shape = (batch, *spec.shape[1:-2], *(round(d * factors[spec.name]) for d in spatial))
         if spec.name == "timestep":
             value = rng.integers(0, 1000, size=shape)
         elif spec.name == "time_ids":

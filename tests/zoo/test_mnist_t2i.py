@@ -169,3 +169,20 @@ def test_importing_the_zoo_is_cheap():
             "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_stock_stable_diffusion_pipeline_gives_the_zoo_samplers_images(t2i):
+    import torch
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline
+
+    pipe = zoo.diffusers_pipeline(NAME)
+    assert type(pipe) is StableDiffusionPipeline
+    prompts = ["a handwritten three", "a handwritten seven"]
+    images = pipe(prompts, num_inference_steps=4, guidance_scale=5.0, output_type="pt",
+                  generator=[torch.Generator().manual_seed(s) for s in (0, 1)]).images
+    torch.testing.assert_close(images, t2i.sample(prompts, steps=4, guidance_scale=5.0, seed=[0, 1]), atol=0, rtol=0)
+    # the folder is a stock diffusers pipeline folder: DiffusionPipeline resolves the class from model_index.json
+    encoder = t2i.text_encoder
+    again = DiffusionPipeline.from_pretrained(zoo.model_dir(NAME), text_encoder=encoder.model,
+                                              tokenizer=encoder.tokenizer, local_files_only=True)
+    assert type(again) is StableDiffusionPipeline and again.unet.config.cross_attention_dim == 384

@@ -278,10 +278,12 @@ def train_unet(unet_class: type, unet_config: dict, ddpm_config: dict, latent_me
 # -- the saved folder --------------------------------------------------------------------------------------------
 
 def save_model_folder(out: Path, *, unet: Any, vae: Any, ddpm: Any, dtype: str, pipeline_class: str,
-                      vae_folder: str = "vae", notes: dict[str, str] | None = None) -> None:
+                      vae_folder: str = "vae", notes: dict[str, str] | None = None,
+                      extra_components: dict[str, Any] | None = None) -> None:
     """Replace ``out`` with a diffusers folder: unet/ and ``vae_folder``/ as ``dtype`` safetensors, the DDIM
     scheduler/ that samples them (``ddpm``'s schedule), and model_index.json naming ``pipeline_class``, with
-    ``notes`` (keys starting with ``_``) on what is not a diffusers component."""
+    ``notes`` (keys starting with ``_``) on what is not a diffusers component and ``extra_components`` (model_index
+    entries such as ``"safety_checker": [None, None]``)."""
     import diffusers
     from diffusers import DDIMScheduler
 
@@ -300,7 +302,8 @@ def save_model_folder(out: Path, *, unet: Any, vae: Any, ddpm: Any, dtype: str, 
         "scheduler": ["diffusers", "DDIMScheduler"],
         "unet": ["diffusers", type(unet).__name__],
         vae_folder: ["diffusers", type(vae).__name__],
-    }, indent=2) + "\n")
+        **(extra_components or {}),
+    }, indent=2, sort_keys=True) + "\n")
 
 
 def parameter_counts(unet: Any, vae: Any) -> dict[str, int]:

