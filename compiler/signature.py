@@ -18,7 +18,7 @@ Every config option that changes the inputs is handled here or refused here, wit
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -254,50 +254,51 @@ def unet_example_inputs(
     return {name: makers[name]() for name in sig.names}
 
 
-def controlnet_residuals(model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Example ControlNet residuals for ``model`` at ``inputs``: one tensor per skip tensor of the down path (the
-    conv_in output and every down block's res samples, diffusers' ``down_block_additional_residuals``) and one for
-    the mid block's output, shaped by a run of the model (their shapes depend on the block types)."""
+def _shapes_from_a_run(model: nn.Module, inputs: Mapping[str, torch.Tensor], option: str,
+                       hooks: Sequence[tuple[nn.Module, Any]]) -> None:
+    """Run ``model`` on ``inputs`` with forward ``hooks`` ((module, hook) pairs) that record shapes; ``option`` names
+    the feature for the error a UNet2DModel gets."""
     from diffusers import UNet2DConditionModel
 
     from .tracer import call_diffusers_unet
 
     if not isinstance(model, UNet2DConditionModel):
-        raise UnsupportedModelError(f"controlnet=True is not supported for a {type(model).__name__}: ControlNet "
-                                    "residuals are inputs of UNet2DConditionModel only")
-    shapes: list[tuple[int, ...]] = []
-    mid: list[tuple[int, ...]] = []
-    hooks = [model.conv_in.register_forward_hook(lambda m, a, out: shapes.append(tuple(out.shape)))]
-    for block in model.down_blocks:
-        hooks.append(block.register_forward_hook(
-            lambda m, a, out: shapes.extend(tuple(t.shape) for t in out[1])))
-    if model.mid_block is None:
-        raise UnsupportedModelError("controlnet=True is not supported with mid_block_type=None: ControlNet adds a "
-                                    "residual to the mid block's output")
-    hooks.append(model.mid_block.register_forward_hook(lambda m, a, out: mid.append(tuple(out.shape))))
+        raise UnsupportedModelError(f"{option}=True is not supported for a {type(model).__name__}: its residuals are "
+                                    "inputs of UNet2DConditionModel only")
+    handles = [module.register_forward_hook(hook) for module, hook in hooks]
     try:
         call_diffusers_unet(model, inputs)
     finally:
-        for hook in hooks:
-            hook.remove()
+        for handle in handles:
+            handle.remove()
+
+
+def _random_inputs(model: nn.Module, shapes: Mapping[str, tuple[int, ...]], seed: int) -> dict[str, torch.Tensor]:
     param = next(model.parameters())
-    gen = torch.Generator().manual_seed(11)
-    out = {f"{DOWN_RESIDUAL}{i}": torch.randn(shape, generator=gen).to(param.device, param.dtype)
-           for i, shape in enumerate(shapes)}
-    out[MID_RESIDUAL] = torch.randn(mid[0], generator=gen).to(param.device, param.dtype)
-    return out
+    gen = torch.Generator().manual_seed(seed)
+    return {name: torch.randn(shape, generator=gen).to(param.device, param.dtype) for name, shape in shapes.items()}
+
+
+def controlnet_residuals(model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Example ControlNet residuals for ``model`` at ``inputs``: one tensor per skip tensor of the down path (the
+    conv_in output and every down block's res samples, diffusers' ``down_block_additional_residuals``) and one for
+    the mid block's output, shaped by a run of the model (their shapes depend on the block types)."""
+    if getattr(model, "mid_block", None) is None and hasattr(model, "down_blocks"):
+        raise UnsupportedModelError("controlnet=True is not supported with mid_block_type=None: ControlNet adds a "
+                                    "residual to the mid block's output")
+    skips: list[tuple[int, ...]] = []
+    mid: list[tuple[int, ...]] = []
+    hooks: list[tuple[nn.Module, Any]] = [(model.conv_in, lambda m, a, out: skips.append(tuple(out.shape)))]
+    hooks += [(block, lambda m, a, out: skips.extend(tuple(t.shape) for t in out[1])) for block in model.down_blocks]
+    hooks.append((model.mid_block, lambda m, a, out: mid.append(tuple(out.shape))))
+    _shapes_from_a_run(model, inputs, "controlnet", hooks)
+    shapes = {f"{DOWN_RESIDUAL}{i}": shape for i, shape in enumerate(skips)}
+    return _random_inputs(model, {**shapes, MID_RESIDUAL: mid[0]}, seed=11)
 
 
 def adapter_features(model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Example T2I-Adapter features for ``model`` at ``inputs``: one per down block, shaped like what diffusers adds
     it to (a cross-attention block's last layer output, before its downsampler; a plain block's output)."""
-    from diffusers import UNet2DConditionModel
-
-    from .tracer import call_diffusers_unet
-
-    if not isinstance(model, UNet2DConditionModel):
-        raise UnsupportedModelError(f"adapter=True is not supported for a {type(model).__name__}: T2I-Adapter "
-                                    "features are inputs of UNet2DConditionModel only")
     shapes: list[tuple[int, ...]] = []
 
     def record(block: nn.Module, _args: Any, out: Any) -> None:
@@ -306,13 +307,5 @@ def adapter_features(model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> di
         else:
             shapes.append(tuple(out[0].shape))
 
-    hooks = [block.register_forward_hook(record) for block in model.down_blocks]
-    try:
-        call_diffusers_unet(model, inputs)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    param = next(model.parameters())
-    gen = torch.Generator().manual_seed(13)
-    return {f"{INTRA_RESIDUAL}{i}": torch.randn(shape, generator=gen).to(param.device, param.dtype)
-            for i, shape in enumerate(shapes)}
+    _shapes_from_a_run(model, inputs, "adapter", [(block, record) for block in getattr(model, "down_blocks", [])])
+    return _random_inputs(model, {f"{INTRA_RESIDUAL}{i}": shape for i, shape in enumerate(shapes)}, seed=13)
