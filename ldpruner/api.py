@@ -62,6 +62,7 @@ def analyze(model: ModelLike, *, out: str | os.PathLike | None = None, prompts: 
     seed, guidance_scale, batch_size, dtype) and DeviceConfig's device. ``prompts``: a prompt file (default: the
     model's own prompts, else the built-in set). ``calibration``: a safetensors file of conditioning inputs
     (:func:`~ldpruner.passes.conditioning.read_calibration_file`; default: data-free stand-ins)."""
+    out = _out(out)
     from .passes.config import AnalysisConfig
 
     trace, analysis, placement = split_options(
@@ -80,6 +81,7 @@ def costs(model: ModelLike, *, out: str | os.PathLike | None = None, overwrite: 
 
     ``options``: TraceConfig fields (granularity, height, width: the latent size deployed), CostConfig fields
     (runtime, latency_batch, latency_dtype, latency_repeats, latency_warmup, threads) and DeviceConfig's device."""
+    out = _out(out)
     trace, measure, placement = split_options(options, TraceConfig, CostConfig, DeviceConfig)
     return stages.costs(load(model), TraceConfig(**trace), CostConfig(**measure),
                         device=DeviceConfig(**placement).device, out=out, overwrite=overwrite, progress=progress)
@@ -95,6 +97,7 @@ def select(scores: Any, *, model: ModelLike | None = None, costs: Any = None, ou
     ``OperatorGraph.jointly_removed``); without it such a plan is refused at prune time instead. ``costs``: a
     CostReport or a costs.json path (:func:`costs`), needed for ``metric="latency"``; with it any plan records the
     latency it predicts."""
+    out = _out(out)
     from .passes.costs import CostReport
     from .passes.importance import ImportanceReport
 
@@ -112,6 +115,7 @@ def prune(model: ModelLike, plan: Any, *, out: str | os.PathLike | None = None, 
     :class:`~ldpruner.passes.remove.PrunedUNet`); writes ``out/student/``.
 
     ``options``: the trace's latent size (height, width) and PruneConfig fields (verify)."""
+    out = _out(out)
     from .passes.plan import RemovalPlan
 
     size, rewrite = split_options(options, (TraceConfig, ("height", "width")), PruneConfig)
@@ -134,6 +138,7 @@ def distill(model: ModelLike, student: Any, *, out: str | os.PathLike, data: str
     one); a folder of images (captions in ``metadata.jsonl`` or ``<image>.txt``) is encoded through the model's
     VAE and adds the denoising (task) loss. ``resume`` continues from the newest checkpoint in ``out``. Under
     torchrun every rank runs this and trains on its own shard; rank 0 writes."""
+    out = _out(out)
     import copy
 
     distillation, placement = split_options(options, DistillConfig, DeviceConfig)
@@ -157,6 +162,7 @@ def export(model: Any, *, out: str | os.PathLike, overwrite: bool = False, contr
     takes ControlNet's residuals (``down_block_additional_residual_<i>``, ``mid_block_additional_residual``), as
     optimum's Stable Diffusion ControlNet export does; ``adapter``: T2I-Adapter's features
     (``down_intrablock_additional_residual_<i>``)."""
+    out = _out(out)
     export_options, variants, placement, trace = split_options(options, ExportConfig, OptimizeConfig, DeviceConfig,
                                                                (TraceConfig, ("height", "width")))
     variants, device = OptimizeConfig(**variants), DeviceConfig(**placement).device  # checked before exporting
@@ -183,6 +189,7 @@ def lora(student: Any, lora: str | os.PathLike, *, out: str | os.PathLike | None
     ``student`` (a PrunedUNet, a StudentUNet or a student/ folder; never changed): LoRA pairs inside operators the
     plan removed are dropped and counted. Returns (the fused student as a :class:`~ldpruner.unet.StudentUNet`, the
     report); with ``out`` also writes ``out/student/`` and ``out/lora.json``."""
+    out = _out(out)
     from .unet import StudentUNet
 
     pruned = getattr(student, "pruned", student)
@@ -208,6 +215,7 @@ def bench(models: ModelLike | list[ModelLike] | tuple[ModelLike, ...], *, out: s
     returns the report.
 
     ``options``: BenchConfig fields (budgets, metric, distill_steps, distill_options, distill_data, repeats, …)."""
+    out = _out(out)
     from .bench import run_bench
     from .config import BenchConfig
 
@@ -240,6 +248,13 @@ def build(model: ModelLike | None = None, *, out: str | os.PathLike | None = Non
     if model is not None and not isinstance(model, (str, os.PathLike)):
         raise ConfigError("build takes MODEL as a path or spec string; for an in-memory model use the stage functions")
     return run_build(build_config(model, out=out, config=config, options=options), progress=progress)
+
+
+def _out(out: str | os.PathLike | None) -> Path | None:
+    """The output folder checked before any work: not empty, not a file, writable."""
+    from .io import output_dir
+
+    return output_dir(out) if out is not None else None
 
 
 def _with_calibration(loaded: LoadedModel, calibration: str | os.PathLike | None) -> LoadedModel:

@@ -12,20 +12,22 @@ the others and writes the report.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import hashlib
 import json
 import os
+import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from . import devices, distributed, report, stages
 from .config import ANALYSIS_OPTIONS, BuildConfig
 from .errors import ArtifactError
-from .io import check_replaceable, read_json, write_json_atomic, write_text_atomic
+from .io import check_replaceable, output_dir, read_json, write_json_atomic, write_text_atomic
 from .passes.config import (
     CostConfig,
     DistillConfig,
@@ -267,10 +269,8 @@ def _read_state(out: Path) -> dict[str, str]:
 
 def run_build(cfg: BuildConfig, *, progress: bool = True) -> dict[str, Any]:
     """Run :data:`STAGES` into ``cfg.out``; returns the report (rank 0) or what this rank did (other ranks)."""
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise ArtifactError(f"--out {cfg.out!r} is a file, not a folder")
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(cfg.out)
+    _check_out_is_ours(out, cfg.overwrite)
     t0 = time.perf_counter()
     loaded = load(cfg.model)
     if cfg.calibration is not None:
@@ -278,6 +278,83 @@ def run_build(cfg: BuildConfig, *, progress: bool = True) -> dict[str, Any]:
 
         read_calibration_file(cfg.calibration)  # a bad file fails before anything is traced or written
         loaded.calibration = Path(cfg.calibration)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    # under torchrun the ranks build into one folder together: rank 0 holds the lock for them
+    lock = _lock(out) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext()
+    try:
+        with lock:
+            return _run_build(cfg, out, loaded, t0, progress)
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):  # a refused build leaves no empty folder behind
+            out.rmdir()
+        raise
+
+
+LOCK_FILE = ".ldpruner-build.lock"  # held while a build writes into its folder: the pid and host of the build
+
+
+def _written_by_a_build(out: Path) -> list[str]:
+    """The names in ``out`` that a build writes (its artifacts, report and operator table)."""
+    names = {s.artifact.split("/")[0] for s in STAGES} | {"operators.txt", "operators.json", report.REPORT,
+                                                            report.REPORT_MD}
+    return sorted(n for n in names if (out / n).exists())
+
+
+def _check_out_is_ours(out: Path, overwrite: bool) -> None:
+    """Before anything is written: ``--out`` must not lead into another folder through a link, and the files a build
+    writes may be replaced only when an earlier build wrote them (its state file is there) or with --overwrite."""
+    if overwrite:
+        return
+    if out.is_symlink():
+        raise ArtifactError(f"--out {str(out)!r} is a symbolic link (to {str(out.resolve())!r}); ldpruner does not "
+                            "write through a link into another folder: pass the folder itself, or --overwrite")
+    if out.is_dir() and not (out / STATE_FILE).exists():
+        found = _written_by_a_build(out)
+        if found:
+            raise ArtifactError(f"--out {str(out)!r} holds {found}, which no ldpruner build wrote (there is no "
+                                f"{STATE_FILE}); they may be your files: choose another folder, or pass --overwrite "
+                                "to replace them")
+
+
+@contextlib.contextmanager
+def _lock(out: Path) -> Iterator[None]:
+    """Hold ``out``'s build lock: a second build into the same folder is refused while the first one runs (a lock
+    whose process is gone, after a kill, is taken over)."""
+    path = out / LOCK_FILE
+    me = f"{os.getpid()} {socket.gethostname()}"
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = path.read_text(errors="replace").strip() if path.exists() else ""
+            pid, _, host = holder.partition(" ")
+            if pid.isdigit() and host == socket.gethostname() and not _alive(int(pid)):
+                path.unlink(missing_ok=True)  # stale: its build was killed
+                continue
+            raise ArtifactError(f"another build (pid {pid or '?'} on {host or '?'}) is writing into --out "
+                                f"{str(out)!r}; wait for it to finish or choose another folder (if no build runs, "
+                                f"delete {str(path)!r})") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(me + "\n")
+        break
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _run_build(cfg: BuildConfig, out: Path, loaded: LoadedModel, t0: float, progress: bool) -> dict[str, Any]:
     # NCCL when the ranks work on GPUs, gloo on CPUs
     world = distributed.join(devices.resolve_device(cfg.device))
     try:
@@ -312,6 +389,8 @@ def _prepare(cfg: BuildConfig, out: Path, loaded: LoadedModel, world: distribute
         check_budget(graph.candidates, total_params=graph.total_params, total_macs=graph.total_macs,
                      config=cfg.part(SelectionConfig))
     if world.is_main:
+        if not (out / STATE_FILE).exists():  # the folder is a build's from its first file on (see _check_out_is_ours)
+            write_json_atomic(out / STATE_FILE, {})
         write_text_atomic(out / "operators.txt", graph.table() + "\n")
         write_text_atomic(out / "operators.json", graph.to_json() + "\n")
     return Build(cfg=cfg, out=out, progress=progress, loaded=loaded, graph=graph, analysis=analysis, calib=calib,
@@ -352,7 +431,10 @@ def _run_stage(build: Build, stage: Stage, key: str) -> None:
     if artifact.exists() and build.state.get(stage.name) == key:
         build.reused.append(stage.name)
         return
-    check_replaceable(artifact, build.cfg.overwrite)
+    # an artifact of this build folder whose stage has no recorded key was written by a build that was killed before
+    # it recorded it: it is ldpruner's own, made again; one made from other inputs (another key) needs --overwrite
+    interrupted = stage.name not in build.state and (build.out / STATE_FILE).exists()
+    check_replaceable(artifact, build.cfg.overwrite or interrupted)
     start = time.perf_counter()
     stage.run(build)
     build.timings[stage.name] = round(time.perf_counter() - start, 3)

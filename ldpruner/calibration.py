@@ -21,18 +21,23 @@ from .sources import LoadedModel
 __all__ = ["analysis_config", "conditioning_source", "distill_data", "prompts_for"]
 
 
-def prompts_for(loaded: LoadedModel, prompts_file: str | os.PathLike | None) -> tuple[str, ...] | None:
-    """The prompts a stage uses: the file's, else the model's own set (None: the built-in default)."""
+def prompts_for(loaded: LoadedModel, prompts_file: str | os.PathLike | None,
+                limit: int | None = None) -> tuple[str, ...] | None:
+    """The prompts a stage uses: the file's, else the model's own set (None: the built-in default). ``limit``: the
+    number of samples that will use them (sample i uses prompt i mod P): prompts past it are never encoded."""
     from ldpruner.passes.conditioning import read_prompt_file
 
-    return read_prompt_file(prompts_file) if prompts_file else loaded.default_prompts
+    prompts = read_prompt_file(prompts_file) if prompts_file else loaded.default_prompts
+    return prompts[:limit] if prompts is not None and limit is not None else prompts
 
 
 def analysis_config(loaded: LoadedModel, options: dict[str, Any], prompts_file: str | os.PathLike | None) -> Any:
     """The :class:`~ldpruner.passes.config.AnalysisConfig` of ``options`` with the prompts this model uses."""
     from ldpruner.passes.config import AnalysisConfig
 
-    return AnalysisConfig.from_dict({**options, "prompts": prompts_for(loaded, prompts_file)})
+    samples = options.get("num_samples", AnalysisConfig().num_samples)
+    limit = samples if isinstance(samples, int) and not isinstance(samples, bool) and samples > 0 else None
+    return AnalysisConfig.from_dict({**options, "prompts": prompts_for(loaded, prompts_file, limit)})
 
 
 def conditioning_source(loaded: LoadedModel, config: Any) -> Any:
@@ -84,7 +89,8 @@ def distill_data(loaded: LoadedModel, teacher: Any, config: Any, *, data: str | 
     scheduler, _ = scheduler_record(loaded.scheduler)
     sample = teacher.example_inputs[teacher.input_names[0]]
     analysis = AnalysisConfig(num_samples=config.trajectories, seed=config.seed,
-                              prompts=prompts_for(loaded, prompts_file), guidance_scale=config.guidance_scale,
+                              prompts=prompts_for(loaded, prompts_file, config.trajectories),
+                              guidance_scale=config.guidance_scale,
                               height=int(sample.shape[-2]), width=int(sample.shape[-1]))
     extra = extra_channel_count(teacher, scheduler)
     if data is not None and extra:

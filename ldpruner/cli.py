@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help=MODEL_HELP)
     add_flags(p, TraceConfig)
     p.add_argument("--json", dest="json_path", help="also write the operator graph as JSON to this file")
+    p.add_argument("--overwrite", action="store_true", default=argparse.SUPPRESS,
+                   help="replace the --json file when it exists")
 
     p = sub.add_parser("analyze", help="score every removable operator (writes scores.json)")
     p.add_argument("model", help=MODEL_HELP)
@@ -166,6 +168,11 @@ def _run(args: argparse.Namespace) -> int:
 
     options = _options(args)
     if args.command == "inspect":
+        overwrite = options.pop("overwrite", False)
+        if args.json_path:
+            from .io import check_replaceable
+
+            check_replaceable(args.json_path, overwrite)  # before the trace, which may take minutes
         graph = api.inspect(args.model, **options)
         print(graph.table())
         if args.json_path:

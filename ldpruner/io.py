@@ -82,6 +82,24 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def output_dir(out: str | os.PathLike, *, flag: str = "--out") -> Path:
+    """``out`` as the folder a stage writes into, checked before anything is computed or written: not empty, not a
+    file, and (it or the folder it will be made in) writable. ArtifactError otherwise."""
+    text = os.fspath(out)
+    if not text.strip():
+        raise ArtifactError(f"{flag} is empty; name the output folder (it is created when missing)")
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise ArtifactError(f"{flag} {text!r} is a file, not a folder; name a folder (it is created when missing)")
+    existing = path
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "" if existing == path else f" (it would be created in {str(existing)!r})"
+        raise ArtifactError(f"{flag} {text!r} is not writable{where}; choose a folder you can write to")
+    return path
+
+
 def check_replaceable(path: str | os.PathLike, overwrite: bool) -> None:
     """An existing output may be replaced only when the caller asked for it: ArtifactError otherwise."""
     if Path(path).exists() and not overwrite:

@@ -72,6 +72,9 @@ def analysis_inputs(loaded: LoadedModel, trace: Any, options: dict[str, Any],
     options (AnalysisConfig fields; the latent size is the trace's) with the prompts the model uses. The graph is
     of the model placed on ``device`` (a name, see :func:`ldpruner.devices.resolve_device`) in the analysis dtype:
     the loaded UNet itself when it is there already, else a cast copy."""
+    from ldpruner.passes.importance import check_finite_weights
+
+    check_finite_weights(loaded.unet, repr(loaded.source))  # before any tracing or scoring
     config = calibration.analysis_config(loaded, {**options, "height": trace.height, "width": trace.width},
                                          prompts_file)
     unet = loaded.placed(devices.resolve_device(device), devices.torch_dtype(config.dtype))
@@ -167,6 +170,8 @@ def select(report: Any, graph: Any, config: Any, *, out: str | os.PathLike | Non
     skipped; without it such a plan is refused at prune time instead. ``cost_report`` (a CostReport): the latency
     costs, needed for ``metric="latency"``; with them every plan records its predicted latency."""
     from ldpruner.passes.select import select_removals
+
+    report.check_finite()
 
     if cost_report is not None and (cost_report.model_class, cost_report.granularity) != (
             report.model_class, report.granularity):

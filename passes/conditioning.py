@@ -251,7 +251,14 @@ def read_prompt_file(path: str | os.PathLike) -> tuple[str, ...]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"prompt file {str(path)!r} does not exist")
-    prompts = tuple(line.strip() for line in path.read_text().splitlines()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"prompt file {str(path)!r} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it "
+                          "as UTF-8") from exc
+    except OSError as exc:
+        raise ConfigError(f"prompt file {str(path)!r} cannot be read: {exc.strerror or exc}") from exc
+    prompts = tuple(line.strip() for line in text.splitlines()
                     if line.strip() and not line.lstrip().startswith("#"))
     if not prompts:
         raise ConfigError(f"prompt file {str(path)!r} holds no prompts")

@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -31,7 +32,7 @@ from ldpruner import devices, distributed
 from ldpruner.compiler.graph import Operator, OperatorGraph
 from ldpruner.compiler.removal import swapped
 from ldpruner.compiler.tracer import TracedUNet
-from ldpruner.errors import ArtifactError, ConfigError, UnsupportedModelError
+from ldpruner.errors import ArtifactError, ConfigError, ModelLoadError, UnsupportedModelError
 from ldpruner.io import json_safe, read_json, write_text_atomic
 from ldpruner.runtime.graph_unet import GraphUNet
 from ldpruner.runtime.sampling import (
@@ -174,6 +175,7 @@ class ImportanceReport:
         try:
             entries = [CandidateScore(**e) for e in data["candidates"]]
             cost = data["cost"]
+            _check_finite_scores(entries, "scores.json")
             return cls(
                 model_class=data["model_class"],
                 granularity=data["granularity"],
@@ -202,6 +204,10 @@ class ImportanceReport:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2) + "\n"
 
+    def check_finite(self, where: str = "the scores") -> None:
+        """ArtifactError when a score or one of its terms is NaN, infinite or not a number: never ranked."""
+        _check_finite_scores(list(self.entries.values()), where)
+
     def save(self, path: str | os.PathLike) -> Path:
         """Write atomically; ``path`` is a file, or a folder that receives ``scores.json``."""
         path = Path(path)
@@ -216,6 +222,34 @@ class ImportanceReport:
         if path.is_dir():
             path = path / cls.FILENAME
         return cls.from_dict(read_json(path, what="scores file"))
+
+
+def _check_finite_scores(entries: list[CandidateScore], where: str) -> None:
+    bad = []
+    for e in entries:
+        values = (e.score, e.mu_term, e.sigma_term)
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+            bad.append(f"{e.name} ({e.score!r})")
+    if bad:
+        raise ArtifactError(f"{where} hold non-finite or non-numeric scores for {bad[:5]}"
+                            f"{' …' if len(bad) > 5 else ''}; a NaN would rank first and be removed: re-run the "
+                            "analysis (a model whose outputs are not finite is refused there)")
+
+
+def check_finite_weights(module: nn.Module, what: str = "the model") -> None:
+    """ModelLoadError naming the tensors that hold NaN or Inf: such a model's outputs cannot be finite, so its
+    scores, plan and export would be meaningless."""
+    bad = []
+    with torch.no_grad():
+        for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                count = int((~torch.isfinite(tensor)).sum())
+                kinds = sorted({"nan" if bool(torch.isnan(tensor).any()) else "", "inf" if bool(
+                    torch.isinf(tensor).any()) else ""} - {""})
+                bad.append(f"{name} ({count} {'/'.join(kinds)})")
+    if bad:
+        raise ModelLoadError(f"{what} has non-finite weights: {', '.join(bad[:5])}{' …' if len(bad) > 5 else ''}; "
+                             "its outputs cannot be finite, so ldpruner does not analyse or prune it")
 
 
 def load_cached(path: str | os.PathLike, key: str) -> ImportanceReport | None:
@@ -734,6 +768,10 @@ def analyze_importance(
                 traced, scheduler, conditioning, noise=noise, sample=dense_samples, seed=config.seed))
         bar.set_postfix_str("dense", refresh=False)
         dense = final_moments().stats()
+        if not all(bool(torch.isfinite(t).all()) for t in dense):
+            raise ConfigError(f"the dense model's samples are not finite (NaN or Inf) in "
+                              f"{str(dtype).removeprefix('torch.')} at these settings; the analysis would score "
+                              "nothing: analyse in float32 (dtype='float32') or check the model")
         for op in mine:
             bar.set_postfix_str(op.name, refresh=False)
             with swapped(gm, op):
@@ -757,6 +795,7 @@ def analyze_importance(
         elapsed = max(part[2] for part in gathered)
         peaks = [p for part in gathered for p in part[3]]
     by_name = {r["name"]: CandidateScore(**r) for r in results}
+    _check_finite_scores(list(by_name.values()), "the analysis' scores")
 
     report = ImportanceReport(
         model_class=traced.model_class,

