@@ -298,7 +298,9 @@ def controlnet_residuals(model: nn.Module, inputs: Mapping[str, torch.Tensor]) -
 
 def adapter_features(model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Example T2I-Adapter features for ``model`` at ``inputs``: one per down block, shaped like what diffusers adds
-    it to (a cross-attention block's last layer output, before its downsampler; a plain block's output)."""
+    it to (a cross-attention block's last layer output, before its downsampler; a plain block's output), and one
+    for the mid block's input (SDXL's adapters give one more feature, which diffusers adds there; adapters that give
+    none leave it zero)."""
     shapes: list[tuple[int, ...]] = []
 
     def record(block: nn.Module, _args: Any, out: Any) -> None:
@@ -307,5 +309,8 @@ def adapter_features(model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> di
         else:
             shapes.append(tuple(out[0].shape))
 
-    _shapes_from_a_run(model, inputs, "adapter", [(block, record) for block in getattr(model, "down_blocks", [])])
+    hooks: list[tuple[nn.Module, Any]] = [(block, record) for block in getattr(model, "down_blocks", [])]
+    _shapes_from_a_run(model, inputs, "adapter", hooks)
+    if getattr(model, "mid_block", None) is not None:
+        shapes.append(shapes[-1])  # the mid block takes the last down block's output
     return _random_inputs(model, {f"{INTRA_RESIDUAL}{i}": shape for i, shape in enumerate(shapes)}, seed=13)

@@ -139,7 +139,8 @@ class _ConcreteProxy(torch.fx.Proxy):
         # block's output, which is also that block's skip): the graph stays functional, an add whose result every
         # later use of the old value takes instead, so the skip sees the sum as it does in eager PyTorch
         result = self.tracer.create_proxy("call_function", operator.add, (self, other), {})
-        self.tracer.replaced[self.node] = result.node
+        if isinstance(self.tracer.value_of(self), torch.Tensor):  # ints and tuples are values: nothing aliases them
+            self.tracer.replaced[self.node] = result.node
         return result
 
 

@@ -42,6 +42,7 @@ from .sources import LoadedModel, load
 __all__ = ["STAGES", "STATE_FILE", "Stage", "run_build"]
 
 STATE_FILE = ".ldpruner-build.json"  # the key of each stage's artifact in the last build, for reuse
+PENDING = "pending:"  # the state of a stage that started and has not finished (a killed build leaves it)
 
 
 @dataclasses.dataclass
@@ -431,10 +432,13 @@ def _run_stage(build: Build, stage: Stage, key: str) -> None:
     if artifact.exists() and build.state.get(stage.name) == key:
         build.reused.append(stage.name)
         return
-    # an artifact of this build folder whose stage has no recorded key was written by a build that was killed before
-    # it recorded it: it is ldpruner's own, made again; one made from other inputs (another key) needs --overwrite
-    interrupted = stage.name not in build.state and (build.out / STATE_FILE).exists()
+    # a stage marked pending was started by a build that was killed before it finished: its artifact is ldpruner's
+    # own, made again; any other existing artifact (other inputs, or a file the build did not write) needs --overwrite
+    interrupted = str(build.state.get(stage.name, "")).startswith(PENDING)
     check_replaceable(artifact, build.cfg.overwrite or interrupted)
+    if build.world.is_main:
+        build.state[stage.name] = PENDING + key
+        write_json_atomic(build.out / STATE_FILE, build.state)
     start = time.perf_counter()
     stage.run(build)
     build.timings[stage.name] = round(time.perf_counter() - start, 3)

@@ -285,9 +285,10 @@ def lora(student: Any, lora_path: str | os.PathLike, *, scale: float, out: str |
     if out is not None:
         for path in (Path(out) / STUDENT, Path(out) / LORA):
             check_replaceable(path, overwrite)
-    adapter = read_lora(lora_path)
+    adapter = read_lora(lora_path, unet_config=student.config)
     fused = copy.deepcopy(student)
-    report = apply_lora(fused.gm, adapter, removed=tuple(fused.plan.names), scale=scale)
+    kept = tuple(f"{r.name}.conv_shortcut" for r in fused.plan.removals if r.action == "shortcut")
+    report = apply_lora(fused.gm, adapter, removed=tuple(fused.plan.names), kept=kept, scale=scale)
     if out is not None:
         save_student(fused, Path(out) / STUDENT, overwrite=overwrite)
         write_json_atomic(Path(out) / LORA, report)

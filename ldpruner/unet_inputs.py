@@ -80,10 +80,11 @@ def adapter_inputs(features: Sequence[Any] | None, taken: Sequence[str], caller:
         raise UnsupportedInputError(f"{caller}: down_intrablock_additional_residuals (T2I-Adapter features) given, "
                                     "but this graph was not traced with them; load or export the student with "
                                     "adapter=True (CLI: --adapter)")
-    if len(features) != len(names):
+    if len(features) not in (len(names), len(names) - 1):
         raise UnsupportedInputError(f"{caller}: {len(features)} down_intrablock_additional_residuals given; the "
-                                    f"UNet takes {len(names)}, one per down block")
-    return dict(zip(names, features))
+                                    f"UNet takes one per down block ({len(names) - 1}) and one more for its mid "
+                                    f"block (SDXL's adapters): {len(names) - 1} or {len(names)}")
+    return dict(zip(names, features))  # without the mid block's feature, it is zero
 
 
 def residual_inputs(down: Sequence[Any] | None, mid: Any, taken: Sequence[str], caller: str) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
 import sys
@@ -225,10 +226,12 @@ class ImportanceReport:
 
 
 def _check_finite_scores(entries: list[CandidateScore], where: str) -> None:
+    """A score is a finite number, or +inf (its removal makes the samples non-finite: never selected)."""
     bad = []
     for e in entries:
         values = (e.score, e.mu_term, e.sigma_term)
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and (math.isfinite(v) or v == math.inf)
+                   for v in values):
             bad.append(f"{e.name} ({e.score!r})")
     if bad:
         raise ArtifactError(f"{where} hold non-finite or non-numeric scores for {bad[:5]}"
@@ -761,6 +764,7 @@ def analyze_importance(
 
     devices.reset_peak_memory(device)
     results: list[dict[str, Any]] = []
+    diverged: list[str] = []
     with _analysis_mode(gm):
         if make_extra:
             bar.set_postfix_str("extra channels", refresh=False)
@@ -776,11 +780,18 @@ def analyze_importance(
             bar.set_postfix_str(op.name, refresh=False)
             with swapped(gm, op):
                 mu_term, sigma_term = latent_deviation_score(dense, final_moments())
+            if not (math.isfinite(mu_term) and math.isfinite(sigma_term)):
+                # without this operator the samples are not finite: the removal breaks the model, never make it
+                mu_term = sigma_term = math.inf
+                diverged.append(op.name)
             results.append(CandidateScore(
                 name=op.name, score=mu_term + sigma_term, mu_term=mu_term, sigma_term=sigma_term,
                 params=op.params, macs=op.macs, action=op.action.value, kind=op.kind,
                 module_class=op.module_class).to_dict())
     bar.close()
+    if diverged:
+        logging.getLogger("ldpruner.analysis").warning(
+            "removing %s makes the samples non-finite: scored +inf, never selected", ", ".join(diverged))
     elapsed = time.perf_counter() - start
     peaks = [{"rank": rank, **devices.peak_memory(device)}]
 

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -54,8 +55,9 @@ class LoRA:
         return sum(p.params for p in self.pairs)
 
 
-def read_lora(path: str | os.PathLike) -> LoRA:
-    """The UNet LoRA pairs of a safetensors LoRA file (PEFT, diffusers or kohya keys)."""
+def read_lora(path: str | os.PathLike, unet_config: Mapping[str, Any] | None = None) -> LoRA:
+    """The UNet LoRA pairs of a safetensors LoRA file (PEFT, diffusers or kohya keys); ``unet_config`` (the dense
+    UNet's) lets diffusers map SDXL kohya block names (input_blocks/middle_block/output_blocks)."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
@@ -72,7 +74,8 @@ def read_lora(path: str | os.PathLike) -> LoRA:
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_unet_state_dict_to_peft
 
-    state, network_alphas = StableDiffusionPipeline.lora_state_dict(state)
+    state, network_alphas = StableDiffusionPipeline.lora_state_dict(
+        state, unet_config=dict(unet_config) if unet_config is not None else None)
     unet = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
     ignored = tuple(sorted(k for k in state if not k.startswith("unet.")))
     if not unet and state and not ignored:  # keys without a component prefix: a bare UNet LoRA
@@ -120,24 +123,31 @@ def _scale(module: str, rank: int, config: Mapping[str, Any], alphas: Mapping[st
         return alphas[module] / rank
     if not config:
         return 1.0
-    alpha = config.get("lora_alpha", rank)
-    for pattern, value in (config.get("alpha_pattern") or {}).items():
-        if module == pattern or module.endswith(f".{pattern}"):
-            alpha = value
-    r = rank
-    for pattern, value in (config.get("rank_pattern") or {}).items():
-        if module == pattern or module.endswith(f".{pattern}"):
-            r = value
+    alpha = _pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", rank))
+    r = _pattern_value(config.get("rank_pattern"), module, rank)
     return float(alpha) / (math.sqrt(r) if config.get("use_rslora") else r)
 
 
-def apply_lora(gm: nn.Module, lora: LoRA, *, removed: tuple[str, ...], scale: float = 1.0) -> dict[str, Any]:
+def _pattern_value(patterns: Mapping[str, Any] | None, module: str, default: Any) -> Any:
+    r"""PEFT's rule for alpha_pattern / rank_pattern: the first pattern that matches the module's name as a regular
+    expression at the end of it (``(.*\.)?pattern$``) gives the value."""
+    for pattern, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return value
+    return default
+
+
+def apply_lora(gm: nn.Module, lora: LoRA, *, removed: tuple[str, ...], kept: tuple[str, ...] = (),
+               scale: float = 1.0) -> dict[str, Any]:
     """Fuse ``lora`` (times ``scale``) into the modules of ``gm`` (a pruned graph; changed in place). ``removed``: the
-    plan's removed operators, inside which a pair is dropped. Returns the report: pairs fused and dropped, and the
-    dropped share of the LoRA's parameters."""
+    plan's removed operators, inside which a pair is dropped, except under ``kept`` (what a removal keeps: a
+    shortcut removal's ``conv_shortcut``). Returns the report: pairs fused and dropped, and the dropped share of the
+    LoRA's parameters."""
     fused, dropped, unknown = [], [], []
     for pair in lora.pairs:
         inside = next((r for r in removed if pair.module == r or pair.module.startswith(f"{r}.")), None)
+        if inside is not None and any(pair.module == k or pair.module.startswith(f"{k}.") for k in kept):
+            inside = None
         if inside is not None:
             dropped.append((pair, inside))
             continue

@@ -68,7 +68,9 @@ def check_budget(candidates: Iterable[Any], *, total_params: int, total_macs: in
     total = _total(config, total_params, total_macs, costs)
     if total <= 0:
         raise BudgetError(f"the model has no {config.metric} to remove (total {total})")
-    useful = [c for c in candidates if _action(c) != "not-removable" and cost(c) > 0]
+    # a candidate scored +inf (its removal makes the samples non-finite) is never removed
+    useful = [c for c in candidates if _action(c) != "not-removable" and cost(c) > 0
+              and math.isfinite(getattr(c, "score", 0.0))]
     reachable = sum(cost(c) for c in useful) / total
     if reachable < config.budget:
         raise BudgetError(

@@ -129,7 +129,8 @@ def load_student(
         model = model.to(dtype)
     model = model.eval()
 
-    inputs = {n: example_inputs[n] for n in input_names}
+    # a student saved after .to(float16) recorded float32 examples: the trace takes them in the weights' dtype
+    inputs = {n: _like_weights(example_inputs[n], dtype) for n in input_names}
     inputs.update(_residual_examples(model, inputs, controlnet=controlnet, adapter=adapter))
     traced = trace_unet(model, inputs, granularity=granularity, copy_model=False,
                         extra_leaf_types=tuple(extra_leaf_types))
@@ -140,6 +141,11 @@ def load_student(
     _load_state(result.gm, state, path / WEIGHTS_NAME)
     return PrunedUNet(traced=traced, plan=plan, summary=result.summary[RemoveOperators.__name__],
                       config=None if config.get("_ldpruner_not_diffusers") else config)
+
+
+def _like_weights(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A floating example input in the weights' dtype (the timestep and integer labels stay as they are)."""
+    return tensor.to(dtype) if tensor.is_floating_point() else tensor
 
 
 def _residual_examples(model: nn.Module, inputs: dict[str, torch.Tensor], *, controlnet: bool,
@@ -165,7 +171,7 @@ def with_residual_inputs(pruned: PrunedUNet, *, controlnet: bool = False, adapte
     model = _model_from_config(pruned.config, pruned.traced.model_class)
     param = next(pruned.gm.parameters())
     model = model.to(device=param.device, dtype=param.dtype).eval()
-    inputs = dict(pruned.traced.example_inputs)
+    inputs = {n: _like_weights(t, param.dtype).to(param.device) for n, t in pruned.traced.example_inputs.items()}
     extra = _residual_examples(model, inputs, controlnet=controlnet, adapter=adapter)
     if not extra:
         return pruned

@@ -325,8 +325,10 @@ def test_t2i_adapter_pipeline_drives_the_pruned_unet_in_torch_and_onnx(sd, tmp_p
 
     dense, student, _ = sd
     with_features = student.with_adapter()
-    assert with_features.input_names[-2:] == ("down_intrablock_additional_residual_0",
-                                               "down_intrablock_additional_residual_1")
+    # one feature per down block, and one for the mid block (SDXL adapters give it; this one does not: zero)
+    assert with_features.input_names[-3:] == ("down_intrablock_additional_residual_0",
+                                               "down_intrablock_additional_residual_1",
+                                               "down_intrablock_additional_residual_2")
     api.export(with_features, out=tmp_path, optimize=False)
     ort = ORTUNet.from_pretrained(tmp_path / "onnx")
     torch.manual_seed(6)  # features (32, 16x16) and (64, 8x8): what the tiny UNet's two down blocks take
@@ -350,3 +352,24 @@ def test_t2i_adapter_pipeline_drives_the_pruned_unet_in_torch_and_onnx(sd, tmp_p
     with pytest.raises(UnsupportedInputError, match=r"load or export the student with adapter=True"):
         student(torch.zeros(1, 4, 16, 16), 3, torch.zeros(1, 77, 32),
                 down_intrablock_additional_residuals=[torch.zeros(1)])
+
+
+def test_a_student_cast_to_half_precision_saves_loads_and_takes_residuals(sd, tmp_path):
+    import copy
+
+    _, student, _ = sd
+    half = StudentUNet(copy.deepcopy(student.pruned)).to(torch.bfloat16)  # as pipe.to(torch_dtype) casts it
+    half.save_pretrained(tmp_path / "student")
+    loaded = StudentUNet.from_pretrained(tmp_path / "student", controlnet=True)
+    assert loaded.dtype == torch.bfloat16 and loaded.input_names[-1] == "mid_block_additional_residual"
+    assert half.with_adapter().input_names[-1] == "down_intrablock_additional_residual_2"
+
+
+def test_lora_patterns_follow_peft():
+    from ldpruner.passes.lora import _scale
+
+    config = {"lora_alpha": 8, "r": 4, "alpha_pattern": {"attn1.to_k": 32, "down_blocks.*to_q": 16, "to_k": 8}}
+    assert _scale("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k", 4, config, {}) == 8.0
+    assert _scale("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", 4, config, {}) == 4.0
+    assert _scale("up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_v", 4, config, {}) == 2.0
+    assert _scale("x.to_q", 4, {**config, "use_rslora": True}, {}) == 4.0  # 8 / sqrt(4)

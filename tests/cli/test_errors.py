@@ -190,3 +190,31 @@ def test_a_build_killed_in_a_stage_reruns_to_a_valid_result(stage_artifact, unet
     report = json.loads((out / "report.json").read_text())
     assert report["export"]["export"]["validation"]["passed"] and report["removed"]
     assert not (out / ".ldpruner-build.lock").exists()
+
+
+def test_an_artifact_no_build_stage_started_needs_overwrite_and_a_killed_stage_is_made_again(unet_dir, tmp_path,
+                                                                                               capsys):
+    out = tmp_path / "run"
+    assert run(capsys, "build", unet_dir, "--out", out, *FAST, "--distill-steps", "0")[0] == 0
+    (out / "distill").mkdir()
+    (out / "distill" / "distill.json").write_text("{}")  # made by hand, not by a build
+    code, err = run(capsys, "build", unet_dir, "--out", out, *FAST, "--distill-steps", "2")
+    assert (code, err) == (1, f"error: ArtifactError: {str(out / 'distill' / 'distill.json')!r} exists; pass "
+                              "--overwrite (overwrite=True) to replace it")
+    # a stage a killed build had started (pending in the state file) is made again without --overwrite
+    state = json.loads((out / ".ldpruner-build.json").read_text())
+    state["analyze"] = "pending:" + state["analyze"]
+    (out / ".ldpruner-build.json").write_text(json.dumps(state))
+    assert run(capsys, "build", unet_dir, "--out", out, *FAST, "--distill-steps", "0")[0] == 0
+    assert not json.loads((out / ".ldpruner-build.json").read_text())["analyze"].startswith("pending:")
+
+
+def test_a_candidate_whose_removal_diverges_scores_inf_and_is_never_selected(unet_dir, tmp_path, capsys):
+    assert run(capsys, "analyze", unet_dir, "--out", tmp_path, *FAST)[0] == 0
+    data = json.loads((tmp_path / "scores.json").read_text())
+    lowest = min(data["candidates"], key=lambda c: c["score"])
+    lowest.update(score=float("inf"), mu_term=float("inf"), sigma_term=float("inf"))
+    (tmp_path / "scores.json").write_text(json.dumps(data))
+    assert run(capsys, "select", tmp_path / "scores.json", "--budget", "0.1", "--out", tmp_path)[0] == 0
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["removals"] and lowest["name"] not in {r["name"] for r in plan["removals"]}
