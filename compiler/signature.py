@@ -283,9 +283,13 @@ def controlnet_residuals(model: nn.Module, inputs: Mapping[str, torch.Tensor]) -
     """Example ControlNet residuals for ``model`` at ``inputs``: one tensor per skip tensor of the down path (the
     conv_in output and every down block's res samples, diffusers' ``down_block_additional_residuals``) and one for
     the mid block's output, shaped by a run of the model (their shapes depend on the block types)."""
-    if getattr(model, "mid_block", None) is None and hasattr(model, "down_blocks"):
+    from diffusers import UNet2DConditionModel
+
+    if isinstance(model, UNet2DConditionModel) and model.mid_block is None:
         raise UnsupportedModelError("controlnet=True is not supported with mid_block_type=None: ControlNet adds a "
                                     "residual to the mid block's output")
+    if not isinstance(model, UNet2DConditionModel):
+        _shapes_from_a_run(model, inputs, "controlnet", [])  # refuses it, naming the class
     skips: list[tuple[int, ...]] = []
     mid: list[tuple[int, ...]] = []
     hooks: list[tuple[nn.Module, Any]] = [(model.conv_in, lambda m, a, out: skips.append(tuple(out.shape)))]

@@ -330,7 +330,8 @@ def _lock(out: Path) -> Iterator[None]:
         except FileExistsError:
             holder = path.read_text(errors="replace").strip() if path.exists() else ""
             pid, _, host = holder.partition(" ")
-            if pid.isdigit() and host == socket.gethostname() and not _alive(int(pid)):
+            # stale: its build is gone, or the pid is this very process's (a container restarted with the same pids)
+            if pid.isdigit() and host == socket.gethostname() and (int(pid) == os.getpid() or not _alive(int(pid))):
                 path.unlink(missing_ok=True)  # stale: its build was killed
                 continue
             raise ArtifactError(f"another build (pid {pid or '?'} on {host or '?'}) is writing into --out "

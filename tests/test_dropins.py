@@ -373,3 +373,14 @@ def test_lora_patterns_follow_peft():
     assert _scale("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", 4, config, {}) == 4.0
     assert _scale("up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_v", 4, config, {}) == 2.0
     assert _scale("x.to_q", 4, {**config, "use_rslora": True}, {}) == 4.0  # 8 / sqrt(4)
+
+
+def test_residual_inputs_of_a_unet2dmodel_are_refused_by_name():
+    from conftest import make_tiny_unet2d
+
+    from ldpruner.compiler.signature import controlnet_residuals, unet_example_inputs
+    from ldpruner.errors import UnsupportedModelError
+
+    model = make_tiny_unet2d()
+    with pytest.raises(UnsupportedModelError, match=r"^controlnet=True is not supported for a UNet2DModel"):
+        controlnet_residuals(model, unet_example_inputs(model))

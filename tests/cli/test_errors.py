@@ -218,3 +218,14 @@ def test_a_candidate_whose_removal_diverges_scores_inf_and_is_never_selected(une
     assert run(capsys, "select", tmp_path / "scores.json", "--budget", "0.1", "--out", tmp_path)[0] == 0
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert plan["removals"] and lowest["name"] not in {r["name"] for r in plan["removals"]}
+
+
+def test_a_lock_naming_this_very_process_is_stale(unet_dir, tmp_path, capsys):
+    import os
+    import socket
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".ldpruner-build.lock").write_text(f"{os.getpid()} {socket.gethostname()}\n")  # pids reused after a restart
+    assert run(capsys, "build", unet_dir, "--out", out, *FAST, "--distill-steps", "0", "--overwrite")[0] == 0
+    assert not (out / ".ldpruner-build.lock").exists()
