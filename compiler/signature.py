@@ -40,10 +40,6 @@ class ClassLabels:
 
     kind: str
     size: int | None
-    option: str  # the config option that asked for it, for messages
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,11 +58,6 @@ class UNetSignature:
     class_labels: ClassLabels | None = None
     timestep_cond_dim: int | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["names"] = list(self.names)
-        return out
-
 
 def _unsupported(option: str, value: Any, why: str) -> UnsupportedModelError:
     return UnsupportedModelError(f"{option}={value!r} is not supported: {why}")
@@ -84,16 +75,16 @@ def _class_labels(model: nn.Module, cfg: Any) -> ClassLabels | None:
     kind = cfg.get("class_embed_type")
     num = cfg.get("num_class_embeds")
     if kind is None:
-        return ClassLabels("ids", int(num), "num_class_embeds") if num is not None else None
+        return ClassLabels("ids", int(num)) if num is not None else None
     if kind == "timestep":
-        return ClassLabels("timesteps", None, "class_embed_type")
+        return ClassLabels("timesteps", None)
     if kind == "identity":
-        return ClassLabels("embedding", _time_embed_dim(model), "class_embed_type")
+        return ClassLabels("embedding", _time_embed_dim(model))
     if kind in ("projection", "simple_projection"):
         dim = cfg.get("projection_class_embeddings_input_dim")
         if dim is None:
             raise _unsupported("class_embed_type", kind, "the config sets no projection_class_embeddings_input_dim")
-        return ClassLabels("embedding", int(dim), "class_embed_type")
+        return ClassLabels("embedding", int(dim))
     raise _unsupported("class_embed_type", kind, "ldpruner knows None, 'timestep', 'identity', 'projection' and "
                        "'simple_projection'")
 

@@ -156,7 +156,7 @@ def _extra_channels(teacher: Any, scheduler: Any, conditioning: Any, config: Any
             return sample_latents(graph.flat, scheduler, noise=noise, steps=config.trajectory_steps,
                                   guidance_scale=config.guidance_scale if guided else 1.0, seed=config.seed, **cond)
 
-    return default_extra_channels(teacher, scheduler, conditioning, noise=noise, sample=sample, seed=config.seed)
+    return default_extra_channels(teacher, scheduler, noise=noise, sample=sample, seed=config.seed)
 
 
 def _caption_conditioning(loaded: LoadedModel, teacher: Any, captions: tuple[str, ...], analysis: Any) -> Any:

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .errors import ArtifactError, UnsupportedInputError
+from .errors import ArtifactError
 from .runtime.dropin import UNetDropIn
 
 __all__ = ["StudentUNet"]
@@ -115,13 +115,6 @@ class StudentUNet(UNetDropIn):
 
     def _example_shapes(self) -> Mapping[str, Sequence[int]]:
         return {name: tuple(t.shape) for name, t in self._pruned.traced.example_inputs.items()}
-
-    def _timestep(self, timestep: Any, sample: torch.Tensor) -> torch.Tensor:
-        if not isinstance(timestep, (torch.Tensor, int, float)) or isinstance(timestep, bool):
-            raise UnsupportedInputError(f"StudentUNet: timestep must be a number or a tensor, got "
-                                        f"{type(timestep).__name__}")
-        t = torch.as_tensor(timestep, device=sample.device)
-        return t.reshape(1).expand(sample.shape[0]) if t.numel() == 1 else t
 
     def _run(self, inputs: dict[str, torch.Tensor], sample: torch.Tensor) -> torch.Tensor:
         return self.graph(*[inputs[name] for name in self.input_names])

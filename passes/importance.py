@@ -467,7 +467,7 @@ def _extra_default_name(traced: TracedUNet, scheduler: Any | None) -> str:
     return "smooth random images"
 
 
-def default_extra_channels(traced: TracedUNet, scheduler: Any, conditioning: Conditioning, *,
+def default_extra_channels(traced: TracedUNet, scheduler: Any, *,
                            noise: torch.Tensor, sample: Any, seed: int) -> torch.Tensor:
     """Data-free extra input channels, one row per noise sample (N, E, H, W), float32 on the CPU.
 
@@ -514,9 +514,8 @@ def _default_conditioning(traced: TracedUNet, config: AnalysisConfig, rows: int 
     labels = example.get("class_labels")
     embedding = getattr(traced.gm, "class_embedding", None)
     # ids or noise levels beside extra image channels are that image's noise level (the x4 upscaler, IF stage II)
-    wide = traced.out_channels is not None and traced.out_channels == 2 * traced.sample_channels
-    extra_channels_present = _if_super_resolution(traced) or (
-        traced.out_channels is not None and not wide and traced.sample_channels > traced.out_channels)
+    extra_channels_present = _if_super_resolution(traced) or (traced.out_channels is not None and latent_channels(
+        traced.sample_channels, traced.out_channels, None) < traced.sample_channels)
     class_ids = labels is not None and not labels.is_floating_point() and isinstance(embedding, nn.Embedding)
     if "encoder_hidden_states" in names:
         height, width = _latent_size(traced, config)
@@ -769,7 +768,7 @@ def analyze_importance(
         if make_extra:
             bar.set_postfix_str("extra channels", refresh=False)
             conditioning = conditioning.replace(extra_channels=default_extra_channels(
-                traced, scheduler, conditioning, noise=noise, sample=dense_samples, seed=config.seed))
+                traced, scheduler, noise=noise, sample=dense_samples, seed=config.seed))
         bar.set_postfix_str("dense", refresh=False)
         dense = final_moments().stats()
         if not all(bool(torch.isfinite(t).all()) for t in dense):

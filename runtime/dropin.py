@@ -5,9 +5,11 @@ call gives none) and the output class. :class:`~ldpruner.runtime.unet.ORTUNet` r
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from ldpruner.errors import UnsupportedInputError
@@ -46,8 +48,37 @@ class UNetDropIn(torch.nn.Module):
         """The traced/exported shapes of the inputs (zero residuals are scaled from them); None: unknown."""
         raise NotImplementedError
 
+    def _timestep_dtype(self) -> torch.dtype | None:
+        """The dtype the graph takes the timestep in (None: as given)."""
+        return None
+
     def _timestep(self, timestep: Any, sample: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """int/float/0-d/(1,)/(batch,) → a (batch,) tensor, in :meth:`_timestep_dtype` when it names one."""
+        batch = sample.shape[0]
+        if isinstance(timestep, torch.Tensor):
+            t = timestep.detach().to(sample.device)
+        elif isinstance(timestep, (int, float, np.integer, np.floating)) and not isinstance(timestep, bool):
+            t = torch.tensor(float(timestep) if isinstance(timestep, (float, np.floating)) else int(timestep),
+                             device=sample.device)
+        else:
+            raise UnsupportedInputError(f"timestep must be a number or a tensor, got {type(timestep).__name__}")
+        if t.dim() == 0 or (t.dim() == 1 and t.shape[0] == 1):
+            t = t.reshape(1).expand(batch)
+        elif t.dim() != 1 or t.shape[0] != batch:
+            raise UnsupportedInputError(
+                f"timestep must be a scalar, a 0-d tensor or a (batch,) tensor with batch={batch}, "
+                f"got shape {list(t.shape)}"
+            )
+        target = self._timestep_dtype()
+        if target is not None and not target.is_floating_point and t.is_floating_point() \
+                and not torch.equal(t, t.round()):
+            raise UnsupportedInputError(
+                f"{self._what} takes an integer timestep but got fractional values {t.tolist()}; "
+                "re-export with timestep_dtype='float32' (the default) for schedulers with fractional timesteps"
+            )
+        if t.is_floating_point() and not all(math.isfinite(v) for v in t.tolist()):
+            raise UnsupportedInputError(f"timestep has non-finite values {t.tolist()}")
+        return (t.to(target) if target is not None else t).contiguous()
 
     def _run(self, inputs: dict[str, torch.Tensor], sample: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

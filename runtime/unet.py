@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import types
 from collections.abc import Mapping, Sequence
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 from diffusers.configuration_utils import FrozenDict
 
-from ldpruner.errors import ArtifactError, UnsupportedInputError
+from ldpruner.errors import ArtifactError
 from ldpruner.io import read_json
 from ldpruner.unet_inputs import FLAT_INPUTS, INTRA_RESIDUAL, MID_RESIDUAL, residual_names
 
@@ -158,9 +157,6 @@ class ORTUNet(UNetDropIn):
         raw = self.session.session.get_modelmeta().custom_metadata_map.get(EXPORT_METADATA_KEY)
         return json.loads(raw).get("input_shapes") if raw else None
 
-    def _timestep(self, timestep: Any, sample: torch.Tensor) -> torch.Tensor:
-        return self._timestep_batch(timestep, sample)
-
     def _class_name(self) -> str | None:
         return "UNet2DConditionModel" if self._conditional else "UNet2DModel"
 
@@ -173,30 +169,5 @@ class ORTUNet(UNetDropIn):
         (out,) = self.session.run_torch(feeds, output_shapes)
         return out.to(sample.device)
 
-    def _timestep_batch(self, timestep: torch.Tensor | float | int, sample: torch.Tensor) -> torch.Tensor:
-        """int/float/0-d/(1,)/(batch,) → a (batch,) tensor of the graph's timestep dtype."""
-        batch = sample.shape[0]
-        if isinstance(timestep, torch.Tensor):
-            t = timestep.detach().to(sample.device)
-        elif isinstance(timestep, (int, float, np.integer, np.floating)) and not isinstance(timestep, bool):
-            t = torch.tensor(float(timestep) if isinstance(timestep, (float, np.floating)) else int(timestep),
-                             device=sample.device)
-        else:
-            raise UnsupportedInputError(f"timestep must be a number or a tensor, got {type(timestep).__name__}")
-        if t.dim() == 0 or (t.dim() == 1 and t.shape[0] == 1):
-            t = t.reshape(1).expand(batch)
-        elif t.dim() != 1 or t.shape[0] != batch:
-            raise UnsupportedInputError(
-                f"timestep must be a scalar, a 0-d tensor or a (batch,) tensor with batch={batch}, "
-                f"got shape {list(t.shape)}"
-            )
-        target = _TORCH_DTYPES[self.session.input_dtypes["timestep"]]
-        if not target.is_floating_point and t.is_floating_point():
-            if not torch.equal(t, t.round()):
-                raise UnsupportedInputError(
-                    f"{self.session.path.name} takes an integer timestep but got fractional values {t.tolist()}; "
-                    "re-export with timestep_dtype='float32' (the default) for schedulers with fractional timesteps"
-                )
-        if t.is_floating_point() and not all(math.isfinite(v) for v in t.tolist()):
-            raise UnsupportedInputError(f"timestep has non-finite values {t.tolist()}")
-        return t.to(target).contiguous()
+    def _timestep_dtype(self) -> torch.dtype | None:
+        return _TORCH_DTYPES[self.session.input_dtypes["timestep"]]

@@ -205,7 +205,7 @@ def test_inpainting_defaults_are_masks_over_the_dense_models_own_samples():
         seen.append(extra.clone())
         return reference
 
-    extra = default_extra_channels(traced, scheduler, None, noise=noise, sample=sample, seed=0)
+    extra = default_extra_channels(traced, scheduler, noise=noise, sample=sample, seed=0)
     # the reference generation inpaints everything: mask 1, masked latents 0
     assert torch.equal(seen[0][:, :1], torch.ones(3, 1, 16, 16)) and not seen[0][:, 1:].any()
     mask, masked = extra[:, :1], extra[:, 1:]
