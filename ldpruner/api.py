@@ -88,7 +88,7 @@ def costs(model: ModelLike, *, out: str | os.PathLike | None = None, overwrite: 
 
 
 def select(scores: Any, *, model: ModelLike | None = None, costs: Any = None, out: str | os.PathLike | None = None,
-           overwrite: bool = False, **options: Any) -> Any:
+           overwrite: bool = False, allow_other_weights: bool = False, **options: Any) -> Any:
     """Choose removals (a :class:`~ldpruner.passes.plan.RemovalPlan`) from an ImportanceReport or a scores.json
     path; writes ``out/plan.json``.
 
@@ -96,7 +96,8 @@ def select(scores: Any, *, model: ModelLike | None = None, costs: Any = None, ou
     selection skips candidates that, together with earlier ones, would remove shared modules (see
     ``OperatorGraph.jointly_removed``); without it such a plan is refused at prune time instead. ``costs``: a
     CostReport or a costs.json path (:func:`costs`), needed for ``metric="latency"``; with it any plan records the
-    latency it predicts."""
+    latency it predicts. ``model`` must have the weights the scores were made for unless ``allow_other_weights``
+    (the plan records it)."""
     out = _out(out)
     from .passes.costs import CostReport
     from .passes.importance import ImportanceReport
@@ -104,15 +105,18 @@ def select(scores: Any, *, model: ModelLike | None = None, costs: Any = None, ou
     (selection,) = split_options(options, SelectionConfig)
     report = scores if isinstance(scores, ImportanceReport) else ImportanceReport.load(Path(scores))
     cost_report = costs if costs is None or isinstance(costs, CostReport) else CostReport.load(Path(costs))
-    graph = inspect(model, granularity=report.granularity) if model is not None else None
+    loaded = load(model) if model is not None else None
+    graph = stages.inspect(loaded, TraceConfig(granularity=report.granularity)) if loaded is not None else None
     return stages.select(report, graph, SelectionConfig(**selection), out=out, overwrite=overwrite,
-                         cost_report=cost_report)
+                         cost_report=cost_report, model_weights=loaded.weights_id if loaded is not None else None,
+                         allow_other_weights=allow_other_weights)
 
 
 def prune(model: ModelLike, plan: Any, *, out: str | os.PathLike | None = None, overwrite: bool = False,
-          **options: Any) -> Any:
+          allow_other_weights: bool = False, **options: Any) -> Any:
     """Apply a RemovalPlan (or a plan.json path) to a copy of ``model`` (a
-    :class:`~ldpruner.passes.remove.PrunedUNet`); writes ``out/student/``.
+    :class:`~ldpruner.passes.remove.PrunedUNet`); writes ``out/student/``. A plan made for other weights (of the
+    same architecture: a fine-tune, say) is refused unless ``allow_other_weights``; the student records it.
 
     ``options``: the trace's latent size (height, width) and PruneConfig fields (verify)."""
     out = _out(out)
@@ -121,14 +125,16 @@ def prune(model: ModelLike, plan: Any, *, out: str | os.PathLike | None = None, 
     size, rewrite = split_options(options, (TraceConfig, ("height", "width")), PruneConfig)
     plan = plan if isinstance(plan, RemovalPlan) else RemovalPlan.load(Path(plan))
     return stages.prune(load(model), plan, TraceConfig(granularity=plan.granularity, **size), PruneConfig(**rewrite),
-                        out=out, overwrite=overwrite)
+                        out=out, overwrite=overwrite, allow_other_weights=allow_other_weights)
 
 
 def distill(model: ModelLike, student: Any, *, out: str | os.PathLike, data: str | os.PathLike | None = None,
             prompts: str | os.PathLike | None = None, calibration: str | os.PathLike | None = None,
-            resume: bool = False, overwrite: bool = False, progress: bool = True, **options: Any) -> Any:
+            resume: bool = False, overwrite: bool = False, progress: bool = True, allow_other_weights: bool = False,
+            **options: Any) -> Any:
     """Fine-tune a pruned ``student`` (a PrunedUNet or a student/ folder) against the dense ``model`` it was
-    pruned from; writes ``out/student/`` (the distilled student), the loss log and plot, ``distill.json`` and
+    pruned from (other weights, or resuming against another teacher, only with ``allow_other_weights``: recorded);
+    writes ``out/student/`` (the distilled student), the loss log and plot, ``distill.json`` and
     ``out/checkpoints/``. Returns a :class:`~ldpruner.passes.distill.DistillResult` whose ``student`` is the
     trained copy: an in-memory ``student`` passed in stays as it was.
 
@@ -145,7 +151,8 @@ def distill(model: ModelLike, student: Any, *, out: str | os.PathLike, data: str
     config, device = DistillConfig(**distillation), DeviceConfig(**placement).device
     pruned = copy.deepcopy(student) if not isinstance(student, (str, os.PathLike)) else _load_student(student)
     return stages.distill(_with_calibration(load(model), calibration), pruned, config, out=out, data=data,
-                          prompts_file=prompts, resume=resume, overwrite=overwrite, progress=progress, device=device)
+                          prompts_file=prompts, resume=resume, overwrite=overwrite, progress=progress, device=device,
+                          allow_other_weights=allow_other_weights)
 
 
 def export(model: Any, *, out: str | os.PathLike, overwrite: bool = False, controlnet: bool = False,

@@ -4,8 +4,9 @@ Each :class:`Stage` names its artifact (a path in the build folder), the stage w
 its result depends on, and how to run it. A stage's key hashes its inputs with the key of the stage it reads (the
 analysis, which reads none, is keyed by the importance pass's own cache key), so a changed option invalidates
 exactly the stages downstream of it; a stage whose artifact exists with the key it had
-in the last build into the same folder is reused (``.ldpruner-build.json`` keeps the keys), and one whose artifact
-would change is replaced only with ``overwrite``. Under torchrun the stages marked ``all_ranks`` run on every rank
+in the last build into the same folder, and whose files are all there unchanged, is reused (``.ldpruner-build.json``
+keeps the keys and the sha256 of every file each stage wrote); one whose artifact would change, or whose files were
+changed by someone else, is replaced only with ``overwrite``, and one whose files were deleted is made again. Under torchrun the stages marked ``all_ranks`` run on every rank
 (the analysis scores its share of the candidates, distillation trains on its shard of the data); rank 0 alone runs
 the others and writes the report.
 """
@@ -90,6 +91,12 @@ class Stage:
     run: Callable[[Build], Any]
     enabled: Callable[[Build], bool] = lambda build: True
     all_ranks: bool = False
+    # the files and folders (paths in the build folder) the stage writes and later stages read: their sha256 is
+    # recorded when the stage finishes and checked before the stage is reused; None: just the artifact
+    outputs: tuple[str, ...] | None = None
+
+    def written(self) -> tuple[str, ...]:
+        return self.outputs if self.outputs is not None else (self.artifact,)
 
 
 def _timed(b: Build) -> bool:
@@ -184,9 +191,8 @@ def _export(b: Build) -> None:
     b.loaded.release()
     b.graph = None
     gc.collect()
-    summary = stages.export(student, b.cfg.part(ExportConfig), b.cfg.part(OptimizeConfig), out=b.out, overwrite=True,
-                            device=b.cfg.device)
-    write_json_atomic(b.out / EXPORT_SUMMARY, summary)
+    stages.export(student, b.cfg.part(ExportConfig), b.cfg.part(OptimizeConfig), out=b.out, overwrite=True,
+                  device=b.cfg.device)  # writes EXPORT_SUMMARY
 
 
 def _on_cuda(b: Build) -> bool:
@@ -213,7 +219,7 @@ def _samples(b: Build) -> None:
     preview_grid(b.loaded.zoo_name, variants, b.out / report.SAMPLES)
 
 
-EXPORT_SUMMARY = f"{stages.ONNX_DIR}/export.json"
+EXPORT_SUMMARY = f"{stages.ONNX_DIR}/{stages.EXPORT_SUMMARY}"
 STUDENT_FOLDERS = {"prune": stages.STUDENT, "distill": f"{stages.DISTILL_DIR}/{stages.STUDENT}"}
 
 STAGES: tuple[Stage, ...] = (
@@ -229,12 +235,13 @@ STAGES: tuple[Stage, ...] = (
           enabled=_timed),
     Stage("distill", f"{stages.DISTILL_DIR}/distill.json", reads=("prune",), all_ranks=True,
           inputs=lambda b: (_distill_options(b), b.cfg.prompts, _file_digest(b.cfg.calibration)), run=_distill,
-          enabled=lambda b: b.cfg.distill_steps > 0),
+          enabled=lambda b: b.cfg.distill_steps > 0,
+          outputs=(f"{stages.DISTILL_DIR}/distill.json", STUDENT_FOLDERS["distill"])),
     Stage("export", EXPORT_SUMMARY, reads=("distill", "prune"),
           inputs=lambda b: ({n: getattr(b.cfg, n) for n in ("exporter", "opset", "optimize", "fp16", "controlnet",
                                                            "adapter")}
                             | ({"target": "cuda"} if _on_cuda(b) else {}),),
-          run=_export),
+          run=_export, outputs=(stages.ONNX_DIR,)),
     Stage("samples", report.SAMPLES, reads=("distill", "prune"),
           inputs=lambda b: (b.keys["prune"], "samples/1"), run=_samples, enabled=lambda b: bool(sample_rows(b))),
 )
@@ -323,15 +330,18 @@ def _lock(out: Path) -> Iterator[None]:
     """Hold ``out``'s build lock: a second build into the same folder is refused while the first one runs (a lock
     whose process is gone, after a kill, is taken over)."""
     path = out / LOCK_FILE
-    me = f"{os.getpid()} {socket.gethostname()}"
+    me = f"{os.getpid()} {socket.gethostname()} {_started(os.getpid()) or '?'}"
     for _ in range(2):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             holder = path.read_text(errors="replace").strip() if path.exists() else ""
-            pid, _, host = holder.partition(" ")
-            # stale: its build is gone, or the pid is this very process's (a container restarted with the same pids)
-            if pid.isdigit() and host == socket.gethostname() and (int(pid) == os.getpid() or not _alive(int(pid))):
+            pid, host, started = (holder.split() + ["", "", ""])[:3]
+            # stale: its build is gone, the pid is this very process's (a container restarted with the same pids), or
+            # the pid now names another process (one that started at another time than the build that wrote it)
+            if pid.isdigit() and host == socket.gethostname() and (
+                    int(pid) == os.getpid() or not _alive(int(pid))
+                    or started not in ("", "?") and _started(int(pid)) not in (None, started)):
                 path.unlink(missing_ok=True)  # stale: its build was killed
                 continue
             raise ArtifactError(f"another build (pid {pid or '?'} on {host or '?'}) is writing into --out "
@@ -344,6 +354,17 @@ def _lock(out: Path) -> Iterator[None]:
         yield
     finally:
         path.unlink(missing_ok=True)
+
+
+def _started(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot, from /proc), or None where that cannot be read: with the
+    pid it names one process, even after the pid is reused."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rpartition(")")[2].split()  # the command name, in parentheses, may hold spaces
+    return fields[19] if len(fields) > 19 else None
 
 
 def _alive(pid: int) -> bool:
@@ -370,7 +391,9 @@ def _run_build(cfg: BuildConfig, out: Path, loaded: LoadedModel, t0: float, prog
         from ldpruner.passes.plan import RemovalPlan
 
         result = report.build_report(cfg, build.description, RemovalPlan.load(out / stages.PLAN), out,
-                                     build.timings, build.reused, sample_rows(build))
+                                     build.timings, build.reused, sample_rows(build),
+                                     files={p: d for s in STAGES if s.enabled(build)
+                                            for p, d in build.state.get(FILES, {}).get(s.name, {}).items()})
         write_json_atomic(out / report.REPORT, result)
         write_text_atomic(out / report.REPORT_MD, report.report_markdown(result))
         return result
@@ -428,24 +451,90 @@ def _run_stages(build: Build) -> None:
             return
 
 
+FILES = "files"  # the state's record of each finished stage's outputs: {stage: {path: sha256}}
+
+
+def _digests(out: Path, paths: tuple[str, ...]) -> dict[str, str]:
+    """sha256 of every file under ``paths`` (files or folders in ``out``), by path relative to ``out``."""
+    found: dict[str, str] = {}
+    for rel in paths:
+        path = out / rel
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else []
+        for f in files:
+            with open(f, "rb") as fh:
+                found[f.relative_to(out).as_posix()] = hashlib.file_digest(fh, "sha256").hexdigest()
+    return found
+
+
+def _reuse(build: Build, stage: Stage, key: str) -> tuple[bool, bool, bool]:
+    """(reuse the stage's artifact, it is ldpruner's own and may be made again without --overwrite, it is damaged
+    and goes before the stage runs again). An artifact is reused only when the stage's key is the one recorded and
+    every file it wrote is there, byte for byte; a file missing is made again, a file changed or added since (by
+    someone, or a disk fault) needs --overwrite."""
+    recorded = build.state.get(FILES, {}).get(stage.name)
+    if not (build.out / stage.artifact).exists() or build.state.get(stage.name) != key:
+        # a stage marked pending was started by a build that was killed before it finished: its artifact is ours
+        # (a scores.json or costs.json written before the kill is still reused when its own cache key matches)
+        return False, str(build.state.get(stage.name, "")).startswith(PENDING), False
+    if not isinstance(recorded, dict):  # a build folder from before files were recorded: ours, unverifiable
+        return False, True, True
+    found = _digests(build.out, stage.written())
+    if found == recorded:
+        return True, True, False
+    changed = sorted(p for p in found if recorded.get(p) != found[p])
+    missing = sorted(set(recorded) - set(found))
+    if changed and not build.cfg.overwrite:
+        what = "was added" if changed[0] not in recorded else "changed"
+        raise ArtifactError(f"{str(build.out / changed[0])!r} {what} since the build that wrote "
+                            f"{stage.written()} ({stage.name}); ldpruner reuses only what it wrote, byte for byte: "
+                            "restore it, or pass --overwrite to make the stage again")
+    import logging
+
+    logging.getLogger("ldpruner.build").warning(
+        "%s: %s since the last build; making it again", stage.name,
+        f"{len(missing)} file(s) missing ({missing[0]})" if missing else f"{len(changed)} file(s) changed")
+    return False, True, True
+
+
 def _run_stage(build: Build, stage: Stage, key: str) -> None:
     artifact = build.out / stage.artifact
-    if artifact.exists() and build.state.get(stage.name) == key:
+    decision = _reuse(build, stage, key) if build.world.is_main else None
+    if stage.all_ranks and build.world.size > 1:  # every rank reuses or runs it, as rank 0 decided
+        import torch.distributed as dist
+
+        box = [decision]
+        dist.broadcast_object_list(box, src=0)
+        decision = box[0]
+    reuse, ours, damaged = decision
+    if reuse:
         build.reused.append(stage.name)
         return
-    # a stage marked pending was started by a build that was killed before it finished: its artifact is ldpruner's
-    # own, made again; any other existing artifact (other inputs, or a file the build did not write) needs --overwrite
-    interrupted = str(build.state.get(stage.name, "")).startswith(PENDING)
-    check_replaceable(artifact, build.cfg.overwrite or interrupted)
     if build.world.is_main:
+        # an existing artifact that is not ours (other inputs, or a file the build did not write) needs --overwrite
+        check_replaceable(artifact, build.cfg.overwrite or ours)
+        if damaged:  # removed, so that nothing the stage reads back is a damaged file
+            _remove(build.out, stage.written())
         build.state[stage.name] = PENDING + key
+        build.state.setdefault(FILES, {}).pop(stage.name, None)
         write_json_atomic(build.out / STATE_FILE, build.state)
     start = time.perf_counter()
     stage.run(build)
     build.timings[stage.name] = round(time.perf_counter() - start, 3)
     build.state[stage.name] = key
     if build.world.is_main:
+        build.state.setdefault(FILES, {})[stage.name] = _digests(build.out, stage.written())
         write_json_atomic(build.out / STATE_FILE, build.state)
+
+
+def _remove(out: Path, paths: tuple[str, ...]) -> None:
+    import shutil
+
+    for rel in paths:
+        path = out / rel
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
 
 
 def build_config(model: Any, *, out: str | os.PathLike | None, config: str | os.PathLike | None,

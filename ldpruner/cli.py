@@ -22,6 +22,12 @@ _NOT_OPTIONS = {"command", "debug", "model", "models", "scores", "student", "pla
                 "config", "costs"}
 
 
+def _add_allow_other_weights(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--allow-other-weights", action="store_true", default=argparse.SUPPRESS,
+                   help=f"use {what} with a model whose weights differ from the ones it was made for (a fine-tune of "
+                        "the same architecture, say); the outputs record that you did")
+
+
 def _add_out(p: argparse.ArgumentParser, *, required: bool = True) -> None:
     from .config import BuildConfig
     from .options import add_flags
@@ -90,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--costs", help="costs.json from `ldpruner costs`: needed for --metric latency; with it any plan "
                                    "records the latency it predicts")
     add_flags(p, SelectionConfig)
+    _add_allow_other_weights(p, "the scores")
     _add_out(p)
 
     p = sub.add_parser("prune", help="apply a plan (writes student/)")
@@ -97,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", required=True, help="plan.json from `ldpruner select`")
     add_flags(p, TraceConfig, ["height", "width"])
     add_flags(p, PruneConfig)
+    _add_allow_other_weights(p, "the plan")
     _add_out(p)
 
     p = sub.add_parser("distill", help="fine-tune a pruned student against the dense model (writes student/, "
@@ -112,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   "encoded by the model's VAE (default: data-free, on the teacher's trajectories)")
     p.add_argument("--resume", action="store_true", default=argparse.SUPPRESS,
                    help="continue from the newest checkpoint in --out")
+    _add_allow_other_weights(p, "the student (and its checkpoints)")
     _add_out(p)
 
     p = sub.add_parser("lora", help="fuse a LoRA trained for the dense UNet into a pruned student (writes student/ "

@@ -86,3 +86,7 @@ class BenchError(LdprunerError):
 class UnsupportedModelError(LdprunerError):
     """A model whose configuration ldpruner cannot trace, drive or prune: the message names the config option,
     its value and why."""
+
+
+class WeightsMismatchError(ArtifactError):
+    """An artifact (scores, plan, student, checkpoint) was made for other weights than the model it is used with."""

@@ -19,10 +19,11 @@ SAMPLES = "samples.png"
 
 
 def build_report(cfg: Any, model: dict[str, Any], plan: Any, out_dir: Path, timings: dict[str, float],
-                 reused: list[str], sample_rows: list[str]) -> dict[str, Any]:
+                 reused: list[str], sample_rows: list[str], files: dict[str, str] | None = None) -> dict[str, Any]:
     """report.json's content for a finished build into ``out_dir`` (``model``: the LoadedModel's description). The
     operator table, the scores, export and distillation summaries are read from the files there, so the report
-    describes what is on disk."""
+    describes what is on disk; ``files``: the sha256 of every file the stages wrote (made or verified by this
+    build)."""
     from ldpruner.passes.importance import ImportanceReport
 
     operators = read_json(out_dir / "operators.json", what="operator table")
@@ -71,6 +72,10 @@ def build_report(cfg: Any, model: dict[str, Any], plan: Any, out_dir: Path, timi
         "export": export_summary,
         "timings_s": timings,
         "reused_stages": reused,
+        # the weights every artifact was made for (the model's), and any use with other weights that was allowed
+        "model_weights": plan.model_weights,
+        "other_weights": list(plan.other_weights),
+        "files": {"sha256": dict(sorted((files or {}).items()))},
         "artifacts": {name: str(out_dir / name) for name in
                       (*([COSTS, LATENCY] if latency is not None else []), SCORES, PLAN, STUDENT,
                        *([f"{DISTILL_DIR}/{STUDENT}"] if cfg.distill_steps else []),
@@ -164,7 +169,12 @@ def report_markdown(report: dict[str, Any]) -> str:
         f"- trace validity: {report['trace']['note']}",
         f"- analysis: {report['analysis']['unet_calls']} UNet calls in {report['analysis']['wall_time_s']:.1f} s"
         f"{_placement(report['analysis'])}, conditioning: {report['analysis']['conditioning']}",
-        f"- stage timings (s): {json.dumps(report['timings_s'])}; reused: {report['reused_stages'] or 'none'}",
+        f"- stage timings (s): {json.dumps(report['timings_s'])}; reused: {report['reused_stages'] or 'none'} "
+        f"(a stage is reused only when every file it wrote is on disk unchanged: {len(report['files']['sha256'])} "
+        "files, their sha256 in report.json)",
+        f"- dense weights: `{report.get('model_weights') or 'not recorded'}`",
+        *[f"- **used with other weights** ({o.get('stage')}): made for `{o.get('made_for')}`, used with "
+          f"`{o.get('used_with')}`" for o in report.get("other_weights") or []],
         "",
     ]
     return "\n".join(lines)

@@ -57,6 +57,7 @@ STUDENT = "student"
 LORA = "lora.json"
 DISTILL_DIR = "distill"
 ONNX_DIR = "onnx"
+EXPORT_SUMMARY = "export.json"  # in ONNX_DIR: what was exported, validated and optimized, for which weights
 
 
 def inspect(loaded: LoadedModel, trace: Any) -> Any:
@@ -93,11 +94,11 @@ def analyze(loaded: LoadedModel, graph: Any, config: Any, calib: Any, *, out: st
     path = Path(out) / SCORES if out is not None else None
     if path is not None and path.exists():
         cached = load_cached(path, cache_key(graph, calib, config=config, scheduler=loaded.scheduler))
-        if cached is not None:
+        if cached is not None and cached.model_weights == loaded.weights_id:
             return cached
         check_replaceable(path, overwrite)
     return analyze_importance(graph, calib, config=config, scheduler=loaded.scheduler, progress=progress,
-                              save_to=path)
+                              save_to=path, model_weights=loaded.weights_id)
 
 
 def _timed_graph(loaded: LoadedModel, trace: Any, config: Any, device: Any) -> Any:
@@ -164,11 +165,13 @@ def check_latency(loaded: LoadedModel, student: Any, cost_report: Any, trace: An
 
 
 def select(report: Any, graph: Any, config: Any, *, out: str | os.PathLike | None, overwrite: bool,
-           cost_report: Any = None) -> Any:
+           cost_report: Any = None, model_weights: str | None = None, allow_other_weights: bool = False) -> Any:
     """The :class:`~ldpruner.passes.plan.RemovalPlan` of ``report`` under ``config`` (a SelectionConfig). With
     ``graph`` (the analysed model's operator graph) candidates that would jointly remove shared modules are
     skipped; without it such a plan is refused at prune time instead. ``cost_report`` (a CostReport): the latency
-    costs, needed for ``metric="latency"``; with them every plan records its predicted latency."""
+    costs, needed for ``metric="latency"``; with them every plan records its predicted latency. The plan is for the
+    weights the scores were made for; ``model_weights``, the identity of the model ``graph`` was traced from, must
+    be those unless ``allow_other_weights`` (the plan then records it)."""
     from ldpruner.passes.select import select_removals
 
     report.check_finite()
@@ -184,6 +187,9 @@ def select(report: Any, graph: Any, config: Any, *, out: str | os.PathLike | Non
                            costs=cost_report)
     if graph is not None and graph.outside_graph() is not None:
         plan = dataclasses.replace(plan, outside_graph=graph.outside_graph())
+    plan = dataclasses.replace(plan, model_weights=report.model_weights)
+    if model_weights is not None:
+        plan = plan.for_weights(model_weights, "select", allow=allow_other_weights, what="the scores were")
     if out is not None:
         path = Path(out) / PLAN
         check_replaceable(path, overwrite)
@@ -192,16 +198,19 @@ def select(report: Any, graph: Any, config: Any, *, out: str | os.PathLike | Non
 
 
 def prune(loaded: LoadedModel, plan: Any, trace: Any, config: Any, *, out: str | os.PathLike | None,
-          overwrite: bool, graph: Any = None) -> Any:
+          overwrite: bool, graph: Any = None, allow_other_weights: bool = False) -> Any:
     """``plan`` applied to a copy of the model traced at ``trace`` (a TraceConfig at the plan's granularity), through
     the pass manager (verifier per ``config.verify``); with ``out``, saved as ``out/student/``. ``graph`` reuses an
-    operator graph of that trace."""
+    operator graph of that trace. A plan made for other weights is refused unless ``allow_other_weights``; the
+    student's plan records the weights it was pruned from (and any mismatch that was allowed)."""
     from ldpruner.passes.remove import prune as prune_graph
     from ldpruner.passes.student import save_student, student_config
 
     if type(loaded.unet).__name__ != plan.model_class:
         raise ConfigError(f"the plan was made for a {plan.model_class}, "
                           f"but the model is a {type(loaded.unet).__name__}")
+    plan.check()
+    plan = plan.for_weights(loaded.weights_id, "prune", allow=allow_other_weights, what="the plan was")
     graph = graph if graph is not None else inspect(loaded, trace)
     # the config the student carries is the one its folder holds, so an in-memory student exports like a saved one
     unet_config = student_config(loaded.unet_config, plan.model_class) if loaded.unet_config is not None else None
@@ -215,20 +224,26 @@ def prune(loaded: LoadedModel, plan: Any, trace: Any, config: Any, *, out: str |
 
 def distill(loaded: LoadedModel, student: Any, config: Any, *, out: str | os.PathLike,
             data: str | os.PathLike | None, prompts_file: str | os.PathLike | None, resume: bool, overwrite: bool,
-            progress: bool, device: Any = "auto", consume: bool = False) -> Any:
+            progress: bool, device: Any = "auto", consume: bool = False, allow_other_weights: bool = False) -> Any:
     """Fine-tune ``student`` (a PrunedUNet, trained in place) against the dense ``loaded`` model it was pruned from,
     on the teacher's trajectories or on ``data`` (:func:`ldpruner.calibration.distill_data`). Under torchrun every
     rank calls this and trains on its own shard; rank 0 writes. The frozen teacher shares the loaded weights when
     they are on ``device`` in ``config.teacher_dtype``; otherwise it is a copy placed there in that dtype, or, with
     ``consume`` (the caller needs the dense model no more) and an owned model, the loaded weights moved and cast in
-    place: the dense model is never held twice."""
+    place: the dense model is never held twice. A student pruned from other weights than ``loaded``'s (its plan
+    records them), or a checkpoint trained against another teacher, is refused unless ``allow_other_weights``; the
+    distilled student's plan and distill.json record any mismatch that was allowed."""
     from ldpruner.passes.distill import distill as run_distill
     from ldpruner.passes.remove import count_params
 
     if type(loaded.unet).__name__ != student.plan.model_class:
         raise ConfigError(f"the student was pruned from a {student.plan.model_class}, MODEL is a "
                           f"{type(loaded.unet).__name__}")
+    teacher_weights = loaded.weights_id  # before the teacher is placed (consume may cast the loaded weights)
     pruned = student
+    plan = pruned.plan.for_weights(teacher_weights, "distill", allow=allow_other_weights, what="the student was")
+    if plan is not pruned.plan:
+        pruned = dataclasses.replace(pruned, plan=plan)
     device = devices.resolve_device(device)
     # the teacher is placed now, before it samples the data-free trajectories on the device
     import torch
@@ -251,7 +266,8 @@ def distill(loaded: LoadedModel, student: Any, config: Any, *, out: str | os.Pat
         source = calibration.distill_data(loaded, teacher, config, data=data, prompts_file=prompts_file,
                                           rank=world.rank, world=world.size, progress=progress)
         return run_distill(pruned, teacher, source, config=config, out=out, resume=resume, overwrite=overwrite,
-                           progress=progress, device=device)
+                           progress=progress, device=device, teacher_weights=teacher_weights,
+                           allow_other_weights=allow_other_weights)
     finally:
         distributed.leave(world)
 
@@ -266,7 +282,7 @@ def dense_as_student(loaded: LoadedModel, trace: Any) -> Any:
     traced = loaded.trace(trace)
     params = sum(p.numel() for p in traced.gm.parameters())
     plan = RemovalPlan((), traced.model_class, traced.granularity.value, params, 0,
-                       budget={"note": "dense model: nothing removed"})
+                       budget={"note": "dense model: nothing removed"}, model_weights=loaded.weights_id)
     config = student_config(loaded.unet_config, traced.model_class) if loaded.unet_config is not None else None
     return PrunedUNet(traced=traced, plan=plan, summary={"removed": [], "dense": True}, config=config)
 
@@ -305,7 +321,8 @@ def export_on_cuda(device: Any) -> bool:
 def export(student: Any, config: Any, variants: Any, *, out: str | os.PathLike, overwrite: bool,
            device: Any = "auto") -> dict[str, Any]:
     """``out/onnx/unet.onnx`` from ``student`` (a PrunedUNet, or any object with ``traced`` and ``config``) under
-    ``config`` (an ExportConfig), validated against torch; with ``variants.optimize`` also onnxruntime's optimized
+    ``config`` (an ExportConfig), validated against torch, with ``out/onnx/export.json`` (the summary returned: the
+    validation, the weights the student was pruned from); with ``variants.optimize`` also onnxruntime's optimized
     model (``unet.opt.onnx``) and with ``variants.fp16`` its fp16 conversion (``unet.fp16.onnx``). On a CUDA
     ``device`` with onnxruntime-gpu the numeric checks run on the CUDA execution provider and the optimizer targets
     it (its CUDA-only fusions on)."""
@@ -319,7 +336,11 @@ def export(student: Any, config: Any, variants: Any, *, out: str | os.PathLike, 
     onnx_dir = Path(out) / ONNX_DIR
     result = export_onnx(student.traced, None, None, onnx_dir / "unet.onnx", config=config, unet_config=student.config,
                          overwrite=overwrite)
-    summary: dict[str, Any] = {"export": result.to_dict()}
+    plan = getattr(student, "plan", None)
+    summary: dict[str, Any] = {"export": result.to_dict(),
+                               # the dense weights the exported student was pruned from, and mismatches allowed
+                               "model_weights": getattr(plan, "model_weights", None),
+                               "other_weights": list(getattr(plan, "other_weights", ()))}
     if variants.optimize:
         from ldpruner.passes.onnx.optimize import fusion_sites, fusion_table, optimize_onnx
 
@@ -331,6 +352,9 @@ def export(student: Any, config: Any, variants: Any, *, out: str | os.PathLike, 
             summary[name] = results[name].to_dict()
         pruned_sites, dense_sites = fusion_sites(student.gm), _dense_sites(student)
         summary["fusions"] = {name: fusion_table(results[name], pruned_sites, dense_sites) for name in results}
+    from ldpruner.io import write_json_atomic
+
+    write_json_atomic(onnx_dir / EXPORT_SUMMARY, summary)
     return summary
 
 

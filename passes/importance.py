@@ -127,6 +127,8 @@ class ImportanceReport:
     placement: dict[str, str] = dataclasses.field(default_factory=dict)  # device, dtype, accelerator
     planned_unet_calls: int | None = None  # announced before the scoring started
     peak_memory: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # one entry per rank
+    # the identity of the dense weights analysed (ldpruner.sources.weights_id); None: not recorded
+    model_weights: str | None = None
 
     def __getitem__(self, name: str) -> CandidateScore:
         return self.entries[name]
@@ -150,6 +152,7 @@ class ImportanceReport:
             "format": SCORES_FORMAT,
             "cache_key": self.cache_key,
             "model_class": self.model_class,
+            "model_weights": self.model_weights,
             "granularity": self.granularity,
             "total_params": self.total_params,
             "total_macs_per_sample": self.total_macs,
@@ -198,6 +201,7 @@ class ImportanceReport:
                 placement=dict(data.get("placement") or {}),
                 planned_unet_calls=cost.get("planned_unet_calls"),
                 peak_memory=list(cost.get("peak_memory") or []),
+                model_weights=_identity(data.get("model_weights"), "scores.json's model_weights"),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ArtifactError(f"malformed scores file: {type(exc).__name__}: {exc}") from exc
@@ -223,6 +227,13 @@ class ImportanceReport:
         if path.is_dir():
             path = path / cls.FILENAME
         return cls.from_dict(read_json(path, what="scores file"))
+
+
+def _identity(value: Any, what: str) -> str | None:
+    """A recorded weights identity (``sha256:<hex>``) or None; anything else is a malformed artifact."""
+    if value is None or (isinstance(value, str) and value.startswith("sha256:")):
+        return value
+    raise TypeError(f"{what} must be 'sha256:<hex>' or null, got {value!r}")
 
 
 def _check_finite_scores(entries: list[CandidateScore], where: str) -> None:
@@ -674,12 +685,15 @@ def analyze_importance(
     scheduler: Any | None = None,
     progress: bool = True,
     save_to: str | os.PathLike | None = None,
+    model_weights: str | None = None,
 ) -> ImportanceReport:
     """Score every removable operator of ``operator_graph`` by the latent deviation its removal causes.
 
     ``calib``: see :func:`resolve_conditioning`. ``scheduler``: a diffusers scheduler (copied for every
     generation, never stepped itself); None uses ``diffusers.DDIMScheduler()`` with its default config. The
     report records which. ``save_to``: a file or folder for scores.json, written by rank 0 only.
+    ``model_weights``: the identity of the dense weights (:func:`ldpruner.sources.weights_id`) the report records,
+    so that a plan made from it is never applied to other weights unnoticed.
 
     Under torch.distributed (initialised by the caller, or by this function when WORLD_SIZE > 1) rank r scores
     ``candidates[r::world]`` and every rank returns the full report. Place the model on the rank's device first.
@@ -828,6 +842,7 @@ def analyze_importance(
         peak_memory=peaks,
         world_size=world,
         cache_key=key,
+        model_weights=model_weights,
     )
     if save_to is not None and rank == 0:
         report.save(save_to)

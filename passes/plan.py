@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any
 
-from ldpruner.errors import PlanError
+from ldpruner.errors import PlanError, WeightsMismatchError
 from ldpruner.io import read_json, write_json_atomic
 
-__all__ = ["PlannedRemoval", "RemovalPlan", "PLAN_FORMAT"]
+__all__ = ["PlannedRemoval", "RemovalPlan", "PLAN_FORMAT", "WeightsMismatchError", "short_id"]
 
 PLAN_FORMAT = "ldpruner.plan/1"
 
@@ -47,6 +48,26 @@ class RemovalPlan:
     latency: dict[str, Any] | None = None
     # the model's parameters outside the traced graph (params, modules, why): not in the totals, not in the student
     outside_graph: dict[str, Any] | None = None
+    # the identity of the dense weights the plan is for (ldpruner.sources.weights_id): the scores' model, and once
+    # applied, the model its student was pruned from; None: not recorded (a hand-written plan)
+    model_weights: str | None = None
+    # every use with other weights that was allowed (allow_other_weights / --allow-other-weights), in order:
+    # {"stage", "made_for", "used_with"}
+    other_weights: tuple[dict[str, Any], ...] = ()
+
+    def for_weights(self, weights: str, stage: str, *, allow: bool, what: str) -> RemovalPlan:
+        """This plan used with the dense weights ``weights`` by ``stage``: itself when they are the weights it was
+        made for (or it records none), else a :class:`WeightsMismatchError` — or, with ``allow``, a copy that is
+        for ``weights`` and records the mismatch. ``what`` names the artifact in the message, with its verb ("the plan was")."""
+        if self.model_weights is None or self.model_weights == weights:
+            return self if self.model_weights is not None else dataclasses.replace(self, model_weights=weights)
+        if not allow:
+            raise WeightsMismatchError(
+                f"{what} made for the weights {short_id(self.model_weights)}, the model given has "
+                f"{short_id(weights)}: pass the model it was made for, or --allow-other-weights "
+                "(allow_other_weights=True) to use it anyway (the artifacts record that you did)")
+        record = {"stage": stage, "made_for": self.model_weights, "used_with": weights}
+        return dataclasses.replace(self, model_weights=weights, other_weights=(*self.other_weights, record))
 
     @property
     def names(self) -> list[str]:
@@ -88,6 +109,9 @@ class RemovalPlan:
             data["latency"] = self.latency
         if self.outside_graph is not None:
             data["outside_graph"] = self.outside_graph
+        data["model_weights"] = self.model_weights
+        if self.other_weights:
+            data["other_weights"] = list(self.other_weights)
         return data
 
     @classmethod
@@ -99,6 +123,12 @@ class RemovalPlan:
             )
         try:
             removals = tuple(PlannedRemoval(**r) for r in data["removals"])
+            for r in removals:
+                _check_removal(r)
+            names = [r.name for r in removals]
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            if dupes:
+                raise PlanError(f"plan removes {dupes} more than once; each operator may appear once")
             totals = data["totals"]
             plan = cls(
                 removals=removals,
@@ -109,14 +139,23 @@ class RemovalPlan:
                 budget=dict(data.get("budget", {})),
                 latency=dict(data["latency"]) if data.get("latency") is not None else None,
                 outside_graph=dict(data["outside_graph"]) if data.get("outside_graph") is not None else None,
+                model_weights=_identity(data.get("model_weights")),
+                other_weights=tuple(dict(r) for r in data.get("other_weights") or ()),
             )
-        except (KeyError, TypeError) as exc:
+            _check_totals(plan, totals)
+        except (KeyError, TypeError, ValueError) as exc:
             raise PlanError(f"malformed plan: {type(exc).__name__}: {exc}") from exc
-        names = plan.names
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise PlanError(f"plan removes {dupes} more than once; each operator may appear once")
         return plan
+
+    def check(self) -> None:
+        """PlanError when a removal's numbers are not numbers, or the totals do not add up (:meth:`from_dict`
+        runs it on every plan read)."""
+        try:
+            for r in self.removals:
+                _check_removal(r)
+            _check_totals(self, self.to_dict()["totals"])
+        except (TypeError, ValueError) as exc:
+            raise PlanError(f"malformed plan: {type(exc).__name__}: {exc}") from exc
 
     def save(self, path: str | Path) -> None:
         write_json_atomic(Path(path), self.to_dict())
@@ -124,3 +163,45 @@ class RemovalPlan:
     @classmethod
     def load(cls, path: str | Path) -> RemovalPlan:
         return cls.from_dict(read_json(path, what="plan file", error=PlanError))
+
+
+def short_id(weights: str) -> str:
+    """A weights identity as messages print it: ``sha256:`` and the first 12 hex digits."""
+    return weights[:len("sha256:") + 12]
+
+
+def _identity(value: Any) -> str | None:
+    if value is None or (isinstance(value, str) and value.startswith("sha256:")):
+        return value
+    raise TypeError(f"model_weights must be 'sha256:<hex>' or null, got {value!r}")
+
+
+def _is_number(value: Any, kind: type) -> bool:
+    return isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool) and (
+        kind is not float or math.isfinite(value))
+
+
+def _check_removal(r: PlannedRemoval) -> None:
+    if not isinstance(r.name, str) or not r.name:
+        raise TypeError(f"a removal's name must be an operator name, got {r.name!r}")
+    for field, kind in (("params", int), ("macs", int)):
+        value = getattr(r, field)
+        if not _is_number(value, kind) or value < 0:
+            raise TypeError(f"{r.name}: {field} must be a non-negative integer, got {value!r}")
+    for field in ("score", "latency_ms"):
+        value = getattr(r, field)
+        if value is not None and not (_is_number(value, float) or value == math.inf):
+            raise TypeError(f"{r.name}: {field} must be a number or null, got {value!r}")
+
+
+def _check_totals(plan: RemovalPlan, totals: dict[str, Any]) -> None:
+    """The totals a plan states must be the ones its removals give: an edited total is refused, not trusted."""
+    removed_params, removed_macs = plan.removed_params, plan.removed_macs
+    if removed_params > plan.total_params or removed_macs > plan.total_macs:
+        raise ValueError(f"the removals drop {removed_params:,} params / {removed_macs:,} MACs, more than the "
+                         f"{plan.total_params:,} / {plan.total_macs:,} the plan starts from")
+    for name, stated, actual in (("params_after", totals.get("params_after"), plan.predicted_params),
+                                 ("macs_per_sample_after", totals.get("macs_per_sample_after"), plan.predicted_macs)):
+        if stated is not None and stated != actual:
+            raise ValueError(f"totals.{name} is {stated!r}, but the totals before minus the removals give "
+                             f"{actual:,}: the plan was edited; fix the totals or select again")

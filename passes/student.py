@@ -79,7 +79,9 @@ def save_student(
         (tmp / CONFIG_NAME).write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")
         pruned.plan.save(tmp / PLAN_NAME)
         (tmp / TRACE_NAME).write_text(json.dumps(trace, indent=2) + "\n")
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", _ALIASES_KEY: json.dumps(aliases)})
+        # safetensors writes metadata keys in a per-process hash order: with one key the file is byte-stable
+        metadata = {"format": "pt", **({_ALIASES_KEY: json.dumps(aliases)} if aliases else {})}
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=metadata)
     return path
 
 
@@ -111,12 +113,15 @@ def load_student(
     state = read_safetensors(path / WEIGHTS_NAME)  # read before the expensive rebuild: a bad file fails fast
 
     try:
-        dtype = getattr(torch, trace["param_dtype"])
+        dtype = _dtype(trace["param_dtype"])
         example_inputs = _example_inputs(trace["example_inputs"])
         input_names = list(trace["input_names"])
+        unknown = [n for n in input_names if n not in example_inputs]
+        if unknown:
+            raise KeyError(f"input_names {unknown} have no example_inputs entry")
         granularity = trace["granularity"]
         model_class = trace["model_class"]
-    except (KeyError, AttributeError, TypeError) as exc:
+    except (KeyError, AttributeError, TypeError, ValueError) as exc:
         raise ArtifactError(f"{str(path / TRACE_NAME)!r} is malformed: {type(exc).__name__}: {exc}") from exc
     if model is None:
         model = _model_from_config(config, model_class)
@@ -132,12 +137,19 @@ def load_student(
     # a student saved after .to(float16) recorded float32 examples: the trace takes them in the weights' dtype
     inputs = {n: _like_weights(example_inputs[n], dtype) for n in input_names}
     inputs.update(_residual_examples(model, inputs, controlnet=controlnet, adapter=adapter))
-    traced = trace_unet(model, inputs, granularity=granularity, copy_model=False,
-                        extra_leaf_types=tuple(extra_leaf_types))
-    operator_graph = build_operator_graph(traced, extra_operator_types=extra_operator_types)
-    # the plan was verified when the student was made; replaying it keeps the rewrite's own checks (exact parameter
-    # count, a run on the example inputs) and leaves out the verifier's extra run
-    result = apply_plan(traced.gm, plan, operator_graph, verify=False, allow_empty=not plan.removals)
+    try:
+        traced = trace_unet(model, inputs, granularity=granularity, copy_model=False,
+                            extra_leaf_types=tuple(extra_leaf_types))
+        operator_graph = build_operator_graph(traced, extra_operator_types=extra_operator_types)
+        # the plan was verified when the student was made; replaying it keeps the rewrite's own checks (exact
+        # parameter count, a run on the example inputs) and leaves out the verifier's extra run
+        result = apply_plan(traced.gm, plan, operator_graph, verify=False, allow_empty=not plan.removals)
+    except (RuntimeError, ValueError, TypeError, IndexError, KeyError) as exc:  # not ldpruner's own: an edited file
+        if isinstance(exc, LdprunerError):
+            raise
+        raise ArtifactError(f"the student in {str(path)!r} cannot be rebuilt from its files ({type(exc).__name__}: "
+                            f"{' '.join(str(exc).split())[:200]}): {TRACE_NAME}, {PLAN_NAME} and {CONFIG_NAME} do "
+                            "not fit together (edited?); prune again to remake it") from exc
     _load_state(result.gm, state, path / WEIGHTS_NAME)
     return PrunedUNet(traced=traced, plan=plan, summary=result.summary[RemoveOperators.__name__],
                       config=None if config.get("_ldpruner_not_diffusers") else config)
@@ -240,12 +252,23 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def _dtype(name: Any) -> torch.dtype:
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"{name!r} is not a torch dtype")
+    return dtype
+
+
 def _example_inputs(spec: Mapping[str, Mapping[str, Any]]) -> dict[str, torch.Tensor]:
     """Seeded inputs with the recorded shapes: the trace depends on shapes and dtypes, not on values."""
     gen = torch.Generator().manual_seed(0)
     inputs = {}
     for name, s in spec.items():
-        dtype = getattr(torch, s["dtype"])
+        shape = s["shape"]
+        if not (isinstance(shape, list) and len(shape) <= 8 and all(
+                isinstance(d, int) and not isinstance(d, bool) and 0 < d <= 1 << 16 for d in shape)):
+            raise ValueError(f"example input {name!r} has shape {shape!r}; a shape is a list of positive sizes")
+        dtype = _dtype(s["dtype"])
         if dtype.is_floating_point:
             inputs[name] = torch.randn(tuple(s["shape"]), generator=gen).to(dtype)
         else:

@@ -209,7 +209,13 @@ def create_session(
         options.intra_op_num_threads = threads
     chosen: list[Any] = [(p, {"use_tf32": "0"}) if exact_fp32 and p == "CUDAExecutionProvider" else p
                          for p in providers]
-    session = ort.InferenceSession(str(path), sess_options=options, providers=chosen)
+    try:
+        session = ort.InferenceSession(str(path), sess_options=options, providers=chosen)
+    except Exception as exc:  # onnxruntime's own error types (Fail, InvalidProtobuf, NoSuchFile …) for a bad file
+        first = (str(exc).strip().splitlines() or [""])[0]
+        first = first if len(first) <= 300 else first[:300] + " …"
+        raise ArtifactError(f"onnxruntime cannot load {str(path)!r} ({type(exc).__name__}: {first}); the file (or "
+                            "its .data file beside it) is damaged or incomplete: export it again") from exc
     wrapped = OrtSession(session, path)
     if explicit and wrapped.provider != providers[0]:
         raise ConfigError(

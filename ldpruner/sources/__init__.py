@@ -16,7 +16,7 @@ from torch import nn
 from ldpruner.errors import ModelLoadError
 from ldpruner.io import json_safe, read_json
 
-__all__ = ["RANDOM_PREFIX", "UNET_CLASSES", "ZOO_PREFIX", "LoadedModel", "load"]
+__all__ = ["RANDOM_PREFIX", "UNET_CLASSES", "ZOO_PREFIX", "LoadedModel", "load", "weights_id"]
 
 UNET_CLASSES = ("UNet2DConditionModel", "UNet2DModel")
 RANDOM_PREFIX = "random:"
@@ -40,6 +40,15 @@ class LoadedModel:
     # a copy (the graph then shares its modules; rewrites always work on copies) or used as a frozen teacher
     owned: bool = True
     _description: dict[str, Any] | None = dataclasses.field(default=None, init=False, repr=False)
+    _weights_id: str | None = dataclasses.field(default=None, init=False, repr=False)
+
+    @property
+    def weights_id(self) -> str:
+        """The identity of the loaded UNet's weights (:func:`weights_id`), computed once: every artifact made for
+        this model records it, and a stage given an artifact made for other weights refuses it."""
+        if self._weights_id is None:
+            self._weights_id = weights_id(self.unet)
+        return self._weights_id
 
     @property
     def zoo_name(self) -> str | None:
@@ -107,6 +116,7 @@ class LoadedModel:
         """Let the UNet go (a build, once no stage needs the dense model any more); using it afterwards is an error,
         its description stays."""
         self._description = self.describe()
+        _ = self.weights_id  # the identity stays known: the report and the export record it
         self.unet = None  # type: ignore[assignment]
 
     def describe(self) -> dict[str, Any]:
@@ -120,7 +130,17 @@ class LoadedModel:
             "scheduler": type(self.scheduler).__name__ if self.scheduler is not None else None,
             "random_weights": self.random_weights,
             "text_encoder": str(self.text_encoder_config) if self.text_encoder_config else None,
+            "weights": self.weights_id,
         }
+
+
+def weights_id(module: nn.Module) -> str:
+    """``sha256:<hex>`` over ``module``'s state_dict (every tensor's name, dtype, shape and bytes): the same weights
+    loaded from the same files give the same identity; other weights of the same architecture, or the same weights
+    cast to another dtype, another."""
+    from ldpruner.passes.importance import weights_fingerprint
+
+    return "sha256:" + weights_fingerprint(module)
 
 
 def load(model: str | os.PathLike | nn.Module | LoadedModel) -> LoadedModel:
@@ -176,11 +196,35 @@ def _load_unet(folder: Path) -> nn.Module:
         raise ModelLoadError(f"no .safetensors weights in {str(folder)!r}{hint}")
     cls = getattr(diffusers, class_name)
     try:
-        unet = cls.from_pretrained(folder, use_safetensors=True, local_files_only=True)
+        unet, info = cls.from_pretrained(folder, use_safetensors=True, local_files_only=True,
+                                         output_loading_info=True)
     except Exception as exc:  # diffusers raises many kinds for a corrupt file; one typed error for the user
-        raise ModelLoadError(f"cannot load {class_name} weights from {str(folder)!r}: "
-                             f"{type(exc).__name__}: {exc}") from exc
+        raise ModelLoadError(f"cannot load {class_name} weights from {str(folder)!r}: {_load_failure(exc)}") from exc
+    # diffusers initialises weights the file lacks (randomly, or not at all: on the meta device) with a warning only
+    for kind, what in (("missing_keys", "config.json asks for weights the files lack"),
+                       ("unexpected_keys", "the files hold weights config.json has no place for")):
+        names = sorted(info.get(kind) or [])
+        if names:
+            raise ModelLoadError(f"cannot load {class_name} weights from {str(folder)!r}: {what} ({len(names)}, e.g. "
+                                 f"{names[0]}); config.json does not describe these weights (edited, or from another "
+                                 "model): restore the config.json saved with them")
     return unet.eval()
+
+
+def _load_failure(exc: Exception) -> str:
+    """What went wrong loading weights, in a line: a shape mismatch says which tensor and that config.json does not
+    describe the weights (diffusers' advice, to re-initialise the mismatched weights, is not what a pruner wants)."""
+    import re
+
+    text = " ".join(str(exc).split())
+    mismatch = re.search(r"because (\S+) expected shape torch\.Size\((\[[^\]]*\])\), but got torch\.Size\("
+                         r"(\[[^\]]*\])\)", text)
+    if mismatch:
+        name, expected, got = mismatch.groups()
+        return (f"{name} is {got} in the weights but config.json makes it {expected}; config.json does not describe "
+                "these weights (edited, or from another model): restore the config.json saved with them")
+    text = text.split(" If you want to instead overwrite", 1)[0]
+    return f"{type(exc).__name__}: {text if len(text) <= 300 else text[:300] + ' …'}"
 
 
 def _load_scheduler(pipeline_dir: Path) -> Any | None:

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from ldpruner import devices, distributed
 from ldpruner.compiler.taps import FeatureTaps, match_taps, tapped
 from ldpruner.compiler.tracer import TracedUNet
-from ldpruner.errors import ArtifactError, ConfigError, DistillError
+from ldpruner.errors import ArtifactError, ConfigError, DistillError, WeightsMismatchError
 from ldpruner.io import atomic_dir, atomic_path, read_json, write_text_atomic
 
 from ..config import DistillConfig
@@ -161,7 +161,9 @@ def _save_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
 
 
 def _plan_fingerprint(student: PrunedUNet) -> str:
-    return hashlib.sha256(json.dumps(student.plan.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+    """The removals and totals of the student's plan (the weights it records are checked on their own)."""
+    plan = {k: v for k, v in student.plan.to_dict().items() if k not in ("model_weights", "other_weights")}
+    return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class _Trainer:
@@ -195,6 +197,9 @@ class _Trainer:
         self.step = 0
         self.log: list[dict[str, float]] = []
         self.w_task = config.w_task
+        self.teacher_weights: str | None = None  # the teacher's identity (ldpruner.sources.weights_id), if known
+        self.allow_other_weights = False
+        self.resumed_with_other_teacher: dict[str, Any] | None = None
         self._checked_at = 0  # the first step of this run checks that every tap compares like with like
 
     # --- one step ------------------------------------------------------------------------------------------------
@@ -287,6 +292,7 @@ class _Trainer:
             "config": self.config.to_dict(),
             "world_size": self.world,
             "plan": _plan_fingerprint(self.student),
+            "teacher_weights": self.teacher_weights,
             "taps": self.taps.to_dict(),
             "param_names": list(self.params),
             "optimizer_param_groups": opt["param_groups"],
@@ -316,6 +322,11 @@ class _Trainer:
         state = read_json(path / "state.json", what="checkpoint state", error=DistillError)
         if state.get("format") != CHECKPOINT_FORMAT:
             raise DistillError(f"{str(path)!r} is not a distillation checkpoint (format {state.get('format')!r})")
+        missing = [k for k in ("step", "config", "world_size", "plan", "param_names", "optimizer_param_groups",
+                               "lr_scheduler", "log") if k not in state]
+        if missing:
+            raise DistillError(f"checkpoint {str(path / 'state.json')!r} lacks {missing}: it is damaged; delete "
+                               f"{str(path)!r} to resume from an earlier checkpoint, or start over with --overwrite")
         saved = dict(state["config"])
         now = self.config.to_dict()
         # options a checkpoint predates had their defaults then
@@ -330,6 +341,18 @@ class _Trainer:
                                f"run has {self.world} (each rank's data shard depends on the world size)")
         if state["plan"] != _plan_fingerprint(self.student) or state["param_names"] != list(self.params):
             raise DistillError(f"cannot resume from {str(path)!r}: it was written for another student (plan differs)")
+        before = state.get("teacher_weights")
+        if before is not None and self.teacher_weights is not None and before != self.teacher_weights:
+            from ldpruner.passes.plan import short_id
+
+            if not self.allow_other_weights:
+                raise WeightsMismatchError(
+                    f"cannot resume from {str(path)!r}: it was trained against the teacher weights "
+                    f"{short_id(before)}, MODEL has {short_id(self.teacher_weights)}; pass the teacher it was "
+                    "trained against, --allow-other-weights (allow_other_weights=True) to go on with this one "
+                    "(distill.json records it), or --overwrite to start over")
+            self.resumed_with_other_teacher = {"stage": "distill --resume", "made_for": before,
+                                               "used_with": self.teacher_weights, "at_step": state["step"]}
         if state["step"] > self.config.steps:
             raise DistillError(f"checkpoint {str(path)!r} is at step {state['step']}, past steps={self.config.steps}")
         weights = read_safetensors(path / "student.safetensors")
@@ -421,6 +444,8 @@ def distill(
     progress: bool = True,
     device: str | torch.device | None = None,
     callback: Callable[[dict[str, float]], None] | None = None,
+    teacher_weights: str | None = None,
+    allow_other_weights: bool = False,
 ) -> DistillResult:
     """Fine-tune ``student`` (in place) against ``teacher`` on ``data``; write ``out/student/``, ``loss.csv``,
     ``loss.json``, ``loss.png``, ``distill.json`` and ``out/checkpoints/``.
@@ -428,7 +453,9 @@ def distill(
     ``teacher`` is the dense model traced at the student's granularity (it is frozen, never changed).
     ``resume`` continues from the newest checkpoint in ``out`` (or starts fresh when there is none). ``callback``
     gets each step's log row (an exception it raises stops the run, as a kill would). Under torchrun every rank
-    calls this; rank 0 alone writes."""
+    calls this; rank 0 alone writes. ``teacher_weights``: the teacher's identity (:func:`ldpruner.sources.weights_id`),
+    recorded in checkpoints and distill.json; resuming a checkpoint trained against another teacher is refused
+    unless ``allow_other_weights``."""
     config = config if config is not None else DistillConfig()
     if not isinstance(config, DistillConfig):
         raise ConfigError(f"config must be a DistillConfig, got {type(config).__name__}")
@@ -451,6 +478,7 @@ def distill(
             latest_checkpoint(out) if resume else None)
         taps = match_taps(teacher.gm, student.gm)
         trainer = _Trainer(student, teacher, data, config, taps, rank, world, device)
+        trainer.teacher_weights, trainer.allow_other_weights = teacher_weights, allow_other_weights
         resumed_from = None
         if checkpoint is not None:
             trainer.load_checkpoint(checkpoint)
@@ -471,6 +499,9 @@ def distill(
                 callback(row)
         bar.close()
         elapsed = time.perf_counter() - started
+        if trainer.resumed_with_other_teacher is not None:  # the distilled student's plan records it
+            student = trainer.student = dataclasses.replace(student, plan=dataclasses.replace(
+                student.plan, other_weights=(*student.plan.other_weights, trainer.resumed_with_other_teacher)))
         student.gm.eval()
         student.gm.to(home)  # back where it came from: beside its example inputs, ready to export or sample
         if trainer.ema is not None:
@@ -514,6 +545,8 @@ def _summary(trainer: _Trainer, data: DistillData, resumed_from: int | None, ela
         "peak_memory": devices.peak_memory(device),
         "data": data.describe(),
         "feature_taps": trainer.taps.to_dict(),
+        "teacher_weights": trainer.teacher_weights,
+        "other_weights": list(trainer.student.plan.other_weights),
         "student_params": sum(p.numel() for p in trainer.params.values()),
         "teacher_params": sum(p.numel() for p in trainer.teacher.parameters()),
         "ema": trainer.ema is not None,

@@ -229,3 +229,250 @@ def test_a_lock_naming_this_very_process_is_stale(unet_dir, tmp_path, capsys):
     (out / ".ldpruner-build.lock").write_text(f"{os.getpid()} {socket.gethostname()}\n")  # pids reused after a restart
     assert run(capsys, "build", unet_dir, "--out", out, *FAST, "--distill-steps", "0", "--overwrite")[0] == 0
     assert not (out / ".ldpruner-build.lock").exists()
+
+
+# --- class 2: reuse verifies what it reuses ----------------------------------------------------------------------
+
+def _digest(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_damaged_artifact_is_never_reused_and_the_report_names_the_files_on_disk(unet_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(capsys, "build", unet_dir, "--out", out, *FAST, "--distill-steps", "0")[0] == 0
+    onnx = out / "onnx" / "unet.onnx"
+    onnx.write_bytes(onnx.read_bytes()[: onnx.stat().st_size // 2])  # truncated, as by a full disk
+    code, err = run(capsys, "build", unet_dir, "--out", out, *FAST, "--distill-steps", "0")
+    assert (code, err) == (1, f"error: ArtifactError: {str(onnx)!r} changed since the build that wrote ('onnx',) "
+                              "(export); ldpruner reuses only what it wrote, byte for byte: restore it, or pass "
+                              "--overwrite to make the stage again")
+    assert run(capsys, "build", unet_dir, "--out", out, *FAST, "--distill-steps", "0", "--overwrite")[0] == 0
+    report = json.loads((out / "report.json").read_text())
+    assert "export" not in report["reused_stages"] and report["export"]["export"]["validation"]["passed"]
+    files = report["files"]["sha256"]
+    assert files["onnx/unet.onnx"] == _digest(onnx) and files["plan.json"] == _digest(out / "plan.json")
+    assert files["student/diffusion_pytorch_model.safetensors"] == _digest(
+        out / "student" / "diffusion_pytorch_model.safetensors")
+    # a file added into a folder a stage wrote is not the build's either
+    (out / "student" / "notes.txt").write_text("mine")
+    code, err = run(capsys, "build", unet_dir, "--out", out, *FAST, "--distill-steps", "0")
+    assert code == 1 and err.startswith(f"error: ArtifactError: {str(out / 'student' / 'notes.txt')!r} was added "
+                                        "since the build that wrote ('student',) (prune)")
+    assert (out / "student" / "notes.txt").read_text() == "mine"
+
+
+def test_a_deleted_file_is_made_again_and_an_intact_build_is_reused_whole(unet_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(capsys, "build", unet_dir, "--out", out, *FAST, "--distill-steps", "2")[0] == 0
+    weights = out / "student" / "diffusion_pytorch_model.safetensors"
+    before = _digest(weights)
+    weights.unlink()
+    assert run(capsys, "build", unet_dir, "--out", out, *FAST, "--distill-steps", "2")[0] == 0
+    report = json.loads((out / "report.json").read_text())
+    assert "prune" not in report["reused_stages"] and _digest(weights) == before  # the same student, made again
+    assert run(capsys, "build", unet_dir, "--out", out, *FAST, "--distill-steps", "2")[0] == 0
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["reused_stages"]) == {"analyze", "select", "prune", "distill", "export"}
+
+
+def test_scores_written_just_before_a_kill_are_reused(unet_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(capsys, "build", unet_dir, "--out", out, *FAST, "--distill-steps", "0")[0] == 0
+    state = json.loads((out / ".ldpruner-build.json").read_text())
+    state["analyze"] = "pending:" + state["analyze"]  # killed after scores.json was written, before the state was
+    (out / ".ldpruner-build.json").write_text(json.dumps(state))
+    scores = (out / "scores.json").read_bytes()
+    mtime = (out / "scores.json").stat().st_mtime_ns
+    assert run(capsys, "build", unet_dir, "--out", out, *FAST, "--distill-steps", "0")[0] == 0
+    assert (out / "scores.json").read_bytes() == scores and (out / "scores.json").stat().st_mtime_ns == mtime
+
+
+# --- class 4: every artifact knows the weights it was made for ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def other_dir(tmp_path_factory) -> Path:
+    """The same architecture as unet_dir, other weights (a fine-tune, as far as ldpruner can tell)."""
+    path = tmp_path_factory.mktemp("other") / "unet"
+    make_tiny_sd_unet(seed=1).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def scored(unet_dir, tmp_path_factory) -> Path:
+    """scores.json and plan.json made for unet_dir."""
+    out = tmp_path_factory.mktemp("scored")
+    assert main([str(a) for a in ("analyze", unet_dir, "--out", out, *FAST)]) == 0
+    assert main([str(a) for a in ("select", out / "scores.json", "--model", unet_dir, "--budget", "0.2",
+                                  "--out", out)]) == 0
+    return out
+
+
+def _weights(path: Path) -> str:
+    from ldpruner.sources import load
+
+    return load(path).weights_id
+
+
+def test_a_plan_for_other_weights_is_refused_unless_allowed_and_then_recorded(unet_dir, other_dir, scored, tmp_path,
+                                                                              capsys):
+    from ldpruner.passes.plan import short_id
+
+    plan = json.loads((scored / "plan.json").read_text())
+    mine, theirs = _weights(unet_dir), _weights(other_dir)
+    assert plan["model_weights"] == mine != theirs
+    assert json.loads((scored / "scores.json").read_text())["model_weights"] == mine
+    code, err = run(capsys, "prune", other_dir, "--plan", scored / "plan.json", "--out", tmp_path / "p")
+    assert (code, err) == (1, f"error: WeightsMismatchError: the plan was made for the weights {short_id(mine)}, the "
+                              f"model given has {short_id(theirs)}: pass the model it was made for, or "
+                              "--allow-other-weights (allow_other_weights=True) to use it anyway (the artifacts record "
+                              "that you did)")
+    assert not (tmp_path / "p").exists()
+    code, err = run(capsys, "select", scored / "scores.json", "--model", other_dir, "--budget", "0.2", "--out",
+                    tmp_path / "s")
+    assert code == 1 and err.startswith(f"error: WeightsMismatchError: the scores were made for the weights "
+                                        f"{short_id(mine)}, the model given has {short_id(theirs)}")
+    assert run(capsys, "prune", other_dir, "--plan", scored / "plan.json", "--out", tmp_path / "p",
+               "--allow-other-weights")[0] == 0
+    student_plan = json.loads((tmp_path / "p" / "student" / "plan.json").read_text())
+    assert student_plan["model_weights"] == theirs
+    assert student_plan["other_weights"] == [{"stage": "prune", "made_for": mine, "used_with": theirs}]
+    # the student was pruned from other_dir: distilling it against unet_dir is the mismatch now
+    code, err = run(capsys, "distill", unet_dir, tmp_path / "p" / "student", "--out", tmp_path / "d", "--steps", "1",
+                    "--batch-size", "2", "--trajectories", "2", "--trajectory-steps", "1")
+    assert code == 1 and err.startswith(f"error: WeightsMismatchError: the student was made for the weights "
+                                        f"{short_id(theirs)}, the model given has {short_id(mine)}")
+    # an export records the weights the student was pruned from, and the mismatch
+    assert run(capsys, "export", tmp_path / "p" / "student", "--out", tmp_path / "e")[0] == 0
+    exported = json.loads((tmp_path / "e" / "onnx" / "export.json").read_text())
+    assert exported["model_weights"] == theirs and exported["other_weights"] == student_plan["other_weights"]
+
+
+def test_distill_resume_with_another_teacher_is_refused(unet_dir, other_dir, scored, tmp_path, capsys):
+    from ldpruner.passes.plan import short_id
+
+    assert run(capsys, "prune", unet_dir, "--plan", scored / "plan.json", "--out", tmp_path / "p")[0] == 0
+    student = tmp_path / "p" / "student"
+    common = ["--out", tmp_path / "d", "--batch-size", "2", "--trajectories", "2", "--trajectory-steps", "1",
+              "--checkpoint-every", "1"]
+    assert run(capsys, "distill", unet_dir, student, "--steps", "1", *common)[0] == 0
+    checkpoint = json.loads(next((tmp_path / "d" / "checkpoints").glob("step-*/state.json")).read_text())
+    assert checkpoint["teacher_weights"] == _weights(unet_dir)
+    # the student is the same; the teacher the checkpoint trained against is not
+    code, err = run(capsys, "distill", other_dir, student, "--steps", "2", "--resume", "--allow-other-weights",
+                    *common)
+    assert code == 0
+    summary = json.loads((tmp_path / "d" / "distill.json").read_text())
+    assert summary["teacher_weights"] == _weights(other_dir)
+    assert [o["stage"] for o in summary["other_weights"]] == ["distill", "distill --resume"]
+    code, err = run(capsys, "distill", unet_dir, student, "--steps", "3", "--resume", *common)
+    step = next((tmp_path / "d" / "checkpoints").glob("step-00000002"))
+    assert (code, err) == (1, f"error: WeightsMismatchError: cannot resume from {str(step)!r}: it was trained against "
+                              f"the teacher weights {short_id(_weights(other_dir))}, MODEL has "
+                              f"{short_id(_weights(unet_dir))}; pass the teacher it was trained against, "
+                              "--allow-other-weights (allow_other_weights=True) to go on with this one (distill.json "
+                              "records it), or --overwrite to start over")
+
+
+def test_edited_plan_totals_and_text_for_numbers_are_refused(unet_dir, scored, tmp_path, capsys):
+    plan = json.loads((scored / "plan.json").read_text())
+    edited = dict(plan, totals=dict(plan["totals"], params_after=plan["totals"]["params_after"] - 1000))
+    (tmp_path / "totals.json").write_text(json.dumps(edited))
+    code, err = run(capsys, "prune", unet_dir, "--plan", tmp_path / "totals.json", "--out", tmp_path / "p")
+    assert (code, err) == (1, f"error: PlanError: malformed plan: ValueError: totals.params_after is "
+                              f"{plan['totals']['params_after'] - 1000}, but the totals before minus the removals give "
+                              f"{plan['totals']['params_after']:,}: the plan was edited; fix the totals or select "
+                              "again")
+    text = dict(plan, removals=[dict(plan["removals"][0], params="many"), *plan["removals"][1:]])
+    (tmp_path / "text.json").write_text(json.dumps(text))
+    code, err = run(capsys, "prune", unet_dir, "--plan", tmp_path / "text.json", "--out", tmp_path / "p")
+    assert (code, err) == (1, f"error: PlanError: malformed plan: TypeError: {plan['removals'][0]['name']}: params "
+                              "must be a non-negative integer, got 'many'")
+    assert not (tmp_path / "p").exists()
+
+
+# --- classes 5 and 7: the rest of the one-line errors ------------------------------------------------------------
+
+def test_a_truncated_onnx_model_is_a_typed_error(unet_dir, tmp_path, capsys):
+    from ldpruner.errors import ArtifactError
+    from ldpruner.runtime.unet import ORTUNet
+
+    assert run(capsys, "export", unet_dir, "--out", tmp_path)[0] == 0
+    onnx = tmp_path / "onnx" / "unet.onnx"
+    onnx.write_bytes(onnx.read_bytes()[:1000])
+    with pytest.raises(ArtifactError, match=r"^onnxruntime cannot load '.*unet\.onnx' \(.*\); the file \(or its "
+                                            r"\.data file beside it\) is damaged or incomplete: export it again$"):
+        ORTUNet.from_pretrained(tmp_path / "onnx")
+
+
+def test_an_edited_student_trace_is_a_typed_error(unet_dir, scored, tmp_path, capsys):
+    assert run(capsys, "prune", unet_dir, "--plan", scored / "plan.json", "--out", tmp_path)[0] == 0
+    trace_path = tmp_path / "student" / "trace.json"
+    trace = json.loads(trace_path.read_text())
+    trace["input_names"].append("mask")
+    trace_path.write_text(json.dumps(trace))
+    code, err = run(capsys, "export", tmp_path / "student", "--out", tmp_path / "e")
+    assert (code, err) == (1, f"error: ArtifactError: {str(trace_path)!r} is malformed: KeyError: \"input_names "
+                              "['mask'] have no example_inputs entry\"")
+    trace["input_names"].pop()
+    trace["example_inputs"]["sample"]["shape"] = [2, 4, -8, 8]
+    trace_path.write_text(json.dumps(trace))
+    code, err = run(capsys, "export", tmp_path / "student", "--out", tmp_path / "e")
+    assert (code, err) == (1, f"error: ArtifactError: {str(trace_path)!r} is malformed: ValueError: example input "
+                              "'sample' has shape [2, 4, -8, 8]; a shape is a list of positive sizes")
+
+
+def test_a_checkpoint_state_missing_a_key_is_a_typed_error(unet_dir, scored, tmp_path, capsys):
+    assert run(capsys, "prune", unet_dir, "--plan", scored / "plan.json", "--out", tmp_path / "p")[0] == 0
+    common = [unet_dir, tmp_path / "p" / "student", "--out", tmp_path / "d", "--batch-size", "2", "--trajectories",
+              "2", "--trajectory-steps", "1"]
+    assert run(capsys, "distill", *common, "--steps", "1")[0] == 0
+    state_path = next((tmp_path / "d" / "checkpoints").glob("step-*/state.json"))
+    state = json.loads(state_path.read_text())
+    del state["world_size"]
+    state_path.write_text(json.dumps(state))
+    code, err = run(capsys, "distill", *common, "--steps", "2", "--resume")
+    assert (code, err) == (1, f"error: DistillError: checkpoint {str(state_path)!r} lacks ['world_size']: it is "
+                              f"damaged; delete {str(state_path.parent)!r} to resume from an earlier checkpoint, or "
+                              "start over with --overwrite")
+
+
+@pytest.mark.parametrize("edit", ["wider", "deeper"])
+def test_weights_that_config_json_does_not_describe_are_one_short_line(edit, tmp_path, capsys):
+    folder = tmp_path / "unet"
+    make_tiny_sd_unet().save_pretrained(folder, safe_serialization=True)
+    config = json.loads((folder / "config.json").read_text())
+    if edit == "wider":
+        config["cross_attention_dim"] = 64
+    else:
+        config["layers_per_block"] = [3, 1]
+    (folder / "config.json").write_text(json.dumps(config))
+    code, err = run(capsys, "inspect", folder)
+    expected = {
+        "wider": "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight is [32, 32] in the weights but "
+                 "config.json makes it [32, 64]",
+        "deeper": "config.json asks for weights the files lack (148, e.g. down_blocks.0.attentions.1.norm.bias)"}[edit]
+    assert (code, err) == (1, f"error: ModelLoadError: cannot load UNet2DConditionModel weights from {str(folder)!r}: "
+                              f"{expected}; config.json does not describe these weights (edited, or from another "
+                              "model): restore the config.json saved with them")
+
+
+def test_a_lock_whose_pid_now_names_another_process_is_stale(unet_dir, tmp_path, capsys):
+    import os
+    import socket
+
+    out = tmp_path / "run"
+    out.mkdir()
+    # pid 1 is alive, but it started long before the build that wrote this lock (the pid was reused)
+    (out / ".ldpruner-build.lock").write_text(f"1 {socket.gethostname()} 1\n")
+    if not os.path.exists("/proc/1/stat"):
+        pytest.skip("process start times come from /proc")
+    assert run(capsys, "build", unet_dir, "--out", out, *FAST, "--distill-steps", "0", "--overwrite")[0] == 0
+    # a live build's lock (this process, with its own start time, seen from another build) is still honoured
+    from ldpruner.build import _started
+
+    (out / ".ldpruner-build.lock").write_text(f"{os.getppid()} {socket.gethostname()} {_started(os.getppid())}\n")
+    code, err = run(capsys, "build", unet_dir, "--out", out, *FAST, "--distill-steps", "0")
+    assert code == 1 and err.startswith(f"error: ArtifactError: another build (pid {os.getppid()} on ")
+    (out / ".ldpruner-build.lock").unlink()
