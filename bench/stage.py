@@ -177,6 +177,7 @@ def _bench_model(spec: str, model: Any, config: BenchConfig, out: Path, threads:
     record: dict[str, Any] = {
         "model": spec, "class": type(loaded.unet).__name__,
         "random_weights": bool(loaded.describe().get("random_weights")),
+        "model_weights": loaded.weights_id,  # the dense weights every number of this record was measured on
         "latent_shape": latent, "analysis": {"unet_calls": scores.unet_calls, "wall_time_s": scores.wall_time_s,
                                              "num_samples": config.num_samples, "steps": config.steps},
         "dense": {"params": dense_params, "macs_per_sample": graph.total_macs,

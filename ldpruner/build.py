@@ -4,11 +4,12 @@ Each :class:`Stage` names its artifact (a path in the build folder), the stage w
 its result depends on, and how to run it. A stage's key hashes its inputs with the key of the stage it reads (the
 analysis, which reads none, is keyed by the importance pass's own cache key), so a changed option invalidates
 exactly the stages downstream of it; a stage whose artifact exists with the key it had
-in the last build into the same folder, and whose files are all there unchanged, is reused (``.ldpruner-build.json``
-keeps the keys and the sha256 of every file each stage wrote); one whose artifact would change, or whose files were
-changed by someone else, is replaced only with ``overwrite``, and one whose files were deleted is made again. Under torchrun the stages marked ``all_ranks`` run on every rank
-(the analysis scores its share of the candidates, distillation trains on its shard of the data); rank 0 alone runs
-the others and writes the report.
+in the last build into the same folder, and whose files are all there unchanged, is reused
+(``.ldpruner-build.json`` keeps the keys and the sha256 of every file each stage wrote); one whose artifact would
+change, or whose files were changed by someone else, is replaced only with ``overwrite``, and one whose files were
+deleted (or whose input files were made again) is made again. Under torchrun the stages marked ``all_ranks`` run on
+every rank (the analysis scores its share of the candidates, distillation trains on its shard of the data), as rank 0
+decides; rank 0 alone runs the others and writes the report.
 """
 
 from __future__ import annotations
@@ -270,9 +271,15 @@ def _read_state(out: Path) -> dict[str, str]:
     """The keys of the last build's stages (none when there was no build or the file is unreadable: every stage
     then runs again, and guards its outputs)."""
     try:
-        return read_json(out / STATE_FILE, what="build state")
+        state = read_json(out / STATE_FILE, what="build state")
     except ArtifactError:
         return {}
+    if not isinstance(state, dict):
+        return {}
+    for record in (FILES, MADE_FROM):  # an edited record: the files are unverifiable, so not reused
+        if not isinstance(state.get(record, {}), dict):
+            state.pop(record)
+    return state
 
 
 def run_build(cfg: BuildConfig, *, progress: bool = True) -> dict[str, Any]:
@@ -452,6 +459,7 @@ def _run_stages(build: Build) -> None:
 
 
 FILES = "files"  # the state's record of each finished stage's outputs: {stage: {path: sha256}}
+MADE_FROM = "made_from"  # {stage: hash of the recorded files of the stage it read when it ran}
 
 
 def _digests(out: Path, paths: tuple[str, ...]) -> dict[str, str]:
@@ -466,63 +474,98 @@ def _digests(out: Path, paths: tuple[str, ...]) -> dict[str, str]:
     return found
 
 
+def _recorded(build: Build, stage: str) -> dict[str, str] | None:
+    """The sha256 of the files ``stage`` wrote, as the state recorded them when it last finished (None: unknown)."""
+    files = build.state.get(FILES)
+    record = files.get(stage) if isinstance(files, dict) else None
+    return record if isinstance(record, dict) else None
+
+
 def _reuse(build: Build, stage: Stage, key: str) -> tuple[bool, bool, bool]:
-    """(reuse the stage's artifact, it is ldpruner's own and may be made again without --overwrite, it is damaged
-    and goes before the stage runs again). An artifact is reused only when the stage's key is the one recorded and
-    every file it wrote is there, byte for byte; a file missing is made again, a file changed or added since (by
-    someone, or a disk fault) needs --overwrite."""
-    recorded = build.state.get(FILES, {}).get(stage.name)
-    if not (build.out / stage.artifact).exists() or build.state.get(stage.name) != key:
+    """(reuse the stage's files, they are ldpruner's own and may be replaced without --overwrite, they may be removed
+    before the stage runs again). Files are reused only when the stage's key is the one recorded and every file it
+    wrote is there byte for byte. A file missing is made again; a file changed or added since it was recorded (by
+    someone, or a disk fault) needs --overwrite, whatever the key. Files nobody recorded (a build killed in the stage,
+    a folder from before files were recorded) are replaced by the stage but never removed, unless --overwrite."""
+    recorded, state_key = _recorded(build, stage.name), build.state.get(stage.name)
+    overwrite, pending = build.cfg.overwrite, str(state_key or "").startswith(PENDING)
+    if recorded is None or pending:
         # a stage marked pending was started by a build that was killed before it finished: its artifact is ours
         # (a scores.json or costs.json written before the kill is still reused when its own cache key matches)
-        return False, str(build.state.get(stage.name, "")).startswith(PENDING), False
-    if not isinstance(recorded, dict):  # a build folder from before files were recorded: ours, unverifiable
-        return False, True, True
+        return False, state_key == key or pending, overwrite
     found = _digests(build.out, stage.written())
-    if found == recorded:
+    made_from = build.state.get(MADE_FROM, {}).get(stage.name) if isinstance(build.state.get(MADE_FROM), dict) else None
+    upstream_same = made_from == _upstream(build, stage)
+    if state_key == key and found == recorded and upstream_same:
         return True, True, False
-    changed = sorted(p for p in found if recorded.get(p) != found[p])
-    missing = sorted(set(recorded) - set(found))
-    if changed and not build.cfg.overwrite:
-        what = "was added" if changed[0] not in recorded else "changed"
-        raise ArtifactError(f"{str(build.out / changed[0])!r} {what} since the build that wrote "
-                            f"{stage.written()} ({stage.name}); ldpruner reuses only what it wrote, byte for byte: "
-                            "restore it, or pass --overwrite to make the stage again")
+    foreign = sorted(p for p in found if recorded.get(p) != found[p])
+    if foreign and not overwrite:
+        what = "was added" if foreign[0] not in recorded else "changed"
+        raise ArtifactError(f"{str(build.out / foreign[0])!r} {what} since the build that wrote "
+                            f"{', '.join(stage.written())} ({stage.name} stage); ldpruner reuses only what it wrote, "
+                            "byte for byte: restore it, or pass --overwrite to make the stage again")
+    if state_key != key:  # other inputs: the rule for a changed artifact (replaced only with --overwrite) applies
+        return False, False, True
     import logging
 
-    logging.getLogger("ldpruner.build").warning(
-        "%s: %s since the last build; making it again", stage.name,
-        f"{len(missing)} file(s) missing ({missing[0]})" if missing else f"{len(changed)} file(s) changed")
+    missing = sorted(set(recorded) - set(found))
+    why = (f"{len(missing)} file(s) missing ({missing[0]})" if missing else f"{len(foreign)} file(s) changed"
+           if foreign else "the files of the stage it reads were made again")
+    logging.getLogger("ldpruner.build").warning("%s: %s since the last build; making it again", stage.name, why)
     return False, True, True
+
+
+def _upstream(build: Build, stage: Stage) -> str | None:
+    """sha256 over the recorded files of the stage ``stage`` reads (None for a stage that reads none): a stage made
+    from files since made again (with other bytes) is made again too, though its key is the same."""
+    read = next((r for r in stage.reads if r in build.keys), None)
+    record = _recorded(build, read) if read is not None else None
+    return _key(record) if record is not None else None
 
 
 def _run_stage(build: Build, stage: Stage, key: str) -> None:
     artifact = build.out / stage.artifact
-    decision = _reuse(build, stage, key) if build.world.is_main else None
-    if stage.all_ranks and build.world.size > 1:  # every rank reuses or runs it, as rank 0 decided
+    together = stage.all_ranks and build.world.size > 1  # every rank reuses or runs it, or fails, as rank 0 decided
+    decision: Any = None
+    if build.world.is_main:
+        try:
+            reuse, ours, clear = _reuse(build, stage, key)
+            if not reuse:  # an artifact that is not ours (other inputs, a file no build wrote) needs --overwrite
+                check_replaceable(artifact, build.cfg.overwrite or ours)
+            decision = (reuse, clear, None)
+        except Exception as exc:  # every rank raises it: none waits for the others in a collective
+            if not together:
+                raise
+            decision = (False, False, exc)
+    if together:
         import torch.distributed as dist
 
         box = [decision]
         dist.broadcast_object_list(box, src=0)
         decision = box[0]
-    reuse, ours, damaged = decision
+    reuse, clear, error = decision
+    if error is not None:
+        raise error
     if reuse:
         build.reused.append(stage.name)
         return
     if build.world.is_main:
-        # an existing artifact that is not ours (other inputs, or a file the build did not write) needs --overwrite
-        check_replaceable(artifact, build.cfg.overwrite or ours)
-        if damaged:  # removed, so that nothing the stage reads back is a damaged file
+        if clear:  # nothing the stage reads back, or leaves beside its new files, is an old or damaged file
             _remove(build.out, stage.written())
         build.state[stage.name] = PENDING + key
         build.state.setdefault(FILES, {}).pop(stage.name, None)
         write_json_atomic(build.out / STATE_FILE, build.state)
+    if together:  # the other ranks start once rank 0 has cleared the way
+        import torch.distributed as dist
+
+        dist.barrier()
     start = time.perf_counter()
     stage.run(build)
     build.timings[stage.name] = round(time.perf_counter() - start, 3)
     build.state[stage.name] = key
     if build.world.is_main:
         build.state.setdefault(FILES, {})[stage.name] = _digests(build.out, stage.written())
+        build.state.setdefault(MADE_FROM, {})[stage.name] = _upstream(build, stage)
         write_json_atomic(build.out / STATE_FILE, build.state)
 
 

@@ -170,8 +170,8 @@ def report_markdown(report: dict[str, Any]) -> str:
         f"- analysis: {report['analysis']['unet_calls']} UNet calls in {report['analysis']['wall_time_s']:.1f} s"
         f"{_placement(report['analysis'])}, conditioning: {report['analysis']['conditioning']}",
         f"- stage timings (s): {json.dumps(report['timings_s'])}; reused: {report['reused_stages'] or 'none'} "
-        f"(a stage is reused only when every file it wrote is on disk unchanged: {len(report['files']['sha256'])} "
-        "files, their sha256 in report.json)",
+        f"(a stage is reused only when every file it wrote is on disk unchanged: "
+        f"{len(report.get('files', {}).get('sha256', {}))} files, their sha256 in report.json)",
         f"- dense weights: `{report.get('model_weights') or 'not recorded'}`",
         *[f"- **used with other weights** ({o.get('stage')}): made for `{o.get('made_for')}`, used with "
           f"`{o.get('used_with')}`" for o in report.get("other_weights") or []],

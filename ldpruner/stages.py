@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from . import calibration, devices, distributed
-from .errors import ConfigError
+from .errors import ArtifactError, ConfigError
 from .io import check_replaceable
 from .sources import LoadedModel
 
@@ -96,6 +96,9 @@ def analyze(loaded: LoadedModel, graph: Any, config: Any, calib: Any, *, out: st
         cached = load_cached(path, cache_key(graph, calib, config=config, scheduler=loaded.scheduler))
         if cached is not None and cached.model_weights == loaded.weights_id:
             return cached
+        if cached is not None and cached.model_weights is None and not overwrite:
+            raise ArtifactError(f"{str(path)!r} holds scores for these options from an ldpruner that did not record "
+                                "the model's weights; pass --overwrite (overwrite=True) to analyse again")
         check_replaceable(path, overwrite)
     return analyze_importance(graph, calib, config=config, scheduler=loaded.scheduler, progress=progress,
                               save_to=path, model_weights=loaded.weights_id)
@@ -153,6 +156,7 @@ def check_latency(loaded: LoadedModel, student: Any, cost_report: Any, trace: An
             n: t.to(device, dtype if t.is_floating_point() else t.dtype) for n, t in pruned.example_inputs.items()})
     result = check(dense, pruned, cost_report, student.plan.names, device=device)
     result["predicted_by"] = cost_report.basis()
+    result["model_weights"] = student.plan.model_weights  # the dense weights the student was pruned from
     if result["flagged"]:
         logging.getLogger("ldpruner.stages").warning(result["message"])
     if out is not None:
@@ -174,6 +178,9 @@ def select(report: Any, graph: Any, config: Any, *, out: str | os.PathLike | Non
     be those unless ``allow_other_weights`` (the plan then records it)."""
     from ldpruner.passes.select import select_removals
 
+    if allow_other_weights and model_weights is None:
+        raise ConfigError("--allow-other-weights (allow_other_weights=True) compares the scores with --model "
+                          "(model=...); without a model there is nothing to allow: drop it, or pass the model")
     report.check_finite()
 
     if cost_report is not None and (cost_report.model_class, cost_report.granularity) != (
@@ -189,7 +196,7 @@ def select(report: Any, graph: Any, config: Any, *, out: str | os.PathLike | Non
         plan = dataclasses.replace(plan, outside_graph=graph.outside_graph())
     plan = dataclasses.replace(plan, model_weights=report.model_weights)
     if model_weights is not None:
-        plan = plan.for_weights(model_weights, "select", allow=allow_other_weights, what="the scores were")
+        plan = plan.for_weights(model_weights, "select", allow=allow_other_weights, made="the scores were made for")
     if out is not None:
         path = Path(out) / PLAN
         check_replaceable(path, overwrite)
@@ -210,7 +217,7 @@ def prune(loaded: LoadedModel, plan: Any, trace: Any, config: Any, *, out: str |
         raise ConfigError(f"the plan was made for a {plan.model_class}, "
                           f"but the model is a {type(loaded.unet).__name__}")
     plan.check()
-    plan = plan.for_weights(loaded.weights_id, "prune", allow=allow_other_weights, what="the plan was")
+    plan = plan.for_weights(loaded.weights_id, "prune", allow=allow_other_weights, made="the plan was made for")
     graph = graph if graph is not None else inspect(loaded, trace)
     # the config the student carries is the one its folder holds, so an in-memory student exports like a saved one
     unet_config = student_config(loaded.unet_config, plan.model_class) if loaded.unet_config is not None else None
@@ -241,7 +248,8 @@ def distill(loaded: LoadedModel, student: Any, config: Any, *, out: str | os.Pat
                           f"{type(loaded.unet).__name__}")
     teacher_weights = loaded.weights_id  # before the teacher is placed (consume may cast the loaded weights)
     pruned = student
-    plan = pruned.plan.for_weights(teacher_weights, "distill", allow=allow_other_weights, what="the student was")
+    plan = pruned.plan.for_weights(teacher_weights, "distill", allow=allow_other_weights,
+                                   made="the student was pruned from")
     if plan is not pruned.plan:
         pruned = dataclasses.replace(pruned, plan=plan)
     device = devices.resolve_device(device)
@@ -305,6 +313,7 @@ def lora(student: Any, lora_path: str | os.PathLike, *, scale: float, out: str |
     fused = copy.deepcopy(student)
     kept = tuple(f"{r.name}.conv_shortcut" for r in fused.plan.removals if r.action == "shortcut")
     report = apply_lora(fused.gm, adapter, removed=tuple(fused.plan.names), kept=kept, scale=scale)
+    report["model_weights"] = fused.plan.model_weights  # the dense weights the student was pruned from
     if out is not None:
         save_student(fused, Path(out) / STUDENT, overwrite=overwrite)
         write_json_atomic(Path(out) / LORA, report)

@@ -55,17 +55,25 @@ class RemovalPlan:
     # {"stage", "made_for", "used_with"}
     other_weights: tuple[dict[str, Any], ...] = ()
 
-    def for_weights(self, weights: str, stage: str, *, allow: bool, what: str) -> RemovalPlan:
+    def for_weights(self, weights: str, stage: str, *, allow: bool, made: str) -> RemovalPlan:
         """This plan used with the dense weights ``weights`` by ``stage``: itself when they are the weights it was
-        made for (or it records none), else a :class:`WeightsMismatchError` — or, with ``allow``, a copy that is
-        for ``weights`` and records the mismatch. ``what`` names the artifact in the message, with its verb ("the plan was")."""
-        if self.model_weights is None or self.model_weights == weights:
-            return self if self.model_weights is not None else dataclasses.replace(self, model_weights=weights)
-        if not allow:
+        made for; a :class:`WeightsMismatchError` when they are others — or, with ``allow``, a copy for ``weights``
+        that records the mismatch. A plan that records no weights (written by hand, or by an ldpruner that did not
+        record them) is taken to be for ``weights``, and the copy records that assumption (``made_for`` null).
+        ``made`` says what was made for the weights, for the message ("the plan was made for")."""
+        if self.model_weights == weights:
+            return self
+        if self.model_weights is not None and not allow:
             raise WeightsMismatchError(
-                f"{what} made for the weights {short_id(self.model_weights)}, the model given has "
-                f"{short_id(weights)}: pass the model it was made for, or --allow-other-weights "
-                "(allow_other_weights=True) to use it anyway (the artifacts record that you did)")
+                f"{made} the weights {short_id(self.model_weights)}, but the model given has {short_id(weights)}: "
+                "pass the model with those weights, or --allow-other-weights (allow_other_weights=True) to use it "
+                "anyway (the outputs record that you did)")
+        if self.model_weights is None:
+            import logging
+
+            logging.getLogger("ldpruner.plan").warning(
+                "%s records no model weights (written by hand, or by an earlier ldpruner): it is taken to be for "
+                "%s", made.split(" made ")[0].split(" pruned ")[0], short_id(weights))
         record = {"stage": stage, "made_for": self.model_weights, "used_with": weights}
         return dataclasses.replace(self, model_weights=weights, other_weights=(*self.other_weights, record))
 
@@ -196,6 +204,10 @@ def _check_removal(r: PlannedRemoval) -> None:
 
 def _check_totals(plan: RemovalPlan, totals: dict[str, Any]) -> None:
     """The totals a plan states must be the ones its removals give: an edited total is refused, not trusted."""
+    for name, value in (("params_before", totals.get("params_before")),
+                        ("macs_per_sample_before", totals.get("macs_per_sample_before"))):
+        if not _is_number(value, int) or value < 0:
+            raise TypeError(f"totals.{name} must be a non-negative integer, got {value!r}")
     removed_params, removed_macs = plan.removed_params, plan.removed_macs
     if removed_params > plan.total_params or removed_macs > plan.total_macs:
         raise ValueError(f"the removals drop {removed_params:,} params / {removed_macs:,} MACs, more than the "

@@ -211,9 +211,15 @@ def create_session(
                          for p in providers]
     try:
         session = ort.InferenceSession(str(path), sess_options=options, providers=chosen)
-    except Exception as exc:  # onnxruntime's own error types (Fail, InvalidProtobuf, NoSuchFile …) for a bad file
-        first = (str(exc).strip().splitlines() or [""])[0]
-        first = first if len(first) <= 300 else first[:300] + " …"
+    except Exception as exc:
+        # a file onnxruntime cannot parse, or whose external data is missing or short, is damaged; other failures
+        # (an operator this build lacks, a provider that cannot start) are onnxruntime's own, left as they are
+        text = " ".join(str(exc).split())
+        signs = ("INVALID_PROTOBUF", "NO_SUCHFILE", "external data", "external initializer", "out of bounds")
+        if type(exc).__name__ not in ("InvalidProtobuf", "NoSuchFile") and not any(
+                sign.lower() in text.lower() for sign in signs):
+            raise
+        first = text if len(text) <= 300 else text[:300] + " …"
         raise ArtifactError(f"onnxruntime cannot load {str(path)!r} ({type(exc).__name__}: {first}); the file (or "
                             "its .data file beside it) is damaged or incomplete: export it again") from exc
     wrapped = OrtSession(session, path)

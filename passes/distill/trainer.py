@@ -199,7 +199,8 @@ class _Trainer:
         self.w_task = config.w_task
         self.teacher_weights: str | None = None  # the teacher's identity (ldpruner.sources.weights_id), if known
         self.allow_other_weights = False
-        self.resumed_with_other_teacher: dict[str, Any] | None = None
+        # every resume against another teacher than the checkpoint's, kept in the checkpoints so none is forgotten
+        self.resumed_with_other_teachers: list[dict[str, Any]] = []
         self._checked_at = 0  # the first step of this run checks that every tap compares like with like
 
     # --- one step ------------------------------------------------------------------------------------------------
@@ -293,6 +294,7 @@ class _Trainer:
             "world_size": self.world,
             "plan": _plan_fingerprint(self.student),
             "teacher_weights": self.teacher_weights,
+            "resumed_with_other_teachers": self.resumed_with_other_teachers,
             "taps": self.taps.to_dict(),
             "param_names": list(self.params),
             "optimizer_param_groups": opt["param_groups"],
@@ -341,6 +343,7 @@ class _Trainer:
                                f"run has {self.world} (each rank's data shard depends on the world size)")
         if state["plan"] != _plan_fingerprint(self.student) or state["param_names"] != list(self.params):
             raise DistillError(f"cannot resume from {str(path)!r}: it was written for another student (plan differs)")
+        self.resumed_with_other_teachers = list(state.get("resumed_with_other_teachers") or [])
         before = state.get("teacher_weights")
         if before is not None and self.teacher_weights is not None and before != self.teacher_weights:
             from ldpruner.passes.plan import short_id
@@ -351,8 +354,8 @@ class _Trainer:
                     f"{short_id(before)}, MODEL has {short_id(self.teacher_weights)}; pass the teacher it was "
                     "trained against, --allow-other-weights (allow_other_weights=True) to go on with this one "
                     "(distill.json records it), or --overwrite to start over")
-            self.resumed_with_other_teacher = {"stage": "distill --resume", "made_for": before,
-                                               "used_with": self.teacher_weights, "at_step": state["step"]}
+            self.resumed_with_other_teachers.append({"stage": "distill --resume", "made_for": before,
+                                                     "used_with": self.teacher_weights, "at_step": state["step"]})
         if state["step"] > self.config.steps:
             raise DistillError(f"checkpoint {str(path)!r} is at step {state['step']}, past steps={self.config.steps}")
         weights = read_safetensors(path / "student.safetensors")
@@ -499,9 +502,9 @@ def distill(
                 callback(row)
         bar.close()
         elapsed = time.perf_counter() - started
-        if trainer.resumed_with_other_teacher is not None:  # the distilled student's plan records it
+        if trainer.resumed_with_other_teachers:  # the distilled student's plan records them
             student = trainer.student = dataclasses.replace(student, plan=dataclasses.replace(
-                student.plan, other_weights=(*student.plan.other_weights, trainer.resumed_with_other_teacher)))
+                student.plan, other_weights=(*student.plan.other_weights, *trainer.resumed_with_other_teachers)))
         student.gm.eval()
         student.gm.to(home)  # back where it came from: beside its example inputs, ready to export or sample
         if trainer.ema is not None:

@@ -209,6 +209,17 @@ def test_build_under_torchrun_with_two_gloo_ranks_matches_one_process(unet_dir, 
     # distillation ran under DDP on both ranks, each on its own half of the teacher's trajectories
     distilled = json.loads((tmp_path / "two" / "distill" / "distill.json").read_text())
     assert distilled["world_size"] == 2 and distilled["data"]["trajectories_on_this_rank"] == 16
+    # rank 0 decides for every rank: an unchanged build is reused whole, and a refusal stops both ranks (none waits
+    # for the other in a collective)
+    subprocess.run(torchrun + args + ["--out", str(tmp_path / "two")], env=env, check=True, timeout=300,
+                   capture_output=True)
+    reused = json.loads((tmp_path / "two" / "report.json").read_text())["reused_stages"]
+    assert set(reused) == {"analyze", "select", "prune", "distill", "export"}
+    refused = subprocess.run(torchrun + args + ["--out", str(tmp_path / "two"), "--seed", "1"], env=env,
+                             timeout=300, capture_output=True, text=True)
+    assert refused.returncode != 0
+    assert refused.stderr.count(f"error: ArtifactError: {str(tmp_path / 'two' / 'scores.json')!r} exists; pass "
+                                "--overwrite") == 2, refused.stderr[-2000:]
 
 
 def test_api_build_rejects_unknown_and_missing_options(tmp_path):

@@ -245,8 +245,8 @@ def test_a_damaged_artifact_is_never_reused_and_the_report_names_the_files_on_di
     onnx = out / "onnx" / "unet.onnx"
     onnx.write_bytes(onnx.read_bytes()[: onnx.stat().st_size // 2])  # truncated, as by a full disk
     code, err = run(capsys, "build", unet_dir, "--out", out, *FAST, "--distill-steps", "0")
-    assert (code, err) == (1, f"error: ArtifactError: {str(onnx)!r} changed since the build that wrote ('onnx',) "
-                              "(export); ldpruner reuses only what it wrote, byte for byte: restore it, or pass "
+    assert (code, err) == (1, f"error: ArtifactError: {str(onnx)!r} changed since the build that wrote onnx (export "
+                              "stage); ldpruner reuses only what it wrote, byte for byte: restore it, or pass "
                               "--overwrite to make the stage again")
     assert run(capsys, "build", unet_dir, "--out", out, *FAST, "--distill-steps", "0", "--overwrite")[0] == 0
     report = json.loads((out / "report.json").read_text())
@@ -259,7 +259,7 @@ def test_a_damaged_artifact_is_never_reused_and_the_report_names_the_files_on_di
     (out / "student" / "notes.txt").write_text("mine")
     code, err = run(capsys, "build", unet_dir, "--out", out, *FAST, "--distill-steps", "0")
     assert code == 1 and err.startswith(f"error: ArtifactError: {str(out / 'student' / 'notes.txt')!r} was added "
-                                        "since the build that wrote ('student',) (prune)")
+                                        "since the build that wrote student (prune stage)")
     assert (out / "student" / "notes.txt").read_text() == "mine"
 
 
@@ -272,6 +272,9 @@ def test_a_deleted_file_is_made_again_and_an_intact_build_is_reused_whole(unet_d
     assert run(capsys, "build", unet_dir, "--out", out, *FAST, "--distill-steps", "2")[0] == 0
     report = json.loads((out / "report.json").read_text())
     assert "prune" not in report["reused_stages"] and _digest(weights) == before  # the same student, made again
+    # … byte for byte, so what was made from it is still current
+    assert {"analyze", "select", "distill", "export"} <= set(report["reused_stages"])
+    assert report["model_weights"] == _weights(unet_dir) and report["other_weights"] == []
     assert run(capsys, "build", unet_dir, "--out", out, *FAST, "--distill-steps", "2")[0] == 0
     report = json.loads((out / "report.json").read_text())
     assert set(report["reused_stages"]) == {"analyze", "select", "prune", "distill", "export"}
@@ -324,15 +327,24 @@ def test_a_plan_for_other_weights_is_refused_unless_allowed_and_then_recorded(un
     assert plan["model_weights"] == mine != theirs
     assert json.loads((scored / "scores.json").read_text())["model_weights"] == mine
     code, err = run(capsys, "prune", other_dir, "--plan", scored / "plan.json", "--out", tmp_path / "p")
-    assert (code, err) == (1, f"error: WeightsMismatchError: the plan was made for the weights {short_id(mine)}, the "
-                              f"model given has {short_id(theirs)}: pass the model it was made for, or "
-                              "--allow-other-weights (allow_other_weights=True) to use it anyway (the artifacts record "
+    assert (code, err) == (1, f"error: WeightsMismatchError: the plan was made for the weights {short_id(mine)}, but "
+                              f"the model given has {short_id(theirs)}: pass the model with those weights, or "
+                              "--allow-other-weights (allow_other_weights=True) to use it anyway (the outputs record "
                               "that you did)")
     assert not (tmp_path / "p").exists()
     code, err = run(capsys, "select", scored / "scores.json", "--model", other_dir, "--budget", "0.2", "--out",
                     tmp_path / "s")
     assert code == 1 and err.startswith(f"error: WeightsMismatchError: the scores were made for the weights "
-                                        f"{short_id(mine)}, the model given has {short_id(theirs)}")
+                                        f"{short_id(mine)}, but the model given has {short_id(theirs)}")
+    assert run(capsys, "select", scored / "scores.json", "--model", other_dir, "--budget", "0.2", "--out",
+               tmp_path / "s", "--allow-other-weights")[0] == 0
+    assert json.loads((tmp_path / "s" / "plan.json").read_text())["other_weights"] == [
+        {"stage": "select", "made_for": mine, "used_with": theirs}]
+    code, err = run(capsys, "select", scored / "scores.json", "--budget", "0.2", "--out", tmp_path / "s2",
+                    "--allow-other-weights")
+    assert (code, err) == (1, "error: ConfigError: --allow-other-weights (allow_other_weights=True) compares the "
+                              "scores with --model (model=...); without a model there is nothing to allow: drop it, "
+                              "or pass the model")
     assert run(capsys, "prune", other_dir, "--plan", scored / "plan.json", "--out", tmp_path / "p",
                "--allow-other-weights")[0] == 0
     student_plan = json.loads((tmp_path / "p" / "student" / "plan.json").read_text())
@@ -341,8 +353,8 @@ def test_a_plan_for_other_weights_is_refused_unless_allowed_and_then_recorded(un
     # the student was pruned from other_dir: distilling it against unet_dir is the mismatch now
     code, err = run(capsys, "distill", unet_dir, tmp_path / "p" / "student", "--out", tmp_path / "d", "--steps", "1",
                     "--batch-size", "2", "--trajectories", "2", "--trajectory-steps", "1")
-    assert code == 1 and err.startswith(f"error: WeightsMismatchError: the student was made for the weights "
-                                        f"{short_id(theirs)}, the model given has {short_id(mine)}")
+    assert code == 1 and err.startswith(f"error: WeightsMismatchError: the student was pruned from the weights "
+                                        f"{short_id(theirs)}, but the model given has {short_id(mine)}")
     # an export records the weights the student was pruned from, and the mismatch
     assert run(capsys, "export", tmp_path / "p" / "student", "--out", tmp_path / "e")[0] == 0
     exported = json.loads((tmp_path / "e" / "onnx" / "export.json").read_text())
@@ -366,8 +378,15 @@ def test_distill_resume_with_another_teacher_is_refused(unet_dir, other_dir, sco
     summary = json.loads((tmp_path / "d" / "distill.json").read_text())
     assert summary["teacher_weights"] == _weights(other_dir)
     assert [o["stage"] for o in summary["other_weights"]] == ["distill", "distill --resume"]
-    code, err = run(capsys, "distill", unet_dir, student, "--steps", "3", "--resume", *common)
-    step = next((tmp_path / "d" / "checkpoints").glob("step-00000002"))
+    # resumed again with the same (other) teacher: the first switch is still on record
+    assert run(capsys, "distill", other_dir, student, "--steps", "3", "--resume", "--allow-other-weights",
+               *common)[0] == 0
+    summary = json.loads((tmp_path / "d" / "distill.json").read_text())
+    assert [o["stage"] for o in summary["other_weights"]] == ["distill", "distill --resume"]
+    assert json.loads((tmp_path / "d" / "student" / "plan.json").read_text())["other_weights"] == summary[
+        "other_weights"]
+    code, err = run(capsys, "distill", unet_dir, student, "--steps", "4", "--resume", *common)
+    step = next((tmp_path / "d" / "checkpoints").glob("step-00000003"))
     assert (code, err) == (1, f"error: WeightsMismatchError: cannot resume from {str(step)!r}: it was trained against "
                               f"the teacher weights {short_id(_weights(other_dir))}, MODEL has "
                               f"{short_id(_weights(unet_dir))}; pass the teacher it was trained against, "
@@ -389,7 +408,41 @@ def test_edited_plan_totals_and_text_for_numbers_are_refused(unet_dir, scored, t
     code, err = run(capsys, "prune", unet_dir, "--plan", tmp_path / "text.json", "--out", tmp_path / "p")
     assert (code, err) == (1, f"error: PlanError: malformed plan: TypeError: {plan['removals'][0]['name']}: params "
                               "must be a non-negative integer, got 'many'")
+    before = dict(plan, totals=dict(plan["totals"], params_before=str(plan["totals"]["params_before"])))
+    (tmp_path / "before.json").write_text(json.dumps(before))
+    code, err = run(capsys, "prune", unet_dir, "--plan", tmp_path / "before.json", "--out", tmp_path / "p")
+    assert (code, err) == (1, f"error: PlanError: malformed plan: TypeError: totals.params_before must be a "
+                              f"non-negative integer, got '{plan['totals']['params_before']}'")
     assert not (tmp_path / "p").exists()
+
+
+def test_a_build_folder_from_before_files_were_recorded_is_made_again_and_nothing_removed(unet_dir, tmp_path,
+                                                                                          capsys):
+    out = tmp_path / "run"
+    assert run(capsys, "build", unet_dir, "--out", out, *FAST, "--distill-steps", "0")[0] == 0
+    state = json.loads((out / ".ldpruner-build.json").read_text())
+    del state["files"], state["made_from"]  # as an earlier ldpruner wrote it
+    (out / ".ldpruner-build.json").write_text(json.dumps(state))
+    (out / "onnx" / "notes.txt").write_text("mine")
+    assert run(capsys, "build", unet_dir, "--out", out, *FAST, "--distill-steps", "0")[0] == 0
+    assert (out / "onnx" / "notes.txt").read_text() == "mine"
+    report = json.loads((out / "report.json").read_text())
+    assert report["reused_stages"] == [] and report["export"]["export"]["validation"]["passed"]
+    state["files"] = []  # an edited record is no record
+    (out / ".ldpruner-build.json").write_text(json.dumps(state))
+    assert run(capsys, "build", unet_dir, "--out", out, *FAST, "--distill-steps", "0")[0] == 0
+
+
+def test_other_options_with_overwrite_leave_no_file_of_the_earlier_build(unet_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(capsys, "build", unet_dir, "--out", out, *FAST, "--distill-steps", "0", "--optimize")[0] == 0
+    assert (out / "onnx" / "unet.opt.onnx").is_file()
+    assert run(capsys, "build", unet_dir, "--out", out, *FAST, "--distill-steps", "0", "--overwrite")[0] == 0
+    assert not (out / "onnx" / "unet.opt.onnx").exists()
+    files = json.loads((out / "report.json").read_text())["files"]["sha256"]
+    assert not any(p.startswith("onnx/unet.opt") for p in files)
+    on_disk = {p.relative_to(out).as_posix() for p in (out / "onnx").rglob("*") if p.is_file()}
+    assert on_disk == {p for p in files if p.startswith("onnx/")}
 
 
 # --- classes 5 and 7: the rest of the one-line errors ------------------------------------------------------------
@@ -476,3 +529,26 @@ def test_a_lock_whose_pid_now_names_another_process_is_stale(unet_dir, tmp_path,
     code, err = run(capsys, "build", unet_dir, "--out", out, *FAST, "--distill-steps", "0")
     assert code == 1 and err.startswith(f"error: ArtifactError: another build (pid {os.getppid()} on ")
     (out / ".ldpruner-build.lock").unlink()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--height", "0"], "ConfigError: invalid BuildConfig: height=0 must be >= 1"),
+    (["--width", "-8"], "ConfigError: invalid BuildConfig: width=-8 must be >= 1"),
+    (["--opset", "5"], "ConfigError: invalid BuildConfig: opset 5 is outside what the legacy exporter writes "
+                       "(14..20); use opset=None for its default"),
+    (["--fp16"], "ConfigError: invalid BuildConfig: fp16=True needs optimize=True: the fp16 variant is made from the "
+                 "optimized model"),
+    (["--config", "{folder}"], "ConfigError: config file '{folder}' cannot be read: [Errno 21] Is a directory: "
+                               "'{folder}'"),
+    (["--config", "{latin1}"], "ConfigError: config file '{latin1}' cannot be read: 'utf-8' codec can't decode byte "
+                               "0xe9 in position 14: invalid continuation byte"),
+])
+def test_nonsense_options_are_refused_before_anything_is_loaded_or_written(args, message, unet_dir, tmp_path,
+                                                                             capsys):
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes('prompts = "caf\u00e9 au lait"\n'.encode("latin-1"))
+    fill = {"folder": str(tmp_path), "latin1": str(latin1)}
+    out = tmp_path / "run"
+    code, err = run(capsys, "build", unet_dir, "--out", out, *[a.format(**fill) for a in args])
+    assert (code, err) == (1, "error: " + message.format(**fill))
+    assert not out.exists()
