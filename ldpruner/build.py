@@ -95,6 +95,8 @@ class Stage:
     # the files and folders (paths in the build folder) the stage writes and later stages read: their sha256 is
     # recorded when the stage finishes and checked before the stage is reused; None: just the artifact
     outputs: tuple[str, ...] | None = None
+    uses: tuple[str, ...] = ()  # stages whose files it also reads (made again with other bytes: so is this one)
+    own_cache: bool = False  # the artifact carries its own cache key: a killed stage's file may still be reused
 
     def written(self) -> tuple[str, ...]:
         return self.outputs if self.outputs is not None else (self.artifact,)
@@ -224,16 +226,17 @@ EXPORT_SUMMARY = f"{stages.ONNX_DIR}/{stages.EXPORT_SUMMARY}"
 STUDENT_FOLDERS = {"prune": stages.STUDENT, "distill": f"{stages.DISTILL_DIR}/{stages.STUDENT}"}
 
 STAGES: tuple[Stage, ...] = (
-    Stage("costs", stages.COSTS, reads=(), inputs=lambda b: (_cost_key(b),), run=_costs, enabled=_timed),
+    Stage("costs", stages.COSTS, reads=(), inputs=lambda b: (_cost_key(b),), run=_costs, enabled=_timed,
+          own_cache=True),
     Stage("analyze", stages.SCORES, reads=(), all_ranks=True,
-          inputs=lambda b: (b.analysis_key,), run=_analyze),
+          inputs=lambda b: (b.analysis_key,), run=_analyze, own_cache=True),
     Stage("select", stages.PLAN, reads=("analyze",),
           inputs=lambda b: (b.cfg.part(SelectionConfig).to_dict(),) + ((b.keys["costs"],) if _timed(b) else ()),
-          run=_select),
+          run=_select, uses=("costs",)),
     Stage("prune", stages.STUDENT, reads=("select",),
           inputs=lambda b: (b.cfg.height, b.cfg.width), run=_prune),
     Stage("latency", stages.LATENCY, reads=("prune",), inputs=lambda b: (b.cfg.latency_tolerance,), run=_latency,
-          enabled=_timed),
+          enabled=_timed, uses=("costs",)),
     Stage("distill", f"{stages.DISTILL_DIR}/distill.json", reads=("prune",), all_ranks=True,
           inputs=lambda b: (_distill_options(b), b.cfg.prompts, _file_digest(b.cfg.calibration)), run=_distill,
           enabled=lambda b: b.cfg.distill_steps > 0,
@@ -431,12 +434,12 @@ def _prepare(cfg: BuildConfig, out: Path, loaded: LoadedModel, world: distribute
 
 
 def _run_stages(build: Build) -> None:
-    """Every enabled stage in order; a rank other than 0 runs the ``all_ranks`` ones only, after a barrier when
-    rank 0 ran others since the last one (their artifacts are what it reads)."""
+    """Every enabled stage in order; a rank other than 0 runs the ``all_ranks`` ones only, after rank 0 has run the
+    others since the last one (their artifacts are what it reads) — or raises what stopped rank 0 there."""
     world = build.world
     enabled = [s for s in STAGES if s.enabled(build)]
     last_all_ranks = max((i for i, s in enumerate(enabled) if s.all_ranks), default=-1)
-    main_only_since_barrier = False
+    main_only_since_sync = False
     for i, stage in enumerate(enabled):
         inputs = stage.inputs(build)
         if stage.reads:
@@ -444,18 +447,31 @@ def _run_stages(build: Build) -> None:
         else:
             (key,) = inputs
         build.keys[stage.name] = key
-        if stage.all_ranks and main_only_since_barrier and world.size > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
-            main_only_since_barrier = False
+        if stage.all_ranks and main_only_since_sync and world.size > 1:
+            _sync(world, None)
+            main_only_since_sync = False
         if not stage.all_ranks:
-            main_only_since_barrier = True
+            main_only_since_sync = True
             if not world.is_main:
                 continue
-        _run_stage(build, stage, key)
+        try:
+            _run_stage(build, stage, key)
+        except Exception as exc:
+            if not stage.all_ranks and world.size > 1 and i < last_all_ranks:
+                _sync(world, exc)  # the other ranks wait at the next all-ranks stage: they raise it there
+            raise
         if not world.is_main and i >= last_all_ranks:
             return
+
+
+def _sync(world: distributed.World, error: BaseException | None) -> None:
+    """Every rank meets here; rank 0 sends ``error`` (None: go on), and every rank raises it."""
+    import torch.distributed as dist
+
+    box = [error if world.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise box[0]
 
 
 FILES = "files"  # the state's record of each finished stage's outputs: {stage: {path: sha256}}
@@ -489,13 +505,15 @@ def _reuse(build: Build, stage: Stage, key: str) -> tuple[bool, bool, bool]:
     a folder from before files were recorded) are replaced by the stage but never removed, unless --overwrite."""
     recorded, state_key = _recorded(build, stage.name), build.state.get(stage.name)
     overwrite, pending = build.cfg.overwrite, str(state_key or "").startswith(PENDING)
-    if recorded is None or pending:
-        # a stage marked pending was started by a build that was killed before it finished: its artifact is ours
-        # (a scores.json or costs.json written before the kill is still reused when its own cache key matches)
-        return False, state_key == key or pending, overwrite
+    if pending:
+        # started by a build that was killed before it finished: its files are ours, made again from an empty place
+        # — but a scores.json or costs.json written before the kill is reused when its own cache key matches
+        return False, True, overwrite or not stage.own_cache
+    if recorded is None:  # no record (a first build, a folder from before files were recorded): nothing removed
+        return False, state_key == key, overwrite
     found = _digests(build.out, stage.written())
-    made_from = build.state.get(MADE_FROM, {}).get(stage.name) if isinstance(build.state.get(MADE_FROM), dict) else None
-    upstream_same = made_from == _upstream(build, stage)
+    made_from = build.state.get(MADE_FROM, {})
+    upstream_same = stage.name not in made_from or made_from[stage.name] == _upstream(build, stage)
     if state_key == key and found == recorded and upstream_same:
         return True, True, False
     foreign = sorted(p for p in found if recorded.get(p) != found[p])
@@ -504,7 +522,9 @@ def _reuse(build: Build, stage: Stage, key: str) -> tuple[bool, bool, bool]:
         raise ArtifactError(f"{str(build.out / foreign[0])!r} {what} since the build that wrote "
                             f"{', '.join(stage.written())} ({stage.name} stage); ldpruner reuses only what it wrote, "
                             "byte for byte: restore it, or pass --overwrite to make the stage again")
-    if state_key != key:  # other inputs: the rule for a changed artifact (replaced only with --overwrite) applies
+    if state_key != key:  # other inputs: the files it wrote are replaced only with --overwrite
+        if found and not (build.out / stage.artifact).exists():
+            check_replaceable(build.out / next(iter(found)), overwrite)
         return False, False, True
     import logging
 
@@ -516,11 +536,10 @@ def _reuse(build: Build, stage: Stage, key: str) -> tuple[bool, bool, bool]:
 
 
 def _upstream(build: Build, stage: Stage) -> str | None:
-    """sha256 over the recorded files of the stage ``stage`` reads (None for a stage that reads none): a stage made
+    """A hash of the recorded files of every stage ``stage`` reads (None for a stage that reads none): a stage made
     from files since made again (with other bytes) is made again too, though its key is the same."""
-    read = next((r for r in stage.reads if r in build.keys), None)
-    record = _recorded(build, read) if read is not None else None
-    return _key(record) if record is not None else None
+    used = [r for r in (*stage.reads, *stage.uses) if r in build.keys]
+    return _key({r: _recorded(build, r) for r in used}) if used else None
 
 
 def _run_stage(build: Build, stage: Stage, key: str) -> None:
@@ -549,16 +568,20 @@ def _run_stage(build: Build, stage: Stage, key: str) -> None:
     if reuse:
         build.reused.append(stage.name)
         return
+    error = None
     if build.world.is_main:
-        if clear:  # nothing the stage reads back, or leaves beside its new files, is an old or damaged file
-            _remove(build.out, stage.written())
-        build.state[stage.name] = PENDING + key
-        build.state.setdefault(FILES, {}).pop(stage.name, None)
-        write_json_atomic(build.out / STATE_FILE, build.state)
-    if together:  # the other ranks start once rank 0 has cleared the way
-        import torch.distributed as dist
-
-        dist.barrier()
+        try:
+            if clear:  # nothing the stage reads back, or leaves beside its new files, is an old or damaged file
+                _remove(build.out, stage.written())
+            build.state[stage.name] = PENDING + key
+            build.state.setdefault(FILES, {}).pop(stage.name, None)
+            write_json_atomic(build.out / STATE_FILE, build.state)
+        except Exception as exc:
+            if not together:
+                raise
+            error = exc
+    if together:  # the other ranks start once rank 0 has cleared the way (or raise what stopped it)
+        _sync(build.world, error)
     start = time.perf_counter()
     stage.run(build)
     build.timings[stage.name] = round(time.perf_counter() - start, 3)

@@ -220,6 +220,14 @@ def test_build_under_torchrun_with_two_gloo_ranks_matches_one_process(unet_dir, 
     assert refused.returncode != 0
     assert refused.stderr.count(f"error: ArtifactError: {str(tmp_path / 'two' / 'scores.json')!r} exists; pass "
                                 "--overwrite") == 2, refused.stderr[-2000:]
+    # … a refusal in a stage rank 0 runs alone too: the other rank raises it where it waits
+    plan = tmp_path / "two" / "plan.json"
+    plan.write_text(plan.read_text() + " ")
+    refused = subprocess.run(torchrun + args + ["--out", str(tmp_path / "two")], env=env, timeout=300,
+                             capture_output=True, text=True)
+    assert refused.returncode != 0
+    assert refused.stderr.count(f"error: ArtifactError: {str(plan)!r} changed since the build that wrote plan.json "
+                                "(select stage)") == 2, refused.stderr[-2000:]
 
 
 def test_api_build_rejects_unknown_and_missing_options(tmp_path):
