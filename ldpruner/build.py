@@ -20,6 +20,7 @@ import gc
 import hashlib
 import json
 import os
+import re
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -29,7 +30,7 @@ from typing import Any
 from . import devices, distributed, report, stages
 from .config import ANALYSIS_OPTIONS, BuildConfig
 from .errors import ArtifactError
-from .io import check_replaceable, output_dir, read_json, write_json_atomic, write_text_atomic
+from .io import check_replaceable, output_dir, write_json_atomic, write_text_atomic
 from .passes.config import (
     CostConfig,
     DistillConfig,
@@ -66,6 +67,7 @@ class Build:
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
     reused: list[str] = dataclasses.field(default_factory=list)
     students: dict[str, Any] = dataclasses.field(default_factory=dict)  # made in this run, by stage: not reloaded
+    found: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)  # sha256 of each stage's files now
 
     def enabled(self, name: str) -> bool:
         return next(s for s in STAGES if s.name == name).enabled(self)
@@ -270,24 +272,57 @@ def _key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _read_state(out: Path) -> dict[str, str]:
-    """The keys of the last build's stages (none when there was no build or the file is unreadable: every stage
-    then runs again, and guards its outputs)."""
+def _read_state(out: Path, overwrite: bool) -> dict[str, Any]:
+    """The keys of the last build's stages and the files they wrote ({} when there was no build). A record that
+    cannot be read or does not hold what a build writes is refused — ldpruner could not tell its files from yours —
+    unless ``overwrite`` (then every stage is made again)."""
+    path = out / STATE_FILE
+    if not path.exists():  # no build yet (under torchrun, rank 0 may not have written it yet)
+        return {}
     try:
-        state = read_json(out / STATE_FILE, what="build state")
-    except ArtifactError:
+        state = json.loads(path.read_text(encoding="utf-8"))
+        problem = _state_problem(state)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        state, problem = None, f"{type(exc).__name__}: {exc}"
+    if problem is None:
+        return state
+    if overwrite:
         return {}
+    raise ArtifactError(f"the build record {str(path)!r} is damaged ({problem}); ldpruner cannot tell which files a "
+                        "build wrote: pass --overwrite to make every stage again")
+
+
+def _state_problem(state: Any) -> str | None:
+    """What is wrong with a build record, or None."""
     if not isinstance(state, dict):
-        return {}
-    for record in (FILES, MADE_FROM):  # an edited record: the files are unverifiable, so not reused
-        if not isinstance(state.get(record, {}), dict):
-            state.pop(record)
-    return state
+        return f"a {type(state).__name__}, not an object"
+    outputs = {s.name: s.written() for s in STAGES}
+    for name in outputs:
+        if name in state and not isinstance(state[name], str):
+            return f"stage {name!r} has {state[name]!r}, not a key"
+    files, made_from = state.get(FILES, {}), state.get(MADE_FROM, {})
+    if not isinstance(files, dict) or not isinstance(made_from, dict):
+        return f"{FILES!r} and {MADE_FROM!r} must be objects"
+    for name, record in files.items():
+        if name not in outputs or not isinstance(record, dict):
+            return f"{FILES}.{name} is not a record of a stage's files"
+        for rel, digest in record.items():
+            inside = isinstance(rel, str) and not rel.startswith("/") and ".." not in rel.split("/") and any(
+                rel == w or rel.startswith(w + "/") for w in outputs[name])
+            if not inside or not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
+                return f"{FILES}.{name} lists {rel!r}: {digest!r}, not a file of the stage with its sha256"
+    if any(not (v is None or isinstance(v, str)) for v in made_from.values()):
+        return f"{MADE_FROM!r} holds a value that is not a hash"
+    return None
 
 
 def run_build(cfg: BuildConfig, *, progress: bool = True) -> dict[str, Any]:
     """Run :data:`STAGES` into ``cfg.out``; returns the report (rank 0) or what this rank did (other ranks)."""
     out = output_dir(cfg.out)
+    record = out / STATE_FILE
+    if record.is_symlink() or (record.exists() and not record.is_file()):
+        raise ArtifactError(f"{str(record)!r} is not a file; a build keeps its record there: remove it (or choose "
+                            "another folder)")
     _check_out_is_ours(out, cfg.overwrite)
     t0 = time.perf_counter()
     loaded = load(cfg.model)
@@ -429,7 +464,7 @@ def _prepare(cfg: BuildConfig, out: Path, loaded: LoadedModel, world: distribute
         write_text_atomic(out / "operators.txt", graph.table() + "\n")
         write_text_atomic(out / "operators.json", graph.to_json() + "\n")
     return Build(cfg=cfg, out=out, progress=progress, loaded=loaded, graph=graph, analysis=analysis, calib=calib,
-                 world=world, state=_read_state(out), description=loaded.describe(),
+                 world=world, state=_read_state(out, cfg.overwrite), description=loaded.describe(),
                  analysis_key=cache_key(graph, calib, config=analysis, scheduler=loaded.scheduler))
 
 
@@ -439,14 +474,27 @@ def _run_stages(build: Build) -> None:
     world = build.world
     enabled = [s for s in STAGES if s.enabled(build)]
     last_all_ranks = max((i for i, s in enumerate(enabled) if s.all_ranks), default=-1)
-    main_only_since_sync = False
-    for i, stage in enumerate(enabled):
+    for stage in enabled:  # a key depends on options and the keys before it, never on a stage's result
         inputs = stage.inputs(build)
         if stage.reads:
-            key = _key(next(build.keys[r] for r in stage.reads if r in build.keys), *inputs)
+            build.keys[stage.name] = _key(next(build.keys[r] for r in stage.reads if r in build.keys), *inputs)
         else:
-            (key,) = inputs
-        build.keys[stage.name] = key
+            (build.keys[stage.name],) = inputs
+    # every refusal (a file changed or added, an artifact of other inputs, files nobody recorded) before any work
+    error = None
+    if world.is_main:
+        try:
+            for stage in enabled:
+                _check_stage(build, stage, build.keys[stage.name])
+        except Exception as exc:
+            if world.size == 1:
+                raise
+            error = exc
+    if world.size > 1:
+        _sync(world, error)
+    main_only_since_sync = False
+    for i, stage in enumerate(enabled):
+        key = build.keys[stage.name]
         if stage.all_ranks and main_only_since_sync and world.size > 1:
             _sync(world, None)
             main_only_since_sync = False
@@ -478,15 +526,22 @@ FILES = "files"  # the state's record of each finished stage's outputs: {stage: 
 MADE_FROM = "made_from"  # {stage: hash of the recorded files of the stage it read when it ran}
 
 
-def _digests(out: Path, paths: tuple[str, ...]) -> dict[str, str]:
-    """sha256 of every file under ``paths`` (files or folders in ``out``), by path relative to ``out``."""
-    found: dict[str, str] = {}
+def _listing(out: Path, paths: tuple[str, ...]) -> list[str]:
+    """Every file under ``paths`` (files or folders in ``out``), as paths relative to ``out``."""
+    found: list[str] = []
     for rel in paths:
         path = out / rel
         files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else []
-        for f in files:
-            with open(f, "rb") as fh:
-                found[f.relative_to(out).as_posix()] = hashlib.file_digest(fh, "sha256").hexdigest()
+        found += [f.relative_to(out).as_posix() for f in files]
+    return found
+
+
+def _digests(out: Path, paths: tuple[str, ...]) -> dict[str, str]:
+    """sha256 of every file under ``paths`` (files or folders in ``out``), by path relative to ``out``."""
+    found: dict[str, str] = {}
+    for rel in _listing(out, paths):
+        with open(out / rel, "rb") as fh:
+            found[rel] = hashlib.file_digest(fh, "sha256").hexdigest()
     return found
 
 
@@ -497,21 +552,28 @@ def _recorded(build: Build, stage: str) -> dict[str, str] | None:
     return record if isinstance(record, dict) else None
 
 
-def _reuse(build: Build, stage: Stage, key: str) -> tuple[bool, bool, bool]:
+def _reuse(build: Build, stage: Stage, key: str, *, quiet: bool = False) -> tuple[bool, bool, bool]:
     """(reuse the stage's files, they are ldpruner's own and may be replaced without --overwrite, they may be removed
     before the stage runs again). Files are reused only when the stage's key is the one recorded and every file it
     wrote is there byte for byte. A file missing is made again; a file changed or added since it was recorded (by
-    someone, or a disk fault) needs --overwrite, whatever the key. Files nobody recorded (a build killed in the stage,
-    a folder from before files were recorded) are replaced by the stage but never removed, unless --overwrite."""
+    someone, or a disk fault) needs --overwrite, whatever the key, and so do files nobody recorded (a folder from
+    before files were recorded, an edited record). A stage a killed build had started is ldpruner's own."""
     recorded, state_key = _recorded(build, stage.name), build.state.get(stage.name)
     overwrite, pending = build.cfg.overwrite, str(state_key or "").startswith(PENDING)
     if pending:
         # started by a build that was killed before it finished: its files are ours, made again from an empty place
         # — but a scores.json or costs.json written before the kill is reused when its own cache key matches
         return False, True, overwrite or not stage.own_cache
-    if recorded is None:  # no record (a first build, a folder from before files were recorded): nothing removed
+    if recorded is None:  # a first build; or files nobody recorded, which may be yours
+        there = _listing(build.out, stage.written())
+        if there and state_key is None:  # no build ran the stage here: whoever made these files, they are not ours
+            check_replaceable(build.out / there[0], overwrite)
+        if there and not overwrite:
+            raise ArtifactError(f"{str(build.out / there[0])!r} was written by a build that did not record its files "
+                                f"(an earlier ldpruner, or an edited {STATE_FILE}); ldpruner cannot tell them from "
+                                f"yours: pass --overwrite to make the {stage.name} stage again")
         return False, state_key == key, overwrite
-    found = _digests(build.out, stage.written())
+    found = _found(build, stage)
     made_from = build.state.get(MADE_FROM, {})
     upstream_same = stage.name not in made_from or made_from[stage.name] == _upstream(build, stage)
     if state_key == key and found == recorded and upstream_same:
@@ -526,12 +588,13 @@ def _reuse(build: Build, stage: Stage, key: str) -> tuple[bool, bool, bool]:
         if found and not (build.out / stage.artifact).exists():
             check_replaceable(build.out / next(iter(found)), overwrite)
         return False, False, True
-    import logging
+    if not quiet:
+        import logging
 
-    missing = sorted(set(recorded) - set(found))
-    why = (f"{len(missing)} file(s) missing ({missing[0]})" if missing else f"{len(foreign)} file(s) changed"
-           if foreign else "the files of the stage it reads were made again")
-    logging.getLogger("ldpruner.build").warning("%s: %s since the last build; making it again", stage.name, why)
+        missing = sorted(set(recorded) - set(found))
+        why = (f"{len(missing)} file(s) missing ({missing[0]})" if missing else f"{len(foreign)} file(s) changed"
+               if foreign else "the files of the stage it reads were made again")
+        logging.getLogger("ldpruner.build").warning("%s: %s since the last build; making it again", stage.name, why)
     return False, True, True
 
 
@@ -540,6 +603,20 @@ def _upstream(build: Build, stage: Stage) -> str | None:
     from files since made again (with other bytes) is made again too, though its key is the same."""
     used = [r for r in (*stage.reads, *stage.uses) if r in build.keys]
     return _key({r: _recorded(build, r) for r in used}) if used else None
+
+
+def _check_stage(build: Build, stage: Stage, key: str) -> None:
+    """Raise what running ``stage`` would be refused for, without touching anything."""
+    reuse, ours, _ = _reuse(build, stage, key, quiet=True)
+    if not reuse:
+        check_replaceable(build.out / stage.artifact, build.cfg.overwrite or ours)
+
+
+def _found(build: Build, stage: Stage) -> dict[str, str]:
+    """sha256 of the files ``stage`` wrote, as they are now (computed once per build until the stage runs)."""
+    if stage.name not in build.found:
+        build.found[stage.name] = _digests(build.out, stage.written())
+    return build.found[stage.name]
 
 
 def _run_stage(build: Build, stage: Stage, key: str) -> None:
@@ -587,6 +664,7 @@ def _run_stage(build: Build, stage: Stage, key: str) -> None:
     build.timings[stage.name] = round(time.perf_counter() - start, 3)
     build.state[stage.name] = key
     if build.world.is_main:
+        build.found.pop(stage.name, None)
         build.state.setdefault(FILES, {})[stage.name] = _digests(build.out, stage.written())
         build.state.setdefault(MADE_FROM, {})[stage.name] = _upstream(build, stage)
         write_json_atomic(build.out / STATE_FILE, build.state)

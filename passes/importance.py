@@ -230,10 +230,12 @@ class ImportanceReport:
 
 
 def _identity(value: Any, what: str) -> str | None:
-    """A recorded weights identity (``sha256:<hex>``) or None; anything else is a malformed artifact."""
-    if value is None or (isinstance(value, str) and value.startswith("sha256:")):
+    """A recorded weights identity (``sha256:`` and 64 hex digits) or None; anything else is a malformed artifact."""
+    from ldpruner.passes.plan import is_weights_id
+
+    if value is None or is_weights_id(value):
         return value
-    raise TypeError(f"{what} must be 'sha256:<hex>' or null, got {value!r}")
+    raise TypeError(f"{what} must be 'sha256:' and 64 hex digits, or null; got {value!r}")
 
 
 def _check_finite_scores(entries: list[CandidateScore], where: str) -> None:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from pathlib import Path
 from typing import Any
 
 from ldpruner.errors import PlanError, WeightsMismatchError
 from ldpruner.io import read_json, write_json_atomic
 
-__all__ = ["PlannedRemoval", "RemovalPlan", "PLAN_FORMAT", "WeightsMismatchError", "short_id"]
+__all__ = ["PlannedRemoval", "RemovalPlan", "PLAN_FORMAT", "WeightsMismatchError", "is_weights_id", "short_id"]
 
 PLAN_FORMAT = "ldpruner.plan/1"
 
@@ -71,9 +72,10 @@ class RemovalPlan:
         if self.model_weights is None:
             import logging
 
+            subject = re.split(r" (?:was|were) ", made)[0]
             logging.getLogger("ldpruner.plan").warning(
-                "%s records no model weights (written by hand, or by an earlier ldpruner): it is taken to be for "
-                "%s", made.split(" made ")[0].split(" pruned ")[0], short_id(weights))
+                "%s: no model weights recorded (written by hand, or by an earlier ldpruner); taken to be for %s",
+                subject, short_id(weights))
         record = {"stage": stage, "made_for": self.model_weights, "used_with": weights}
         return dataclasses.replace(self, model_weights=weights, other_weights=(*self.other_weights, record))
 
@@ -148,7 +150,7 @@ class RemovalPlan:
                 latency=dict(data["latency"]) if data.get("latency") is not None else None,
                 outside_graph=dict(data["outside_graph"]) if data.get("outside_graph") is not None else None,
                 model_weights=_identity(data.get("model_weights")),
-                other_weights=tuple(dict(r) for r in data.get("other_weights") or ()),
+                other_weights=_other_weights(data.get("other_weights")),
             )
             _check_totals(plan, totals)
         except (KeyError, TypeError, ValueError) as exc:
@@ -178,10 +180,32 @@ def short_id(weights: str) -> str:
     return weights[:len("sha256:") + 12]
 
 
-def _identity(value: Any) -> str | None:
-    if value is None or (isinstance(value, str) and value.startswith("sha256:")):
+def is_weights_id(value: Any) -> bool:
+    """Whether ``value`` is a weights identity as :func:`ldpruner.sources.weights_id` writes it."""
+    return isinstance(value, str) and re.fullmatch(r"sha256:[0-9a-f]{64}", value) is not None
+
+
+def _identity(value: Any, what: str = "model_weights") -> str | None:
+    if value is None or is_weights_id(value):
         return value
-    raise TypeError(f"model_weights must be 'sha256:<hex>' or null, got {value!r}")
+    raise TypeError(f"{what} must be 'sha256:' and 64 hex digits, or null; got {value!r}")
+
+
+def _other_weights(value: Any) -> tuple[dict[str, Any], ...]:
+    """The plan's record of uses with other weights, checked: a list of {stage, made_for, used_with}."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise TypeError(f"other_weights must be a list of {{stage, made_for, used_with}} records, got {value!r}")
+    records = []
+    for record in value:
+        if not (isinstance(record, dict) and isinstance(record.get("stage"), str) and "used_with" in record):
+            raise TypeError(f"other_weights must be a list of {{stage, made_for, used_with}} records, got {record!r}")
+        _identity(record.get("made_for"), "other_weights made_for")
+        if _identity(record["used_with"], "other_weights used_with") is None:
+            raise TypeError(f"other_weights used_with must be a weights identity, got {record['used_with']!r}")
+        records.append(dict(record))
+    return tuple(records)
 
 
 def _is_number(value: Any, kind: type) -> bool:

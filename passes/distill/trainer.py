@@ -343,8 +343,15 @@ class _Trainer:
                                f"run has {self.world} (each rank's data shard depends on the world size)")
         if state["plan"] != _plan_fingerprint(self.student) or state["param_names"] != list(self.params):
             raise DistillError(f"cannot resume from {str(path)!r}: it was written for another student (plan differs)")
-        self.resumed_with_other_teachers = list(state.get("resumed_with_other_teachers") or [])
-        before = state.get("teacher_weights")
+        from ldpruner.passes.plan import is_weights_id
+
+        before, resumes = state.get("teacher_weights"), state.get("resumed_with_other_teachers") or []
+        if not (before is None or is_weights_id(before)) or not (isinstance(resumes, list) and all(
+                isinstance(r, dict) and is_weights_id(r.get("used_with")) for r in resumes)):
+            raise DistillError(f"checkpoint {str(path / 'state.json')!r} has a damaged teacher record "
+                               f"(teacher_weights {before!r}, resumed_with_other_teachers {resumes!r}); delete "
+                               f"{str(path)!r} to resume from an earlier checkpoint, or start over with --overwrite")
+        self.resumed_with_other_teachers = list(resumes)
         if before is not None and self.teacher_weights is not None and before != self.teacher_weights:
             from ldpruner.passes.plan import short_id
 
@@ -424,9 +431,14 @@ def plot_loss(log: list[dict[str, float]], path: Path, title: str = "distillatio
 def _prepare_out(out: Path, *, resume: bool, overwrite: bool) -> Path | None:
     """The checkpoint to resume from (None: start fresh); refuses to mix a new run into an old folder."""
     checkpoint = latest_checkpoint(out) if resume else None
+    leftovers = [p for p in (out / CHECKPOINTS, out / "student", out / "distill.json") if p.exists()]
+    if resume and checkpoint is None and not overwrite and any(p.name != CHECKPOINTS for p in leftovers):
+        raise ArtifactError(f"resume=True (--resume) found no checkpoint in {str(out / CHECKPOINTS)!r}, but "
+                            f"{str(out)!r} holds {[p.name for p in leftovers]} of an earlier distillation, which "
+                            "cannot be continued without its checkpoints; pass overwrite=True (--overwrite) to start "
+                            "over")
     if resume:
         return checkpoint  # nothing there yet: a fresh start, as torchrun restarts expect
-    leftovers = [p for p in (out / CHECKPOINTS, out / "student", out / "distill.json") if p.exists()]
     if leftovers and not overwrite:
         raise ArtifactError(f"{str(out)!r} already holds a distillation ({[p.name for p in leftovers]}); pass "
                             "resume=True (--resume) to continue it or overwrite=True (--overwrite) to start over")

@@ -416,21 +416,71 @@ def test_edited_plan_totals_and_text_for_numbers_are_refused(unet_dir, scored, t
     assert not (tmp_path / "p").exists()
 
 
-def test_a_build_folder_from_before_files_were_recorded_is_made_again_and_nothing_removed(unet_dir, tmp_path,
-                                                                                          capsys):
+def test_files_nobody_recorded_are_refused_before_any_work_and_a_damaged_record_too(unet_dir, tmp_path, capsys):
     out = tmp_path / "run"
     assert run(capsys, "build", unet_dir, "--out", out, *FAST, "--distill-steps", "0")[0] == 0
-    state = json.loads((out / ".ldpruner-build.json").read_text())
+    record = out / ".ldpruner-build.json"
+    state = json.loads(record.read_text())
     del state["files"], state["made_from"]  # as an earlier ldpruner wrote it
-    (out / ".ldpruner-build.json").write_text(json.dumps(state))
-    (out / "onnx" / "notes.txt").write_text("mine")
-    assert run(capsys, "build", unet_dir, "--out", out, *FAST, "--distill-steps", "0")[0] == 0
-    assert (out / "onnx" / "notes.txt").read_text() == "mine"
-    report = json.loads((out / "report.json").read_text())
-    assert report["reused_stages"] == [] and report["export"]["export"]["validation"]["passed"]
-    state["files"] = []  # an edited record is no record
-    (out / ".ldpruner-build.json").write_text(json.dumps(state))
-    assert run(capsys, "build", unet_dir, "--out", out, *FAST, "--distill-steps", "0")[0] == 0
+    record.write_text(json.dumps(state))
+    (out / "student" / "notes.txt").write_text("mine")
+    (out / "onnx" / "notes.txt").write_text("mine too")
+    scores = (out / "scores.json").read_bytes()
+    code, err = run(capsys, "build", unet_dir, "--out", out, *FAST, "--distill-steps", "0")
+    assert (code, err) == (1, f"error: ArtifactError: {str(out / 'scores.json')!r} was written by a build that did not "
+                              "record its files (an earlier ldpruner, or an edited .ldpruner-build.json); ldpruner "
+                              "cannot tell them from yours: pass --overwrite to make the analyze stage again")
+    # refused before any stage ran: nothing was removed or rewritten
+    assert (out / "student" / "notes.txt").read_text() == "mine" and (out / "scores.json").read_bytes() == scores
+    for damaged, problem in ((dict(state, files=[]), "'files' and 'made_from' must be objects"),
+                             (dict(state, files={"analyze": {"../x": "0" * 64}}),
+                              f"files.analyze lists '../x': '{'0' * 64}', not a file of the stage with its sha256"),
+                             ([1, 2], "a list, not an object")):
+        record.write_text(json.dumps(damaged))
+        code, err = run(capsys, "build", unet_dir, "--out", out, *FAST, "--distill-steps", "0")
+        assert (code, err) == (1, f"error: ArtifactError: the build record {str(record)!r} is damaged ({problem}); "
+                                  "ldpruner cannot tell which files a build wrote: pass --overwrite to make every "
+                                  "stage again")
+    assert run(capsys, "build", unet_dir, "--out", out, *FAST, "--distill-steps", "0", "--overwrite")[0] == 0
+    assert not (out / "student" / "notes.txt").exists()  # --overwrite: the stages start from an empty place
+    # a record that is not a file is refused even with --overwrite, before anything is touched
+    record.unlink()
+    record.mkdir()
+    code, err = run(capsys, "build", unet_dir, "--out", out, *FAST, "--distill-steps", "0", "--overwrite")
+    assert (code, err) == (1, f"error: ArtifactError: {str(record)!r} is not a file; a build keeps its record there: "
+                              "remove it (or choose another folder)")
+    assert (out / "scores.json").is_file()
+
+
+def test_damaged_identity_records_are_refused(unet_dir, scored, tmp_path, capsys):
+    plan = json.loads((scored / "plan.json").read_text())
+    for field, value, message in (
+            ("model_weights", "sha256:zz", "model_weights must be 'sha256:' and 64 hex digits, or null; got "
+                                           "'sha256:zz'"),
+            ("other_weights", "hello", "other_weights must be a list of {stage, made_for, used_with} records, got "
+                                       "'hello'")):
+        (tmp_path / "plan.json").write_text(json.dumps(dict(plan, **{field: value})))
+        code, err = run(capsys, "prune", unet_dir, "--plan", tmp_path / "plan.json", "--out", tmp_path / "p")
+        assert (code, err) == (1, f"error: PlanError: malformed plan: TypeError: {message}")
+    common, state_path = _distilled_one_step(unet_dir, scored, tmp_path, capsys)
+    state = json.loads(state_path.read_text())
+    state_path.write_text(json.dumps(dict(state, teacher_weights=5)))
+    code, err = run(capsys, "distill", *common, "--steps", "2", "--resume")
+    assert (code, err) == (1, f"error: DistillError: checkpoint {str(state_path)!r} has a damaged teacher record "
+                              "(teacher_weights 5, resumed_with_other_teachers []); delete "
+                              f"{str(state_path.parent)!r} to resume from an earlier checkpoint, or start over with "
+                              "--overwrite")
+    # without its checkpoints a finished distillation cannot be continued, and is not silently replaced
+    import shutil
+
+    shutil.rmtree(tmp_path / "d" / "checkpoints")
+    distilled = (tmp_path / "d" / "distill.json").read_bytes()
+    code, err = run(capsys, "distill", *common, "--steps", "2", "--resume")
+    assert (code, err) == (1, f"error: ArtifactError: resume=True (--resume) found no checkpoint in "
+                              f"{str(tmp_path / 'd' / 'checkpoints')!r}, but {str(tmp_path / 'd')!r} holds ['student', "
+                              "'distill.json'] of an earlier distillation, which cannot be continued without its "
+                              "checkpoints; pass overwrite=True (--overwrite) to start over")
+    assert (tmp_path / "d" / "distill.json").read_bytes() == distilled
 
 
 def test_other_options_with_overwrite_leave_no_file_of_the_earlier_build(unet_dir, tmp_path, capsys):
@@ -476,12 +526,18 @@ def test_an_edited_student_trace_is_a_typed_error(unet_dir, scored, tmp_path, ca
                               "'sample' has shape [2, 4, -8, 8]; a shape is a list of positive sizes")
 
 
-def test_a_checkpoint_state_missing_a_key_is_a_typed_error(unet_dir, scored, tmp_path, capsys):
+def _distilled_one_step(unet_dir: Path, scored: Path, tmp_path: Path, capsys) -> tuple[list, Path]:
+    """A student pruned by scored's plan and distilled one step into tmp_path/d: (the distill arguments, its
+    checkpoint's state.json)."""
     assert run(capsys, "prune", unet_dir, "--plan", scored / "plan.json", "--out", tmp_path / "p")[0] == 0
     common = [unet_dir, tmp_path / "p" / "student", "--out", tmp_path / "d", "--batch-size", "2", "--trajectories",
               "2", "--trajectory-steps", "1"]
     assert run(capsys, "distill", *common, "--steps", "1")[0] == 0
-    state_path = next((tmp_path / "d" / "checkpoints").glob("step-*/state.json"))
+    return common, next((tmp_path / "d" / "checkpoints").glob("step-*/state.json"))
+
+
+def test_a_checkpoint_state_missing_a_key_is_a_typed_error(unet_dir, scored, tmp_path, capsys):
+    common, state_path = _distilled_one_step(unet_dir, scored, tmp_path, capsys)
     state = json.loads(state_path.read_text())
     del state["world_size"]
     state_path.write_text(json.dumps(state))

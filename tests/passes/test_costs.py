@@ -181,7 +181,9 @@ def test_check_latency_measures_the_pruned_model_beside_the_dense_one(sd_graph, 
     assert result["flagged"] == (result["shortfall"] > 0)
     if result["flagged"]:
         assert "falls short of the predicted" in result["message"]
-    lax = check_latency(sd_graph.traced, pruned.traced, costs, names, repeats=2, warmup=0, tolerance=1.0)
+    # a tolerance no measurement can exceed (a pruned model timed slower than the dense one on a busy machine has a
+    # shortfall above 100 %): never flagged, whatever the timings
+    lax = check_latency(sd_graph.traced, pruned.traced, costs, names, repeats=2, warmup=0, tolerance=1e9)
     assert lax["flagged"] is False and lax["message"] is None
 
 
