@@ -255,9 +255,12 @@ STAGES: tuple[Stage, ...] = (
 
 def _file_digest(path: str | None) -> str | None:
     """sha256 of a file the build reads (its content, not its name, decides whether a stage reruns)."""
-    import hashlib
+    return _sha256(Path(path)) if path is not None else None
 
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest() if path is not None else None
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _cost_key(b: Build) -> str:
@@ -481,22 +484,12 @@ def _run_stages(build: Build) -> None:
         else:
             (build.keys[stage.name],) = inputs
     # every refusal (a file changed or added, an artifact of other inputs, files nobody recorded) before any work
-    error = None
-    if world.is_main:
-        try:
-            for stage in enabled:
-                _check_stage(build, stage, build.keys[stage.name])
-        except Exception as exc:
-            if world.size == 1:
-                raise
-            error = exc
-    if world.size > 1:
-        _sync(world, error)
+    _on_rank0(world, world.size > 1, lambda: [_decide(build, s, build.keys[s.name], quiet=True) for s in enabled])
     main_only_since_sync = False
     for i, stage in enumerate(enabled):
         key = build.keys[stage.name]
         if stage.all_ranks and main_only_since_sync and world.size > 1:
-            _sync(world, None)
+            _share(world, None, None)
             main_only_since_sync = False
         if not stage.all_ranks:
             main_only_since_sync = True
@@ -506,20 +499,37 @@ def _run_stages(build: Build) -> None:
             _run_stage(build, stage, key)
         except Exception as exc:
             if not stage.all_ranks and world.size > 1 and i < last_all_ranks:
-                _sync(world, exc)  # the other ranks wait at the next all-ranks stage: they raise it there
+                _share(world, None, exc)  # the other ranks wait at the next all-ranks stage: they raise it there
             raise
         if not world.is_main and i >= last_all_ranks:
             return
 
 
-def _sync(world: distributed.World, error: BaseException | None) -> None:
-    """Every rank meets here; rank 0 sends ``error`` (None: go on), and every rank raises it."""
+def _share(world: distributed.World, value: Any, error: BaseException | None) -> Any:
+    """Rank 0's ``value`` on every rank, or the ``error`` rank 0 sends raised on every rank (every rank calls this
+    at the same point: it is a collective)."""
     import torch.distributed as dist
 
-    box = [error if world.is_main else None]
+    box = [(value, error) if world.is_main else None]
     dist.broadcast_object_list(box, src=0)
-    if box[0] is not None:
-        raise box[0]
+    value, error = box[0]
+    if error is not None:
+        raise error
+    return value
+
+
+def _on_rank0(world: distributed.World, together: bool, work: Callable[[], Any]) -> Any:
+    """``work()`` done by rank 0; with ``together`` (every rank calls this) each rank gets its result, or raises
+    what it raised, so that no rank waits in a collective for one that failed."""
+    value = error = None
+    if world.is_main:
+        try:
+            value = work()
+        except Exception as exc:
+            if not together:
+                raise
+            error = exc
+    return _share(world, value, error) if together else value
 
 
 FILES = "files"  # the state's record of each finished stage's outputs: {stage: {path: sha256}}
@@ -538,11 +548,7 @@ def _listing(out: Path, paths: tuple[str, ...]) -> list[str]:
 
 def _digests(out: Path, paths: tuple[str, ...]) -> dict[str, str]:
     """sha256 of every file under ``paths`` (files or folders in ``out``), by path relative to ``out``."""
-    found: dict[str, str] = {}
-    for rel in _listing(out, paths):
-        with open(out / rel, "rb") as fh:
-            found[rel] = hashlib.file_digest(fh, "sha256").hexdigest()
-    return found
+    return {rel: _sha256(out / rel) for rel in _listing(out, paths)}
 
 
 def _recorded(build: Build, stage: str) -> dict[str, str] | None:
@@ -605,11 +611,23 @@ def _upstream(build: Build, stage: Stage) -> str | None:
     return _key({r: _recorded(build, r) for r in used}) if used else None
 
 
-def _check_stage(build: Build, stage: Stage, key: str) -> None:
-    """Raise what running ``stage`` would be refused for, without touching anything."""
-    reuse, ours, _ = _reuse(build, stage, key, quiet=True)
-    if not reuse:
+def _decide(build: Build, stage: Stage, key: str, *, quiet: bool = False) -> tuple[bool, bool]:
+    """(reuse the stage's files, remove them before it runs again), or what running ``stage`` is refused for; touches
+    nothing."""
+    reuse, ours, clear = _reuse(build, stage, key, quiet=quiet)
+    if not reuse:  # an artifact that is not ours (other inputs, a file no build wrote) needs --overwrite
         check_replaceable(build.out / stage.artifact, build.cfg.overwrite or ours)
+    return reuse, clear
+
+
+def _mark_started(build: Build, stage: Stage, key: str, clear: bool) -> None:
+    """Before ``stage`` runs: its old files removed when ``clear`` (nothing it reads back, or leaves beside its new
+    files, is an old or damaged file), and the stage marked pending in the record (a kill leaves it so)."""
+    if clear:
+        _remove(build.out, stage.written())
+    build.state[stage.name] = PENDING + key
+    build.state.setdefault(FILES, {}).pop(stage.name, None)
+    write_json_atomic(build.out / STATE_FILE, build.state)
 
 
 def _found(build: Build, stage: Stage) -> dict[str, str]:
@@ -620,45 +638,13 @@ def _found(build: Build, stage: Stage) -> dict[str, str]:
 
 
 def _run_stage(build: Build, stage: Stage, key: str) -> None:
-    artifact = build.out / stage.artifact
     together = stage.all_ranks and build.world.size > 1  # every rank reuses or runs it, or fails, as rank 0 decided
-    decision: Any = None
-    if build.world.is_main:
-        try:
-            reuse, ours, clear = _reuse(build, stage, key)
-            if not reuse:  # an artifact that is not ours (other inputs, a file no build wrote) needs --overwrite
-                check_replaceable(artifact, build.cfg.overwrite or ours)
-            decision = (reuse, clear, None)
-        except Exception as exc:  # every rank raises it: none waits for the others in a collective
-            if not together:
-                raise
-            decision = (False, False, exc)
-    if together:
-        import torch.distributed as dist
-
-        box = [decision]
-        dist.broadcast_object_list(box, src=0)
-        decision = box[0]
-    reuse, clear, error = decision
-    if error is not None:
-        raise error
+    reuse, clear = _on_rank0(build.world, together, lambda: _decide(build, stage, key))
     if reuse:
         build.reused.append(stage.name)
         return
-    error = None
-    if build.world.is_main:
-        try:
-            if clear:  # nothing the stage reads back, or leaves beside its new files, is an old or damaged file
-                _remove(build.out, stage.written())
-            build.state[stage.name] = PENDING + key
-            build.state.setdefault(FILES, {}).pop(stage.name, None)
-            write_json_atomic(build.out / STATE_FILE, build.state)
-        except Exception as exc:
-            if not together:
-                raise
-            error = exc
-    if together:  # the other ranks start once rank 0 has cleared the way (or raise what stopped it)
-        _sync(build.world, error)
+    # the other ranks start once rank 0 has cleared the way (or raise what stopped it)
+    _on_rank0(build.world, together, lambda: _mark_started(build, stage, key, clear))
     start = time.perf_counter()
     stage.run(build)
     build.timings[stage.name] = round(time.perf_counter() - start, 3)

@@ -27,7 +27,7 @@ from typing import Any
 
 from . import calibration, devices, distributed
 from .errors import ArtifactError, ConfigError
-from .io import check_replaceable
+from .io import check_replaceable, write_json_atomic
 from .sources import LoadedModel
 
 __all__ = [
@@ -160,8 +160,6 @@ def check_latency(loaded: LoadedModel, student: Any, cost_report: Any, trace: An
     if result["flagged"]:
         logging.getLogger("ldpruner.stages").warning(result["message"])
     if out is not None:
-        from ldpruner.io import write_json_atomic
-
         path = Path(out) / LATENCY
         check_replaceable(path, overwrite)
         write_json_atomic(path, result)
@@ -302,7 +300,6 @@ def lora(student: Any, lora_path: str | os.PathLike, *, scale: float, out: str |
     With ``out``: ``out/student/`` and ``out/lora.json``."""
     import copy
 
-    from ldpruner.io import write_json_atomic
     from ldpruner.passes.lora import apply_lora, read_lora
     from ldpruner.passes.student import save_student
 
@@ -361,8 +358,6 @@ def export(student: Any, config: Any, variants: Any, *, out: str | os.PathLike, 
             summary[name] = results[name].to_dict()
         pruned_sites, dense_sites = fusion_sites(student.gm), _dense_sites(student)
         summary["fusions"] = {name: fusion_table(results[name], pruned_sites, dense_sites) for name in results}
-    from ldpruner.io import write_json_atomic
-
     write_json_atomic(onnx_dir / EXPORT_SUMMARY, summary)
     return summary
 

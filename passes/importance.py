@@ -55,6 +55,7 @@ from .conditioning import (
     uses_guidance,
 )
 from .config import AnalysisConfig
+from .plan import check_weights_id
 
 __all__ = [
     "AnalysisConfig",
@@ -201,7 +202,7 @@ class ImportanceReport:
                 placement=dict(data.get("placement") or {}),
                 planned_unet_calls=cost.get("planned_unet_calls"),
                 peak_memory=list(cost.get("peak_memory") or []),
-                model_weights=_identity(data.get("model_weights"), "scores.json's model_weights"),
+                model_weights=check_weights_id(data.get("model_weights"), "scores.json's model_weights"),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ArtifactError(f"malformed scores file: {type(exc).__name__}: {exc}") from exc
@@ -227,15 +228,6 @@ class ImportanceReport:
         if path.is_dir():
             path = path / cls.FILENAME
         return cls.from_dict(read_json(path, what="scores file"))
-
-
-def _identity(value: Any, what: str) -> str | None:
-    """A recorded weights identity (``sha256:`` and 64 hex digits) or None; anything else is a malformed artifact."""
-    from ldpruner.passes.plan import is_weights_id
-
-    if value is None or is_weights_id(value):
-        return value
-    raise TypeError(f"{what} must be 'sha256:' and 64 hex digits, or null; got {value!r}")
 
 
 def _check_finite_scores(entries: list[CandidateScore], where: str) -> None:

@@ -11,7 +11,8 @@ from typing import Any
 from ldpruner.errors import PlanError, WeightsMismatchError
 from ldpruner.io import read_json, write_json_atomic
 
-__all__ = ["PlannedRemoval", "RemovalPlan", "PLAN_FORMAT", "WeightsMismatchError", "is_weights_id", "short_id"]
+__all__ = ["PlannedRemoval", "RemovalPlan", "PLAN_FORMAT", "WeightsMismatchError", "check_weights_id",
+           "is_weights_id", "short_id"]
 
 PLAN_FORMAT = "ldpruner.plan/1"
 
@@ -149,7 +150,7 @@ class RemovalPlan:
                 budget=dict(data.get("budget", {})),
                 latency=dict(data["latency"]) if data.get("latency") is not None else None,
                 outside_graph=dict(data["outside_graph"]) if data.get("outside_graph") is not None else None,
-                model_weights=_identity(data.get("model_weights")),
+                model_weights=check_weights_id(data.get("model_weights")),
                 other_weights=_other_weights(data.get("other_weights")),
             )
             _check_totals(plan, totals)
@@ -185,7 +186,8 @@ def is_weights_id(value: Any) -> bool:
     return isinstance(value, str) and re.fullmatch(r"sha256:[0-9a-f]{64}", value) is not None
 
 
-def _identity(value: Any, what: str = "model_weights") -> str | None:
+def check_weights_id(value: Any, what: str = "model_weights") -> str | None:
+    """``value`` when it is a weights identity or None; TypeError naming ``what`` otherwise."""
     if value is None or is_weights_id(value):
         return value
     raise TypeError(f"{what} must be 'sha256:' and 64 hex digits, or null; got {value!r}")
@@ -201,8 +203,8 @@ def _other_weights(value: Any) -> tuple[dict[str, Any], ...]:
     for record in value:
         if not (isinstance(record, dict) and isinstance(record.get("stage"), str) and "used_with" in record):
             raise TypeError(f"other_weights must be a list of {{stage, made_for, used_with}} records, got {record!r}")
-        _identity(record.get("made_for"), "other_weights made_for")
-        if _identity(record["used_with"], "other_weights used_with") is None:
+        check_weights_id(record.get("made_for"), "other_weights made_for")
+        if check_weights_id(record["used_with"], "other_weights used_with") is None:
             raise TypeError(f"other_weights used_with must be a weights identity, got {record['used_with']!r}")
         records.append(dict(record))
     return tuple(records)
