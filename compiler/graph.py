@@ -316,6 +316,10 @@ def _removal_action(node: torch.fx.Node, module: nn.Module, shapes: dict[str, An
     # keeps the shape qualifies (score-SDE's skip blocks add a downsampling resnet to a skip path)
     if join is not None and in_shape == out_shape:
         return Action.IDENTITY, "residual branch: its residual add becomes the skip", join[0]
+    if name == "Attention" and not getattr(module, "residual_connection", False):
+        # its input is the normalised features, not the stream it is added to: bypassing it would add them on
+        # (K-diffusion's attention blocks reshape the output before their residual add, out of the join's reach)
+        return Action.NOT_REMOVABLE, "attention branch whose residual add was not found", None
     if len(in_shape) != len(out_shape) or (len(out_shape) == 4 and in_shape[2:] != out_shape[2:]) or \
             (len(out_shape) == 3 and in_shape[1] != out_shape[1]):
         return Action.NOT_REMOVABLE, f"changes spatial size {_fmt(in_shape)} -> {_fmt(out_shape)}", None

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from . import stages
+from . import devices, stages
 from .config import ANALYSIS_OPTIONS
 from .errors import ConfigError
 from .options import split_options
@@ -38,39 +38,49 @@ __all__ = ["analyze", "bench", "build", "costs", "distill", "export", "inspect",
 ModelLike = Any  # str | os.PathLike | torch.nn.Module | LoadedModel
 
 
-def load(model: ModelLike) -> LoadedModel:
-    """The UNet MODEL names, with what the stages use beside it (scheduler, text encoder, prompts)."""
-    return _load(model)
+def load(model: ModelLike, *, scheduler: str | os.PathLike | None = None) -> LoadedModel:
+    """The UNet MODEL names, with what the stages use beside it (scheduler, text encoder, prompts). ``scheduler``
+    (a diffusers scheduler class such as ``"DDIMScheduler"``, with its default config, or a scheduler folder or
+    ``scheduler_config.json``) replaces the model's own, or gives one to a model without one."""
+    return _load(model, scheduler=scheduler)
 
 
 def inspect(model: ModelLike, **options: Any) -> Any:
     """Trace ``model`` and describe its operators (an :class:`~ldpruner.compiler.graph.OperatorGraph`).
 
-    ``options``: TraceConfig fields (granularity, height, width)."""
-    (trace,) = split_options(options, TraceConfig)
-    return stages.inspect(load(model), TraceConfig(**trace))
+    ``options``: TraceConfig fields (granularity, height, width) and DeviceConfig's threads (the trace runs the
+    model once)."""
+    trace, placement = split_options(options, TraceConfig, (DeviceConfig, ("threads",)))
+    config, placement = TraceConfig(**trace), DeviceConfig(**placement)
+    with devices.intra_op_threads(placement.threads):
+        return stages.inspect(load(model), config)
 
 
 def analyze(model: ModelLike, *, out: str | os.PathLike | None = None, prompts: str | os.PathLike | None = None,
-            calibration: str | os.PathLike | None = None, overwrite: bool = False, progress: bool = True,
-            **options: Any) -> Any:
+            calibration: str | os.PathLike | None = None, scheduler: str | os.PathLike | None = None,
+            overwrite: bool = False, progress: bool = True, **options: Any) -> Any:
     """Score every removable operator by latent deviation (an
     :class:`~ldpruner.passes.importance.ImportanceReport`); writes ``out/scores.json`` when ``out`` is given, and
     reuses one already there whose cache key (model weights + options + conditioning) matches.
 
     ``options``: TraceConfig fields (granularity, height, width), AnalysisConfig fields (num_samples, steps,
-    seed, guidance_scale, batch_size, dtype) and DeviceConfig's device. ``prompts``: a prompt file (default: the
-    model's own prompts, else the built-in set). ``calibration``: a safetensors file of conditioning inputs
-    (:func:`~ldpruner.passes.conditioning.read_calibration_file`; default: data-free stand-ins)."""
+    seed, guidance_scale, batch_size, dtype) and DeviceConfig's fields (device, threads). ``prompts``: a prompt file
+    (default: the model's own prompts, else the built-in set). ``calibration``: a safetensors file of conditioning
+    inputs (:func:`~ldpruner.passes.conditioning.read_calibration_file`; default: data-free stand-ins).
+    ``scheduler``: what the generations sample with instead of the model's own (see :func:`load`); a model without
+    one samples with ``DDIMScheduler()`` at diffusers' defaults (a notice says so; scores.json records which), and
+    a pipeline folder without its ``scheduler/`` is refused."""
     out = _out(out)
     from .passes.config import AnalysisConfig
 
     trace, analysis, placement = split_options(
         options, TraceConfig, (AnalysisConfig, ANALYSIS_OPTIONS), DeviceConfig)
-    loaded = _with_calibration(load(model), calibration)
-    graph, config, calib = stages.analysis_inputs(loaded, TraceConfig(**trace), analysis, prompts,
-                                                  DeviceConfig(**placement).device)
-    return stages.analyze(loaded, graph, config, calib, out=out, overwrite=overwrite, progress=progress)
+    placement = DeviceConfig(**placement)
+    with devices.intra_op_threads(placement.threads):
+        loaded = _with_calibration(load(model, scheduler=scheduler), calibration)
+        graph, config, calib = stages.analysis_inputs(loaded, TraceConfig(**trace), analysis, prompts,
+                                                      placement.device)
+        return stages.analyze(loaded, graph, config, calib, out=out, overwrite=overwrite, progress=progress)
 
 
 def costs(model: ModelLike, *, out: str | os.PathLike | None = None, overwrite: bool = False, progress: bool = True,
@@ -80,11 +90,14 @@ def costs(model: ModelLike, *, out: str | os.PathLike | None = None, overwrite: 
     already there whose key (graph, options, device, runtime versions) matches.
 
     ``options``: TraceConfig fields (granularity, height, width: the latent size deployed), CostConfig fields
-    (runtime, latency_batch, latency_dtype, latency_repeats, latency_warmup, threads) and DeviceConfig's device."""
+    (runtime, latency_batch, latency_dtype, latency_repeats, latency_warmup) and DeviceConfig's fields (device,
+    threads: what the latency is measured with, part of the costs' key)."""
     out = _out(out)
     trace, measure, placement = split_options(options, TraceConfig, CostConfig, DeviceConfig)
-    return stages.costs(load(model), TraceConfig(**trace), CostConfig(**measure),
-                        device=DeviceConfig(**placement).device, out=out, overwrite=overwrite, progress=progress)
+    trace, measure, placement = TraceConfig(**trace), CostConfig(**measure), DeviceConfig(**placement)
+    with devices.intra_op_threads(placement.threads) as threads:
+        return stages.costs(load(model), trace, measure, device=placement.device, threads=threads, out=out,
+                            overwrite=overwrite, progress=progress)
 
 
 def select(scores: Any, *, model: ModelLike | None = None, costs: Any = None, out: str | os.PathLike | None = None,
@@ -118,28 +131,33 @@ def prune(model: ModelLike, plan: Any, *, out: str | os.PathLike | None = None, 
     :class:`~ldpruner.passes.remove.PrunedUNet`); writes ``out/student/``. A plan made for other weights (of the
     same architecture: a fine-tune, say) is refused unless ``allow_other_weights``; the student records it.
 
-    ``options``: the trace's latent size (height, width) and PruneConfig fields (verify)."""
+    ``options``: the trace's latent size (height, width), PruneConfig fields (verify) and DeviceConfig's threads
+    (the trace and the verifier run the model)."""
     out = _out(out)
     from .passes.plan import RemovalPlan
 
-    size, rewrite = split_options(options, (TraceConfig, ("height", "width")), PruneConfig)
+    size, rewrite, placement = split_options(options, (TraceConfig, ("height", "width")), PruneConfig,
+                                             (DeviceConfig, ("threads",)))
+    rewrite, placement = PruneConfig(**rewrite), DeviceConfig(**placement)
     plan = plan if isinstance(plan, RemovalPlan) else RemovalPlan.load(Path(plan))
-    return stages.prune(load(model), plan, TraceConfig(granularity=plan.granularity, **size), PruneConfig(**rewrite),
-                        out=out, overwrite=overwrite, allow_other_weights=allow_other_weights)
+    with devices.intra_op_threads(placement.threads):
+        return stages.prune(load(model), plan, TraceConfig(granularity=plan.granularity, **size), rewrite,
+                            out=out, overwrite=overwrite, allow_other_weights=allow_other_weights)
 
 
 def distill(model: ModelLike, student: Any, *, out: str | os.PathLike, data: str | os.PathLike | None = None,
             prompts: str | os.PathLike | None = None, calibration: str | os.PathLike | None = None,
-            resume: bool = False, overwrite: bool = False, progress: bool = True, allow_other_weights: bool = False,
-            **options: Any) -> Any:
+            scheduler: str | os.PathLike | None = None, resume: bool = False, overwrite: bool = False,
+            progress: bool = True, allow_other_weights: bool = False, **options: Any) -> Any:
     """Fine-tune a pruned ``student`` (a PrunedUNet or a student/ folder) against the dense ``model`` it was
     pruned from (other weights, or resuming against another teacher, only with ``allow_other_weights``: recorded);
     writes ``out/student/`` (the distilled student), the loss log and plot, ``distill.json`` and
     ``out/checkpoints/``. Returns a :class:`~ldpruner.passes.distill.DistillResult` whose ``student`` is the
     trained copy: an in-memory ``student`` passed in stays as it was.
 
-    ``options``: DistillConfig fields (steps, batch_size, lr, w_out, …) and DeviceConfig's device (where the student
-    trains; under torchrun each rank's GPU). ``data`` None distills data-free on the
+    ``options``: DistillConfig fields (steps, batch_size, lr, w_out, …) and DeviceConfig's fields (device: where the
+    student trains, under torchrun each rank's GPU; threads). ``scheduler``: what the data-free trajectories sample
+    with instead of the model's own (see :func:`analyze`). ``data`` None distills data-free on the
     teacher's own sampling trajectories (prompts: ``prompts``, else the model's own prompt set, else the built-in
     one); a folder of images (captions in ``metadata.jsonl`` or ``<image>.txt``) is encoded through the model's
     VAE and adds the denoising (task) loss. ``resume`` continues from the newest checkpoint in ``out``. Under
@@ -148,11 +166,12 @@ def distill(model: ModelLike, student: Any, *, out: str | os.PathLike, data: str
     import copy
 
     distillation, placement = split_options(options, DistillConfig, DeviceConfig)
-    config, device = DistillConfig(**distillation), DeviceConfig(**placement).device
-    pruned = copy.deepcopy(student) if not isinstance(student, (str, os.PathLike)) else _load_student(student)
-    return stages.distill(_with_calibration(load(model), calibration), pruned, config, out=out, data=data,
-                          prompts_file=prompts, resume=resume, overwrite=overwrite, progress=progress, device=device,
-                          allow_other_weights=allow_other_weights)
+    config, placement = DistillConfig(**distillation), DeviceConfig(**placement)
+    with devices.intra_op_threads(placement.threads):
+        pruned = copy.deepcopy(student) if not isinstance(student, (str, os.PathLike)) else _load_student(student)
+        return stages.distill(_with_calibration(load(model, scheduler=scheduler), calibration), pruned, config,
+                              out=out, data=data, prompts_file=prompts, resume=resume, overwrite=overwrite,
+                              progress=progress, device=placement.device, allow_other_weights=allow_other_weights)
 
 
 def export(model: Any, *, out: str | os.PathLike, overwrite: bool = False, controlnet: bool = False,
@@ -163,17 +182,24 @@ def export(model: Any, *, out: str | os.PathLike, overwrite: bool = False, contr
     dense baseline, from the same exporter.
 
     ``options``: ExportConfig fields (exporter, opset, …), OptimizeConfig fields (optimize: also the
-    onnxruntime-optimized model; fp16: also its fp16 variant), DeviceConfig's device (CUDA: the checks run on
-    onnxruntime's CUDA provider, the optimizer targets it) and, for a dense model, TraceConfig's height and width
-    (the traced latent size; the ONNX model's spatial size stays dynamic). ``controlnet``: the ONNX model also
+    onnxruntime-optimized model; fp16: also its fp16 variant), DeviceConfig's fields (device — CUDA: the checks run
+    on onnxruntime's CUDA provider, the optimizer targets it; threads) and, for a dense model, TraceConfig's height
+    and width (the traced latent size; the ONNX model's spatial size stays dynamic). ``controlnet``: the ONNX model also
     takes ControlNet's residuals (``down_block_additional_residual_<i>``, ``mid_block_additional_residual``), as
     optimum's Stable Diffusion ControlNet export does; ``adapter``: T2I-Adapter's features
     (``down_intrablock_additional_residual_<i>``)."""
     out = _out(out)
     export_options, variants, placement, trace = split_options(options, ExportConfig, OptimizeConfig, DeviceConfig,
                                                                (TraceConfig, ("height", "width")))
-    variants, device = OptimizeConfig(**variants), DeviceConfig(**placement).device  # checked before exporting
+    variants, placement = OptimizeConfig(**variants), DeviceConfig(**placement)  # checked before exporting
     config = ExportConfig(**export_options)
+    with devices.intra_op_threads(placement.threads) as threads:
+        return _export(model, config, variants, out=out, overwrite=overwrite, device=placement.device,
+                       threads=threads, trace=trace, controlnet=controlnet, adapter=adapter)
+
+
+def _export(model: Any, config: Any, variants: Any, *, out: Path, overwrite: bool, device: str, threads: int,
+            trace: dict[str, Any], controlnet: bool, adapter: bool) -> dict[str, Any]:
     student = getattr(model, "pruned", model)  # a StudentUNet carries its PrunedUNet
     if isinstance(student, (str, os.PathLike)) and _is_student_folder(student):
         student = _load_student(student)
@@ -182,12 +208,14 @@ def export(model: Any, *, out: str | os.PathLike, overwrite: bool = False, contr
             raise ConfigError(f"height/width ({trace}) apply to a dense model; a student exports at the size it was "
                               "traced at (its ONNX model takes any multiple of the UNet's spatial multiple)")
     else:
-        student = stages.dense_as_student(load(model), TraceConfig(**trace))
+        loaded = load(model)
+        stages.check_exportable(loaded.unet_config)  # before the trace
+        student = stages.dense_as_student(loaded, TraceConfig(**trace))
     if controlnet or adapter:
         from .passes.student import with_residual_inputs
 
         student = with_residual_inputs(student, controlnet=controlnet, adapter=adapter)
-    return stages.export(student, config, variants, out=out, overwrite=overwrite, device=device)
+    return stages.export(student, config, variants, out=out, overwrite=overwrite, device=device, threads=threads)
 
 
 def lora(student: Any, lora: str | os.PathLike, *, out: str | os.PathLike | None = None, scale: float = 1.0,

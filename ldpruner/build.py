@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from . import devices, distributed, report, stages
+from . import calibration, devices, distributed, report, stages
 from .config import ANALYSIS_OPTIONS, BuildConfig
 from .errors import ArtifactError
 from .io import check_replaceable, output_dir, write_json_atomic, write_text_atomic
@@ -66,6 +66,8 @@ class Build:
     keys: dict[str, str] = dataclasses.field(default_factory=dict)
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
     reused: list[str] = dataclasses.field(default_factory=list)
+    threads: int = 1  # torch's intra-op threads (and onnxruntime's) in every stage of this build
+    ran_with: dict[str, int] = dataclasses.field(default_factory=dict)  # the threads of each stage run in this build
     students: dict[str, Any] = dataclasses.field(default_factory=dict)  # made in this run, by stage: not reloaded
     found: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)  # sha256 of each stage's files now
 
@@ -110,8 +112,8 @@ def _timed(b: Build) -> bool:
 
 
 def _costs(b: Build) -> None:
-    stages.costs(b.loaded, b.cfg.part(TraceConfig), b.cfg.part(CostConfig), device=b.cfg.device, out=b.out,
-                 overwrite=True, progress=b.progress)
+    stages.costs(b.loaded, b.cfg.part(TraceConfig), b.cfg.part(CostConfig), device=b.cfg.device, threads=b.threads,
+                 out=b.out, overwrite=True, progress=b.progress)
 
 
 def _cost_report(b: Build) -> Any:
@@ -197,7 +199,7 @@ def _export(b: Build) -> None:
     b.graph = None
     gc.collect()
     stages.export(student, b.cfg.part(ExportConfig), b.cfg.part(OptimizeConfig), out=b.out, overwrite=True,
-                  device=b.cfg.device)  # writes EXPORT_SUMMARY
+                  device=b.cfg.device, threads=b.threads)  # writes EXPORT_SUMMARY
 
 
 def _on_cuda(b: Build) -> bool:
@@ -206,8 +208,9 @@ def _on_cuda(b: Build) -> bool:
 
 
 def sample_rows(b: Build) -> list[str]:
-    """The rows of samples.png (zoo models only: they know how to sample and decode their outputs)."""
-    if b.loaded.zoo_name is None:
+    """The rows of samples.png (zoo models only: they know how to sample and decode their outputs; none with
+    ``--no-samples``)."""
+    if b.loaded.zoo_name is None or not b.cfg.samples:
         return []
     return ["dense", "pruned"] + (["distilled"] if b.enabled("distill") else [])
 
@@ -268,7 +271,7 @@ def _cost_key(b: Build) -> str:
     already traced (operators and shapes are the same at any dtype)."""
     from ldpruner.passes.costs import cache_key
 
-    return cache_key(b.graph, b.cfg.part(CostConfig), devices.resolve_device(b.cfg.device))
+    return cache_key(b.graph, b.cfg.part(CostConfig), devices.resolve_device(b.cfg.device), b.threads)
 
 
 def _key(*parts: Any) -> str:
@@ -327,8 +330,9 @@ def run_build(cfg: BuildConfig, *, progress: bool = True) -> dict[str, Any]:
         raise ArtifactError(f"{str(record)!r} is not a file; a build keeps its record there: remove it (or choose "
                             "another folder)")
     _check_out_is_ours(out, cfg.overwrite)
-    t0 = time.perf_counter()
-    loaded = load(cfg.model)
+    t0, load_average = time.perf_counter(), devices.load_average()  # the load before this build adds its own
+    loaded = load(cfg.model, scheduler=cfg.scheduler)
+    calibration.sampling_scheduler(loaded)  # a pipeline folder without its scheduler: refused before any write
     if cfg.calibration is not None:
         from ldpruner.passes.conditioning import read_calibration_file
 
@@ -339,8 +343,9 @@ def run_build(cfg: BuildConfig, *, progress: bool = True) -> dict[str, Any]:
     # under torchrun the ranks build into one folder together: rank 0 holds the lock for them
     lock = _lock(out) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext()
     try:
-        with lock:
-            return _run_build(cfg, out, loaded, t0, progress)
+        # every stage computes with the same threads (torch's, and every onnxruntime session's): the report says so
+        with lock, devices.intra_op_threads(cfg.threads):
+            return _run_build(cfg, out, loaded, t0, progress, load_average)
     except BaseException:
         if created and out.is_dir() and not any(out.iterdir()):  # a refused build leaves no empty folder behind
             out.rmdir()
@@ -425,7 +430,8 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _run_build(cfg: BuildConfig, out: Path, loaded: LoadedModel, t0: float, progress: bool) -> dict[str, Any]:
+def _run_build(cfg: BuildConfig, out: Path, loaded: LoadedModel, t0: float, progress: bool,
+               load_average: float | None) -> dict[str, Any]:
     # NCCL when the ranks work on GPUs, gloo on CPUs
     world = distributed.join(devices.resolve_device(cfg.device))
     try:
@@ -441,7 +447,10 @@ def _run_build(cfg: BuildConfig, out: Path, loaded: LoadedModel, t0: float, prog
         result = report.build_report(cfg, build.description, RemovalPlan.load(out / stages.PLAN), out,
                                      build.timings, build.reused, sample_rows(build),
                                      files={p: d for s in STAGES if s.enabled(build)
-                                            for p, d in build.state.get(FILES, {}).get(s.name, {}).items()})
+                                            for p, d in build.state.get(FILES, {}).get(s.name, {}).items()},
+                                     threads=report.threads_record(
+                                         cfg.threads, build.threads, [s.name for s in STAGES if s.enabled(build)],
+                                         build.ran_with, out, load_average))
         write_json_atomic(out / report.REPORT, result)
         write_text_atomic(out / report.REPORT_MD, report.report_markdown(result))
         return result
@@ -451,16 +460,18 @@ def _run_build(cfg: BuildConfig, out: Path, loaded: LoadedModel, t0: float, prog
 
 def _prepare(cfg: BuildConfig, out: Path, loaded: LoadedModel, world: distributed.World, progress: bool) -> Build:
     """Trace, the analysis inputs, the budget check (an unreachable budget is known from the operator graph alone:
-    fail before the costly analysis) and the operator table."""
+    fail before the costly analysis) and the operator table; a UNet the export refuses is refused before all that."""
     from ldpruner.passes.importance import cache_key
     from ldpruner.passes.select import check_budget
 
+    stages.check_exportable(loaded.unet_config)
     analysis_options = {n: getattr(cfg, n) for n in ANALYSIS_OPTIONS}
     graph, analysis, calib = stages.analysis_inputs(loaded, cfg.part(TraceConfig), analysis_options, cfg.prompts,
                                                     cfg.device)
     if cfg.metric != "latency":  # a latency budget is checked once the costs are measured
         check_budget(graph.candidates, total_params=graph.total_params, total_macs=graph.total_macs,
                      config=cfg.part(SelectionConfig))
+    calibration.note_default_scheduler(loaded)  # once the build is known to go ahead
     if world.is_main:
         if not (out / STATE_FILE).exists():  # the folder is a build's from its first file on (see _check_out_is_ours)
             write_json_atomic(out / STATE_FILE, {})
@@ -468,7 +479,8 @@ def _prepare(cfg: BuildConfig, out: Path, loaded: LoadedModel, world: distribute
         write_text_atomic(out / "operators.json", graph.to_json() + "\n")
     return Build(cfg=cfg, out=out, progress=progress, loaded=loaded, graph=graph, analysis=analysis, calib=calib,
                  world=world, state=_read_state(out, cfg.overwrite), description=loaded.describe(),
-                 analysis_key=cache_key(graph, calib, config=analysis, scheduler=loaded.scheduler))
+                 analysis_key=cache_key(graph, calib, config=analysis, scheduler=loaded.scheduler),
+                 threads=devices.resolve_threads(None))  # the build's own (run_build set them)
 
 
 def _run_stages(build: Build) -> None:
@@ -648,6 +660,7 @@ def _run_stage(build: Build, stage: Stage, key: str) -> None:
     start = time.perf_counter()
     stage.run(build)
     build.timings[stage.name] = round(time.perf_counter() - start, 3)
+    build.ran_with[stage.name] = build.threads
     build.state[stage.name] = key
     if build.world.is_main:
         build.found.pop(stage.name, None)

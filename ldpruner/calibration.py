@@ -7,18 +7,49 @@ distillation, wired from what the model brings.
 * Prompts: a prompt file when given, else the model's own prompt set (zoo models), else the built-in one.
 * Distillation data (:func:`distill_data`): the teacher's own sampling trajectories (data-free), or an image
   folder encoded through the model's VAE with its captions encoded like the prompts.
+* The scheduler both sample with (:func:`sampling_scheduler`): the model's own, the one ``--scheduler`` names, or —
+  for a model that brings none (a UNet folder, ``random:``, an in-memory UNet) — diffusers' ``DDIMScheduler()``,
+  said in a notice and in the outputs. A pipeline folder without its ``scheduler/`` is refused.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, ModelLoadError
 from .sources import LoadedModel
 
-__all__ = ["analysis_config", "conditioning_source", "distill_data", "prompts_for"]
+__all__ = ["analysis_config", "check_distill_inputs", "conditioning_source", "distill_data", "note_default_scheduler",
+           "prompts_for", "sampling_scheduler"]
+
+
+def sampling_scheduler(loaded: LoadedModel) -> tuple[Any, str | None]:
+    """(the scheduler the analysis and distillation sample with, where it came from): the model's own ("model"),
+    the one ``--scheduler`` named ("asked"), a caller's (None: "given"), or (None, None) for a model that brings none
+    — the passes then use ``DDIMScheduler()`` and record it as the default. A pipeline folder whose ``scheduler/``
+    is missing is refused: the pipeline's own scheduler is the one its UNet was trained for."""
+    if loaded.scheduler is None and loaded.missing_scheduler is not None:
+        raise ModelLoadError(
+            f"pipeline folder {str(loaded.missing_scheduler.parent)!r} has no scheduler/ (scheduler/"
+            "scheduler_config.json), and the analysis and distillation sample with the pipeline's scheduler: "
+            "restore scheduler/ as saved with the pipeline, or pass --scheduler NAME (scheduler=NAME: a diffusers "
+            "scheduler class such as DDIMScheduler with its default config, or a scheduler folder)")
+    return loaded.scheduler, loaded.scheduler_source
+
+
+def note_default_scheduler(loaded: LoadedModel) -> None:
+    """The one-line notice (once per loaded model) that a model without a scheduler samples with the default."""
+    if loaded.scheduler is None and not loaded.default_scheduler_noted:
+        loaded.default_scheduler_noted = True
+        if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 says it for every rank
+            return
+        logging.getLogger("ldpruner.calibration").warning(
+            "note: %s brings no scheduler; the analysis and distillation sample with DDIMScheduler() at diffusers' "
+            "defaults (which may differ from the schedule it was trained with): pass --scheduler NAME to choose one",
+            loaded.source)
 
 
 def prompts_for(loaded: LoadedModel, prompts_file: str | os.PathLike | None,
@@ -32,12 +63,90 @@ def prompts_for(loaded: LoadedModel, prompts_file: str | os.PathLike | None,
 
 
 def analysis_config(loaded: LoadedModel, options: dict[str, Any], prompts_file: str | os.PathLike | None) -> Any:
-    """The :class:`~ldpruner.passes.config.AnalysisConfig` of ``options`` with the prompts this model uses."""
+    """The :class:`~ldpruner.passes.config.AnalysisConfig` of ``options`` with the prompts this model uses, once the
+    text encoder that will encode them is known to load (a pickled one is refused here, before any trace)."""
     from ldpruner.passes.config import AnalysisConfig
 
     samples = options.get("num_samples", AnalysisConfig().num_samples)
     limit = samples if isinstance(samples, int) and not isinstance(samples, bool) and samples > 0 else None
-    return AnalysisConfig.from_dict({**options, "prompts": prompts_for(loaded, prompts_file, limit)})
+    config = AnalysisConfig.from_dict({**options, "prompts": prompts_for(loaded, prompts_file, limit)})
+    _check_text_encoder(loaded)  # the analysis encodes the prompts after tracing: a refusal belongs before
+    return config
+
+
+def check_distill_inputs(loaded: LoadedModel, *, data: str | os.PathLike | None,
+                         prompts_file: str | os.PathLike | None) -> None:
+    """What :func:`distill_data` will read, checked from the files alone before the teacher is placed and traced:
+    the prompt file, the pipeline's text encoder, and a dataset folder's images, captions and the model's VAE."""
+    if prompts_file is not None:
+        from ldpruner.passes.conditioning import read_prompt_file
+
+        read_prompt_file(prompts_file)
+    if data is None:
+        _check_text_encoder(loaded)
+        return
+    from ldpruner.compiler.signature import signature
+    from ldpruner.passes.distill.datasets import folder_captions, vae_folder
+    from ldpruner.runtime.sampling import latent_channels
+
+    sig = signature(loaded.unet)
+    extra = sig.sample_channels - latent_channels(sig.sample_channels, sig.out_channels, loaded.scheduler)
+    if extra:  # no folder can give what the UNet takes besides the latent: said before anything else
+        raise _no_extra_channels(data, sig.sample_channels, extra)
+    captions = folder_captions(Path(data))
+    vae_folder(loaded.pipeline_dir, loaded.source)
+    if _takes_text(loaded.unet):
+        if captions is None:
+            raise _no_captions(data, type(loaded.unet).__name__)
+        if loaded.text_encoder_config is None:
+            if loaded.pipeline_text_encoder is None:
+                raise _no_text_encoder(loaded)
+            from ldpruner.passes.conditioning import check_text_encoder
+
+            check_text_encoder(loaded.pipeline_text_encoder)
+
+
+def _no_extra_channels(data: str | os.PathLike, channels: int, extra: int) -> ConfigError:
+    return ConfigError(f"distilling from an image folder (data={str(data)!r}) is not supported for "
+                       f"in_channels={channels}: the UNet takes {extra} channels besides the latent (a mask, a "
+                       "low-resolution image), which the folder does not give; distill data-free")
+
+
+def _check_text_encoder(loaded: LoadedModel) -> None:
+    """The pipeline folder's text encoder, when the conditioning will encode prompts with it (not for a zoo model,
+    which brings its own, nor when the calibration file holds the embeddings), checked from its files."""
+    if loaded.text_encoder_config is not None or loaded.pipeline_text_encoder is None:
+        return
+    if loaded.calibration is not None:
+        from safetensors import safe_open
+
+        with safe_open(str(loaded.calibration), framework="pt") as f:
+            if "encoder_hidden_states" in f.keys():
+                return
+    from ldpruner.passes.conditioning import check_text_encoder
+
+    check_text_encoder(loaded.pipeline_text_encoder)
+
+
+def _takes_text(unet: Any) -> bool:
+    """Whether ``unet``'s forward requires text embeddings (``encoder_hidden_states`` without a default)."""
+    import inspect
+
+    try:
+        parameter = inspect.signature(unet.forward).parameters.get("encoder_hidden_states")
+    except (TypeError, ValueError):
+        return False
+    return parameter is not None and parameter.default is inspect.Parameter.empty
+
+
+def _no_captions(data: str | os.PathLike, model_class: str) -> ConfigError:
+    return ConfigError(f"{str(data)!r} has no captions, and {model_class} is conditioned on text: add metadata.jsonl "
+                       "({\"file_name\": ..., \"text\": ...} per line) or <image>.txt beside each image")
+
+
+def _no_text_encoder(loaded: LoadedModel) -> ConfigError:
+    return ConfigError(f"{loaded.source} has no text encoder to encode the dataset's captions with: pass a pipeline "
+                       "folder with tokenizer/ and text_encoder/, or distill data-free (no data)")
 
 
 def conditioning_source(loaded: LoadedModel, config: Any) -> Any:
@@ -86,7 +195,9 @@ def distill_data(loaded: LoadedModel, teacher: Any, config: Any, *, data: str | 
     from ldpruner.passes.distill.data import LatentData, TeacherTrajectories
     from ldpruner.passes.importance import extra_channel_count, resolve_conditioning, scheduler_record
 
-    scheduler, _ = scheduler_record(loaded.scheduler)
+    given, _ = sampling_scheduler(loaded)
+    note_default_scheduler(loaded)
+    scheduler, _ = scheduler_record(given)
     sample = teacher.example_inputs[teacher.input_names[0]]
     analysis = AnalysisConfig(num_samples=config.trajectories, seed=config.seed,
                               prompts=prompts_for(loaded, prompts_file, config.trajectories),
@@ -94,9 +205,7 @@ def distill_data(loaded: LoadedModel, teacher: Any, config: Any, *, data: str | 
                               height=int(sample.shape[-2]), width=int(sample.shape[-1]))
     extra = extra_channel_count(teacher, scheduler)
     if data is not None and extra:
-        raise ConfigError(f"distilling from an image folder (data={str(data)!r}) is not supported for "
-                          f"in_channels={teacher.sample_channels}: the UNet takes {extra} channels besides the latent "
-                          "(a mask, a low-resolution image), which the folder does not give; distill data-free")
+        raise _no_extra_channels(data, teacher.sample_channels, extra)
     if data is not None:
         import torch
 
@@ -109,9 +218,7 @@ def distill_data(loaded: LoadedModel, teacher: Any, config: Any, *, data: str | 
         conditioning = cond_ids = None
         if "encoder_hidden_states" in teacher.input_names:
             if captions is None:
-                raise ConfigError(f"{str(data)!r} has no captions, and {teacher.model_class} is conditioned on "
-                                  "text: add metadata.jsonl ({\"file_name\": ..., \"text\": ...} per line) or "
-                                  "<image>.txt beside each image")
+                raise _no_captions(data, teacher.model_class)
             unique = tuple(dict.fromkeys(captions))
             conditioning = _caption_conditioning(loaded, teacher, unique, analysis)
             cond_ids = torch.tensor([unique.index(c) for c in captions], dtype=torch.int64)
@@ -168,5 +275,4 @@ def _caption_conditioning(loaded: LoadedModel, teacher: Any, captions: tuple[str
     if loaded.pipeline_text_encoder is not None:
         encoded = encode_prompts(loaded.pipeline_text_encoder, captions, device=next(teacher.gm.parameters()).device)
         return resolve_conditioning(teacher, encoded, analysis)
-    raise ConfigError(f"{loaded.source} has no text encoder to encode the dataset's captions with: pass a pipeline "
-                      "folder with tokenizer/ and text_encoder/, or distill data-free (no data)")
+    raise _no_text_encoder(loaded)

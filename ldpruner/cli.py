@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -68,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="print the operator table")
     p.add_argument("model", help=MODEL_HELP)
     add_flags(p, TraceConfig)
+    add_flags(p, DeviceConfig, ["threads"])
     p.add_argument("--json", dest="json_path", help="also write the operator graph as JSON to this file")
     p.add_argument("--overwrite", action="store_true", default=argparse.SUPPRESS,
                    help="replace the --json file when it exists")
@@ -77,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(p, TraceConfig)
     add_flags(p, AnalysisConfig, ANALYSIS_OPTIONS)
     add_flags(p, DeviceConfig)
-    add_flags(p, BuildConfig, ["prompts", "calibration"])
+    add_flags(p, BuildConfig, ["prompts", "calibration", "scheduler"])
     _add_out(p)
 
     p = sub.add_parser("costs", help="measure the latency each removal saves on the target runtime (writes "
@@ -104,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", required=True, help="plan.json from `ldpruner select`")
     add_flags(p, TraceConfig, ["height", "width"])
     add_flags(p, PruneConfig)
+    add_flags(p, DeviceConfig, ["threads"])
     _add_allow_other_weights(p, "the plan")
     _add_out(p)
 
@@ -113,9 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("student", help="student/ folder from `ldpruner prune`")
     add_flags(p, DistillConfig)
     add_flags(p, DeviceConfig, help={"device": "where the student trains: " + DEVICE_HELP})
-    add_flags(p, BuildConfig, ["prompts", "calibration"],
+    add_flags(p, BuildConfig, ["prompts", "calibration", "scheduler"],
               help={"prompts": "data-free: prompt file for the teacher's trajectories",
-                    "calibration": "data-free: safetensors file of the teacher's conditioning inputs (as for analyze)"})
+                    "calibration": "data-free: safetensors file of the teacher's conditioning inputs (as for analyze)",
+                    "scheduler": "data-free: the scheduler the teacher's trajectories sample with, in place of the "
+                                 "model's own (as for analyze)"})
     p.add_argument("--data", help="folder of images (+ captions in metadata.jsonl or <image>.txt) to distill on, "
                                   "encoded by the model's VAE (default: data-free, on the teacher's trajectories)")
     p.add_argument("--resume", action="store_true", default=argparse.SUPPRESS,
@@ -156,7 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_out(p)
 
     p = sub.add_parser("zoo", help="the embedded models (use them as MODEL: zoo:<name>)")
-    p.add_argument("zoo_command", choices=["list"], help="list: name, task, status and description of each model")
+    zoo_sub = p.add_subparsers(dest="zoo_command", required=True, metavar="{list,export}")
+    zoo_sub.add_parser("list", help="name, task, status and description of each model")
+    p = zoo_sub.add_parser("export", help="write a model as a complete diffusers pipeline folder, which "
+                                          "DiffusionPipeline.from_pretrained(DIR) loads with no other arguments "
+                                          "(mnist-t2i: its text encoder and tokenizer included)")
+    p.add_argument("name", help="the zoo model's name, as `ldpruner zoo list` shows it without 'zoo:' (mnist-t2i)")
+    _add_out(p)
 
     p = sub.add_parser("build", help="run every stage into --out, reusing unchanged artifacts")
     p.add_argument("model", nargs="?", help=MODEL_HELP + f" (default: {BuildConfig.default('model')}, the embedded "
@@ -250,6 +261,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "zoo":
         from . import zoo
 
+        if args.zoo_command == "export":
+            print(zoo.export_pipeline(args.name, args.out, overwrite=options.get("overwrite", False)).summary())
+            return 0
         for entry in zoo.list_models():
             ready = (entry.path / "model_index.json").is_file()
             print(f"zoo:{entry.name:16s} {entry.task:20s} {'ready' if ready else 'not built'}  {entry.description}")
@@ -263,26 +277,55 @@ def _run(args: argparse.Namespace) -> int:
     raise AssertionError(args.command)
 
 
+class _TorchvisionNotice(logging.Filter):
+    """transformers' notice that an image processor falls back to its PIL version without torchvision: diffusers'
+    pipeline modules import those processors, and no ldpruner command uses them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed)" not in record.getMessage()
+
+
+def _end_progress_bars() -> None:
+    """Close the progress bars an error interrupted (innermost first): a bar is drawn without its newline, so the
+    error line would otherwise continue the bar's line."""
+    std = sys.modules.get("tqdm.std")
+    if std is None:  # no bar was ever made
+        return
+    for bar in sorted(list(getattr(std.tqdm, "_instances", ())), key=lambda b: -abs(getattr(b, "pos", 0))):
+        try:
+            bar.close()  # a bar that stays ends its line; one that goes clears it
+        except Exception:  # a bar whose stream is gone: nothing to end
+            pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from .errors import LdprunerError
 
+    # the logger transformers makes for its import machinery; the filter stays on it, so install it once
+    notices = logging.getLogger("transformers.utils.import_utils")
+    if not any(isinstance(f, _TorchvisionNotice) for f in notices.filters):
+        notices.addFilter(_TorchvisionNotice())
     try:
         return _run(args)
     except LdprunerError as exc:
+        _end_progress_bars()
         if args.debug:
             raise
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        _end_progress_bars()
         print("error: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # not raised on purpose: still one line, the traceback on request
+        _end_progress_bars()
         if args.debug:
             raise
         message = " ".join(str(exc).split()) or "(no message)"
-        print(f"error: unexpected {type(exc).__name__}: {message[:600]} (a model ldpruner does not handle, or a bug; "
+        message = message if len(message) <= 300 else message[:300] + " …"
+        print(f"error: unexpected {type(exc).__name__}: {message} (a model ldpruner does not handle, or a bug; "
               "--debug shows the traceback)", file=sys.stderr)
         return 1
 

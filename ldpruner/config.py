@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 from .devices import DEVICE_HELP
 from .errors import ConfigError
-from .options import Config, option, same_as
+from .options import Config, option, same_as, short_repr
 from .passes.config import (
     AnalysisConfig,
     CostConfig,
@@ -96,6 +96,12 @@ class BuildConfig(_Composed):
         None, "safetensors file of calibration inputs named like Conditioning's fields (extra_channels: an "
         "inpainting UNet's masks and masked-image latents, class_labels, image_embeds …; rows first)",
         none="data-free defaults for every input (see README, MODEL)", metavar="FILE", path=True)
+    scheduler: str | None = option(
+        None, "the scheduler the analysis and distillation sample with, in place of the model's own: a diffusers "
+        "scheduler class (DDIMScheduler, PNDMScheduler, DDPMScheduler, EulerDiscreteScheduler, ...) with its default "
+        "config, or a scheduler folder or scheduler_config.json",
+        none="the model's own (a pipeline folder's scheduler/); a model without one samples with DDIMScheduler() at "
+             "diffusers' defaults, and says so", metavar="NAME", path=True)
     budget: float = same_as(SelectionConfig, "budget")
     metric: str = same_as(SelectionConfig, "metric")
     order: str = same_as(SelectionConfig, "order")
@@ -104,7 +110,7 @@ class BuildConfig(_Composed):
     latency_dtype: str = same_as(CostConfig, "latency_dtype")
     latency_repeats: int = same_as(CostConfig, "latency_repeats")
     latency_warmup: int = same_as(CostConfig, "latency_warmup")
-    threads: int | None = same_as(CostConfig, "threads")
+    threads: int | None = same_as(DeviceConfig, "threads")
     latency_tolerance: float = same_as(CostConfig, "latency_tolerance")
     distill_steps: int = option(DistillConfig.default("steps"), "distillation steps after pruning, data-free on the "
                                 "dense model's own trajectories (0 exports the pruned student undistilled)",
@@ -118,6 +124,8 @@ class BuildConfig(_Composed):
     optimize: bool = same_as(OptimizeConfig, "optimize")
     fp16: bool = same_as(OptimizeConfig, "fp16")
     verify: bool = same_as(PruneConfig, "verify")
+    samples: bool = option(True, "draw samples.png, the dense, pruned and distilled models on the same seeds (zoo "
+                           "models); --no-samples skips it")
 
     def problems(self) -> Iterable[str]:
         yield from self._part_problems((AnalysisConfig, SelectionConfig, CostConfig, ExportConfig, OptimizeConfig))
@@ -153,7 +161,8 @@ class BenchConfig(_Composed):
     dtype: str = same_as(AnalysisConfig, "dtype", help="analysis: " + AnalysisConfig.spec("dtype").help)
     device: str = same_as(DeviceConfig, "device", help="where the analysis, distillation and timings run: "
                           + DEVICE_HELP)
-    threads: int | None = option(None, "torch and onnxruntime threads", minimum=1, none="torch's current setting")
+    threads: int | None = same_as(DeviceConfig, "threads")
+    scheduler: str | None = same_as(BuildConfig, "scheduler")
     memory: bool = option(True, "measure ONNX peak memory in a fresh process per model")
     distill_options: Mapping[str, Any] = option(default_factory=dict, help="a DistillConfig field for the "
                                                 "distillation (batch_size, lr, trajectories, ...)",
@@ -165,8 +174,13 @@ class BenchConfig(_Composed):
     overwrite: bool = option(False, "replace an existing report")
 
     def problems(self) -> Iterable[str]:
-        if len(set(self.budgets)) != len(self.budgets):
-            yield f"budgets repeat a value: {list(self.budgets)}"
+        from collections import Counter
+
+        counts = Counter(self.budgets)
+        repeated = [f"{budget!r} ({n} times)" for budget, n in counts.items() if n > 1]
+        if repeated:  # the repeated values only: a long list of budgets would make a long message
+            more = f" and {len(repeated) - 5} more" if len(repeated) > 5 else ""
+            yield f"budgets repeat {', '.join(repeated[:5])}{more}; give each budget once"
         if self.distill_data is not None:
             if len(self.models) != 1:
                 yield (f"distill_data is one model's dataset; bench one model at a time with it "
@@ -177,7 +191,7 @@ class BenchConfig(_Composed):
 
 def _distill_option_problems(value: Any) -> list[str]:
     if not isinstance(value, Mapping):
-        return [f"distill_options must be a mapping of DistillConfig fields, got {value!r}"]
+        return [f"distill_options must be a mapping of DistillConfig fields, got {short_repr(value)}"]
     if "steps" in value:
         return ["distill_options may not set steps: distill_steps is the number of distillation steps"]
     try:

@@ -1,16 +1,22 @@
 """Where work runs and what it costs in memory: device names resolved to torch devices, dtypes by name, the
 accelerator's name for reports, copies of a model cast to another device and dtype without a second full-precision
-copy, and peak memory (CUDA allocator, or the process's resident high-water mark on the host).
+copy, peak memory (CUDA allocator, or the process's resident high-water mark on the host), and the CPU threads a
+stage computes with (the CPUs this process may use, torch's intra-op threads for the length of a stage).
 
 Part of the base layer: torch is imported when a function is called, never at import.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
+import math
 import os
 import re
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
@@ -18,13 +24,21 @@ from .errors import ConfigError
 __all__ = [
     "DEVICE_HELP",
     "DTYPES",
+    "THREADS_HELP",
     "accelerator_name",
+    "available_cpus",
+    "busy_load",
     "cast_copy",
+    "cgroup_cpu_limit",
     "check_device",
     "describe",
+    "intra_op_threads",
+    "load_average",
     "peak_memory",
     "reset_peak_memory",
     "resolve_device",
+    "resolve_threads",
+    "stage_threads",
     "torch_dtype",
 ]
 
@@ -94,12 +108,12 @@ def accelerator_name(device: Any) -> str:
     return (platform.processor() or platform.machine() or "cpu") + f" ({os.cpu_count()} logical CPUs)"
 
 
-def describe(device: Any, dtype: Any) -> dict[str, str]:
-    """What a report records about where a stage ran."""
+def describe(device: Any, dtype: Any) -> dict[str, Any]:
+    """What a report records about where a stage ran (with torch's intra-op threads as it runs)."""
     import torch
 
     return {"device": str(torch.device(device)), "dtype": str(dtype).removeprefix("torch."),
-            "accelerator": accelerator_name(device)}
+            "accelerator": accelerator_name(device), "threads": torch.get_num_threads()}
 
 
 def cast_copy(module: Any, device: Any, dtype: Any) -> Any:
@@ -154,3 +168,125 @@ def _host_peak_mib() -> float:
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB elsewhere
+
+
+# --- CPU threads -----------------------------------------------------------------------------------------------------
+
+THREADS_HELP = ("intra-op threads of torch and of every onnxruntime session the stage opens; 1 on a machine shared "
+                "with other jobs (their threads would compete for the same cores)")
+# the threads of the stage running in this context (None outside one): what a nested stage and the onnxruntime
+# sessions opened inside it use when not told otherwise
+_STAGE_THREADS: contextvars.ContextVar[int | None] = contextvars.ContextVar("ldpruner_stage_threads", default=None)
+
+
+def cgroup_cpu_limit(root: str | os.PathLike = "/sys/fs/cgroup", proc: str | os.PathLike = "/proc/self/cgroup"
+                     ) -> float | None:
+    """The CPUs this process's cgroup CPU quota grants (quota / period), the smallest along its cgroup path; None
+    without a quota. cgroup v2 reads ``cpu.max`` ("max 100000" or "200000 100000"), v1 ``cpu.cfs_quota_us`` and
+    ``cpu.cfs_period_us`` (a quota of -1 is none); ``proc`` names the process's cgroups (``/proc/self/cgroup``)."""
+    root = Path(root)
+    v2, v1 = "/", "/"
+    try:
+        for line in Path(proc).read_text().splitlines():
+            hierarchy, controllers, path = line.split(":", 2)
+            if hierarchy == "0" and not controllers:
+                v2 = path
+            elif "cpu" in controllers.split(","):
+                v1 = path
+    except (OSError, ValueError):
+        pass
+    limits = []
+    for folder in _cgroup_folders(root, v2):
+        words = _read_words(folder / "cpu.max")
+        if len(words) == 2 and words[0] != "max" and _positive(words[0]) and _positive(words[1]):
+            limits.append(int(words[0]) / int(words[1]))
+    for base in (root / "cpu", root / "cpu,cpuacct"):
+        for folder in _cgroup_folders(base, v1):
+            quota, period = _read_words(folder / "cpu.cfs_quota_us"), _read_words(folder / "cpu.cfs_period_us")
+            if len(quota) == 1 and len(period) == 1 and _positive(quota[0]) and _positive(period[0]):
+                limits.append(int(quota[0]) / int(period[0]))
+    return min(limits) if limits else None
+
+
+def _cgroup_folders(base: Path, path: str) -> list[Path]:
+    """``base/path`` and every folder above it up to ``base`` (those that exist)."""
+    parts = [p for p in path.split("/") if p and p != ".."]
+    folders = [base.joinpath(*parts[:i]) for i in range(len(parts), -1, -1)]
+    return [f for f in folders if f.is_dir()]
+
+
+def _read_words(path: Path) -> list[str]:
+    try:
+        return path.read_text().split()
+    except OSError:
+        return []
+
+
+def _positive(word: str) -> bool:
+    return word.isdigit() and int(word) > 0
+
+
+def available_cpus() -> int:
+    """How many CPUs this process may use: its CPU affinity (``os.sched_getaffinity``; ``os.cpu_count`` where
+    there is none), capped by the whole CPUs its cgroup quota grants (:func:`cgroup_cpu_limit`); at least 1."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    limit = cgroup_cpu_limit()
+    if limit is not None:
+        cpus = min(cpus, math.floor(limit))  # more threads than whole CPUs would be throttled by the quota
+    return max(1, cpus)
+
+
+def stage_threads() -> int | None:
+    """The threads of the stage running in this context (:func:`intra_op_threads`), or None outside one."""
+    return _STAGE_THREADS.get()
+
+
+def resolve_threads(threads: int | None) -> int:
+    """The threads a stage computes with: ``threads`` when given; else the enclosing stage's (a stage run inside
+    another, as the bench runs the analysis); else the CPUs this process may use (:func:`available_cpus`), no
+    more than torch's own setting (``OMP_NUM_THREADS``, ``torch.set_num_threads``; torchrun gives each rank 1)."""
+    if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ConfigError(f"threads={threads!r} must be a positive int or None (the CPUs this process may use)")
+        return threads
+    outer = stage_threads()
+    if outer is not None:
+        return outer
+    import torch
+
+    return max(1, min(torch.get_num_threads(), available_cpus()))
+
+
+@contextlib.contextmanager
+def intra_op_threads(threads: int | None) -> Iterator[int]:
+    """torch's intra-op threads set to :func:`resolve_threads` of ``threads`` for the block (restored after), which
+    is also what every onnxruntime session opened inside it uses unless told otherwise; yields the number."""
+    import torch
+
+    count = resolve_threads(threads)
+    before = torch.get_num_threads()
+    token = _STAGE_THREADS.set(count)
+    torch.set_num_threads(count)
+    try:
+        yield count
+    finally:
+        _STAGE_THREADS.reset(token)
+        torch.set_num_threads(before)
+
+
+def load_average() -> float | None:
+    """The system's 1-minute load average (None where it is unknown)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
+def busy_load(cpus: int | None = None) -> float | None:
+    """The 1-minute load average when it exceeds ``cpus`` (None: :func:`available_cpus`) — other jobs compete for the
+    cores, and a stage with one thread is often faster — else None (also where the load average is unknown)."""
+    load = load_average()
+    return load if load is not None and load > (cpus if cpus is not None else available_cpus()) else None

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import math
 import os
+import reprlib
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -24,7 +26,8 @@ from typing import Any, ClassVar
 
 from .errors import ConfigError
 
-__all__ = ["Config", "Spec", "add_flags", "option", "parse_value", "same_as", "split_options"]
+__all__ = ["Config", "Spec", "add_flags", "option", "parse_value", "same_as", "short_repr", "split_options",
+           "unknown_options"]
 
 _META = "ldpruner.option"
 
@@ -76,6 +79,42 @@ class Spec:
 
 def _number(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+# --- quoting values in messages ---------------------------------------------------------------------------------------
+
+_SHOWN_ITEMS = 6  # the items of a long sequence an error shows (then "…" and how many there are)
+_SHORT = reprlib.Repr()
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxset = _SHORT.maxfrozenset = _SHORT.maxdict = _SHOWN_ITEMS
+_SHORT.maxstring = _SHORT.maxother = 100
+_SHORT.maxlevel = 3
+_SHORT.fillvalue = "…"
+
+
+def short_repr(value: Any) -> str:
+    """``repr(value)`` for an error message, capped (a message is one line of a few hundred characters at most): a
+    long sequence or mapping shows its first items and how many it has, a long string its two ends."""
+    text = _SHORT.repr(value)
+    if isinstance(value, (list, tuple, set, frozenset, Mapping)) and len(value) > _SHOWN_ITEMS:
+        text += f" ({len(value)} {'entries' if isinstance(value, Mapping) else 'values'})"
+    return text
+
+
+def unknown_options(what: str, unknown: Iterable[Any], known: Sequence[str]) -> str:
+    """The message for keys no option is called: each with the known name it is closest to ("did you mean"); every
+    known name, compactly, only when some key is close to none. ``what`` names the config ("BuildConfig ") or is
+    empty."""
+    unknown = sorted(unknown, key=str)
+    close = {key: difflib.get_close_matches(str(key).replace("-", "_"), known, n=1, cutoff=0.6) for key in unknown}
+    if len(unknown) == 1 and close[unknown[0]]:
+        return f"unknown {what}option {short_repr(unknown[0])}; did you mean {close[unknown[0]][0]!r}?"
+    shown = [f"{short_repr(key)}" + (f" (did you mean {close[key][0]!r}?)" if close[key] else "")
+             for key in unknown[:_SHOWN_ITEMS]]
+    more = f" and {len(unknown) - _SHOWN_ITEMS} more" if len(unknown) > _SHOWN_ITEMS else ""
+    text = f"unknown {what}option{'s' if len(unknown) > 1 else ''} {', '.join(shown)}{more}"
+    if not all(close[key] for key in unknown):
+        text += f"; the options are {', '.join(sorted(known))}"
+    return text
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, default_factory: Any = dataclasses.MISSING,
@@ -240,13 +279,14 @@ class Config:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Any:
-        """Build from a mapping; an unknown key is a ConfigError naming it and the known ones."""
+        """Build from a mapping; an unknown key is a ConfigError naming it and the option it is closest to (every
+        option when it is close to none)."""
         if not isinstance(data, Mapping):
             raise ConfigError(f"{cls.__name__} options must be a mapping, got {type(data).__name__}")
         known = cls.names()
-        unknown = sorted(set(data) - set(known))
+        unknown = set(data) - set(known)
         if unknown:
-            raise ConfigError(f"unknown {cls.__name__} option(s) {unknown}; known: {sorted(known)}")
+            raise ConfigError(unknown_options(f"{cls.__name__} ", unknown, known))
         return cls(**data)
 
 
@@ -256,31 +296,31 @@ def _check(name: str, value: Any, kind: _Kind, spec: Spec) -> tuple[str | None, 
         return (None, value) if kind.optional else (f"{name}=None must be {kind.describe()}", value)
     if kind.base is tuple:
         if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-            return f"{name}={value!r} must be {kind.describe()}", value
+            return f"{name}={short_repr(value)} must be {kind.describe()}", value
         items = []
         for item in value:
             ok, item = _scalar(item, kind.element)
             if not ok or (isinstance(item, (int, float)) and not isinstance(item, bool) and not spec.within(item)):
                 bounds = spec.bounds_text()
-                return (f"{name}={list(value)!r} must be {kind.describe()}"
+                return (f"{name}={short_repr(list(value))} must be {kind.describe()}"
                         + (f", each {bounds}" if bounds else "")), value
             items.append(item)
         if spec.nonempty and not items:
             return f"{name}=[] must hold at least one value", value
         if spec.choices is not None and any(i not in spec.choices for i in items):
-            return f"{name}={list(value)!r} may only hold {list(spec.choices)}", value
+            return f"{name}={short_repr(list(value))} may only hold {list(spec.choices)}", value
         return None, tuple(items)
     if spec.path and isinstance(value, os.PathLike):
         value = os.fspath(value)
     ok, converted = _scalar(value, kind.base)
     if not ok:
-        return f"{name}={value!r} must be {kind.describe()}", value
+        return f"{name}={short_repr(value)} must be {kind.describe()}", value
     if spec.nonempty and converted == "":
         return f"{name}='' must not be empty", value
     if spec.choices is not None and converted not in spec.choices:
-        return f"{name}={value!r} is not one of {list(spec.choices)}", value
+        return f"{name}={short_repr(value)} is not one of {list(spec.choices)}", value
     if isinstance(converted, (int, float)) and not isinstance(converted, bool) and not spec.within(converted):
-        return f"{name}={value!r} must be {spec.bounds_text()}", value
+        return f"{name}={short_repr(value)} must be {spec.bounds_text()}", value
     return None, converted
 
 
@@ -288,16 +328,17 @@ def split_options(options: Mapping[str, Any], *configs: type[Config] | tuple[typ
                   ) -> list[dict[str, Any]]:
     """Share keyword options out among configs: one dict per config with the keys it declares (a name two configs
     declare goes to both). ``(Config, names)`` restricts a config to some of its fields. A key no config takes is
-    a ConfigError that lists the keys this call accepts."""
+    a ConfigError that names the key this call takes that it is closest to (every key it takes when none is
+    close)."""
     parts: list[dict[str, Any]] = []
     accepted: list[str] = []
     for entry in configs:
         config, names = entry if isinstance(entry, tuple) else (entry, entry.names())
         parts.append({k: v for k, v in options.items() if k in names})
         accepted += [n for n in names if n not in accepted]
-    unknown = sorted(set(options) - set(accepted))
+    unknown = set(options) - set(accepted)
     if unknown:
-        raise ConfigError(f"unknown option(s) {unknown}; this call takes {sorted(accepted)}")
+        raise ConfigError(unknown_options("", unknown, accepted))
     return parts
 
 
@@ -317,7 +358,7 @@ def parse_value(config: type[Config], name: str, text: str) -> Any:
     """``text`` (a command-line word) as a value of ``config``'s field ``name``, by its declared type; the config
     validates the value itself later."""
     if name not in config.names():
-        raise ConfigError(f"{config.__name__} has no option {name!r}; known: {sorted(config.names())}")
+        raise ConfigError(unknown_options(f"{config.__name__} ", [name], config.names()))
     kind = config._kind_of()[name]
     if kind.optional and text.lower() == "none":
         return None
@@ -329,7 +370,7 @@ def parse_value(config: type[Config], name: str, text: str) -> Any:
         if kind.base in (int, float):
             return kind.base(text)
     except (KeyError, ValueError):
-        raise ConfigError(f"{name}={text!r} is not {kind.describe()}") from None
+        raise ConfigError(f"{name}={short_repr(text)} is not {kind.describe()}") from None
     return text
 
 
@@ -344,7 +385,7 @@ class _Assignments(argparse.Action):
                  option_string: str | None = None) -> None:
         name, sep, text = str(values).partition("=")
         if not sep:
-            parser.error(f"{option_string} takes NAME=VALUE, got {values!r}")
+            parser.error(f"{option_string} takes NAME=VALUE, got {short_repr(values)}")
         try:
             value = parse_value(self.config, name.strip().replace("-", "_"), text.strip())
         except ConfigError as exc:

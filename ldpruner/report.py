@@ -1,6 +1,6 @@
 """The build report: what ``ldpruner build`` did, read back from the artifacts on disk — ``report.json`` (every
 number) and ``report.md`` (the same for a reader: removals, params and MACs before/after, the distillation, the
-samples, the export's validation, stage timings and reuse)."""
+samples, the export's validation, the scheduler the analysis sampled with, stage timings, threads and reuse)."""
 
 from __future__ import annotations
 
@@ -8,22 +8,46 @@ import json
 from pathlib import Path
 from typing import Any
 
+from . import devices
 from .io import read_json
-from .stages import COSTS, DISTILL_DIR, LATENCY, ONNX_DIR, PLAN, SCORES, STUDENT
+from .stages import COSTS, DISTILL_DIR, EXPORT_SUMMARY, LATENCY, ONNX_DIR, PLAN, SCORES, STUDENT
 
-__all__ = ["REPORT", "REPORT_MD", "SAMPLES", "build_report", "report_markdown"]
+__all__ = ["REPORT", "REPORT_MD", "SAMPLES", "build_report", "report_markdown", "threads_record"]
 
 REPORT = "report.json"
 REPORT_MD = "report.md"
 SAMPLES = "samples.png"
 
 
+def threads_record(asked: int | None, threads: int, stages: list[str], ran_with: dict[str, int], out_dir: Path,
+                   load: float | None) -> dict[str, Any]:
+    """The threads of a build's ``stages`` (in order): asked for (``--threads``; None: the default), used by the
+    stages this build ran (``ran_with``), and — for the stages it reused — the number their artifact recorded when an
+    earlier build made it (None where the artifact does not record one); with the CPUs this process may use and the
+    1-minute load average when the build started (``load``)."""
+    recorded = {"analyze": (SCORES, ("placement", "threads")), "costs": (COSTS, ("placement", "threads")),
+                "latency": (LATENCY, ("threads",)), "distill": (f"{DISTILL_DIR}/distill.json", ("threads",)),
+                "export": (f"{ONNX_DIR}/{EXPORT_SUMMARY}", ("threads",))}
+    per_stage: dict[str, int | None] = {}
+    for name in stages:
+        value: Any = ran_with.get(name)
+        if value is None and name in recorded and (out_dir / recorded[name][0]).is_file():
+            value = read_json(out_dir / recorded[name][0], what=f"{name} artifact")
+            for key in recorded[name][1]:
+                value = value.get(key) if isinstance(value, dict) else None
+        per_stage[name] = value if isinstance(value, int) and not isinstance(value, bool) else None
+    cpus = devices.available_cpus()
+    return {"asked": asked, "used": threads, "available_cpus": cpus, "load_average_at_start": load,
+            "busy": load is not None and load > cpus, "stages": per_stage}
+
+
 def build_report(cfg: Any, model: dict[str, Any], plan: Any, out_dir: Path, timings: dict[str, float],
-                 reused: list[str], sample_rows: list[str], files: dict[str, str] | None = None) -> dict[str, Any]:
+                 reused: list[str], sample_rows: list[str], files: dict[str, str] | None = None,
+                 threads: dict[str, Any] | None = None) -> dict[str, Any]:
     """report.json's content for a finished build into ``out_dir`` (``model``: the LoadedModel's description). The
     operator table, the scores, export and distillation summaries are read from the files there, so the report
     describes what is on disk; ``files``: the sha256 of every file the stages wrote (made or verified by this
-    build)."""
+    build); ``threads``: :func:`threads_record`."""
     from ldpruner.passes.importance import ImportanceReport
 
     operators = read_json(out_dir / "operators.json", what="operator table")
@@ -68,9 +92,12 @@ def build_report(cfg: Any, model: dict[str, Any], plan: Any, out_dir: Path, timi
         "latency": latency,
         "removed": removed,
         "distill": _distill_report(out_dir / DISTILL_DIR) if cfg.distill_steps else None,
-        "samples": {"path": str(out_dir / SAMPLES), "rows": sample_rows} if sample_rows else None,
+        "samples": ({"path": str(out_dir / SAMPLES), "rows": sample_rows} if sample_rows
+                    else {"path": None, "rows": [], "skipped": "--no-samples (samples=False)"} if not cfg.samples
+                    else None),
         "export": export_summary,
         "timings_s": timings,
+        "threads": threads,
         "reused_stages": reused,
         # the weights every artifact was made for (the model's), and any use with other weights that was allowed
         "model_weights": plan.model_weights,
@@ -156,7 +183,9 @@ def report_markdown(report: dict[str, Any]) -> str:
             "",
             f"![distillation loss]({DISTILL_DIR}/loss.png)",
         ]
-    if report.get("samples"):
+    if report.get("samples") and report["samples"].get("skipped"):
+        lines += ["", "## Samples", "", f"Not drawn: {report['samples']['skipped']}."]
+    elif report.get("samples"):
         lines += ["", "## Samples", "",
                   f"Rows: {', '.join(report['samples']['rows'])} — the same seeds (and prompts) in every row; quality "
                   "numbers come from `ldpruner bench`.", "", f"![samples]({SAMPLES})"]
@@ -169,15 +198,40 @@ def report_markdown(report: dict[str, Any]) -> str:
         f"- trace validity: {report['trace']['note']}",
         f"- analysis: {report['analysis']['unet_calls']} UNet calls in {report['analysis']['wall_time_s']:.1f} s"
         f"{_placement(report['analysis'])}, conditioning: {report['analysis']['conditioning']}",
+        f"- scheduler: {_scheduler(report['analysis'].get('scheduler'))}",
         f"- stage timings (s): {json.dumps(report['timings_s'])}; reused: {report['reused_stages'] or 'none'} "
         f"(a stage is reused only when every file it wrote is on disk unchanged: "
         f"{len(report.get('files', {}).get('sha256', {}))} files, their sha256 in report.json)",
+        *_threads_lines(report.get("threads")),
         f"- dense weights: `{report.get('model_weights') or 'not recorded'}`",
         *[f"- **used with other weights** ({o.get('stage')}): made for `{o.get('made_for')}`, used with "
           f"`{o.get('used_with')}`" for o in report.get("other_weights") or []],
         "",
     ]
     return "\n".join(lines)
+
+
+def _scheduler(record: dict[str, Any] | None) -> str:
+    """"DDIMScheduler (the model's own)", or the default said as such, for the report's scheduler line."""
+    if not record:
+        return "not recorded"
+    where = {"model": "the model's own", "asked": "asked for with --scheduler", "given": "given by the caller",
+             "default": "the default — the model brings no scheduler, so diffusers' defaults; --scheduler picks one"}
+    return f"{record.get('class')} ({where.get(record.get('source'), record.get('source'))})"
+
+
+def _threads_lines(threads: dict[str, Any] | None) -> list[str]:
+    """The report's threads line: each stage's threads, what was asked, the CPUs available, a busy machine."""
+    if not threads:
+        return []
+    stages = ", ".join(f"{name} {n if n is not None else 'not recorded'}" for name, n in threads["stages"].items())
+    asked = (f"--threads {threads['asked']}" if threads["asked"] is not None
+             else f"the default: the {threads['available_cpus']} CPUs this process may use, at most torch's setting")
+    line = f"- threads per stage: {stages} ({asked}; reused stages: as recorded when made)"
+    if threads.get("busy") and threads["used"] > 1:
+        line += (f"; the machine was busy (load average {threads['load_average_at_start']:g} over "
+                 f"{threads['available_cpus']} CPUs at the start): --threads 1 may be faster")
+    return [line]
 
 
 def _latency_rows(latency: dict[str, Any] | None) -> list[str]:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from . import calibration, devices, distributed
-from .errors import ArtifactError, ConfigError
+from .errors import ArtifactError, ConfigError, UnsupportedModelError
 from .io import check_replaceable, write_json_atomic
 from .sources import LoadedModel
 
@@ -72,9 +72,11 @@ def analysis_inputs(loaded: LoadedModel, trace: Any, options: dict[str, Any],
     """(operator graph, AnalysisConfig, conditioning source) of an analysis: the trace at ``trace``, the analysis
     options (AnalysisConfig fields; the latent size is the trace's) with the prompts the model uses. The graph is
     of the model placed on ``device`` (a name, see :func:`ldpruner.devices.resolve_device`) in the analysis dtype:
-    the loaded UNet itself when it is there already, else a cast copy."""
-    from ldpruner.passes.importance import check_finite_weights
+    the loaded UNet itself when it is there already, else a cast copy. A pipeline folder without its scheduler is
+    refused here, before any work (:func:`ldpruner.calibration.sampling_scheduler`)."""
+    from ldpruner.passes.importance import check_analysable, check_finite_weights
 
+    calibration.sampling_scheduler(loaded)
     check_finite_weights(loaded.unet, repr(loaded.source))  # before any tracing or scoring
     config = calibration.analysis_config(loaded, {**options, "height": trace.height, "width": trace.width},
                                          prompts_file)
@@ -82,26 +84,30 @@ def analysis_inputs(loaded: LoadedModel, trace: Any, options: dict[str, Any],
     from ldpruner.compiler.graph import build_operator_graph
 
     graph = build_operator_graph(loaded.trace(trace, unet=unet))
+    check_analysable(graph.traced)
     return graph, config, calibration.conditioning_source(loaded, config)
 
 
 def analyze(loaded: LoadedModel, graph: Any, config: Any, calib: Any, *, out: str | os.PathLike | None,
             overwrite: bool, progress: bool) -> Any:
     """Score every candidate of ``graph``; with ``out``, reuse ``out/scores.json`` when its cache key matches and
-    write it otherwise."""
+    write it otherwise. The scheduler is the model's own, the one ``--scheduler`` named, or the default (said in a
+    notice); scores.json records which."""
     from ldpruner.passes.importance import analyze_importance, cache_key, load_cached
 
+    scheduler, source = calibration.sampling_scheduler(loaded)
     path = Path(out) / SCORES if out is not None else None
     if path is not None and path.exists():
-        cached = load_cached(path, cache_key(graph, calib, config=config, scheduler=loaded.scheduler))
+        cached = load_cached(path, cache_key(graph, calib, config=config, scheduler=scheduler))
         if cached is not None and cached.model_weights == loaded.weights_id:
             return cached
         if cached is not None and cached.model_weights is None and not overwrite:
             raise ArtifactError(f"{str(path)!r} holds scores for these options from an ldpruner that did not record "
                                 "the model's weights; pass --overwrite (overwrite=True) to analyse again")
         check_replaceable(path, overwrite)
-    return analyze_importance(graph, calib, config=config, scheduler=loaded.scheduler, progress=progress,
-                              save_to=path, model_weights=loaded.weights_id)
+    calibration.note_default_scheduler(loaded)
+    return analyze_importance(graph, calib, config=config, scheduler=scheduler, scheduler_source=source,
+                              progress=progress, save_to=path, model_weights=loaded.weights_id)
 
 
 def _timed_graph(loaded: LoadedModel, trace: Any, config: Any, device: Any) -> Any:
@@ -118,22 +124,23 @@ def _timed_graph(loaded: LoadedModel, trace: Any, config: Any, device: Any) -> A
     return build_operator_graph(loaded.trace(trace, unet=unet))
 
 
-def costs(loaded: LoadedModel, trace: Any, config: Any, *, device: Any = "auto", out: str | os.PathLike | None,
-          overwrite: bool, progress: bool) -> Any:
+def costs(loaded: LoadedModel, trace: Any, config: Any, *, device: Any = "auto", threads: int | None = None,
+          out: str | os.PathLike | None, overwrite: bool, progress: bool) -> Any:
     """The latency cost of every candidate (a :class:`~ldpruner.passes.costs.CostReport`) of the model traced at
-    ``trace`` under ``config`` (a CostConfig) on ``device``; with ``out``, reuse ``out/costs.json`` when its key
-    matches and write it otherwise."""
+    ``trace`` under ``config`` (a CostConfig) on ``device`` with ``threads`` (None:
+    :func:`ldpruner.devices.resolve_threads`); with ``out``, reuse ``out/costs.json`` when its key (which holds the
+    threads) matches and write it otherwise."""
     from ldpruner.passes.costs import cache_key, load_cached, measure_costs
 
-    device = devices.resolve_device(device)
+    device, threads = devices.resolve_device(device), devices.resolve_threads(threads)
     graph = _timed_graph(loaded, trace, config, device)
     path = Path(out) / COSTS if out is not None else None
     if path is not None and path.exists():
-        cached = load_cached(path, cache_key(graph, config, device))
+        cached = load_cached(path, cache_key(graph, config, device, threads))
         if cached is not None:
             return cached
         check_replaceable(path, overwrite)
-    return measure_costs(graph, config, device=device, progress=progress, save_to=path)
+    return measure_costs(graph, config, device=device, threads=threads, progress=progress, save_to=path)
 
 
 def check_latency(loaded: LoadedModel, student: Any, cost_report: Any, trace: Any, *, device: Any = "auto",
@@ -244,6 +251,8 @@ def distill(loaded: LoadedModel, student: Any, config: Any, *, out: str | os.Pat
     if type(loaded.unet).__name__ != student.plan.model_class:
         raise ConfigError(f"the student was pruned from a {student.plan.model_class}, MODEL is a "
                           f"{type(loaded.unet).__name__}")
+    calibration.sampling_scheduler(loaded)  # a pipeline folder without its scheduler: refused before any work
+    calibration.check_distill_inputs(loaded, data=data, prompts_file=prompts_file)  # before the teacher's trace
     teacher_weights = loaded.weights_id  # before the teacher is placed (consume may cast the loaded weights)
     pruned = student
     plan = pruned.plan.for_weights(teacher_weights, "distill", allow=allow_other_weights,
@@ -324,14 +333,33 @@ def export_on_cuda(device: Any) -> bool:
     return devices.resolve_device(device).type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers()
 
 
+def check_exportable(unet_config: Any) -> None:
+    """Refuse, before any export work, a UNet whose stock pipelines no drop-in can serve
+    (:func:`ldpruner.unet_inputs.no_drop_in`)."""
+    from .unet_inputs import no_drop_in
+
+    reason = no_drop_in(unet_config)
+    if reason is not None:
+        raise UnsupportedModelError(reason)
+
+
 def export(student: Any, config: Any, variants: Any, *, out: str | os.PathLike, overwrite: bool,
-           device: Any = "auto") -> dict[str, Any]:
+           device: Any = "auto", threads: int | None = None) -> dict[str, Any]:
     """``out/onnx/unet.onnx`` from ``student`` (a PrunedUNet, or any object with ``traced`` and ``config``) under
     ``config`` (an ExportConfig), validated against torch, with ``out/onnx/export.json`` (the summary returned: the
     validation, the weights the student was pruned from); with ``variants.optimize`` also onnxruntime's optimized
     model (``unet.opt.onnx``) and with ``variants.fp16`` its fp16 conversion (``unet.fp16.onnx``). On a CUDA
     ``device`` with onnxruntime-gpu the numeric checks run on the CUDA execution provider and the optimizer targets
-    it (its CUDA-only fusions on)."""
+    it (its CUDA-only fusions on). The checks run with ``threads`` (None: :func:`ldpruner.devices.resolve_threads`)
+    in torch and onnxruntime; export.json records the number. A UNet no drop-in can serve in its stock pipelines is
+    refused first (:func:`check_exportable`)."""
+    check_exportable(student.config)
+    with devices.intra_op_threads(threads) as threads:
+        return _export(student, config, variants, out=out, overwrite=overwrite, device=device, threads=threads)
+
+
+def _export(student: Any, config: Any, variants: Any, *, out: str | os.PathLike, overwrite: bool, device: Any,
+            threads: int) -> dict[str, Any]:
     import dataclasses
 
     from ldpruner.passes.onnx.export import export_onnx
@@ -346,7 +374,8 @@ def export(student: Any, config: Any, variants: Any, *, out: str | os.PathLike, 
     summary: dict[str, Any] = {"export": result.to_dict(),
                                # the dense weights the exported student was pruned from, and mismatches allowed
                                "model_weights": getattr(plan, "model_weights", None),
-                               "other_weights": list(getattr(plan, "other_weights", ()))}
+                               "other_weights": list(getattr(plan, "other_weights", ())),
+                               "threads": threads}  # torch's and onnxruntime's in the validation
     if variants.optimize:
         from ldpruner.passes.onnx.optimize import fusion_sites, fusion_table, optimize_onnx
 

@@ -24,6 +24,7 @@ import torch
 
 from .errors import ArtifactError
 from .runtime.dropin import UNetDropIn
+from .unet_inputs import TEXT_INPUT
 
 __all__ = ["StudentUNet"]
 
@@ -115,6 +116,24 @@ class StudentUNet(UNetDropIn):
 
     def _example_shapes(self) -> Mapping[str, Sequence[int]]:
         return {name: tuple(t.shape) for name, t in self._pruned.traced.example_inputs.items()}
+
+    def _declared_shapes(self) -> Mapping[str, Sequence[int | None]]:
+        # the trace holds for any batch and text length, and for other latent sizes when it has a spatial multiple
+        # (the image-like inputs, a control hint and ControlNet's residuals, follow the latent's size)
+        traced = self._pruned.traced
+        free_spatial = traced.spatial_multiple is not None
+        shapes = {}
+        for name, example in traced.example_inputs.items():
+            dims: list[int | None] = [None, *example.shape[1:]]
+            if name == TEXT_INPUT and len(dims) == 3:
+                dims[1] = None
+            if free_spatial and example.dim() == 4:
+                dims[2:] = [None, None]
+            shapes[name] = dims
+        return shapes
+
+    def _spatial_multiple(self) -> int | None:
+        return self._pruned.traced.spatial_multiple
 
     def _run(self, inputs: dict[str, torch.Tensor], sample: torch.Tensor) -> torch.Tensor:
         return self.graph(*[inputs[name] for name in self.input_names])

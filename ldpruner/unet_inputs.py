@@ -27,7 +27,8 @@ from typing import Any
 from .errors import UnsupportedInputError
 
 __all__ = ["ADDED_COND_KEYS", "DOWN_RESIDUAL", "FLAT_INPUTS", "GUIDED_INPUTS", "INTRA_RESIDUAL", "MID_RESIDUAL",
-           "adapter_inputs", "diffusers_kwargs", "flat_inputs", "residual_inputs", "residual_names"]
+           "TEXT_AXIS", "TEXT_INPUT", "adapter_inputs", "diffusers_kwargs", "flat_inputs", "no_drop_in",
+           "residual_inputs", "residual_names"]
 
 FLAT_INPUTS = ("sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids", "image_embeds", "hint",
                "class_labels", "timestep_cond")
@@ -41,6 +42,10 @@ INTRA_RESIDUAL = "down_intrablock_additional_residual_"
 ADDED_COND_KEYS = ("text_embeds", "time_ids", "image_embeds", "hint")
 # inputs with an unconditional counterpart: classifier-free guidance runs the UNet on the negative row
 GUIDED_INPUTS = ("encoder_hidden_states", "text_embeds", "image_embeds")
+# the tokens cross-attention reads come in any number (CLIP's 77, the zoo encoder's 16, long prompts): a traced graph
+# and its ONNX export keep that axis free, under the name optimum gives it in Stable Diffusion UNet exports
+TEXT_INPUT = "encoder_hidden_states"
+TEXT_AXIS = "sequence_length"
 
 
 def diffusers_kwargs(flat: Mapping[str, Any]) -> dict[str, Any]:
@@ -121,3 +126,26 @@ def flat_inputs(*, encoder_hidden_states: Any = None, class_labels: Any = None, 
            "timestep_cond": timestep_cond}
     out.update({k: added.get(k) for k in ADDED_COND_KEYS})
     return out
+
+
+# UNet configs whose stock diffusers pipelines give the UNet what a traced graph has no input for, on every call: no
+# drop-in can take their place. (option, its values, what the pipelines pass)
+_NO_DROP_IN = (
+    ("attention_type", ("gated", "gated-text-image"),
+     "StableDiffusionGLIGENPipeline (and its text-image variant) passes its grounding to the UNet's gated fusers "
+     "(cross_attention_kwargs['gligen']), which the pruned graph and its ONNX model do not have"),
+    ("class_embed_type", ("identity",),
+     "UnCLIPPipeline and UnCLIPImageVariationPipeline pass the decoder the prompt's padding mask as attention_mask, "
+     "for which the pruned graph and its ONNX model have no input"),
+)
+
+
+def no_drop_in(config: Mapping[str, Any] | None) -> str | None:
+    """Why no drop-in (``ORTUNet``, ``StudentUNet``) can take the place of a UNet with this diffusers ``config`` in
+    its stock pipelines, in one line naming the option; None when they can."""
+    for option, values, why in _NO_DROP_IN:
+        value = (config or {}).get(option)
+        if value in values:
+            return (f"{option}={value!r} is not supported by export: {why}, so no drop-in can take this UNet's place "
+                    "(analyze, prune and distill work)")
+    return None

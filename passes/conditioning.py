@@ -23,6 +23,7 @@ __all__ = [
     "DEFAULT_PROMPTS",
     "RANDOM_EMBEDDINGS",
     "random_conditioning",
+    "check_text_encoder",
     "encode_prompts",
     "read_calibration_file",
     "read_prompt_file",
@@ -265,6 +266,31 @@ def read_prompt_file(path: str | os.PathLike) -> tuple[str, ...]:
     return prompts
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def check_text_encoder(pipeline_dir: str | os.PathLike) -> None:
+    """What :func:`encode_prompts` needs of a pipeline folder, checked from its files alone (nothing is loaded, so a
+    stage checks it before its first UNet call): tokenizer/ and one text_encoder/ whose weights are safetensors
+    (ldpruner never loads pickles)."""
+    folder = Path(pipeline_dir)
+    for sub in ("tokenizer", "text_encoder"):
+        if not (folder / sub).is_dir():
+            raise ModelLoadError(f"{str(folder)!r} has no {sub}/ folder: it is not a text-to-image pipeline folder")
+    if (folder / "text_encoder_2").is_dir():
+        raise ModelLoadError(
+            f"{str(folder)!r} has two text encoders (SDXL); encode the prompts yourself and pass a Conditioning "
+            "with encoder_hidden_states, text_embeds and time_ids")
+    encoder = folder / "text_encoder"
+    if not any(encoder.glob("*.safetensors")):
+        pickles = sorted(p.name for p in encoder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise ModelLoadError(f"the text encoder of {str(folder)!r} is pickled (text_encoder/ holds {pickles}, "
+                                 "no .safetensors): convert it to safetensors; ldpruner never loads pickles")
+        raise ModelLoadError(f"the text encoder of {str(folder)!r} has no weights (no .safetensors in "
+                             "text_encoder/): save its weights there as safetensors")
+
+
 def encode_prompts(pipeline_dir: str | os.PathLike, prompts: Sequence[str] = DEFAULT_PROMPTS, *,
                    max_length: int | None = None, device: Any = None, batch_size: int = 64) -> Conditioning:
     """Encode ``prompts`` and the empty prompt with the tokenizer/ and text_encoder/ of a local diffusers
@@ -278,18 +304,13 @@ def encode_prompts(pipeline_dir: str | os.PathLike, prompts: Sequence[str] = DEF
     prompts = tuple(prompts)
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise ConfigError(f"prompts must be a non-empty sequence of strings, got {prompts!r}")
-    for sub in ("tokenizer", "text_encoder"):
-        if not (folder / sub).is_dir():
-            raise ModelLoadError(f"{str(folder)!r} has no {sub}/ folder: it is not a text-to-image pipeline folder")
-    if (folder / "text_encoder_2").is_dir():
-        raise ModelLoadError(
-            f"{str(folder)!r} has two text encoders (SDXL); encode the prompts yourself and pass a Conditioning "
-            "with encoder_hidden_states, text_embeds and time_ids")
+    check_text_encoder(folder)
     try:
         from transformers import AutoModel, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
-        encoder = AutoModel.from_pretrained(folder / "text_encoder", local_files_only=True).eval()
+        encoder = AutoModel.from_pretrained(folder / "text_encoder", local_files_only=True,
+                                            use_safetensors=True).eval()
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not load the text encoder of {str(folder)!r}: {exc}") from exc
     if max_length is None:

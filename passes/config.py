@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ldpruner.compiler.operators import Granularity
-from ldpruner.devices import DEVICE_HELP, DTYPES, check_device
+from ldpruner.devices import DEVICE_HELP, DTYPES, THREADS_HELP, check_device
 from ldpruner.errors import ConfigError
 from ldpruner.options import Config, option
 
@@ -50,9 +50,14 @@ class TraceConfig(Config):
 
 @dataclasses.dataclass(frozen=True)
 class DeviceConfig(Config):
-    """Where a stage runs: the analysis, distillation, the export's numeric check and the bench's timings."""
+    """Where a stage runs: the analysis, distillation, the export's numeric check and the bench's timings — on which
+    device, with how many CPU threads (torch's intra-op threads for the stage, and every onnxruntime session it
+    opens; the number used is recorded in the stage's artifact)."""
 
     device: str = option("auto", "where the work runs: " + DEVICE_HELP, check=check_device)
+    threads: int | None = option(None, THREADS_HELP, minimum=1,
+                                 none="the CPUs this process may use (affinity and cgroup quota), at most torch's "
+                                      "own setting")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,7 +121,7 @@ class SelectionConfig(Config):
 @dataclasses.dataclass(frozen=True)
 class CostConfig(Config):
     """How the latency cost of each operator is measured: on which runtime, at which batch and dtype, how often.
-    The latent size is the trace's; the device is the stage's."""
+    The latent size is the trace's; the device and the threads are the stage's (:class:`DeviceConfig`)."""
 
     runtime: str = option("onnxruntime", "where latency is measured and predicted: onnxruntime (the exported "
                           "model; the CUDA provider on a GPU) or torch eager", choices=RUNTIMES)
@@ -127,8 +132,6 @@ class CostConfig(Config):
     latency_repeats: int = option(10, "timed runs of the dense model (per-operator times are their medians)",
                                   minimum=1)
     latency_warmup: int = option(2, "untimed runs first", minimum=0)
-    threads: int | None = option(None, "intra-op threads of the timed runtime", minimum=1,
-                                 none="the runtime's default")
     latency_tolerance: float = option(0.15, "flag a plan whose measured latency cut falls short of the predicted "
                                       "cut by more than this share of it", minimum=0, maximum=1)
 
@@ -298,6 +301,9 @@ class ExportConfig(Config):
     validation_spatial_size: tuple[int, ...] | None = option(None, "(height, width) of the second validation size",
                                                              minimum=1, flag=False,
                                                              none="(m, 2m) when the latent size is dynamic")
+    validation_text_length: int | None = option(None, "tokens of encoder_hidden_states in the validation's check "
+                                                "of the free text-length axis", minimum=1, flag=False,
+                                                none="77 (CLIP's) when the trace has another length, else half of it")
     validation_seed: int = option(0, "seed of the validation inputs", flag=False)
     validation_providers: tuple[str, ...] = option(("CPUExecutionProvider",), "onnxruntime providers of the "
                                                    "validation", nonempty=True, flag=False)

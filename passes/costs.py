@@ -130,7 +130,9 @@ class CostReport:
                          for c in data["operators"]}
             return cls(operators=operators, dense_ms=float(data["dense_ms"]),
                        dense_iqr_ms=float(data["dense_iqr_ms"]), attributed_ms=float(data["attributed_ms"]),
-                       profiled_ms=float(data["profiled_ms"]), config=CostConfig.from_dict(data["config"]),
+                       profiled_ms=float(data["profiled_ms"]),
+                       # costs.json of earlier versions kept the threads in the config; the placement has them
+                       config=CostConfig.from_dict({k: v for k, v in data["config"].items() if k != "threads"}),
                        placement=dict(data["placement"]), model_class=data["model_class"],
                        granularity=data["granularity"], cache_key=data["cache_key"],
                        wall_time_s=float(data.get("wall_time_s", 0.0)))
@@ -171,10 +173,10 @@ def timing_inputs(traced: Any, batch: int) -> dict[str, torch.Tensor]:
     return result
 
 
-def cache_key(graph: OperatorGraph, config: CostConfig, device: Any) -> str:
+def cache_key(graph: OperatorGraph, config: CostConfig, device: Any, threads: int | None = None) -> str:
     """What the costs depend on: the graph's operators and shapes, the measurement options (not the tolerance,
-    which judges predictions), the device and the versions of the runtimes. Not the weights' values (nor their
-    dtype: ``latency_dtype`` says it)."""
+    which judges predictions), the device, the threads (None: :func:`ldpruner.devices.resolve_threads`) and the
+    versions of the runtimes. Not the weights' values (nor their dtype: ``latency_dtype`` says it)."""
     import onnxruntime
 
     payload = {
@@ -184,6 +186,7 @@ def cache_key(graph: OperatorGraph, config: CostConfig, device: Any) -> str:
         "config": {k: v for k, v in config.to_dict().items() if k != "latency_tolerance"},
         "device": str(device),
         "accelerator": devices.accelerator_name(device),
+        "threads": devices.resolve_threads(threads),
         "versions": [torch.__version__, onnxruntime.__version__],
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
@@ -201,11 +204,19 @@ def load_cached(path: Path, key: str) -> CostReport | None:
 # --- measuring -------------------------------------------------------------------------------------------------
 
 def measure_costs(graph: OperatorGraph, config: CostConfig | None = None, *, device: Any = None,
-                  progress: bool = False, save_to: str | Path | None = None) -> CostReport:
+                  threads: int | None = None, progress: bool = False, save_to: str | Path | None = None
+                  ) -> CostReport:
     """Measure the latency cost of every candidate of ``graph`` on ``config.runtime``: torch on the device the
     traced graph is on, in its dtype; onnxruntime on ``device``'s provider (CUDA for a CUDA device with
-    onnxruntime-gpu, else the CPU; None: the graph's device)."""
+    onnxruntime-gpu, else the CPU; None: the graph's device). Either runs with ``threads`` intra-op threads (None:
+    :func:`ldpruner.devices.resolve_threads`), recorded in the placement and the cache key."""
     config = config if config is not None else CostConfig()
+    with devices.intra_op_threads(threads) as threads:
+        return _measure_costs(graph, config, device=device, threads=threads, progress=progress, save_to=save_to)
+
+
+def _measure_costs(graph: OperatorGraph, config: CostConfig, *, device: Any, threads: int, progress: bool,
+                   save_to: str | Path | None) -> CostReport:
     param = next(graph.traced.gm.parameters())
     dtype = param.dtype
     device = param.device if config.runtime == "torch" or device is None else torch.device(device)
@@ -219,12 +230,12 @@ def measure_costs(graph: OperatorGraph, config: CostConfig | None = None, *, dev
     if config.runtime == "torch":
         measured = _torch_costs(graph, config, inputs, device, progress)
     else:
-        measured = _onnxruntime_costs(graph, config, inputs, device, progress)
+        measured = _onnxruntime_costs(graph, config, inputs, device, threads, progress)
     placement = {"runtime": config.runtime, **measured.pop("placement"), "device": str(device),
                  "accelerator": devices.accelerator_name(device), "dtype": config.latency_dtype, "batch": batch,
-                 "sample_shape": list(inputs[graph.traced.input_names[0]].shape), "threads": config.threads}
+                 "sample_shape": list(inputs[graph.traced.input_names[0]].shape), "threads": threads}
     report = CostReport(config=config, placement=placement, model_class=graph.traced.model_class,
-                        granularity=graph.traced.granularity.value, cache_key=cache_key(graph, config, device),
+                        granularity=graph.traced.granularity.value, cache_key=cache_key(graph, config, device, threads),
                         wall_time_s=time.perf_counter() - started, **measured)
     if save_to is not None:
         report.save(save_to)
@@ -398,7 +409,7 @@ def _owner(node_name: str, names: Mapping[str, str]) -> tuple[str, str] | None:
 
 
 def _onnxruntime_costs(graph: OperatorGraph, config: CostConfig, inputs: Mapping[str, torch.Tensor], device: Any,
-                       progress: bool) -> dict[str, Any]:
+                       threads: int, progress: bool) -> dict[str, Any]:
     from ldpruner.passes.config import ExportConfig
     from ldpruner.passes.onnx.export import export_onnx
 
@@ -410,8 +421,8 @@ def _onnxruntime_costs(graph: OperatorGraph, config: CostConfig, inputs: Mapping
             print("costs: exporting the dense model for onnxruntime's profiler", file=sys.stderr, flush=True)
         export_onnx(flat, traced.input_names, traced.example_inputs, path, config=ExportConfig(validate=False),
                     spatial_multiple=traced.spatial_multiple)
-        dense, provider = _time_plain(path, inputs, config, device)  # its session closed before the next opens
-        profiled = ort_session(path, threads=config.threads, device=device, profile_prefix=str(Path(tmp) / "profile"))
+        dense, provider = _time_plain(path, inputs, config, device, threads)  # closed before the next opens
+        profiled = ort_session(path, threads=threads, device=device, profile_prefix=str(Path(tmp) / "profile"))
         feeds = onnx_feeds(profiled, inputs)
         for _ in range(config.latency_warmup + config.latency_repeats):
             profiled.run(None, feeds)
@@ -452,9 +463,10 @@ def _onnxruntime_costs(graph: OperatorGraph, config: CostConfig, inputs: Mapping
                      provider=provider)
 
 
-def _time_plain(path: Path, inputs: Mapping[str, torch.Tensor], config: CostConfig, device: Any) -> tuple[Any, str]:
+def _time_plain(path: Path, inputs: Mapping[str, torch.Tensor], config: CostConfig, device: Any,
+                threads: int) -> tuple[Any, str]:
     """The dense ONNX model's latency without the profiler, and the provider it ran on."""
-    session = ort_session(path, threads=config.threads, device=device)
+    session = ort_session(path, threads=threads, device=device)
     feeds = onnx_feeds(session, inputs)
     run = measure_interleaved({"dense": lambda: session.run(None, feeds)}, warmup=config.latency_warmup,
                               repeats=config.latency_repeats)
@@ -490,13 +502,14 @@ def check_latency(dense: Any, pruned: Any, costs: CostReport, names: Any, *, rep
     tolerance = tolerance if tolerance is not None else config.latency_tolerance
     batch = int(costs.placement["batch"])
     predicted_cut = 1 - costs.predicted_ms(names) / costs.dense_ms
-    if config.runtime == "torch":
-        run = _torch_pair(dense, pruned, batch, repeats, warmup)
-    else:
-        run = _onnxruntime_pair(dense, pruned, batch, repeats, warmup, config.threads, device)
+    with devices.intra_op_threads(costs.placement.get("threads")) as threads:  # the threads the costs were timed at
+        if config.runtime == "torch":
+            run = _torch_pair(dense, pruned, batch, repeats, warmup)
+        else:
+            run = _onnxruntime_pair(dense, pruned, batch, repeats, warmup, threads, device)
     measured_cut = 1 - run.ratio("pruned", "dense")
     shortfall = (predicted_cut - measured_cut) / predicted_cut if predicted_cut > 0 else 0.0
-    result = {"runtime": config.runtime, "batch": batch, "repeats": repeats,
+    result = {"runtime": config.runtime, "batch": batch, "repeats": repeats, "threads": threads,
               "dense_ms": run.stats["dense"].median_s * 1e3, "pruned_ms": run.stats["pruned"].median_s * 1e3,
               "measured_ratio": run.ratio("pruned", "dense"), "measured_cut": measured_cut,
               "predicted_ratio": 1 - predicted_cut, "predicted_cut": predicted_cut, "shortfall": shortfall,

@@ -58,6 +58,7 @@ from .config import AnalysisConfig
 from .plan import check_weights_id
 
 __all__ = [
+    "SCHEDULER_SOURCES",
     "AnalysisConfig",
     "CandidateScore",
     "LatentMoments",
@@ -66,6 +67,7 @@ __all__ = [
     "ImportanceReport",
     "SCORES_FORMAT",
     "analyze_importance",
+    "check_analysable",
     "cache_key",
     "encode_prompts",
     "latent_deviation_score",
@@ -343,7 +345,7 @@ def resolve_conditioning(traced: TracedUNet, calib: Conditioning | str | os.Path
     unsupported = [n for n in names if n not in FLAT_INPUTS]
     if unsupported:
         raise ConfigError(f"the analysis cannot drive UNet inputs {unsupported}; supported: {list(FLAT_INPUTS)}")
-    _refuse_k_diffusion(traced)
+    check_analysable(traced)
     example = traced.example_inputs
     if isinstance(calib, (str, os.PathLike)):
         if "encoder_hidden_states" not in names:
@@ -417,7 +419,9 @@ def _conditioning_inputs(names: tuple[str, ...]) -> list[str]:
 _K_RESAMPLERS = ("KDownsample2D", "KUpsample2D")
 
 
-def _refuse_k_diffusion(traced: TracedUNet) -> None:
+def check_analysable(traced: TracedUNet) -> None:
+    """Refuse, naming the option, a traced UNet the sampling loop cannot drive (K-diffusion blocks): stages call this
+    right after the trace, before a budget check or any other work."""
     found = sorted({type(m).__name__ for m in traced.gm.modules() if type(m).__name__ in _K_RESAMPLERS})
     if found:
         raise UnsupportedModelError(
@@ -589,22 +593,62 @@ def _latent_size(traced: TracedUNet, config: AnalysisConfig) -> tuple[int, int]:
     return height, width
 
 
-def scheduler_record(scheduler: Any | None) -> tuple[Any, dict[str, Any]]:
+SCHEDULER_SOURCES = {
+    "model": "the model's own",
+    "asked": "asked for with --scheduler",
+    "given": "given by the caller",
+    "default": "the default: the model brings none",
+}
+
+
+def scheduler_record(scheduler: Any | None, source: str | None = None) -> tuple[Any, dict[str, Any]]:
     """The scheduler a generation uses (``scheduler``, or diffusers' ``DDIMScheduler()`` when None) and how the
-    report records it: class, where it came from, its config."""
+    report records it: class, where it came from (``source``: "model" — the model's own, "asked" — named with
+    ``--scheduler``; None: "given"; "default" when ``scheduler`` is None; see :data:`SCHEDULER_SOURCES`), its
+    config."""
     if scheduler is None:
         from diffusers import DDIMScheduler
 
         default = DDIMScheduler()
-        return default, {"class": "DDIMScheduler", "source": "default: diffusers DDIMScheduler()",
+        return default, {"class": "DDIMScheduler", "source": "default",
                          "config": json_safe(default.config, drop_private_keys=True)}
+    if source is not None and source not in SCHEDULER_SOURCES:
+        raise ConfigError(f"scheduler source {source!r} is not one of {sorted(SCHEDULER_SOURCES)}")
     score_sde = all(hasattr(scheduler, a) for a in ("set_timesteps", "set_sigmas", "step_pred", "step_correct"))
     if not score_sde and not all(hasattr(scheduler, a)
                                  for a in ("set_timesteps", "step", "scale_model_input", "init_noise_sigma")):
         raise ConfigError(f"scheduler must be a diffusers scheduler, got {type(scheduler).__name__}")
     config = getattr(scheduler, "config", {})
-    return scheduler, {"class": type(scheduler).__name__, "source": "given",
+    return scheduler, {"class": type(scheduler).__name__, "source": source or "given",
                        "config": json_safe(config, drop_private_keys=True)}
+
+
+def _not_finite_message(dtype: str, scheduler_info: Mapping[str, Any]) -> str:
+    """Why the dense samples may not be finite, and the fix that matches the settings: a half-precision dtype first,
+    else the scheduler (a default one above all: the model's own may not be what the UNet was trained with)."""
+    start = f"the dense model's samples are not finite (NaN or Inf) in {dtype}"
+    if dtype != "float32":
+        return (f"{start} at these settings; the analysis would score nothing: analyse in float32 (dtype='float32') "
+                "or check the model")
+    name, source = scheduler_info["class"], scheduler_info["source"]
+    if source == "default":
+        return (f"{start} with {name}() at diffusers' defaults (the model brings no scheduler); the analysis would "
+                "score nothing: the default scheduler is the likely cause, pass the model's own with --scheduler "
+                "(scheduler=: a scheduler folder, or a class such as ScoreSdeVeScheduler) or check the model")
+    return (f"{start} with {name} ({SCHEDULER_SOURCES[source]}); the analysis would score nothing: check that the "
+            "scheduler is the one the model was trained with (--scheduler picks another) and that the model's "
+            "outputs are finite")
+
+
+def _threads_text() -> str:
+    """"N threads" (torch's intra-op threads as the analysis runs), with a hint when other jobs load the machine."""
+    threads = torch.get_num_threads()
+    text = f"{threads} thread{'s' if threads != 1 else ''}"
+    load = devices.busy_load()
+    if load is not None and threads > 1:
+        text += (f" (the machine is busy: load average {load:g} over {devices.available_cpus()} CPUs; --threads 1 "
+                 "may be faster)")
+    return text
 
 
 # --- cache key -----------------------------------------------------------------------------------------------
@@ -680,12 +724,14 @@ def analyze_importance(
     progress: bool = True,
     save_to: str | os.PathLike | None = None,
     model_weights: str | None = None,
+    scheduler_source: str | None = None,
 ) -> ImportanceReport:
     """Score every removable operator of ``operator_graph`` by the latent deviation its removal causes.
 
     ``calib``: see :func:`resolve_conditioning`. ``scheduler``: a diffusers scheduler (copied for every
     generation, never stepped itself); None uses ``diffusers.DDIMScheduler()`` with its default config. The
-    report records which. ``save_to``: a file or folder for scores.json, written by rank 0 only.
+    report records which, and where it came from (``scheduler_source``: "model", "asked"; None: "given" —
+    :func:`scheduler_record`). ``save_to``: a file or folder for scores.json, written by rank 0 only.
     ``model_weights``: the identity of the dense weights (:func:`ldpruner.sources.weights_id`) the report records,
     so that a plan made from it is never applied to other weights unnoticed.
 
@@ -699,7 +745,7 @@ def analyze_importance(
     start = time.perf_counter()
     traced = operator_graph.traced
     gm = traced.gm
-    scheduler, scheduler_info = scheduler_record(scheduler)
+    scheduler, scheduler_info = scheduler_record(scheduler, scheduler_source)
     conditioning = resolve_conditioning(traced, calib, config, scheduler)
     train_steps = getattr(getattr(scheduler, "config", None), "num_train_timesteps", None)
     if train_steps is not None and config.steps > train_steps:
@@ -743,7 +789,8 @@ def analyze_importance(
         tqdm.write(f"analysis: {len(operator_graph.candidates)} candidates + the dense model, {config.num_samples} "
                    f"samples (micro-batches of {batch}{', x2 with guidance' if use_cfg else ''}) x {config.steps} "
                    f"steps = {planned_total:,} UNet calls{f' over {world} ranks' if world > 1 else ''}, "
-                   f"{str(dtype).removeprefix('torch.')} on {device}", file=sys.stderr)
+                   f"{str(dtype).removeprefix('torch.')} on {device}, {_threads_text()}, {scheduler_info['class']} "
+                   f"({SCHEDULER_SOURCES[scheduler_info['source']]})", file=sys.stderr)
     bar = tqdm(total=planned, desc=f"importance (rank {rank}/{world})" if world > 1 else "importance",
                disable=not show, unit="call", dynamic_ncols=True)
 
@@ -780,9 +827,7 @@ def analyze_importance(
         bar.set_postfix_str("dense", refresh=False)
         dense = final_moments().stats()
         if not all(bool(torch.isfinite(t).all()) for t in dense):
-            raise ConfigError(f"the dense model's samples are not finite (NaN or Inf) in "
-                              f"{str(dtype).removeprefix('torch.')} at these settings; the analysis would score "
-                              "nothing: analyse in float32 (dtype='float32') or check the model")
+            raise ConfigError(_not_finite_message(str(dtype).removeprefix("torch."), scheduler_info))
         for op in mine:
             bar.set_postfix_str(op.name, refresh=False)
             with swapped(gm, op):

@@ -17,6 +17,7 @@ from ldpruner.unet_inputs import (
     ADDED_COND_KEYS,
     INTRA_RESIDUAL,
     MID_RESIDUAL,
+    TEXT_INPUT,
     adapter_inputs,
     flat_inputs,
     residual_inputs,
@@ -24,6 +25,14 @@ from ldpruner.unet_inputs import (
 )
 
 __all__ = ["UNetDropIn"]
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _shape_text(dims: Sequence[int | None]) -> str:
+    return "[" + ", ".join("any" if d is None else str(d) for d in dims) + "]"
 
 
 def _is_residual(name: str) -> bool:
@@ -51,6 +60,59 @@ class UNetDropIn(torch.nn.Module):
     def _timestep_dtype(self) -> torch.dtype | None:
         """The dtype the graph takes the timestep in (None: as given)."""
         return None
+
+    def _declared_shapes(self) -> Mapping[str, Sequence[int | None]]:
+        """The shape each input must have: an int where a dimension is fixed, None where it is free (the batch, the
+        text length, a latent size the trace is valid for)."""
+        raise NotImplementedError
+
+    def _spatial_multiple(self) -> int | None:
+        """The latent height/width must be a multiple of this (None: the sizes :meth:`_declared_shapes` fixes)."""
+        raise NotImplementedError
+
+    def _check_shapes(self, inputs: Mapping[str, torch.Tensor], sample: torch.Tensor) -> None:
+        """Refuse, in one line naming the input and the dimension, a call the graph cannot run: a latent size off
+        the UNet's multiple (the dense diffusers UNet interpolates such sizes; its trace does not), a fixed
+        dimension of another size, a batch that differs from the sample's."""
+        declared, multiple = self._declared_shapes(), self._spatial_multiple()
+        problems = []
+        height, width = sample.shape[-2:]
+        if multiple is not None and (height % multiple or width % multiple):
+            problems.append(
+                f"the latent is {height}x{width}, but {self._what} takes latent sizes that are multiples of "
+                f"{multiple} (the UNet has {_count(multiple.bit_length() - 1, 'upsampler')}; the dense diffusers UNet "
+                f"interpolates other sizes, its trace does not): pass a height and width whose latent is a multiple "
+                f"of {multiple} (with Stable Diffusion's VAE, image sizes that are multiples of {8 * multiple})")
+        for name, value in inputs.items():
+            dims = declared.get(name)
+            if dims is None:
+                continue
+            shape = list(value.shape)
+            if name != "timestep" and shape[:1] != [sample.shape[0]]:
+                problems.append(f"{name} has batch {shape[0] if shape else 'none'} (shape {shape}), the sample "
+                                f"{sample.shape[0]}: give every input the sample's batch")
+                continue
+            if len(shape) != len(dims):
+                problems.append(f"{name} has shape {shape}, but {self._what} takes {len(dims)} dimensions "
+                                f"({_shape_text(dims)})")
+                continue
+            wrong = [i for i, (got, want) in enumerate(zip(shape, dims)) if want is not None and got != want]
+            if not wrong:
+                continue
+            i = wrong[0]
+            if name == TEXT_INPUT and i == 1:
+                problems.append(
+                    f"{name} has {shape[1]} tokens, but {self._what} takes exactly {dims[1]} (it was exported with "
+                    "a fixed text length): export it again with this ldpruner, whose exports take any number of "
+                    "tokens")
+            elif name == "sample" and i >= 2:
+                problems.append(f"the latent is {height}x{width}, but {self._what} takes {dims[2]}x{dims[3]} only "
+                                "(its trace is valid for that size only): pass the height and width it was traced at")
+            else:
+                problems.append(f"{name} has shape {shape}: dimension {i} is {shape[i]}, but {self._what} takes "
+                                f"{_shape_text(dims)}; pass the {name} of the model it was made from")
+        if problems:
+            raise UnsupportedInputError(f"{self._caller}: " + "; ".join(problems))
 
     def _timestep(self, timestep: Any, sample: torch.Tensor) -> torch.Tensor:
         """int/float/0-d/(1,)/(batch,) → a (batch,) tensor, in :meth:`_timestep_dtype` when it names one."""
@@ -160,6 +222,7 @@ class UNetDropIn(torch.nn.Module):
         inputs = {"sample": sample, "timestep": self._timestep(timestep, sample)}
         inputs.update({n: v for n, v in given.items() if v is not None})
         inputs.update(residuals)
+        self._check_shapes(inputs, sample)
         missing = [n for n in names if _is_residual(n) and n not in inputs]
         if missing:  # no ControlNet / adapter this call: its residuals are zero
             inputs.update(self._zero_residuals(sample, missing))

@@ -15,9 +15,11 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from ldpruner.devices import stage_threads
 from ldpruner.errors import ConfigError, LdprunerError
 
-__all__ = ["LatencyStats", "InterleavedRun", "measure_interleaved", "ort_session", "onnx_feeds"]
+__all__ = ["InterleavedRun", "LatencyStats", "RatioMeasurement", "measure_interleaved", "measure_ratio",
+           "onnx_feeds", "ort_session", "ratio_interval"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,15 +94,115 @@ def measure_interleaved(
             variants[name]()
     times: dict[str, list[float]] = {name: [] for name in names}
     order: list[str] = []
-    for r in range(repeats):
+    _rounds(variants, names, range(repeats), times, order, clock)
+    return InterleavedRun(stats={n: LatencyStats(n, tuple(t)) for n, t in times.items()}, order=tuple(order),
+                          warmup=warmup, repeats=repeats)
+
+
+def _rounds(variants: Mapping[str, Callable[[], Any]], names: list[str], rounds: range,
+            times: dict[str, list[float]], order: list[str], clock: Callable[[], float]) -> None:
+    """Timed rounds ``rounds`` (their indices set the rotation), appended to ``times`` and ``order``."""
+    for r in rounds:
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
             start = clock()
             variants[name]()
             times[name].append(clock() - start)
             order.append(name)
-    return InterleavedRun(stats={n: LatencyStats(n, tuple(t)) for n, t in times.items()}, order=tuple(order),
-                          warmup=warmup, repeats=repeats)
+
+
+@dataclasses.dataclass(frozen=True)
+class RatioMeasurement:
+    """A latency ratio measured until it was known to a stated precision (or the time allowed ran out).
+
+    ``low`` / ``high``: the ``confidence`` bootstrap interval of median(numerator) / median(denominator),
+    resampling whole rounds (the calls made together face the same machine state); ``converged``: the interval is
+    within ± ``precision`` × the ratio."""
+
+    run: InterleavedRun
+    numerator: str
+    denominator: str
+    ratio: float
+    low: float
+    high: float
+    confidence: float
+    precision: float
+    converged: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ratio": self.ratio, "interval": [self.low, self.high], "confidence": self.confidence,
+                "precision": self.precision, "converged": self.converged, "rounds": self.run.repeats}
+
+    def describe(self) -> str:
+        """"0.508 (95 % interval 0.497–0.519, 40 rounds)", with "not converged" when it is not."""
+        text = (f"{self.ratio:.3f} ({self.confidence:.0%} interval {self.low:.3f}–{self.high:.3f}, "
+                f"{self.run.repeats} rounds")
+        return text + (")" if self.converged else f"; wider than ±{self.precision:.0%}: a noisy machine)")
+
+
+def ratio_interval(run: InterleavedRun, numerator: str, denominator: str, *, confidence: float = 0.95,
+                   resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """The percentile bootstrap interval of median(``numerator``) / median(``denominator``) over the rounds of
+    ``run`` (each resample draws whole rounds, keeping the two calls of a round together)."""
+    import numpy as np
+
+    num = np.asarray(run.stats[numerator].times_s)
+    den = np.asarray(run.stats[denominator].times_s)
+    if len(num) < 2:
+        ratio = run.ratio(numerator, denominator)
+        return ratio, ratio
+    picks = np.random.default_rng(seed).integers(0, len(num), size=(resamples, len(num)))
+    ratios = np.median(num[picks], axis=1) / np.median(den[picks], axis=1)
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(ratios, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def measure_ratio(
+    variants: Mapping[str, Callable[[], Any]],
+    numerator: str,
+    denominator: str,
+    *,
+    warmup: int = 3,
+    repeats: int = 10,
+    precision: float = 0.02,
+    confidence: float = 0.95,
+    max_repeats: int = 400,
+    max_seconds: float = 120.0,
+    clock: Callable[[], float] = time.perf_counter,
+) -> RatioMeasurement:
+    """Time ``variants`` interleaved (as :func:`measure_interleaved`) for ``repeats`` rounds, then keep adding rounds
+    until the ``confidence`` interval of median(numerator) / median(denominator) lies within ± ``precision`` of the
+    ratio, or ``max_repeats`` rounds ran, or the rounds took ``max_seconds``. A ratio from a few rounds on a busy
+    machine can be off by more than the effect it measures; the interval says how far."""
+    problems = []
+    if not (isinstance(precision, (int, float)) and 0 < precision < 1):
+        problems.append(f"precision must be in (0, 1); got {precision!r}")
+    if not (isinstance(confidence, (int, float)) and 0 < confidence < 1):
+        problems.append(f"confidence must be in (0, 1); got {confidence!r}")
+    if isinstance(max_repeats, bool) or not isinstance(max_repeats, int) or max_repeats < 1:
+        problems.append(f"max_repeats must be an int ≥ 1; got {max_repeats!r}")
+    if numerator not in variants or denominator not in variants:
+        problems.append(f"the ratio {numerator!r} / {denominator!r} names variants not in {list(variants)}")
+    if problems:
+        raise ConfigError("measure_ratio: " + "; ".join(problems))
+    run = measure_interleaved(variants, warmup=warmup, repeats=repeats, clock=clock)
+    names = list(variants)
+    times = {n: list(run.stats[n].times_s) for n in names}
+    order = list(run.order)
+    started, done = clock(), repeats
+    while True:
+        current = InterleavedRun(stats={n: LatencyStats(n, tuple(t)) for n, t in times.items()}, order=tuple(order),
+                                 warmup=warmup, repeats=done)
+        ratio = current.ratio(numerator, denominator)
+        low, high = ratio_interval(current, numerator, denominator, confidence=confidence)
+        converged = max(ratio - low, high - ratio) <= precision * ratio
+        if converged or done >= max_repeats or clock() - started >= max_seconds:
+            return RatioMeasurement(current, numerator, denominator, ratio, low, high, confidence, precision,
+                                    converged)
+        more = min(max(repeats, done // 2), max_repeats - done)  # grow by half: a few rounds of CI checks in all
+        _rounds(variants, names, range(done, done + more), times, order, clock)
+        done += more
 
 
 # --- onnxruntime ---------------------------------------------------------------------------------------------
@@ -111,7 +213,8 @@ _ORT_NUMPY = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(
 
 def ort_session(path: str | os.PathLike, *, threads: int | None, device: Any = None,
                 profile_prefix: str | None = None) -> Any:
-    """An onnxruntime session for timing: ``threads`` intra-op threads (None: onnxruntime's default), no spinning;
+    """An onnxruntime session for timing: ``threads`` intra-op threads (None: those of the ldpruner stage this runs
+    in, :func:`ldpruner.devices.stage_threads`; outside one, onnxruntime's default), no spinning;
     on the CUDA provider (of the device's GPU) when ``device`` is a CUDA device and onnxruntime-gpu offers it, else
     the CPU provider. ``profile_prefix``: onnxruntime's profiler on, its JSON written under that prefix.
 
@@ -120,6 +223,7 @@ def ort_session(path: str | os.PathLike, *, threads: int | None, device: Any = N
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    threads = threads if threads is not None else stage_threads()
     if threads is not None:
         options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1

@@ -153,9 +153,27 @@ class ORTUNet(UNetDropIn):
     def _input_names(self) -> Sequence[str]:
         return self.session.input_names
 
-    def _example_shapes(self) -> Mapping[str, Sequence[int]] | None:
+    def _metadata(self) -> dict[str, Any]:
+        """What the exporter recorded in the model (:data:`EXPORT_METADATA_KEY`); {} for a model from elsewhere."""
         raw = self.session.session.get_modelmeta().custom_metadata_map.get(EXPORT_METADATA_KEY)
-        return json.loads(raw).get("input_shapes") if raw else None
+        try:
+            metadata = json.loads(raw) if raw else {}
+        except ValueError:
+            return {}
+        return metadata if isinstance(metadata, dict) else {}
+
+    def _example_shapes(self) -> Mapping[str, Sequence[int]] | None:
+        return self._metadata().get("input_shapes")
+
+    def _declared_shapes(self) -> Mapping[str, Sequence[int | None]]:
+        # the model's own declaration: a named (symbolic) or unknown dimension is free
+        return {name: [d if isinstance(d, int) else None for d in dims]
+                for name, dims in self.session.input_shapes.items()}
+
+    def _spatial_multiple(self) -> int | None:
+        metadata = self._metadata()
+        multiple = metadata.get("spatial_multiple")
+        return multiple if metadata.get("dynamic_spatial") and isinstance(multiple, int) and multiple > 1 else None
 
     def _class_name(self) -> str | None:
         return "UNet2DConditionModel" if self._conditional else "UNet2DModel"

@@ -384,3 +384,71 @@ def test_residual_inputs_of_a_unet2dmodel_are_refused_by_name():
     model = make_tiny_unet2d()
     with pytest.raises(UnsupportedModelError, match=r"^controlnet=True is not supported for a UNet2DModel"):
         controlnet_residuals(model, unet_example_inputs(model))
+
+
+def test_both_drop_ins_take_any_text_length_in_a_stock_pipeline(sd):
+    """The trace and the ONNX export keep the token axis free: prompt embeddings of 16 tokens (the zoo encoder's) or
+    100 give the dense output, as 77 (CLIP's) do."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+
+    dense, student, ort = sd
+    assert ort.session.input_shapes["encoder_hidden_states"] == ["batch", "sequence_length", 32]
+    for tokens in (16, 100):
+        images = {}
+        for name, unet in (("dense", dense), ("torch", student), ("ort", ort)):
+            pipe = StableDiffusionPipeline(vae=tiny_vae(), text_encoder=None, tokenizer=None, unet=unet,
+                                           scheduler=EulerDiscreteScheduler(steps_offset=1), safety_checker=None,
+                                           feature_extractor=None, requires_safety_checker=False)
+            pipe.set_progress_bar_config(disable=True)
+            prompt, negative = torch.randn(2, 1, tokens, 32, generator=torch.Generator().manual_seed(tokens))
+            images[name] = pipe(prompt_embeds=prompt, negative_prompt_embeds=negative, guidance_scale=5.0,
+                                num_inference_steps=2, height=32, width=32, generator=torch.Generator().manual_seed(0),
+                                output_type="latent").images
+        torch.testing.assert_close(images["torch"], images["dense"], atol=0, rtol=0)
+        torch.testing.assert_close(images["ort"], images["dense"], atol=ATOL * images["dense"].abs().max().item(),
+                                   rtol=0)
+
+
+def test_both_drop_ins_refuse_a_latent_off_the_unets_multiple_in_one_line(sd):
+    dense, student, ort = sd
+    tokens = torch.randn(1, 77, 32)
+    assert dense(torch.randn(1, 4, 9, 9), 10, encoder_hidden_states=tokens).sample.shape == (1, 4, 9, 9)
+    for unet, caller, what in ((student, "StudentUNet", "the traced graph"), (ort, "ORTUNet.forward", "unet.onnx")):
+        with pytest.raises(UnsupportedInputError) as info:
+            unet(torch.randn(1, 4, 9, 10), 10, encoder_hidden_states=tokens)
+        assert str(info.value) == (
+            f"{caller}: the latent is 9x10, but {what} takes latent sizes that are multiples of 2 (the UNet has 1 "
+            "upsampler; the dense diffusers UNet interpolates other sizes, its trace does not): pass a height and "
+            "width whose latent is a multiple of 2 (with Stable Diffusion's VAE, image sizes that are multiples of "
+            "16)")
+        with pytest.raises(UnsupportedInputError, match=r"encoder_hidden_states has shape \[1, 77, 24\]: dimension 2 "
+                                                        r"is 24, but .* takes \[any, any, 32\]; pass the "
+                                                        "encoder_hidden_states of the model it was made from"):
+            unet(torch.randn(1, 4, 8, 8), 10, encoder_hidden_states=torch.randn(1, 77, 24))
+        with pytest.raises(UnsupportedInputError, match="encoder_hidden_states has batch 2 .*the sample 1: give "
+                                                        "every input the sample's batch"):
+            unet(torch.randn(1, 4, 8, 8), 10, encoder_hidden_states=torch.randn(2, 77, 32))
+
+
+def test_an_onnx_model_exported_with_a_fixed_text_length_is_refused_naming_the_tokens(sd, tmp_path):
+    """ONNX files of earlier exports fix the text at 77 tokens: a pipeline giving 16 gets one line, not
+    onnxruntime's INVALID_ARGUMENT."""
+    import shutil
+
+    import onnx
+
+    _, _, ort = sd
+    folder = tmp_path / "fixed"
+    shutil.copytree(ort.session.path.parent, folder)
+    model = onnx.load(str(folder / "unet.onnx"))
+    dim = next(i for i in model.graph.input if i.name == "encoder_hidden_states").type.tensor_type.shape.dim[1]
+    dim.ClearField("dim_param")
+    dim.dim_value = 77
+    onnx.save(model, str(folder / "unet.onnx"))
+    fixed = ORTUNet.from_pretrained(folder)
+    assert fixed(torch.randn(1, 4, 8, 8), 10, encoder_hidden_states=torch.randn(1, 77, 32)).sample.shape == (1, 4, 8, 8)
+    with pytest.raises(UnsupportedInputError) as info:
+        fixed(torch.randn(1, 4, 8, 8), 10, encoder_hidden_states=torch.randn(1, 16, 32))
+    assert str(info.value) == ("ORTUNet.forward: encoder_hidden_states has 16 tokens, but unet.onnx takes exactly 77 "
+                               "(it was exported with a fixed text length): export it again with this ldpruner, whose "
+                               "exports take any number of tokens")

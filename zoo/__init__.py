@@ -5,6 +5,7 @@ safetensors, a model card README.md and samples.png), reproduced from a seed by 
 The registry below is the list of what is shipped; ``model_dir(name)`` finds a model's folder. Their data and its
 train / held-out splits are loaded by :mod:`ldpruner.zoo.datasets`, for the recipes and the metrics alike; the
 samplers (``text_to_image``, ``unconditional``) run the project's one sampling loop (``ldpruner.runtime``).
+``export_pipeline(name, out)`` writes a model as a complete diffusers folder (``ldpruner zoo export``).
 Importing this package is cheap: torch, diffusers and transformers load only when a model is used.
 """
 
@@ -18,16 +19,18 @@ from ldpruner.errors import ConfigError, ModelLoadError
 
 from ._packages import MissingPackageError
 
-# TextEncoder, TextToImageModel, load_text_to_image, diffusers_pipeline, sample, image_grid, UnconditionalModel and
-# load_unconditional load lazily (see __getattr__)
+# TextEncoder, TextToImageModel, load_text_to_image, diffusers_pipeline, sample, image_grid, UnconditionalModel,
+# load_unconditional, PipelineExport and export_pipeline load lazily (see __getattr__)
 __all__ = [
     "TASKS",
     "MissingPackageError",
+    "PipelineExport",
     "TextEncoder",
     "TextToImageModel",
     "UnconditionalModel",
     "ZooEntry",
     "diffusers_pipeline",
+    "export_pipeline",
     "get_entry",
     "image_grid",
     "list_models",
@@ -137,6 +140,8 @@ _LAZY = {
     "image_grid": "text_to_image",
     "UnconditionalModel": "unconditional",
     "load_unconditional": "unconditional",
+    "PipelineExport": "pipeline_folder",
+    "export_pipeline": "pipeline_folder",
 }
 
 

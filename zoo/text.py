@@ -94,6 +94,15 @@ class TextEncoder:
         return {"package": PACKAGE, "model": "sentence-transformers/all-MiniLM-L6-v2", "max_length": self.max_length,
                 "pooling": POOLING, "hidden_size": HIDDEN_SIZE}
 
+    def pipeline_components(self) -> dict[str, Any]:
+        """``{"text_encoder": model, "tokenizer": tokenizer}`` set up so that a diffusers StableDiffusionPipeline
+        encodes prompts exactly as :meth:`encode` does: the pipeline pads to the tokenizer's ``model_max_length``
+        and passes the attention mask only when the encoder's config sets ``use_attention_mask``. Sets both on
+        this encoder's own model and tokenizer (``encode`` passes both explicitly, so it is unaffected)."""
+        self.model.config.use_attention_mask = True
+        self.tokenizer.model_max_length = self.max_length
+        return {"text_encoder": self.model, "tokenizer": self.tokenizer}
+
     def encode(self, prompts: Sequence[str]) -> torch.Tensor:
         """(len(prompts), max_length, 384) float32; the empty string is the unconditional prompt."""
         import torch

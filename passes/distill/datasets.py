@@ -18,7 +18,7 @@ import torch
 from ldpruner.errors import ConfigError, ModelLoadError
 from ldpruner.io import read_json
 
-__all__ = ["IMAGE_SUFFIXES", "encode_dataset", "read_image_folder"]
+__all__ = ["IMAGE_SUFFIXES", "encode_dataset", "folder_captions", "image_files", "read_image_folder", "vae_folder"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -50,15 +50,27 @@ def _captions(folder: Path, files: list[Path]) -> list[str] | None:
     return [s.read_text().strip() for s in sidecars]
 
 
-def read_image_folder(folder: Path, *, size: tuple[int, int], channels: int) -> tuple[torch.Tensor, list[str] | None]:
-    """(N, channels, H, W) images in [-1, 1] at ``size`` and their captions (None when the folder has none)."""
-    from PIL import Image
-
+def image_files(folder: Path) -> list[Path]:
+    """The image files under a dataset folder, sorted; a ConfigError when the folder is missing or holds none."""
     if not folder.is_dir():
         raise ConfigError(f"data folder {str(folder)!r} does not exist")
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise ConfigError(f"data folder {str(folder)!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    return files
+
+
+def folder_captions(folder: Path) -> list[str] | None:
+    """The captions of a dataset folder's images, as the encoding reads them (None when it has none), without
+    reading an image: what a stage checks before its first UNet call."""
+    return _captions(folder, image_files(folder))
+
+
+def read_image_folder(folder: Path, *, size: tuple[int, int], channels: int) -> tuple[torch.Tensor, list[str] | None]:
+    """(N, channels, H, W) images in [-1, 1] at ``size`` and their captions (None when the folder has none)."""
+    from PIL import Image
+
+    files = image_files(folder)
     if channels not in (1, 3):
         raise ConfigError(f"the VAE takes {channels} channels; image folders give 1 (grey) or 3 (RGB)")
     mode = "L" if channels == 1 else "RGB"
@@ -76,20 +88,27 @@ def read_image_folder(folder: Path, *, size: tuple[int, int], channels: int) -> 
     return pixels, _captions(folder, files)
 
 
-def _load_vae(pipeline_dir: Path | None, source: str) -> Any:
-    import diffusers
-
+def vae_folder(pipeline_dir: Path | None, source: str) -> Path:
+    """The autoencoder folder (vae/ or vqvae/) of a pipeline folder that encodes a dataset; a ModelLoadError naming
+    ``source`` when there is none."""
     for name in ("vae", "vqvae"):
         folder = pipeline_dir / name if pipeline_dir is not None else None
         if folder is not None and (folder / "config.json").is_file():
-            class_name = read_json(folder / "config.json", what="autoencoder config",
-                                   error=ModelLoadError).get("_class_name", "AutoencoderKL")
-            cls = getattr(diffusers, str(class_name), None)
-            if cls is None or not hasattr(cls, "encode"):
-                raise ModelLoadError(f"{str(folder)!r} names {class_name!r}, which is not a diffusers autoencoder")
-            return cls.from_pretrained(folder, use_safetensors=True, local_files_only=True).eval()
+            return folder
     raise ModelLoadError(f"{source} has no vae/ (or vqvae/) folder to encode a dataset with: distilling on data "
                          "needs the model's pipeline folder; without one, distill data-free (no data)")
+
+
+def _load_vae(pipeline_dir: Path | None, source: str) -> Any:
+    import diffusers
+
+    folder = vae_folder(pipeline_dir, source)
+    class_name = read_json(folder / "config.json", what="autoencoder config",
+                           error=ModelLoadError).get("_class_name", "AutoencoderKL")
+    cls = getattr(diffusers, str(class_name), None)
+    if cls is None or not hasattr(cls, "encode"):
+        raise ModelLoadError(f"{str(folder)!r} names {class_name!r}, which is not a diffusers autoencoder")
+    return cls.from_pretrained(folder, use_safetensors=True, local_files_only=True).eval()
 
 
 def encode_dataset(loaded: Any, folder: Path, *, latent_size: tuple[int, int], batch_size: int = 32,

@@ -552,6 +552,7 @@ def _summary(trainer: _Trainer, data: DistillData, resumed_from: int | None, ela
         "wall_time_s_this_run": round(elapsed, 3),
         "device": str(device),
         "accelerator": devices.accelerator_name(device),
+        "threads": torch.get_num_threads(),  # torch's intra-op threads as the steps ran (per process)
         "world_size": world,
         "micro_batch_per_process": trainer.config.batch_size // (world * trainer.config.gradient_accumulation),
         "gradient_checkpointing": {"on": trainer.config.gradient_checkpointing,

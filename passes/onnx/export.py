@@ -26,7 +26,7 @@ from ldpruner.compiler.tracer import TracedUNet
 from ldpruner.errors import ConfigError, ExportError, ExportValidationError
 from ldpruner.runtime.session import create_session
 from ldpruner.runtime.unet import CONFIG_FILENAME, EXPORT_METADATA_KEY
-from ldpruner.unet_inputs import DOWN_RESIDUAL, INTRA_RESIDUAL, MID_RESIDUAL
+from ldpruner.unet_inputs import DOWN_RESIDUAL, INTRA_RESIDUAL, MID_RESIDUAL, TEXT_AXIS, TEXT_INPUT
 
 from ..config import PROTOBUF_LIMIT, ExportConfig, Tolerance
 from .files import check_destination, publish_model, staging_dir
@@ -145,6 +145,7 @@ def export_onnx(
         "spatial_input": names[0],
         "spatial_multiple": multiple,
         "dynamic_spatial": dynamic_spatial,
+        "dynamic_text_length": TEXT_INPUT in names,
         "exporter": config.exporter,
     }
 
@@ -235,19 +236,26 @@ def validate_onnx(
         )
     specs = [InputSpec(n, tuple(examples[n].shape), session.input_dtypes[n]) for n in names]
     traced_size = tuple(examples[names[0]].shape[-2:])
-    plans: list[tuple[int, tuple[int, int]]] = [(b, traced_size) for b in config.validation_batch_sizes]
+    largest = max(config.validation_batch_sizes)
+    # (batch, latent size, text length): every batch at the traced shapes, then each dynamic axis moved on its own
+    plans: list[tuple[int, tuple[int, int], int | None]] = [(b, traced_size, None)
+                                                            for b in config.validation_batch_sizes]
     if dynamic_spatial:
         second = config.validation_spatial_size or (traced_size[0] + multiple, traced_size[1] + 2 * multiple)
-        plans.append((max(config.validation_batch_sizes), tuple(second)))
+        plans.append((largest, tuple(second), None))
+    if TEXT_INPUT in names and TEXT_AXIS in session.input_shapes.get(TEXT_INPUT, ())[1:2]:
+        plans.append((largest, traced_size, _other_text_length(config, int(examples[TEXT_INPUT].shape[1]))))
 
     # All torch runs first, then all onnxruntime runs: ORT's spinning thread pool would otherwise compete
     # with torch's OpenMP threads between alternating calls (measured 5x slower on 2 cores).
     cases = []
     with _eval_mode(module), torch.no_grad():
-        for index, (batch, size) in enumerate(plans):
+        for index, (batch, size, text) in enumerate(plans):
             feeds = make_inputs(specs, batch=batch, spatial=size, seed=config.validation_seed + index,
-                                spatial_input=names[0], scaled=_spatial_ratios(names, examples))
+                                spatial_input=names[0], scaled=_spatial_ratios(names, examples), text_length=text)
             label = f"batch={batch} latent={size[0]}x{size[1]}"
+            if TEXT_INPUT in feeds:
+                label += f" tokens={feeds[TEXT_INPUT].shape[1]}"
             try:
                 ref: np.ndarray | BaseException = _call_reference(module, names, examples, feeds)
             except Exception as exc:  # a reference that cannot run at this size is itself a finding
@@ -367,6 +375,14 @@ def _with_timestep_dtype(examples: Mapping[str, torch.Tensor], config: ExportCon
     return out
 
 
+def _other_text_length(config: ExportConfig, traced: int) -> int:
+    """The text length of the validation's token-axis check: ``validation_text_length``, else CLIP's 77 when the
+    trace has another length (a zoo encoder's 16 checks SD's length), else half of it."""
+    if config.validation_text_length is not None:
+        return config.validation_text_length
+    return 77 if traced != 77 else (traced + 1) // 2
+
+
 def _spatial_ratios(names: Sequence[str], examples: Mapping[str, torch.Tensor]) -> dict[str, float]:
     """How the spatial size of each image-like input follows the latent's (hint: 8, residuals: 1 to 1/2^k)."""
     latent = examples[names[0]].shape[-1]
@@ -376,6 +392,8 @@ def _spatial_ratios(names: Sequence[str], examples: Mapping[str, torch.Tensor]) 
 
 def _dynamic_axes(names: Sequence[str], output_name: str, dynamic_spatial: bool) -> dict[str, dict[int, str]]:
     axes: dict[str, dict[int, str]] = {name: {0: "batch"} for name in names}
+    if TEXT_INPUT in axes:  # prompts come in any number of tokens (CLIP's 77, a zoo encoder's 16, long prompts)
+        axes[TEXT_INPUT][1] = TEXT_AXIS
     spatial = {2: "height", 3: "width"} if dynamic_spatial else {}
     axes[names[0]].update(spatial)
     if dynamic_spatial:  # Kandinsky's control image (8x the latent), ControlNet's residuals: their own symbols

@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from ldpruner.unet_inputs import TEXT_INPUT
+
 from ..config import DEFAULT_TOLERANCES, Tolerance
 
 __all__ = [
@@ -131,11 +133,13 @@ def make_inputs(
     seed: int,
     spatial_input: str = "sample",
     scaled: Mapping[str, float] | None = None,
+    text_length: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Seeded inputs for a UNet: ``spatial_input`` (the NCHW latent) gets the batch and (when given) the spatial
     size, ``scaled`` inputs that size times their factor (Kandinsky's hint: 8, ControlNet residuals: 1 to 1/2^k),
-    every other input keeps its example shape with the new batch. Timesteps differ per batch element (so a
-    timestep broadcast baked in at trace time would show), integer inputs (class labels) are 0."""
+    ``encoder_hidden_states`` ``text_length`` tokens (when given), every other input keeps its example shape with
+    the new batch. Timesteps differ per batch element (so a timestep broadcast baked in at trace time would show),
+    integer inputs (class labels) are 0."""
     rng = np.random.default_rng(seed)
     inputs: dict[str, np.ndarray] = {}
     factors = {spatial_input: 1, **(scaled or {})}
@@ -144,6 +148,8 @@ def make_inputs(
         shape = (batch, *spec.shape[1:])
         if spec.name in factors and spatial is not None:
             shape = (batch, *spec.shape[1:-2], *(round(d * factors[spec.name]) for d in spatial))
+        if spec.name == TEXT_INPUT and text_length is not None:
+            shape = (batch, text_length, *spec.shape[2:])
         if spec.name == "timestep":
             value = rng.integers(0, 1000, size=shape)
         elif spec.name == "time_ids":

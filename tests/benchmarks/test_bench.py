@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 
@@ -60,6 +61,34 @@ def test_measure_interleaved_rejects_bad_counts(kwargs):
         measure_interleaved({"a": lambda: None}, **kwargs)
     with pytest.raises(ConfigError, match="variants is empty"):
         measure_interleaved({})
+
+
+def test_measure_ratio_stops_once_the_ratio_is_known_to_the_precision_asked():
+    from ldpruner.runtime.timing import measure_ratio
+
+    clock = FakeClock()
+    steady = measure_ratio({"dense": clock.variant("dense", 2.0), "pruned": clock.variant("pruned", 1.0)},
+                           "pruned", "dense", warmup=0, repeats=6, clock=clock)
+    assert steady.converged and steady.run.repeats == 6  # no spread: the first rounds settle it
+    assert (steady.ratio, steady.low, steady.high) == (0.5, 0.5, 0.5)
+    assert steady.describe() == "0.500 (95% interval 0.500–0.500, 6 rounds)"
+
+    clock = FakeClock()
+    rng = random.Random(0)
+    variants = {"dense": lambda: setattr(clock, "now", clock.now + 2.0 * rng.uniform(0.5, 1.5)),
+                "pruned": lambda: setattr(clock, "now", clock.now + rng.uniform(0.5, 1.5))}
+    noisy = measure_ratio(variants, "pruned", "dense", warmup=0, repeats=6, precision=0.001, max_repeats=60,
+                          max_seconds=1e9, clock=clock)
+    assert not noisy.converged and noisy.run.repeats == 60  # ±50 % noise never settles to ±0.1 %
+    assert noisy.low < noisy.ratio < noisy.high and noisy.describe().endswith("wider than ±0%: a noisy machine)")
+    assert noisy.to_dict()["rounds"] == 60 and len(noisy.run.stats["dense"].times_s) == 60
+
+    clock = FakeClock()
+    loose = measure_ratio(variants, "pruned", "dense", warmup=0, repeats=6, precision=0.5, clock=clock)
+    assert loose.converged and 6 <= loose.run.repeats <= 24  # a loose precision stops after a few rounds
+    with pytest.raises(ConfigError, match=r"measure_ratio: precision must be in \(0, 1\); got 0; the ratio 'x' / "
+                                          r"'dense' names variants not in \['dense', 'pruned'\]"):
+        measure_ratio(variants, "x", "dense", precision=0)
 
 
 def test_bench_config_collects_every_problem(tmp_path):

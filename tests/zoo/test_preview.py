@@ -60,3 +60,12 @@ def test_bad_arguments_are_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="steps must be a positive int"):
         preview_grid("crawl-tiles", {"dense": None}, tmp_path / "x.png", steps=0)
     assert not (tmp_path / "x.png").exists()
+
+
+def test_build_no_samples_draws_no_grid_and_says_so(tmp_path):
+    report = api.build("zoo:crawl-tiles", out=tmp_path, budget=0.2, num_samples=2, steps=2, distill_steps=0,
+                       samples=False, progress=False)
+    assert not (tmp_path / "samples.png").exists() and "samples" not in report["threads"]["stages"]
+    assert report["samples"] == {"path": None, "rows": [], "skipped": "--no-samples (samples=False)"}
+    assert "samples.png" not in report["artifacts"]
+    assert "## Samples\n\nNot drawn: --no-samples (samples=False)." in (tmp_path / "report.md").read_text()
