@@ -22,9 +22,17 @@ from pathlib import Path
 from typing import Any
 
 from ldpruner.errors import LdprunerError
-from ldpruner.runtime.timing import InterleavedRun, LatencyStats, measure_interleaved, onnx_feeds, ort_session
+from ldpruner.runtime.timing import (
+    InterleavedRun,
+    LatencyStats,
+    measure_interleaved,
+    measure_ratio,
+    onnx_feeds,
+    ort_session,
+)
 
-__all__ = ["LatencyStats", "InterleavedRun", "measure_interleaved", "ort_session", "onnx_feeds", "onnx_peak_memory"]
+__all__ = ["LatencyStats", "InterleavedRun", "measure_interleaved", "measure_ratio", "ort_session", "onnx_feeds",
+           "onnx_peak_memory"]
 
 
 _PEAK_SCRIPT = r"""

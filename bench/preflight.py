@@ -18,6 +18,7 @@ __all__ = ["check_bench_inputs"]
 def check_bench_inputs(config: BenchConfig, objects: Mapping[str, Any] | None = None) -> None:
     """Raise the first refusal a bench run of ``config`` would meet before any model is loaded (``objects``: the
     models given in memory, which need no check)."""
+    from ldpruner.build import is_build_folder, read_build_folder
     from ldpruner.passes.conditioning import check_text_encoder
     from ldpruner.sources import ZOO_PREFIX
 
@@ -26,6 +27,8 @@ def check_bench_inputs(config: BenchConfig, objects: Mapping[str, Any] | None = 
     for spec in config.models:
         if objects and spec in objects:
             continue
+        if is_build_folder(spec):  # a finished build, unchanged; its model is checked like any other
+            spec = read_build_folder(spec).config.model
         name = spec.removeprefix(ZOO_PREFIX)
         if config.quality and spec.startswith(ZOO_PREFIX) and name in QUALITY_MODELS:
             missing = missing_requirements(name)

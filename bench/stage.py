@@ -13,6 +13,7 @@ Called by ``ldpruner bench`` (``ldpruner.api.bench``).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import time
@@ -25,7 +26,7 @@ from ldpruner.config import BenchConfig
 from ldpruner.errors import ArtifactError
 from ldpruner.io import check_replaceable, write_json_atomic, write_text_atomic
 
-from .latency import measure_interleaved, onnx_feeds, onnx_peak_memory, ort_session
+from .latency import measure_ratio, onnx_feeds, onnx_peak_memory, ort_session
 
 __all__ = ["BenchConfig", "run_bench", "BENCH_FORMAT"]
 
@@ -103,27 +104,50 @@ def _torch_latency(dense_unet: Any, pruned_gm: Any, traced: Any, batch: int, con
         return (lambda: (call(), torch.cuda.synchronize(device))) if device.type == "cuda" else call
 
     with torch.inference_mode():
-        run = measure_interleaved({"dense": timed(lambda: dense_unet(**inputs)),
-                                   "pruned": timed(lambda: pruned_gm(*args))},
-                                  warmup=config.warmup, repeats=config.repeats)
-    return run.to_dict(ratio=("pruned", "dense"))
+        return _ratio({"dense": timed(lambda: dense_unet(**inputs)), "pruned": timed(lambda: pruned_gm(*args))},
+                      config)
 
 
 def _ort_latency(dense_session: Any, pruned_session: Any, traced: Any, batch: int,
                  config: BenchConfig) -> dict[str, Any]:
     inputs = _inputs(traced, batch)
-    dense_feeds, pruned_feeds = onnx_feeds(dense_session, inputs), onnx_feeds(pruned_session, inputs)
-    run = measure_interleaved({"dense": lambda: dense_session.run(None, dense_feeds),
-                               "pruned": lambda: pruned_session.run(None, pruned_feeds)},
-                              warmup=config.warmup, repeats=config.repeats)
-    return run.to_dict(ratio=("pruned", "dense"))
+    dense_feeds = onnx_feeds(dense_session, inputs)
+    pruned_feeds = onnx_feeds(pruned_session, {**_zero_residuals(pruned_session, batch), **inputs})
+    return _ratio({"dense": lambda: dense_session.run(None, dense_feeds),
+                   "pruned": lambda: pruned_session.run(None, pruned_feeds)}, config)
+
+
+def _zero_residuals(session: Any, batch: int) -> dict[str, Any]:
+    """Zeros for the ControlNet / T2I-Adapter inputs an exported model takes (a build with --controlnet or
+    --adapter), shaped as the export recorded them at ``batch``: the call without a ControlNet, as a pipeline makes
+    it."""
+    import json
+
+    import numpy as np
+
+    from ldpruner.runtime.unet import EXPORT_METADATA_KEY
+    from ldpruner.unet_inputs import FLAT_INPUTS
+
+    raw = session.get_modelmeta().custom_metadata_map.get(EXPORT_METADATA_KEY)
+    shapes = json.loads(raw).get("input_shapes", {}) if raw else {}
+    return {name: np.zeros((batch, *shape[1:]), dtype=np.float32) for name, shape in shapes.items()
+            if name not in FLAT_INPUTS}
+
+
+def _ratio(variants: Mapping[str, Any], config: BenchConfig) -> dict[str, Any]:
+    """Dense and pruned interleaved, at least ``repeats`` rounds and more until the ratio is known to
+    ``latency_precision`` (its 95 % interval recorded), as the build's latency check times them."""
+    measured = measure_ratio(variants, "pruned", "dense", warmup=config.warmup, repeats=config.repeats,
+                             precision=config.latency_precision)
+    return {**measured.run.to_dict(ratio=("pruned", "dense")), "interval": [measured.low, measured.high],
+            "converged": measured.converged, "precision": measured.precision}
 
 
 def _memory(path: Path, session: Any, traced: Any, threads: int, config: BenchConfig) -> dict[str, Any]:
     if not config.memory:
         return {"available": False, "reason": "memory=False"}
     batch = max(config.batch_sizes)
-    feeds = onnx_feeds(session, _inputs(traced, batch))
+    feeds = onnx_feeds(session, {**_zero_residuals(session, batch), **_inputs(traced, batch)})
     return onnx_peak_memory(path, {n: (a.shape, a.dtype.name) for n, a in feeds.items()}, threads=threads)
 
 
@@ -139,19 +163,151 @@ def _log(progress: bool, message: str) -> None:
         print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
-def _bench_model(spec: str, model: Any, config: BenchConfig, out: Path, threads: int, progress: bool) -> dict[str, Any]:
-    import torch
+@dataclasses.dataclass
+class _Dense:
+    """What every plan of one model is measured against: the dense model as loaded (torch) and exported (ONNX), its
+    trace (the timing inputs), and the quality sampler with the dense samples."""
 
-    from ldpruner import api
+    spec: str  # what the record is called (a model, or a build folder)
+    model_spec: str  # the model it measures (a build folder's model), for its quality reference
+    loaded: Any
+    graph: Any  # the dense OperatorGraph
+    unet: Any  # the loaded UNet, on the device
+    session: Any  # the dense ONNX model's timing session
+    record: dict[str, Any]
+    model_dir: Path
+    device: Any
+    home: Any  # where the loaded weights live (students go back there after timing)
+    threads: int
+    sampler: Any = None
+    meter: Any = None
+    digits: Any = None
+    grids: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def traced(self) -> Any:
+        return self.graph.traced
+
+
+def _dense(spec: str, loaded: Any, graph: Any, analysis: dict[str, Any], config: BenchConfig, model_dir: Path,
+           threads: int, progress: bool, model_spec: str | None = None) -> _Dense:
+    """The dense side of a model's record: params, MACs, its validated ONNX export and peak memory, and (for zoo
+    models with real data) its samples and their quality."""
     from ldpruner.passes.onnx.export import export_onnx
     from ldpruner.passes.remove import count_params
 
+    device = devices.resolve_device(config.device)
+    dense = graph.traced
+    _log(progress, f"{spec}: exporting the dense UNet")
+    dense_onnx = model_dir / "dense" / "onnx" / "unet.onnx"
+    dense_export = export_onnx(dense, None, None, dense_onnx, overwrite=True).to_dict()
+    session = ort_session(dense_onnx, threads=threads, device=device)
+    record: dict[str, Any] = {
+        "model": spec, "class": type(loaded.unet).__name__,
+        "random_weights": bool(loaded.describe().get("random_weights")),
+        "model_weights": loaded.weights_id,  # the dense weights every number of this record was measured on
+        "latent_shape": list(dense.example_inputs[dense.input_names[0]].shape[1:]), "analysis": analysis,
+        "dense": {"params": count_params(dense.gm), "macs_per_sample": graph.total_macs,
+                  "onnx": {"path": str(dense_onnx), **_validation(dense_export)},
+                  "peak_memory_onnx": _memory(dense_onnx, session, dense, threads, config)},
+        "budgets": [],
+    }
+    home = next(loaded.unet.parameters()).device
+    ctx = _Dense(spec, model_spec or spec, loaded, graph, loaded.placed(device, next(loaded.unet.parameters()).dtype),
+                 session, record, model_dir, device, home, threads)
+    quality: dict[str, Any] = {"available": False}
+    if config.quality:
+        ctx.sampler, ctx.meter, ctx.digits, reason = _quality_setup(ctx.model_spec, loaded, config)
+        if reason is not None:
+            quality["reason"] = reason
+        else:
+            _log(progress, f"{spec}: sampling the dense model ({config.samples} images)")
+            quality["available"] = True
+            images = ctx.sampler(None)
+            ctx.grids["dense"] = images
+            quality["dense"] = ctx.meter(images, ctx.digits)
+    else:
+        quality["reason"] = "quality=False"
+    record["quality"] = quality
+    return ctx
+
+
+def _plan_entry(ctx: _Dense, plan: Any, pruned: Any, onnx_path: Path, export_summary: Mapping[str, Any],
+                config: BenchConfig, *, label: str, cost_report: Any = None, distilled: Any = None,
+                distill_record: dict[str, Any] | None = None, progress: bool) -> dict[str, Any]:
+    """One plan measured beside the dense model: params, MACs, torch latency (the pruned graph), onnxruntime latency
+    (``onnx_path``: the model that ships), peak memory, the budget asked for against what it achieved, and quality
+    of the pruned (and ``distilled``) student."""
+    import torch
+
+    from ldpruner.passes.remove import count_params
+
+    totals = plan.to_dict()["totals"]
+    dense = ctx.traced
+    dense_params = ctx.record["dense"]["params"]
+    session = ort_session(onnx_path, threads=ctx.threads, device=ctx.device)
+    shipped = distilled if distilled is not None else pruned  # the same graph; the ONNX model is this one's
+    pruned_params = count_params(pruned.gm)
+    entry: dict[str, Any] = {
+        "budget": plan.budget.get("budget"), "metric": plan.budget.get("metric"), "order": plan.budget.get("order"),
+        "label": label, "removed": [r.name for r in plan.removals],
+        "params": {"dense": dense_params, "pruned": pruned_params, "ratio": pruned_params / dense_params},
+        "macs_per_sample": {"dense": totals["macs_per_sample_before"], "pruned": totals["macs_per_sample_after"],
+                            "ratio": totals["macs_per_sample_after"] / totals["macs_per_sample_before"]},
+        "onnx": {"path": str(onnx_path), **_validation(export_summary)},
+        "latency": {"torch": {}, "onnxruntime": {}},
+    }
+    # torch first, then onnxruntime: alternating the two runtimes would make their thread pools compete
+    for batch in config.batch_sizes:
+        entry["latency"]["torch"][f"batch_{batch}"] = _torch_latency(ctx.unet, shipped.gm.to(ctx.device), dense,
+                                                                     batch, config, ctx.device)
+    shipped.gm.to(ctx.home)  # back beside its example inputs: distillation and sampling expect it there
+    for batch in config.batch_sizes:
+        entry["latency"]["onnxruntime"][f"batch_{batch}"] = _ort_latency(ctx.session, session, dense, batch, config)
+    if cost_report is not None and plan.latency is not None:
+        entry["latency_prediction"] = _prediction(entry, plan, cost_report, dense, pruned, config, ctx.device)
+    mem = _memory(onnx_path, session, dense, ctx.threads, config)
+    dense_mem = ctx.record["dense"]["peak_memory_onnx"]
+    if mem.get("available") and dense_mem.get("available"):
+        mem["run_peak_ratio"] = mem["run_peak_mib"] / dense_mem["run_peak_mib"]
+    entry["peak_memory_onnx"] = mem
+    # the budget asked for against what was achieved: a latency budget against this run's own timing
+    entry["target"] = plan.target(tolerance=config.target_tolerance, measured=entry.get("latency_prediction"))
+    entry["distill"] = distill_record
+    if ctx.record["quality"]["available"]:
+        from ldpruner.runtime.graph_unet import GraphUNet
+
+        entry["quality"] = {}
+        for variant, model in [("pruned", pruned)] + ([("distilled", distilled)] if distilled is not None else []):
+            _log(progress, f"{ctx.spec}: sampling {variant} ({label})")
+            images = ctx.sampler(GraphUNet.of(model))
+            ctx.grids[f"{variant} {label}"] = images
+            entry["quality"][variant] = ctx.meter(images, ctx.digits)
+    torch.set_num_threads(ctx.threads)  # distillation or sampling may change it
+    return entry
+
+
+def _finish(ctx: _Dense, t_model: float) -> dict[str, Any]:
+    record = ctx.record
+    record["plots"] = _plots(record, ctx.model_dir)
+    if ctx.grids:
+        record["samples"] = _grids(ctx.grids, ctx.model_dir / "samples", ctx.model_dir)
+        if ctx.model_spec.startswith("zoo:") and ctx.model_spec.removeprefix("zoo:") in _audio_models():
+            record["samples"]["audio"] = _audio(ctx.grids, ctx.model_spec, ctx.model_dir / "samples")
+    record["wall_time_s"] = round(time.perf_counter() - t_model, 1)
+    return record
+
+
+def _bench_model(spec: str, model: Any, config: BenchConfig, out: Path, threads: int, progress: bool) -> dict[str, Any]:
+    from ldpruner import api
+    from ldpruner.build import is_build_folder
+
+    if isinstance(model, str) and is_build_folder(model):
+        return _bench_build(spec, config, out, threads, progress)
     t_model = time.perf_counter()
     model_dir = out / _slug(spec)
     model_dir.mkdir(parents=True, exist_ok=True)
     loaded = api.load(model, scheduler=config.scheduler)
-    device = devices.resolve_device(config.device)
-    home = next(loaded.unet.parameters()).device
     _log(progress, f"{spec}: analysis ({config.num_samples} samples × {config.steps} steps)")
     scores = api.analyze(loaded, out=model_dir, num_samples=config.num_samples, steps=config.steps,
                          batch_size=config.batch_size, dtype=config.dtype, device=config.device, overwrite=True,
@@ -164,83 +320,17 @@ def _bench_model(spec: str, model: Any, config: BenchConfig, out: Path, threads:
                                 granularity=scores.granularity, runtime=config.runtime,
                                 latency_repeats=config.repeats, latency_warmup=config.warmup, threads=threads,
                                 device=config.device)
-    dense_unet = loaded.placed(device, next(loaded.unet.parameters()).dtype)  # the model as loaded, on the device
-    dense = graph.traced
-    dense_params = count_params(dense.gm)
-    latent = list(dense.example_inputs[dense.input_names[0]].shape[1:])
-    _log(progress, f"{spec}: exporting the dense UNet")
-    dense_onnx = model_dir / "dense" / "onnx" / "unet.onnx"
-    dense_export = export_onnx(dense, None, None, dense_onnx, overwrite=True).to_dict()
-    dense_session = ort_session(dense_onnx, threads=threads, device=device)
-    record: dict[str, Any] = {
-        "model": spec, "class": type(loaded.unet).__name__,
-        "random_weights": bool(loaded.describe().get("random_weights")),
-        "model_weights": loaded.weights_id,  # the dense weights every number of this record was measured on
-        "latent_shape": latent, "analysis": {"unet_calls": scores.unet_calls, "wall_time_s": scores.wall_time_s,
-                                             "num_samples": config.num_samples, "steps": config.steps,
-                                             "scheduler": scores.scheduler},
-        "dense": {"params": dense_params, "macs_per_sample": graph.total_macs,
-                  "onnx": {"path": str(dense_onnx), **_validation(dense_export)},
-                  "peak_memory_onnx": _memory(dense_onnx, dense_session, dense, threads, config)},
-        "budgets": [],
-    }
-
-    sampler = meter = None
-    quality: dict[str, Any] = {"available": False}
-    samples_dir = model_dir / "samples"
-    grids: dict[str, Any] = {}
-    if config.quality:
-        sampler, meter, digits, reason = _quality_setup(spec, loaded, config)
-        if reason is not None:
-            quality["reason"] = reason
-        else:
-            _log(progress, f"{spec}: sampling the dense model ({config.samples} images)")
-            quality["available"] = True
-            images = sampler(None)
-            grids["dense"] = images
-            quality["dense"] = meter(images, digits)
-    else:
-        quality["reason"] = "quality=False"
-    record["quality"] = quality
-
+    ctx = _dense(spec, loaded, graph, {"unet_calls": scores.unet_calls, "wall_time_s": scores.wall_time_s,
+                                       "num_samples": config.num_samples, "steps": config.steps,
+                                       "scheduler": scores.scheduler}, config, model_dir, threads, progress)
     for budget in config.budgets:
         _log(progress, f"{spec}: budget {budget:.0%}")
         bdir = model_dir / f"budget-{budget:.2f}"
         plan = api.select(scores, model=loaded, costs=cost_report, budget=budget, metric=config.metric,
                           order=config.order)
         pruned = api.prune(loaded, plan)
-        totals = plan.to_dict()["totals"]
         export_summary = api.export(pruned, out=bdir, overwrite=True)["export"]
-        pruned_onnx = bdir / "onnx" / "unet.onnx"
-        pruned_session = ort_session(pruned_onnx, threads=threads, device=device)
-        pruned_params = count_params(pruned.gm)
-        entry: dict[str, Any] = {
-            "budget": budget, "metric": config.metric, "order": config.order,
-            "removed": [r.name for r in plan.removals],
-            "params": {"dense": dense_params, "pruned": pruned_params, "ratio": pruned_params / dense_params},
-            "macs_per_sample": {"dense": totals["macs_per_sample_before"], "pruned": totals["macs_per_sample_after"],
-                                "ratio": totals["macs_per_sample_after"] / totals["macs_per_sample_before"]},
-            "onnx": {"path": str(pruned_onnx), **_validation(export_summary)},
-            "latency": {"torch": {}, "onnxruntime": {}},
-        }
-        # torch first, then onnxruntime: alternating the two runtimes would make their thread pools compete
-        for batch in config.batch_sizes:
-            entry["latency"]["torch"][f"batch_{batch}"] = _torch_latency(dense_unet, pruned.gm.to(device), dense,
-                                                                         batch, config, device)
-        pruned.gm.to(home)  # back beside its example inputs: the export, distillation and sampling expect it there
-        for batch in config.batch_sizes:
-            entry["latency"]["onnxruntime"][f"batch_{batch}"] = _ort_latency(dense_session, pruned_session, dense,
-                                                                            batch, config)
-        if cost_report is not None:
-            entry["latency_prediction"] = _prediction(entry, plan, cost_report, dense, pruned, config, device)
-        mem = _memory(pruned_onnx, pruned_session, dense, threads, config)
-        dense_mem = record["dense"]["peak_memory_onnx"]
-        if mem.get("available") and dense_mem.get("available"):
-            mem["run_peak_ratio"] = mem["run_peak_mib"] / dense_mem["run_peak_mib"]
-        entry["peak_memory_onnx"] = mem
-
-        student = pruned
-        entry["distill"] = None
+        distilled = distill_record = None
         if config.distill_steps:
             _log(progress, f"{spec}: distilling {config.distill_steps} steps at budget {budget:.0%}")
             from .quality import distill_options
@@ -251,33 +341,67 @@ def _bench_model(spec: str, model: Any, config: BenchConfig, out: Path, threads:
             result = api.distill(loaded, pruned, out=bdir / "distill", overwrite=True, progress=progress,
                                  data=config.distill_data, device=config.device, **options)
             s = result.summary
-            entry["distill"] = {"steps": s["steps"], "wall_time_s": s["wall_time_s_this_run"], "options": options,
-                                "data": config.distill_data or "teacher trajectories",
-                                "loss_first_10pct": s["loss_first_10pct"]["loss"],
-                                "loss_last_10pct": s["loss_last_10pct"]["loss"],
-                                "student": str(bdir / "distill" / "student")}
-            student = result.student
-        if quality["available"]:
-            from ldpruner.runtime.graph_unet import GraphUNet
+            distill_record = {"steps": s["steps"], "wall_time_s": s["wall_time_s_this_run"], "options": options,
+                              "data": config.distill_data or "teacher trajectories",
+                              "loss_first_10pct": s["loss_first_10pct"]["loss"],
+                              "loss_last_10pct": s["loss_last_10pct"]["loss"],
+                              "student": str(bdir / "distill" / "student")}
+            distilled = result.student
+        # the pruned graph's ONNX model is timed (a distilled student has the same graph: the same latency)
+        ctx.record["budgets"].append(_plan_entry(
+            ctx, plan, pruned, bdir / "onnx" / "unet.onnx", export_summary, config, label=f"{budget:.0%}",
+            cost_report=cost_report, distilled=distilled, distill_record=distill_record, progress=progress))
+        del pruned, distilled
+    return _finish(ctx, t_model)
 
-            entry["quality"] = {}
-            variants = [("pruned", pruned)] + ([("distilled", student)] if config.distill_steps else [])
-            for variant, model in variants:
-                _log(progress, f"{spec}: sampling {variant} at budget {budget:.0%}")
-                images = sampler(GraphUNet.of(model))
-                grids[f"{variant} {budget:.0%}"] = images
-                entry["quality"][variant] = meter(images, digits)
-        record["budgets"].append(entry)
-        del pruned, student
-        torch.set_num_threads(threads)  # distillation or sampling may change it
 
-    record["plots"] = _plots(record, model_dir)
-    if grids:
-        record["samples"] = _grids(grids, samples_dir, model_dir)
-        if spec.startswith("zoo:") and spec.removeprefix("zoo:") in _audio_models():
-            record["samples"]["audio"] = _audio(grids, spec, samples_dir)
-    record["wall_time_s"] = round(time.perf_counter() - t_model, 1)
-    return record
+def _bench_build(spec: str, config: BenchConfig, out: Path, threads: int, progress: bool) -> dict[str, Any]:
+    """A finished build measured as it ships: its plan, its pruned (and distilled) student and its ONNX model,
+    beside the dense model it was built from (loaded as the build loaded it: model, scheduler, latent size), with
+    the budget the build asked for against what it achieved."""
+    from ldpruner import api
+    from ldpruner.build import read_build_folder
+    from ldpruner.io import read_json
+    from ldpruner.passes.costs import CostReport
+    from ldpruner.passes.importance import ImportanceReport
+    from ldpruner.passes.plan import RemovalPlan
+    from ldpruner.passes.student import load_student
+
+    t_model = time.perf_counter()
+    build = read_build_folder(spec)
+    cfg = build.config
+    model_dir = out / _slug(spec)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    _log(progress, f"{spec}: the build of {cfg.model} (metric {cfg.metric}, budget {cfg.budget:g})")
+    loaded = api.load(cfg.model, scheduler=cfg.scheduler)
+    plan = RemovalPlan.load(build.plan).for_weights(loaded.weights_id, "bench", allow=False,
+                                                    made=f"the build in {spec!r} was made for")
+    graph = api.inspect(loaded, granularity=plan.granularity, height=cfg.height, width=cfg.width)
+    scores = ImportanceReport.load(build.path / "scores.json")
+    analysis = {"unet_calls": scores.unet_calls, "wall_time_s": scores.wall_time_s,
+                "num_samples": scores.config.num_samples, "steps": scores.config.steps,
+                "scheduler": scores.scheduler, "from_build": str(build.path)}
+    ctx = _dense(spec, loaded, graph, analysis, config, model_dir, threads, progress, model_spec=cfg.model)
+    measured = read_json(build.latency, what="latency check") if build.latency is not None else None
+    ctx.record["build"] = {"path": str(build.path), "model": cfg.model, "metric": cfg.metric, "budget": cfg.budget,
+                           "order": cfg.order, "distill_steps": cfg.distill_steps, "onnx": str(build.onnx),
+                           # the build's own latency check, beside which this bench's timing can be read
+                           "latency_check": measured}
+    pruned = load_student(build.pruned)
+    distilled = load_student(build.distilled) if build.distilled is not None else None
+    export_summary = read_json(build.onnx.with_name("export.json"), what="export summary")["export"]
+    cost_report = CostReport.load(build.path / "costs.json") if cfg.metric == "latency" else None
+    distill_record = None
+    if distilled is not None:
+        summary = read_json(build.path / "distill" / "distill.json", what="distillation summary")
+        distill_record = {"steps": summary["steps"], "wall_time_s": summary["wall_time_s_this_run"],
+                          "options": summary.get("config"), "data": summary["data"]["kind"],
+                          "loss_first_10pct": summary["loss_first_10pct"]["loss"],
+                          "loss_last_10pct": summary["loss_last_10pct"]["loss"], "student": str(build.distilled)}
+    entry = _plan_entry(ctx, plan, pruned, build.onnx, export_summary, config, label="build", cost_report=cost_report,
+                        distilled=distilled, distill_record=distill_record, progress=progress)
+    ctx.record["budgets"].append(entry)
+    return _finish(ctx, t_model)
 
 
 def _prediction(entry: dict[str, Any], plan: Any, costs: Any, dense: Any, pruned: Any, config: BenchConfig,
@@ -291,7 +415,7 @@ def _prediction(entry: dict[str, Any], plan: Any, costs: Any, dense: Any, pruned
     measured = entry["latency"][runtime].get(f"batch_{batch}")
     if measured is None:
         check = check_latency(dense, pruned.traced, costs, plan.names, tolerance=config.latency_tolerance,
-                              device=device)
+                              precision=config.latency_precision, device=device)
         measured_cut = check["measured_cut"]
     else:
         measured_cut = 1 - measured["ratio"]
@@ -425,6 +549,20 @@ def _ms(stats: Mapping[str, Any]) -> str:
     return f"{stats['median_ms']:.2f} ± {stats['iqr_ms']:.2f}"
 
 
+def _label(entry: Mapping[str, Any]) -> str:
+    """A budget's row label: its share ("30%"), or "build (params 30%)" for a build measured as it ships."""
+    share = f"{entry['budget']:.0%}" if isinstance(entry.get("budget"), (int, float)) else "?"
+    return f"build ({entry.get('metric')} {share})" if entry.get("label") == "build" else share
+
+
+def _ratio_text(latency: Mapping[str, Any]) -> str:
+    interval = latency.get("interval")
+    if not interval:
+        return f"**{latency['ratio']:.3f}**"
+    return (f"**{latency['ratio']:.3f}** [{interval[0]:.3f}, {interval[1]:.3f}]"
+            f"{'' if latency.get('converged', True) else '*'}")
+
+
 def markdown(report: Mapping[str, Any]) -> str:
     env = report["environment"]
     cfg = report["config"]
@@ -432,8 +570,10 @@ def markdown(report: Mapping[str, Any]) -> str:
              f"torch {env['torch']}, onnxruntime {env['onnxruntime']}, {env['cpu_count']} CPUs, {env['threads']} "
              f"threads; load average at start {env.get('load_average_start')}, at end {env.get('load_average_end')}.",
              "",
-             f"Latency: median ± IQR (ms) of {cfg['repeats']} timed calls after {cfg['warmup']} warm-up calls, dense "
-             "and pruned interleaved in one run (order rotated every round). **The pruned / dense ratios are the "
+             f"Latency: median ± IQR (ms) of at least {cfg['repeats']} timed rounds after {cfg['warmup']} warm-up "
+             "calls, dense and pruned interleaved in one run (order rotated every round), more rounds until the 95 % "
+             f"interval of the ratio is within ±{cfg.get('latency_precision', 0.02):.0%} of it (shown as [low, high]; "
+             "a ratio marked * did not get there in the time allowed). **The pruned / dense ratios are the "
              "evidence; absolute times depend on the machine and its load.** Torch: the dense diffusers UNet vs the "
              "pruned fx graph, eager. ORT: both exported through `ldpruner.passes.onnx.export`, CPU provider, no "
              "spinning. Memory: peak RSS of a fresh process serving the ONNX model at the largest batch, minus its "
@@ -445,6 +585,19 @@ def markdown(report: Mapping[str, Any]) -> str:
             lines += ["> Random weights: the numbers prove the pipeline, not pruning quality.", ""]
         lines += [f"Dense: {d['params']:,} UNet params, {d['macs_per_sample']:,} MACs/sample; ONNX validated: "
                   f"{d['onnx']['passed']} (max abs diff {d['onnx']['max_abs_diff']:.1e}).", ""]
+        built = rec.get("build")
+        if built:
+            lines += [f"The build in `{built['path']}` as it ships: its plan ({built['metric']} budget "
+                      f"{built['budget']:g}, order {built['order']}), its students and its ONNX model "
+                      f"`{built['onnx']}`, measured beside `{built['model']}`.", ""]
+            check = built.get("latency_check")
+            if check:
+                lines += [f"The build's own latency check measured the cut at {check['measured_cut']:.1%} "
+                          f"({check['runtime']}, batch {check['batch']}, {check.get('repeats')} rounds).", ""]
+        for e in rec["budgets"]:
+            if e.get("target"):
+                lines.append(f"- {_label(e)}: {e['target']['line']}{'' if e['target']['met'] else ' **MISSED**'}")
+        lines.append("")
         batches = list(rec["budgets"][0]["latency"]["torch"])
         header = ["budget", "removed ops", "params (ratio)", "MACs ratio"]
         for runtime in ("torch", "ORT"):
@@ -456,12 +609,12 @@ def markdown(report: Mapping[str, Any]) -> str:
             header += ["latency cut predicted / measured"]
         lines += ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
         for e in rec["budgets"]:
-            row = [f"{e['budget']:.0%}", str(len(e["removed"])),
+            row = [_label(e), str(len(e["removed"])),
                    f"{e['params']['pruned']:,} ({e['params']['ratio']:.3f})", f"{e['macs_per_sample']['ratio']:.3f}"]
             for runtime in ("torch", "onnxruntime"):
                 for b in batches:
                     lat = e["latency"][runtime][b]
-                    row += [_ms(lat["dense"]), _ms(lat["pruned"]), f"**{lat['ratio']:.3f}**"]
+                    row += [_ms(lat["dense"]), _ms(lat["pruned"]), _ratio_text(lat)]
             mem = e["peak_memory_onnx"]
             row.append(f"{mem['run_peak_mib']:.0f} ({mem.get('run_peak_ratio', float('nan')):.2f})"
                        if mem.get("available") else "n/a")
@@ -481,7 +634,7 @@ def markdown(report: Mapping[str, Any]) -> str:
                       "|---|---:|---:|---:|---:|"]
             for e in distilled:
                 ds = e["distill"]
-                lines.append(f"| {e['budget']:.0%} | {ds['steps']} | {ds['loss_first_10pct']:.4g} | "
+                lines.append(f"| {_label(e)} | {ds['steps']} | {ds['loss_first_10pct']:.4g} | "
                              f"{ds['loss_last_10pct']:.4g} | {ds['wall_time_s']:.0f} |")
         q = rec["quality"]
         lines.append("")
@@ -493,7 +646,7 @@ def markdown(report: Mapping[str, Any]) -> str:
                      "EfficientNet-Lite0 features vs held-out real images")
             lines += [f"Quality: {cfg['samples']} samples per variant, {cfg['sample_steps']} steps, same seeds; "
                       f"FD/KID on {space} (relative numbers, not published FID).", ""]
-            rows = [("dense", q["dense"])] + [(f"{v} {e['budget']:.0%}", qq) for e in rec["budgets"]
+            rows = [("dense", q["dense"])] + [(f"{v} {_label(e)}", qq) for e in rec["budgets"]
                                                for v, qq in e.get("quality", {}).items()]
             lines += quality_table(rows)
             slug = _slug(rec["model"])

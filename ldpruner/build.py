@@ -29,8 +29,8 @@ from typing import Any
 
 from . import calibration, devices, distributed, report, stages
 from .config import ANALYSIS_OPTIONS, BuildConfig
-from .errors import ArtifactError
-from .io import check_replaceable, output_dir, write_json_atomic, write_text_atomic
+from .errors import ArtifactError, ConfigError
+from .io import check_replaceable, output_dir, read_json, write_json_atomic, write_text_atomic
 from .passes.config import (
     CostConfig,
     DistillConfig,
@@ -42,7 +42,7 @@ from .passes.config import (
 )
 from .sources import LoadedModel, load
 
-__all__ = ["STAGES", "STATE_FILE", "Stage", "run_build"]
+__all__ = ["STAGES", "STATE_FILE", "BuildFolder", "Stage", "is_build_folder", "read_build_folder", "run_build"]
 
 STATE_FILE = ".ldpruner-build.json"  # the key of each stage's artifact in the last build, for reuse
 PENDING = "pending:"  # the state of a stage that started and has not finished (a killed build leaves it)
@@ -158,7 +158,8 @@ def _prune(b: Build) -> None:
 
 def _latency(b: Build) -> None:
     stages.check_latency(b.loaded, b.student("prune"), _cost_report(b), b.cfg.part(TraceConfig), device=b.cfg.device,
-                         out=b.out, overwrite=True)
+                         tolerance=b.cfg.latency_tolerance, precision=b.cfg.latency_precision, out=b.out,
+                         overwrite=True)
 
 
 def _distill_options(b: Build) -> dict[str, Any]:
@@ -240,8 +241,9 @@ STAGES: tuple[Stage, ...] = (
           run=_select, uses=("costs",)),
     Stage("prune", stages.STUDENT, reads=("select",),
           inputs=lambda b: (b.cfg.height, b.cfg.width), run=_prune),
-    Stage("latency", stages.LATENCY, reads=("prune",), inputs=lambda b: (b.cfg.latency_tolerance,), run=_latency,
-          enabled=_timed, uses=("costs",)),
+    Stage("latency", stages.LATENCY, reads=("prune",),
+          inputs=lambda b: (b.cfg.latency_tolerance, b.cfg.latency_precision), run=_latency, enabled=_timed,
+          uses=("costs",)),
     Stage("distill", f"{stages.DISTILL_DIR}/distill.json", reads=("prune",), all_ranks=True,
           inputs=lambda b: (_distill_options(b), b.cfg.prompts, _file_digest(b.cfg.calibration)), run=_distill,
           enabled=lambda b: b.cfg.distill_steps > 0,
@@ -350,6 +352,74 @@ def run_build(cfg: BuildConfig, *, progress: bool = True) -> dict[str, Any]:
         if created and out.is_dir() and not any(out.iterdir()):  # a refused build leaves no empty folder behind
             out.rmdir()
         raise
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildFolder:
+    """A finished build, as ``bench BUILD_DIR`` measures it: its config, its plan, and the paths of the student it
+    ships (the distilled one when it distilled, else the pruned one) and of its ONNX model. Every file its stages
+    wrote was checked against the sha256 the build recorded."""
+
+    path: Path
+    config: BuildConfig
+    report: dict[str, Any]
+
+    @property
+    def plan(self) -> Path:
+        return self.path / stages.PLAN
+
+    @property
+    def pruned(self) -> Path:
+        return self.path / STUDENT_FOLDERS["prune"]
+
+    @property
+    def distilled(self) -> Path | None:
+        folder = self.path / STUDENT_FOLDERS["distill"]
+        return folder if self.config.distill_steps > 0 and folder.is_dir() else None
+
+    @property
+    def onnx(self) -> Path:
+        return self.path / stages.ONNX_DIR / "unet.onnx"
+
+    @property
+    def latency(self) -> Path | None:
+        path = self.path / stages.LATENCY
+        return path if self.config.metric == "latency" and path.is_file() else None
+
+
+def is_build_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a folder a build wrote into (its record is there)."""
+    return (Path(path) / STATE_FILE).is_file()
+
+
+def read_build_folder(path: str | os.PathLike) -> BuildFolder:
+    """The finished build in ``path``, every file its stages wrote verified byte for byte against its record; an
+    unfinished, damaged or edited build is an ArtifactError that names what is wrong."""
+    out = Path(path)
+    state = _read_state(out, overwrite=False)
+    pending = [name for name, key in state.items() if isinstance(key, str) and key.startswith(PENDING)]
+    made = report.REPORT
+    if pending or not (out / made).is_file():
+        why = f"its {pending[0]} stage did not finish" if pending else f"it has no {made}"
+        raise ArtifactError(f"{str(out)!r} holds no finished build ({why}): run `ldpruner build` into it first")
+    data = read_json(out / made, what="build report")
+    try:
+        config = BuildConfig.from_dict(data["config"])
+    except (KeyError, TypeError, ConfigError) as exc:
+        raise ArtifactError(f"{str(out / made)!r} does not hold the config of a build of this ldpruner ({exc}): "
+                            "build it again") from None
+    for stage in STAGES:
+        recorded = state.get(FILES, {}).get(stage.name)
+        if stage.name not in state or recorded is None:
+            continue
+        found = _digests(out, stage.written())
+        changed = sorted(p for p in set(recorded) | set(found) if recorded.get(p) != found.get(p))
+        if changed:
+            what = "is missing" if changed[0] not in found else "was added" if changed[0] not in recorded else \
+                "changed"
+            raise ArtifactError(f"{str(out / changed[0])!r} {what} since the build wrote {stage.name}: bench measures "
+                                "a build only as it was made; run the build again")
+    return BuildFolder(out, config, data)
 
 
 LOCK_FILE = ".ldpruner-build.lock"  # held while a build writes into its folder: the pid and host of the build
@@ -496,7 +566,8 @@ def _run_stages(build: Build) -> None:
         else:
             (build.keys[stage.name],) = inputs
     # every refusal (a file changed or added, an artifact of other inputs, files nobody recorded) before any work
-    _on_rank0(world, world.size > 1, lambda: [_decide(build, s, build.keys[s.name], quiet=True) for s in enabled])
+    _on_rank0(world, world.size > 1, lambda: ([_decide(build, s, build.keys[s.name], quiet=True) for s in enabled],
+                                              _retire(build, [s for s in STAGES if s not in enabled])))
     main_only_since_sync = False
     for i, stage in enumerate(enabled):
         key = build.keys[stage.name]
@@ -515,6 +586,25 @@ def _run_stages(build: Build) -> None:
             raise
         if not world.is_main and i >= last_all_ranks:
             return
+
+
+def _retire(build: Build, off: list[Stage]) -> None:
+    """The files an earlier build wrote for stages this build does not run (``--no-samples``, no distillation, a
+    budget that is not latency) describe that earlier build, not this one: removed when they are as it wrote them,
+    with their record. A stage whose artifact carries its own cache key (costs.json) keeps it for a later build;
+    files changed since are not ldpruner's any more, and stay."""
+    import logging
+
+    for stage in off:
+        recorded = _recorded(build, stage.name)
+        if stage.own_cache or recorded is None or _digests(build.out, stage.written()) != recorded:
+            continue
+        _remove(build.out, stage.written())
+        for table in (build.state, build.state.get(FILES, {}), build.state.get(MADE_FROM, {})):
+            table.pop(stage.name, None)
+        write_json_atomic(build.out / STATE_FILE, build.state)
+        logging.getLogger("ldpruner.build").info("removed %s: the %s stage is off in this build, and they described "
+                                                 "an earlier one", ", ".join(stage.written()), stage.name)
 
 
 def _share(world: distributed.World, value: Any, error: BaseException | None) -> Any:

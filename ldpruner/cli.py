@@ -41,6 +41,32 @@ def _add_out(p: argparse.ArgumentParser, *, required: bool = True) -> None:
         add_flags(p, BuildConfig, ["overwrite"])
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with ldpruner's one-line errors: argparse prints the whole usage (1–2 KB for ``build``) above its
+    message, which buries it. Each parser keeps its flags, so an unknown one gets a "did you mean"."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.flags: list[str] = []  # before argparse adds --help
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
+        action = super().add_argument(*args, **kwargs)
+        self.flags.extend(o for o in action.option_strings if o.startswith("--"))
+        return action
+
+    def unknown(self, extra: Sequence[str]) -> None:
+        """Refuse arguments this command does not take, naming the closest flag."""
+        import difflib
+
+        flag = next((a.split("=", 1)[0] for a in extra if a.startswith("--")), None)
+        close = difflib.get_close_matches(flag, self.flags, n=1, cutoff=0.6) if flag else []
+        hint = f"; did you mean {close[0]}?" if close else ""
+        self.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
+
+    def error(self, message: str) -> Any:
+        self.exit(2, f"error: {self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .config import ANALYSIS_OPTIONS, MODEL_HELP, BenchConfig, BuildConfig
@@ -58,13 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
         TraceConfig,
     )
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="ldpruner",
         description="Prune latent diffusion UNets by latent-deviation importance (LD-Pruner) and export them to ONNX.",
     )
     parser.add_argument("--version", action="version", version=f"ldpruner {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.commands = sub.choices  # type: ignore[attr-defined]  # command name -> its parser
 
     p = sub.add_parser("inspect", help="print the operator table")
     p.add_argument("model", help=MODEL_HELP)
@@ -86,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "costs.json, for select --metric latency)")
     p.add_argument("model", help=MODEL_HELP)
     add_flags(p, TraceConfig)
-    add_flags(p, CostConfig, [n for n in CostConfig.names() if n != "latency_tolerance"])
+    add_flags(p, CostConfig, [n for n in CostConfig.names() if n not in ("latency_tolerance", "latency_precision")])
     add_flags(p, DeviceConfig, help={"device": "where the latency is measured (onnxruntime: its CUDA provider on a "
                                                "GPU): " + DEVICE_HELP})
     _add_out(p)
@@ -254,8 +281,13 @@ def _run(args: argparse.Namespace) -> int:
                 lat = e["latency"]
                 ratios = ", ".join(f"{rt} {b.replace('batch_', 'b')} {v['ratio']:.2f}"
                                    for rt in ("torch", "onnxruntime") for b, v in lat[rt].items())
-                print(f"{rec['model']} budget {e['budget']:.0%}: params x{e['params']['ratio']:.3f}, "
-                      f"MACs x{e['macs_per_sample']['ratio']:.3f}, latency pruned/dense: {ratios}")
+                target = e.get("target")
+                verdict = "" if not target else "; target met" if target["met"] else (
+                    f"; TARGET MISSED ({target['status']}: {target['achieved']:.1%} removed, asked "
+                    f"{target['budget']:.0%})")
+                what = "build" if e.get("label") == "build" else "budget"
+                print(f"{rec['model']} {what} {e['metric']} {e['budget']:.0%}: params x{e['params']['ratio']:.3f}, "
+                      f"MACs x{e['macs_per_sample']['ratio']:.3f}, latency pruned/dense: {ratios}{verdict}")
         print(f"wrote {args.out}/report.json, {args.out}/report.md")
         return 0
     if args.command == "zoo":
@@ -300,7 +332,9 @@ def _end_progress_bars() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # named by the command that was given, whose flags are the ones a typo meant
+        parser.commands.get(getattr(args, "command", None), parser).unknown(extra)
     from .errors import LdprunerError
 
     # the logger transformers makes for its import machinery; the filter stays on it, so install it once

@@ -112,6 +112,10 @@ class BuildConfig(_Composed):
     latency_warmup: int = same_as(CostConfig, "latency_warmup")
     threads: int | None = same_as(DeviceConfig, "threads")
     latency_tolerance: float = same_as(CostConfig, "latency_tolerance")
+    latency_precision: float = same_as(CostConfig, "latency_precision")
+    target_tolerance: float = option(0.15, "the report calls the budget missed when the share removed (parameters "
+                                     "or MACs counted, latency measured) is off the budget by more than this share "
+                                     "of it, either way: too little, or more than asked", minimum=0, maximum=1)
     distill_steps: int = option(DistillConfig.default("steps"), "distillation steps after pruning, data-free on the "
                                 "dense model's own trajectories (0 exports the pruned student undistilled)",
                                 minimum=0)
@@ -135,7 +139,9 @@ class BuildConfig(_Composed):
 class BenchConfig(_Composed):
     """Every option of ``ldpruner bench`` (validated; written into report.json)."""
 
-    models: tuple[str, ...] = option(help="the models to bench, one section each: " + MODEL_HELP, nonempty=True,
+    models: tuple[str, ...] = option(help="the models to bench, one section each: " + MODEL_HELP + ", or a build "
+                                     "folder (`ldpruner build --out`): that build's own plan, students and ONNX "
+                                     "model, as they ship (the budgets do not apply to it)", nonempty=True,
                                      flag=False)
     out: str = option(help="output folder: report.json, report.md, plots, sample grids, artifacts", flag=False,
                       path=True)
@@ -146,6 +152,8 @@ class BenchConfig(_Composed):
     runtime: str = same_as(CostConfig, "runtime", help="metric latency: the runtime the costs are measured and "
                            "predicted on (both are timed either way)")
     latency_tolerance: float = same_as(CostConfig, "latency_tolerance")
+    latency_precision: float = same_as(CostConfig, "latency_precision")
+    target_tolerance: float = same_as(BuildConfig, "target_tolerance")
     distill_steps: int = option(0, "also distil each pruned model this many steps", minimum=0)
     repeats: int = option(10, "timed calls per variant", minimum=1)
     warmup: int = option(3, "untimed calls per variant first", minimum=0)

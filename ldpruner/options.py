@@ -404,7 +404,7 @@ def add_flags(parser: argparse.ArgumentParser, config: type[Config], names: Sequ
     kinds = config._kind_of()
     for name in names if names is not None else [n for n in config.names() if config.spec(n).flag]:
         spec, kind, default = config.spec(name), kinds[name], config.default(name)
-        text = (help or {}).get(name, spec.help)
+        text = (help or {}).get(name, spec.help).replace("%", "%%")  # argparse %-formats help ("95 % interval")
         if default is dataclasses.MISSING:
             shown = "required"
         else:

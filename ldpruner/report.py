@@ -65,8 +65,10 @@ def build_report(cfg: Any, model: dict[str, Any], plan: Any, out_dir: Path, timi
         m = latency["measured"]
         timed = (f", latency -{m['predicted_cut']:.1%} predicted / -{m['measured_cut']:.1%} measured "
                  f"({m['runtime']}, batch {m['batch']}){' FLAGGED' if m['flagged'] else ''}")
+    target = plan.target(tolerance=cfg.target_tolerance, measured=latency["measured"] if latency else None)
+    met = "" if target is None else "; target met" if target["met"] else f"; TARGET MISSED ({target['status']})"
     summary = (
-        f"{cfg.model}: removed {len(plan.removals)} of {len(candidates)} candidate operators; "
+        f"{cfg.model}: removed {len(plan.removals)} of {len(candidates)} candidate operators{met}; "
         f"UNet params {totals['params_before']:,} -> {totals['params_after']:,} "
         f"(-{totals['params_removed_fraction']:.1%}), MACs/sample -{totals['macs_removed_fraction']:.1%}{timed}; "
         f"ONNX {'validated' if validation.get('passed') else 'NOT validated'} "
@@ -89,6 +91,8 @@ def build_report(cfg: Any, model: dict[str, Any], plan: Any, out_dir: Path, timi
                      "wall_time_s": scores.wall_time_s, "scheduler": scores.scheduler,
                      "placement": scores.placement, "batch_size": scores.config.batch_size,
                      "peak_memory": scores.peak_memory},
+        # the budget asked for (metric, share) against what the plan removed; None for a plan without a budget
+        "target": target,
         "latency": latency,
         "removed": removed,
         "distill": _distill_report(out_dir / DISTILL_DIR) if cfg.distill_steps else None,
@@ -145,6 +149,10 @@ def report_markdown(report: dict[str, Any]) -> str:
         report["summary"],
         "",
     ]
+    target = report.get("target")
+    if target is not None:
+        lines += [f"**{'Target met' if target['met'] else 'Target MISSED'}.** {target['line'][0].upper()}"
+                  f"{target['line'][1:]}.", ""]
     if report["model"].get("random_weights"):
         lines += ["> **Random weights.** This model was created from a config with random weights: the numbers",
                   "> below prove the pipeline, not pruning quality.", ""]
@@ -240,10 +248,13 @@ def _latency_rows(latency: dict[str, Any] | None) -> list[str]:
         return []
     p, m = latency["predicted"], latency["measured"]
     where = f"{m['runtime']}, {p['basis'].get('provider') or p['basis']['device']}, batch {m['batch']}"
+    interval = m.get("measured_cut_interval")
+    spread = (f" (95 % interval {interval[0]:.1%}–{interval[1]:.1%}"
+              f"{'' if m.get('converged', True) else ', wider than asked: a busy machine'})" if interval else "")
     return [f"| latency predicted ({where}; ms) | {p['dense_ms']:.2f} | {p['predicted_ms']:.2f} | "
             f"{m['predicted_cut']:.1%} |",
-            f"| latency measured (median of {m['repeats']}, interleaved; ms) | {m['dense_ms']:.2f} | "
-            f"{m['pruned_ms']:.2f} | {m['measured_cut']:.1%} |"]
+            f"| latency measured (median of {m['repeats']} interleaved rounds; ms) | {m['dense_ms']:.2f} | "
+            f"{m['pruned_ms']:.2f} | {m['measured_cut']:.1%}{spread} |"]
 
 
 def _placement(analysis: dict[str, Any]) -> str:

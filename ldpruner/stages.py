@@ -144,10 +144,13 @@ def costs(loaded: LoadedModel, trace: Any, config: Any, *, device: Any = "auto",
 
 
 def check_latency(loaded: LoadedModel, student: Any, cost_report: Any, trace: Any, *, device: Any = "auto",
+                  tolerance: float | None = None, precision: float | None = None,
                   out: str | os.PathLike | None = None, overwrite: bool = False) -> dict[str, Any]:
     """``student`` (a PrunedUNet) timed beside the dense ``loaded`` model on the runtime, batch, dtype and device of
-    ``cost_report``, against the latency its plan predicts; with ``out``, written to ``out/latency.json``. A
-    measured cut short of the predicted one by more than the tolerance is flagged, and logged."""
+    ``cost_report``, until their ratio is known to ``precision``, against the latency its plan predicts; with
+    ``out``, written to ``out/latency.json``. A measured cut short of the predicted one by more than ``tolerance``
+    is flagged, and logged. ``tolerance`` / ``precision``: None takes the costs' (the ones they were measured
+    with; the costs are reused whatever these are)."""
     import dataclasses
     import logging
 
@@ -161,7 +164,8 @@ def check_latency(loaded: LoadedModel, student: Any, cost_report: Any, trace: An
         dtype = devices.torch_dtype(config.latency_dtype)
         pruned = dataclasses.replace(pruned, gm=devices.cast_copy(pruned.gm, device, dtype), example_inputs={
             n: t.to(device, dtype if t.is_floating_point() else t.dtype) for n, t in pruned.example_inputs.items()})
-    result = check(dense, pruned, cost_report, student.plan.names, device=device)
+    result = check(dense, pruned, cost_report, student.plan.names, device=device, tolerance=tolerance,
+                   precision=precision)
     result["predicted_by"] = cost_report.basis()
     result["model_weights"] = student.plan.model_weights  # the dense weights the student was pruned from
     if result["flagged"]:

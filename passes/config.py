@@ -134,6 +134,10 @@ class CostConfig(Config):
     latency_warmup: int = option(2, "untimed runs first", minimum=0)
     latency_tolerance: float = option(0.15, "flag a plan whose measured latency cut falls short of the predicted "
                                       "cut by more than this share of it", minimum=0, maximum=1)
+    latency_precision: float = option(0.02, "time a plan beside the dense model until the 95 % interval of their "
+                                      "latency ratio lies within ± this share of it (at most 400 rounds or 1 "
+                                      "minute; the record says whether it got there)", minimum=0, maximum=1,
+                                      exclusive_minimum=True, exclusive_maximum=True)
 
     def problems(self) -> Iterable[str]:
         if self.runtime == "onnxruntime" and self.latency_dtype != "float32":

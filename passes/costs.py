@@ -44,7 +44,7 @@ from ldpruner.compiler.graph import Action, OperatorGraph
 from ldpruner.compiler.removal import stand_in
 from ldpruner.errors import ArtifactError, ConfigError
 from ldpruner.io import json_safe, read_json, write_json_atomic
-from ldpruner.runtime.timing import measure_interleaved, onnx_feeds, ort_session
+from ldpruner.runtime.timing import measure_interleaved, measure_ratio, onnx_feeds, ort_session
 
 from .config import CostConfig
 
@@ -173,9 +173,13 @@ def timing_inputs(traced: Any, batch: int) -> dict[str, torch.Tensor]:
     return result
 
 
+# options that judge a plan's latency, not how the costs are measured: not in the costs' key
+_JUDGING = ("latency_tolerance", "latency_precision")
+
+
 def cache_key(graph: OperatorGraph, config: CostConfig, device: Any, threads: int | None = None) -> str:
-    """What the costs depend on: the graph's operators and shapes, the measurement options (not the tolerance,
-    which judges predictions), the device, the threads (None: :func:`ldpruner.devices.resolve_threads`) and the
+    """What the costs depend on: the graph's operators and shapes, the measurement options (not the tolerance and
+    the precision, which judge plans), the device, the threads (None: :func:`ldpruner.devices.resolve_threads`) and the
     versions of the runtimes. Not the weights' values (nor their dtype: ``latency_dtype`` says it)."""
     import onnxruntime
 
@@ -183,7 +187,7 @@ def cache_key(graph: OperatorGraph, config: CostConfig, device: Any, threads: in
         "format": COSTS_FORMAT,
         "operators": [op.to_dict() for op in graph],
         "inputs": {n: list(t.shape) for n, t in graph.traced.example_inputs.items()},
-        "config": {k: v for k, v in config.to_dict().items() if k != "latency_tolerance"},
+        "config": {k: v for k, v in config.to_dict().items() if k not in _JUDGING},
         "device": str(device),
         "accelerator": devices.accelerator_name(device),
         "threads": devices.resolve_threads(threads),
@@ -492,26 +496,34 @@ def _projection_macs(op: Any) -> int:
 # --- predicted vs measured -----------------------------------------------------------------------------------------
 
 def check_latency(dense: Any, pruned: Any, costs: CostReport, names: Any, *, repeats: int | None = None,
-                  warmup: int | None = None, tolerance: float | None = None, device: Any = None) -> dict[str, Any]:
+                  warmup: int | None = None, tolerance: float | None = None, precision: float | None = None,
+                  device: Any = None) -> dict[str, Any]:
     """Time the pruned model (a traced graph) beside the dense one on the costs' runtime, batch and threads,
-    interleaved, and set the measured cut against the cut ``costs`` predict for removing ``names``. ``flagged``
-    when the measured cut falls short of the predicted one by more than ``tolerance`` of it."""
+    interleaved, until the 95 % interval of their latency ratio lies within ± ``precision`` of it (at least
+    ``repeats`` rounds; :func:`ldpruner.runtime.timing.measure_ratio`), and set the measured cut against the cut
+    ``costs`` predict for removing ``names``. ``flagged`` when the measured cut falls short of the predicted one by
+    more than ``tolerance`` of it."""
     config = costs.config
     repeats = repeats if repeats is not None else config.latency_repeats
     warmup = warmup if warmup is not None else config.latency_warmup
     tolerance = tolerance if tolerance is not None else config.latency_tolerance
+    precision = precision if precision is not None else config.latency_precision
     batch = int(costs.placement["batch"])
     predicted_cut = 1 - costs.predicted_ms(names) / costs.dense_ms
     with devices.intra_op_threads(costs.placement.get("threads")) as threads:  # the threads the costs were timed at
         if config.runtime == "torch":
-            run = _torch_pair(dense, pruned, batch, repeats, warmup)
+            ratio = _torch_pair(dense, pruned, batch, repeats, warmup, precision)
         else:
-            run = _onnxruntime_pair(dense, pruned, batch, repeats, warmup, threads, device)
-    measured_cut = 1 - run.ratio("pruned", "dense")
+            ratio = _onnxruntime_pair(dense, pruned, batch, repeats, warmup, threads, device, precision)
+    run = ratio.run
+    measured_cut = 1 - ratio.ratio
     shortfall = (predicted_cut - measured_cut) / predicted_cut if predicted_cut > 0 else 0.0
-    result = {"runtime": config.runtime, "batch": batch, "repeats": repeats, "threads": threads,
+    result = {"runtime": config.runtime, "batch": batch, "repeats": run.repeats, "threads": threads,
               "dense_ms": run.stats["dense"].median_s * 1e3, "pruned_ms": run.stats["pruned"].median_s * 1e3,
-              "measured_ratio": run.ratio("pruned", "dense"), "measured_cut": measured_cut,
+              "measured_ratio": ratio.ratio, "measured_cut": measured_cut,
+              # the 95 % interval of the measured cut, and whether it is as narrow as asked
+              "measured_cut_interval": [1 - ratio.high, 1 - ratio.low], "precision": precision,
+              "converged": ratio.converged, "measured": ratio.describe(),
               "predicted_ratio": 1 - predicted_cut, "predicted_cut": predicted_cut, "shortfall": shortfall,
               "tolerance": tolerance, "flagged": shortfall > tolerance, "message": None}
     if result["flagged"]:
@@ -521,7 +533,7 @@ def check_latency(dense: Any, pruned: Any, costs: CostReport, names: Any, *, rep
     return result
 
 
-def _torch_pair(dense: Any, pruned: Any, batch: int, repeats: int, warmup: int) -> Any:
+def _torch_pair(dense: Any, pruned: Any, batch: int, repeats: int, warmup: int, precision: float) -> Any:
     device = next(pruned.gm.parameters()).device
     sync = _synchronizer(device)
     dense_args = [timing_inputs(dense, batch)[n] for n in dense.input_names]
@@ -531,12 +543,13 @@ def _torch_pair(dense: Any, pruned: Any, batch: int, repeats: int, warmup: int) 
         return lambda: (gm(*args), sync())
 
     with torch.inference_mode():
-        return measure_interleaved({"dense": timed(dense.gm.eval(), dense_args),
-                                    "pruned": timed(pruned.gm.eval(), pruned_args)}, warmup=warmup, repeats=repeats)
+        return measure_ratio({"dense": timed(dense.gm.eval(), dense_args), "pruned": timed(pruned.gm.eval(),
+                                                                                         pruned_args)},
+                             "pruned", "dense", warmup=warmup, repeats=repeats, precision=precision)
 
 
 def _onnxruntime_pair(dense: Any, pruned: Any, batch: int, repeats: int, warmup: int, threads: int | None,
-                      device: Any) -> Any:
+                      device: Any, precision: float) -> Any:
     from ldpruner.passes.config import ExportConfig
     from ldpruner.passes.onnx.export import export_onnx
 
@@ -547,5 +560,5 @@ def _onnxruntime_pair(dense: Any, pruned: Any, batch: int, repeats: int, warmup:
             export_onnx(traced, None, None, path, config=ExportConfig(validate=False))
             sessions[name] = ort_session(path, threads=threads, device=device)
             feeds[name] = onnx_feeds(sessions[name], timing_inputs(traced, batch))
-        return measure_interleaved({n: (lambda n=n: sessions[n].run(None, feeds[n])) for n in sessions},
-                                   warmup=warmup, repeats=repeats)
+        return measure_ratio({n: (lambda n=n: sessions[n].run(None, feeds[n])) for n in sessions}, "pruned", "dense",
+                             warmup=warmup, repeats=repeats, precision=precision)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,38 @@ class RemovalPlan:
                 subject, short_id(weights))
         record = {"stage": stage, "made_for": self.model_weights, "used_with": weights}
         return dataclasses.replace(self, model_weights=weights, other_weights=(*self.other_weights, record))
+
+    def target(self, *, tolerance: float, measured: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+        """The budget asked for against what the plan achieves: the share of parameters or MACs it removes
+        (counted), or for a latency budget the measured cut (``measured``: a latency check's record, with
+        ``measured_cut`` and where it was timed; without one, the predicted cut). ``met`` when the achieved share is
+        within ± ``tolerance`` × the budget of it: a plan that removes much more than asked (coarse operators, a
+        cost model that understates savings) is flagged like one that removes too little. None for a plan that
+        records no budget (written by hand)."""
+        metric, asked = self.budget.get("metric"), self.budget.get("budget")
+        if metric not in ("params", "macs", "latency") or not isinstance(asked, (int, float)) or asked <= 0:
+            return None
+        if metric == "params":
+            achieved, basis = self.removed_params / self.total_params, "counted"
+        elif metric == "macs":
+            achieved, basis = self.removed_macs / self.total_macs, "counted at the traced latent size"
+        elif measured is not None:
+            achieved = float(measured["measured_cut"])
+            basis = f"measured ({measured.get('runtime')}, batch {measured.get('batch')})"
+        elif self.latency is not None:
+            achieved, basis = float(self.latency["predicted_removed_fraction"]), "predicted (not measured)"
+        else:
+            return None
+        low, high = asked * (1 - tolerance), asked * (1 + tolerance)
+        status = "met" if low <= achieved <= high else "short" if achieved < low else "overshoot"
+        what = {"params": "UNet parameters", "macs": "MACs per sample", "latency": "the dense latency"}[metric]
+        verdict = {"met": "met", "short": f"MISSED: {asked - achieved:.1%} short",
+                   "overshoot": f"MISSED: overshoot by {achieved - asked:.1%} (more removed than asked, which "
+                                "costs quality the budget did not allow)"}[status]
+        return {"metric": metric, "budget": asked, "achieved": achieved, "basis": basis, "tolerance": tolerance,
+                "range": [low, high], "status": status, "met": status == "met",
+                "line": f"target: remove {asked:.0%} of {what}; {basis}: {achieved:.1%} removed -> {verdict} "
+                        f"(tolerance ±{tolerance:.0%} of the target: {low:.1%}–{high:.1%})"}
 
     @property
     def names(self) -> list[str]:

@@ -192,7 +192,10 @@ class UNetDropIn(torch.nn.Module):
         unsupported = {"attention_mask": attention_mask, "encoder_attention_mask": encoder_attention_mask, **kwargs}
         problems = [f"{k} ({self._what} has no input for it; pass None)" for k, v in unsupported.items()
                     if v is not None]
-        if cross_attention_kwargs:  # None or {} are both "no extra attention arguments"
+        if cross_attention_kwargs and "gligen" in cross_attention_kwargs:
+            problems.append(f"cross_attention_kwargs['gligen'] (GLIGEN's grounding: {self._what} was traced without "
+                            "it, and its gated attention is not in the graph; run GLIGEN with the dense UNet)")
+        elif cross_attention_kwargs:  # None or {} are both "no extra attention arguments"
             problems.append(f"cross_attention_kwargs {sorted(cross_attention_kwargs)} (attention processors and LoRA "
                             f"scales are part of {self._what}; pass None)")
         if not isinstance(sample, torch.Tensor) or sample.dim() != 4:

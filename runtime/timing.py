@@ -168,7 +168,7 @@ def measure_ratio(
     precision: float = 0.02,
     confidence: float = 0.95,
     max_repeats: int = 400,
-    max_seconds: float = 120.0,
+    max_seconds: float = 60.0,
     clock: Callable[[], float] = time.perf_counter,
 ) -> RatioMeasurement:
     """Time ``variants`` interleaved (as :func:`measure_interleaved`) for ``repeats`` rounds, then keep adding rounds

@@ -442,7 +442,7 @@ REFUSED_ON_EXPORT = {
     "gligen": ("attention_type='gated' is not supported by export: StableDiffusionGLIGENPipeline (and its text-image "
                "variant) passes its grounding to the UNet's gated fusers (cross_attention_kwargs['gligen']), which the "
                "pruned graph and its ONNX model do not have, so no drop-in can take this UNet's place (analyze, prune "
-               "and distill work)", _gligen, "cross_attention_kwargs ['gligen']"),
+               "and distill work)", _gligen, "cross_attention_kwargs['gligen'] (GLIGEN's grounding:"),
     "unclip-decoder": ("class_embed_type='identity' is not supported by export: UnCLIPPipeline and "
                        "UnCLIPImageVariationPipeline pass the decoder the prompt's padding mask as attention_mask, for "
                        "which the pruned graph and its ONNX model have no input, so no drop-in can take this UNet's "

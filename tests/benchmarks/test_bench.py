@@ -130,7 +130,7 @@ def test_bench_smoke_tiny_unet(tmp_path):
 
     out = tmp_path / "bench"
     report = api.bench(make_tiny_sd_unet(), out=out, budgets=[0.2], repeats=2, warmup=1, quality=True,
-                       num_samples=2, steps=1, progress=False)
+                       num_samples=2, steps=1, latency_precision=0.9, progress=False)
     on_disk = json.loads((out / "report.json").read_text())
     assert on_disk["format"] == "ldpruner.bench/1" and on_disk["config"]["budgets"] == [0.2]
     (model,) = on_disk["models"]
@@ -145,9 +145,15 @@ def test_bench_smoke_tiny_unet(tmp_path):
     for runtime in ("torch", "onnxruntime"):
         assert set(entry["latency"][runtime]) == {"batch_1", "batch_2"}
         for lat in entry["latency"][runtime].values():
-            assert lat["order"] == ["dense", "pruned", "pruned", "dense"]
-            assert lat["dense"]["repeats"] == lat["pruned"]["repeats"] == 2
+            rounds = lat["repeats"]  # 2, and more when ±90 % was not reached: the interval says how well it is known
+            assert lat["order"][:4] == ["dense", "pruned", "pruned", "dense"] and len(lat["order"]) == 2 * rounds
+            assert lat["dense"]["repeats"] == lat["pruned"]["repeats"] == rounds >= 2
             assert lat["ratio"] == pytest.approx(lat["pruned"]["median_ms"] / lat["dense"]["median_ms"])
+            assert lat["interval"][0] <= lat["ratio"] <= lat["interval"][1] and lat["precision"] == 0.9
+    # the budget asked for against what the plan removed (parameters: counted)
+    assert entry["target"]["metric"] == "params" and entry["target"]["budget"] == 0.2
+    assert entry["target"]["achieved"] == pytest.approx(1 - entry["params"]["ratio"])
+    assert entry["target"]["met"] == (0.17 <= entry["target"]["achieved"] <= 0.23)
     assert entry["distill"] is None  # distill_steps=0; the distilled variant is exercised by the real runs
     mem = entry["peak_memory_onnx"]
     if mem["available"]:  # Linux
@@ -183,7 +189,7 @@ def test_bench_with_a_latency_budget_predicts_and_measures_each_plan(tmp_path):
 
     report = api.bench("random:sd-tiny", out=tmp_path, budgets=[0.3], metric="latency", order="knapsack",
                        runtime="torch", batch_sizes=[2], quality=False, memory=False, repeats=2, warmup=1,
-                       num_samples=2, steps=1, progress=False)
+                       num_samples=2, steps=1, latency_precision=0.9, progress=False)
     (entry,) = report["models"][0]["budgets"]
     plan = json.loads((tmp_path / "random-sd-tiny" / "costs.json").read_text())
     assert plan["placement"]["runtime"] == "torch" and entry["order"] == "knapsack"
@@ -193,3 +199,77 @@ def test_bench_with_a_latency_budget_predicts_and_measures_each_plan(tmp_path):
     assert prediction["predicted_cut"] >= 0.3 and prediction["batch"] == 2
     assert prediction["flagged"] == (prediction["shortfall"] > prediction["tolerance"])
     assert "latency cut predicted / measured" in (tmp_path / "report.md").read_text()
+    # a latency budget is judged on the measured cut
+    assert entry["target"]["achieved"] == prediction["measured_cut"] and entry["target"]["basis"].startswith(
+        "measured (torch, batch 2)")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """A finished build of a tiny UNet folder: 30 % of the parameters, distilled one step."""
+    from ldpruner import api
+    from tests.conftest import make_tiny_sd_unet
+
+    root = tmp_path_factory.mktemp("build")
+    make_tiny_sd_unet().save_pretrained(root / "unet", safe_serialization=True)
+    report = api.build(str(root / "unet"), out=root / "out", budget=0.3, num_samples=2, steps=1, distill_steps=1,
+                       distill_options={"batch_size": 2, "trajectories": 2, "trajectory_steps": 2}, samples=False,
+                       progress=False)
+    return root / "out", report
+
+
+def test_the_build_report_states_the_budget_asked_for_and_whether_it_was_met(built):
+    out, report = built
+    plan = json.loads((out / "plan.json").read_text())
+    target = report["target"]
+    assert (target["metric"], target["budget"], target["basis"]) == ("params", 0.3, "counted")
+    assert target["achieved"] == pytest.approx(plan["totals"]["params_removed_fraction"])
+    assert target["range"] == pytest.approx([0.255, 0.345]) and target["met"] == (0.255 <= target["achieved"] <= 0.345)
+    assert ("target met" if target["met"] else "TARGET MISSED") in report["summary"]
+    markdown = (out / "report.md").read_text()
+    assert f"**Target {'met' if target['met'] else 'MISSED'}.** T{target['line'][1:]}." in markdown
+
+
+def test_bench_of_a_build_folder_measures_the_plan_students_and_onnx_the_build_ships(built, tmp_path):
+    from ldpruner import api
+
+    out, _ = built
+    report = api.bench(str(out), out=tmp_path, repeats=2, warmup=1, batch_sizes=[1], latency_precision=0.9,
+                       quality=False, memory=False, progress=False)
+    (record,) = report["models"]
+    (entry,) = record["budgets"]  # the build's one plan, not the bench's default budgets
+    plan = json.loads((out / "plan.json").read_text())
+    assert entry["label"] == "build" and (entry["metric"], entry["budget"]) == ("params", 0.3)
+    assert entry["removed"] == [r["name"] for r in plan["removals"]]
+    assert entry["onnx"]["path"] == str(out / "onnx" / "unet.onnx")
+    assert entry["distill"]["student"] == str(out / "distill" / "student") and entry["distill"]["steps"] == 1
+    assert record["build"]["path"] == str(out) and record["model_weights"] == plan["model_weights"]
+    assert entry["target"]["achieved"] == pytest.approx(plan["totals"]["params_removed_fraction"])
+    assert entry["params"]["pruned"] == plan["totals"]["params_after"]
+    for runtime in ("torch", "onnxruntime"):
+        assert entry["latency"][runtime]["batch_1"]["ratio"] > 0
+    assert "build (params 30%)" in (tmp_path / "report.md").read_text()
+
+
+def test_bench_refuses_a_build_that_changed_or_did_not_finish(built, tmp_path):
+    import shutil
+
+    from ldpruner import api
+
+    out, _ = built
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    with open(copy / "plan.json", "a") as f:
+        f.write(" ")
+    with pytest.raises(ArtifactError) as info:
+        api.bench(str(copy), out=tmp_path / "b1", quality=False, progress=False)
+    assert str(info.value) == (f"{str(copy / 'plan.json')!r} changed since the build wrote select: bench measures a "
+                               "build only as it was made; run the build again")
+    shutil.rmtree(copy)
+    shutil.copytree(out, copy)
+    (copy / "report.json").unlink()
+    with pytest.raises(ArtifactError) as info:
+        api.bench(str(copy), out=tmp_path / "b2", quality=False, progress=False)
+    assert str(info.value) == (f"{str(copy)!r} holds no finished build (it has no report.json): run `ldpruner build` "
+                               "into it first")
+    assert not (tmp_path / "b1").exists() and not (tmp_path / "b2").exists()  # refused before anything was written

@@ -279,3 +279,21 @@ def test_an_error_raised_under_a_progress_bar_starts_a_line_of_its_own(unet_dir,
     lines = err.split("\n")
     assert code == 1 and "importance:" in err  # the bar was drawn
     assert lines[-2:] == ["error: ConfigError: the samples are not finite", ""]
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["build", "--budjet", "0.3", "--out", "x"],
+     "error: ldpruner build: unrecognized arguments: --budjet; did you mean --budget? (see `ldpruner build --help`)"),
+    (["analyze", "m", "--out", "x", "--num-samles=4"],
+     "error: ldpruner analyze: unrecognized arguments: --num-samles=4; did you mean --num-samples? (see `ldpruner "
+     "analyze --help`)"),
+    (["analyze"], "error: ldpruner analyze: the following arguments are required: model, --out (see `ldpruner "
+                  "analyze --help`)"),
+    (["build", "--threads", "x"], "error: ldpruner build: argument --threads: invalid int value: 'x' (see `ldpruner "
+                                  "build --help`)"),
+])
+def test_a_command_line_mistake_is_one_line_naming_the_flag_meant(capsys, argv, line):
+    """argparse would print the whole usage first (about 1.5 KB for build), burying the line that matters."""
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2 and capsys.readouterr().err == line + "\n"

@@ -172,9 +172,15 @@ def test_check_latency_measures_the_pruned_model_beside_the_dense_one(sd_graph, 
     costs = measure_costs(sd_graph, CostConfig(runtime=runtime, latency_repeats=3, latency_warmup=1))
     names = ["down_blocks.0.attentions.0", "up_blocks.1.attentions.1", "mid_block.resnets.0"]
     pruned = prune(sd_graph.traced, plan_for(sd_graph, names), operator_graph=sd_graph)
-    result = check_latency(sd_graph.traced, pruned.traced, costs, names, repeats=5, warmup=1, tolerance=0.0)
+    result = check_latency(sd_graph.traced, pruned.traced, costs, names, repeats=5, warmup=1, tolerance=0.0,
+                           precision=0.5)
     assert result["predicted_cut"] == pytest.approx(1 - costs.predicted_ms(names) / costs.dense_ms)
     assert result["measured_ratio"] == pytest.approx(result["pruned_ms"] / result["dense_ms"])
+    # at least the rounds asked for, more until the ratio's 95 % interval is within ±50 % of it (or a minute passed)
+    assert result["repeats"] >= 5 and result["precision"] == 0.5 and isinstance(result["converged"], bool)
+    low, high = result["measured_cut_interval"]
+    assert low <= result["measured_cut"] <= high
+    assert result["measured"].startswith(f"{result['measured_ratio']:.3f} (95% interval")
     # a ratio, not a speed claim: on a loaded machine the pruned model can time slower (speed lives in benchmarks)
     assert 0 < result["measured_ratio"] < float("inf")
     # with no tolerance, any shortfall is flagged, and the message says by how much
@@ -183,7 +189,8 @@ def test_check_latency_measures_the_pruned_model_beside_the_dense_one(sd_graph, 
         assert "falls short of the predicted" in result["message"]
     # a tolerance no measurement can exceed (a pruned model timed slower than the dense one on a busy machine has a
     # shortfall above 100 %): never flagged, whatever the timings
-    lax = check_latency(sd_graph.traced, pruned.traced, costs, names, repeats=2, warmup=0, tolerance=1e9)
+    lax = check_latency(sd_graph.traced, pruned.traced, costs, names, repeats=2, warmup=0, tolerance=1e9,
+                        precision=0.9)
     assert lax["flagged"] is False and lax["message"] is None
 
 
@@ -193,7 +200,7 @@ def test_latency_build_measures_costs_predicts_and_checks(tmp_path):
     from ldpruner import api
 
     options = dict(metric="latency", budget=0.3, num_samples=2, steps=2, distill_steps=0, latency_repeats=3,
-                   latency_warmup=1, progress=False)
+                   latency_warmup=1, latency_precision=0.5, progress=False)
     report = api.build("random:sd-tiny", out=tmp_path, height=8, width=8, **options)
     plan = json.loads((tmp_path / "plan.json").read_text())
     latency = json.loads((tmp_path / "latency.json").read_text())
@@ -205,6 +212,9 @@ def test_latency_build_measures_costs_predicts_and_checks(tmp_path):
     assert latency["runtime"] == "onnxruntime" and isinstance(latency["flagged"], bool)
     assert report["latency"]["measured"] == latency and "latency predicted" in (tmp_path / "report.md").read_text()
     assert "latency -" in report["summary"]
+    # the budget is judged on the measured cut: a latency plan that removes far more than asked is flagged too
+    assert report["target"]["achieved"] == latency["measured_cut"] and report["target"]["metric"] == "latency"
+    assert report["target"]["met"] == (0.255 <= latency["measured_cut"] <= 0.345)
     # an unchanged rebuild reuses the costs; a tighter tolerance only re-judges the measurement
     again = api.build("random:sd-tiny", out=tmp_path, height=8, width=8, **options)
     assert {"costs", "analyze", "select", "prune", "latency"} <= set(again["reused_stages"])

@@ -133,3 +133,23 @@ def test_artifacts_get_ordinary_permissions(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert stat.S_IMODE((tmp_path / "plan.json").stat().st_mode) == 0o666 & ~mask
+
+
+def test_the_target_line_flags_overshoot_as_well_as_shortfall():
+    met = plan_for(budget=0.3).target(tolerance=0.15)  # b: 300 of 1000 parameters
+    assert (met["status"], met["achieved"], met["met"]) == ("met", 0.3, True)
+    assert met["line"] == ("target: remove 30% of UNet parameters; counted: 30.0% removed -> met (tolerance ±15% of "
+                           "the target: 25.5%–34.5%)")
+    over = plan_for(budget=0.26).target(tolerance=0.15)  # still b alone: 30 % where 26 % ± 3.9 % was asked
+    assert over["status"] == "overshoot" and not over["met"]
+    assert over["line"].endswith("-> MISSED: overshoot by 4.0% (more removed than asked, which costs quality the "
+                                 "budget did not allow) (tolerance ±15% of the target: 22.1%–29.9%)")
+    macs = plan_for(budget=0.5, metric="macs").target(tolerance=0.0)  # b, c: 5100 of 10000 MACs
+    assert macs["status"] == "overshoot" and macs["achieved"] == pytest.approx(0.51)
+    latency = dataclasses.replace(plan_for(budget=0.3), budget={"metric": "latency", "budget": 0.4},
+                                  latency={"predicted_removed_fraction": 0.41})
+    assert latency.target(tolerance=0.15)["basis"] == "predicted (not measured)"
+    short = latency.target(tolerance=0.15, measured={"measured_cut": 0.2, "runtime": "onnxruntime", "batch": 2})
+    assert (short["status"], short["basis"]) == ("short", "measured (onnxruntime, batch 2)")
+    assert "MISSED: 20.0% short" in short["line"]
+    assert dataclasses.replace(latency, budget={}).target(tolerance=0.15) is None  # a hand-written plan

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -69,3 +71,10 @@ def test_build_no_samples_draws_no_grid_and_says_so(tmp_path):
     assert report["samples"] == {"path": None, "rows": [], "skipped": "--no-samples (samples=False)"}
     assert "samples.png" not in report["artifacts"]
     assert "## Samples\n\nNot drawn: --no-samples (samples=False)." in (tmp_path / "report.md").read_text()
+    # drawn, then switched off: the grid of the earlier build goes with its record (a user's edited grid would stay)
+    options = dict(budget=0.2, num_samples=2, steps=2, distill_steps=0, progress=False)
+    api.build("zoo:crawl-tiles", out=tmp_path, **options)
+    assert (tmp_path / "samples.png").is_file()
+    again = api.build("zoo:crawl-tiles", out=tmp_path, samples=False, **options)
+    assert not (tmp_path / "samples.png").exists() and set(again["reused_stages"]) >= {"analyze", "select", "prune"}
+    assert "samples" not in json.loads((tmp_path / ".ldpruner-build.json").read_text())["files"]
