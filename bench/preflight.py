@@ -15,32 +15,64 @@ from ldpruner.errors import BenchError
 __all__ = ["check_bench_inputs"]
 
 
-def check_bench_inputs(config: BenchConfig, objects: Mapping[str, Any] | None = None) -> None:
+def check_bench_inputs(config: BenchConfig, objects: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Raise the first refusal a bench run of ``config`` would meet before any model is loaded (``objects``: the
-    models given in memory, which need no check)."""
+    models given in memory, which need no check). Returns the build folders among the models, read and verified
+    (:func:`ldpruner.build.read_build_folder`), by the name they were given under."""
     from ldpruner.build import is_build_folder, read_build_folder
-    from ldpruner.passes.conditioning import check_text_encoder
-    from ldpruner.sources import ZOO_PREFIX
 
-    from .quality import QUALITY_MODELS, missing_requirements
-
+    builds = {}
     for spec in config.models:
         if objects and spec in objects:
             continue
-        if is_build_folder(spec):  # a finished build, unchanged; its model is checked like any other
-            spec = read_build_folder(spec).config.model
-        name = spec.removeprefix(ZOO_PREFIX)
-        if config.quality and spec.startswith(ZOO_PREFIX) and name in QUALITY_MODELS:
-            missing = missing_requirements(name)
-            if missing:
-                raise BenchError(f"quality of {spec} needs what this machine lacks: {' and '.join(missing)}; "
-                                 f"install {'them' if len(missing) > 1 else 'it'}, or pass --no-quality "
-                                 "(quality=False)")
-        folder = Path(spec)
-        if not spec.startswith(ZOO_PREFIX) and (folder / "model_index.json").is_file() and (
-                folder / "text_encoder").is_dir():
-            check_text_encoder(folder)
+        scheduler = config.scheduler
+        if is_build_folder(spec):  # a finished build, unchanged; its model is checked as the build loaded it
+            builds[spec] = read_build_folder(spec)
+            spec, scheduler = builds[spec].config.model, builds[spec].config.scheduler
+        _check_model(spec, config, scheduler)
     if config.distill_data is not None and config.distill_steps:
         from ldpruner.passes.distill.datasets import folder_captions
 
         folder_captions(Path(config.distill_data))
+    return builds
+
+
+def _check_model(spec: str, config: BenchConfig, scheduler: str | None) -> None:
+    """What the files of one MODEL decide: the quality reference's needs, a pipeline folder's scheduler and text
+    encoder, and whether its pruned UNet can be exported for a pipeline at all."""
+    from ldpruner.calibration import missing_scheduler_error
+    from ldpruner.passes.conditioning import check_text_encoder
+    from ldpruner.sources import RANDOM_PREFIX, ZOO_PREFIX
+    from ldpruner.stages import check_exportable
+
+    from .quality import QUALITY_MODELS, missing_requirements, sample_count_problem
+
+    name = spec.removeprefix(ZOO_PREFIX)
+    if config.quality and spec.startswith(ZOO_PREFIX) and name in QUALITY_MODELS:
+        missing = missing_requirements(name)
+        if missing:
+            raise BenchError(f"quality of {spec} needs what this machine lacks: {' and '.join(missing)}; "
+                             f"install {'them' if len(missing) > 1 else 'it'}, or pass --no-quality "
+                             "(quality=False)")
+        problem = sample_count_problem(name, config.samples)
+        if problem:
+            raise BenchError(f"quality of {spec}: {problem}")
+    if spec.startswith(RANDOM_PREFIX):
+        from ldpruner.sources import families
+
+        if spec[len(RANDOM_PREFIX):] in families.FAMILIES:
+            check_exportable(families.family_config(spec[len(RANDOM_PREFIX):]))
+        return
+    folder = Path(spec)
+    if spec.startswith(ZOO_PREFIX) or not folder.is_dir():
+        return  # a zoo model, or what loading the model will refuse by name
+    pipeline = (folder / "model_index.json").is_file()
+    unet_config = folder / "unet" / "config.json" if pipeline else folder / "config.json"
+    if unet_config.is_file():
+        from ldpruner.io import read_json
+
+        check_exportable(read_json(unet_config, what="UNet config"))
+    if pipeline and scheduler is None and not (folder / "scheduler" / "scheduler_config.json").is_file():
+        raise missing_scheduler_error(folder)
+    if pipeline and (folder / "text_encoder").is_dir():
+        check_text_encoder(folder)

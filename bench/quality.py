@@ -16,7 +16,7 @@ import torch
 from ldpruner.errors import ConfigError
 
 __all__ = ["QUALITY_MODELS", "AUDIO_MODELS", "primary", "quality_table", "real_sets", "zoo_sampler", "QualityMeter",
-           "distill_options", "missing_requirements"]
+           "distill_options", "missing_requirements", "sample_count_problem"]
 
 QUALITY_MODELS = ("mnist-t2i", "crawl-tiles", "espeak-digits")  # zoo models with a held-out real set
 AUDIO_MODELS = ("espeak-digits",)
@@ -94,6 +94,13 @@ def real_sets(name: str, n: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, 
     raise ConfigError(f"no real reference set for zoo model {name!r}; quality is measured for {list(QUALITY_MODELS)}")
 
 
+def sample_count_problem(name: str, n: int) -> str | None:
+    """Why ``n`` samples per variant cannot be scored for zoo model ``name`` (None when they can)."""
+    if name == "mnist-t2i" and n % 10:
+        return f"samples must be a multiple of 10 for {name} (n/10 images per digit); got {n}"
+    return None
+
+
 def zoo_sampler(name: str, n: int, steps: int) -> tuple[Callable[[Any], torch.Tensor], list[int] | None]:
     """sample(unet or None) -> (n, C, H, W) in [0, 1], same seeds (and prompts) every call; plus the prompted
     digits for text-to-image (n must then be a multiple of 10: n/10 images per digit)."""
@@ -102,8 +109,9 @@ def zoo_sampler(name: str, n: int, steps: int) -> tuple[Callable[[Any], torch.Te
         from ldpruner.zoo import load_text_to_image
         from ldpruner.zoo.datasets import DIGIT_WORDS
 
-        if n % 10:
-            raise ConfigError(f"samples must be a multiple of 10 for {name} (n/10 images per digit); got {n}")
+        problem = sample_count_problem(name, n)
+        if problem:
+            raise ConfigError(problem)
         model = load_text_to_image(name)
         digits = [d for d in range(10) for _ in range(n // 10)]
         prompts = [f"a handwritten {DIGIT_WORDS[d]}" for d in digits]

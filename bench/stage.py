@@ -54,7 +54,7 @@ def run_bench(config: BenchConfig, *, progress: bool = False,
     loading that name."""
     from .preflight import check_bench_inputs
 
-    check_bench_inputs(config, objects)  # every precondition before the first model's analysis
+    builds = check_bench_inputs(config, objects)  # every precondition before the first model's analysis
     out = Path(config.out)
     if out.exists() and not out.is_dir():
         raise ArtifactError(f"--out {config.out!r} is a file, not a folder")
@@ -65,7 +65,11 @@ def run_bench(config: BenchConfig, *, progress: bool = False,
         report: dict[str, Any] = {"format": BENCH_FORMAT, "config": config.to_dict(),
                                   "environment": _environment(threads, config.device), "models": []}
         for spec in config.models:
-            report["models"].append(_bench_model(spec, (objects or {}).get(spec, spec), config, out, threads, progress))
+            if spec in builds:
+                record = _bench_build(spec, builds[spec], config, out, threads, progress)
+            else:
+                record = _bench_model(spec, (objects or {}).get(spec, spec), config, out, threads, progress)
+            report["models"].append(record)
             _write(out, report)  # a long run leaves a readable report after every model
         report["environment"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
         _write(out, report)
@@ -190,7 +194,7 @@ class _Dense:
 
 
 def _dense(spec: str, loaded: Any, graph: Any, analysis: dict[str, Any], config: BenchConfig, model_dir: Path,
-           threads: int, progress: bool, model_spec: str | None = None) -> _Dense:
+           threads: int, progress: bool, model_spec: str | None = None, export_config: Any = None) -> _Dense:
     """The dense side of a model's record: params, MACs, its validated ONNX export and peak memory, and (for zoo
     models with real data) its samples and their quality."""
     from ldpruner.passes.onnx.export import export_onnx
@@ -200,7 +204,7 @@ def _dense(spec: str, loaded: Any, graph: Any, analysis: dict[str, Any], config:
     dense = graph.traced
     _log(progress, f"{spec}: exporting the dense UNet")
     dense_onnx = model_dir / "dense" / "onnx" / "unet.onnx"
-    dense_export = export_onnx(dense, None, None, dense_onnx, overwrite=True).to_dict()
+    dense_export = export_onnx(dense, None, None, dense_onnx, config=export_config, overwrite=True).to_dict()
     session = ort_session(dense_onnx, threads=threads, device=device)
     record: dict[str, Any] = {
         "model": spec, "class": type(loaded.unet).__name__,
@@ -300,10 +304,7 @@ def _finish(ctx: _Dense, t_model: float) -> dict[str, Any]:
 
 def _bench_model(spec: str, model: Any, config: BenchConfig, out: Path, threads: int, progress: bool) -> dict[str, Any]:
     from ldpruner import api
-    from ldpruner.build import is_build_folder
 
-    if isinstance(model, str) and is_build_folder(model):
-        return _bench_build(spec, config, out, threads, progress)
     t_model = time.perf_counter()
     model_dir = out / _slug(spec)
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -355,25 +356,30 @@ def _bench_model(spec: str, model: Any, config: BenchConfig, out: Path, threads:
     return _finish(ctx, t_model)
 
 
-def _bench_build(spec: str, config: BenchConfig, out: Path, threads: int, progress: bool) -> dict[str, Any]:
+def _bench_build(spec: str, build: Any, config: BenchConfig, out: Path, threads: int,
+                 progress: bool) -> dict[str, Any]:
     """A finished build measured as it ships: its plan, its pruned (and distilled) student and its ONNX model,
     beside the dense model it was built from (loaded as the build loaded it: model, scheduler, latent size), with
     the budget the build asked for against what it achieved."""
     from ldpruner import api
-    from ldpruner.build import read_build_folder
+    from ldpruner.errors import ModelLoadError
     from ldpruner.io import read_json
+    from ldpruner.passes.config import ExportConfig
     from ldpruner.passes.costs import CostReport
     from ldpruner.passes.importance import ImportanceReport
     from ldpruner.passes.plan import RemovalPlan
     from ldpruner.passes.student import load_student
 
     t_model = time.perf_counter()
-    build = read_build_folder(spec)
     cfg = build.config
     model_dir = out / _slug(spec)
     model_dir.mkdir(parents=True, exist_ok=True)
     _log(progress, f"{spec}: the build of {cfg.model} (metric {cfg.metric}, budget {cfg.budget:g})")
-    loaded = api.load(cfg.model, scheduler=cfg.scheduler)
+    try:
+        loaded = api.load(cfg.model, scheduler=cfg.scheduler)
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"the build in {spec!r} was made from MODEL {cfg.model!r}, which does not load now: "
+                             f"{exc}") from exc
     plan = RemovalPlan.load(build.plan).for_weights(loaded.weights_id, "bench", allow=False,
                                                     made=f"the build in {spec!r} was made for")
     graph = api.inspect(loaded, granularity=plan.granularity, height=cfg.height, width=cfg.width)
@@ -381,12 +387,14 @@ def _bench_build(spec: str, config: BenchConfig, out: Path, threads: int, progre
     analysis = {"unet_calls": scores.unet_calls, "wall_time_s": scores.wall_time_s,
                 "num_samples": scores.config.num_samples, "steps": scores.config.steps,
                 "scheduler": scores.scheduler, "from_build": str(build.path)}
-    ctx = _dense(spec, loaded, graph, analysis, config, model_dir, threads, progress, model_spec=cfg.model)
+    # the dense baseline exported as the build exported its student: a ratio of two exports, not of two exporters
+    ctx = _dense(spec, loaded, graph, analysis, config, model_dir, threads, progress, model_spec=cfg.model,
+                 export_config=cfg.part(ExportConfig))
     measured = read_json(build.latency, what="latency check") if build.latency is not None else None
     ctx.record["build"] = {"path": str(build.path), "model": cfg.model, "metric": cfg.metric, "budget": cfg.budget,
                            "order": cfg.order, "distill_steps": cfg.distill_steps, "onnx": str(build.onnx),
                            # the build's own latency check, beside which this bench's timing can be read
-                           "latency_check": measured}
+                           "latency_check": measured, "summary": build.report.get("summary")}
     pruned = load_student(build.pruned)
     distilled = load_student(build.distilled) if build.distilled is not None else None
     export_summary = read_json(build.onnx.with_name("export.json"), what="export summary")["export"]

@@ -101,6 +101,8 @@ class Stage:
     outputs: tuple[str, ...] | None = None
     uses: tuple[str, ...] = ()  # stages whose files it also reads (made again with other bytes: so is this one)
     own_cache: bool = False  # the artifact carries its own cache key: a killed stage's file may still be reused
+    # what differs between the artifact there and what this build would make, for a refusal to say (None: unknown)
+    explain: Callable[[Build], str | None] | None = None
 
     def written(self) -> tuple[str, ...]:
         return self.outputs if self.outputs is not None else (self.artifact,)
@@ -114,6 +116,34 @@ def _timed(b: Build) -> bool:
 def _costs(b: Build) -> None:
     stages.costs(b.loaded, b.cfg.part(TraceConfig), b.cfg.part(CostConfig), device=b.cfg.device, threads=b.threads,
                  out=b.out, overwrite=True, progress=b.progress)
+
+
+def _costs_differ(b: Build) -> str | None:
+    """How the costs there were measured, where this build would measure them otherwise (threads, device)."""
+    from ldpruner.passes.costs import CostReport
+
+    try:
+        there = CostReport.load(b.out / stages.COSTS).placement
+    except (ArtifactError, OSError):
+        return None
+    now = {"threads": devices.resolve_threads(b.cfg.threads), "device": str(devices.resolve_device(b.cfg.device))}
+    changed = [f"{name} {there.get(name)} here, {value} now" for name, value in now.items() if there.get(name) != value]
+    if not changed:
+        return None
+    return (f"the costs there were measured with other settings: {', '.join(changed)}; pass "
+            f"--threads {there.get('threads')} to reuse them")
+
+
+def _onnx_differs(b: Build) -> str | None:
+    """An ONNX model there whose text length is fixed (an earlier ldpruner's export)."""
+    try:
+        axes = read_json(b.out / EXPORT_SUMMARY, what="export summary")["export"]["dynamic_axes"]
+    except (ArtifactError, KeyError, TypeError):
+        return None
+    if "encoder_hidden_states" not in axes or "1" in axes["encoder_hidden_states"]:
+        return None
+    return ("the ONNX model there takes a fixed number of tokens, as an earlier ldpruner exported it, and pipelines "
+            "with another text length cannot use it: --overwrite exports it again with the text length free")
 
 
 def _cost_report(b: Build) -> Any:
@@ -233,7 +263,7 @@ STUDENT_FOLDERS = {"prune": stages.STUDENT, "distill": f"{stages.DISTILL_DIR}/{s
 
 STAGES: tuple[Stage, ...] = (
     Stage("costs", stages.COSTS, reads=(), inputs=lambda b: (_cost_key(b),), run=_costs, enabled=_timed,
-          own_cache=True),
+          own_cache=True, explain=_costs_differ),
     Stage("analyze", stages.SCORES, reads=(), all_ranks=True,
           inputs=lambda b: (b.analysis_key,), run=_analyze, own_cache=True),
     Stage("select", stages.PLAN, reads=("analyze",),
@@ -251,8 +281,9 @@ STAGES: tuple[Stage, ...] = (
     Stage("export", EXPORT_SUMMARY, reads=("distill", "prune"),
           inputs=lambda b: ({n: getattr(b.cfg, n) for n in ("exporter", "opset", "optimize", "fp16", "controlnet",
                                                            "adapter")}
-                            | ({"target": "cuda"} if _on_cuda(b) else {}),),
-          run=_export, outputs=(stages.ONNX_DIR,)),
+                            | ({"target": "cuda"} if _on_cuda(b) else {}),
+                            "onnx/2"),  # the format: the text length free (an earlier export fixed it)
+          run=_export, outputs=(stages.ONNX_DIR,), explain=_onnx_differs),
     Stage("samples", report.SAMPLES, reads=("distill", "prune"),
           inputs=lambda b: (b.keys["prune"], "samples/1"), run=_samples, enabled=lambda b: bool(sample_rows(b))),
 )
@@ -393,10 +424,15 @@ def is_build_folder(path: str | os.PathLike) -> bool:
 
 
 def read_build_folder(path: str | os.PathLike) -> BuildFolder:
-    """The finished build in ``path``, every file its stages wrote verified byte for byte against its record; an
-    unfinished, damaged or edited build is an ArtifactError that names what is wrong."""
+    """The finished build in ``path``: its report must describe the files its stages recorded last, and every one of
+    them must be on disk byte for byte (the sha256 the report lists). An unfinished, damaged or edited build is an
+    ArtifactError that names what is wrong."""
     out = Path(path)
-    state = _read_state(out, overwrite=False)
+    rebuild = f"run `ldpruner build` into {str(out)!r} again (with --overwrite)"
+    try:
+        state = _read_state(out, overwrite=False)
+    except ArtifactError as exc:
+        raise ArtifactError(f"{str(exc).split(': pass --overwrite')[0]}; {rebuild}") from None
     pending = [name for name, key in state.items() if isinstance(key, str) and key.startswith(PENDING)]
     made = report.REPORT
     if pending or not (out / made).is_file():
@@ -405,20 +441,21 @@ def read_build_folder(path: str | os.PathLike) -> BuildFolder:
     data = read_json(out / made, what="build report")
     try:
         config = BuildConfig.from_dict(data["config"])
-    except (KeyError, TypeError, ConfigError) as exc:
-        raise ArtifactError(f"{str(out / made)!r} does not hold the config of a build of this ldpruner ({exc}): "
-                            "build it again") from None
-    for stage in STAGES:
-        recorded = state.get(FILES, {}).get(stage.name)
-        if stage.name not in state or recorded is None:
-            continue
-        found = _digests(out, stage.written())
-        changed = sorted(p for p in set(recorded) | set(found) if recorded.get(p) != found.get(p))
-        if changed:
-            what = "is missing" if changed[0] not in found else "was added" if changed[0] not in recorded else \
-                "changed"
-            raise ArtifactError(f"{str(out / changed[0])!r} {what} since the build wrote {stage.name}: bench measures "
-                                "a build only as it was made; run the build again")
+        files = dict(data["files"]["sha256"])
+    except (KeyError, TypeError, ValueError, ConfigError) as exc:
+        raise ArtifactError(f"{str(out / made)!r} is not the report of a build of this ldpruner ({exc}); "
+                            f"{rebuild}") from None
+    recorded = {p: d for record in state.get(FILES, {}).values() if isinstance(record, dict) for p, d in record.items()}
+    stale = sorted(p for p in files if recorded.get(p) != files[p])
+    if not files or stale:
+        raise ArtifactError(f"{str(out / made)!r} describes another build than the files beside it (e.g. "
+                            f"{stale[0] if stale else 'no files at all'}: a build stopped after its stages, before "
+                            f"its report); {rebuild}")
+    for rel, digest in sorted(files.items()):
+        found = out / rel
+        if not found.is_file() or _sha256(found) != digest:
+            raise ArtifactError(f"{str(found)!r} {'changed' if found.is_file() else 'is missing'} since the build "
+                                f"wrote it: bench measures a build only as it was made; {rebuild}")
     return BuildFolder(out, config, data)
 
 
@@ -541,7 +578,6 @@ def _prepare(cfg: BuildConfig, out: Path, loaded: LoadedModel, world: distribute
     if cfg.metric != "latency":  # a latency budget is checked once the costs are measured
         check_budget(graph.candidates, total_params=graph.total_params, total_macs=graph.total_macs,
                      config=cfg.part(SelectionConfig))
-    calibration.note_default_scheduler(loaded)  # once the build is known to go ahead
     if world.is_main:
         if not (out / STATE_FILE).exists():  # the folder is a build's from its first file on (see _check_out_is_ours)
             write_json_atomic(out / STATE_FILE, {})
@@ -603,8 +639,9 @@ def _retire(build: Build, off: list[Stage]) -> None:
         for table in (build.state, build.state.get(FILES, {}), build.state.get(MADE_FROM, {})):
             table.pop(stage.name, None)
         write_json_atomic(build.out / STATE_FILE, build.state)
-        logging.getLogger("ldpruner.build").info("removed %s: the %s stage is off in this build, and they described "
-                                                 "an earlier one", ", ".join(stage.written()), stage.name)
+        logging.getLogger("ldpruner.build").warning("removed %s: the %s stage is off in this build, and they "
+                                                    "described an earlier one", ", ".join(stage.written()),
+                                                    stage.name)
 
 
 def _share(world: distributed.World, value: Any, error: BaseException | None) -> Any:
@@ -718,7 +755,13 @@ def _decide(build: Build, stage: Stage, key: str, *, quiet: bool = False) -> tup
     nothing."""
     reuse, ours, clear = _reuse(build, stage, key, quiet=quiet)
     if not reuse:  # an artifact that is not ours (other inputs, a file no build wrote) needs --overwrite
-        check_replaceable(build.out / stage.artifact, build.cfg.overwrite or ours)
+        try:
+            check_replaceable(build.out / stage.artifact, build.cfg.overwrite or ours)
+        except ArtifactError as exc:
+            why = stage.explain(build) if stage.explain is not None else None
+            if why is None:
+                raise
+            raise ArtifactError(f"{exc} ({why})") from None
     return reuse, clear
 
 

@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, ModelLoadError
+from .errors import ConfigError, LdprunerError, ModelLoadError
 from .sources import LoadedModel
 
 __all__ = ["analysis_config", "check_distill_inputs", "conditioning_source", "distill_data", "note_default_scheduler",
@@ -32,12 +32,17 @@ def sampling_scheduler(loaded: LoadedModel) -> tuple[Any, str | None]:
     — the passes then use ``DDIMScheduler()`` and record it as the default. A pipeline folder whose ``scheduler/``
     is missing is refused: the pipeline's own scheduler is the one its UNet was trained for."""
     if loaded.scheduler is None and loaded.missing_scheduler is not None:
-        raise ModelLoadError(
-            f"pipeline folder {str(loaded.missing_scheduler.parent)!r} has no scheduler/ (scheduler/"
-            "scheduler_config.json), and the analysis and distillation sample with the pipeline's scheduler: "
-            "restore scheduler/ as saved with the pipeline, or pass --scheduler NAME (scheduler=NAME: a diffusers "
-            "scheduler class such as DDIMScheduler with its default config, or a scheduler folder)")
+        raise missing_scheduler_error(loaded.missing_scheduler.parent)
     return loaded.scheduler, loaded.scheduler_source
+
+
+def missing_scheduler_error(pipeline_dir: Path) -> ModelLoadError:
+    """The refusal of a pipeline folder without its scheduler (when no ``--scheduler`` names one)."""
+    return ModelLoadError(
+        f"pipeline folder {str(pipeline_dir)!r} has no scheduler/ (scheduler/scheduler_config.json), and the analysis "
+        "and distillation sample with the pipeline's scheduler: restore scheduler/ as saved with the pipeline, or "
+        "pass --scheduler NAME (scheduler=NAME: a diffusers scheduler class such as DDIMScheduler with its default "
+        "config, or a scheduler folder)")
 
 
 def note_default_scheduler(loaded: LoadedModel) -> None:
@@ -129,14 +134,17 @@ def _check_text_encoder(loaded: LoadedModel) -> None:
 
 
 def _takes_text(unet: Any) -> bool:
-    """Whether ``unet``'s forward requires text embeddings (``encoder_hidden_states`` without a default)."""
-    import inspect
+    """Whether ``unet`` reads text tokens (``encoder_hidden_states`` among the inputs its config gives it: not
+    Kandinsky 2.2's image embeddings nor AudioLDM's class labels, though their forward has the argument)."""
+    from ldpruner.compiler.signature import signature
 
     try:
+        return "encoder_hidden_states" in signature(unet).names
+    except LdprunerError:  # not a diffusers UNet: what its forward requires
+        import inspect
+
         parameter = inspect.signature(unet.forward).parameters.get("encoder_hidden_states")
-    except (TypeError, ValueError):
-        return False
-    return parameter is not None and parameter.default is inspect.Parameter.empty
+        return parameter is not None and parameter.default is inspect.Parameter.empty
 
 
 def _no_captions(data: str | os.PathLike, model_class: str) -> ConfigError:

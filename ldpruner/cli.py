@@ -54,13 +54,19 @@ class _Parser(argparse.ArgumentParser):
         self.flags.extend(o for o in action.option_strings if o.startswith("--"))
         return action
 
-    def unknown(self, extra: Sequence[str]) -> None:
-        """Refuse arguments this command does not take, naming the closest flag."""
+    def unknown(self, extra: Sequence[str], top: Sequence[str] = ()) -> None:
+        """Refuse arguments this command does not take, naming the closest flag: its own, or one of ``top`` (the
+        flags that come before the command, such as --debug)."""
         import difflib
 
         flag = next((a.split("=", 1)[0] for a in extra if a.startswith("--")), None)
-        close = difflib.get_close_matches(flag, self.flags, n=1, cutoff=0.6) if flag else []
-        hint = f"; did you mean {close[0]}?" if close else ""
+        close = difflib.get_close_matches(flag, [*self.flags, *top], n=1, cutoff=0.6) if flag else []
+        hint = ""
+        if close and close[0] in self.flags:
+            hint = f"; did you mean {close[0]}?"
+        elif close:
+            hint = (f"; did you mean {close[0]}? (it comes before the command: ldpruner {close[0]} "
+                    f"{self.prog.removeprefix('ldpruner ')} …)")
         self.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
 
     def error(self, message: str) -> Any:
@@ -189,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("zoo", help="the embedded models (use them as MODEL: zoo:<name>)")
     zoo_sub = p.add_subparsers(dest="zoo_command", required=True, metavar="{list,export}")
+    p.commands = zoo_sub.choices  # type: ignore[attr-defined]
     zoo_sub.add_parser("list", help="name, task, status and description of each model")
     p = zoo_sub.add_parser("export", help="write a model as a complete diffusers pipeline folder, which "
                                           "DiffusionPipeline.from_pretrained(DIR) loads with no other arguments "
@@ -333,8 +340,14 @@ def _end_progress_bars() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra:  # named by the command that was given, whose flags are the ones a typo meant
-        parser.commands.get(getattr(args, "command", None), parser).unknown(extra)
+    if extra:  # named by the (innermost) command that was given, whose flags are the ones a typo meant
+        command = parser
+        for dest in ("command", "zoo_command"):
+            inner = getattr(command, "commands", {}).get(getattr(args, dest, None))
+            if inner is None:
+                break
+            command = inner
+        command.unknown(extra, top=parser.flags if command is not parser else ())
     from .errors import LdprunerError
 
     # the logger transformers makes for its import machinery; the filter stays on it, so install it once

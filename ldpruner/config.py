@@ -141,7 +141,8 @@ class BenchConfig(_Composed):
 
     models: tuple[str, ...] = option(help="the models to bench, one section each: " + MODEL_HELP + ", or a build "
                                      "folder (`ldpruner build --out`): that build's own plan, students and ONNX "
-                                     "model, as they ship (the budgets do not apply to it)", nonempty=True,
+                                     "model, as they ship (the budgets, metric, order and the analysis and "
+                                     "distillation options apply to models only)", nonempty=True,
                                      flag=False)
     out: str = option(help="output folder: report.json, report.md, plots, sample grids, artifacts", flag=False,
                       path=True)
@@ -155,7 +156,8 @@ class BenchConfig(_Composed):
     latency_precision: float = same_as(CostConfig, "latency_precision")
     target_tolerance: float = same_as(BuildConfig, "target_tolerance")
     distill_steps: int = option(0, "also distil each pruned model this many steps", minimum=0)
-    repeats: int = option(10, "timed calls per variant", minimum=1)
+    repeats: int = option(10, "timed rounds at least (each calls dense and pruned once); more until the ratio is "
+                          "known to --latency-precision", minimum=1)
     warmup: int = option(3, "untimed calls per variant first", minimum=0)
     batch_sizes: tuple[int, ...] = option((1, 2), "latency batch sizes (2 = one guided step)", minimum=1,
                                           nonempty=True)

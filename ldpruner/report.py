@@ -77,7 +77,7 @@ def build_report(cfg: Any, model: dict[str, Any], plan: Any, out_dir: Path, timi
     return {
         "format": "ldpruner.report/1",
         "summary": summary,
-        "config": cfg.to_dict(),
+        "config": _absolute_paths(cfg.to_dict()),
         "model": model,
         "trace": trace,
         "operators": {"total": len(operators["operators"]), "candidates": len(candidates)},
@@ -88,7 +88,7 @@ def build_report(cfg: Any, model: dict[str, Any], plan: Any, out_dir: Path, timi
                             "removed_fraction": totals["macs_removed_fraction"],
                             "at_latent_shape": trace["traced_sample_shape"][1:]},
         "analysis": {"conditioning": scores.conditioning, "unet_calls": scores.unet_calls,
-                     "wall_time_s": scores.wall_time_s, "scheduler": scores.scheduler,
+                     "wall_time_s": scores.wall_time_s, "scheduler": _this_build(scores.scheduler, model),
                      "placement": scores.placement, "batch_size": scores.config.batch_size,
                      "peak_memory": scores.peak_memory},
         # the budget asked for (metric, share) against what the plan removed; None for a plan without a budget
@@ -113,6 +113,16 @@ def build_report(cfg: Any, model: dict[str, Any], plan: Any, out_dir: Path, timi
                        f"{ONNX_DIR}/unet.onnx", "operators.txt", REPORT, REPORT_MD,
                        *([SAMPLES] if sample_rows else []))},
     }
+
+
+# the options that may name files: recorded absolute, so the build can be read again from any folder (bench BUILD_DIR)
+_PATH_OPTIONS = ("out", "model", "prompts", "calibration", "scheduler")
+
+
+def _absolute_paths(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with every option that names an existing file or folder made absolute."""
+    return {name: str(Path(value).resolve()) if name in _PATH_OPTIONS and isinstance(value, str)
+            and Path(value).exists() else value for name, value in config.items()}
 
 
 def _latency_report(plan: Any, out_dir: Path) -> dict[str, Any] | None:
@@ -219,13 +229,25 @@ def report_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _this_build(scheduler: dict[str, Any] | None, model: dict[str, Any]) -> dict[str, Any] | None:
+    """The scores' scheduler record with the source of this build: reused scores were made with the same scheduler
+    (its class and config are in their key) but may have been asked for otherwise (the default DDIMScheduler() and
+    --scheduler DDIMScheduler give the same scores)."""
+    if not scheduler or not model.get("scheduler_source"):
+        return scheduler
+    return {**scheduler, "source": model["scheduler_source"]}
+
+
 def _scheduler(record: dict[str, Any] | None) -> str:
     """"DDIMScheduler (the model's own)", or the default said as such, for the report's scheduler line."""
+    from ldpruner.passes.importance import SCHEDULER_SOURCES
+
     if not record:
         return "not recorded"
-    where = {"model": "the model's own", "asked": "asked for with --scheduler", "given": "given by the caller",
-             "default": "the default — the model brings no scheduler, so diffusers' defaults; --scheduler picks one"}
-    return f"{record.get('class')} ({where.get(record.get('source'), record.get('source'))})"
+    source = record.get("source")
+    where = SCHEDULER_SOURCES.get(source, source)
+    hint = ", at diffusers' defaults; --scheduler picks one" if source == "default" else ""
+    return f"{record.get('class')} ({where}{hint})"
 
 
 def _threads_lines(threads: dict[str, Any] | None) -> list[str]:

@@ -82,7 +82,8 @@ class UNetDropIn(torch.nn.Module):
                 f"the latent is {height}x{width}, but {self._what} takes latent sizes that are multiples of "
                 f"{multiple} (the UNet has {_count(multiple.bit_length() - 1, 'upsampler')}; the dense diffusers UNet "
                 f"interpolates other sizes, its trace does not): pass a height and width whose latent is a multiple "
-                f"of {multiple} (with Stable Diffusion's VAE, image sizes that are multiples of {8 * multiple})")
+                f"of {multiple} (the image size is the latent's times pipe.vae_scale_factor: multiples of "
+                f"{8 * multiple} pixels for Stable Diffusion)")
         for name, value in inputs.items():
             dims = declared.get(name)
             if dims is None:

@@ -3,7 +3,9 @@
 ``measure_interleaved`` times several callables (dense, pruned, …) with warm-up, then R timed rounds; each round
 calls every variant once, and the order rotates from round to round (dense, pruned / pruned, dense / …) so that
 drift of the machine (other jobs, thermal, caches) hits every variant equally. Statistics are the median and the
-inter-quartile range of the R times; the ratio of two variants is the ratio of their medians.
+inter-quartile range of the R times; the ratio of two variants is the ratio of their medians. ``measure_ratio``
+keeps adding rounds until the percentile-bootstrap interval of such a ratio (whole rounds resampled) is within a
+stated precision of it, or the rounds or time allowed run out, and says which.
 """
 
 from __future__ import annotations
@@ -100,8 +102,11 @@ def measure_interleaved(
 
 
 def _rounds(variants: Mapping[str, Callable[[], Any]], names: list[str], rounds: range,
-            times: dict[str, list[float]], order: list[str], clock: Callable[[], float]) -> None:
-    """Timed rounds ``rounds`` (their indices set the rotation), appended to ``times`` and ``order``."""
+            times: dict[str, list[float]], order: list[str], clock: Callable[[], float],
+            deadline: float | None = None) -> int:
+    """Timed rounds ``rounds`` (their indices set the rotation), appended to ``times`` and ``order``; the rounds
+    stop after the one that ends at or past ``deadline``. Returns how many ran."""
+    ran = 0
     for r in rounds:
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
@@ -109,6 +114,10 @@ def _rounds(variants: Mapping[str, Callable[[], Any]], names: list[str], rounds:
             variants[name]()
             times[name].append(clock() - start)
             order.append(name)
+        ran += 1
+        if deadline is not None and clock() >= deadline:
+            break
+    return ran
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,10 +137,6 @@ class RatioMeasurement:
     confidence: float
     precision: float
     converged: bool
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"ratio": self.ratio, "interval": [self.low, self.high], "confidence": self.confidence,
-                "precision": self.precision, "converged": self.converged, "rounds": self.run.repeats}
 
     def describe(self) -> str:
         """"0.508 (95 % interval 0.497–0.519, 40 rounds)", with "not converged" when it is not."""
@@ -173,8 +178,9 @@ def measure_ratio(
 ) -> RatioMeasurement:
     """Time ``variants`` interleaved (as :func:`measure_interleaved`) for ``repeats`` rounds, then keep adding rounds
     until the ``confidence`` interval of median(numerator) / median(denominator) lies within ± ``precision`` of the
-    ratio, or ``max_repeats`` rounds ran, or the rounds took ``max_seconds``. A ratio from a few rounds on a busy
-    machine can be off by more than the effect it measures; the interval says how far."""
+    ratio, or ``max_repeats`` rounds ran, or the measurement (warm-up included) has taken ``max_seconds``: the
+    first ``repeats`` rounds always run, no round starts after that. A ratio from a few rounds on a busy machine can
+    be off by more than the effect it measures; the interval says how far."""
     problems = []
     if not (isinstance(precision, (int, float)) and 0 < precision < 1):
         problems.append(f"precision must be in (0, 1); got {precision!r}")
@@ -186,11 +192,12 @@ def measure_ratio(
         problems.append(f"the ratio {numerator!r} / {denominator!r} names variants not in {list(variants)}")
     if problems:
         raise ConfigError("measure_ratio: " + "; ".join(problems))
+    started = clock()
     run = measure_interleaved(variants, warmup=warmup, repeats=repeats, clock=clock)
     names = list(variants)
     times = {n: list(run.stats[n].times_s) for n in names}
     order = list(run.order)
-    started, done = clock(), repeats
+    done = repeats
     while True:
         current = InterleavedRun(stats={n: LatencyStats(n, tuple(t)) for n, t in times.items()}, order=tuple(order),
                                  warmup=warmup, repeats=done)
@@ -200,9 +207,8 @@ def measure_ratio(
         if converged or done >= max_repeats or clock() - started >= max_seconds:
             return RatioMeasurement(current, numerator, denominator, ratio, low, high, confidence, precision,
                                     converged)
-        more = min(max(repeats, done // 2), max_repeats - done)  # grow by half: a few rounds of CI checks in all
-        _rounds(variants, names, range(done, done + more), times, order, clock)
-        done += more
+        more = min(max(repeats, done // 2), max_repeats - done)  # grow by half: a few interval checks in all
+        done += _rounds(variants, names, range(done, done + more), times, order, clock, started + max_seconds)
 
 
 # --- onnxruntime ---------------------------------------------------------------------------------------------

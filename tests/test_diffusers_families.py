@@ -361,3 +361,19 @@ def test_k_diffusion_attention_whose_residual_add_is_reshaped_away_is_not_remova
     attentions = [op for op in graph if op.kind in ("self-attention", "cross-attention")]
     assert attentions and all(op.action.value == "not-removable" for op in attentions)
     assert {op.reason for op in attentions} == {"attention branch whose residual add was not found"}
+
+
+def test_distilling_an_image_conditioned_unet_on_a_folder_asks_for_no_captions(tmp_path):
+    """Kandinsky 2.2's forward has encoder_hidden_states, but its config feeds it image embeddings: a dataset
+    folder without captions is not refused for lacking captions."""
+    from PIL import Image
+
+    from ldpruner.calibration import check_distill_inputs
+
+    folder = make_pipeline("kandinsky-2.2", tmp_path)
+    diffusers.AutoencoderKL(block_out_channels=(32,), norm_num_groups=8, latent_channels=4).save_pretrained(
+        folder / "vae")
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (32, 32)).save(images / "a.png")
+    check_distill_inputs(api.load(str(folder)), data=images, prompts_file=None)  # no "has no captions" refusal

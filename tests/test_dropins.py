@@ -419,8 +419,8 @@ def test_both_drop_ins_refuse_a_latent_off_the_unets_multiple_in_one_line(sd):
         assert str(info.value) == (
             f"{caller}: the latent is 9x10, but {what} takes latent sizes that are multiples of 2 (the UNet has 1 "
             "upsampler; the dense diffusers UNet interpolates other sizes, its trace does not): pass a height and "
-            "width whose latent is a multiple of 2 (with Stable Diffusion's VAE, image sizes that are multiples of "
-            "16)")
+            "width whose latent is a multiple of 2 (the image size is the latent's times pipe.vae_scale_factor: "
+            "multiples of 16 pixels for Stable Diffusion)")
         with pytest.raises(UnsupportedInputError, match=r"encoder_hidden_states has shape \[1, 77, 24\]: dimension 2 "
                                                         r"is 24, but .* takes \[any, any, 32\]; pass the "
                                                         "encoder_hidden_states of the model it was made from"):

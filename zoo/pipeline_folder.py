@@ -27,7 +27,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ldpruner.errors import ArtifactError, ModelLoadError
-from ldpruner.io import atomic_dir, check_replaceable, output_dir, read_json, write_json_atomic
+from ldpruner.io import (
+    atomic_dir,
+    check_replaceable,
+    default_permissions,
+    output_dir,
+    read_json,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 from .text import PACKAGE, TEXT_ENCODER_FILE
 
@@ -97,6 +105,11 @@ def _text_to_image(folder: Path) -> tuple[str, str]:
     components = encoder.pipeline_components()
     for part, component in components.items():
         component.save_pretrained(folder / part)
+        for path in (folder / part).rglob("*"):  # transformers writes its weights for the owner alone
+            default_permissions(path)
+    _note_on_card(folder, "this folder holds the text encoder (`text_encoder/`, safetensors) and its tokenizer "
+                          "(`tokenizer/`), so `DiffusionPipeline.from_pretrained(folder)` loads it with no other "
+                          "arguments; what the card says about passing them at load is about the shipped folder")
     index = _model_index(folder)
     for part, component in components.items():
         index[part] = ["transformers", type(component).__name__]
@@ -126,6 +139,9 @@ def _unconditional_audio(folder: Path) -> tuple[str, str]:
                              "with its recipe")
     os.replace(folder / "vae", folder / "vqvae")
     index["vqvae"] = index.pop("vae")
+    _note_on_card(folder, "this folder is a stock diffusers `LDMPipeline`: the autoencoder the card calls `vae/` is "
+                          "`vqvae/` here, and the pipeline's images are the log-mel spectrograms in [0, 1] "
+                          "(`model_index.json`'s `_mel` says how to turn them into audio)")
     index["_class_name"] = "LDMPipeline"
     index["_mel"] = ("the pipeline's images, (N, n_mels, n_frames, 1) numpy arrays, are log-mel spectrograms in "
                      "[0, 1] (mel.json: their settings); ldpruner.zoo.audio.mel_to_waveform(images.transpose(0, 3, 1, "
@@ -134,6 +150,13 @@ def _unconditional_audio(folder: Path) -> tuple[str, str]:
     write_json_atomic(folder / MODEL_INDEX, dict(sorted(index.items())))
     return "LDMPipeline", ("its images are log-mel spectrograms in [0, 1]; ldpruner.zoo.audio.mel_to_waveform("
                            "images.transpose(0, 3, 1, 2), ..., value_range=(0, 1)) turns them into audio")
+
+
+def _note_on_card(folder: Path, note: str) -> None:
+    """The model card (``README.md``) with a note on top saying how the exported folder differs from the shipped one."""
+    card = folder / "README.md"
+    if card.is_file():
+        write_text_atomic(card, f"> Exported with `ldpruner zoo export`: {note}.\n\n" + card.read_text())
 
 
 def _model_index(folder: Path) -> dict:

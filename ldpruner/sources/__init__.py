@@ -22,6 +22,8 @@ UNET_CLASSES = ("UNet2DConditionModel", "UNet2DModel")
 RANDOM_PREFIX = "random:"
 ZOO_PREFIX = "zoo:"
 CLIP_TEXT_LENGTH = 77  # the tokens a Stable Diffusion pipeline's CLIP tokenizer pads every prompt to
+# pipelines that pad prompts to 77 tokens whatever their tokenizer declares (DeepFloyd IF's T5, Kandinsky's M-CLIP)
+_PADS_TO_77 = ("IF", "Kandinsky")
 
 
 @dataclasses.dataclass
@@ -73,8 +75,9 @@ class LoadedModel:
     @property
     def text_length(self) -> int:
         """How many tokens the model's pipeline gives the UNet (``encoder_hidden_states``' second dimension): the
-        zoo text encoder's ``max_length``, else the length the pipeline's tokenizer pads to (its
-        ``model_max_length``), else CLIP's 77, which every Stable Diffusion pipeline uses. The trace, the export's
+        zoo text encoder's ``max_length``; 77 for the pipelines that pad to it whatever their tokenizer says (IF,
+        Kandinsky); else the length the pipeline's tokenizer pads to (its ``model_max_length``); else CLIP's 77,
+        which every Stable Diffusion pipeline uses. The trace, the export's
         validation and every latency measurement run at this length; the exported graph takes any."""
         if self.text_encoder_config is not None:
             length = read_json(self.text_encoder_config, what="text encoder description",
@@ -83,6 +86,10 @@ class LoadedModel:
                 return length
         if self.pipeline_dir is not None:
             config = self.pipeline_dir / "tokenizer" / "tokenizer_config.json"
+            pipeline = read_json(self.pipeline_dir / "model_index.json", what="pipeline index",
+                                 error=ModelLoadError).get("_class_name")
+            if isinstance(pipeline, str) and pipeline.startswith(_PADS_TO_77):
+                return CLIP_TEXT_LENGTH
             if config.is_file():
                 length = read_json(config, what="tokenizer config", error=ModelLoadError).get("model_max_length")
                 if _token_count(length):
@@ -156,6 +163,8 @@ class LoadedModel:
             "unet_dir": str(self.unet_dir) if self.unet_dir else None,
             "pipeline_dir": str(self.pipeline_dir) if self.pipeline_dir else None,
             "scheduler": type(self.scheduler).__name__ if self.scheduler is not None else None,
+            # where the scheduler the passes sample with comes from (SCHEDULER_SOURCES in the analysis)
+            "scheduler_source": (self.scheduler_source or "given") if self.scheduler is not None else "default",
             "random_weights": self.random_weights,
             "text_encoder": str(self.text_encoder_config) if self.text_encoder_config else None,
             "text_length": self.text_length,

@@ -81,7 +81,13 @@ def test_measure_ratio_stops_once_the_ratio_is_known_to_the_precision_asked():
                           max_seconds=1e9, clock=clock)
     assert not noisy.converged and noisy.run.repeats == 60  # ±50 % noise never settles to ±0.1 %
     assert noisy.low < noisy.ratio < noisy.high and noisy.describe().endswith("wider than ±0%: a noisy machine)")
-    assert noisy.to_dict()["rounds"] == 60 and len(noisy.run.stats["dense"].times_s) == 60
+    assert len(noisy.run.stats["dense"].times_s) == 60
+
+    clock = FakeClock()  # 10 s calls (a full-size UNet on a CPU): rounds past the first stop at the time allowed
+    slow = measure_ratio({"dense": clock.variant("dense", 10.0), "pruned": lambda: setattr(
+        clock, "now", clock.now + 10.0 * rng.uniform(0.5, 1.5))}, "pruned", "dense", warmup=1, repeats=2,
+        precision=0.001, max_seconds=60.0, clock=clock)
+    assert not slow.converged and slow.run.repeats == 3 and clock.now <= 60.0 + 2 * 15.0  # one round past 60 s
 
     clock = FakeClock()
     loose = measure_ratio(variants, "pruned", "dense", warmup=0, repeats=6, precision=0.5, clock=clock)
@@ -263,8 +269,9 @@ def test_bench_refuses_a_build_that_changed_or_did_not_finish(built, tmp_path):
         f.write(" ")
     with pytest.raises(ArtifactError) as info:
         api.bench(str(copy), out=tmp_path / "b1", quality=False, progress=False)
-    assert str(info.value) == (f"{str(copy / 'plan.json')!r} changed since the build wrote select: bench measures a "
-                               "build only as it was made; run the build again")
+    assert str(info.value) == (f"{str(copy / 'plan.json')!r} changed since the build wrote it: bench measures a "
+                               f"build only as it was made; run `ldpruner build` into {str(copy)!r} again (with "
+                               "--overwrite)")
     shutil.rmtree(copy)
     shutil.copytree(out, copy)
     (copy / "report.json").unlink()
@@ -272,4 +279,61 @@ def test_bench_refuses_a_build_that_changed_or_did_not_finish(built, tmp_path):
         api.bench(str(copy), out=tmp_path / "b2", quality=False, progress=False)
     assert str(info.value) == (f"{str(copy)!r} holds no finished build (it has no report.json): run `ldpruner build` "
                                "into it first")
-    assert not (tmp_path / "b1").exists() and not (tmp_path / "b2").exists()  # refused before anything was written
+    shutil.copytree(out, copy, dirs_exist_ok=True)
+    (copy / "report.json").write_text((out / "report.json").read_text())
+    state = json.loads((copy / ".ldpruner-build.json").read_text())
+    state["files"]["select"]["plan.json"] = "0" * 64  # plan.json made again, the build stopped before its report
+    (copy / ".ldpruner-build.json").write_text(json.dumps(state))
+    with pytest.raises(ArtifactError, match=r"report.json' describes another build than the files beside it \(e.g. "
+                                            r"plan.json: a build stopped after its stages, before its report\)"):
+        api.bench(str(copy), out=tmp_path / "b4", quality=False, progress=False)
+    (copy / ".ldpruner-build.json").write_text("{")
+    with pytest.raises(ArtifactError, match=r"the build record .* is damaged \(JSONDecodeError: .*\); ldpruner cannot "
+                                            r"tell which files a build wrote; run `ldpruner build` into .* again "
+                                            r"\(with --overwrite\)$"):
+        api.bench(str(copy), out=tmp_path / "b3", quality=False, progress=False)
+    assert not any((tmp_path / b).exists() for b in ("b1", "b2", "b3", "b4"))  # refused before anything was written
+
+
+def test_a_build_folder_whose_onnx_fixes_the_text_length_is_refused_saying_so(built, tmp_path):
+    """A build folder of an earlier ldpruner: its export fixed the text at 77 tokens. Its export stage is made again
+    only with --overwrite, and the refusal says why the files there would change."""
+    import hashlib
+    import shutil
+
+    from ldpruner import api
+
+    out, report = built
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    summary = json.loads((old / "onnx" / "export.json").read_text())
+    del summary["export"]["dynamic_axes"]["encoder_hidden_states"]["1"]
+    (old / "onnx" / "export.json").write_text(json.dumps(summary))
+    state = json.loads((old / ".ldpruner-build.json").read_text())
+    state["export"] = "0123456789abcdef"  # the key of an export without the format tag
+    state["files"]["export"]["onnx/export.json"] = hashlib.sha256((old / "onnx" / "export.json").read_bytes()
+                                                                  ).hexdigest()
+    (old / ".ldpruner-build.json").write_text(json.dumps(state))
+    config = report["config"]
+    with pytest.raises(ArtifactError) as info:
+        api.build(config["model"], out=old, budget=0.3, num_samples=2, steps=1, distill_steps=1,
+                  distill_options={"batch_size": 2, "trajectories": 2, "trajectory_steps": 2}, samples=False,
+                  progress=False)
+    assert str(info.value) == (f"{str(old / 'onnx' / 'export.json')!r} exists; pass --overwrite (overwrite=True) to "
+                               "replace it (the ONNX model there takes a fixed number of tokens, as an earlier "
+                               "ldpruner exported it, and pipelines with another text length cannot use it: "
+                               "--overwrite exports it again with the text length free)")
+
+
+def test_a_build_made_from_a_relative_model_path_is_benched_from_anywhere(built, tmp_path, monkeypatch):
+    from ldpruner import api
+
+    out, _ = built
+    monkeypatch.chdir(out.parent)  # the folder holding unet/: MODEL as a user types it there
+    api.build("unet", out=tmp_path / "rel", budget=0.3, num_samples=2, steps=1, distill_steps=0, samples=False,
+              progress=False)
+    assert json.loads((tmp_path / "rel" / "report.json").read_text())["config"]["model"] == str(out.parent / "unet")
+    monkeypatch.chdir(tmp_path)
+    report = api.bench(str(tmp_path / "rel"), out=tmp_path / "b", repeats=2, warmup=0, batch_sizes=[1],
+                       latency_precision=0.9, quality=False, memory=False, progress=False)
+    assert report["models"][0]["build"]["model"] == str(out.parent / "unet")

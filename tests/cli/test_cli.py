@@ -348,6 +348,19 @@ def test_a_model_without_a_scheduler_samples_with_the_default_and_says_so(unet_d
     assert "DDIMScheduler (the default: the model brings none)" in err  # the analysis' opening line
 
 
+def test_a_rebuild_that_reuses_the_scores_reports_where_its_own_scheduler_came_from(unet_dir, capsys, tmp_path):
+    """The default DDIMScheduler() and --scheduler DDIMScheduler give the same scores (reused): the report says how
+    this build got its scheduler, not how the build that made the scores did."""
+    options = ["--out", tmp_path, *FAST, "--distill-steps", "0", "--no-samples", "--threads", "1"]
+    assert run(capsys, "build", unet_dir, *options)[0] == 0
+    code, out, err = run(capsys, "build", unet_dir, *options, "--scheduler", "DDIMScheduler")
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert code == 0 and "analyze" in report["reused_stages"]
+    assert report["analysis"]["scheduler"]["source"] == "asked"
+    assert "- scheduler: DDIMScheduler (asked for with --scheduler)\n" in (tmp_path / "report.md").read_text()
+    assert json.loads((tmp_path / "scores.json").read_text())["scheduler"]["source"] == "default"  # as made
+
+
 def test_build_threads_apply_to_every_stage_and_the_report_says_so(unet_dir, capsys, tmp_path, monkeypatch):
     from ldpruner import stages
 

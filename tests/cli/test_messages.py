@@ -161,8 +161,8 @@ def test_an_unknown_distill_option_flag_names_the_option_it_is_close_to(unet_dir
     with pytest.raises(SystemExit) as exited:
         main(["build", str(unet_dir), "--out", str(tmp_path / "run"), "--distill-option", "lrr=0.1"])
     assert exited.value.code == 2
-    assert capsys.readouterr().err.splitlines()[-1] == (
-        "ldpruner build: error: --distill-option: unknown DistillConfig option 'lrr'; did you mean 'lr'?")
+    assert capsys.readouterr().err == ("error: ldpruner build: --distill-option: unknown DistillConfig option 'lrr'; "
+                                       "did you mean 'lr'? (see `ldpruner build --help`)\n")
 
 
 # --- transformers' notices -----------------------------------------------------------------------------------------
@@ -221,6 +221,28 @@ def test_bench_quality_without_the_tiles_or_a_package_is_refused_before_any_mode
                               "package efficientnet-lite-pytorch (pip install 'ldpruner[bench]') and the Dungeon Crawl "
                               f"tile atlases in {str(tmp_path / 'tiles')!r}, its real images (apt-get install "
                               "crawl-tiles-data); install them, or pass --no-quality (quality=False)\n")
+
+
+def test_bench_refusals_the_files_decide_come_before_any_model_work(no_model_work, tmp_path, capsys):
+    import shutil
+
+    # a sample count the zoo model's quality reference cannot score
+    code, err = run(capsys, "bench", "zoo:mnist-t2i", "--out", tmp_path / "b", "--samples", "4")
+    assert (code, err) == (1, "error: BenchError: quality of zoo:mnist-t2i: samples must be a multiple of 10 for "
+                              "mnist-t2i (n/10 images per digit); got 4\n")
+    # a pipeline folder without its scheduler, named after a model that loads fine
+    folder = tmp_path / "pipe"
+    shutil.copytree(Path(__file__).resolve().parents[2] / "zoo" / "crawl-tiles", folder, ignore=shutil.ignore_patterns(
+        "scheduler"))
+    code, err = run(capsys, "bench", "random:sd-tiny", str(folder), "--out", tmp_path / "b", "--no-quality")
+    assert code == 1 and err.startswith(f"error: ModelLoadError: pipeline folder {str(folder)!r} has no scheduler/")
+    # a UNet no drop-in can serve (its pipelines pass GLIGEN's grounding): refused before the analysis, not after it
+    unet = tmp_path / "gligen"
+    make_tiny_sd_unet(attention_type="gated").save_pretrained(unet)
+    code, err = run(capsys, "bench", str(unet), "--out", tmp_path / "b", "--no-quality")
+    assert code == 1 and err.startswith("error: UnsupportedModelError: attention_type='gated' is not supported by "
+                                        "export: StableDiffusionGLIGENPipeline")
+    assert not (tmp_path / "b").exists()
 
 
 def test_a_missing_distillation_dataset_is_refused_before_any_model_work(no_model_work, tmp_path, capsys):
@@ -291,6 +313,11 @@ def test_an_error_raised_under_a_progress_bar_starts_a_line_of_its_own(unet_dir,
                   "analyze --help`)"),
     (["build", "--threads", "x"], "error: ldpruner build: argument --threads: invalid int value: 'x' (see `ldpruner "
                                   "build --help`)"),
+    (["build", "--debgu"], "error: ldpruner build: unrecognized arguments: --debgu; did you mean --debug? (it comes "
+                           "before the command: ldpruner --debug build …) (see `ldpruner build --help`)"),
+    (["zoo", "export", "mnist-t2i", "--out", "x", "--ovewrite"],
+     "error: ldpruner zoo export: unrecognized arguments: --ovewrite; did you mean --overwrite? (see `ldpruner zoo "
+     "export --help`)"),
 ])
 def test_a_command_line_mistake_is_one_line_naming_the_flag_meant(capsys, argv, line):
     """argparse would print the whole usage first (about 1.5 KB for build), burying the line that matters."""

@@ -221,6 +221,12 @@ def test_latency_build_measures_costs_predicts_and_checks(tmp_path):
     stricter = api.build("random:sd-tiny", out=tmp_path, height=8, width=8, latency_tolerance=0.05, overwrite=True,
                          **options)
     assert "costs" in stricter["reused_stages"] and "latency" not in stricter["reused_stages"]
+    # costs timed at other threads are other costs: refused, saying how they were measured
+    with pytest.raises(ArtifactError) as info:
+        api.build("random:sd-tiny", out=tmp_path, height=8, width=8, latency_tolerance=0.05, threads=2, **options)
+    assert str(info.value) == (f"{str(tmp_path / 'costs.json')!r} exists; pass --overwrite (overwrite=True) to replace "
+                               "it (the costs there were measured with other settings: threads 1 here, 2 now; pass "
+                               "--threads 1 to reuse them)")
     # costs measured again (other timings, other bytes): what was made from them is made again too
     (tmp_path / "costs.json").unlink()
     remeasured = api.build("random:sd-tiny", out=tmp_path, height=8, width=8, latency_tolerance=0.05, **options)

@@ -73,8 +73,14 @@ def test_exported_text_to_image_folder_holds_the_shipped_files_and_the_encoder_a
     assert (folder / "text_encoder/model.safetensors").stat().st_size > 80_000_000
     assert not [p for p in folder.rglob("*") if p.suffix in {".bin", ".pt", ".pth", ".pkl", ".ckpt"}]
     for part in ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
-                 "scheduler/scheduler_config.json", "text_encoder.json", "prompts.txt", "README.md"):
+                 "scheduler/scheduler_config.json", "text_encoder.json", "prompts.txt"):
         assert (folder / part).read_bytes() == (shipped / part).read_bytes(), part
+    # the card, with a note on what differs from the shipped folder
+    card = (folder / "README.md").read_text()
+    assert card.startswith("> Exported with `ldpruner zoo export`: this folder holds the text encoder")
+    assert card.endswith((shipped / "README.md").read_text())
+    weights = (folder / "text_encoder/model.safetensors").stat().st_mode & 0o777
+    assert weights == (folder / "unet/diffusion_pytorch_model.safetensors").stat().st_mode & 0o777  # not owner-only
     assert not (shipped / "text_encoder").exists() and not (shipped / "tokenizer").exists()
     assert exported.summary() == (
         f"wrote {str(folder)!r}: zoo:mnist-t2i as a diffusers StableDiffusionPipeline folder (text encoder and "
