@@ -29,6 +29,7 @@ __all__ = [
     "available_cpus",
     "busy_load",
     "cast_copy",
+    "cpus_in_use",
     "cgroup_cpu_limit",
     "check_device",
     "describe",
@@ -172,8 +173,8 @@ def _host_peak_mib() -> float:
 
 # --- CPU threads -----------------------------------------------------------------------------------------------------
 
-THREADS_HELP = ("intra-op threads of torch and of every onnxruntime session the stage opens; 1 on a machine shared "
-                "with other jobs (their threads would compete for the same cores)")
+THREADS_HELP = ("intra-op threads of torch and of every onnxruntime session the stage opens (the default leaves the "
+                "cores other jobs keep busy to them: threads competing for a core slow every step)")
 # the threads of the stage running in this context (None outside one): what a nested stage and the onnxruntime
 # sessions opened inside it use when not told otherwise
 _STAGE_THREADS: contextvars.ContextVar[int | None] = contextvars.ContextVar("ldpruner_stage_threads", default=None)
@@ -239,6 +240,31 @@ def available_cpus() -> int:
     return max(1, cpus)
 
 
+def cpus_in_use(window: float = 0.25, stat: str | os.PathLike = "/proc/stat") -> float | None:
+    """How many CPUs the machine kept busy over the next ``window`` seconds (the aggregate ``cpu`` line of
+    ``/proc/stat``: time not idle nor waiting for I/O); None where it cannot be read."""
+    import time
+
+    def sample() -> tuple[int, int] | None:
+        try:
+            fields = [int(v) for v in Path(stat).read_text().splitlines()[0].split()[1:]]
+        except (OSError, ValueError, IndexError):
+            return None
+        if len(fields) < 5:
+            return None
+        return sum(fields[:8]), fields[3] + fields[4]  # all time (user … steal), idle + iowait
+
+    first = sample()
+    if first is None:
+        return None
+    time.sleep(window)
+    second = sample()
+    if second is None or second[0] <= first[0]:
+        return None
+    total, idle = second[0] - first[0], second[1] - first[1]
+    return (total - idle) / total * (os.cpu_count() or 1)
+
+
 def stage_threads() -> int | None:
     """The threads of the stage running in this context (:func:`intra_op_threads`), or None outside one."""
     return _STAGE_THREADS.get()
@@ -246,8 +272,11 @@ def stage_threads() -> int | None:
 
 def resolve_threads(threads: int | None) -> int:
     """The threads a stage computes with: ``threads`` when given; else the enclosing stage's (a stage run inside
-    another, as the bench runs the analysis); else the CPUs this process may use (:func:`available_cpus`), no
-    more than torch's own setting (``OMP_NUM_THREADS``, ``torch.set_num_threads``; torchrun gives each rank 1)."""
+    another, as the bench runs the analysis); else the CPUs this process may use (:func:`available_cpus`) less
+    those other processes keep busy as it starts (:func:`cpus_in_use`; at least 1: threads that wait for a core
+    another job holds make every parallel step wait, measured 5.6× slower on a 2-core machine with one other 2-thread
+    job), no more than torch's own setting (``OMP_NUM_THREADS``, ``torch.set_num_threads``; torchrun gives each rank
+    1)."""
     if threads is not None:
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise ConfigError(f"threads={threads!r} must be a positive int or None (the CPUs this process may use)")
@@ -257,7 +286,12 @@ def resolve_threads(threads: int | None) -> int:
         return outer
     import torch
 
-    return max(1, min(torch.get_num_threads(), available_cpus()))
+    cpus = min(torch.get_num_threads(), available_cpus())
+    if cpus > 1:  # one thread needs no free core to itself
+        busy = cpus_in_use()
+        if busy is not None:
+            cpus -= math.floor(busy + 0.5)  # a job using half a core or more takes one
+    return max(1, cpus)
 
 
 @contextlib.contextmanager

@@ -56,8 +56,8 @@ class DeviceConfig(Config):
 
     device: str = option("auto", "where the work runs: " + DEVICE_HELP, check=check_device)
     threads: int | None = option(None, THREADS_HELP, minimum=1,
-                                 none="the CPUs this process may use (affinity and cgroup quota), at most torch's "
-                                      "own setting")
+                                 none="the CPUs this process may use (affinity and cgroup quota) less those other "
+                                      "jobs keep busy when it starts, at least 1, at most torch's own setting")
 
 
 @dataclasses.dataclass(frozen=True)

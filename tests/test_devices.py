@@ -59,6 +59,7 @@ def test_available_cpus_is_the_affinity_capped_by_the_whole_cpus_of_the_quota(mo
 
 def test_resolve_threads_default_nesting_and_bad_values(monkeypatch):
     monkeypatch.setattr(devices, "available_cpus", lambda: 3)
+    monkeypatch.setattr(devices, "cpus_in_use", lambda: 0.2)  # an idle machine
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(8)
@@ -76,6 +77,31 @@ def test_resolve_threads_default_nesting_and_bad_values(monkeypatch):
     with pytest.raises(ConfigError) as info:
         devices.resolve_threads(0)
     assert str(info.value) == "threads=0 must be a positive int or None (the CPUs this process may use)"
+
+
+def test_the_default_leaves_the_cores_other_jobs_keep_busy_to_them(monkeypatch, tmp_path):
+    before, measure = torch.get_num_threads(), devices.cpus_in_use
+    monkeypatch.setattr(devices, "available_cpus", lambda: 4)
+    try:
+        torch.set_num_threads(4)
+        for busy, threads in ((0.4, 4), (0.6, 3), (1.9, 2), (3.7, 1), (8.0, 1), (None, 4)):
+            monkeypatch.setattr(devices, "cpus_in_use", lambda busy=busy: busy)
+            assert devices.resolve_threads(None) == threads, busy
+            assert devices.resolve_threads(4) == 4  # asked for: as asked
+    finally:
+        torch.set_num_threads(before)
+    # read from /proc/stat: the aggregate cpu line, twice; busy = not idle nor iowait
+    stat = tmp_path / "stat"
+    samples = iter(["cpu  100 0 100 800 0 0 0 0 0 0\n", "cpu  300 0 200 900 0 0 0 0 0 0\n"])
+
+    def read_text(self, *args, **kwargs):
+        return next(samples)
+
+    monkeypatch.setattr(type(stat), "read_text", read_text)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert measure(window=0, stat=stat) == pytest.approx(300 / 400 * 2)  # 1.5 of 2 CPUs busy
+    monkeypatch.undo()
+    assert measure(window=0, stat=tmp_path / "missing") is None
 
 
 def test_onnxruntime_sessions_take_the_stage_threads(tmp_path):
