@@ -153,9 +153,8 @@ def ratio_interval(run: InterleavedRun, numerator: str, denominator: str, *, con
 
     num = np.asarray(run.stats[numerator].times_s)
     den = np.asarray(run.stats[denominator].times_s)
-    if len(num) < 2:
-        ratio = run.ratio(numerator, denominator)
-        return ratio, ratio
+    if len(num) < 2:  # one round says nothing about its spread
+        return 0.0, float("inf")
     picks = np.random.default_rng(seed).integers(0, len(num), size=(resamples, len(num)))
     ratios = np.median(num[picks], axis=1) / np.median(den[picks], axis=1)
     tail = (1 - confidence) / 2 * 100

@@ -337,3 +337,12 @@ def test_a_build_made_from_a_relative_model_path_is_benched_from_anywhere(built,
     report = api.bench(str(tmp_path / "rel"), out=tmp_path / "b", repeats=2, warmup=0, batch_sizes=[1],
                        latency_precision=0.9, quality=False, memory=False, progress=False)
     assert report["models"][0]["build"]["model"] == str(out.parent / "unet")
+
+
+def test_one_round_is_never_called_precise():
+    from ldpruner.runtime.timing import measure_ratio
+
+    clock = FakeClock()
+    one = measure_ratio({"dense": clock.variant("dense", 2.0), "pruned": clock.variant("pruned", 1.0)}, "pruned",
+                        "dense", warmup=0, repeats=1, precision=0.5, clock=clock)
+    assert one.converged and one.run.repeats == 2  # a second round was needed to know the spread
