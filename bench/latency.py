@@ -32,7 +32,7 @@ from ldpruner.runtime.timing import (
 )
 
 __all__ = ["LatencyStats", "InterleavedRun", "measure_interleaved", "measure_ratio", "ort_session", "onnx_feeds",
-           "onnx_peak_memory"]
+           "onnx_peak_memory", "ort_latency", "peak_memory", "plan_inputs", "ratio", "torch_latency", "zero_residuals"]
 
 
 _PEAK_SCRIPT = r"""
@@ -88,3 +88,73 @@ def onnx_peak_memory(path: str | os.PathLike, inputs: Mapping[str, tuple[Sequenc
     result["run_peak_mib"] = result["peak_rss_mib"] - result["baseline_rss_mib"]
     result.update(available=True, runs=runs, batch=next(iter(inputs.values()))[0][0] if inputs else None)
     return result
+
+
+# --- a plan beside the dense model (``config``: the run's BenchConfig) ------------------------------------------
+
+def plan_inputs(traced: Any, batch: int) -> dict[str, Any]:
+    """Seeded inputs at ``batch`` shaped like the trace's examples (the cost model's own, so a latency it predicts
+    and one measured here run on the same inputs)."""
+    from ldpruner.passes.costs import timing_inputs
+
+    return timing_inputs(traced, batch)
+
+
+def torch_latency(dense_unet: Any, pruned_gm: Any, traced: Any, batch: int, config: Any,
+                   device: Any) -> dict[str, Any]:
+    import torch
+
+    inputs = {n: t.to(device) for n, t in plan_inputs(traced, batch).items()}
+    args = [inputs[n] for n in traced.input_names]
+    dense_unet.eval()
+    pruned_gm.eval()
+
+    def timed(call: Any) -> Any:  # a CUDA call returns before the GPU is done: wait for it inside the timing
+        return (lambda: (call(), torch.cuda.synchronize(device))) if device.type == "cuda" else call
+
+    with torch.inference_mode():
+        return ratio({"dense": timed(lambda: dense_unet(**inputs)), "pruned": timed(lambda: pruned_gm(*args))},
+                      config)
+
+
+def ort_latency(dense_session: Any, pruned_session: Any, traced: Any, batch: int,
+                 config: Any) -> dict[str, Any]:
+    inputs = plan_inputs(traced, batch)
+    dense_feeds = onnx_feeds(dense_session, inputs)
+    pruned_feeds = onnx_feeds(pruned_session, {**zero_residuals(pruned_session, batch), **inputs})
+    return ratio({"dense": lambda: dense_session.run(None, dense_feeds),
+                   "pruned": lambda: pruned_session.run(None, pruned_feeds)}, config)
+
+
+def zero_residuals(session: Any, batch: int) -> dict[str, Any]:
+    """Zeros for the ControlNet / T2I-Adapter inputs an exported model takes (a build with --controlnet or
+    --adapter), shaped as the export recorded them at ``batch``: the call without a ControlNet, as a pipeline makes
+    it."""
+    import json
+
+    import numpy as np
+
+    from ldpruner.runtime.unet import EXPORT_METADATA_KEY
+    from ldpruner.unet_inputs import FLAT_INPUTS
+
+    raw = session.get_modelmeta().custom_metadata_map.get(EXPORT_METADATA_KEY)
+    shapes = json.loads(raw).get("input_shapes", {}) if raw else {}
+    return {name: np.zeros((batch, *shape[1:]), dtype=np.float32) for name, shape in shapes.items()
+            if name not in FLAT_INPUTS}
+
+
+def ratio(variants: Mapping[str, Any], config: Any) -> dict[str, Any]:
+    """Dense and pruned interleaved, at least ``repeats`` rounds and more until the ratio is known to
+    ``latency_precision`` (its 95 % interval recorded), as the build's latency check times them."""
+    measured = measure_ratio(variants, "pruned", "dense", warmup=config.warmup, repeats=config.repeats,
+                             precision=config.check.latency_precision)
+    return {**measured.run.to_dict(ratio=("pruned", "dense")), "interval": [measured.low, measured.high],
+            "converged": measured.converged, "precision": measured.precision}
+
+
+def peak_memory(path: Path, session: Any, traced: Any, threads: int, config: Any) -> dict[str, Any]:
+    if not config.memory:
+        return {"available": False, "reason": "memory=False"}
+    batch = max(config.batch_sizes)
+    feeds = onnx_feeds(session, {**zero_residuals(session, batch), **plan_inputs(traced, batch)})
+    return onnx_peak_memory(path, {n: (a.shape, a.dtype.name) for n, a in feeds.items()}, threads=threads)

@@ -25,12 +25,19 @@ def check_bench_inputs(config: BenchConfig, objects: Mapping[str, Any] | None = 
     for spec in config.models:
         if objects and spec in objects:
             continue
-        scheduler = config.scheduler
+        scheduler = config.inputs.scheduler
         if is_build_folder(spec):  # a finished build, unchanged; its model is checked as the build loaded it
             builds[spec] = read_build_folder(spec)
-            spec, scheduler = builds[spec].config.model, builds[spec].config.scheduler
+            spec, scheduler = builds[spec].config.model, builds[spec].config.inputs.scheduler
         _check_model(spec, config, scheduler)
-    if config.distill_data is not None and config.distill_steps:
+    if config.inputs.prompts is not None or config.inputs.calibration is not None:
+        from ldpruner.passes.conditioning import read_calibration_file, read_prompt_file
+
+        if config.inputs.prompts is not None:
+            read_prompt_file(config.inputs.prompts)
+        if config.inputs.calibration is not None:
+            read_calibration_file(config.inputs.calibration)
+    if config.distill_data is not None and config.distill.steps:
         from ldpruner.passes.distill.datasets import folder_captions
 
         folder_captions(Path(config.distill_data))

@@ -248,15 +248,16 @@ def criterion_scores(model: Any, graph: OperatorGraph, criteria: Sequence[str], 
 def analysis_conditioning(model: Any, graph: OperatorGraph, num_samples: int) -> Any:
     """The conditioning ``api.analyze`` would use for ``model`` (None for an unconditional UNet)."""
     from ldpruner import api, calibration
-    from ldpruner.passes.importance import resolve_conditioning
+    from ldpruner.passes.inputs import resolve_conditioning
 
     if "encoder_hidden_states" not in graph.traced.input_names and "class_labels" not in graph.traced.input_names:
         return None
     loaded = api.load(model)
     config = calibration.analysis_config(loaded, {"num_samples": num_samples, "steps": 1, "seed": 0,
                                                   "guidance_scale": 1.0}, None)
-    calib = calibration.conditioning_source(loaded, config)
-    return resolve_conditioning(graph.traced, calib, config)
+    calib = calibration.conditioning_source(loaded, config.prompts)
+    return resolve_conditioning(graph.traced, calib, num_samples=config.num_samples, seed=config.seed,
+                                guidance_scale=config.guidance_scale, prompts=config.prompts)
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> dict[str, float | int | None]:

@@ -1,9 +1,8 @@
 """OperatorGraph: the traced UNet seen as operators, with shapes, costs, structure and removal actions.
 
 Built from a :class:`TracedUNet` by one profiling run on its example inputs (shapes per node, MACs per node from
-``torch.utils.flop_counter``). Structure is a networkx DiGraph over the leaf modules and inputs/outputs, with
-edges labelled ``data`` (a direct path), ``skip`` (a path through a concatenation: the down→up skips) and
-``residual`` (a branch operator joining its residual add). Removal actions:
+``torch.utils.flop_counter``). Structure is a networkx DiGraph over the leaf modules and inputs/outputs
+(:mod:`.structure`: ``data``, ``skip`` and ``residual`` edges). Removal actions:
 
 * ``identity`` — output shape equals input shape: the operator is bypassed (block) or its residual branch is
   dropped (sublayer: the residual add is replaced by its other operand).
@@ -28,14 +27,14 @@ import torch.fx
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .operators import Granularity, is_operator, operator_kind
+from .operators import is_operator, operator_kind
+from .structure import build_structure
 from .tracer import OUTSIDE_WHY, TracedUNet
 
 __all__ = ["Action", "Operator", "OperatorGraph", "build_operator_graph", "flop_counter", "removed_nodes"]
 
 _ADD_TARGETS = {pyop.add, torch.add, pyop.iadd}
 _GATE_TARGETS = {pyop.mul, torch.mul}  # ada-norm-zero gates the branch before the residual add
-_CAT_TARGETS = {torch.cat, torch.concat, torch.concatenate}
 
 
 class Action(str, enum.Enum):
@@ -400,7 +399,7 @@ def build_operator_graph(traced: TracedUNet, *, extra_operator_types: Iterable[t
     return OperatorGraph(
         traced=traced,
         operators=operators,
-        structure=_structure(gm, modules, traced.granularity, extra, operators, shapes),
+        structure=build_structure(gm, modules, traced.granularity, extra, operators, shapes),
         total_params=total_params,
         total_macs=total_macs,
         node_macs=node_macs,
@@ -430,57 +429,3 @@ def _removal_cost(gm, modules, node, out, join, action, module, in_shape, out_sh
 def _conv_macs(conv: nn.Module, out_shape: tuple[int, ...]) -> int:
     weight = conv.weight
     return weight.numel() * out_shape[2] * out_shape[3] if len(out_shape) == 4 else weight.numel()
-
-
-def _structure(gm, modules, granularity: Granularity, extra, operators: dict[str, Operator],
-               shapes: dict[str, Any]) -> nx.DiGraph:
-    g = nx.DiGraph()
-    sources: dict[torch.fx.Node, set[tuple[str, bool]]] = {}
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    leaf_order: dict[str, int] = {}
-    for n in gm.graph.nodes:
-        if n.op in ("placeholder", "call_module", "output"):
-            key = n.target if n.op == "call_module" else f"<{n.op}:{n.name}>"
-            attrs: dict[str, Any] = {"op": n.op}
-            if n.op == "call_module":
-                attrs["operator"] = n.target in operators
-                attrs["module_class"] = type(modules[n.target]).__name__
-            g.add_node(key, **attrs)
-            leaf_order[key] = order[n]
-            for a in n.all_input_nodes:
-                for src, via_cat in sources.get(a, ()):
-                    g.add_edge(src, key, kind="skip" if via_cat else "data")
-            sources[n] = {(key, False)}
-        else:
-            acc: set[tuple[str, bool]] = set()
-            # a skip joins feature maps; SDXL's concat of pooled text and time-id embeddings (2-D) is not one.
-            # Of a concat's operands, the one produced last is the main path; the older ones are the skips.
-            is_cat = n.op == "call_function" and n.target in _CAT_TARGETS and len(shapes.get(n.name) or ()) == 4
-            operands = [sources.get(a, set()) for a in n.all_input_nodes]
-            newest = max((max((leaf_order[s] for s, _ in o), default=-1) for o in operands), default=-1)
-            for o in operands:
-                is_skip = is_cat and max((leaf_order[s] for s, _ in o), default=-1) < newest
-                acc |= {(s, via or is_skip) for s, via in o}
-            sources[n] = acc
-    for op in operators.values():
-        if op.join is not None:
-            join_node = next(n for n in gm.graph.nodes if n.name == op.join)
-            for user in join_node.users:
-                for dst in _leaf_consumers(user, sources, gm):
-                    g.add_edge(op.name, dst, kind="residual")
-    return g
-
-
-def _leaf_consumers(n: torch.fx.Node, sources, gm) -> Iterator[str]:
-    stack, seen = [n], set()
-    while stack:
-        m = stack.pop()
-        if m in seen:
-            continue
-        seen.add(m)
-        if m.op == "call_module":
-            yield m.target
-        elif m.op == "output":
-            yield f"<output:{m.name}>"
-        else:
-            stack.extend(m.users)

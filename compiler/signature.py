@@ -27,6 +27,8 @@ from torch import nn
 from ldpruner.errors import TraceError, UnsupportedModelError
 from ldpruner.unet_inputs import DOWN_RESIDUAL, FLAT_INPUTS, INTRA_RESIDUAL, MID_RESIDUAL
 
+from .diffusers_call import call_diffusers_unet
+
 __all__ = ["ClassLabels", "UNetSignature", "adapter_features", "controlnet_residuals", "signature",
            "unet_example_inputs", "unet_input_names"]
 
@@ -250,8 +252,6 @@ def _shapes_from_a_run(model: nn.Module, inputs: Mapping[str, torch.Tensor], opt
     """Run ``model`` on ``inputs`` with forward ``hooks`` ((module, hook) pairs) that record shapes; ``option`` names
     the feature for the error a UNet2DModel gets."""
     from diffusers import UNet2DConditionModel
-
-    from .tracer import call_diffusers_unet
 
     if not isinstance(model, UNet2DConditionModel):
         raise UnsupportedModelError(f"{option}=True is not supported for a {type(model).__name__}: its residuals are "

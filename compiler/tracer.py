@@ -26,8 +26,9 @@ import torch.fx
 from torch import nn
 
 from ldpruner.errors import TraceError, UnsupportedModelError
-from ldpruner.unet_inputs import INTRA_RESIDUAL, MID_RESIDUAL, diffusers_kwargs, residual_names
+from ldpruner.unet_inputs import INTRA_RESIDUAL, MID_RESIDUAL, residual_names
 
+from .diffusers_call import call_diffusers_unet, flat_call
 from .operators import Granularity, leaf_operator_types, parse_granularity
 from .signature import unet_example_inputs, unet_input_names
 
@@ -289,27 +290,6 @@ def _make_forward(names: Sequence[str], call: Callable[..., Any]) -> Callable[..
     return namespace["forward"]
 
 
-def _diffusers_call(model_class: type) -> Callable[..., Any]:
-    """Flat-signature adapter around a diffusers UNet's forward (tensors only, tensor out)."""
-    from diffusers import UNet2DModel
-
-    def call(self, sample, timestep, **flat):
-        if issubclass(model_class, UNet2DModel):
-            kwargs = {"class_labels": flat["class_labels"]} if flat.get("class_labels") is not None else {}
-        else:
-            kwargs = diffusers_kwargs(flat)
-        return model_class.forward(self, sample, timestep, return_dict=False, **kwargs)[0]
-
-    return call
-
-
-def call_diffusers_unet(model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Call a diffusers UNet eagerly with the flat tensor inputs a traced graph takes (the reference a trace is
-    compared with): the same mapping the tracer uses, so the two cannot drift apart."""
-    with torch.no_grad():
-        return _diffusers_call(type(model))(model, **inputs)
-
-
 def _keyword_call(model_class: type) -> Callable[..., Any]:
     def call(self, **tensors):
         return model_class.forward(self, **tensors)
@@ -366,7 +346,7 @@ def trace_unet(
                 raise TraceError(f"example_inputs has ControlNet residuals {residuals} but no {MID_RESIDUAL}")
             names = (*names, *residuals, MID_RESIDUAL)
         names = (*names, *residual_names(list(example_inputs), INTRA_RESIDUAL))  # T2I-Adapter features
-        call = _diffusers_call(type(root))
+        call = flat_call(type(root))
     else:
         params = tuple(inspect.signature(type(root).forward).parameters)[1:]
         unknown = [n for n in example_inputs if n not in params]

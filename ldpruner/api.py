@@ -16,20 +16,19 @@ import os
 from pathlib import Path
 from typing import Any
 
-from . import devices, stages
-from .config import ANALYSIS_OPTIONS
-from .errors import ConfigError
-from .options import split_options
-from .passes.config import (
-    CostConfig,
-    DeviceConfig,
-    DistillConfig,
-    ExportConfig,
-    OptimizeConfig,
-    PruneConfig,
-    SelectionConfig,
-    TraceConfig,
+from . import stages
+from .config import (
+    AnalyzeOptions,
+    CostsOptions,
+    DistillOptions,
+    ExportOptions,
+    InspectOptions,
+    PruneOptions,
+    SelectOptions,
 )
+from .errors import ConfigError
+from .passes.config import InputsConfig, TraceConfig
+from .placement import place
 from .sources import LoadedModel
 from .sources import load as _load
 
@@ -50,17 +49,16 @@ def inspect(model: ModelLike, **options: Any) -> Any:
 
     ``options``: TraceConfig fields (granularity, height, width) and DeviceConfig's threads (the trace runs the
     model once)."""
-    trace, placement = split_options(options, TraceConfig, (DeviceConfig, ("threads",)))
-    config, placement = TraceConfig(**trace), DeviceConfig(**placement)
-    with devices.intra_op_threads(placement.threads):
-        return stages.inspect(load(model), config)
+    o = InspectOptions.from_dict(options)
+    with place("cpu", o.placement.threads, join=False):  # the model is traced where it was loaded
+        return stages.inspect(load(model), o.trace)
 
 
 def analyze(model: ModelLike, *, out: str | os.PathLike | None = None, prompts: str | os.PathLike | None = None,
             calibration: str | os.PathLike | None = None, scheduler: str | os.PathLike | None = None,
             overwrite: bool = False, progress: bool = True, **options: Any) -> Any:
     """Score every removable operator by latent deviation (an
-    :class:`~ldpruner.passes.importance.ImportanceReport`); writes ``out/scores.json`` when ``out`` is given, and
+    :class:`~ldpruner.passes.scores.ImportanceReport`); writes ``out/scores.json`` when ``out`` is given, and
     reuses one already there whose cache key (model weights + options + conditioning) matches.
 
     ``options``: TraceConfig fields (granularity, height, width), AnalysisConfig fields (num_samples, steps,
@@ -71,33 +69,29 @@ def analyze(model: ModelLike, *, out: str | os.PathLike | None = None, prompts: 
     one samples with ``DDIMScheduler()`` at diffusers' defaults (a notice says so; scores.json records which), and
     a pipeline folder without its ``scheduler/`` is refused."""
     out = _out(out)
-    from .passes.config import AnalysisConfig
-
-    trace, analysis, placement = split_options(
-        options, TraceConfig, (AnalysisConfig, ANALYSIS_OPTIONS), DeviceConfig)
-    placement = DeviceConfig(**placement)
-    with devices.intra_op_threads(placement.threads):
-        loaded = _with_calibration(load(model, scheduler=scheduler), calibration)
-        graph, config, calib = stages.analysis_inputs(loaded, TraceConfig(**trace), analysis, prompts,
-                                                      placement.device)
-        return stages.analyze(loaded, graph, config, calib, out=out, overwrite=overwrite, progress=progress)
+    o = AnalyzeOptions.from_dict(options)
+    inputs = InputsConfig(prompts=prompts, calibration=calibration, scheduler=scheduler)
+    with place(o.placement.device, o.placement.threads) as placement:
+        loaded = _with_calibration(load(model, scheduler=inputs.scheduler), inputs.calibration)
+        graph, config, calib = stages.analysis_inputs(loaded, o.trace, o.analysis, inputs.prompts, placement)
+        return stages.analyze(loaded, graph, config, calib, placement, out=out, overwrite=overwrite,
+                              progress=progress)
 
 
 def costs(model: ModelLike, *, out: str | os.PathLike | None = None, overwrite: bool = False, progress: bool = True,
           **options: Any) -> Any:
     """Measure what removing each operator saves in latency on the target runtime (a
-    :class:`~ldpruner.passes.costs.CostReport`); writes ``out/costs.json`` when ``out`` is given, and reuses one
+    :class:`~ldpruner.passes.cost_report.CostReport`); writes ``out/costs.json`` when ``out`` is given, and reuses one
     already there whose key (graph, options, device, runtime versions) matches.
 
     ``options``: TraceConfig fields (granularity, height, width: the latent size deployed), CostConfig fields
     (runtime, latency_batch, latency_dtype, latency_repeats, latency_warmup) and DeviceConfig's fields (device,
     threads: what the latency is measured with, part of the costs' key)."""
     out = _out(out)
-    trace, measure, placement = split_options(options, TraceConfig, CostConfig, DeviceConfig)
-    trace, measure, placement = TraceConfig(**trace), CostConfig(**measure), DeviceConfig(**placement)
-    with devices.intra_op_threads(placement.threads) as threads:
-        return stages.costs(load(model), trace, measure, device=placement.device, threads=threads, out=out,
-                            overwrite=overwrite, progress=progress)
+    o = CostsOptions.from_dict(options)
+    with place(o.placement.device, o.placement.threads, join=False) as placement:
+        return stages.costs(load(model), o.trace, o.costs, placement, out=out, overwrite=overwrite,
+                            progress=progress)
 
 
 def select(scores: Any, *, model: ModelLike | None = None, costs: Any = None, out: str | os.PathLike | None = None,
@@ -112,15 +106,15 @@ def select(scores: Any, *, model: ModelLike | None = None, costs: Any = None, ou
     latency it predicts. ``model`` must have the weights the scores were made for unless ``allow_other_weights``
     (the plan records it)."""
     out = _out(out)
-    from .passes.costs import CostReport
-    from .passes.importance import ImportanceReport
+    from .passes.cost_report import CostReport
+    from .passes.scores import ImportanceReport
 
-    (selection,) = split_options(options, SelectionConfig)
+    selection = SelectOptions.from_dict(options).selection
     report = scores if isinstance(scores, ImportanceReport) else ImportanceReport.load(Path(scores))
     cost_report = costs if costs is None or isinstance(costs, CostReport) else CostReport.load(Path(costs))
     loaded = load(model) if model is not None else None
     graph = stages.inspect(loaded, TraceConfig(granularity=report.granularity)) if loaded is not None else None
-    return stages.select(report, graph, SelectionConfig(**selection), out=out, overwrite=overwrite,
+    return stages.select(report, graph, selection, out=out, overwrite=overwrite,
                          cost_report=cost_report, model_weights=loaded.weights_id if loaded is not None else None,
                          allow_other_weights=allow_other_weights)
 
@@ -136,12 +130,10 @@ def prune(model: ModelLike, plan: Any, *, out: str | os.PathLike | None = None, 
     out = _out(out)
     from .passes.plan import RemovalPlan
 
-    size, rewrite, placement = split_options(options, (TraceConfig, ("height", "width")), PruneConfig,
-                                             (DeviceConfig, ("threads",)))
-    rewrite, placement = PruneConfig(**rewrite), DeviceConfig(**placement)
+    o = PruneOptions.from_dict(options)
     plan = plan if isinstance(plan, RemovalPlan) else RemovalPlan.load(Path(plan))
-    with devices.intra_op_threads(placement.threads):
-        return stages.prune(load(model), plan, TraceConfig(granularity=plan.granularity, **size), rewrite,
+    with place("cpu", o.placement.threads, join=False):  # the model is traced where it was loaded
+        return stages.prune(load(model), plan, dataclasses.replace(o.trace, granularity=plan.granularity), o.prune,
                             out=out, overwrite=overwrite, allow_other_weights=allow_other_weights)
 
 
@@ -165,13 +157,14 @@ def distill(model: ModelLike, student: Any, *, out: str | os.PathLike, data: str
     out = _out(out)
     import copy
 
-    distillation, placement = split_options(options, DistillConfig, DeviceConfig)
-    config, placement = DistillConfig(**distillation), DeviceConfig(**placement)
-    with devices.intra_op_threads(placement.threads):
+    o = DistillOptions.from_dict(options)
+    inputs = InputsConfig(prompts=prompts, calibration=calibration, scheduler=scheduler)
+    with place(o.placement.device, o.placement.threads) as placement:
         pruned = copy.deepcopy(student) if not isinstance(student, (str, os.PathLike)) else _load_student(student)
-        return stages.distill(_with_calibration(load(model, scheduler=scheduler), calibration), pruned, config,
-                              out=out, data=data, prompts_file=prompts, resume=resume, overwrite=overwrite,
-                              progress=progress, device=placement.device, allow_other_weights=allow_other_weights)
+        return stages.distill(_with_calibration(load(model, scheduler=inputs.scheduler), inputs.calibration),
+                              pruned, o.distill, placement, out=out, data=data, prompts_file=inputs.prompts,
+                              resume=resume, overwrite=overwrite, progress=progress,
+                              allow_other_weights=allow_other_weights)
 
 
 def export(model: Any, *, out: str | os.PathLike, overwrite: bool = False, controlnet: bool = False,
@@ -189,16 +182,14 @@ def export(model: Any, *, out: str | os.PathLike, overwrite: bool = False, contr
     optimum's Stable Diffusion ControlNet export does; ``adapter``: T2I-Adapter's features
     (``down_intrablock_additional_residual_<i>``)."""
     out = _out(out)
-    export_options, variants, placement, trace = split_options(options, ExportConfig, OptimizeConfig, DeviceConfig,
-                                                               (TraceConfig, ("height", "width")))
-    variants, placement = OptimizeConfig(**variants), DeviceConfig(**placement)  # checked before exporting
-    config = ExportConfig(**export_options)
-    with devices.intra_op_threads(placement.threads) as threads:
-        return _export(model, config, variants, out=out, overwrite=overwrite, device=placement.device,
-                       threads=threads, trace=trace, controlnet=controlnet, adapter=adapter)
+    o = ExportOptions.from_dict(options)  # checked before exporting
+    trace = {name: getattr(o.trace, name) for name in o.trace.given()}
+    with place(o.placement.device, o.placement.threads, join=False) as placement:
+        return _export(model, o.export, o.variants, placement, out=out, overwrite=overwrite, trace=trace,
+                       controlnet=controlnet, adapter=adapter)
 
 
-def _export(model: Any, config: Any, variants: Any, *, out: Path, overwrite: bool, device: str, threads: int,
+def _export(model: Any, config: Any, variants: Any, placement: Any, *, out: Path, overwrite: bool,
             trace: dict[str, Any], controlnet: bool, adapter: bool) -> dict[str, Any]:
     student = getattr(model, "pruned", model)  # a StudentUNet carries its PrunedUNet
     if isinstance(student, (str, os.PathLike)) and _is_student_folder(student):
@@ -215,7 +206,7 @@ def _export(model: Any, config: Any, variants: Any, *, out: Path, overwrite: boo
         from .passes.student import with_residual_inputs
 
         student = with_residual_inputs(student, controlnet=controlnet, adapter=adapter)
-    return stages.export(student, config, variants, out=out, overwrite=overwrite, device=device, threads=threads)
+    return stages.export(student, config, variants, placement, out=out, overwrite=overwrite)
 
 
 def lora(student: Any, lora: str | os.PathLike, *, out: str | os.PathLike | None = None, scale: float = 1.0,
@@ -263,8 +254,6 @@ def bench(models: ModelLike | list[ModelLike] | tuple[ModelLike, ...], *, out: s
         else:
             names.append(f"<{type(m).__name__} #{i}>")
             objects[names[-1]] = m
-    if options.get("distill_options", {}) is None:
-        options["distill_options"] = {}
     config = BenchConfig.from_dict({**options, "models": tuple(names), "out": os.fspath(out)})
     return run_bench(config, progress=progress, objects=objects)
 

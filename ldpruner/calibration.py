@@ -3,7 +3,7 @@ distillation, wired from what the model brings.
 
 * Conditioning (:func:`conditioning_source`): a zoo text-to-image model's own frozen text encoder on its prompts,
   a pipeline folder's tokenizer and text encoder, or nothing — the analysis then gives conditional UNets seeded
-  random embeddings and unconditional ones none (:func:`ldpruner.passes.importance.resolve_conditioning`).
+  random embeddings and unconditional ones none (:func:`ldpruner.passes.inputs.resolve_conditioning`).
 * Prompts: a prompt file when given, else the model's own prompt set (zoo models), else the built-in one.
 * Distillation data (:func:`distill_data`): the teacher's own sampling trajectories (data-free), or an image
   folder encoded through the model's VAE with its captions encoded like the prompts.
@@ -157,11 +157,12 @@ def _no_text_encoder(loaded: LoadedModel) -> ConfigError:
                        "folder with tokenizer/ and text_encoder/, or distill data-free (no data)")
 
 
-def conditioning_source(loaded: LoadedModel, config: Any) -> Any:
-    """What conditions the analysis (the ``calib`` of ``analyze_importance``): the zoo model's encoded prompts, the
-    pipeline folder with a text encoder, or None."""
+def conditioning_source(loaded: LoadedModel, prompts: tuple[str, ...] | None) -> Any:
+    """What conditions the analysis (the ``calib`` of ``analyze_importance``) and the teacher's trajectories: the zoo
+    model's encoded ``prompts`` (None: the built-in set), the pipeline folder with a text encoder, or None; with the
+    rows of the model's calibration file when it has one."""
     if loaded.text_encoder_config is not None:
-        source = _zoo_conditioning(loaded, config.prompts)
+        source = _zoo_conditioning(loaded, prompts)
     else:
         source = loaded.pipeline_text_encoder
     if loaded.calibration is None:
@@ -172,7 +173,7 @@ def conditioning_source(loaded: LoadedModel, config: Any) -> Any:
     if isinstance(source, Path) and "encoder_hidden_states" not in tensors:
         from ldpruner.passes.conditioning import DEFAULT_PROMPTS
 
-        source = encode_prompts(source, config.prompts or DEFAULT_PROMPTS)
+        source = encode_prompts(source, prompts or DEFAULT_PROMPTS)
     name = f"calibration file {loaded.calibration.name} ({', '.join(sorted(tensors))})"
     if isinstance(source, Conditioning):
         return source.replace(**tensors, source=f"{source.source}; {name}")
@@ -199,18 +200,14 @@ def distill_data(loaded: LoadedModel, teacher: Any, config: Any, *, data: str | 
     """What the student learns from: ``data`` None gives the teacher's trajectories (``config.trajectories`` seeded
     samplings, the model's prompts and guidance); a folder gives its images as VAE latents, with the captions
     encoded like the prompts (required for text-to-image models). Each rank gets its own shard."""
-    from ldpruner.passes.config import AnalysisConfig
     from ldpruner.passes.distill.data import LatentData, TeacherTrajectories
-    from ldpruner.passes.importance import extra_channel_count, resolve_conditioning, scheduler_record
+    from ldpruner.passes.inputs import extra_channel_count, resolve_conditioning, scheduler_record
 
     given, _ = sampling_scheduler(loaded)
     note_default_scheduler(loaded)
     scheduler, _ = scheduler_record(given)
     sample = teacher.example_inputs[teacher.input_names[0]]
-    analysis = AnalysisConfig(num_samples=config.trajectories, seed=config.seed,
-                              prompts=prompts_for(loaded, prompts_file, config.trajectories),
-                              guidance_scale=config.guidance_scale,
-                              height=int(sample.shape[-2]), width=int(sample.shape[-1]))
+    prompts = prompts_for(loaded, prompts_file, config.trajectories)
     extra = extra_channel_count(teacher, scheduler)
     if data is not None and extra:
         raise _no_extra_channels(data, teacher.sample_channels, extra)
@@ -228,11 +225,14 @@ def distill_data(loaded: LoadedModel, teacher: Any, config: Any, *, data: str | 
             if captions is None:
                 raise _no_captions(data, teacher.model_class)
             unique = tuple(dict.fromkeys(captions))
-            conditioning = _caption_conditioning(loaded, teacher, unique, analysis)
+            conditioning = _caption_conditioning(loaded, teacher, unique, seed=config.seed,
+                                                 guidance_scale=config.guidance_scale)
             cond_ids = torch.tensor([unique.index(c) for c in captions], dtype=torch.int64)
         return LatentData(latents, scheduler, teacher.input_names, conditioning=conditioning, cond_ids=cond_ids,
                           source=str(data), rank=rank, world=world)
-    conditioning = resolve_conditioning(teacher, conditioning_source(loaded, analysis), analysis, scheduler)
+    conditioning = resolve_conditioning(teacher, conditioning_source(loaded, prompts), num_samples=config.trajectories,
+                                        seed=config.seed, guidance_scale=config.guidance_scale, prompts=prompts,
+                                        scheduler=scheduler)
     latent_shape = (teacher.sample_channels - extra, *sample.shape[2:])
     if extra and conditioning.extra_channels is None:
         conditioning = conditioning.replace(extra_channels=_extra_channels(teacher, scheduler, conditioning, config,
@@ -248,12 +248,12 @@ def distill_data(loaded: LoadedModel, teacher: Any, config: Any, *, data: str | 
 
 def _extra_channels(teacher: Any, scheduler: Any, conditioning: Any, config: Any,
                     latent_shape: tuple[int, ...]) -> Any:
-    """The analysis's data-free extra channels (:func:`~ldpruner.passes.importance.default_extra_channels`), one
+    """The analysis's data-free extra channels (:func:`~ldpruner.passes.inputs.default_extra_channels`), one
     row per conditioning row, drawn with the teacher."""
     import torch
 
     from ldpruner.passes.conditioning import uses_guidance
-    from ldpruner.passes.importance import default_extra_channels
+    from ldpruner.passes.inputs import default_extra_channels
     from ldpruner.runtime.graph_unet import GraphUNet
     from ldpruner.runtime.sampling import sample_latents
 
@@ -274,13 +274,16 @@ def _extra_channels(teacher: Any, scheduler: Any, conditioning: Any, config: Any
     return default_extra_channels(teacher, scheduler, noise=noise, sample=sample, seed=config.seed)
 
 
-def _caption_conditioning(loaded: LoadedModel, teacher: Any, captions: tuple[str, ...], analysis: Any) -> Any:
+def _caption_conditioning(loaded: LoadedModel, teacher: Any, captions: tuple[str, ...], *, seed: int,
+                          guidance_scale: float) -> Any:
+    """The dataset's distinct captions, encoded like the prompts; inputs besides the text get seeded stand-ins."""
     from ldpruner.passes.conditioning import encode_prompts
-    from ldpruner.passes.importance import resolve_conditioning
+    from ldpruner.passes.inputs import resolve_conditioning
 
     if loaded.text_encoder_config is not None:
         return _zoo_conditioning(loaded, captions)
     if loaded.pipeline_text_encoder is not None:
         encoded = encode_prompts(loaded.pipeline_text_encoder, captions, device=next(teacher.gm.parameters()).device)
-        return resolve_conditioning(teacher, encoded, analysis)
+        return resolve_conditioning(teacher, encoded, num_samples=len(captions), seed=seed,
+                                    guidance_scale=guidance_scale)
     raise _no_text_encoder(loaded)

@@ -1,7 +1,7 @@
 """``ldpruner``: a thin shell over :mod:`ldpruner.api`. One subcommand per stage; every flag is an API keyword.
 
 The flags, their types, choices, defaults and help come from the stage configs (:mod:`ldpruner.passes.config`,
-:mod:`ldpruner.config`) through :func:`ldpruner.options.add_flags`; a flag the user does not give is not passed, so
+:mod:`ldpruner.config`) through :func:`ldpruner.flags.add_flags`; a flag the user does not give is not passed, so
 the config's default applies. Errors print one line (``error: <Type>: <message>``; an error ldpruner did not
 raise on purpose says ``unexpected``) and exit 1; ``--debug`` shows the traceback instead. Heavy imports (torch,
 diffusers, onnx) happen inside the commands, so ``ldpruner --help`` is instant.
@@ -20,7 +20,7 @@ __all__ = ["build_parser", "main"]
 
 # the positional arguments and I/O flags: not options of a stage
 _NOT_OPTIONS = {"command", "debug", "model", "models", "scores", "student", "plan", "json_path", "zoo_command", "out",
-                "config", "costs"}
+                "config", "costs", "name"}
 
 
 def _add_allow_other_weights(p: argparse.ArgumentParser, what: str) -> None:
@@ -31,7 +31,7 @@ def _add_allow_other_weights(p: argparse.ArgumentParser, what: str) -> None:
 
 def _add_out(p: argparse.ArgumentParser, *, required: bool = True) -> None:
     from .config import BuildConfig
-    from .options import add_flags
+    from .flags import add_flags
 
     if required:
         p.add_argument("--out", required=True, help="output folder")
@@ -75,20 +75,21 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    from .config import ANALYSIS_OPTIONS, MODEL_HELP, BenchConfig, BuildConfig
-    from .devices import DEVICE_HELP
-    from .options import add_flags
-    from .passes.config import (
-        AnalysisConfig,
-        CostConfig,
-        DeviceConfig,
-        DistillConfig,
-        ExportConfig,
-        OptimizeConfig,
-        PruneConfig,
-        SelectionConfig,
-        TraceConfig,
+    from .config import (
+        MODEL_HELP,
+        AnalyzeOptions,
+        BenchConfig,
+        BuildConfig,
+        CostsOptions,
+        DistillOptions,
+        ExportOptions,
+        InspectOptions,
+        PruneOptions,
+        SelectOptions,
     )
+    from .devices import DEVICE_HELP
+    from .flags import add_flags
+    from .passes.config import InputsConfig
 
     parser = _Parser(
         prog="ldpruner",
@@ -101,26 +102,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="print the operator table")
     p.add_argument("model", help=MODEL_HELP)
-    add_flags(p, TraceConfig)
-    add_flags(p, DeviceConfig, ["threads"])
+    add_flags(p, InspectOptions)
     p.add_argument("--json", dest="json_path", help="also write the operator graph as JSON to this file")
     p.add_argument("--overwrite", action="store_true", default=argparse.SUPPRESS,
                    help="replace the --json file when it exists")
 
     p = sub.add_parser("analyze", help="score every removable operator (writes scores.json)")
     p.add_argument("model", help=MODEL_HELP)
-    add_flags(p, TraceConfig)
-    add_flags(p, AnalysisConfig, ANALYSIS_OPTIONS)
-    add_flags(p, DeviceConfig)
-    add_flags(p, BuildConfig, ["prompts", "calibration", "scheduler"])
+    add_flags(p, AnalyzeOptions)
+    add_flags(p, InputsConfig)
     _add_out(p)
 
     p = sub.add_parser("costs", help="measure the latency each removal saves on the target runtime (writes "
                                      "costs.json, for select --metric latency)")
     p.add_argument("model", help=MODEL_HELP)
-    add_flags(p, TraceConfig)
-    add_flags(p, CostConfig, [n for n in CostConfig.names() if n not in ("latency_tolerance", "latency_precision")])
-    add_flags(p, DeviceConfig, help={"device": "where the latency is measured (onnxruntime: its CUDA provider on a "
+    add_flags(p, CostsOptions, help={"device": "where the latency is measured (onnxruntime: its CUDA provider on a "
                                                "GPU): " + DEVICE_HELP})
     _add_out(p)
 
@@ -130,16 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
                                     "shared modules (else prune refuses such a plan)")
     p.add_argument("--costs", help="costs.json from `ldpruner costs`: needed for --metric latency; with it any plan "
                                    "records the latency it predicts")
-    add_flags(p, SelectionConfig)
+    add_flags(p, SelectOptions)
     _add_allow_other_weights(p, "the scores")
     _add_out(p)
 
     p = sub.add_parser("prune", help="apply a plan (writes student/)")
     p.add_argument("model", help=MODEL_HELP)
     p.add_argument("--plan", required=True, help="plan.json from `ldpruner select`")
-    add_flags(p, TraceConfig, ["height", "width"])
-    add_flags(p, PruneConfig)
-    add_flags(p, DeviceConfig, ["threads"])
+    add_flags(p, PruneOptions)
     _add_allow_other_weights(p, "the plan")
     _add_out(p)
 
@@ -147,9 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "checkpoints/, loss log)")
     p.add_argument("model", help="the dense model the student was pruned from: " + MODEL_HELP)
     p.add_argument("student", help="student/ folder from `ldpruner prune`")
-    add_flags(p, DistillConfig)
-    add_flags(p, DeviceConfig, help={"device": "where the student trains: " + DEVICE_HELP})
-    add_flags(p, BuildConfig, ["prompts", "calibration", "scheduler"],
+    add_flags(p, DistillOptions, help={"device": "where the student trains: " + DEVICE_HELP})
+    add_flags(p, InputsConfig,
               help={"prompts": "data-free: prompt file for the teacher's trajectories",
                     "calibration": "data-free: safetensors file of the teacher's conditioning inputs (as for analyze)",
                     "scheduler": "data-free: the scheduler the teacher's trajectories sample with, in place of the "
@@ -172,25 +165,26 @@ def build_parser() -> argparse.ArgumentParser:
                                       "validate it (writes onnx/)")
     p.add_argument("model", help="student/ folder from `ldpruner prune` or `ldpruner distill`, or any MODEL (the "
                                  "dense baseline): " + MODEL_HELP)
-    add_flags(p, TraceConfig, ["height", "width"],
-              help={"height": "dense MODEL: latent height to trace at (default: its sample_size; the ONNX model "
-                              "keeps height and width dynamic)",
-                    "width": "dense MODEL: latent width to trace at (default: its sample_size)"})
+    export_help = {"height": "dense MODEL: latent height to trace at (default: its sample_size; the ONNX model keeps "
+                             "height and width dynamic)",
+                   "width": "dense MODEL: latent width to trace at (default: its sample_size)",
+                   "device": "where the numeric checks run (CUDA: onnxruntime's CUDA provider, and the optimizer's "
+                             "CUDA-only fusions): " + DEVICE_HELP}
     p.add_argument("--controlnet", action="store_true", default=argparse.SUPPRESS,
                    help="the ONNX model also takes ControlNet's residuals (down_block_additional_residual_<i>, "
                         "mid_block_additional_residual)")
     p.add_argument("--adapter", action="store_true", default=argparse.SUPPRESS,
                    help="the ONNX model also takes T2I-Adapter's features (down_intrablock_additional_residual_<i>)")
-    add_flags(p, ExportConfig)
-    add_flags(p, OptimizeConfig)
-    add_flags(p, DeviceConfig, help={"device": "where the numeric checks run (CUDA: onnxruntime's CUDA provider, and "
-                                               "the optimizer's CUDA-only fusions): " + DEVICE_HELP})
+    add_flags(p, ExportOptions, help=export_help)
     _add_out(p)
 
     p = sub.add_parser("bench", help="dense vs pruned side by side: params, MACs, torch/ORT latency, memory, quality "
                                      "(writes report.json, report.md, plots, sample grids)")
     p.add_argument("models", nargs="+", help=BenchConfig.spec("models").help)
-    add_flags(p, BenchConfig, [n for n in BenchConfig.names() if BenchConfig.spec(n).flag and n != "overwrite"])
+    add_flags(p, BenchConfig, skip=("overwrite",),
+              help={"device": "where the analysis, distillation and timings run: " + DEVICE_HELP,
+                    "distill_guidance_scale": "distillation: guidance of the teacher's trajectories (zoo:mnist-t2i: 5, "
+                                              "as it samples)"})
     _add_out(p)
 
     p = sub.add_parser("zoo", help="the embedded models (use them as MODEL: zoo:<name>)")
@@ -207,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", help=MODEL_HELP + f" (default: {BuildConfig.default('model')}, the embedded "
                                                          "text-to-image model)")
     p.add_argument("--config", help="TOML file with build options (flags override it)")
-    add_flags(p, BuildConfig, [n for n in BuildConfig.names() if BuildConfig.spec(n).flag and n != "overwrite"])
+    add_flags(p, BuildConfig, skip=("overwrite",))
     _add_out(p, required=False)
     return parser
 

@@ -1,143 +1,90 @@
-"""The configs of the two commands that compose the stages: ``ldpruner build`` (:class:`BuildConfig`) and
-``ldpruner bench`` (:class:`BenchConfig`); TOML in, dict out.
+"""The configs of the commands: ``ldpruner build`` (:class:`BuildConfig`), ``ldpruner bench``
+(:class:`BenchConfig`) and one option set per stage command (:class:`AnalyzeOptions` …); TOML in, dict out.
 
-Their fields reuse the stage options' declarations (:mod:`ldpruner.passes.config`) by name, so a default, a range
-or a help text is written once. The field names are the CLI flags (``--num-samples`` ↔ ``num_samples``) and the
-keywords of :func:`ldpruner.api.build` / :func:`ldpruner.api.bench`, so a TOML file, a command line and a Python
-call say the same thing the same way.
+Each holds the stage configs of :mod:`ldpruner.passes.config` whole, as sections (``BuildConfig.analysis`` is an
+``AnalysisConfig``), so a stage receives its config as it was validated, and a new field of a stage config reaches
+every command holding it with no other edit. The flat names — a section's fields, ``distill_``-prefixed for the
+distillation of build and bench — are the CLI flags (``--num-samples`` ↔ ``num_samples``), the keywords of the API
+functions and the flat keys of a TOML file; a TOML file may also give a section as a table (``[analysis]``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import tomllib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
-from .devices import DEVICE_HELP
 from .errors import ConfigError
-from .options import Config, option, same_as, short_repr
+from .options import Config, option, section
 from .passes.config import (
     AnalysisConfig,
+    CheckConfig,
     CostConfig,
     DeviceConfig,
     DistillConfig,
     ExportConfig,
+    InputsConfig,
     OptimizeConfig,
     PruneConfig,
     SelectionConfig,
     TraceConfig,
 )
 
-__all__ = ["ANALYSIS_OPTIONS", "DEFAULT_MODEL", "BenchConfig", "BuildConfig", "load_config"]
+__all__ = ["DEFAULT_MODEL", "AnalyzeOptions", "BenchConfig", "BuildConfig", "CostsOptions", "DistillOptions",
+           "ExportOptions", "InspectOptions", "PruneOptions", "SelectOptions", "load_config"]
 
-# the AnalysisConfig fields a caller sets (the latent size comes from the trace, the prompts from a file or the model)
-ANALYSIS_OPTIONS = ("num_samples", "steps", "seed", "guidance_scale", "batch_size", "dtype")
 # what `ldpruner build` prunes when given no MODEL: the embedded text-to-image model
 DEFAULT_MODEL = "zoo:mnist-t2i"
 MODEL_HELP = ("a local diffusers pipeline folder, a UNet folder, zoo:<name> (see `ldpruner zoo list`) or "
               "random:<family> (a published config with random weights)")
-
-
-class _Composed(Config):
-    """A config whose fields include other configs' fields; :meth:`part` builds one of those configs."""
-
-    _not_parts: ClassVar[tuple[str, ...]] = ()
-
-    def part(self, config: type[Config]) -> Any:
-        own = set(self.names()) - set(self._not_parts)
-        return config(**{n: getattr(self, n) for n in config.names() if n in own})
-
-    def _part_problems(self, configs: Iterable[type[Config]]) -> Iterable[str]:
-        for config in configs:
-            try:
-                self.part(config)
-            except ConfigError as exc:
-                yield str(exc).removeprefix(f"invalid {config.__name__}: ")
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Any:
-        missing = [f.name for f in dataclasses.fields(cls)
-                   if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-                   and f.name not in data]
-        if missing and isinstance(data, Mapping) and not set(data) - set(cls.names()):
-            raise ConfigError(f"{cls.__name__} needs {' and '.join(missing)} (a flag, a keyword or a config-file key)")
-        return super().from_dict(data)
+# the flat names two sections declare, and the one each means: the latent size is the trace's (the analysis samples
+# at the traced size), a prompt file is the inputs' (the analysis' prompts are read from it)
+_CLASHES = {"height": "trace", "width": "trace", "prompts": "inputs"}
+_DISTILL_HELP = "distillation"
 
 
 @dataclasses.dataclass(frozen=True)
-class BuildConfig(_Composed):
-    """Every knob of ``ldpruner build``: trace → analyze → select → prune → distill → export."""
+class BuildConfig(Config):
+    """Every knob of ``ldpruner build``: trace → analyze → select → prune → distill → export, one section per stage
+    config (``cfg.analysis`` is the AnalysisConfig the analysis runs with)."""
 
-    _not_parts = ("prompts",)  # a prompt file here, the prompts themselves in AnalysisConfig
+    clashes = _CLASHES
+    mappings = {"distill_options": "distill"}
 
     out: str = option(help="output folder: the artifacts of every stage, the report and the build state", flag=False,
                       path=True)
     model: str = option(DEFAULT_MODEL, MODEL_HELP, flag=False, path=True)
     overwrite: bool = option(False, "replace outputs whose inputs changed")
-    granularity: str = same_as(TraceConfig, "granularity")
-    height: int | None = same_as(TraceConfig, "height")
-    width: int | None = same_as(TraceConfig, "width")
-    num_samples: int = same_as(AnalysisConfig, "num_samples")
-    steps: int = same_as(AnalysisConfig, "steps")
-    seed: int = same_as(AnalysisConfig, "seed")
-    guidance_scale: float = same_as(AnalysisConfig, "guidance_scale")
-    batch_size: int | None = same_as(AnalysisConfig, "batch_size")
-    dtype: str = same_as(AnalysisConfig, "dtype")
-    device: str = same_as(DeviceConfig, "device")
-    prompts: str | None = option(None, "text file with one prompt per line (blank and # lines skipped)",
-                                 none="the model's own prompt set, else the built-in one", metavar="FILE", path=True)
     controlnet: bool = option(False, "the exported ONNX model also takes ControlNet's residuals "
                                      "(down_block_additional_residual_<i>, mid_block_additional_residual)")
     adapter: bool = option(False, "the exported ONNX model also takes T2I-Adapter's features "
                                   "(down_intrablock_additional_residual_<i>)")
-    calibration: str | None = option(
-        None, "safetensors file of calibration inputs named like Conditioning's fields (extra_channels: an "
-        "inpainting UNet's masks and masked-image latents, class_labels, image_embeds …; rows first)",
-        none="data-free defaults for every input (see README, MODEL)", metavar="FILE", path=True)
-    scheduler: str | None = option(
-        None, "the scheduler the analysis and distillation sample with, in place of the model's own: a diffusers "
-        "scheduler class (DDIMScheduler, PNDMScheduler, DDPMScheduler, EulerDiscreteScheduler, ...) with its default "
-        "config, or a scheduler folder or scheduler_config.json",
-        none="the model's own (a pipeline folder's scheduler/); a model without one samples with DDIMScheduler() at "
-             "diffusers' defaults, and says so", metavar="NAME", path=True)
-    budget: float = same_as(SelectionConfig, "budget")
-    metric: str = same_as(SelectionConfig, "metric")
-    order: str = same_as(SelectionConfig, "order")
-    runtime: str = same_as(CostConfig, "runtime")
-    latency_batch: int | None = same_as(CostConfig, "latency_batch")
-    latency_dtype: str = same_as(CostConfig, "latency_dtype")
-    latency_repeats: int = same_as(CostConfig, "latency_repeats")
-    latency_warmup: int = same_as(CostConfig, "latency_warmup")
-    threads: int | None = same_as(DeviceConfig, "threads")
-    latency_tolerance: float = same_as(CostConfig, "latency_tolerance")
-    latency_precision: float = same_as(CostConfig, "latency_precision")
-    target_tolerance: float = option(0.15, "the report calls the budget missed when the share removed (parameters "
-                                     "or MACs counted, latency measured) is off the budget by more than this share "
-                                     "of it, either way: too little, or more than asked", minimum=0, maximum=1)
-    distill_steps: int = option(DistillConfig.default("steps"), "distillation steps after pruning, data-free on the "
-                                "dense model's own trajectories (0 exports the pruned student undistilled)",
-                                minimum=0)
-    distill_options: Mapping[str, Any] = option(
-        default_factory=dict, help="a DistillConfig field for the distillation (batch_size, trajectories, "
-        "gradient_accumulation, gradient_checkpointing, ...; seed and guidance_scale default to the analysis')",
-        items=DistillConfig, check=lambda value: _distill_option_problems(value))
-    exporter: str = same_as(ExportConfig, "exporter")
-    opset: int | None = same_as(ExportConfig, "opset")
-    optimize: bool = same_as(OptimizeConfig, "optimize")
-    fp16: bool = same_as(OptimizeConfig, "fp16")
-    verify: bool = same_as(PruneConfig, "verify")
     samples: bool = option(True, "draw samples.png, the dense, pruned and distilled models on the same seeds (zoo "
                            "models); --no-samples skips it")
-
-    def problems(self) -> Iterable[str]:
-        yield from self._part_problems((AnalysisConfig, SelectionConfig, CostConfig, ExportConfig, OptimizeConfig))
+    inputs: InputsConfig = section(InputsConfig)
+    trace: TraceConfig = section(TraceConfig)
+    analysis: AnalysisConfig = section(AnalysisConfig)
+    selection: SelectionConfig = section(SelectionConfig)
+    costs: CostConfig = section(CostConfig)
+    check: CheckConfig = section(CheckConfig)
+    prune: PruneConfig = section(PruneConfig)
+    # data-free on the dense model's own trajectories, seeded and guided as the analysis unless told otherwise
+    distill: DistillConfig = section(DistillConfig, prefix="distill", label=_DISTILL_HELP,
+                                     inherit={"seed": "analysis", "guidance_scale": "analysis"})
+    export: ExportConfig = section(ExportConfig)
+    variants: OptimizeConfig = section(OptimizeConfig)
+    placement: DeviceConfig = section(DeviceConfig)
 
 
 @dataclasses.dataclass(frozen=True)
-class BenchConfig(_Composed):
-    """Every option of ``ldpruner bench`` (validated; written into report.json)."""
+class BenchConfig(Config):
+    """Every option of ``ldpruner bench`` (validated; written into report.json): the same stage configs as a
+    build, one plan per budget."""
+
+    clashes = _CLASHES
+    mappings = {"distill_options": "distill"}
 
     models: tuple[str, ...] = option(help="the models to bench, one section each: " + MODEL_HELP + ", or a build "
                                      "folder (`ldpruner build --out`): that build's own plan, students and ONNX "
@@ -146,16 +93,9 @@ class BenchConfig(_Composed):
                                      flag=False)
     out: str = option(help="output folder: report.json, report.md, plots, sample grids, artifacts", flag=False,
                       path=True)
-    budgets: tuple[float, ...] = same_as(SelectionConfig, "budget", help="fractions of the metric to remove, one plan "
-                                         "each", nonempty=True, default=(0.1, 0.2, 0.3, 0.4, 0.5))
-    metric: str = same_as(SelectionConfig, "metric", help="what the budgets count")
-    order: str = same_as(SelectionConfig, "order")
-    runtime: str = same_as(CostConfig, "runtime", help="metric latency: the runtime the costs are measured and "
-                           "predicted on (both are timed either way)")
-    latency_tolerance: float = same_as(CostConfig, "latency_tolerance")
-    latency_precision: float = same_as(CostConfig, "latency_precision")
-    target_tolerance: float = same_as(BuildConfig, "target_tolerance")
-    distill_steps: int = option(0, "also distil each pruned model this many steps", minimum=0)
+    budgets: tuple[float, ...] = option((0.1, 0.2, 0.3, 0.4, 0.5), "fractions of the metric to remove, one plan "
+                                        "each", nonempty=True, minimum=0, maximum=1, exclusive_minimum=True,
+                                        exclusive_maximum=True, hint="e.g. 0.3 removes 30 %")
     repeats: int = option(10, "timed rounds at least (each calls dense and pruned once); more until the ratio is "
                           "known to --latency-precision", minimum=1)
     warmup: int = option(3, "untimed calls per variant first", minimum=0)
@@ -165,23 +105,21 @@ class BenchConfig(_Composed):
                            "crawl-tiles, espeak-digits)")
     samples: int = option(100, "samples per variant for quality", minimum=2)
     sample_steps: int = option(25, "scheduler steps per sample for quality", minimum=1)
-    num_samples: int = same_as(AnalysisConfig, "num_samples", help="analysis: N samples for the LD score")
-    steps: int = same_as(AnalysisConfig, "steps", help="analysis: scheduler steps per sample")
-    batch_size: int | None = same_as(AnalysisConfig, "batch_size")
-    dtype: str = same_as(AnalysisConfig, "dtype", help="analysis: " + AnalysisConfig.spec("dtype").help)
-    device: str = same_as(DeviceConfig, "device", help="where the analysis, distillation and timings run: "
-                          + DEVICE_HELP)
-    threads: int | None = same_as(DeviceConfig, "threads")
-    scheduler: str | None = same_as(BuildConfig, "scheduler")
     memory: bool = option(True, "measure ONNX peak memory in a fresh process per model")
-    distill_options: Mapping[str, Any] = option(default_factory=dict, help="a DistillConfig field for the "
-                                                "distillation (batch_size, lr, trajectories, ...)",
-                                                items=DistillConfig,
-                                                check=lambda value: _distill_option_problems(value))
     distill_data: str | None = option(None, "distil on this dataset folder (images; captions for text-to-image) "
                                       "through the model's VAE; one model per run", none="data-free",
                                       metavar="FOLDER", path=True)
     overwrite: bool = option(False, "replace an existing report")
+    inputs: InputsConfig = section(InputsConfig)
+    trace: TraceConfig = section(TraceConfig)
+    analysis: AnalysisConfig = section(AnalysisConfig, label="analysis")
+    selection: SelectionConfig = section(SelectionConfig, only=("metric", "order"))  # the budgets are bench's own
+    costs: CostConfig = section(CostConfig, label="metric latency")
+    check: CheckConfig = section(CheckConfig)
+    prune: PruneConfig = section(PruneConfig)
+    distill: DistillConfig = section(DistillConfig, prefix="distill", defaults={"steps": 0}, label=_DISTILL_HELP)
+    export: ExportConfig = section(ExportConfig)
+    placement: DeviceConfig = section(DeviceConfig)
 
     def problems(self) -> Iterable[str]:
         from collections import Counter
@@ -195,24 +133,73 @@ class BenchConfig(_Composed):
             if len(self.models) != 1:
                 yield (f"distill_data is one model's dataset; bench one model at a time with it "
                        f"(got {len(self.models)} models)")
-            if not self.distill_steps:
+            if not self.distill.steps:
                 yield "distill_data needs distill_steps > 0"
 
 
-def _distill_option_problems(value: Any) -> list[str]:
-    if not isinstance(value, Mapping):
-        return [f"distill_options must be a mapping of DistillConfig fields, got {short_repr(value)}"]
-    if "steps" in value:
-        return ["distill_options may not set steps: distill_steps is the number of distillation steps"]
-    try:
-        DistillConfig.from_dict({"steps": 1, **value})
-    except ConfigError as exc:
-        return [f"distill_options: {exc}"]
-    return []
+# --- the options of one stage's API function and command: the stage configs it takes, by their flat names ----------
+
+@dataclasses.dataclass(frozen=True)
+class InspectOptions(Config):
+    label = ""
+    trace: TraceConfig = section(TraceConfig)
+    placement: DeviceConfig = section(DeviceConfig, only=("threads",))  # the trace runs the model once
+
+
+@dataclasses.dataclass(frozen=True)
+class AnalyzeOptions(Config):
+    label = ""
+    clashes = {"height": "trace", "width": "trace"}  # the analysis samples at the traced size
+    trace: TraceConfig = section(TraceConfig)
+    analysis: AnalysisConfig = section(AnalysisConfig)
+    placement: DeviceConfig = section(DeviceConfig)
+
+
+@dataclasses.dataclass(frozen=True)
+class CostsOptions(Config):
+    label = ""
+    trace: TraceConfig = section(TraceConfig)  # the latent size deployed
+    costs: CostConfig = section(CostConfig)
+    placement: DeviceConfig = section(DeviceConfig)  # what the latency is measured with: part of the costs' key
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectOptions(Config):
+    label = ""
+    selection: SelectionConfig = section(SelectionConfig)
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneOptions(Config):
+    label = ""
+    trace: TraceConfig = section(TraceConfig, only=("height", "width"))  # the granularity is the plan's
+    prune: PruneConfig = section(PruneConfig)
+    placement: DeviceConfig = section(DeviceConfig, only=("threads",))  # the trace and the verifier run the model
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillOptions(Config):
+    label = ""
+    distill: DistillConfig = section(DistillConfig)
+    placement: DeviceConfig = section(DeviceConfig)
+
+    def problems(self) -> Iterable[str]:
+        if self.distill.steps == 0:
+            yield "steps=0 must be >= 1 (distill trains at least one step; build and bench take 0 for none)"
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportOptions(Config):
+    label = ""
+    export: ExportConfig = section(ExportConfig)
+    variants: OptimizeConfig = section(OptimizeConfig)
+    placement: DeviceConfig = section(DeviceConfig)
+    trace: TraceConfig = section(TraceConfig, only=("height", "width"))  # a dense model's traced latent size
 
 
 def load_config(path: str | Path, **overrides: Any) -> BuildConfig:
-    """Read a TOML build config (the keys of :class:`BuildConfig`); keyword overrides (the command line) win."""
+    """Read a TOML build config — flat keys (the flags' names: ``num_samples = 8``), sections (``[analysis]``,
+    ``[distill]`` … with the fields' own names) or both; keyword overrides (the command line) win."""
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text())
@@ -222,5 +209,7 @@ def load_config(path: str | Path, **overrides: Any) -> BuildConfig:
         raise ConfigError(f"config file {str(path)!r} cannot be read: {exc}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from exc
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    return BuildConfig.from_dict(data)
+    merged = BuildConfig.nest(data)
+    for key, value in BuildConfig.nest({k: v for k, v in overrides.items() if v is not None}).items():
+        merged[key] = {**merged.get(key, {}), **value} if key in BuildConfig.sections() else value
+    return BuildConfig.from_dict(merged)

@@ -5,6 +5,9 @@ from them when nobody has yet (NCCL when the work runs on a CUDA device, which i
 gloo otherwise) and says whether it did, so that the caller that initialised it can tear it down. Without a
 launcher (or with ``WORLD_SIZE`` 1) it is rank 0 of 1 and nothing is initialised.
 
+:func:`on_rank0` and :func:`share_from_rank0` are how rank 0 decides for every rank: it does the work, and every
+rank gets its result or raises what it raised, so that no rank waits in a collective for one that failed.
+
 Part of the base layer: torch is imported when a function is called, never at import.
 """
 
@@ -12,9 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from typing import Any
 
-__all__ = ["World", "default_device", "join", "leave", "local_rank", "launched_world_size"]
+__all__ = ["World", "current", "join", "leave", "local_rank", "launched_world_size", "on_rank0",
+           "share_from_rank0"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,13 +47,6 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def default_device() -> Any:
-    """Where a rank works when nobody says: ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU."""
-    from .devices import resolve_device
-
-    return resolve_device("auto")
-
-
 def join(device: Any = None) -> World:
     """This process's :class:`World`, initialising the default process group when a launcher asked for more than
     one process and nobody initialised it yet: NCCL when ``device`` (where the work runs; None: the CPU) is a CUDA
@@ -71,6 +69,23 @@ def join(device: Any = None) -> World:
     return World(dist.get_rank(), dist.get_world_size(), True)
 
 
+def current() -> World:
+    """This process's :class:`World` in the process group already joined (:func:`join`, by the command's placement);
+    rank 0 of 1 when there is none. Never joins one."""
+    try:
+        import torch.distributed as dist
+    except ImportError:  # pragma: no cover - torch without distributed
+        return World()
+    if dist.is_available() and dist.is_initialized():
+        return World(dist.get_rank(), dist.get_world_size(), False)
+    if launched_world_size() > 1:  # each rank would do all the work and write alone
+        from .errors import ConfigError
+
+        raise ConfigError(f"launched as {launched_world_size()} processes (WORLD_SIZE), but no process group is "
+                          "joined: make the command's placement first (ldpruner.placement.place) and pass its world")
+    return World()
+
+
 def leave(world: World) -> None:
     """End the process group when ``world`` says :func:`join` created it here; otherwise do nothing."""
     if world.initialised_here:
@@ -78,3 +93,30 @@ def leave(world: World) -> None:
 
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def share_from_rank0(world: World, value: Any, error: BaseException | None) -> Any:
+    """Rank 0's ``value`` on every rank, or the ``error`` rank 0 sends raised on every rank (every rank calls this
+    at the same point: it is a collective)."""
+    import torch.distributed as dist
+
+    box = [(value, error) if world.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    value, error = box[0]
+    if error is not None:
+        raise error
+    return value
+
+
+def on_rank0(world: World, together: bool, work: Callable[[], Any]) -> Any:
+    """``work()`` done by rank 0; with ``together`` (every rank calls this) each rank gets its result, or raises
+    what it raised, so that no rank waits in a collective for one that failed."""
+    value = error = None
+    if world.is_main:
+        try:
+            value = work()
+        except Exception as exc:
+            if not together:
+                raise
+            error = exc
+    return share_from_rank0(world, value, error) if together else value

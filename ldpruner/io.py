@@ -1,5 +1,6 @@
 """Artifact I/O every layer shares: atomic writes (a file or folder is complete or absent, never half-written),
-one JSON reader whose errors name the file and the problem, and conversion of values to plain JSON.
+one JSON reader whose errors name the file and the problem, conversion of values to plain JSON, and the sha256
+digests of a file and of JSON values (cache keys).
 
 Part of the base layer: it imports nothing of ldpruner but :mod:`ldpruner.errors`, and no third-party package.
 """
@@ -7,6 +8,7 @@ Part of the base layer: it imports nothing of ldpruner but :mod:`ldpruner.errors
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -22,8 +24,10 @@ __all__ = [
     "atomic_dir",
     "atomic_path",
     "default_permissions",
+    "json_digest",
     "json_safe",
     "read_json",
+    "sha256_file",
     "write_json_atomic",
     "write_text_atomic",
 ]
@@ -157,3 +161,17 @@ def json_safe(value: Any, *, drop_private_keys: bool = False) -> Any:
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     return repr(value)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The sha256 of the file ``path``'s bytes, as hex."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def json_digest(*parts: Any, length: int | None = None) -> str:
+    """The sha256 (hex, its first ``length`` digits when given) of ``parts`` as one JSON list, keys sorted and values
+    JSON cannot hold written as ``str``: a cache key whose bytes do not change between releases (keys recorded in
+    artifacts are compared with it, so the serialization here is part of their format)."""
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+    return digest[:length] if length is not None else digest

@@ -5,31 +5,40 @@ what it means and which values it takes. From that one declaration come
   (choices, bounds), adds the config's own cross-field rules (:meth:`Config.problems`), and raises one
   :class:`~ldpruner.errors.ConfigError` that lists every problem;
 * construction from data — :meth:`Config.from_dict` (TOML, JSON, keyword arguments) refuses unknown keys by name;
-* the command line — :func:`add_flags` makes one flag per field, with the field's type, choices, default and help.
+* the command line — :func:`ldpruner.flags.add_flags` makes one flag per field, with the field's type, choices,
+  default and help.
 
-A config that composes others (a build runs every stage) reuses their declarations with :func:`same_as`, so a
-default is written in one place. Part of the base layer: standard library only.
+A config that composes others (a build runs every stage) holds them whole, as sections (:func:`section`): the
+build's ``analysis`` is an ``AnalysisConfig``, made and validated once. Its *flat names* — the section's fields,
+prefixed where a section says so (``distill_steps`` is ``distill.steps``), and the composing config's own fields —
+are what the command line, keyword arguments and flat config-file keys use, so a new field of a section reaches
+every command that holds the section with no other edit; a name two sections declare is resolved by the composing
+config's one table (``clashes``), and an unresolved one is an error when the class is first used. Part of the base
+layer: standard library only.
 """
 
 from __future__ import annotations
 
-import argparse
+import contextvars
 import dataclasses
-import difflib
-import math
-import os
-import reprlib
-import types
 import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
 from .errors import ConfigError
+from .values import Kind, check, kind_of, number, short_repr, unknown_options
 
-__all__ = ["Config", "Spec", "add_flags", "option", "parse_value", "same_as", "short_repr", "split_options",
-           "unknown_options"]
+__all__ = ["Config", "Inherited", "Section", "Spec", "option", "section"]
 
 _META = "ldpruner.option"
+_SECTION = "ldpruner.section"
+# while a composed config builds its sections: their problems are collected here, under their flat names
+# (the section's config class, where its problems go / how its fields are named): a config that config builds
+# inside itself (ExportConfig's Tolerances) neither reports twice nor is renamed
+_COLLECT: contextvars.ContextVar[tuple[type, list[str]] | None] = contextvars.ContextVar("ldpruner_collect",
+                                                                                         default=None)
+_NAMING: contextvars.ContextVar[tuple[type, Callable[[str], str]] | None] = contextvars.ContextVar("ldpruner_naming",
+                                                                                      default=None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,17 +65,16 @@ class Spec:
     metavar: str | None = None
     path: bool = False  # a str field that names a file or folder: os.PathLike values are accepted (as str)
     check: Callable[[Any], Iterable[str]] | None = None  # more rules for one field (its problems, if any)
-    items: Any = None  # a mapping of another config's fields: that config (the CLI takes NAME=VALUE flags)
 
     def bounds_text(self) -> str | None:
         lo, hi = self.minimum, self.maximum
         if lo is not None and hi is not None:
-            return (f"in {'(' if self.exclusive_minimum else '['}{_number(lo)}, {_number(hi)}"
+            return (f"in {'(' if self.exclusive_minimum else '['}{number(lo)}, {number(hi)}"
                     f"{')' if self.exclusive_maximum else ']'}")
         if lo is not None:
-            return f"{'>' if self.exclusive_minimum else '>='} {_number(lo)}"
+            return f"{'>' if self.exclusive_minimum else '>='} {number(lo)}"
         if hi is not None:
-            return f"{'<' if self.exclusive_maximum else '<='} {_number(hi)}"
+            return f"{'<' if self.exclusive_maximum else '<='} {number(hi)}"
         return None
 
     def within(self, value: float) -> bool:
@@ -77,44 +85,6 @@ class Spec:
         return True
 
 
-def _number(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else f"{x:g}"
-
-
-# --- quoting values in messages ---------------------------------------------------------------------------------------
-
-_SHOWN_ITEMS = 6  # the items of a long sequence an error shows (then "…" and how many there are)
-_SHORT = reprlib.Repr()
-_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxset = _SHORT.maxfrozenset = _SHORT.maxdict = _SHOWN_ITEMS
-_SHORT.maxstring = _SHORT.maxother = 100
-_SHORT.maxlevel = 3
-_SHORT.fillvalue = "…"
-
-
-def short_repr(value: Any) -> str:
-    """``repr(value)`` for an error message, capped (a message is one line of a few hundred characters at most): a
-    long sequence or mapping shows its first items and how many it has, a long string its two ends."""
-    text = _SHORT.repr(value)
-    if isinstance(value, (list, tuple, set, frozenset, Mapping)) and len(value) > _SHOWN_ITEMS:
-        text += f" ({len(value)} {'entries' if isinstance(value, Mapping) else 'values'})"
-    return text
-
-
-def unknown_options(what: str, unknown: Iterable[Any], known: Sequence[str]) -> str:
-    """The message for keys no option is called: each with the known name it is closest to ("did you mean"); every
-    known name, compactly, only when some key is close to none. ``what`` names the config ("BuildConfig ") or is
-    empty."""
-    unknown = sorted(unknown, key=str)
-    close = {key: difflib.get_close_matches(str(key).replace("-", "_"), known, n=1, cutoff=0.6) for key in unknown}
-    if len(unknown) == 1 and close[unknown[0]]:
-        return f"unknown {what}option {short_repr(unknown[0])}; did you mean {close[unknown[0]][0]!r}?"
-    shown = [f"{short_repr(key)}" + (f" (did you mean {close[key][0]!r}?)" if close[key] else "")
-             for key in unknown[:_SHOWN_ITEMS]]
-    more = f" and {len(unknown) - _SHOWN_ITEMS} more" if len(unknown) > _SHOWN_ITEMS else ""
-    text = f"unknown {what}option{'s' if len(unknown) > 1 else ''} {', '.join(shown)}{more}"
-    if not all(close[key] for key in unknown):
-        text += f"; the options are {', '.join(sorted(known))}"
-    return text
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, default_factory: Any = dataclasses.MISSING,
@@ -126,95 +96,104 @@ def option(default: Any = dataclasses.MISSING, help: str = "", *, default_factor
     return dataclasses.field(default=default, metadata=meta)
 
 
-def same_as(config: type[Config], name: str, *, default: Any = dataclasses.MISSING, **changes: Any) -> Any:
-    """The declaration of ``config``'s field ``name`` (default and spec) for a config that composes it; ``changes``
-    replace spec entries (a different ``help`` for the composed meaning, say) and ``default`` the default (the
-    composed field may hold several values of the original, each under the same rules)."""
-    field = config.field(name)
-    spec = dataclasses.replace(field.metadata[_META], **changes)
-    if default is not dataclasses.MISSING:
-        return dataclasses.field(default=default, metadata={_META: spec})
-    if field.default_factory is not dataclasses.MISSING:
-        return dataclasses.field(default_factory=field.default_factory, metadata={_META: spec})
-    return dataclasses.field(default=field.default, metadata={_META: spec})
-
-
-# --- types -----------------------------------------------------------------------------------------------------------
-
 @dataclasses.dataclass(frozen=True)
-class _Kind:
-    base: Any  # int, float, bool, str, or None for types checked by the config itself
-    optional: bool
-    element: Any = None  # for tuple[T, ...]: T
-    label: str = "a value"  # how an error names a type the validator does not read
+class Section:
+    """A field of a composed config that holds a whole config (``config``).
 
-    def describe(self) -> str:
-        names = {int: "an int", float: "a finite number", bool: "a bool (true/false)", str: "a string"}
-        if self.base is tuple:
-            text = f"a sequence of {names.get(self.element, 'a value').split(' ', 1)[1]}s"
-        else:
-            text = names.get(self.base, self.label)
-        return text + (" or None" if self.optional else "")
+    ``prefix``: the section's flat names are ``<prefix>_<field>`` (``distill_steps``); ``only``: the fields the
+    composed config exposes by flat name (None: all; the others keep their defaults unless given in the section's
+    own table of a config file); ``defaults``: other defaults in this composition; ``inherit``: field → the section
+    whose field of the same name is its default when it is not given (the distillation's seed is the analysis'
+    seed); ``label``: put before each field's help on the command line."""
 
+    config: type[Config]
+    prefix: str = ""
+    only: tuple[str, ...] | None = None
+    defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    inherit: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    label: str = ""
 
-def _kind(annotation: Any) -> _Kind:
-    optional = False
-    args = typing.get_args(annotation)
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        rest = [a for a in args if a is not type(None)]
-        optional = len(rest) < len(args)
-        annotation = rest[0] if len(rest) == 1 else None
-        args = typing.get_args(annotation)
-    if annotation in (int, float, bool, str):
-        return _Kind(annotation, optional)
-    if typing.get_origin(annotation) is tuple and len(args) == 2 and args[1] is Ellipsis:
-        return _Kind(tuple, optional, args[0])
-    origin = typing.get_origin(annotation) or annotation
-    is_mapping = isinstance(origin, type) and issubclass(origin, Mapping)
-    return _Kind(None, optional, label="a mapping" if is_mapping else "a value")
+    def exposed(self) -> tuple[str, ...]:
+        return self.only if self.only is not None else self.config.names()
+
+    def flat(self, name: str) -> str:
+        return f"{self.prefix}_{name}" if self.prefix else name
 
 
-def _scalar(value: Any, base: Any) -> tuple[bool, Any]:
-    """(ok, value converted): ints are accepted for floats (and become floats); bools are never numbers."""
-    if base is bool:
-        return isinstance(value, bool), value
-    if isinstance(value, bool):
-        return False, value
-    if base is int:
-        return isinstance(value, int), value
-    if base is float:
-        if isinstance(value, (int, float)) and math.isfinite(value):
-            return True, float(value)
-        return False, value
-    if base is str:
-        return isinstance(value, str), value
-    return True, value
+def section(config: type[Config], *, prefix: str = "", only: Sequence[str] | None = None,
+            defaults: Mapping[str, Any] | None = None, inherit: Mapping[str, str] | None = None,
+            label: str = "") -> Any:
+    """A dataclass field holding a whole ``config`` (see :class:`Section`); its default is ``config(**defaults)``."""
+    spec = Section(config, prefix, tuple(only) if only is not None else None, dict(defaults or {}),
+                   dict(inherit or {}), label)
+    return dataclasses.field(default_factory=lambda: config(**spec.defaults), metadata={_SECTION: spec})
 
 
 class Config:
     """Base of the frozen option dataclasses: one validator, ``to_dict`` / ``from_dict``, declarations by name.
 
-    Subclasses are ``@dataclasses.dataclass(frozen=True)`` whose fields are made with :func:`option` (or
-    :func:`same_as`) and may add cross-field rules in :meth:`problems`."""
+    Subclasses are ``@dataclasses.dataclass(frozen=True)`` whose fields are made with :func:`option` or, for a whole
+    config held as a section, :func:`section`, and may add cross-field rules in :meth:`problems`."""
 
-    _kinds: ClassVar[dict[str, _Kind]]
+    _kinds: ClassVar[dict[str, Kind]]
+    # a composed config: flat name -> the section it means, for names several sections declare
+    clashes: ClassVar[Mapping[str, str]] = {}
+    # a composed config: keys whose value is a mapping of one section's fields (``distill_options``), kept for the
+    # command lines and config files that use them (the flag is ``--distill-option NAME=VALUE``)
+    mappings: ClassVar[Mapping[str, str]] = {}
+    label: ClassVar[str | None] = None  # how an unknown-option error names the config (None: the class name)
 
     def __post_init__(self) -> None:
-        problems = self._field_problems()
+        problems = self._section_problems() + self._field_problems()
         if not problems:
             problems = list(self.problems())
         if problems:
+            collector = _COLLECT.get()
+            if collector is not None and collector[0] is type(self):
+                collector[1].extend(problems)
             raise ConfigError(f"invalid {type(self).__name__}: " + "; ".join(problems))
+        self._inherit()
+
+    def _inherit(self) -> None:
+        """Each section field that follows another section's (``Section.inherit``) takes its value there, unless it
+        was set on purpose (:meth:`given`) — however the config was made."""
+        for name, spec in self.sections().items():
+            if not spec.inherit:
+                continue
+            part = getattr(self, name)
+            given = part.given()
+            updates = {field: getattr(getattr(self, source), field) for field, source in spec.inherit.items()
+                       if field not in given and getattr(part, field) != getattr(getattr(self, source), field)}
+            if updates:
+                followed = dataclasses.replace(part, **updates)
+                object.__setattr__(followed, "_given", given)
+                object.__setattr__(self, name, followed)
+
+    def _section_problems(self) -> list[str]:
+        problems = []
+        for name, spec in self.sections().items():
+            value = getattr(self, name)
+            if isinstance(value, Mapping):  # a section given as a table of its fields
+                try:
+                    value = spec.config.from_dict(value)
+                except ConfigError as exc:
+                    problems.append(f"{name}: {exc}")
+                    continue
+                object.__setattr__(self, name, value)
+            elif not isinstance(value, spec.config):
+                problems.append(f"{name}={short_repr(value)} must be a {spec.config.__name__} or a mapping of its "
+                                "fields")
+        return problems
 
     def problems(self) -> Iterable[str]:
         """Rules between fields, checked once every field is valid on its own; one message per broken rule."""
         return ()
 
     @classmethod
-    def _kind_of(cls) -> dict[str, _Kind]:
+    def _kind_of(cls) -> dict[str, Kind]:
         if "_kinds" not in cls.__dict__:
             hints = typing.get_type_hints(cls)
-            kinds = {f.name: _kind(hints[f.name]) for f in dataclasses.fields(cls)}
+            kinds = {f.name: kind_of(hints[f.name]) for f in dataclasses.fields(cls)}
             unchecked = [f.name for f in dataclasses.fields(cls) if kinds[f.name].base is None
                          and _META in f.metadata and f.metadata[_META].check is None]
             if unchecked:  # a declaration the validator cannot read would let any value through
@@ -226,13 +205,15 @@ class Config:
     def _field_problems(self) -> list[str]:
         problems = []
         kinds = self._kind_of()
+        scoped = _NAMING.get()
+        naming = scoped[1] if scoped is not None and scoped[0] is type(self) else (lambda name: name)
         for f in dataclasses.fields(self):
             spec = f.metadata.get(_META)
             if spec is None:
                 continue
             value = getattr(self, f.name)
             kind = kinds[f.name]
-            problem, converted = _check(f.name, value, kind, spec)
+            problem, converted = check(naming(f.name), value, kind, spec)
             if problem:
                 problems.append(problem + (f" ({spec.hint})" if spec.hint else ""))
                 continue
@@ -263,6 +244,75 @@ class Config:
     def names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in dataclasses.fields(cls))
 
+    @classmethod
+    def sections(cls) -> dict[str, Section]:
+        """The fields that hold whole configs, in declaration order."""
+        return {f.name: f.metadata[_SECTION] for f in dataclasses.fields(cls) if _SECTION in f.metadata}
+
+    @classmethod
+    def options(cls) -> tuple[str, ...]:
+        """The config's own option fields (not its sections)."""
+        return tuple(f.name for f in dataclasses.fields(cls) if _META in f.metadata)
+
+    @classmethod
+    def flat(cls) -> dict[str, tuple[str | None, str]]:
+        """Every flat name → (the section it belongs to, or None for an own field; the field's name there). An own
+        field wins over a section's field of the same name; a name two sections expose must be in ``clashes``."""
+        if "_flat" not in cls.__dict__:
+            table: dict[str, tuple[str | None, str]] = {name: (None, name) for name in cls.options()}
+            claims: dict[str, list[str]] = {}
+            for name, spec in cls.sections().items():
+                for field_name in spec.exposed():
+                    claims.setdefault(spec.flat(field_name), []).append(name)
+            shadowing = sorted(n for n in table if n in claims)
+            if shadowing:
+                raise TypeError(f"{cls.__name__}: own options named like a section's field: {shadowing}")
+            idle = sorted(n for n, owner in cls.clashes.items() if len(claims.get(n, ())) < 2 or owner not in claims[n])
+            if idle:
+                raise TypeError(f"{cls.__name__}: clashes entries that resolve no clash between its sections: {idle}")
+            unresolved = []
+            for flat, owners in claims.items():
+                owner = cls.clashes.get(flat) if len(owners) > 1 else owners[0]
+                if owner is None or owner not in owners:
+                    unresolved.append(f"{flat} ({', '.join(owners)})")
+                    continue
+                spec = cls.sections()[owner]
+                table[flat] = (owner, flat.removeprefix(spec.prefix + "_") if spec.prefix else flat)
+            shadowed = sorted(set(table) & set(cls.sections()))
+            if shadowed:
+                raise TypeError(f"{cls.__name__}: sections named like a flat name: {shadowed}")
+            if unresolved:
+                raise TypeError(f"{cls.__name__}: flat names several sections declare: {', '.join(unresolved)}; "
+                                "say which section each means in clashes")
+            cls._flat = table
+        return cls._flat  # type: ignore[attr-defined]
+
+    @classmethod
+    def flat_spec(cls, flat: str) -> tuple[Spec, Any]:
+        """(the declaration, the default in this config) of a flat name."""
+        owner, name = cls.flat()[flat]
+        if owner is None:
+            return cls.spec(name), cls.default(name)
+        spec = cls.sections()[owner]
+        if name in spec.defaults:
+            return spec.config.spec(name), spec.defaults[name]
+        if name in spec.inherit:
+            return spec.config.spec(name), Inherited(spec.inherit[name])
+        return spec.config.spec(name), spec.config.default(name)
+
+    def given(self) -> frozenset[str]:
+        """The fields set on purpose: the keys :meth:`from_dict` was given, else those that differ from their
+        default."""
+        given = self.__dict__.get("_given")
+        if given is not None:
+            return given
+        try:  # the defaults as the config resolves them (a learning rate that follows the optimizer, say)
+            base = type(self)()
+        except (TypeError, ConfigError):  # a config with required fields
+            base = None
+        return frozenset(name for name in self.options() if getattr(self, name) != (
+            getattr(base, name) if base is not None else self.default(name)))
+
     # --- data ---------------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """Every field, tuples as lists and mappings as dicts: what a report or a config file records."""
@@ -280,150 +330,133 @@ class Config:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Any:
         """Build from a mapping; an unknown key is a ConfigError naming it and the option it is closest to (every
-        option when it is close to none)."""
+        option when it is close to none). A composed config takes flat names, sections as tables of their fields
+        (``{"analysis": {"num_samples": 8}}``) and its ``mappings``, in any mix; a field given twice is an error."""
         if not isinstance(data, Mapping):
             raise ConfigError(f"{cls.__name__} options must be a mapping, got {type(data).__name__}")
-        known = cls.names()
-        unknown = set(data) - set(known)
+        if not cls.sections():
+            unknown = set(data) - set(cls.names())
+            if unknown:
+                what = f"{cls.__name__} " if cls.label is None else cls.label
+                raise ConfigError(unknown_options(what, unknown, cls.names()))
+            config = cls(**data)
+            object.__setattr__(config, "_given", frozenset(data))
+            return config
+        return cls._compose(data)
+
+    @classmethod
+    def nest(cls, data: Mapping[str, Any]) -> dict[str, Any]:
+        """A composed config's options in one form: own fields at the top, each section as a table of the fields
+        given (flat names, section tables and ``mappings`` in any mix; a field given twice, an unknown key, a
+        section that is not a table: one ConfigError)."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{cls.__name__} options must be a mapping, got {type(data).__name__}")
+        sections, flat = cls.sections(), cls.flat()
+        nested: dict[str, Any] = {}
+        problems: list[str] = []
+        unknown = []
+        said: dict[tuple[str, str], str] = {}  # (section, field) -> how the user named it
+
+        def put(owner: str, name: str, value: Any, how: str) -> None:
+            if (owner, name) in said:
+                problems.append(f"{said[owner, name]} and {how} both set {owner}'s {name}: give it once")
+            said[owner, name] = how
+            nested.setdefault(owner, {})[name] = value
+
+        def fields_of(key: str, owner: str, value: Any) -> Mapping[str, Any]:
+            spec = sections[owner]
+            if isinstance(value, spec.config):
+                value = {name: getattr(value, name) for name in value.given()}
+            if not isinstance(value, Mapping):
+                problems.append(f"{key} must be a mapping of {spec.config.__name__} fields, got {short_repr(value)}")
+                return {}
+            bad = set(value) - set(spec.config.names())
+            if bad:
+                problems.append(f"{key}: " + unknown_options(f"{spec.config.__name__} ", bad, spec.config.names()))
+                return {}
+            # a field another section (or the config itself) decides, or one this config does not take, is refused
+            # rather than ignored: the analysis samples at the trace's size, bench's budgets are its own …
+            default = spec.config(**spec.defaults)  # (a report records every field: those at their default pass)
+            elsewhere = sorted(name for name in value if flat.get(spec.flat(name)) != (owner, name)
+                               and value[name] != getattr(default, name) and value[name] != default.to_dict()[name])
+            for name in elsewhere:
+                routed = flat.get(spec.flat(name))
+                instead = (f"; give {spec.flat(name)}" + (f" ({routed[0]}'s {routed[1]})" if routed[0] else "")
+                           if routed else "")
+                problems.append(f"{key}: {cls.__name__} does not take {owner}'s {name} here{instead}")
+            return {name: item for name, item in value.items() if name not in elsewhere}
+
+        for key, value in data.items():
+            if key in sections:
+                for name, item in fields_of(key, key, value).items():
+                    put(key, name, item, f"{key}.{name}")
+            elif key in cls.mappings:
+                if value is None:
+                    continue
+                owner = cls.mappings[key]
+                for name, item in fields_of(key, owner, value).items():
+                    put(owner, name, item, f"{key} {name}")
+            elif key in flat:
+                owner, name = flat[key]
+                if owner is None:
+                    nested[name] = value
+                else:
+                    put(owner, name, value, key)
+            else:
+                unknown.append(key)
         if unknown:
-            raise ConfigError(unknown_options(f"{cls.__name__} ", unknown, known))
-        return cls(**data)
+            # a composed config has many: its flags' names, and its sections by name
+            listing = (f"the command's flags by name (--num-samples is num_samples; see its --help), and the "
+                       f"sections {', '.join(sections)} as tables of their fields" if len(flat) > 20 else None)
+            raise ConfigError(unknown_options(f"{cls.__name__} " if cls.label is None else cls.label, unknown,
+                                              [*flat, *sections, *cls.mappings], listing))
+        if problems:
+            raise ConfigError(f"invalid {cls.__name__}: " + "; ".join(problems))
+        return nested
 
-
-def _check(name: str, value: Any, kind: _Kind, spec: Spec) -> tuple[str | None, Any]:
-    """(problem or None, the value converted to its declared type)."""
-    if value is None:
-        return (None, value) if kind.optional else (f"{name}=None must be {kind.describe()}", value)
-    if kind.base is tuple:
-        if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-            return f"{name}={short_repr(value)} must be {kind.describe()}", value
-        items = []
-        for item in value:
-            ok, item = _scalar(item, kind.element)
-            if not ok or (isinstance(item, (int, float)) and not isinstance(item, bool) and not spec.within(item)):
-                bounds = spec.bounds_text()
-                return (f"{name}={short_repr(list(value))} must be {kind.describe()}"
-                        + (f", each {bounds}" if bounds else "")), value
-            items.append(item)
-        if spec.nonempty and not items:
-            return f"{name}=[] must hold at least one value", value
-        if spec.choices is not None and any(i not in spec.choices for i in items):
-            return f"{name}={short_repr(list(value))} may only hold {list(spec.choices)}", value
-        return None, tuple(items)
-    if spec.path and isinstance(value, os.PathLike):
-        value = os.fspath(value)
-    ok, converted = _scalar(value, kind.base)
-    if not ok:
-        return f"{name}={short_repr(value)} must be {kind.describe()}", value
-    if spec.nonempty and converted == "":
-        return f"{name}='' must not be empty", value
-    if spec.choices is not None and converted not in spec.choices:
-        return f"{name}={short_repr(value)} is not one of {list(spec.choices)}", value
-    if isinstance(converted, (int, float)) and not isinstance(converted, bool) and not spec.within(converted):
-        return f"{name}={short_repr(value)} must be {spec.bounds_text()}", value
-    return None, converted
-
-
-def split_options(options: Mapping[str, Any], *configs: type[Config] | tuple[type[Config], Sequence[str]]
-                  ) -> list[dict[str, Any]]:
-    """Share keyword options out among configs: one dict per config with the keys it declares (a name two configs
-    declare goes to both). ``(Config, names)`` restricts a config to some of its fields. A key no config takes is
-    a ConfigError that names the key this call takes that it is closest to (every key it takes when none is
-    close)."""
-    parts: list[dict[str, Any]] = []
-    accepted: list[str] = []
-    for entry in configs:
-        config, names = entry if isinstance(entry, tuple) else (entry, entry.names())
-        parts.append({k: v for k, v in options.items() if k in names})
-        accepted += [n for n in names if n not in accepted]
-    unknown = set(options) - set(accepted)
-    if unknown:
-        raise ConfigError(unknown_options("", unknown, accepted))
-    return parts
-
-
-# --- the command line ------------------------------------------------------------------------------------------------
-
-def _show(value: Any) -> str:
-    if isinstance(value, Mapping):
-        return " ".join(f"{k}={_show(v)}" for k, v in value.items()) or "none"
-    if isinstance(value, (tuple, list)):
-        return " ".join(_show(v) for v in value)
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    return str(value)
-
-
-def parse_value(config: type[Config], name: str, text: str) -> Any:
-    """``text`` (a command-line word) as a value of ``config``'s field ``name``, by its declared type; the config
-    validates the value itself later."""
-    if name not in config.names():
-        raise ConfigError(unknown_options(f"{config.__name__} ", [name], config.names()))
-    kind = config._kind_of()[name]
-    if kind.optional and text.lower() == "none":
-        return None
-    try:
-        if kind.base is bool:
-            words = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False,
-                     "off": False}
-            return words[text.lower()]
-        if kind.base in (int, float):
-            return kind.base(text)
-    except (KeyError, ValueError):
-        raise ConfigError(f"{name}={short_repr(text)} is not {kind.describe()}") from None
-    return text
-
-
-class _Assignments(argparse.Action):
-    """``--flag NAME=VALUE`` (repeatable) into a dict of ``config``'s fields, each value typed by its declaration."""
-
-    def __init__(self, *args: Any, config: type[Config], **kwargs: Any) -> None:
-        self.config = config
-        super().__init__(*args, **kwargs)
-
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
-                 option_string: str | None = None) -> None:
-        name, sep, text = str(values).partition("=")
-        if not sep:
-            parser.error(f"{option_string} takes NAME=VALUE, got {short_repr(values)}")
+    @classmethod
+    def _compose(cls, data: Mapping[str, Any]) -> Any:
+        """The composed config of ``data``: each section made once, from its defaults and what was given (the
+        fields that follow another section's are set by :meth:`_inherit`); the problems of the config and of every
+        section in one ConfigError, a section's under their flat names."""
+        nested = cls.nest(data)
+        sections = cls.sections()
+        own = {k: v for k, v in nested.items() if k not in sections}
+        missing = [name for name in cls.options() if name not in own and cls.default(name) is dataclasses.MISSING]
+        if missing:
+            raise ConfigError(f"{cls.__name__} needs {' and '.join(missing)} (a flag, a keyword or a config-file key)")
+        built: dict[str, Any] = {}
+        problems: list[str] = []
+        for name, spec in sections.items():
+            given = nested.get(name, {})
+            collected: list[str] = []
+            token = _COLLECT.set((spec.config, collected))
+            naming = _NAMING.set((spec.config, spec.flat))
+            try:
+                built[name] = spec.config(**{**spec.defaults, **given})
+                object.__setattr__(built[name], "_given", frozenset(given))
+            except ConfigError as exc:
+                problems += collected or [str(exc)]
+                built[name] = spec.config(**spec.defaults)  # a stand-in, so that the own options are checked too
+            finally:
+                _COLLECT.reset(token)
+                _NAMING.reset(naming)
+        collected = []
+        token = _COLLECT.set((cls, collected))
         try:
-            value = parse_value(self.config, name.strip().replace("-", "_"), text.strip())
+            config = cls(**own, **built)
         except ConfigError as exc:
-            parser.error(f"{option_string}: {exc}")
-        current = dict(getattr(namespace, self.dest, None) or {})
-        current[name.strip().replace("-", "_")] = value
-        setattr(namespace, self.dest, current)
+            problems = (collected or [str(exc)]) + problems
+        finally:
+            _COLLECT.reset(token)
+        if problems:
+            raise ConfigError(f"invalid {cls.__name__}: " + "; ".join(problems))
+        object.__setattr__(config, "_given", frozenset(own))
+        return config
 
 
-def add_flags(parser: argparse.ArgumentParser, config: type[Config], names: Sequence[str] | None = None, *,
-              help: Mapping[str, str] | None = None) -> None:
-    """One flag per field of ``config`` (all of its command-line fields, or ``names``): ``--num-samples`` for
-    ``num_samples``, typed, with its choices, ``--x/--no-x`` for bools, several values for tuples, and the
-    declared help with the default. Absent flags stay absent from the parsed namespace (the config's default
-    applies), so only what the user typed reaches the API. ``help`` replaces the help of some fields."""
-    kinds = config._kind_of()
-    for name in names if names is not None else [n for n in config.names() if config.spec(n).flag]:
-        spec, kind, default = config.spec(name), kinds[name], config.default(name)
-        text = (help or {}).get(name, spec.help).replace("%", "%%")  # argparse %-formats help ("95 % interval")
-        if default is dataclasses.MISSING:
-            shown = "required"
-        else:
-            shown = "default: " + (spec.none if default is None and spec.none else _show(default))
-        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": f"{text} ({shown})"}
-        if spec.items is not None:  # a mapping of another config's fields: one NAME=VALUE flag per entry
-            flag = "--" + name.replace("_", "-").removesuffix("s")
-            kwargs.update(action=_Assignments, config=spec.items, metavar=spec.metavar or "NAME=VALUE",
-                          dest=name, help=f"{text}; repeat the flag for several ({shown})")
-            parser.add_argument(flag, **kwargs)
-            continue
-        if kind.base is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        else:
-            kwargs["type"] = kind.element if kind.base is tuple else kind.base
-            if kind.base is tuple:
-                kwargs["nargs"] = "+"
-            if spec.choices is not None:
-                kwargs["choices"] = spec.choices
-            if spec.metavar:
-                kwargs["metavar"] = spec.metavar
-        parser.add_argument("--" + name.replace("_", "-"), **kwargs)
+@dataclasses.dataclass(frozen=True)
+class Inherited:
+    """The default of a field that follows another section's field of the same name."""
+
+    source: str

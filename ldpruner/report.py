@@ -48,7 +48,7 @@ def build_report(cfg: Any, model: dict[str, Any], plan: Any, out_dir: Path, timi
     operator table, the scores, export and distillation summaries are read from the files there, so the report
     describes what is on disk; ``files``: the sha256 of every file the stages wrote (made or verified by this
     build); ``threads``: :func:`threads_record`."""
-    from ldpruner.passes.importance import ImportanceReport
+    from ldpruner.passes.scores import ImportanceReport
 
     operators = read_json(out_dir / "operators.json", what="operator table")
     kinds = {op["name"]: op["kind"] for op in operators["operators"]}
@@ -65,7 +65,7 @@ def build_report(cfg: Any, model: dict[str, Any], plan: Any, out_dir: Path, timi
         m = latency["measured"]
         timed = (f", latency -{m['predicted_cut']:.1%} predicted / -{m['measured_cut']:.1%} measured "
                  f"({m['runtime']}, batch {m['batch']}){' FLAGGED' if m['flagged'] else ''}")
-    target = plan.target(tolerance=cfg.target_tolerance, measured=latency["measured"] if latency else None)
+    target = plan.target(tolerance=cfg.check.target_tolerance, measured=latency["measured"] if latency else None)
     met = "" if target is None else "; target met" if target["met"] else f"; TARGET MISSED ({target['status']})"
     summary = (
         f"{cfg.model}: removed {len(plan.removals)} of {len(candidates)} candidate operators{met}; "
@@ -75,9 +75,9 @@ def build_report(cfg: Any, model: dict[str, Any], plan: Any, out_dir: Path, timi
         f"(max abs diff {validation.get('max_abs_diff', float('nan')):.2e}); report: {out_dir / 'report.md'}"
     )
     return {
-        "format": "ldpruner.report/1",
+        "format": "ldpruner.report/2",  # 2: the config in sections (cfg.analysis …)
         "summary": summary,
-        "config": _absolute_paths(cfg.to_dict()),
+        "config": _absolute_paths(cfg),
         "model": model,
         "trace": trace,
         "operators": {"total": len(operators["operators"]), "candidates": len(candidates)},
@@ -95,7 +95,7 @@ def build_report(cfg: Any, model: dict[str, Any], plan: Any, out_dir: Path, timi
         "target": target,
         "latency": latency,
         "removed": removed,
-        "distill": _distill_report(out_dir / DISTILL_DIR) if cfg.distill_steps else None,
+        "distill": _distill_report(out_dir / DISTILL_DIR) if cfg.distill.steps else None,
         "samples": ({"path": str(out_dir / SAMPLES), "rows": sample_rows} if sample_rows
                     else {"path": None, "rows": [], "skipped": "--no-samples (samples=False)"} if not cfg.samples
                     else None),
@@ -109,20 +109,25 @@ def build_report(cfg: Any, model: dict[str, Any], plan: Any, out_dir: Path, timi
         "files": {"sha256": dict(sorted((files or {}).items()))},
         "artifacts": {name: str(out_dir / name) for name in
                       (*([COSTS, LATENCY] if latency is not None else []), SCORES, PLAN, STUDENT,
-                       *([f"{DISTILL_DIR}/{STUDENT}"] if cfg.distill_steps else []),
+                       *([f"{DISTILL_DIR}/{STUDENT}"] if cfg.distill.steps else []),
                        f"{ONNX_DIR}/unet.onnx", "operators.txt", REPORT, REPORT_MD,
                        *([SAMPLES] if sample_rows else []))},
     }
 
 
-# the options that may name files: recorded absolute, so the build can be read again from any folder (bench BUILD_DIR)
-_PATH_OPTIONS = ("out", "model", "prompts", "calibration", "scheduler")
+def _absolute_paths(cfg: Any) -> dict[str, Any]:
+    """``cfg.to_dict()`` with every option that names an existing file or folder (declared ``path``) made absolute,
+    so the build can be read again from any folder (bench BUILD_DIR)."""
+    def fix(config: Any, table: dict[str, Any]) -> dict[str, Any]:
+        for name in config.options():
+            value = table.get(name)
+            if config.spec(name).path and isinstance(value, str) and Path(value).exists():
+                table[name] = str(Path(value).resolve())
+        for name in config.sections():
+            fix(getattr(config, name), table[name])
+        return table
 
-
-def _absolute_paths(config: dict[str, Any]) -> dict[str, Any]:
-    """``config`` with every option that names an existing file or folder made absolute."""
-    return {name: str(Path(value).resolve()) if name in _PATH_OPTIONS and isinstance(value, str)
-            and Path(value).exists() else value for name, value in config.items()}
+    return fix(cfg, cfg.to_dict())
 
 
 def _latency_report(plan: Any, out_dir: Path) -> dict[str, Any] | None:
@@ -240,7 +245,7 @@ def _this_build(scheduler: dict[str, Any] | None, model: dict[str, Any]) -> dict
 
 def _scheduler(record: dict[str, Any] | None) -> str:
     """"DDIMScheduler (the model's own)", or the default said as such, for the report's scheduler line."""
-    from ldpruner.passes.importance import SCHEDULER_SOURCES
+    from ldpruner.passes.inputs import SCHEDULER_SOURCES
 
     if not record:
         return "not recorded"

@@ -25,9 +25,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from . import calibration, devices, distributed
+from . import calibration, devices
 from .errors import ArtifactError, ConfigError, UnsupportedModelError
 from .io import check_replaceable, write_json_atomic
+from .placement import Placement
 from .sources import LoadedModel
 
 __all__ = [
@@ -67,33 +68,35 @@ def inspect(loaded: LoadedModel, trace: Any) -> Any:
     return build_operator_graph(loaded.trace(trace))
 
 
-def analysis_inputs(loaded: LoadedModel, trace: Any, options: dict[str, Any],
-                    prompts_file: str | os.PathLike | None, device: Any = "auto") -> tuple[Any, Any, Any]:
-    """(operator graph, AnalysisConfig, conditioning source) of an analysis: the trace at ``trace``, the analysis
-    options (AnalysisConfig fields; the latent size is the trace's) with the prompts the model uses. The graph is
-    of the model placed on ``device`` (a name, see :func:`ldpruner.devices.resolve_device`) in the analysis dtype:
+def analysis_inputs(loaded: LoadedModel, trace: Any, analysis: Any,
+                    prompts_file: str | os.PathLike | None, placement: Placement) -> tuple[Any, Any, Any]:
+    """(operator graph, AnalysisConfig, conditioning source) of an analysis: the trace at ``trace``, ``analysis`` (an
+    AnalysisConfig) at the trace's latent size with the prompts the model uses. The graph is
+    of the model placed on ``placement.device`` in the analysis dtype:
     the loaded UNet itself when it is there already, else a cast copy. A pipeline folder without its scheduler is
     refused here, before any work (:func:`ldpruner.calibration.sampling_scheduler`)."""
-    from ldpruner.passes.importance import check_analysable, check_finite_weights
+    from ldpruner.passes.importance import check_finite_weights
+    from ldpruner.passes.inputs import check_analysable
 
     calibration.sampling_scheduler(loaded)
     check_finite_weights(loaded.unet, repr(loaded.source))  # before any tracing or scoring
-    config = calibration.analysis_config(loaded, {**options, "height": trace.height, "width": trace.width},
+    config = calibration.analysis_config(loaded, {**analysis.to_dict(), "height": trace.height, "width": trace.width},
                                          prompts_file)
-    unet = loaded.placed(devices.resolve_device(device), devices.torch_dtype(config.dtype))
+    unet = loaded.placed(placement.device, devices.torch_dtype(config.dtype))
     from ldpruner.compiler.graph import build_operator_graph
 
     graph = build_operator_graph(loaded.trace(trace, unet=unet))
     check_analysable(graph.traced)
-    return graph, config, calibration.conditioning_source(loaded, config)
+    return graph, config, calibration.conditioning_source(loaded, config.prompts)
 
 
-def analyze(loaded: LoadedModel, graph: Any, config: Any, calib: Any, *, out: str | os.PathLike | None,
-            overwrite: bool, progress: bool) -> Any:
+def analyze(loaded: LoadedModel, graph: Any, config: Any, calib: Any, placement: Placement, *,
+            out: str | os.PathLike | None, overwrite: bool, progress: bool) -> Any:
     """Score every candidate of ``graph``; with ``out``, reuse ``out/scores.json`` when its cache key matches and
     write it otherwise. The scheduler is the model's own, the one ``--scheduler`` named, or the default (said in a
     notice); scores.json records which."""
-    from ldpruner.passes.importance import analyze_importance, cache_key, load_cached
+    from ldpruner.passes.importance import analyze_importance, cache_key
+    from ldpruner.passes.scores import load_cached
 
     scheduler, source = calibration.sampling_scheduler(loaded)
     path = Path(out) / SCORES if out is not None else None
@@ -107,7 +110,8 @@ def analyze(loaded: LoadedModel, graph: Any, config: Any, calib: Any, *, out: st
         check_replaceable(path, overwrite)
     calibration.note_default_scheduler(loaded)
     return analyze_importance(graph, calib, config=config, scheduler=scheduler, scheduler_source=source,
-                              progress=progress, save_to=path, model_weights=loaded.weights_id)
+                              progress=progress, save_to=path, model_weights=loaded.weights_id,
+                              world=placement.world)
 
 
 def _timed_graph(loaded: LoadedModel, trace: Any, config: Any, device: Any) -> Any:
@@ -124,15 +128,15 @@ def _timed_graph(loaded: LoadedModel, trace: Any, config: Any, device: Any) -> A
     return build_operator_graph(loaded.trace(trace, unet=unet))
 
 
-def costs(loaded: LoadedModel, trace: Any, config: Any, *, device: Any = "auto", threads: int | None = None,
-          out: str | os.PathLike | None, overwrite: bool, progress: bool) -> Any:
-    """The latency cost of every candidate (a :class:`~ldpruner.passes.costs.CostReport`) of the model traced at
-    ``trace`` under ``config`` (a CostConfig) on ``device`` with ``threads`` (None:
-    :func:`ldpruner.devices.resolve_threads`); with ``out``, reuse ``out/costs.json`` when its key (which holds the
-    threads) matches and write it otherwise."""
-    from ldpruner.passes.costs import cache_key, load_cached, measure_costs
+def costs(loaded: LoadedModel, trace: Any, config: Any, placement: Placement, *, out: str | os.PathLike | None,
+          overwrite: bool, progress: bool) -> Any:
+    """The latency cost of every candidate (a :class:`~ldpruner.passes.cost_report.CostReport`) of the model traced at
+    ``trace`` under ``config`` (a CostConfig) on the placement's device with its threads; with ``out``, reuse
+    ``out/costs.json`` when its key (which holds the threads) matches and write it otherwise."""
+    from ldpruner.passes.cost_report import load_cached
+    from ldpruner.passes.costs import cache_key, measure_costs
 
-    device, threads = devices.resolve_device(device), devices.resolve_threads(threads)
+    device, threads = placement.device, placement.threads
     graph = _timed_graph(loaded, trace, config, device)
     path = Path(out) / COSTS if out is not None else None
     if path is not None and path.exists():
@@ -143,7 +147,7 @@ def costs(loaded: LoadedModel, trace: Any, config: Any, *, device: Any = "auto",
     return measure_costs(graph, config, device=device, threads=threads, progress=progress, save_to=path)
 
 
-def check_latency(loaded: LoadedModel, student: Any, cost_report: Any, trace: Any, *, device: Any = "auto",
+def check_latency(loaded: LoadedModel, student: Any, cost_report: Any, trace: Any, placement: Placement, *,
                   tolerance: float | None = None, precision: float | None = None,
                   out: str | os.PathLike | None = None, overwrite: bool = False) -> dict[str, Any]:
     """``student`` (a PrunedUNet) timed beside the dense ``loaded`` model on the runtime, batch, dtype and device of
@@ -154,9 +158,9 @@ def check_latency(loaded: LoadedModel, student: Any, cost_report: Any, trace: An
     import dataclasses
     import logging
 
-    from ldpruner.passes.costs import check_latency as check
+    from ldpruner.passes.latency_check import check_latency as check
 
-    device = devices.resolve_device(device)
+    device = placement.device
     config = cost_report.config
     dense = _timed_graph(loaded, trace, config, device).traced
     pruned = student.traced
@@ -238,20 +242,22 @@ def prune(loaded: LoadedModel, plan: Any, trace: Any, config: Any, *, out: str |
     return pruned
 
 
-def distill(loaded: LoadedModel, student: Any, config: Any, *, out: str | os.PathLike,
+def distill(loaded: LoadedModel, student: Any, config: Any, placement: Placement, *, out: str | os.PathLike,
             data: str | os.PathLike | None, prompts_file: str | os.PathLike | None, resume: bool, overwrite: bool,
-            progress: bool, device: Any = "auto", consume: bool = False, allow_other_weights: bool = False) -> Any:
+            progress: bool, consume: bool = False, allow_other_weights: bool = False) -> Any:
     """Fine-tune ``student`` (a PrunedUNet, trained in place) against the dense ``loaded`` model it was pruned from,
     on the teacher's trajectories or on ``data`` (:func:`ldpruner.calibration.distill_data`). Under torchrun every
-    rank calls this and trains on its own shard; rank 0 writes. The frozen teacher shares the loaded weights when
-    they are on ``device`` in ``config.teacher_dtype``; otherwise it is a copy placed there in that dtype, or, with
-    ``consume`` (the caller needs the dense model no more) and an owned model, the loaded weights moved and cast in
-    place: the dense model is never held twice. A student pruned from other weights than ``loaded``'s (its plan
-    records them), or a checkpoint trained against another teacher, is refused unless ``allow_other_weights``; the
-    distilled student's plan and distill.json record any mismatch that was allowed."""
+    rank calls this and trains on its own shard (the placement's world); rank 0 writes. The frozen teacher shares the
+    loaded weights when they are on the placement's device in ``config.teacher_dtype``; otherwise it is a copy placed
+    there in that dtype, or, with ``consume`` (the caller needs the dense model no more) and an owned model, the
+    loaded weights moved and cast in place: the dense model is never held twice. A student pruned from other weights
+    than ``loaded``'s (its plan records them), or a checkpoint trained against another teacher, is refused unless
+    ``allow_other_weights``; the distilled student's plan and distill.json record any mismatch that was allowed."""
     from ldpruner.passes.distill import distill as run_distill
     from ldpruner.passes.remove import count_params
 
+    if config.steps == 0:  # build and bench skip the stage instead
+        raise ConfigError("steps=0 must be >= 1: distillation trains at least one step")
     if type(loaded.unet).__name__ != student.plan.model_class:
         raise ConfigError(f"the student was pruned from a {student.plan.model_class}, MODEL is a "
                           f"{type(loaded.unet).__name__}")
@@ -263,7 +269,7 @@ def distill(loaded: LoadedModel, student: Any, config: Any, *, out: str | os.Pat
                                    made="the student was pruned from")
     if plan is not pruned.plan:
         pruned = dataclasses.replace(pruned, plan=plan)
-    device = devices.resolve_device(device)
+    device = placement.device
     # the teacher is placed now, before it samples the data-free trajectories on the device
     import torch
 
@@ -280,15 +286,12 @@ def distill(loaded: LoadedModel, student: Any, config: Any, *, out: str | os.Pat
     if count_params(teacher.gm) != pruned.plan.total_params:
         raise ConfigError(f"MODEL has {count_params(teacher.gm):,} UNet parameters, the student's plan was made for "
                           f"{pruned.plan.total_params:,}: pass the dense model the student was pruned from")
-    world = distributed.join(device)
-    try:
-        source = calibration.distill_data(loaded, teacher, config, data=data, prompts_file=prompts_file,
-                                          rank=world.rank, world=world.size, progress=progress)
-        return run_distill(pruned, teacher, source, config=config, out=out, resume=resume, overwrite=overwrite,
-                           progress=progress, device=device, teacher_weights=teacher_weights,
-                           allow_other_weights=allow_other_weights)
-    finally:
-        distributed.leave(world)
+    world = placement.world
+    source = calibration.distill_data(loaded, teacher, config, data=data, prompts_file=prompts_file,
+                                      rank=world.rank, world=world.size, progress=progress)
+    return run_distill(pruned, teacher, source, config=config, out=out, resume=resume, overwrite=overwrite,
+                       progress=progress, device=device, teacher_weights=teacher_weights,
+                       allow_other_weights=allow_other_weights, world=world)
 
 
 def dense_as_student(loaded: LoadedModel, trace: Any) -> Any:
@@ -330,13 +333,6 @@ def lora(student: Any, lora_path: str | os.PathLike, *, scale: float, out: str |
     return fused, report
 
 
-def export_on_cuda(device: Any) -> bool:
-    """Whether the export's checks and optimizer target CUDA on ``device``: a CUDA device and onnxruntime-gpu."""
-    import onnxruntime as ort
-
-    return devices.resolve_device(device).type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers()
-
-
 def check_exportable(unet_config: Any) -> None:
     """Refuse, before any export work, a UNet whose stock pipelines no drop-in can serve
     (:func:`ldpruner.unet_inputs.no_drop_in`)."""
@@ -347,30 +343,24 @@ def check_exportable(unet_config: Any) -> None:
         raise UnsupportedModelError(reason)
 
 
-def export(student: Any, config: Any, variants: Any, *, out: str | os.PathLike, overwrite: bool,
-           device: Any = "auto", threads: int | None = None) -> dict[str, Any]:
+def export(student: Any, config: Any, variants: Any, placement: Placement, *, out: str | os.PathLike,
+           overwrite: bool) -> dict[str, Any]:
     """``out/onnx/unet.onnx`` from ``student`` (a PrunedUNet, or any object with ``traced`` and ``config``) under
     ``config`` (an ExportConfig), validated against torch, with ``out/onnx/export.json`` (the summary returned: the
     validation, the weights the student was pruned from); with ``variants.optimize`` also onnxruntime's optimized
     model (``unet.opt.onnx``) and with ``variants.fp16`` its fp16 conversion (``unet.fp16.onnx``). On a CUDA
     ``device`` with onnxruntime-gpu the numeric checks run on the CUDA execution provider and the optimizer targets
-    it (its CUDA-only fusions on). The checks run with ``threads`` (None: :func:`ldpruner.devices.resolve_threads`)
-    in torch and onnxruntime; export.json records the number. A UNet no drop-in can serve in its stock pipelines is
-    refused first (:func:`check_exportable`)."""
-    check_exportable(student.config)
-    with devices.intra_op_threads(threads) as threads:
-        return _export(student, config, variants, out=out, overwrite=overwrite, device=device, threads=threads)
-
-
-def _export(student: Any, config: Any, variants: Any, *, out: str | os.PathLike, overwrite: bool, device: Any,
-            threads: int) -> dict[str, Any]:
+    it (its CUDA-only fusions on). The checks run with the placement's threads in torch and onnxruntime; export.json
+    records the number. A UNet no drop-in can serve in its stock pipelines is refused first
+    (:func:`check_exportable`)."""
     import dataclasses
 
     from ldpruner.passes.onnx.export import export_onnx
 
-    on_cuda = export_on_cuda(device)
+    check_exportable(student.config)
+    threads, on_cuda = placement.threads, placement.on_cuda_provider
     if on_cuda and "CUDAExecutionProvider" not in config.validation_providers:
-        config = dataclasses.replace(config, validation_providers=("CUDAExecutionProvider", "CPUExecutionProvider"))
+        config = dataclasses.replace(config, validation_providers=placement.providers)
     onnx_dir = Path(out) / ONNX_DIR
     result = export_onnx(student.traced, None, None, onnx_dir / "unet.onnx", config=config, unet_config=student.config,
                          overwrite=overwrite)

@@ -5,11 +5,15 @@ in :mod:`ldpruner.passes.config`. The public surface is listed below and resolve
 ``ldpruner.passes`` (or its configs) does not load torch.
 
     config        TraceConfig, AnalysisConfig, SelectionConfig, PruneConfig, DistillConfig, ExportConfig, OptimizeConfig
-    importance    analyze_importance → ImportanceReport (scores.json)       conditioning   Conditioning, prompts
+    importance    analyze_importance → ImportanceReport                    scores         scores.json: ImportanceReport
+    costs         measure_costs → CostReport                               cost_report    costs.json: CostReport
+    latency_check check_latency (predicted vs measured cut)                conditioning   Conditioning, prompts
+    inputs        resolve_conditioning (conditioning fitted to a traced UNet: seeded stand-ins, extra channels,
+                  latent size, scheduler)
     select        select_removals, check_budget → RemovalPlan (plan.json)  plan           RemovalPlan, PlannedRemoval
     remove        RemoveOperators, apply_plan, prune → PrunedUNet          student        save_student, load_student
-    distill/      distill.distill → DistillResult (trainer, data, datasets)
-    onnx/         export_onnx, validate_onnx, optimize_onnx (export, optimize, numeric_check, files)
+    distill/      distill.distill → DistillResult (trainer, checkpoint, data, datasets)
+    onnx/         export_onnx, validate_onnx, optimize_onnx (export, validate, optimize, numeric_check, files)
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ __all__ = [
     "load_student",
     "optimize_onnx",
     "prune",
+    "resolve_conditioning",
     "save_student",
     "select_removals",
     "validate_onnx",
@@ -49,14 +54,15 @@ __all__ = [
 _WHERE = {
     "AnalysisConfig": "config", "DistillConfig": "config", "ExportConfig": "config", "OptimizeConfig": "config",
     "PruneConfig": "config", "SelectionConfig": "config", "TraceConfig": "config",
-    "CandidateScore": "importance", "ImportanceReport": "importance", "analyze_importance": "importance",
+    "CandidateScore": "scores", "ImportanceReport": "scores", "analyze_importance": "importance",
     "Conditioning": "conditioning",
+    "resolve_conditioning": "inputs",
     "check_budget": "select", "select_removals": "select",
     "PlannedRemoval": "plan", "RemovalPlan": "plan",
     "PrunedUNet": "remove", "RemoveOperators": "remove", "apply_plan": "remove", "prune": "remove",
     "load_student": "student", "save_student": "student",
     "DistillResult": "distill",
-    "ExportResult": "onnx.export", "export_onnx": "onnx.export", "validate_onnx": "onnx.export",
+    "ExportResult": "onnx.export", "export_onnx": "onnx.export", "validate_onnx": "onnx.validate",
     "optimize_onnx": "onnx.optimize",
 }
 

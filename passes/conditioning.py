@@ -1,7 +1,9 @@
-"""What the analysis conditions the UNet on: precomputed embeddings, a local text encoder, or seeded random
-embeddings when only the UNet is available.
+"""Where the conditioning of the analysis and the distillation comes from: precomputed embeddings, a calibration
+file, a local text encoder on prompts (a prompt file or the built-in set), or seeded random embeddings when only
+the UNet is available; and whether a UNet's sampling runs classifier-free guidance.
 
-A :class:`Conditioning` holds P rows; sample i of the analysis uses row ``i % P``.
+A :class:`Conditioning` holds P rows; sample i of the analysis uses row ``i % P``. Fitting it to one traced UNet
+(checks, seeded stand-ins for the inputs it lacks, extra channels) is :mod:`ldpruner.passes.inputs`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 import torch
 
 from ldpruner.errors import ConfigError, ModelLoadError
+from ldpruner.fingerprint import update_with_tensor
 from ldpruner.unet_inputs import GUIDED_INPUTS
 
 __all__ = [
@@ -164,7 +167,7 @@ class Conditioning:
         """sha256 of the tensors (names, dtypes, shapes, bytes) and the source: part of the analysis cache key."""
         h = hashlib.sha256(f"source={self.source};prompts={self.prompts!r}".encode())
         for name, value in sorted(self.tensors().items()):
-            _hash_tensor(h, name, value)
+            update_with_tensor(h, name, value)
         return h.hexdigest()
 
     def describe(self) -> dict[str, Any]:
@@ -173,14 +176,6 @@ class Conditioning:
             "prompts": list(self.prompts) if self.prompts is not None else None,
             "rows": {name: list(value.shape) for name, value in self.tensors().items()},
         }
-
-
-def _hash_tensor(h: Any, name: str, value: torch.Tensor) -> None:
-    value = value.detach()
-    h.update(f"{name}:{value.dtype}:{list(value.shape)};".encode())
-    # byte view of the flat tensor: no dtype conversion (bf16 has no numpy type) and no copy when contiguous
-    flat = value.reshape(-1).contiguous().cpu()
-    h.update(flat.view(torch.uint8).numpy())
 
 
 def random_conditioning(*, num_rows: int, seed: int, cross_attention_dim: int, seq_len: int = RANDOM_SEQ_LEN,

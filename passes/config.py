@@ -2,7 +2,7 @@
 rewrite, the latency cost model, distillation, ONNX export and onnxruntime optimization.
 
 The passes take these configs; the API takes their fields as keywords, ``ldpruner build`` composes them
-(:mod:`ldpruner.config`) and the CLI makes its flags from them (:func:`ldpruner.options.add_flags`). This module
+(:mod:`ldpruner.config`) and the CLI makes its flags from them (:func:`ldpruner.flags.add_flags`). This module
 imports no third-party package, so the command line can read it without loading torch.
 """
 
@@ -21,10 +21,12 @@ from ldpruner.options import Config, option
 __all__ = [
     "DEFAULT_TOLERANCES",
     "AnalysisConfig",
+    "CheckConfig",
     "CostConfig",
     "DeviceConfig",
     "DistillConfig",
     "ExportConfig",
+    "InputsConfig",
     "OptimizeConfig",
     "PruneConfig",
     "SelectionConfig",
@@ -58,6 +60,25 @@ class DeviceConfig(Config):
     threads: int | None = option(None, THREADS_HELP, minimum=1,
                                  none="the CPUs this process may use (affinity and cgroup quota) less those other "
                                       "jobs keep busy when it starts, at least 1, at most torch's own setting")
+
+
+@dataclasses.dataclass(frozen=True)
+class InputsConfig(Config):
+    """What a model is conditioned and sampled with beside its UNet, where its own is not wanted: prompts, other
+    calibration inputs, the scheduler."""
+
+    prompts: str | None = option(None, "text file with one prompt per line (blank and # lines skipped)",
+                                 none="the model's own prompt set, else the built-in one", metavar="FILE", path=True)
+    calibration: str | None = option(
+        None, "safetensors file of calibration inputs named like Conditioning's fields (extra_channels: an "
+        "inpainting UNet's masks and masked-image latents, class_labels, image_embeds …; rows first)",
+        none="data-free defaults for every input (see README, MODEL)", metavar="FILE", path=True)
+    scheduler: str | None = option(
+        None, "the scheduler the analysis and distillation sample with, in place of the model's own: a diffusers "
+        "scheduler class (DDIMScheduler, PNDMScheduler, DDPMScheduler, EulerDiscreteScheduler, ...) with its default "
+        "config, or a scheduler folder or scheduler_config.json",
+        none="the model's own (a pipeline folder's scheduler/); a model without one samples with DDIMScheduler() at "
+             "diffusers' defaults, and says so", metavar="NAME", path=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,17 +153,27 @@ class CostConfig(Config):
     latency_repeats: int = option(10, "timed runs of the dense model (per-operator times are their medians)",
                                   minimum=1)
     latency_warmup: int = option(2, "untimed runs first", minimum=0)
+
+    def problems(self) -> Iterable[str]:
+        if self.runtime == "onnxruntime" and self.latency_dtype != "float32":
+            yield (f"latency_dtype={self.latency_dtype!r} with runtime='onnxruntime': onnxruntime is timed on the "
+                   "float32 export; use runtime='torch' for another dtype")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckConfig(Config):
+    """How a plan's result is judged once it is pruned: its measured latency against the cut the costs predicted,
+    and the share it removed against the budget asked."""
+
     latency_tolerance: float = option(0.15, "flag a plan whose measured latency cut falls short of the predicted "
                                       "cut by more than this share of it", minimum=0, maximum=1)
     latency_precision: float = option(0.02, "time a plan beside the dense model until the 95 % interval of their "
                                       "latency ratio lies within ± this share of it (at most 400 rounds or 1 "
                                       "minute; the record says whether it got there)", minimum=0, maximum=1,
                                       exclusive_minimum=True, exclusive_maximum=True)
-
-    def problems(self) -> Iterable[str]:
-        if self.runtime == "onnxruntime" and self.latency_dtype != "float32":
-            yield (f"latency_dtype={self.latency_dtype!r} with runtime='onnxruntime': onnxruntime is timed on the "
-                   "float32 export; use runtime='torch' for another dtype")
+    target_tolerance: float = option(0.15, "the report calls the budget missed when the share removed (parameters "
+                                     "or MACs counted, latency measured) is off the budget by more than this share "
+                                     "of it, either way: too little, or more than asked", minimum=0, maximum=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,7 +198,7 @@ class DistillConfig(Config):
     samplings of ``trajectory_steps`` steps with ``guidance_scale``, ``renoise`` share of each batch re-noised
     from the teacher's final latents."""
 
-    steps: int = option(200, "distillation steps", minimum=1)
+    steps: int = option(200, "training steps (build and bench: 0 keeps the pruned student undistilled)", minimum=0)
     batch_size: int = option(16, "global batch, split over processes", minimum=1)
     optimizer: str = option("adamw", "AdamW (two moments per weight: twice the student's size in memory), or "
                             "Adafactor (factored second moments, no first: a quarter of AdamW's state for SD 1.5, "

@@ -19,13 +19,13 @@ Per-operator times are medians over the timed runs, as shares of the profiled ru
 timed without the profiler (or the interpreter), which slows every node a little; ``attributed_ms`` / ``dense_ms``
 says how much of it the operators account for (the rest is glue: embeddings, concatenations, resampling). A plan
 predicts ``dense_ms − Σ saves_ms``; build and bench measure the pruned model beside the dense one and flag a
-prediction that falls short (:func:`check_latency`).
+prediction that falls short (:func:`~ldpruner.passes.latency_check.check_latency`). The report and its file,
+costs.json, are :mod:`ldpruner.passes.cost_report`.
 """
 
 from __future__ import annotations
 
 import collections
-import dataclasses
 import hashlib
 import json
 import statistics
@@ -43,108 +43,12 @@ from ldpruner import devices
 from ldpruner.compiler.graph import Action, OperatorGraph
 from ldpruner.compiler.removal import stand_in
 from ldpruner.errors import ArtifactError, ConfigError
-from ldpruner.io import json_safe, read_json, write_json_atomic
-from ldpruner.runtime.timing import measure_interleaved, measure_ratio, onnx_feeds, ort_session
+from ldpruner.runtime.timing import measure_interleaved, onnx_feeds, ort_session
 
 from .config import CostConfig
+from .cost_report import COSTS_FORMAT, CostReport, OperatorCost
 
-__all__ = ["COSTS_FORMAT", "CostConfig", "CostReport", "OperatorCost", "check_latency", "latency_batch",
-           "measure_costs", "timing_inputs"]
-
-COSTS_FORMAT = "ldpruner.costs/1"
-
-
-@dataclasses.dataclass(frozen=True)
-class OperatorCost:
-    """The measured time of what removing one operator deletes, and of what it leaves in its place."""
-
-    name: str
-    ms: float  # median over the timed runs of the time of the nodes its removal deletes (in dense-latency ms)
-    iqr_ms: float
-    kept_ms: float  # the stand-in: the kept shortcut conv, a new 1×1 projection; ~0 for a bypass
-    kept_basis: str  # "measured" | "macs-scaled" (a new projection under onnxruntime)
-
-    @property
-    def saves_ms(self) -> float:
-        """What the removal saves; never negative (a stand-in timed slower than its operator saves nothing)."""
-        return max(0.0, self.ms - self.kept_ms)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "saves_ms": self.saves_ms}
-
-
-@dataclasses.dataclass(frozen=True)
-class CostReport:
-    """The latency costs of one traced UNet on one runtime: written as ``costs.json``, keyed like ``scores.json``."""
-
-    operators: Mapping[str, OperatorCost]
-    dense_ms: float  # median latency of the dense model (no profiler, no interpreter)
-    dense_iqr_ms: float
-    attributed_ms: float  # Σ of the candidates' times: the share of a profiled run the operators account for
-    profiled_ms: float  # the median profiled run (interpreter or profiler on): the base the attribution splits
-    config: CostConfig
-    placement: Mapping[str, Any]  # runtime, provider, device, accelerator, dtype, batch, sample shape, threads
-    model_class: str
-    granularity: str
-    cache_key: str
-    wall_time_s: float = 0.0
-
-    def saves_ms(self, name: str) -> float:
-        """What removing operator ``name`` saves (0 for an operator the costs do not know)."""
-        cost = self.operators.get(name)
-        return cost.saves_ms if cost is not None else 0.0
-
-    def predicted_ms(self, names: Any) -> float:
-        """The latency predicted after removing ``names``: the dense latency less what each removal saves."""
-        return self.dense_ms - sum(self.saves_ms(n) for n in names)
-
-    def basis(self) -> dict[str, Any]:
-        """What a prediction from these costs rests on (for a plan to record)."""
-        return {**self.placement, "repeats": self.config.latency_repeats, "dense_ms": self.dense_ms,
-                "costs_key": self.cache_key}
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "format": COSTS_FORMAT,
-            "cache_key": self.cache_key,
-            "model_class": self.model_class,
-            "granularity": self.granularity,
-            "config": self.config.to_dict(),
-            "placement": dict(self.placement),
-            "dense_ms": self.dense_ms,
-            "dense_iqr_ms": self.dense_iqr_ms,
-            "profiled_ms": self.profiled_ms,
-            "attributed_ms": self.attributed_ms,
-            "wall_time_s": self.wall_time_s,
-            "operators": [c.to_dict() for c in sorted(self.operators.values(), key=lambda c: -c.saves_ms)],
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> CostReport:
-        if not isinstance(data, Mapping) or data.get("format") != COSTS_FORMAT:
-            found = data.get("format") if isinstance(data, Mapping) else type(data).__name__
-            raise ArtifactError(f"not an ldpruner costs file: expected format {COSTS_FORMAT!r}, got {found!r}")
-        try:
-            fields = {f.name for f in dataclasses.fields(OperatorCost)}
-            operators = {c["name"]: OperatorCost(**{k: v for k, v in c.items() if k in fields})
-                         for c in data["operators"]}
-            return cls(operators=operators, dense_ms=float(data["dense_ms"]),
-                       dense_iqr_ms=float(data["dense_iqr_ms"]), attributed_ms=float(data["attributed_ms"]),
-                       profiled_ms=float(data["profiled_ms"]),
-                       # costs.json of earlier versions kept the threads in the config; the placement has them
-                       config=CostConfig.from_dict({k: v for k, v in data["config"].items() if k != "threads"}),
-                       placement=dict(data["placement"]), model_class=data["model_class"],
-                       granularity=data["granularity"], cache_key=data["cache_key"],
-                       wall_time_s=float(data.get("wall_time_s", 0.0)))
-        except (KeyError, TypeError, ValueError, ConfigError) as exc:
-            raise ArtifactError(f"malformed costs file: {type(exc).__name__}: {exc}") from exc
-
-    def save(self, path: str | Path) -> None:
-        write_json_atomic(Path(path), json_safe(self.to_dict()))
-
-    @classmethod
-    def load(cls, path: str | Path) -> CostReport:
-        return cls.from_dict(read_json(path, what="costs file"))
+__all__ = ["CostConfig", "cache_key", "latency_batch", "measure_costs", "timing_inputs"]
 
 
 # --- inputs ----------------------------------------------------------------------------------------------------
@@ -173,9 +77,6 @@ def timing_inputs(traced: Any, batch: int) -> dict[str, torch.Tensor]:
     return result
 
 
-# options that judge a plan's latency, not how the costs are measured: not in the costs' key
-_JUDGING = ("latency_tolerance", "latency_precision")
-
 
 def cache_key(graph: OperatorGraph, config: CostConfig, device: Any, threads: int | None = None) -> str:
     """What the costs depend on: the graph's operators and shapes, the measurement options (not the tolerance and
@@ -187,7 +88,7 @@ def cache_key(graph: OperatorGraph, config: CostConfig, device: Any, threads: in
         "format": COSTS_FORMAT,
         "operators": [op.to_dict() for op in graph],
         "inputs": {n: list(t.shape) for n, t in graph.traced.example_inputs.items()},
-        "config": {k: v for k, v in config.to_dict().items() if k not in _JUDGING},
+        "config": config.to_dict(),
         "device": str(device),
         "accelerator": devices.accelerator_name(device),
         "threads": devices.resolve_threads(threads),
@@ -195,14 +96,6 @@ def cache_key(graph: OperatorGraph, config: CostConfig, device: Any, threads: in
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
-
-def load_cached(path: Path, key: str) -> CostReport | None:
-    """``path``'s costs when they were measured under ``key``; None when absent, unreadable or stale."""
-    try:
-        report = CostReport.load(path)
-    except ArtifactError:
-        return None
-    return report if report.cache_key == key else None
 
 
 # --- measuring -------------------------------------------------------------------------------------------------
@@ -491,74 +384,3 @@ def _projection_macs(op: Any) -> int:
     out = op.out_shape
     spatial = out[2] * out[3] if len(out) == 4 else out[1]
     return op.in_shape[1 if len(op.in_shape) == 4 else -1] * out[1 if len(out) == 4 else -1] * spatial
-
-
-# --- predicted vs measured -----------------------------------------------------------------------------------------
-
-def check_latency(dense: Any, pruned: Any, costs: CostReport, names: Any, *, repeats: int | None = None,
-                  warmup: int | None = None, tolerance: float | None = None, precision: float | None = None,
-                  device: Any = None) -> dict[str, Any]:
-    """Time the pruned model (a traced graph) beside the dense one on the costs' runtime, batch and threads,
-    interleaved, until the 95 % interval of their latency ratio lies within ± ``precision`` of it (at least
-    ``repeats`` rounds; :func:`ldpruner.runtime.timing.measure_ratio`), and set the measured cut against the cut
-    ``costs`` predict for removing ``names``. ``flagged`` when the measured cut falls short of the predicted one by
-    more than ``tolerance`` of it."""
-    config = costs.config
-    repeats = repeats if repeats is not None else config.latency_repeats
-    warmup = warmup if warmup is not None else config.latency_warmup
-    tolerance = tolerance if tolerance is not None else config.latency_tolerance
-    precision = precision if precision is not None else config.latency_precision
-    batch = int(costs.placement["batch"])
-    predicted_cut = 1 - costs.predicted_ms(names) / costs.dense_ms
-    with devices.intra_op_threads(costs.placement.get("threads")) as threads:  # the threads the costs were timed at
-        if config.runtime == "torch":
-            ratio = _torch_pair(dense, pruned, batch, repeats, warmup, precision)
-        else:
-            ratio = _onnxruntime_pair(dense, pruned, batch, repeats, warmup, threads, device, precision)
-    run = ratio.run
-    measured_cut = 1 - ratio.ratio
-    shortfall = (predicted_cut - measured_cut) / predicted_cut if predicted_cut > 0 else 0.0
-    result = {"runtime": config.runtime, "batch": batch, "repeats": run.repeats, "threads": threads,
-              "dense_ms": run.stats["dense"].median_s * 1e3, "pruned_ms": run.stats["pruned"].median_s * 1e3,
-              "measured_ratio": ratio.ratio, "measured_cut": measured_cut,
-              # the 95 % interval of the measured cut, and whether it is as narrow as asked
-              "measured_cut_interval": [1 - ratio.high, 1 - ratio.low], "precision": precision,
-              "converged": ratio.converged, "measured": ratio.describe(),
-              "predicted_ratio": 1 - predicted_cut, "predicted_cut": predicted_cut, "shortfall": shortfall,
-              "tolerance": tolerance, "flagged": shortfall > tolerance, "message": None}
-    if result["flagged"]:
-        result["message"] = (f"the measured latency cut {measured_cut:.1%} falls short of the predicted "
-                             f"{predicted_cut:.1%} by {shortfall:.0%} of it (tolerance {tolerance:.0%}): the "
-                             f"per-operator costs ({config.runtime}) overstate what these removals save")
-    return result
-
-
-def _torch_pair(dense: Any, pruned: Any, batch: int, repeats: int, warmup: int, precision: float) -> Any:
-    device = next(pruned.gm.parameters()).device
-    sync = _synchronizer(device)
-    dense_args = [timing_inputs(dense, batch)[n] for n in dense.input_names]
-    pruned_args = [timing_inputs(pruned, batch)[n] for n in pruned.input_names]
-
-    def timed(gm: Any, args: list[Any]) -> Callable[[], None]:
-        return lambda: (gm(*args), sync())
-
-    with torch.inference_mode():
-        return measure_ratio({"dense": timed(dense.gm.eval(), dense_args), "pruned": timed(pruned.gm.eval(),
-                                                                                         pruned_args)},
-                             "pruned", "dense", warmup=warmup, repeats=repeats, precision=precision)
-
-
-def _onnxruntime_pair(dense: Any, pruned: Any, batch: int, repeats: int, warmup: int, threads: int | None,
-                      device: Any, precision: float) -> Any:
-    from ldpruner.passes.config import ExportConfig
-    from ldpruner.passes.onnx.export import export_onnx
-
-    with tempfile.TemporaryDirectory(prefix="ldpruner-latency-") as tmp:
-        sessions, feeds = {}, {}
-        for name, traced in (("dense", dense), ("pruned", pruned)):
-            path = Path(tmp) / f"{name}.onnx"
-            export_onnx(traced, None, None, path, config=ExportConfig(validate=False))
-            sessions[name] = ort_session(path, threads=threads, device=device)
-            feeds[name] = onnx_feeds(sessions[name], timing_inputs(traced, batch))
-        return measure_ratio({n: (lambda n=n: sessions[n].run(None, feeds[n])) for n in sessions}, "pruned", "dense",
-                             warmup=warmup, repeats=repeats, precision=precision)

@@ -63,7 +63,7 @@ def check_budget(candidates: Iterable[Any], *, total_params: int, total_macs: in
                  costs: Any = None) -> list[Any]:
     """The candidates that remove something under ``config.metric``; BudgetError if together they fall short of
     the budget. Needs no scores, so a build can check the budget before the (costly) analysis. ``costs``: a
-    :class:`~ldpruner.passes.costs.CostReport` (needed for ``metric="latency"``)."""
+    :class:`~ldpruner.passes.cost_report.CostReport` (needed for ``metric="latency"``)."""
     cost = _metric(config, costs)
     total = _total(config, total_params, total_macs, costs)
     if total <= 0:
@@ -97,7 +97,7 @@ def select_removals(
     ``jointly_removed`` (``OperatorGraph.jointly_removed``) names the modules a set of removals kills together
     although no single one does (the time embedding once every resnet is gone); a candidate that would cause
     that is skipped, so the plan's predicted totals stay exact and shared structure is never removed by accident.
-    ``costs`` (a :class:`~ldpruner.passes.costs.CostReport`): the per-operator latency, needed for
+    ``costs`` (a :class:`~ldpruner.passes.cost_report.CostReport`): the per-operator latency, needed for
     ``metric="latency"``; with it, any plan records the latency it predicts. Raises :class:`BudgetError` naming the
     largest reachable fraction when even removing every candidate falls short."""
     config = config if config is not None else SelectionConfig()

@@ -64,3 +64,26 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# --- the command line on a tiny saved UNet (the CLI error and build-record tests) ------------------------------------
+
+CLI_FAST = ["--num-samples", "2", "--steps", "1", "--height", "8", "--width", "8"]
+
+
+@pytest.fixture(scope="module")
+def unet_dir(tmp_path_factory):
+    """A tiny SD UNet saved as a UNet folder (one per test module)."""
+    path = tmp_path_factory.mktemp("model") / "unet"
+    make_tiny_sd_unet().save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def run_cli(capsys, *argv) -> tuple[int, str]:
+    """(exit code, the last stderr line) of ``ldpruner ARGV``; an error is one line, said once."""
+    from ldpruner.cli import main
+
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) <= 1 or not err[-1].startswith("error:") or len([e for e in err if e.startswith("error:")]) == 1
+    return code, (err[-1] if err else "")

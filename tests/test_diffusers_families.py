@@ -197,7 +197,7 @@ def test_gligen_grounding_is_named_outside_the_graph_in_inspect_and_the_plan(tmp
 
 def test_inpainting_defaults_are_masks_over_the_dense_models_own_samples():
     from ldpruner.compiler.graph import build_operator_graph
-    from ldpruner.passes.importance import default_extra_channels
+    from ldpruner.passes.inputs import default_extra_channels
 
     traced = build_operator_graph(trace_unet(make_unet("sd-inpainting"))).traced
     scheduler = diffusers.DDIMScheduler()

@@ -26,7 +26,6 @@ from __future__ import annotations
 import concurrent.futures
 import gzip
 import hashlib
-import json
 import math
 import os
 import shutil
@@ -37,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ldpruner.errors import ConfigError
-from ldpruner.io import atomic_path
+from ldpruner.io import atomic_path, json_digest
 
 from ._packages import MissingPackageError, package_dir
 
@@ -292,7 +291,7 @@ def load_espeak_split(split: str, *, config: Any = None, executable: str = "espe
     cache = None
     if cache_dir is not None:
         version = subprocess.run([exe, "--version"], capture_output=True, text=True, check=False).stdout.strip()
-        key = hashlib.sha256(json.dumps([plan, config.to_json(), version], sort_keys=True).encode()).hexdigest()[:16]
+        key = json_digest(plan, config.to_json(), version, length=16)
         cache = Path(cache_dir) / f"espeak-digits-{split}-{key}.npz"
         if cache.is_file():
             with np.load(cache) as f:

@@ -14,6 +14,7 @@ from typing import Any
 from torch import nn
 
 from ldpruner.errors import ConfigError, ModelLoadError
+from ldpruner.fingerprint import weights_fingerprint
 from ldpruner.io import json_safe, read_json
 
 __all__ = ["RANDOM_PREFIX", "UNET_CLASSES", "ZOO_PREFIX", "LoadedModel", "load", "scheduler_named", "weights_id"]
@@ -163,7 +164,7 @@ class LoadedModel:
             "unet_dir": str(self.unet_dir) if self.unet_dir else None,
             "pipeline_dir": str(self.pipeline_dir) if self.pipeline_dir else None,
             "scheduler": type(self.scheduler).__name__ if self.scheduler is not None else None,
-            # where the scheduler the passes sample with comes from (SCHEDULER_SOURCES in the analysis)
+            # where the scheduler the passes sample with comes from (ldpruner.passes.inputs.SCHEDULER_SOURCES)
             "scheduler_source": (self.scheduler_source or "given") if self.scheduler is not None else "default",
             "random_weights": self.random_weights,
             "text_encoder": str(self.text_encoder_config) if self.text_encoder_config else None,
@@ -181,8 +182,6 @@ def weights_id(module: nn.Module) -> str:
     """``sha256:<hex>`` over ``module``'s state_dict (every tensor's name, dtype, shape and bytes): the same weights
     loaded from the same files give the same identity; other weights of the same architecture, or the same weights
     cast to another dtype, another."""
-    from ldpruner.passes.importance import weights_fingerprint
-
     return "sha256:" + weights_fingerprint(module)
 
 

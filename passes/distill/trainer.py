@@ -13,10 +13,10 @@ features).
 
 Training: AdamW (or Adafactor), linear warm-up then cosine (or linear / constant) decay, gradient-norm clipping,
 optional EMA of the student's weights, fp32 or bf16 autocast; the teacher may run in a lower precision.
-Checkpoints (weights, EMA, optimizer, LR schedule, RNG, loss log) are written atomically every ``checkpoint_every``
-steps; a resumed run continues bit-identically, because every batch is drawn from a generator seeded by (seed,
-step, rank). Under torchrun the student is wrapped in DDP (gloo on CPU, NCCL on GPU), each rank trains on its own
-shard of the data, and only rank 0 writes.
+Checkpoints (:mod:`~ldpruner.passes.distill.checkpoint`: weights, EMA, optimizer, LR schedule, RNG, loss log) are
+written atomically every ``checkpoint_every`` steps; a resumed run continues bit-identically, because every batch is
+drawn from a generator seeded by (seed, step, rank). Under torchrun the student is wrapped in DDP (gloo on CPU, NCCL
+on GPU), each rank trains on its own shard of the data, and only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -29,9 +29,8 @@ import io
 import json
 import math
 import os
-import shutil
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,19 +40,17 @@ import torch.nn.functional as F
 from ldpruner import devices, distributed
 from ldpruner.compiler.taps import FeatureTaps, match_taps, tapped
 from ldpruner.compiler.tracer import TracedUNet
-from ldpruner.errors import ArtifactError, ConfigError, DistillError, WeightsMismatchError
-from ldpruner.io import atomic_dir, atomic_path, read_json, write_text_atomic
+from ldpruner.errors import ConfigError, DistillError
+from ldpruner.io import atomic_path, write_text_atomic
 
 from ..config import DistillConfig
 from ..remove import PrunedUNet
-from ..student import read_safetensors, save_student, tensors_for_safetensors
+from ..student import save_student
+from .checkpoint import CHECKPOINTS, checkpoint_to_resume, latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import DistillData
 
-__all__ = ["CHECKPOINTS", "DistillConfig", "DistillResult", "distill", "feature_loss",
-           "latest_checkpoint", "lr_factor", "plot_loss"]
+__all__ = ["DistillConfig", "DistillResult", "distill", "feature_loss", "lr_factor", "plot_loss"]
 
-CHECKPOINTS = "checkpoints"
-CHECKPOINT_FORMAT = "ldpruner.distill-checkpoint/1"
 LOG_FIELDS = ("step", "lr", "loss", "task", "out", "feat", "grad_norm", "time_s")
 
 
@@ -136,34 +133,6 @@ def checkpoint_operators(gm: torch.fx.GraphModule, granularity: Any) -> int:
     gm.graph.lint()
     gm.recompile()
     return wrapped
-
-
-# --- checkpoints -----------------------------------------------------------------------------------------------------
-
-def _checkpoint_dir(out: Path, step: int) -> Path:
-    return out / CHECKPOINTS / f"step-{step:08d}"
-
-
-def latest_checkpoint(out: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint under ``out/checkpoints`` (a folder with state.json), or None."""
-    root = Path(out) / CHECKPOINTS
-    if not root.is_dir():
-        return None
-    done = sorted(p for p in root.glob("step-*") if (p / "state.json").is_file())
-    return done[-1] if done else None
-
-
-def _save_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
-    from safetensors.torch import save_file
-
-    flat, aliases = tensors_for_safetensors(tensors)
-    save_file(flat, str(path), metadata={"format": "pt", "ldpruner.aliases": json.dumps(aliases)})
-
-
-def _plan_fingerprint(student: PrunedUNet) -> str:
-    """The removals and totals of the student's plan (the weights it records are checked on their own)."""
-    plan = {k: v for k, v in student.plan.to_dict().items() if k not in ("model_weights", "other_weights")}
-    return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class _Trainer:
@@ -284,109 +253,6 @@ class _Trainer:
             raise DistillError("student and teacher values do not match in shape, so they cannot be compared: "
                                + "; ".join(bad))
 
-    # --- checkpoints ---------------------------------------------------------------------------------------------
-    def state_json(self) -> dict[str, Any]:
-        opt = self.optimizer.state_dict()
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "step": self.step,
-            "config": self.config.to_dict(),
-            "world_size": self.world,
-            "plan": _plan_fingerprint(self.student),
-            "teacher_weights": self.teacher_weights,
-            "resumed_with_other_teachers": self.resumed_with_other_teachers,
-            "taps": self.taps.to_dict(),
-            "param_names": list(self.params),
-            "optimizer_param_groups": opt["param_groups"],
-            "lr_scheduler": {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"},
-            "log": self.log,
-        }
-
-    def save_checkpoint(self, out: Path) -> Path:
-        path = _checkpoint_dir(out, self.step)
-        opt_state = self.optimizer.state_dict()["state"]
-        optim = {f"{i}.{k}": v for i, s in opt_state.items() for k, v in s.items() if isinstance(v, torch.Tensor)}
-        optim["rng.torch"] = torch.get_rng_state()
-        if torch.cuda.is_available() and self.device.type == "cuda":
-            optim["rng.cuda"] = torch.cuda.get_rng_state(self.device)
-        with atomic_dir(path) as tmp:
-            _save_tensors(tmp / "student.safetensors", {k: v.detach() for k, v in self.student.gm.state_dict().items()})
-            if self.ema is not None:
-                _save_tensors(tmp / "ema.safetensors", self.ema)
-            _save_tensors(tmp / "optimizer.safetensors", optim)
-            (tmp / "state.json").write_text(json.dumps(self.state_json(), indent=1) + "\n")
-        finished = sorted(p for p in (out / CHECKPOINTS).glob("step-*") if (p / "state.json").is_file())
-        for old in finished[:-self.config.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
-        return path
-
-    def load_checkpoint(self, path: Path) -> None:
-        state = read_json(path / "state.json", what="checkpoint state", error=DistillError)
-        if state.get("format") != CHECKPOINT_FORMAT:
-            raise DistillError(f"{str(path)!r} is not a distillation checkpoint (format {state.get('format')!r})")
-        missing = [k for k in ("step", "config", "world_size", "plan", "param_names", "optimizer_param_groups",
-                               "lr_scheduler", "log") if k not in state]
-        if missing:
-            raise DistillError(f"checkpoint {str(path / 'state.json')!r} lacks {missing}: it is damaged; delete "
-                               f"{str(path)!r} to resume from an earlier checkpoint, or start over with --overwrite")
-        saved = dict(state["config"])
-        now = self.config.to_dict()
-        # options a checkpoint predates had their defaults then
-        differ = sorted(k for k in now if k != "steps" and saved.get(k, DistillConfig.default(k)) != now[k])
-        if differ:
-            pairs = ", ".join(f"{k}: checkpoint {saved.get(k, DistillConfig.default(k))!r}, now {now[k]!r}"
-                              for k in differ)
-            raise DistillError(f"cannot resume from {str(path)!r}: the config changed ({pairs}); only steps may "
-                               "change on resume, or start over with overwrite")
-        if state["world_size"] != self.world:
-            raise DistillError(f"cannot resume from {str(path)!r}: it ran on {state['world_size']} processes, this "
-                               f"run has {self.world} (each rank's data shard depends on the world size)")
-        if state["plan"] != _plan_fingerprint(self.student) or state["param_names"] != list(self.params):
-            raise DistillError(f"cannot resume from {str(path)!r}: it was written for another student (plan differs)")
-        from ldpruner.passes.plan import is_weights_id
-
-        before, resumes = state.get("teacher_weights"), state.get("resumed_with_other_teachers") or []
-        if not (before is None or is_weights_id(before)) or not (isinstance(resumes, list) and all(
-                isinstance(r, dict) and is_weights_id(r.get("used_with")) for r in resumes)):
-            raise DistillError(f"checkpoint {str(path / 'state.json')!r} has a damaged teacher record "
-                               f"(teacher_weights {before!r}, resumed_with_other_teachers {resumes!r}); delete "
-                               f"{str(path)!r} to resume from an earlier checkpoint, or start over with --overwrite")
-        self.resumed_with_other_teachers = list(resumes)
-        if before is not None and self.teacher_weights is not None and before != self.teacher_weights:
-            from ldpruner.passes.plan import short_id
-
-            if not self.allow_other_weights:
-                raise WeightsMismatchError(
-                    f"cannot resume from {str(path)!r}: it was trained against the teacher weights "
-                    f"{short_id(before)}, MODEL has {short_id(self.teacher_weights)}; pass the teacher it was "
-                    "trained against, --allow-other-weights (allow_other_weights=True) to go on with this one "
-                    "(distill.json records it), or --overwrite to start over")
-            self.resumed_with_other_teachers.append({"stage": "distill --resume", "made_for": before,
-                                                     "used_with": self.teacher_weights, "at_step": state["step"]})
-        if state["step"] > self.config.steps:
-            raise DistillError(f"checkpoint {str(path)!r} is at step {state['step']}, past steps={self.config.steps}")
-        weights = read_safetensors(path / "student.safetensors")
-        self.student.gm.load_state_dict({k: v.to(self.device) for k, v in weights.items()}, strict=True)
-        if self.ema is not None:
-            self.ema = {k: v.to(self.device) for k, v in read_safetensors(path / "ema.safetensors").items()}
-        optim = read_safetensors(path / "optimizer.safetensors")
-        opt_state: dict[int, dict[str, torch.Tensor]] = {}
-        for key, value in optim.items():
-            if key.startswith("rng."):
-                continue
-            index, name = key.split(".", 1)
-            opt_state.setdefault(int(index), {})[name] = value.to(self.device) if name != "step" else value
-        self.optimizer.load_state_dict({"state": opt_state, "param_groups": state["optimizer_param_groups"]})
-        sched = self.scheduler.state_dict()
-        sched.update(state["lr_scheduler"])
-        self.scheduler.load_state_dict(sched)
-        torch.set_rng_state(optim["rng.torch"])
-        if "rng.cuda" in optim and self.device.type == "cuda":
-            torch.cuda.set_rng_state(optim["rng.cuda"], self.device)
-        self.step = int(state["step"])
-        self.log = list(state["log"])
-
-
 def _shape(value: Any) -> str:
     return str(tuple(value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__
 
@@ -428,25 +294,6 @@ def plot_loss(log: list[dict[str, float]], path: Path, title: str = "distillatio
     return path
 
 
-def _prepare_out(out: Path, *, resume: bool, overwrite: bool) -> Path | None:
-    """The checkpoint to resume from (None: start fresh); refuses to mix a new run into an old folder."""
-    checkpoint = latest_checkpoint(out) if resume else None
-    leftovers = [p for p in (out / CHECKPOINTS, out / "student", out / "distill.json") if p.exists()]
-    if resume and checkpoint is None and not overwrite and any(p.name != CHECKPOINTS for p in leftovers):
-        raise ArtifactError(f"resume=True (--resume) found no checkpoint in {str(out / CHECKPOINTS)!r}, but "
-                            f"{str(out)!r} holds {[p.name for p in leftovers]} of an earlier distillation, which "
-                            "cannot be continued without its checkpoints; pass overwrite=True (--overwrite) to start "
-                            "over")
-    if resume:
-        return checkpoint  # nothing there yet: a fresh start, as torchrun restarts expect
-    if leftovers and not overwrite:
-        raise ArtifactError(f"{str(out)!r} already holds a distillation ({[p.name for p in leftovers]}); pass "
-                            "resume=True (--resume) to continue it or overwrite=True (--overwrite) to start over")
-    if leftovers:
-        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
-    return None
-
-
 def distill(
     student: PrunedUNet,
     teacher: TracedUNet,
@@ -461,6 +308,7 @@ def distill(
     callback: Callable[[dict[str, float]], None] | None = None,
     teacher_weights: str | None = None,
     allow_other_weights: bool = False,
+    world: distributed.World | None = None,
 ) -> DistillResult:
     """Fine-tune ``student`` (in place) against ``teacher`` on ``data``; write ``out/student/``, ``loss.csv``,
     ``loss.json``, ``loss.png``, ``distill.json`` and ``out/checkpoints/``.
@@ -470,69 +318,70 @@ def distill(
     gets each step's log row (an exception it raises stops the run, as a kill would). Under torchrun every rank
     calls this; rank 0 alone writes. ``teacher_weights``: the teacher's identity (:func:`ldpruner.sources.weights_id`),
     recorded in checkpoints and distill.json; resuming a checkpoint trained against another teacher is refused
-    unless ``allow_other_weights``."""
+    unless ``allow_other_weights``. ``device``: where the student trains (None: where its weights are); ``world``:
+    this process's place among the torchrun processes, as the command's placement joined it (None: the process group
+    already initialised, else one process)."""
     config = config if config is not None else DistillConfig()
     if not isinstance(config, DistillConfig):
         raise ConfigError(f"config must be a DistillConfig, got {type(config).__name__}")
+    if config.steps == 0:
+        raise ConfigError("steps=0 must be >= 1: distillation trains at least one step")
     if teacher.input_names != student.traced.input_names:
         raise DistillError(f"teacher inputs {teacher.input_names} differ from the student's "
                            f"{student.traced.input_names}: trace both from the same model class")
     if teacher.granularity != student.traced.granularity:
         raise DistillError(f"teacher traced at {teacher.granularity.value} granularity, student at "
                            f"{student.traced.granularity.value}")
-    device = torch.device(device) if device is not None else distributed.default_device()
     home = next(student.gm.parameters()).device
-    joined = distributed.join(device)
+    device = torch.device(device) if device is not None else home
+    joined = world if world is not None else distributed.current()
     rank, world = joined.rank, joined.size
     out = Path(out)
-    try:
-        if config.batch_size % (world * config.gradient_accumulation):
-            raise ConfigError(f"batch_size={config.batch_size} must split evenly over {world} process(es) x "
-                              f"gradient_accumulation={config.gradient_accumulation} micro-batches")
-        checkpoint = _prepare_out(out, resume=resume, overwrite=overwrite) if rank == 0 else (
-            latest_checkpoint(out) if resume else None)
-        taps = match_taps(teacher.gm, student.gm)
-        trainer = _Trainer(student, teacher, data, config, taps, rank, world, device)
-        trainer.teacher_weights, trainer.allow_other_weights = teacher_weights, allow_other_weights
-        resumed_from = None
-        if checkpoint is not None:
-            trainer.load_checkpoint(checkpoint)
-            resumed_from = trainer._checked_at = trainer.step
-        started = time.perf_counter()
-        devices.reset_peak_memory(device)
-        from tqdm.auto import tqdm
+    if config.batch_size % (world * config.gradient_accumulation):
+        raise ConfigError(f"batch_size={config.batch_size} must split evenly over {world} process(es) x "
+                          f"gradient_accumulation={config.gradient_accumulation} micro-batches")
+    checkpoint = checkpoint_to_resume(out, resume=resume, overwrite=overwrite) if rank == 0 else (
+        latest_checkpoint(out) if resume else None)
+    taps = match_taps(teacher.gm, student.gm)
+    trainer = _Trainer(student, teacher, data, config, taps, rank, world, device)
+    trainer.teacher_weights, trainer.allow_other_weights = teacher_weights, allow_other_weights
+    resumed_from = None
+    if checkpoint is not None:
+        load_checkpoint(trainer, checkpoint)
+        resumed_from = trainer._checked_at = trainer.step
+    started = time.perf_counter()
+    devices.reset_peak_memory(device)
+    from tqdm.auto import tqdm
 
-        bar = tqdm(total=config.steps, initial=trainer.step, desc="distill", unit="step",
-                   disable=not progress or rank != 0)
-        while trainer.step < config.steps:
-            row = trainer.train_step()
-            bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.4g}")
-            if rank == 0 and (trainer.step % config.checkpoint_every == 0 or trainer.step == config.steps):
-                trainer.save_checkpoint(out)
-            if callback is not None:
-                callback(row)
-        bar.close()
-        elapsed = time.perf_counter() - started
-        if trainer.resumed_with_other_teachers:  # the distilled student's plan records them
-            student = trainer.student = dataclasses.replace(student, plan=dataclasses.replace(
-                student.plan, other_weights=(*student.plan.other_weights, *trainer.resumed_with_other_teachers)))
-        student.gm.eval()
-        student.gm.to(home)  # back where it came from: beside its example inputs, ready to export or sample
-        if trainer.ema is not None:
-            with torch.no_grad():
-                for k, p in trainer.params.items():
-                    p.copy_(trainer.ema[k].to(p.dtype))
-        summary = _summary(trainer, data, resumed_from, elapsed, device, world)
-        if rank == 0:
-            save_student(student, out / "student", overwrite=True)
-            _write_log(out, trainer.log)
-            plotted = plot_loss(trainer.log, out / "loss.png")
-            summary["artifacts"]["loss.png"] = str(plotted) if plotted else "not written: matplotlib is not installed"
-            write_text_atomic(out / "distill.json", json.dumps(summary, indent=2, default=str) + "\n")
-        return DistillResult(student=student, log=trainer.log, summary=summary)
-    finally:
-        distributed.leave(joined)
+    bar = tqdm(total=config.steps, initial=trainer.step, desc="distill", unit="step",
+               disable=not progress or rank != 0)
+    while trainer.step < config.steps:
+        row = trainer.train_step()
+        bar.update(1)
+        bar.set_postfix(loss=f"{row['loss']:.4g}")
+        if rank == 0 and (trainer.step % config.checkpoint_every == 0 or trainer.step == config.steps):
+            save_checkpoint(trainer, out)
+        if callback is not None:
+            callback(row)
+    bar.close()
+    elapsed = time.perf_counter() - started
+    if trainer.resumed_with_other_teachers:  # the distilled student's plan records them
+        student = trainer.student = dataclasses.replace(student, plan=dataclasses.replace(
+            student.plan, other_weights=(*student.plan.other_weights, *trainer.resumed_with_other_teachers)))
+    student.gm.eval()
+    student.gm.to(home)  # back where it came from: beside its example inputs, ready to export or sample
+    if trainer.ema is not None:
+        with torch.no_grad():
+            for k, p in trainer.params.items():
+                p.copy_(trainer.ema[k].to(p.dtype))
+    summary = _summary(trainer, data, resumed_from, elapsed, device, world)
+    if rank == 0:
+        save_student(student, out / "student", overwrite=True)
+        _write_log(out, trainer.log)
+        plotted = plot_loss(trainer.log, out / "loss.png")
+        summary["artifacts"]["loss.png"] = str(plotted) if plotted else "not written: matplotlib is not installed"
+        write_text_atomic(out / "distill.json", json.dumps(summary, indent=2, default=str) + "\n")
+    return DistillResult(student=student, log=trainer.log, summary=summary)
 
 
 def _summary(trainer: _Trainer, data: DistillData, resumed_from: int | None, elapsed: float,

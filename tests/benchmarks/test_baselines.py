@@ -8,7 +8,7 @@ import torch
 from benchmarks import baselines
 from ldpruner import api
 from ldpruner.compiler.graph import Action
-from ldpruner.passes.importance import AnalysisConfig, resolve_conditioning
+from ldpruner.passes.inputs import resolve_conditioning
 from tests.conftest import make_tiny_sd_unet
 
 
@@ -23,7 +23,7 @@ def graph(one_thread):
 
 
 def _conditioning(graph, n=2):
-    return resolve_conditioning(graph.traced, None, AnalysisConfig(num_samples=n, seed=0))
+    return resolve_conditioning(graph.traced, None, num_samples=n, seed=0, guidance_scale=1.0)
 
 
 def test_magnitude_is_mean_abs_weight_of_what_the_removal_drops(graph):

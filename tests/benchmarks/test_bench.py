@@ -138,7 +138,7 @@ def test_bench_smoke_tiny_unet(tmp_path):
     report = api.bench(make_tiny_sd_unet(), out=out, budgets=[0.2], repeats=2, warmup=1, quality=True,
                        num_samples=2, steps=1, latency_precision=0.9, progress=False)
     on_disk = json.loads((out / "report.json").read_text())
-    assert on_disk["format"] == "ldpruner.bench/1" and on_disk["config"]["budgets"] == [0.2]
+    assert on_disk["format"] == "ldpruner.bench/2" and on_disk["config"]["budgets"] == [0.2]
     (model,) = on_disk["models"]
     assert model["quality"] == {"available": False, "reason": model["quality"]["reason"]}  # not a zoo model
     assert model["dense"]["onnx"]["passed"]

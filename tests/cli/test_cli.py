@@ -109,7 +109,7 @@ def test_build_from_toml_config(unet_dir, capsys, tmp_path):
                    'height = 8\nwidth = 8\ndistill_steps = 2\n')
     code, out, err = run(capsys, "build", "--config", cfg)
     assert code == 0, err
-    assert json.loads((tmp_path / "t" / "report.json").read_text())["config"]["budget"] == 0.2
+    assert json.loads((tmp_path / "t" / "report.json").read_text())["config"]["selection"]["budget"] == 0.2
     cfg.write_text('model = "x"\nout = "y"\nbudgte = 0.2\n')
     code, out, err = run(capsys, "build", "--config", cfg)
     assert code == 1 and "ConfigError" in err and "budgte" in err

@@ -138,8 +138,9 @@ def test_an_unknown_config_file_key_names_the_option_it_is_close_to(unet_dir, tm
     # close to nothing: every option, compactly
     config.write_text("zzz = 2\n")
     code, err = run(capsys, "build", unet_dir, "--out", tmp_path / "run", "--config", config)
-    assert (code, err) == (1, "error: ConfigError: unknown BuildConfig option 'zzz'; the options are "
-                              f"{', '.join(sorted(BuildConfig.names()))}\n")
+    assert (code, err) == (1, "error: ConfigError: unknown BuildConfig option 'zzz'; the options are the command's "
+                              "flags by name (--num-samples is num_samples; see its --help), and the sections "
+                              f"{', '.join(BuildConfig.sections())} as tables of their fields\n")
     assert len(err) < 500 and not (tmp_path / "run").exists()
 
 

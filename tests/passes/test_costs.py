@@ -16,7 +16,9 @@ from test_select import CANDS, Cand
 from ldpruner.compiler.graph import build_operator_graph
 from ldpruner.compiler.tracer import trace_unet
 from ldpruner.errors import ArtifactError, BudgetError, ConfigError
-from ldpruner.passes.costs import CostConfig, CostReport, OperatorCost, check_latency, measure_costs
+from ldpruner.passes.cost_report import CostReport, OperatorCost
+from ldpruner.passes.costs import CostConfig, measure_costs
+from ldpruner.passes.latency_check import check_latency
 from ldpruner.passes.remove import prune
 from ldpruner.passes.select import SelectionConfig, select_removals
 

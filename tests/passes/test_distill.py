@@ -125,7 +125,7 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
-    (dict(steps=0), "steps=0 must be >= 1"),
+    (dict(steps=-1), "steps=-1 must be >= 0"),
     (dict(feature_loss="l1"), r"feature_loss='l1' is not one of \['normalized', 'mse'\]"),
     (dict(ema_decay=1.5), r"ema_decay=1.5 must be in \(0, 1\)"),
     (dict(precision="fp8"), "precision='fp8' is not one of"),
@@ -271,7 +271,8 @@ _DDP_SCRIPT = textwrap.dedent("""
     data = TeacherTrajectories(teacher.gm, teacher.input_names, DDIMScheduler(), conditioning=cond,
                                latent_shape=(4, 16, 16), trajectories=6, steps=4, guidance_scale=5.0, seed=0,
                                renoise=0.5, rank=rank, world=world)
-    result = distill(pruned, teacher, data, config=DistillConfig(steps=3, **FAST), out={out!r}, progress=False)
+    result = distill(pruned, teacher, data, config=DistillConfig(steps=3, **FAST), out={out!r}, progress=False,
+                     world=joined)
     torch.save({{k: v for k, v in result.student.gm.state_dict().items()}}, {out!r} + f"/rank{{rank}}.pt")
     print(json.dumps({{"rank": rank, "rows": data.describe()["recorded_rows"]}}))
 """)

@@ -124,6 +124,7 @@ def test_zoo_text_to_image_distills_on_captioned_digits(tmp_path):
 def test_a_bfloat16_teacher_is_a_cast_copy_unless_the_dense_model_is_given_up(uncond_pipeline, tmp_path):
     from ldpruner import stages
     from ldpruner.passes.config import DistillConfig
+    from ldpruner.placement import place
 
     root, plan = uncond_pipeline
     loaded = api.load(root)
@@ -140,6 +141,7 @@ def test_a_bfloat16_teacher_is_a_cast_copy_unless_the_dense_model_is_given_up(un
     assert a != b and abs(a - b) < 0.1 * a, (a, b)
     # a caller done with the dense model (build, when no samples follow) lets the teacher cast it in place
     config = DistillConfig(steps=1, batch_size=4, trajectories=4, trajectory_steps=3, teacher_dtype="bfloat16")
-    stages.distill(loaded, api.prune(root, plan), config, out=tmp_path / "consumed", data=None, prompts_file=None,
-                   resume=False, overwrite=False, progress=False, device="cpu", consume=True)
+    with place("cpu", 1) as placement:
+        stages.distill(loaded, api.prune(root, plan), config, placement, out=tmp_path / "consumed", data=None,
+                       prompts_file=None, resume=False, overwrite=False, progress=False, consume=True)
     assert next(loaded.unet.parameters()).dtype == torch.bfloat16

@@ -19,7 +19,8 @@ from ldpruner.errors import (
     ExportError,
     ExportValidationError,
 )
-from ldpruner.passes.onnx.export import ExportConfig, Tolerance, export_onnx, validate_onnx
+from ldpruner.passes.onnx.export import ExportConfig, Tolerance, export_onnx
+from ldpruner.passes.onnx.validate import validate_onnx
 from ldpruner.runtime.session import create_session
 
 FP32 = ExportConfig().tolerances["float32"]

@@ -18,15 +18,10 @@ from ldpruner.compiler.graph import build_operator_graph
 from ldpruner.compiler.removal import swapped
 from ldpruner.compiler.tracer import trace_unet
 from ldpruner.errors import ArtifactError, ConfigError
-from ldpruner.passes.importance import (
-    AnalysisConfig,
-    Conditioning,
-    ImportanceReport,
-    analyze_importance,
-    cache_key,
-    encode_prompts,
-    load_cached,
-)
+from ldpruner.passes.conditioning import Conditioning, encode_prompts
+from ldpruner.passes.config import AnalysisConfig
+from ldpruner.passes.importance import analyze_importance, cache_key
+from ldpruner.passes.scores import ImportanceReport, load_cached
 from ldpruner.runtime.sampling import sample_latents
 
 FAST = AnalysisConfig(num_samples=4, steps=3, height=8, width=8)
@@ -447,10 +442,15 @@ def _rank_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     import torch.distributed as dist
 
+    from ldpruner.placement import place
+
     try:
-        # analyze_importance initialises the gloo group itself from the launcher's environment
-        report = analyze_importance(graph_of(make_tiny_sd_unet()), config=FAST, progress=False,
-                                    save_to=Path(out_dir) / f"saved-by-rank{rank}" / "scores.json")
+        # the command's placement joins the gloo group from the launcher's environment; the analysis is handed its
+        # place in it
+        with place("cpu", 1) as placement:
+            report = analyze_importance(graph_of(make_tiny_sd_unet()), config=FAST, progress=False,
+                                        save_to=Path(out_dir) / f"saved-by-rank{rank}" / "scores.json",
+                                        world=placement.world)
         Path(out_dir, f"rank{rank}.json").write_text(report.to_json())
     finally:
         if dist.is_initialized():
