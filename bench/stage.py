@@ -135,7 +135,7 @@ def _dense(spec: str, loaded: Any, graph: Any, analysis: dict[str, Any], config:
     dense = graph.traced
     _log(progress, f"{spec}: exporting the dense UNet")
     dense_onnx = model_dir / "dense" / "onnx" / "unet.onnx"
-    dense_export = export_onnx(dense, None, None, dense_onnx, config=export_config, overwrite=True).to_dict()
+    dense_export = export_onnx(dense, dense_onnx, config=export_config, overwrite=True).to_dict()
     session = ort_session(dense_onnx, threads=threads, device=device)
     record: dict[str, Any] = {
         "model": spec, "class": type(loaded.unet).__name__,
@@ -348,7 +348,7 @@ def _bench_build(spec: str, build: Any, config: BenchConfig, out: Path, placemen
     plan = RemovalPlan.load(build.plan).for_weights(loaded.weights_id, "bench", allow=False,
                                                     made=f"the build in {spec!r} was made for")
     graph = stages.inspect(loaded, dataclasses.replace(cfg.trace, granularity=plan.granularity))
-    scores = ImportanceReport.load(build.path / "scores.json")
+    scores = ImportanceReport.load(build.path / stages.SCORES)
     analysis = {"unet_calls": scores.unet_calls, "wall_time_s": scores.wall_time_s,
                 "num_samples": scores.config.num_samples, "steps": scores.config.steps,
                 "scheduler": scores.scheduler, "from_build": str(build.path)}
@@ -363,8 +363,8 @@ def _bench_build(spec: str, build: Any, config: BenchConfig, out: Path, placemen
                            "latency_check": measured, "summary": build.report.get("summary")}
     pruned = load_student(build.pruned)
     distilled = load_student(build.distilled) if build.distilled is not None else None
-    export_summary = read_json(build.onnx.with_name("export.json"), what="export summary")["export"]
-    cost_report = CostReport.load(build.path / "costs.json") if cfg.selection.metric == "latency" else None
+    export_summary = read_json(build.onnx.with_name(stages.EXPORT_SUMMARY), what="export summary")["export"]
+    cost_report = CostReport.load(build.path / stages.COSTS) if cfg.selection.metric == "latency" else None
     distill_record = None
     if distilled is not None:
         summary = read_json(build.path / "distill" / "distill.json", what="distillation summary")

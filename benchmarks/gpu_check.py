@@ -98,7 +98,7 @@ def check(out: Path, *, repeats: int = 10, budget: float = 0.3, progress: bool =
     # the dense model through the same exporter and optimizer, for onnxruntime's side of the comparison
     dense_onnx = out / "dense" / "unet.onnx"
     graph = phase("dense trace", lambda: api.inspect(loaded, height=size, width=size))
-    phase("dense export", lambda: export_onnx(graph.traced, None, None, dense_onnx, overwrite=True))
+    phase("dense export", lambda: export_onnx(graph.traced, dense_onnx, overwrite=True))
     suffix = setting["onnx"]
     dense_variant = out / "dense" / f"unet.{suffix}.onnx"
     dense_result = phase("dense optimize", lambda: optimize_onnx(dense_onnx, dense_variant, use_gpu=ort_cuda,

@@ -62,7 +62,7 @@ def run(model: str, *, height: int, width: int, budget: float, out: Path, repeat
     }
     with tempfile.TemporaryDirectory(prefix="latency-budget-") as tmp:
         dense_path = Path(tmp) / "dense" / "unet.onnx"
-        export_onnx(graph.traced, None, None, dense_path, config=ExportConfig(validate=False))
+        export_onnx(graph.traced, dense_path, config=ExportConfig(validate=False))
         dense_session = ort_session(dense_path, threads=threads)
         dense_feeds = onnx_feeds(dense_session, timing_inputs(graph.traced, batch))
         for metric, order in PLANS:
@@ -71,7 +71,7 @@ def run(model: str, *, height: int, width: int, budget: float, out: Path, repeat
             plan = api.select(scores, model=loaded, costs=costs, budget=budget, metric=metric, order=order)
             pruned = api.prune(loaded, plan)
             path = Path(tmp) / f"{metric}-{order}" / "unet.onnx"
-            export_onnx(pruned.traced, None, None, path, config=ExportConfig(validate=False))
+            export_onnx(pruned.traced, path, config=ExportConfig(validate=False))
             del pruned
             session = ort_session(path, threads=threads)
             feeds = onnx_feeds(session, timing_inputs(graph.traced, batch))

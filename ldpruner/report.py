@@ -55,7 +55,7 @@ def build_report(cfg: Any, model: dict[str, Any], plan: Any, out_dir: Path, timi
     candidates = [op for op in operators["operators"] if op["action"] != "not-removable"]
     trace = operators["trace"]
     scores = ImportanceReport.load(out_dir / SCORES)
-    export_summary = read_json(out_dir / ONNX_DIR / "export.json", what="export summary")
+    export_summary = read_json(out_dir / ONNX_DIR / EXPORT_SUMMARY, what="export summary")
     validation = export_summary["export"]["validation"]
     totals = plan.to_dict()["totals"]
     removed = [dict(r.to_dict(), kind=kinds[r.name]) for r in plan.removals]

@@ -362,7 +362,7 @@ def export(student: Any, config: Any, variants: Any, placement: Placement, *, ou
     if on_cuda and "CUDAExecutionProvider" not in config.validation_providers:
         config = dataclasses.replace(config, validation_providers=placement.providers)
     onnx_dir = Path(out) / ONNX_DIR
-    result = export_onnx(student.traced, None, None, onnx_dir / "unet.onnx", config=config, unet_config=student.config,
+    result = export_onnx(student.traced, onnx_dir / "unet.onnx", config=config, unet_config=student.config,
                          overwrite=overwrite)
     plan = getattr(student, "plan", None)
     summary: dict[str, Any] = {"export": result.to_dict(),

@@ -316,7 +316,8 @@ def _onnxruntime_costs(graph: OperatorGraph, config: CostConfig, inputs: Mapping
         path = Path(tmp) / "dense.onnx"
         if progress:
             print("costs: exporting the dense model for onnxruntime's profiler", file=sys.stderr, flush=True)
-        export_onnx(flat, traced.input_names, traced.example_inputs, path, config=ExportConfig(validate=False),
+        export_onnx(flat, path, input_names=traced.input_names, example_inputs=traced.example_inputs,
+                    config=ExportConfig(validate=False),
                     spatial_multiple=traced.spatial_multiple)
         dense, provider = _time_plain(path, inputs, config, device, threads)  # closed before the next opens
         profiled = ort_session(path, threads=threads, device=device, profile_prefix=str(Path(tmp) / "profile"))

@@ -84,7 +84,7 @@ def _onnxruntime_pair(dense: Any, pruned: Any, batch: int, repeats: int, warmup:
         sessions, feeds = {}, {}
         for name, traced in (("dense", dense), ("pruned", pruned)):
             path = Path(tmp) / f"{name}.onnx"
-            export_onnx(traced, None, None, path, config=ExportConfig(validate=False))
+            export_onnx(traced, path, config=ExportConfig(validate=False))
             sessions[name] = ort_session(path, threads=threads, device=device)
             feeds[name] = onnx_feeds(sessions[name], timing_inputs(traced, batch))
         return measure_ratio({n: (lambda n=n: sessions[n].run(None, feeds[n])) for n in sessions}, "pruned", "dense",

@@ -46,7 +46,7 @@ from ldpruner.io import atomic_path, write_text_atomic
 from ..config import DistillConfig
 from ..remove import PrunedUNet
 from ..student import save_student
-from .checkpoint import CHECKPOINTS, checkpoint_to_resume, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import CHECKPOINTS, SUMMARY, checkpoint_to_resume, latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import DistillData
 
 __all__ = ["DistillConfig", "DistillResult", "distill", "feature_loss", "lr_factor", "plot_loss"]
@@ -380,7 +380,7 @@ def distill(
         _write_log(out, trainer.log)
         plotted = plot_loss(trainer.log, out / "loss.png")
         summary["artifacts"]["loss.png"] = str(plotted) if plotted else "not written: matplotlib is not installed"
-        write_text_atomic(out / "distill.json", json.dumps(summary, indent=2, default=str) + "\n")
+        write_text_atomic(out / SUMMARY, json.dumps(summary, indent=2, default=str) + "\n")
     return DistillResult(student=student, log=trainer.log, summary=summary)
 
 

@@ -85,10 +85,10 @@ class ExportResult:
 
 def export_onnx(
     traced_or_gm: Any,
-    input_names: Sequence[str] | None,
-    example_inputs: Mapping[str, torch.Tensor] | None,
     out_path: str | os.PathLike[str],
     *,
+    input_names: Sequence[str] | None = None,
+    example_inputs: Mapping[str, torch.Tensor] | None = None,
     config: ExportConfig | None = None,
     spatial_multiple: int | None = None,
     unet_config: Mapping[str, Any] | None = None,

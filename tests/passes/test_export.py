@@ -31,7 +31,7 @@ def sd(tmp_path_factory):
     model = make_tiny_sd_unet()
     traced = trace_unet(model)
     out = tmp_path_factory.mktemp("sd") / "unet.onnx"
-    result = export_onnx(traced, None, None, out, unet_config=model.config)
+    result = export_onnx(traced, out, unet_config=model.config)
     return model, traced, result
 
 
@@ -45,7 +45,7 @@ def unet2d(tmp_path_factory, traced2d):
     model = make_tiny_unet2d()
     traced = traced2d
     out = tmp_path_factory.mktemp("u2d") / "unet.onnx"
-    result = export_onnx(traced, None, None, out, unet_config=model.config)
+    result = export_onnx(traced, out, unet_config=model.config)
     return model, traced, result
 
 
@@ -112,7 +112,7 @@ def test_export_leaves_the_traced_graph_usable(sd):
 def test_external_data_layout(exporter, tmp_path, traced2d):
     traced = traced2d
     config = ExportConfig(exporter=exporter, external_data="always", validate=False)  # checked below instead
-    result = export_onnx(traced, None, None, tmp_path / "unet.onnx", config=config)
+    result = export_onnx(traced, tmp_path / "unet.onnx", config=config)
     assert result.external_data and result.data_path == tmp_path / "unet.onnx.data"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["unet.onnx", "unet.onnx.data"]
     weights = result.weight_bytes
@@ -172,7 +172,7 @@ def test_validation_failure_writes_nothing(tmp_path, traced2d):
     traced = traced2d
     config = ExportConfig(tolerances={"float32": Tolerance(atol=0.0, rtol=0.0)})
     with pytest.raises(ExportValidationError) as info:
-        export_onnx(traced, None, None, tmp_path / "unet.onnx", config=config)
+        export_onnx(traced, tmp_path / "unet.onnx", config=config)
     assert "max_abs_diff" in str(info.value) and "> bound 0" in str(info.value)
     assert list(tmp_path.iterdir()) == []  # no .onnx, no .data, no staging folder
 
@@ -190,7 +190,7 @@ def test_exporter_crash_after_partial_write_leaves_nothing(tmp_path, monkeypatch
     monkeypatch.setattr(torch.onnx, "export", half_written)
     out = tmp_path / "models" / "unet.onnx"
     with pytest.raises(ExportError, match="simulated exporter crash.*Try exporter='dynamo'"):
-        export_onnx(traced, None, None, out, config=ExportConfig(external_data="always"))
+        export_onnx(traced, out, config=ExportConfig(external_data="always"))
     assert list(out.parent.iterdir()) == []
 
 
@@ -200,16 +200,16 @@ def test_existing_output_needs_overwrite(sd, tmp_path):
     shutil.copy(result.onnx_path, target)
     before = target.read_bytes()
     with pytest.raises(ArtifactError, match="overwrite=True"):
-        export_onnx(traced, None, None, target)
+        export_onnx(traced, target)
     assert target.read_bytes() == before
 
 
 def test_overwrite_with_inline_weights_removes_stale_data_file(tmp_path, traced2d):
     traced = traced2d
     out = tmp_path / "unet.onnx"
-    export_onnx(traced, None, None, out, config=ExportConfig(external_data="always", validate=False))
+    export_onnx(traced, out, config=ExportConfig(external_data="always", validate=False))
     assert (tmp_path / "unet.onnx.data").exists()
-    result = export_onnx(traced, None, None, out, config=ExportConfig(validate=False), overwrite=True)
+    result = export_onnx(traced, out, config=ExportConfig(validate=False), overwrite=True)
     assert not result.validation.validated and "validate=False" in result.validation.reason
     assert result.data_path is None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["unet.onnx"]
@@ -218,7 +218,7 @@ def test_overwrite_with_inline_weights_removes_stale_data_file(tmp_path, traced2
 
 def test_static_spatial_export_rejects_other_sizes(tmp_path, traced2d):
     traced = traced2d
-    result = export_onnx(traced, None, None, tmp_path / "unet.onnx", config=ExportConfig(dynamic_spatial=False))
+    result = export_onnx(traced, tmp_path / "unet.onnx", config=ExportConfig(dynamic_spatial=False))
     assert [c.name for c in result.validation.checks] == ["batch=1 latent=16x16", "batch=2 latent=16x16"]
     assert result.dynamic_axes["sample"] == {0: "batch"}
     session = create_session(result.onnx_path)
@@ -228,7 +228,8 @@ def test_static_spatial_export_rejects_other_sizes(tmp_path, traced2d):
 def test_bare_graph_module_with_int64_timestep(tmp_path, traced2d):
     traced = traced2d
     config = ExportConfig(timestep_dtype="int64")
-    result = export_onnx(traced.gm, traced.input_names, traced.example_inputs, tmp_path / "unet.onnx", config=config)
+    result = export_onnx(traced.gm, tmp_path / "unet.onnx", input_names=traced.input_names,
+                         example_inputs=traced.example_inputs, config=config)
     assert result.input_dtypes["timestep"] == "int64"
     assert not result.dynamic_spatial  # a bare module gives no spatial_multiple: only the traced size
     assert result.validation.passed
@@ -237,7 +238,8 @@ def test_bare_graph_module_with_int64_timestep(tmp_path, traced2d):
 def test_dynamic_spatial_demanded_without_a_multiple(tmp_path, traced2d):
     traced = traced2d
     with pytest.raises(ConfigError, match="spatial_multiple is None"):
-        export_onnx(traced.gm, traced.input_names, traced.example_inputs, tmp_path / "unet.onnx",
+        export_onnx(traced.gm, tmp_path / "unet.onnx", input_names=traced.input_names,
+                    example_inputs=traced.example_inputs,
                     config=ExportConfig(dynamic_spatial=True))
     assert list(tmp_path.iterdir()) == []
 

@@ -23,7 +23,7 @@ CUDA_ONLY_OPS = ("NhwcConv", "GroupNorm", "SkipGroupNorm", "BiasSplitGelu", "Bia
 def exported(tmp_path_factory):
     traced = trace_unet(make_tiny_sd_unet())
     out = tmp_path_factory.mktemp("sd") / "unet.onnx"
-    export_onnx(traced, None, None, out, config=ExportConfig(validate=False))
+    export_onnx(traced, out, config=ExportConfig(validate=False))
     return out
 
 

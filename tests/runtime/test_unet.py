@@ -20,7 +20,7 @@ ATOL = 1e-4
 
 
 def _export(model, folder):
-    export_onnx(trace_unet(model), None, None, folder / "unet.onnx", unet_config=model.config,
+    export_onnx(trace_unet(model), folder / "unet.onnx", unet_config=model.config,
                 config=ExportConfig(validate=False))  # validation has its own tests; here the pipeline checks
     return folder
 
