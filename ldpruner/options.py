@@ -436,7 +436,9 @@ class Config:
                 built[name] = spec.config(**{**spec.defaults, **given})
                 object.__setattr__(built[name], "_given", frozenset(given))
             except ConfigError as exc:
-                problems += collected or [str(exc)]
+                # a rule between fields names them as the section does: say which section (distill: w_out, ...)
+                problems += [p if not spec.prefix or p.startswith(spec.prefix + "_") else f"{spec.prefix}: {p}"
+                             for p in collected or [str(exc)]]
                 built[name] = spec.config(**spec.defaults)  # a stand-in, so that the own options are checked too
             finally:
                 _COLLECT.reset(token)

@@ -126,6 +126,9 @@ def test_problems_of_every_section_in_one_error_under_their_flat_names():
         BuildConfig.from_dict({"out": "o", "steps": 0, "distill_lr": -1, "budget": 2})
     assert str(caught.value) == ("invalid BuildConfig: steps=0 must be >= 1; budget=2 must be in (0, 1) (e.g. 0.3 "
                                  "removes 30 %); distill_lr=-1 must be > 0")
+    with pytest.raises(ConfigError, match=r"^invalid BuildConfig: distill: every loss weight is 0 \(w_out, w_feat, "
+                                          r"w_task\): nothing would be learned$"):
+        BuildConfig.from_dict({"out": "o", "distill_options": {"w_out": 0, "w_feat": 0}})
 
 
 def test_given_is_what_was_set_on_purpose():
