@@ -233,20 +233,6 @@ def _finish(ctx: _Dense, t_model: float) -> dict[str, Any]:
     return record
 
 
-def _load(model: Any, inputs: Any) -> Any:
-    """The model as the stages take it: its scheduler replaced and its calibration file read when ``inputs`` (an
-    InputsConfig) say so (the file checked before anything is traced)."""
-    from ldpruner.sources import load
-
-    loaded = load(model, scheduler=inputs.scheduler)
-    if inputs.calibration is not None:
-        from ldpruner.passes.conditioning import read_calibration_file
-
-        read_calibration_file(inputs.calibration)
-        loaded = dataclasses.replace(loaded, calibration=Path(inputs.calibration))
-    return loaded
-
-
 def _bench_model(spec: str, model: Any, config: BenchConfig, out: Path, placement: Any,
                  progress: bool) -> dict[str, Any]:
     """One model: its analysis once, then per budget the stages a build runs (select → prune → export → distill),
@@ -258,7 +244,7 @@ def _bench_model(spec: str, model: Any, config: BenchConfig, out: Path, placemen
     t_model = time.perf_counter()
     model_dir = out / slug(spec)
     model_dir.mkdir(parents=True, exist_ok=True)
-    loaded = _load(model, config.inputs)
+    loaded = stages.load_model(model, config.inputs)
     analysis = config.analysis
     _log(progress, f"{spec}: analysis ({analysis.num_samples} samples × {analysis.steps} steps)")
     graph, analysis, calib = stages.analysis_inputs(loaded, config.trace, analysis, config.inputs.prompts, placement)
@@ -316,9 +302,7 @@ def _distill_config(spec: str, distill: Any) -> Any:
            if k not in given}
     if not zoo:
         return distill
-    changed = dataclasses.replace(distill, **zoo)
-    object.__setattr__(changed, "_given", given | set(zoo))
-    return changed
+    return distill.replace(on_purpose=zoo, **zoo)
 
 
 def _bench_build(spec: str, build: Any, config: BenchConfig, out: Path, placement: Any,
@@ -341,7 +325,7 @@ def _bench_build(spec: str, build: Any, config: BenchConfig, out: Path, placemen
     _log(progress, f"{spec}: the build of {cfg.model} (metric {cfg.selection.metric}, budget "
                    f"{cfg.selection.budget:g})")
     try:
-        loaded = _load(cfg.model, dataclasses.replace(cfg.inputs, calibration=None))
+        loaded = stages.load_model(cfg.model, dataclasses.replace(cfg.inputs, calibration=None))
     except ModelLoadError as exc:
         raise ModelLoadError(f"the build in {spec!r} was made from MODEL {cfg.model!r}, which does not load now: "
                              f"{exc}") from exc

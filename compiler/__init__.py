@@ -16,8 +16,7 @@ does not load torch. Imports the base layer only.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from ldpruner.lazy import lazy_exports
 
 __all__ = [
     "Action",
@@ -60,9 +59,4 @@ _WHERE = {
     "Pass": "passmanager", "PassManager": "passmanager", "PassResult": "passmanager",
 }
 
-
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        module = importlib.import_module(f"{__name__}.{_WHERE[name]}")
-        return getattr(module, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _WHERE)

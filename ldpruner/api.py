@@ -72,7 +72,7 @@ def analyze(model: ModelLike, *, out: str | os.PathLike | None = None, prompts: 
     o = AnalyzeOptions.from_dict(options)
     inputs = InputsConfig(prompts=prompts, calibration=calibration, scheduler=scheduler)
     with place(o.placement.device, o.placement.threads) as placement:
-        loaded = _with_calibration(load(model, scheduler=inputs.scheduler), inputs.calibration)
+        loaded = stages.load_model(model, inputs)
         graph, config, calib = stages.analysis_inputs(loaded, o.trace, o.analysis, inputs.prompts, placement)
         return stages.analyze(loaded, graph, config, calib, placement, out=out, overwrite=overwrite,
                               progress=progress)
@@ -161,7 +161,7 @@ def distill(model: ModelLike, student: Any, *, out: str | os.PathLike, data: str
     inputs = InputsConfig(prompts=prompts, calibration=calibration, scheduler=scheduler)
     with place(o.placement.device, o.placement.threads) as placement:
         pruned = copy.deepcopy(student) if not isinstance(student, (str, os.PathLike)) else _load_student(student)
-        return stages.distill(_with_calibration(load(model, scheduler=inputs.scheduler), inputs.calibration),
+        return stages.distill(stages.load_model(model, inputs),
                               pruned, o.distill, placement, out=out, data=data, prompts_file=inputs.prompts,
                               resume=resume, overwrite=overwrite, progress=progress,
                               allow_other_weights=allow_other_weights)
@@ -279,15 +279,6 @@ def _out(out: str | os.PathLike | None) -> Path | None:
     from .io import output_dir
 
     return output_dir(out) if out is not None else None
-
-
-def _with_calibration(loaded: LoadedModel, calibration: str | os.PathLike | None) -> LoadedModel:
-    if calibration is not None:
-        from .passes.conditioning import read_calibration_file
-
-        read_calibration_file(calibration)  # a bad file fails here, before the model is traced
-        return dataclasses.replace(loaded, calibration=Path(calibration))  # the caller's LoadedModel stays as it was
-    return loaded
 
 
 def _load_student(path: str | os.PathLike) -> Any:

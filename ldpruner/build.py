@@ -25,7 +25,7 @@ from .errors import ArtifactError, ConfigError
 from .io import output_dir, read_json, sha256_file, write_json_atomic, write_text_atomic
 from .placement import Placement, place
 from .record import FILES, PENDING, STATE_FILE, Stage, check_out_is_ours, lock, read_state, run_stages
-from .sources import LoadedModel, load
+from .sources import LoadedModel
 
 __all__ = ["STAGES", "STATE_FILE", "BuildFolder", "Stage", "is_build_folder", "read_build_folder", "run_build"]
 
@@ -290,13 +290,8 @@ def run_build(cfg: BuildConfig, *, progress: bool = True) -> dict[str, Any]:
                             "another folder)")
     check_out_is_ours(out, cfg.overwrite, _written_names())
     t0, load_average = time.perf_counter(), devices.load_average()  # the load before this build adds its own
-    loaded = load(cfg.model, scheduler=cfg.inputs.scheduler)
+    loaded = stages.load_model(cfg.model, cfg.inputs)  # a bad calibration file fails before anything is written
     calibration.sampling_scheduler(loaded)  # a pipeline folder without its scheduler: refused before any write
-    if cfg.inputs.calibration is not None:
-        from ldpruner.passes.conditioning import read_calibration_file
-
-        read_calibration_file(cfg.inputs.calibration)  # a bad file fails before anything is traced or written
-        loaded.calibration = Path(cfg.inputs.calibration)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     # under torchrun the ranks build into one folder together: rank 0 holds the lock for them

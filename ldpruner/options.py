@@ -165,9 +165,7 @@ class Config:
             updates = {field: getattr(getattr(self, source), field) for field, source in spec.inherit.items()
                        if field not in given and getattr(part, field) != getattr(getattr(self, source), field)}
             if updates:
-                followed = dataclasses.replace(part, **updates)
-                object.__setattr__(followed, "_given", given)
-                object.__setattr__(self, name, followed)
+                object.__setattr__(self, name, part.replace(**updates))
 
     def _section_problems(self) -> list[str]:
         problems = []
@@ -312,6 +310,12 @@ class Config:
             base = None
         return frozenset(name for name in self.options() if getattr(self, name) != (
             getattr(base, name) if base is not None else self.default(name)))
+
+    def replace(self, *, on_purpose: Iterable[str] = (), **changes: Any) -> Any:
+        """``dataclasses.replace`` that keeps what was set on purpose (:meth:`given`), plus ``on_purpose``."""
+        changed = dataclasses.replace(self, **changes)
+        object.__setattr__(changed, "_given", self.given() | frozenset(on_purpose))
+        return changed
 
     # --- data ---------------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

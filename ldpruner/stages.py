@@ -29,7 +29,7 @@ from . import calibration, devices
 from .errors import ArtifactError, ConfigError, UnsupportedModelError
 from .io import check_replaceable, write_json_atomic
 from .placement import Placement
-from .sources import LoadedModel
+from .sources import LoadedModel, load
 
 __all__ = [
     "COSTS",
@@ -59,6 +59,18 @@ LORA = "lora.json"
 DISTILL_DIR = "distill"
 ONNX_DIR = "onnx"
 EXPORT_SUMMARY = "export.json"  # in ONNX_DIR: what was exported, validated and optimized, for which weights
+
+
+def load_model(model: Any, inputs: Any) -> LoadedModel:
+    """MODEL as the stages take it, with the scheduler and calibration file ``inputs`` (an InputsConfig) name: the
+    file is read here, before anything is traced; a LoadedModel passed in is never changed."""
+    loaded = load(model, scheduler=inputs.scheduler)
+    if inputs.calibration is not None:
+        from ldpruner.passes.conditioning import read_calibration_file
+
+        read_calibration_file(inputs.calibration)
+        loaded = dataclasses.replace(loaded, calibration=Path(inputs.calibration))
+    return loaded
 
 
 def inspect(loaded: LoadedModel, trace: Any) -> Any:

@@ -18,8 +18,7 @@ in :mod:`ldpruner.passes.config`. The public surface is listed below and resolve
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from ldpruner.lazy import lazy_exports
 
 __all__ = [
     "AnalysisConfig",
@@ -66,9 +65,4 @@ _WHERE = {
     "optimize_onnx": "onnx.optimize",
 }
 
-
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        module = importlib.import_module(f"{__name__}.{_WHERE[name]}")
-        return getattr(module, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _WHERE)

@@ -14,8 +14,7 @@ public surface is listed below and resolves lazily, so importing ``ldpruner.runt
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from ldpruner.lazy import lazy_exports
 
 __all__ = [
     "GraphUNet",
@@ -48,9 +47,4 @@ _WHERE = {
     "measure_ratio": "timing",
 }
 
-
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        module = importlib.import_module(f"{__name__}.{_WHERE[name]}")
-        return getattr(module, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _WHERE)

@@ -27,6 +27,7 @@ LAYER_OF = {
     "ldpruner.values": "base",
     "ldpruner.flags": "base",
     "ldpruner.placement": "base",
+    "ldpruner.lazy": "base",
     "ldpruner.unet_inputs": "base",
     "ldpruner.fingerprint": "base",
     "ldpruner.compiler": "compiler",

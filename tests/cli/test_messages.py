@@ -122,10 +122,10 @@ def test_long_values_are_quoted_short(tmp_path):
 # --- unknown options ------------------------------------------------------------------------------------------------
 
 def test_an_unknown_config_file_key_names_the_option_it_is_close_to(unet_dir, tmp_path, capsys, monkeypatch):
-    import ldpruner.build
+    import ldpruner.stages
     from ldpruner.config import BuildConfig
 
-    refuse(monkeypatch, ldpruner.build, "load")
+    refuse(monkeypatch, ldpruner.stages, "load_model")
     config = tmp_path / "build.toml"
     config.write_text("num_sample = 2\n")
     code, err = run(capsys, "build", unet_dir, "--out", tmp_path / "run", "--config", config)
@@ -145,10 +145,10 @@ def test_an_unknown_config_file_key_names_the_option_it_is_close_to(unet_dir, tm
 
 
 def test_an_unknown_api_keyword_names_the_option_it_is_close_to(unet_dir, monkeypatch):
-    from ldpruner import api
+    from ldpruner import api, stages
     from ldpruner.errors import ConfigError
 
-    refuse(monkeypatch, api, "load")
+    refuse(monkeypatch, stages, "load_model")
     with pytest.raises(ConfigError) as caught:
         api.analyze(unet_dir, num_sample=2)
     assert str(caught.value) == "unknown option 'num_sample'; did you mean 'num_samples'?"
@@ -187,10 +187,10 @@ def test_an_error_after_diffusers_pipelines_are_imported_is_the_only_line(studen
 @pytest.fixture
 def no_model_work(monkeypatch):
     """Loading a model or analysing one fails the test: a bench precondition must be refused before either."""
-    from ldpruner import api
+    from ldpruner import stages
 
-    for name in ("load", "analyze"):
-        refuse(monkeypatch, api, name)
+    for name in ("load_model", "analyze"):
+        refuse(monkeypatch, stages, name)
 
 
 def test_bench_quality_without_espeak_ng_is_refused_before_any_model_work(no_model_work, tmp_path, capsys,
