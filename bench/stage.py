@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from ldpruner import devices
+from ldpruner.artifact import ArtifactFile
 from ldpruner.config import BenchConfig
 from ldpruner.errors import ArtifactError
-from ldpruner.io import check_replaceable, write_json_atomic, write_text_atomic
+from ldpruner.io import check_replaceable, write_text_atomic
 from ldpruner.passes.config import OptimizeConfig
 from ldpruner.placement import place
 
@@ -34,7 +35,9 @@ from .show import audio_clips, audio_models, grids, markdown, plots, slug
 
 __all__ = ["BenchConfig", "run_bench", "BENCH_FORMAT"]
 
-BENCH_FORMAT = "ldpruner.bench/2"  # 2: the config in sections (analysis, distill, …)
+# 2: the config in sections (analysis, distill, …)
+REPORT = ArtifactFile("report.json", "ldpruner.bench/2", "bench report")
+BENCH_FORMAT = REPORT.format
 
 
 def _environment(placement: Any) -> dict[str, Any]:
@@ -62,7 +65,7 @@ def run_bench(config: BenchConfig, *, progress: bool = False,
     out = Path(config.out)
     if out.exists() and not out.is_dir():
         raise ArtifactError(f"--out {config.out!r} is a file, not a folder")
-    check_replaceable(out / "report.json", config.overwrite)
+    check_replaceable(out / REPORT.name, config.overwrite)
     out.mkdir(parents=True, exist_ok=True)
     # every stage of the bench (analysis, export, distillation, the timings) runs with this placement: its device,
     # its threads, its torchrun world
@@ -82,7 +85,7 @@ def run_bench(config: BenchConfig, *, progress: bool = False,
 
 
 def _write(out: Path, report: dict[str, Any]) -> None:
-    write_json_atomic(out / "report.json", report)
+    REPORT.write(out / REPORT.name, report)
     write_text_atomic(out / "report.md", markdown(report))
 
 
@@ -312,7 +315,6 @@ def _bench_build(spec: str, build: Any, config: BenchConfig, out: Path, placemen
     the budget the build asked for against what it achieved."""
     from ldpruner import stages
     from ldpruner.errors import ModelLoadError
-    from ldpruner.io import read_json
     from ldpruner.passes.cost_report import CostReport
     from ldpruner.passes.plan import RemovalPlan
     from ldpruner.passes.scores import ImportanceReport
@@ -332,14 +334,14 @@ def _bench_build(spec: str, build: Any, config: BenchConfig, out: Path, placemen
     plan = RemovalPlan.load(build.plan).for_weights(loaded.weights_id, "bench", allow=False,
                                                     made=f"the build in {spec!r} was made for")
     graph = stages.inspect(loaded, dataclasses.replace(cfg.trace, granularity=plan.granularity))
-    scores = ImportanceReport.load(build.path / stages.SCORES)
+    scores = ImportanceReport.load(build.path / stages.SCORES.name)
     analysis = {"unet_calls": scores.unet_calls, "wall_time_s": scores.wall_time_s,
                 "num_samples": scores.config.num_samples, "steps": scores.config.steps,
                 "scheduler": scores.scheduler, "from_build": str(build.path)}
     # the dense baseline exported as the build exported its student: a ratio of two exports, not of two exporters
     ctx = _dense(spec, loaded, graph, analysis, config, model_dir, placement, progress, model_spec=cfg.model,
                  export_config=cfg.export)
-    measured = read_json(build.latency, what="latency check") if build.latency is not None else None
+    measured = stages.LATENCY.fields(build.latency) if build.latency is not None else None
     ctx.record["build"] = {"path": str(build.path), "model": cfg.model, "metric": cfg.selection.metric,
                            "budget": cfg.selection.budget, "order": cfg.selection.order,
                            "distill_steps": cfg.distill.steps, "onnx": str(build.onnx),
@@ -347,11 +349,11 @@ def _bench_build(spec: str, build: Any, config: BenchConfig, out: Path, placemen
                            "latency_check": measured, "summary": build.report.get("summary")}
     pruned = load_student(build.pruned)
     distilled = load_student(build.distilled) if build.distilled is not None else None
-    export_summary = read_json(build.onnx.with_name(stages.EXPORT_SUMMARY), what="export summary")["export"]
-    cost_report = CostReport.load(build.path / stages.COSTS) if cfg.selection.metric == "latency" else None
+    export_summary = stages.EXPORT_SUMMARY.read(build.onnx.with_name(stages.EXPORT_SUMMARY.name))["export"]
+    cost_report = CostReport.load(build.path / stages.COSTS.name) if cfg.selection.metric == "latency" else None
     distill_record = None
     if distilled is not None:
-        summary = read_json(build.path / "distill" / "distill.json", what="distillation summary")
+        summary = stages.DISTILL_SUMMARY.read(build.distilled.parent / stages.DISTILL_SUMMARY.name)
         distill_record = {"steps": summary["steps"], "wall_time_s": summary["wall_time_s_this_run"],
                           "options": summary.get("config"), "data": summary["data"]["kind"],
                           "loss_first_10pct": summary["loss_first_10pct"]["loss"],

@@ -22,7 +22,7 @@ from typing import Any
 from . import calibration, devices, distributed, report, stages
 from .config import BuildConfig
 from .errors import ArtifactError, ConfigError
-from .io import output_dir, read_json, sha256_file, write_json_atomic, write_text_atomic
+from .io import output_dir, sha256_file, write_json_atomic, write_text_atomic
 from .placement import Placement, place
 from .record import FILES, PENDING, STATE_FILE, Stage, check_out_is_ours, lock, read_state, run_stages
 from .sources import LoadedModel
@@ -91,7 +91,7 @@ def _costs_differ(b: Build) -> str | None:
     from ldpruner.passes.cost_report import CostReport
 
     try:
-        there = CostReport.load(b.out / stages.COSTS).placement
+        there = CostReport.load(b.out / stages.COSTS.name).placement
     except (ArtifactError, OSError):
         return None
     now = {"threads": b.placement.threads, "device": str(b.placement.device)}
@@ -105,7 +105,7 @@ def _costs_differ(b: Build) -> str | None:
 def _onnx_differs(b: Build) -> str | None:
     """An ONNX model there whose text length is fixed (an earlier ldpruner's export)."""
     try:
-        axes = read_json(b.out / EXPORT_SUMMARY, what="export summary")["export"]["dynamic_axes"]
+        axes = stages.EXPORT_SUMMARY.read(b.out / EXPORT_SUMMARY)["export"]["dynamic_axes"]
     except (ArtifactError, KeyError, TypeError):
         return None
     if "encoder_hidden_states" not in axes or "1" in axes["encoder_hidden_states"]:
@@ -117,7 +117,7 @@ def _onnx_differs(b: Build) -> str | None:
 def _cost_report(b: Build) -> Any:
     from ldpruner.passes.cost_report import CostReport
 
-    return CostReport.load(b.out / stages.COSTS) if _timed(b) else None
+    return CostReport.load(b.out / stages.COSTS.name) if _timed(b) else None
 
 
 def _analyze(b: Build) -> None:
@@ -144,14 +144,14 @@ def _rewrite_graph(b: Build) -> Any:
 def _select(b: Build) -> None:
     from ldpruner.passes.scores import ImportanceReport
 
-    stages.select(ImportanceReport.load(b.out / stages.SCORES), _rewrite_graph(b), b.cfg.selection,
+    stages.select(ImportanceReport.load(b.out / stages.SCORES.name), _rewrite_graph(b), b.cfg.selection,
                   out=b.out, overwrite=True, cost_report=_cost_report(b))
 
 
 def _prune(b: Build) -> None:
     from ldpruner.passes.plan import RemovalPlan
 
-    b.students["prune"] = stages.prune(b.loaded, RemovalPlan.load(b.out / stages.PLAN), b.cfg.trace,
+    b.students["prune"] = stages.prune(b.loaded, RemovalPlan.load(b.out / stages.PLAN.name), b.cfg.trace,
                                        b.cfg.prune, out=b.out, overwrite=True, graph=_rewrite_graph(b))
 
 
@@ -235,27 +235,28 @@ def _samples(b: Build) -> None:
     preview_grid(b.loaded.zoo_name, variants, b.out / report.SAMPLES)
 
 
-EXPORT_SUMMARY = f"{stages.ONNX_DIR}/{stages.EXPORT_SUMMARY}"
+EXPORT_SUMMARY = f"{stages.ONNX_DIR}/{stages.EXPORT_SUMMARY.name}"
+DISTILL_SUMMARY = f"{stages.DISTILL_DIR}/{stages.DISTILL_SUMMARY.name}"
 STUDENT_FOLDERS = {"prune": stages.STUDENT, "distill": f"{stages.DISTILL_DIR}/{stages.STUDENT}"}
 
 STAGES: tuple[Stage, ...] = (
-    Stage("costs", stages.COSTS, reads=(), inputs=lambda b: (_cost_key(b),), run=_costs, enabled=_timed,
+    Stage("costs", stages.COSTS.name, reads=(), inputs=lambda b: (_cost_key(b),), run=_costs, enabled=_timed,
           own_cache=True, explain=_costs_differ),
-    Stage("analyze", stages.SCORES, reads=(), all_ranks=True,
+    Stage("analyze", stages.SCORES.name, reads=(), all_ranks=True,
           inputs=lambda b: (b.analysis_key,), run=_analyze, own_cache=True),
-    Stage("select", stages.PLAN, reads=("analyze",),
+    Stage("select", stages.PLAN.name, reads=("analyze",),
           inputs=lambda b: (b.cfg.selection.to_dict(),) + ((b.keys["costs"],) if _timed(b) else ()),
           run=_select, uses=("costs",)),
     Stage("prune", stages.STUDENT, reads=("select",),
           inputs=lambda b: (b.cfg.trace.height, b.cfg.trace.width), run=_prune),
-    Stage("latency", stages.LATENCY, reads=("prune",),
+    Stage("latency", stages.LATENCY.name, reads=("prune",),
           inputs=lambda b: (b.cfg.check.latency_tolerance, b.cfg.check.latency_precision), run=_latency, enabled=_timed,
           uses=("costs",)),
-    Stage("distill", f"{stages.DISTILL_DIR}/distill.json", reads=("prune",), all_ranks=True,
+    Stage("distill", DISTILL_SUMMARY, reads=("prune",), all_ranks=True,
           inputs=lambda b: (_distill_options(b), b.cfg.inputs.prompts, _file_digest(b.cfg.inputs.calibration)),
           run=_distill,
           enabled=lambda b: b.cfg.distill.steps > 0,
-          outputs=(f"{stages.DISTILL_DIR}/distill.json", STUDENT_FOLDERS["distill"])),
+          outputs=(DISTILL_SUMMARY, STUDENT_FOLDERS["distill"])),
     Stage("export", EXPORT_SUMMARY, reads=("distill", "prune"),
           inputs=lambda b: ({"exporter": b.cfg.export.exporter, "opset": b.cfg.export.opset,
                              "optimize": b.cfg.variants.optimize, "fp16": b.cfg.variants.fp16,
@@ -309,7 +310,7 @@ def run_build(cfg: BuildConfig, *, progress: bool = True) -> dict[str, Any]:
 
 def _written_names() -> set[str]:
     """The names a build writes into its folder (its artifacts, report and operator table)."""
-    return {s.artifact.split("/")[0] for s in STAGES} | {"operators.txt", "operators.json", report.REPORT,
+    return {s.artifact.split("/")[0] for s in STAGES} | {"operators.txt", "operators.json", report.REPORT.name,
                                                         report.REPORT_MD}
 
 
@@ -325,7 +326,7 @@ def _run_build(cfg: BuildConfig, out: Path, loaded: LoadedModel, placement: Plac
                 "timings_s": build.timings}
     from ldpruner.passes.plan import RemovalPlan
 
-    result = report.build_report(cfg, build.description, RemovalPlan.load(out / stages.PLAN), out,
+    result = report.build_report(cfg, build.description, RemovalPlan.load(out / stages.PLAN.name), out,
                                  build.timings, build.reused, sample_rows(build),
                                  files={p: d for s in STAGES if s.enabled(build)
                                         for p, d in build.state.get(FILES, {}).get(s.name, {}).items()},
@@ -333,7 +334,7 @@ def _run_build(cfg: BuildConfig, out: Path, loaded: LoadedModel, placement: Plac
                                      cfg.placement.threads, build.threads,
                                      [s.name for s in STAGES if s.enabled(build)], build.ran_with, out,
                                      load_average))
-    write_json_atomic(out / report.REPORT, result)
+    report.REPORT.write(out / report.REPORT.name, result)
     write_text_atomic(out / report.REPORT_MD, report.report_markdown(result))
     return result
 
@@ -384,7 +385,7 @@ class BuildFolder:
 
     @property
     def plan(self) -> Path:
-        return self.path / stages.PLAN
+        return self.path / stages.PLAN.name
 
     @property
     def pruned(self) -> Path:
@@ -401,7 +402,7 @@ class BuildFolder:
 
     @property
     def latency(self) -> Path | None:
-        path = self.path / stages.LATENCY
+        path = self.path / stages.LATENCY.name
         return path if self.config.selection.metric == "latency" and path.is_file() else None
 
 
@@ -421,11 +422,14 @@ def read_build_folder(path: str | os.PathLike) -> BuildFolder:
     except ArtifactError as exc:
         raise ArtifactError(f"{str(exc).split(': pass --overwrite')[0]}; {rebuild}") from None
     pending = [name for name, key in state.items() if isinstance(key, str) and key.startswith(PENDING)]
-    made = report.REPORT
+    made = report.REPORT.name
     if pending or not (out / made).is_file():
         why = f"its {pending[0]} stage did not finish" if pending else f"it has no {made}"
         raise ArtifactError(f"{str(out)!r} holds no finished build ({why}): run `ldpruner build` into it first")
-    data = read_json(out / made, what="build report")
+    try:
+        data = report.REPORT.read(out / made)
+    except ArtifactError as exc:
+        raise ArtifactError(f"{exc}; {rebuild}") from None
     try:
         config = BuildConfig.from_dict(data["config"])
         files = dict(data["files"]["sha256"])

@@ -9,12 +9,14 @@ from pathlib import Path
 from typing import Any
 
 from . import devices
+from .artifact import ArtifactFile
 from .io import read_json
-from .stages import COSTS, DISTILL_DIR, EXPORT_SUMMARY, LATENCY, ONNX_DIR, PLAN, SCORES, STUDENT
+from .stages import COSTS, DISTILL_DIR, DISTILL_SUMMARY, EXPORT_SUMMARY, LATENCY, ONNX_DIR, PLAN, SCORES, STUDENT
 
 __all__ = ["REPORT", "REPORT_MD", "SAMPLES", "build_report", "report_markdown", "threads_record"]
 
-REPORT = "report.json"
+# 2: the config in sections (cfg.analysis …); 1: flat, still read
+REPORT = ArtifactFile("report.json", "ldpruner.report/2", "build report", reads=("ldpruner.report/1",))
 REPORT_MD = "report.md"
 SAMPLES = "samples.png"
 
@@ -25,9 +27,10 @@ def threads_record(asked: int | None, threads: int, stages: list[str], ran_with:
     stages this build ran (``ran_with``), and — for the stages it reused — the number their artifact recorded when an
     earlier build made it (None where the artifact does not record one); with the CPUs this process may use and the
     1-minute load average when the build started (``load``)."""
-    recorded = {"analyze": (SCORES, ("placement", "threads")), "costs": (COSTS, ("placement", "threads")),
-                "latency": (LATENCY, ("threads",)), "distill": (f"{DISTILL_DIR}/distill.json", ("threads",)),
-                "export": (f"{ONNX_DIR}/{EXPORT_SUMMARY}", ("threads",))}
+    recorded = {"analyze": (SCORES.name, ("placement", "threads")), "costs": (COSTS.name, ("placement", "threads")),
+                "latency": (LATENCY.name, ("threads",)),
+                "distill": (f"{DISTILL_DIR}/{DISTILL_SUMMARY.name}", ("threads",)),
+                "export": (f"{ONNX_DIR}/{EXPORT_SUMMARY.name}", ("threads",))}
     per_stage: dict[str, int | None] = {}
     for name in stages:
         value: Any = ran_with.get(name)
@@ -54,8 +57,8 @@ def build_report(cfg: Any, model: dict[str, Any], plan: Any, out_dir: Path, timi
     kinds = {op["name"]: op["kind"] for op in operators["operators"]}
     candidates = [op for op in operators["operators"] if op["action"] != "not-removable"]
     trace = operators["trace"]
-    scores = ImportanceReport.load(out_dir / SCORES)
-    export_summary = read_json(out_dir / ONNX_DIR / EXPORT_SUMMARY, what="export summary")
+    scores = ImportanceReport.load(out_dir / SCORES.name)
+    export_summary = EXPORT_SUMMARY.fields(out_dir / ONNX_DIR / EXPORT_SUMMARY.name)
     validation = export_summary["export"]["validation"]
     totals = plan.to_dict()["totals"]
     removed = [dict(r.to_dict(), kind=kinds[r.name]) for r in plan.removals]
@@ -75,7 +78,7 @@ def build_report(cfg: Any, model: dict[str, Any], plan: Any, out_dir: Path, timi
         f"(max abs diff {validation.get('max_abs_diff', float('nan')):.2e}); report: {out_dir / 'report.md'}"
     )
     return {
-        "format": "ldpruner.report/2",  # 2: the config in sections (cfg.analysis …)
+        "format": REPORT.format,
         "summary": summary,
         "config": _absolute_paths(cfg),
         "model": model,
@@ -108,9 +111,9 @@ def build_report(cfg: Any, model: dict[str, Any], plan: Any, out_dir: Path, timi
         "other_weights": list(plan.other_weights),
         "files": {"sha256": dict(sorted((files or {}).items()))},
         "artifacts": {name: str(out_dir / name) for name in
-                      (*([COSTS, LATENCY] if latency is not None else []), SCORES, PLAN, STUDENT,
+                      (*([COSTS.name, LATENCY.name] if latency is not None else []), SCORES.name, PLAN.name, STUDENT,
                        *([f"{DISTILL_DIR}/{STUDENT}"] if cfg.distill.steps else []),
-                       f"{ONNX_DIR}/unet.onnx", "operators.txt", REPORT, REPORT_MD,
+                       f"{ONNX_DIR}/unet.onnx", "operators.txt", REPORT.name, REPORT_MD,
                        *([SAMPLES] if sample_rows else []))},
     }
 
@@ -132,13 +135,13 @@ def _absolute_paths(cfg: Any) -> dict[str, Any]:
 
 def _latency_report(plan: Any, out_dir: Path) -> dict[str, Any] | None:
     """The plan's latency prediction and the measurement that checks it (builds with a latency budget)."""
-    if plan.latency is None or not (out_dir / LATENCY).is_file():
+    if plan.latency is None or not (out_dir / LATENCY.name).is_file():
         return None
-    return {"predicted": plan.latency, "measured": read_json(out_dir / LATENCY, what="latency check")}
+    return {"predicted": plan.latency, "measured": LATENCY.fields(out_dir / LATENCY.name)}
 
 
 def _distill_report(folder: Path) -> dict[str, Any]:
-    summary = read_json(folder / "distill.json", what="distillation summary")
+    summary = DISTILL_SUMMARY.read(folder / DISTILL_SUMMARY.name)
     return {"steps": summary["steps"], "wall_time_s": summary["wall_time_s_this_run"],
             "data": summary["data"]["kind"], "feature_taps": summary["feature_taps"]["groups"],
             "loss_first_10pct": summary["loss_first_10pct"], "loss_last_10pct": summary["loss_last_10pct"],

@@ -25,16 +25,25 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ldpruner.passes.cost_report import COSTS
+from ldpruner.passes.distill.summary import SUMMARY as DISTILL_SUMMARY
+from ldpruner.passes.plan import PLAN
+from ldpruner.passes.scores import SCORES
+
 from . import calibration, devices
+from .artifact import ArtifactFile
 from .errors import ArtifactError, ConfigError, UnsupportedModelError
-from .io import check_replaceable, write_json_atomic
+from .io import check_replaceable
 from .placement import Placement
 from .sources import LoadedModel, load
 
 __all__ = [
     "COSTS",
     "DISTILL_DIR",
+    "DISTILL_SUMMARY",
+    "EXPORT_SUMMARY",
     "LATENCY",
+    "LORA",
     "ONNX_DIR",
     "PLAN",
     "SCORES",
@@ -50,15 +59,15 @@ __all__ = [
     "select",
 ]
 
-SCORES = "scores.json"
-COSTS = "costs.json"
-LATENCY = "latency.json"
-PLAN = "plan.json"
+# the artifacts not declared beside their type (SCORES, COSTS, PLAN, DISTILL_SUMMARY, imported above), each once with
+# its file name and format (ldpruner.artifact): the summaries a stage composes here
+LATENCY = ArtifactFile("latency.json", "ldpruner.latency/1", "latency check", reads=(None,))
+EXPORT_SUMMARY = ArtifactFile("export.json", "ldpruner.export-summary/1", "export summary",  # in ONNX_DIR
+                              reads=(None,))  # what was exported, validated and optimized, for which weights
+LORA = ArtifactFile("lora.json", "ldpruner.lora/1", "LoRA fusion report")  # what fusing a LoRA into a student did
 STUDENT = "student"
-LORA = "lora.json"
 DISTILL_DIR = "distill"
 ONNX_DIR = "onnx"
-EXPORT_SUMMARY = "export.json"  # in ONNX_DIR: what was exported, validated and optimized, for which weights
 
 
 def load_model(model: Any, inputs: Any) -> LoadedModel:
@@ -111,7 +120,7 @@ def analyze(loaded: LoadedModel, graph: Any, config: Any, calib: Any, placement:
     from ldpruner.passes.scores import load_cached
 
     scheduler, source = calibration.sampling_scheduler(loaded)
-    path = Path(out) / SCORES if out is not None else None
+    path = Path(out) / SCORES.name if out is not None else None
     if path is not None and path.exists():
         cached = load_cached(path, cache_key(graph, calib, config=config, scheduler=scheduler))
         if cached is not None and cached.model_weights == loaded.weights_id:
@@ -150,7 +159,7 @@ def costs(loaded: LoadedModel, trace: Any, config: Any, placement: Placement, *,
 
     device, threads = placement.device, placement.threads
     graph = _timed_graph(loaded, trace, config, device)
-    path = Path(out) / COSTS if out is not None else None
+    path = Path(out) / COSTS.name if out is not None else None
     if path is not None and path.exists():
         cached = load_cached(path, cache_key(graph, config, device, threads))
         if cached is not None:
@@ -187,9 +196,9 @@ def check_latency(loaded: LoadedModel, student: Any, cost_report: Any, trace: An
     if result["flagged"]:
         logging.getLogger("ldpruner.stages").warning(result["message"])
     if out is not None:
-        path = Path(out) / LATENCY
+        path = Path(out) / LATENCY.name
         check_replaceable(path, overwrite)
-        write_json_atomic(path, result)
+        LATENCY.write(path, result)
     return result
 
 
@@ -223,7 +232,7 @@ def select(report: Any, graph: Any, config: Any, *, out: str | os.PathLike | Non
     if model_weights is not None:
         plan = plan.for_weights(model_weights, "select", allow=allow_other_weights, made="the scores were made for")
     if out is not None:
-        path = Path(out) / PLAN
+        path = Path(out) / PLAN.name
         check_replaceable(path, overwrite)
         plan.save(path)
     return plan
@@ -332,7 +341,7 @@ def lora(student: Any, lora_path: str | os.PathLike, *, scale: float, out: str |
     from ldpruner.passes.student import save_student
 
     if out is not None:
-        for path in (Path(out) / STUDENT, Path(out) / LORA):
+        for path in (Path(out) / STUDENT, Path(out) / LORA.name):
             check_replaceable(path, overwrite)
     adapter = read_lora(lora_path, unet_config=student.config)
     fused = copy.deepcopy(student)
@@ -341,7 +350,7 @@ def lora(student: Any, lora_path: str | os.PathLike, *, scale: float, out: str |
     report["model_weights"] = fused.plan.model_weights  # the dense weights the student was pruned from
     if out is not None:
         save_student(fused, Path(out) / STUDENT, overwrite=overwrite)
-        write_json_atomic(Path(out) / LORA, report)
+        LORA.write(Path(out) / LORA.name, report)
     return fused, report
 
 
@@ -393,7 +402,7 @@ def export(student: Any, config: Any, variants: Any, placement: Placement, *, ou
             summary[name] = results[name].to_dict()
         pruned_sites, dense_sites = fusion_sites(student.gm), _dense_sites(student)
         summary["fusions"] = {name: fusion_table(results[name], pruned_sites, dense_sites) for name in results}
-    write_json_atomic(onnx_dir / EXPORT_SUMMARY, summary)
+    EXPORT_SUMMARY.write(onnx_dir / EXPORT_SUMMARY.name, summary)
     return summary
 
 

@@ -11,16 +11,16 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from ldpruner.errors import ArtifactError, ConfigError
-from ldpruner.io import json_safe, read_json, write_json_atomic
+from ldpruner.artifact import ArtifactFile, JsonArtifact
 
 from .config import CostConfig
 
-__all__ = ["COSTS_FORMAT", "CostReport", "OperatorCost", "load_cached"]
+__all__ = ["COSTS", "COSTS_FORMAT", "CostReport", "OperatorCost", "load_cached"]
 
-COSTS_FORMAT = "ldpruner.costs/1"
+COSTS = ArtifactFile("costs.json", "ldpruner.costs/1", "costs file")
+COSTS_FORMAT = COSTS.format
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,8 +43,10 @@ class OperatorCost:
 
 
 @dataclasses.dataclass(frozen=True)
-class CostReport:
+class CostReport(JsonArtifact):
     """The latency costs of one traced UNet on one runtime: written as ``costs.json``, keyed like ``scores.json``."""
+
+    FILE: ClassVar[ArtifactFile] = COSTS
 
     operators: Mapping[str, OperatorCost]
     dense_ms: float  # median latency of the dense model (no profiler, no interpreter)
@@ -89,33 +91,20 @@ class CostReport:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> CostReport:
-        if not isinstance(data, Mapping) or data.get("format") != COSTS_FORMAT:
-            found = data.get("format") if isinstance(data, Mapping) else type(data).__name__
-            raise ArtifactError(f"not an ldpruner costs file: expected format {COSTS_FORMAT!r}, got {found!r}")
-        try:
-            fields = {f.name for f in dataclasses.fields(OperatorCost)}
-            operators = {c["name"]: OperatorCost(**{k: v for k, v in c.items() if k in fields})
-                         for c in data["operators"]}
-            return cls(operators=operators, dense_ms=float(data["dense_ms"]),
-                       dense_iqr_ms=float(data["dense_iqr_ms"]), attributed_ms=float(data["attributed_ms"]),
-                       profiled_ms=float(data["profiled_ms"]),
-                       # costs.json of earlier versions kept the threads (the placement has them) and the options
-                       # that judge a plan (CheckConfig's) in the config
-                       config=CostConfig.from_dict({k: v for k, v in data["config"].items()
-                                                    if k not in ("threads", *_JUDGING)}),
-                       placement=dict(data["placement"]), model_class=data["model_class"],
-                       granularity=data["granularity"], cache_key=data["cache_key"],
-                       wall_time_s=float(data.get("wall_time_s", 0.0)))
-        except (KeyError, TypeError, ValueError, ConfigError) as exc:
-            raise ArtifactError(f"malformed costs file: {type(exc).__name__}: {exc}") from exc
-
-    def save(self, path: str | Path) -> None:
-        write_json_atomic(Path(path), json_safe(self.to_dict()))
-
-    @classmethod
-    def load(cls, path: str | Path) -> CostReport:
-        return cls.from_dict(read_json(path, what="costs file"))
+    def _from_dict(cls, data: Mapping[str, Any]) -> CostReport:
+        fields = {f.name for f in dataclasses.fields(OperatorCost)}
+        operators = {c["name"]: OperatorCost(**{k: v for k, v in c.items() if k in fields})
+                     for c in data["operators"]}
+        return cls(operators=operators, dense_ms=float(data["dense_ms"]),
+                   dense_iqr_ms=float(data["dense_iqr_ms"]), attributed_ms=float(data["attributed_ms"]),
+                   profiled_ms=float(data["profiled_ms"]),
+                   # costs.json of earlier versions kept the threads (the placement has them) and the options
+                   # that judge a plan (CheckConfig's) in the config
+                   config=CostConfig.from_dict({k: v for k, v in data["config"].items()
+                                                if k not in ("threads", *_JUDGING)}),
+                   placement=dict(data["placement"]), model_class=data["model_class"],
+                   granularity=data["granularity"], cache_key=data["cache_key"],
+                   wall_time_s=float(data.get("wall_time_s", 0.0)))
 
 
 # options of earlier costs.json files that judge a plan's latency (CheckConfig's now), not how costs are measured
@@ -123,9 +112,6 @@ _JUDGING = ("latency_tolerance", "latency_precision")
 
 
 def load_cached(path: Path, key: str) -> CostReport | None:
-    """``path``'s costs when they were measured under ``key``; None when absent, unreadable or stale."""
-    try:
-        report = CostReport.load(path)
-    except ArtifactError:
-        return None
-    return report if report.cache_key == key else None
+    """``path``'s costs when they were measured under ``key``; None when absent or stale (a file there that is not a
+    costs file raises: the artifact cache policy, :mod:`ldpruner.artifact`)."""
+    return CostReport.load_cached(path, key)

@@ -29,9 +29,6 @@ from ldpruner.errors import ConfigError
 
 __all__ = ["LoRA", "LoRAPair", "apply_lora", "read_lora"]
 
-LORA_FORMAT = "ldpruner.lora/1"
-
-
 @dataclasses.dataclass(frozen=True)
 class LoRAPair:
     module: str  # qualified name in the dense UNet
@@ -166,7 +163,6 @@ def apply_lora(gm: nn.Module, lora: LoRA, *, removed: tuple[str, ...], kept: tup
                           f"{' …' if len(unknown) > 5 else ''}; it was trained for another architecture")
     dropped_params = sum(p.params for p, _ in dropped)
     return {
-        "format": LORA_FORMAT,
         "source": lora.source,
         "scale": scale,
         "pairs": len(lora.pairs),

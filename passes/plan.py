@@ -6,16 +6,16 @@ import dataclasses
 import math
 import re
 from collections.abc import Mapping
-from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+from ldpruner.artifact import ArtifactFile, JsonArtifact
 from ldpruner.errors import PlanError, WeightsMismatchError
-from ldpruner.io import read_json, write_json_atomic
 
-__all__ = ["PlannedRemoval", "RemovalPlan", "PLAN_FORMAT", "WeightsMismatchError", "check_weights_id",
+__all__ = ["PlannedRemoval", "RemovalPlan", "PLAN", "PLAN_FORMAT", "WeightsMismatchError", "check_weights_id",
            "is_weights_id", "short_id"]
 
-PLAN_FORMAT = "ldpruner.plan/1"
+PLAN = ArtifactFile("plan.json", "ldpruner.plan/1", "plan file", error=PlanError)
+PLAN_FORMAT = PLAN.format
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,8 +38,10 @@ class PlannedRemoval:
 
 
 @dataclasses.dataclass(frozen=True)
-class RemovalPlan:
+class RemovalPlan(JsonArtifact):
     """Ordered removals plus the totals they predict. Pure data: apply it with ``RemoveOperators(plan)``."""
+
+    FILE: ClassVar[ArtifactFile] = PLAN
 
     removals: tuple[PlannedRemoval, ...]
     model_class: str
@@ -159,36 +161,28 @@ class RemovalPlan:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RemovalPlan:
-        if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
-            raise PlanError(
-                f"not an ldpruner plan: expected format {PLAN_FORMAT!r}, "
-                f"got {data.get('format') if isinstance(data, dict) else type(data).__name__!r}"
-            )
-        try:
-            removals = tuple(PlannedRemoval(**r) for r in data["removals"])
-            for r in removals:
-                _check_removal(r)
-            names = [r.name for r in removals]
-            dupes = sorted({n for n in names if names.count(n) > 1})
-            if dupes:
-                raise PlanError(f"plan removes {dupes} more than once; each operator may appear once")
-            totals = data["totals"]
-            plan = cls(
-                removals=removals,
-                model_class=data["model_class"],
-                granularity=data["granularity"],
-                total_params=int(totals["params_before"]),
-                total_macs=int(totals["macs_per_sample_before"]),
-                budget=dict(data.get("budget", {})),
-                latency=dict(data["latency"]) if data.get("latency") is not None else None,
-                outside_graph=dict(data["outside_graph"]) if data.get("outside_graph") is not None else None,
-                model_weights=check_weights_id(data.get("model_weights")),
-                other_weights=_other_weights(data.get("other_weights")),
-            )
-            _check_totals(plan, totals)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise PlanError(f"malformed plan: {type(exc).__name__}: {exc}") from exc
+    def _from_dict(cls, data: Mapping[str, Any]) -> RemovalPlan:
+        removals = tuple(PlannedRemoval(**r) for r in data["removals"])
+        for r in removals:
+            _check_removal(r)
+        names = [r.name for r in removals]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise PlanError(f"plan removes {dupes} more than once; each operator may appear once")
+        totals = data["totals"]
+        plan = cls(
+            removals=removals,
+            model_class=data["model_class"],
+            granularity=data["granularity"],
+            total_params=int(totals["params_before"]),
+            total_macs=int(totals["macs_per_sample_before"]),
+            budget=dict(data.get("budget", {})),
+            latency=dict(data["latency"]) if data.get("latency") is not None else None,
+            outside_graph=dict(data["outside_graph"]) if data.get("outside_graph") is not None else None,
+            model_weights=check_weights_id(data.get("model_weights")),
+            other_weights=_other_weights(data.get("other_weights")),
+        )
+        _check_totals(plan, totals)
         return plan
 
     def check(self) -> None:
@@ -200,13 +194,6 @@ class RemovalPlan:
             _check_totals(self, self.to_dict()["totals"])
         except (TypeError, ValueError) as exc:
             raise PlanError(f"malformed plan: {type(exc).__name__}: {exc}") from exc
-
-    def save(self, path: str | Path) -> None:
-        write_json_atomic(Path(path), self.to_dict())
-
-    @classmethod
-    def load(cls, path: str | Path) -> RemovalPlan:
-        return cls.from_dict(read_json(path, what="plan file", error=PlanError))
 
 
 def short_id(weights: str) -> str:

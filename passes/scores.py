@@ -12,18 +12,18 @@ import json
 import math
 import os
 from collections.abc import Iterator, Mapping
-from pathlib import Path
 from typing import Any, ClassVar
 
+from ldpruner.artifact import ArtifactFile, JsonArtifact
 from ldpruner.errors import ArtifactError
-from ldpruner.io import read_json, write_text_atomic
 
 from .config import AnalysisConfig
 from .plan import check_weights_id
 
-__all__ = ["CandidateScore", "ImportanceReport", "SCORES_FORMAT", "load_cached"]
+__all__ = ["CandidateScore", "ImportanceReport", "SCORES", "SCORES_FORMAT", "load_cached"]
 
-SCORES_FORMAT = "ldpruner.scores/1"
+SCORES = ArtifactFile("scores.json", "ldpruner.scores/1", "scores file")
+SCORES_FORMAT = SCORES.format
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,13 +45,13 @@ class CandidateScore:
 
 
 @dataclasses.dataclass(frozen=True)
-class ImportanceReport:
+class ImportanceReport(JsonArtifact):
     """Per-candidate scores keyed by fx qualified name, plus what produced them. Written as scores.json.
 
     ``entries`` keeps graph order; treat it as read-only. ``unet_calls`` is summed over ranks (each rank
     generates the dense latents once); ``wall_time_s`` is the slowest rank's."""
 
-    FILENAME: ClassVar[str] = "scores.json"
+    FILE: ClassVar[ArtifactFile] = SCORES
 
     model_class: str
     granularity: str
@@ -118,39 +118,33 @@ class ImportanceReport:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> ImportanceReport:
-        if not isinstance(data, Mapping) or data.get("format") != SCORES_FORMAT:
-            found = data.get("format") if isinstance(data, Mapping) else type(data).__name__
-            raise ArtifactError(f"not an ldpruner scores file: expected format {SCORES_FORMAT!r}, got {found!r}")
-        try:
-            entries = [CandidateScore(**e) for e in data["candidates"]]
-            cost = data["cost"]
-            _check_finite_scores(entries, "scores.json")
-            return cls(
-                model_class=data["model_class"],
-                granularity=data["granularity"],
-                total_params=int(data["total_params"]),
-                total_macs=int(data["total_macs_per_sample"]),
-                config=AnalysisConfig.from_dict(data["config"]),
-                scheduler=dict(data["scheduler"]),
-                conditioning=data["conditioning"],
-                prompts=tuple(data["prompts"]) if data["prompts"] is not None else None,
-                classifier_free_guidance=bool(data["classifier_free_guidance"]),
-                latent_shape=tuple(data["latent_shape"]),
-                dense_mean_norm=float(data["dense"]["mean_norm"]),
-                dense_std_norm=float(data["dense"]["std_norm"]),
-                entries={e.name: e for e in entries},
-                unet_calls=int(cost["unet_calls"]),
-                wall_time_s=float(cost["wall_time_s"]),
-                world_size=int(cost["world_size"]),
-                cache_key=data["cache_key"],
-                placement=dict(data.get("placement") or {}),
-                planned_unet_calls=cost.get("planned_unet_calls"),
-                peak_memory=list(cost.get("peak_memory") or []),
-                model_weights=check_weights_id(data.get("model_weights"), "scores.json's model_weights"),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ArtifactError(f"malformed scores file: {type(exc).__name__}: {exc}") from exc
+    def _from_dict(cls, data: Mapping[str, Any]) -> ImportanceReport:
+        entries = [CandidateScore(**e) for e in data["candidates"]]
+        cost = data["cost"]
+        _check_finite_scores(entries, "scores.json")
+        return cls(
+            model_class=data["model_class"],
+            granularity=data["granularity"],
+            total_params=int(data["total_params"]),
+            total_macs=int(data["total_macs_per_sample"]),
+            config=AnalysisConfig.from_dict(data["config"]),
+            scheduler=dict(data["scheduler"]),
+            conditioning=data["conditioning"],
+            prompts=tuple(data["prompts"]) if data["prompts"] is not None else None,
+            classifier_free_guidance=bool(data["classifier_free_guidance"]),
+            latent_shape=tuple(data["latent_shape"]),
+            dense_mean_norm=float(data["dense"]["mean_norm"]),
+            dense_std_norm=float(data["dense"]["std_norm"]),
+            entries={e.name: e for e in entries},
+            unet_calls=int(cost["unet_calls"]),
+            wall_time_s=float(cost["wall_time_s"]),
+            world_size=int(cost["world_size"]),
+            cache_key=data["cache_key"],
+            placement=dict(data.get("placement") or {}),
+            planned_unet_calls=cost.get("planned_unet_calls"),
+            peak_memory=list(cost.get("peak_memory") or []),
+            model_weights=check_weights_id(data.get("model_weights"), "scores.json's model_weights"),
+        )
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2) + "\n"
@@ -158,21 +152,6 @@ class ImportanceReport:
     def check_finite(self, where: str = "the scores") -> None:
         """ArtifactError when a score or one of its terms is NaN, infinite or not a number: never ranked."""
         _check_finite_scores(list(self.entries.values()), where)
-
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write atomically; ``path`` is a file, or a folder that receives ``scores.json``."""
-        path = Path(path)
-        if path.is_dir():
-            path = path / self.FILENAME
-        write_text_atomic(path, self.to_json())
-        return path
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> ImportanceReport:
-        path = Path(path)
-        if path.is_dir():
-            path = path / cls.FILENAME
-        return cls.from_dict(read_json(path, what="scores file"))
 
 
 def _check_finite_scores(entries: list[CandidateScore], where: str) -> None:
@@ -190,15 +169,7 @@ def _check_finite_scores(entries: list[CandidateScore], where: str) -> None:
 
 
 def load_cached(path: str | os.PathLike, key: str) -> ImportanceReport | None:
-    """The report at ``path`` if it was computed with cache key ``key`` (see
-    :func:`~ldpruner.passes.importance.cache_key`), else None.
-
-    A missing file is a miss; a file that is not a scores file raises :class:`ArtifactError` rather than
-    being treated as a miss and overwritten later."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / ImportanceReport.FILENAME
-    if not path.is_file():
-        return None
-    report = ImportanceReport.load(path)
-    return report if report.cache_key == key else None
+    """The report at ``path`` (a file, or a folder holding scores.json) if it was computed with cache key ``key``
+    (see :func:`~ldpruner.passes.importance.cache_key`), else None; a file there that is not a scores file raises
+    :class:`ArtifactError` (the artifact cache policy, :mod:`ldpruner.artifact`)."""
+    return ImportanceReport.load_cached(path, key)

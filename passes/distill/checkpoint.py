@@ -29,12 +29,12 @@ from ..config import DistillConfig
 from ..plan import is_weights_id, short_id
 from ..remove import PrunedUNet
 from ..student import read_safetensors, tensors_for_safetensors
+from .summary import SUMMARY
 
 __all__ = ["CHECKPOINTS", "CHECKPOINT_FORMAT", "Checkpointed", "checkpoint_state", "checkpoint_to_resume",
            "latest_checkpoint", "load_checkpoint", "plan_fingerprint", "save_checkpoint"]
 
 CHECKPOINTS = "checkpoints"
-SUMMARY = "distill.json"  # what a distillation run did, beside its student/
 CHECKPOINT_FORMAT = "ldpruner.distill-checkpoint/1"
 
 
@@ -73,7 +73,7 @@ def latest_checkpoint(out: str | os.PathLike) -> Path | None:
 def checkpoint_to_resume(out: Path, *, resume: bool, overwrite: bool) -> Path | None:
     """The checkpoint to resume from (None: start fresh); refuses to mix a new run into an old folder."""
     checkpoint = latest_checkpoint(out) if resume else None
-    leftovers = [p for p in (out / CHECKPOINTS, out / "student", out / SUMMARY) if p.exists()]
+    leftovers = [p for p in (out / CHECKPOINTS, out / "student", out / SUMMARY.name) if p.exists()]
     if resume and checkpoint is None and not overwrite and any(p.name != CHECKPOINTS for p in leftovers):
         raise ArtifactError(f"resume=True (--resume) found no checkpoint in {str(out / CHECKPOINTS)!r}, but "
                             f"{str(out)!r} holds {[p.name for p in leftovers]} of an earlier distillation, which "

@@ -46,8 +46,9 @@ from ldpruner.io import atomic_path, write_text_atomic
 from ..config import DistillConfig
 from ..remove import PrunedUNet
 from ..student import save_student
-from .checkpoint import CHECKPOINTS, SUMMARY, checkpoint_to_resume, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import CHECKPOINTS, checkpoint_to_resume, latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import DistillData
+from .summary import SUMMARY
 
 __all__ = ["DistillConfig", "DistillResult", "distill", "feature_loss", "lr_factor", "plot_loss"]
 
@@ -380,7 +381,7 @@ def distill(
         _write_log(out, trainer.log)
         plotted = plot_loss(trainer.log, out / "loss.png")
         summary["artifacts"]["loss.png"] = str(plotted) if plotted else "not written: matplotlib is not installed"
-        write_text_atomic(out / SUMMARY, json.dumps(summary, indent=2, default=str) + "\n")
+        SUMMARY.write(out / SUMMARY.name, summary)
     return DistillResult(student=student, log=trainer.log, summary=summary)
 
 
@@ -394,7 +395,7 @@ def _summary(trainer: _Trainer, data: DistillData, resumed_from: int | None, ela
         return sum(r[key] for r in rows) / len(rows)
 
     return {
-        "format": "ldpruner.distill/1",
+        "format": SUMMARY.format,
         "config": trainer.config.to_dict(),
         "steps": trainer.step,
         "resumed_from_step": resumed_from,

@@ -249,19 +249,22 @@ def test_edited_plan_totals_and_text_for_numbers_are_refused(unet_dir, scored, t
     edited = dict(plan, totals=dict(plan["totals"], params_after=plan["totals"]["params_after"] - 1000))
     (tmp_path / "totals.json").write_text(json.dumps(edited))
     code, err = run(capsys, "prune", unet_dir, "--plan", tmp_path / "totals.json", "--out", tmp_path / "p")
-    assert (code, err) == (1, f"error: PlanError: malformed plan: ValueError: totals.params_after is "
+    assert (code, err) == (1, f"error: PlanError: plan file {str(tmp_path / 'totals.json')!r} is malformed: "
+                              f"ValueError: totals.params_after is "
                               f"{plan['totals']['params_after'] - 1000}, but the totals before minus the removals give "
                               f"{plan['totals']['params_after']:,}: the plan was edited; fix the totals or select "
                               "again")
     text = dict(plan, removals=[dict(plan["removals"][0], params="many"), *plan["removals"][1:]])
     (tmp_path / "text.json").write_text(json.dumps(text))
     code, err = run(capsys, "prune", unet_dir, "--plan", tmp_path / "text.json", "--out", tmp_path / "p")
-    assert (code, err) == (1, f"error: PlanError: malformed plan: TypeError: {plan['removals'][0]['name']}: params "
+    assert (code, err) == (1, f"error: PlanError: plan file {str(tmp_path / 'text.json')!r} is malformed: TypeError: "
+                              f"{plan['removals'][0]['name']}: params "
                               "must be a non-negative integer, got 'many'")
     before = dict(plan, totals=dict(plan["totals"], params_before=str(plan["totals"]["params_before"])))
     (tmp_path / "before.json").write_text(json.dumps(before))
     code, err = run(capsys, "prune", unet_dir, "--plan", tmp_path / "before.json", "--out", tmp_path / "p")
-    assert (code, err) == (1, f"error: PlanError: malformed plan: TypeError: totals.params_before must be a "
+    assert (code, err) == (1, f"error: PlanError: plan file {str(tmp_path / 'before.json')!r} is malformed: TypeError: "
+                              "totals.params_before must be a "
                               f"non-negative integer, got '{plan['totals']['params_before']}'")
     assert not (tmp_path / "p").exists()
 
@@ -275,7 +278,8 @@ def test_damaged_identity_records_are_refused(unet_dir, scored, tmp_path, capsys
                                        "'hello'")):
         (tmp_path / "plan.json").write_text(json.dumps(dict(plan, **{field: value})))
         code, err = run(capsys, "prune", unet_dir, "--plan", tmp_path / "plan.json", "--out", tmp_path / "p")
-        assert (code, err) == (1, f"error: PlanError: malformed plan: TypeError: {message}")
+        assert (code, err) == (1, f"error: PlanError: plan file {str(tmp_path / 'plan.json')!r} is malformed: "
+                                  f"TypeError: {message}")
     common, state_path = _distilled_one_step(unet_dir, scored, tmp_path, capsys)
     state = json.loads(state_path.read_text())
     state_path.write_text(json.dumps(dict(state, teacher_weights=5)))
