@@ -9,7 +9,8 @@ format tag, what messages call it and the error a bad file raises — and read a
 - **malformed**: a file that is not JSON, not an object, of another format, or whose fields do not parse raises
   the artifact's error type with one message: ``<what> '<path>' …``.
 - **cache policy** (:meth:`JsonArtifact.load_cached`): an absent file, or one made under another cache key, is a
-  miss; a file that is there but is not that artifact raises — it is never treated as a miss and overwritten.
+  miss; a file that is there but is not that artifact raises — it is never treated as a miss and overwritten, unless
+  the caller was told to overwrite.
 
 :class:`JsonArtifact` is the mixin a typed artifact (a dataclass with ``to_dict`` and ``_from_dict``) gets ``save``,
 ``load``, ``from_dict`` and ``load_cached`` from.
@@ -121,11 +122,18 @@ class JsonArtifact:
         return cls.FILE.load(path, cls._from_dict)  # type: ignore[attr-defined]
 
     @classmethod
-    def load_cached(cls: type[T], path: str | os.PathLike, key: str) -> T | None:
+    def load_cached(cls: type[T], path: str | os.PathLike, key: str, *, overwrite: bool = False) -> T | None:
         """The artifact at ``path`` when it was made under cache key ``key``; None when absent or made under another
-        key. A file there that is not this artifact raises (see the module's cache policy)."""
-        path = cls.FILE.locate(path)  # type: ignore[attr-defined]
+        key. A file there that is not this artifact raises, unless ``overwrite`` (the caller will replace it: a miss).
+        """
+        artifact = cls.FILE  # type: ignore[attr-defined]
+        path = artifact.locate(path)
         if not path.is_file():
             return None
-        found = cls.load(path)  # type: ignore[attr-defined]
+        try:
+            found = cls.load(path)  # type: ignore[attr-defined]
+        except artifact.error as exc:
+            if overwrite:
+                return None
+            raise artifact.error(f"{exc}; it is not reused: pass --overwrite (overwrite=True) to replace it") from None
         return found if getattr(found, "cache_key", None) == key else None

@@ -117,12 +117,13 @@ def analyze(loaded: LoadedModel, graph: Any, config: Any, calib: Any, placement:
     write it otherwise. The scheduler is the model's own, the one ``--scheduler`` named, or the default (said in a
     notice); scores.json records which."""
     from ldpruner.passes.importance import analyze_importance, cache_key
-    from ldpruner.passes.scores import load_cached
+    from ldpruner.passes.scores import ImportanceReport
 
     scheduler, source = calibration.sampling_scheduler(loaded)
     path = Path(out) / SCORES.name if out is not None else None
     if path is not None and path.exists():
-        cached = load_cached(path, cache_key(graph, calib, config=config, scheduler=scheduler))
+        cached = ImportanceReport.load_cached(path, cache_key(graph, calib, config=config, scheduler=scheduler),
+                                              overwrite=overwrite)
         if cached is not None and cached.model_weights == loaded.weights_id:
             return cached
         if cached is not None and cached.model_weights is None and not overwrite:
@@ -154,14 +155,14 @@ def costs(loaded: LoadedModel, trace: Any, config: Any, placement: Placement, *,
     """The latency cost of every candidate (a :class:`~ldpruner.passes.cost_report.CostReport`) of the model traced at
     ``trace`` under ``config`` (a CostConfig) on the placement's device with its threads; with ``out``, reuse
     ``out/costs.json`` when its key (which holds the threads) matches and write it otherwise."""
-    from ldpruner.passes.cost_report import load_cached
+    from ldpruner.passes.cost_report import CostReport
     from ldpruner.passes.costs import cache_key, measure_costs
 
     device, threads = placement.device, placement.threads
     graph = _timed_graph(loaded, trace, config, device)
     path = Path(out) / COSTS.name if out is not None else None
     if path is not None and path.exists():
-        cached = load_cached(path, cache_key(graph, config, device, threads))
+        cached = CostReport.load_cached(path, cache_key(graph, config, device, threads), overwrite=overwrite)
         if cached is not None:
             return cached
         check_replaceable(path, overwrite)

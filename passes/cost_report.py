@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, ClassVar
 
 from ldpruner.artifact import ArtifactFile, JsonArtifact
 
 from .config import CostConfig
 
-__all__ = ["COSTS", "COSTS_FORMAT", "CostReport", "OperatorCost", "load_cached"]
+__all__ = ["COSTS", "COSTS_FORMAT", "CostReport", "OperatorCost"]
 
 COSTS = ArtifactFile("costs.json", "ldpruner.costs/1", "costs file")
 COSTS_FORMAT = COSTS.format
@@ -109,9 +108,3 @@ class CostReport(JsonArtifact):
 
 # options of earlier costs.json files that judge a plan's latency (CheckConfig's now), not how costs are measured
 _JUDGING = ("latency_tolerance", "latency_precision")
-
-
-def load_cached(path: Path, key: str) -> CostReport | None:
-    """``path``'s costs when they were measured under ``key``; None when absent or stale (a file there that is not a
-    costs file raises: the artifact cache policy, :mod:`ldpruner.artifact`)."""
-    return CostReport.load_cached(path, key)

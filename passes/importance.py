@@ -168,8 +168,8 @@ def cache_key(operator_graph: OperatorGraph, calib: Conditioning | str | os.Path
               config: AnalysisConfig | None = None, scheduler: Any | None = None) -> str:
     """The key :func:`analyze_importance` stores in its report: sha256 of the weights, the config, the
     granularity, the traced input shapes, the candidates, the scheduler and the conditioning tensors.
-    Compute it before analysing and pass it to :func:`~ldpruner.passes.scores.load_cached` to reuse a previous
-    scores.json. ``config`` None is ``AnalysisConfig()``."""
+    Compute it before analysing and pass it to ``ImportanceReport.load_cached`` to reuse a previous scores.json.
+    ``config`` None is ``AnalysisConfig()``."""
     config = config if config is not None else AnalysisConfig()
     _, record = scheduler_record(scheduler)
     conditioning = _resolve_conditioning(operator_graph.traced, calib, config, scheduler)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar
 
@@ -20,7 +19,7 @@ from ldpruner.errors import ArtifactError
 from .config import AnalysisConfig
 from .plan import check_weights_id
 
-__all__ = ["CandidateScore", "ImportanceReport", "SCORES", "SCORES_FORMAT", "load_cached"]
+__all__ = ["CandidateScore", "ImportanceReport", "SCORES", "SCORES_FORMAT"]
 
 SCORES = ArtifactFile("scores.json", "ldpruner.scores/1", "scores file")
 SCORES_FORMAT = SCORES.format
@@ -166,10 +165,3 @@ def _check_finite_scores(entries: list[CandidateScore], where: str) -> None:
         raise ArtifactError(f"{where} hold non-finite or non-numeric scores for {bad[:5]}"
                             f"{' …' if len(bad) > 5 else ''}; a NaN would rank first and be removed: re-run the "
                             "analysis (a model whose outputs are not finite is refused there)")
-
-
-def load_cached(path: str | os.PathLike, key: str) -> ImportanceReport | None:
-    """The report at ``path`` (a file, or a folder holding scores.json) if it was computed with cache key ``key``
-    (see :func:`~ldpruner.passes.importance.cache_key`), else None; a file there that is not a scores file raises
-    :class:`ArtifactError` (the artifact cache policy, :mod:`ldpruner.artifact`)."""
-    return ImportanceReport.load_cached(path, key)

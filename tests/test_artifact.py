@@ -70,9 +70,10 @@ def test_the_cache_policy_absent_or_stale_is_a_miss_damaged_raises_and_is_kept(t
     assert CostReport.load_cached(tmp_path, "other") is None  # made under another key: a miss
     damaged = tmp_path / "costs.json"
     damaged.write_text('{"format": "ldpruner.costs/1", "operators": []}')
-    with pytest.raises(ArtifactError, match="is malformed"):  # never a silent miss that a stage would overwrite
-        CostReport.load_cached(tmp_path, "k")
+    with pytest.raises(ArtifactError, match=r"is malformed: KeyError: .*; it is not reused: pass --overwrite"):
+        CostReport.load_cached(tmp_path, "k")  # never a silent miss that a stage would overwrite
     assert damaged.read_text() == '{"format": "ldpruner.costs/1", "operators": []}'
+    assert CostReport.load_cached(tmp_path, "k", overwrite=True) is None  # told to replace it: a miss
 
 
 def test_a_summary_reads_its_earlier_formats_and_quotes_its_fields_without_the_tag(tmp_path):

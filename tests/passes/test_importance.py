@@ -21,7 +21,7 @@ from ldpruner.errors import ArtifactError, ConfigError
 from ldpruner.passes.conditioning import Conditioning, encode_prompts
 from ldpruner.passes.config import AnalysisConfig
 from ldpruner.passes.importance import analyze_importance, cache_key
-from ldpruner.passes.scores import ImportanceReport, load_cached
+from ldpruner.passes.scores import ImportanceReport
 from ldpruner.runtime.sampling import sample_latents
 
 FAST = AnalysisConfig(num_samples=4, steps=3, height=8, width=8)
@@ -326,9 +326,9 @@ def test_cache_key_follows_weights_config_granularity_and_scheduler(tmp_path, un
     report = analyze(unet2d_graph, save_to=tmp_path / "scores.json")
     key = cache_key(unet2d_graph, config=FAST)
     assert report.cache_key == key
-    assert load_cached(tmp_path / "scores.json", key) == report
-    assert load_cached(tmp_path, key) == report
-    assert load_cached(tmp_path / "absent.json", key) is None
+    assert ImportanceReport.load_cached(tmp_path / "scores.json", key) == report
+    assert ImportanceReport.load_cached(tmp_path, key) == report
+    assert ImportanceReport.load_cached(tmp_path / "absent.json", key) is None
 
     other_keys = {
         "config": cache_key(unet2d_graph, config=dataclasses.replace(FAST, steps=2)),
@@ -343,7 +343,7 @@ def test_cache_key_follows_weights_config_granularity_and_scheduler(tmp_path, un
     other_keys["granularity"] = cache_key(graph_of(make_tiny_unet2d(), "sublayer"), config=FAST)
     for what, other in other_keys.items():
         assert other != key, what
-        assert load_cached(tmp_path / "scores.json", other) is None, what
+        assert ImportanceReport.load_cached(tmp_path / "scores.json", other) is None, what
     # the same analysis spelled differently: the default scheduler given explicitly, the traced size named,
     # a guidance scale the unconditional UNet ignores
     assert cache_key(unet2d_graph, config=FAST, scheduler=DDIMScheduler()) == key
@@ -354,7 +354,7 @@ def test_cache_key_follows_weights_config_granularity_and_scheduler(tmp_path, un
 
     (tmp_path / "junk.json").write_text("not json")
     with pytest.raises(ArtifactError, match="not valid JSON"):
-        load_cached(tmp_path / "junk.json", key)
+        ImportanceReport.load_cached(tmp_path / "junk.json", key)
 
 
 # --- configuration errors ---------------------------------------------------------------------------------------
