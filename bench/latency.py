@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ldpruner.errors import LdprunerError
+from ldpruner.base.errors import LdprunerError
 from ldpruner.runtime.timing import (
     InterleavedRun,
     LatencyStats,
@@ -134,8 +134,8 @@ def zero_residuals(session: Any, batch: int) -> dict[str, Any]:
 
     import numpy as np
 
+    from ldpruner.base.unet_inputs import FLAT_INPUTS
     from ldpruner.runtime.unet import EXPORT_METADATA_KEY
-    from ldpruner.unet_inputs import FLAT_INPUTS
 
     raw = session.get_modelmeta().custom_metadata_map.get(EXPORT_METADATA_KEY)
     shapes = json.loads(raw).get("input_shapes", {}) if raw else {}

@@ -9,8 +9,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ldpruner.config import BenchConfig
-from ldpruner.errors import BenchError
+from ldpruner.base.errors import BenchError
+from ldpruner.stages.config import BenchConfig
 
 __all__ = ["check_bench_inputs"]
 
@@ -18,8 +18,8 @@ __all__ = ["check_bench_inputs"]
 def check_bench_inputs(config: BenchConfig, objects: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Raise the first refusal a bench run of ``config`` would meet before any model is loaded (``objects``: the
     models given in memory, which need no check). Returns the build folders among the models, read and verified
-    (:func:`ldpruner.build.read_build_folder`), by the name they were given under."""
-    from ldpruner.build import is_build_folder, read_build_folder
+    (:func:`ldpruner.stages.build.read_build_folder`), by the name they were given under."""
+    from ldpruner.stages.build import is_build_folder, read_build_folder
 
     builds = {}
     for spec in config.models:
@@ -47,10 +47,10 @@ def check_bench_inputs(config: BenchConfig, objects: Mapping[str, Any] | None = 
 def _check_model(spec: str, config: BenchConfig, scheduler: str | None) -> None:
     """What the files of one MODEL decide: the quality reference's needs, a pipeline folder's scheduler and text
     encoder, and whether its pruned UNet can be exported for a pipeline at all."""
-    from ldpruner.calibration import missing_scheduler_error
     from ldpruner.passes.conditioning import check_text_encoder
     from ldpruner.sources import RANDOM_PREFIX, ZOO_PREFIX
     from ldpruner.stages import check_exportable
+    from ldpruner.stages.calibration import missing_scheduler_error
 
     from .quality import QUALITY_MODELS, missing_requirements, sample_count_problem
 
@@ -76,7 +76,7 @@ def _check_model(spec: str, config: BenchConfig, scheduler: str | None) -> None:
     pipeline = (folder / "model_index.json").is_file()
     unet_config = folder / "unet" / "config.json" if pipeline else folder / "config.json"
     if unet_config.is_file():
-        from ldpruner.io import read_json
+        from ldpruner.base.io import read_json
 
         check_exportable(read_json(unet_config, what="UNet config"))
     if pipeline and scheduler is None and not (folder / "scheduler" / "scheduler_config.json").is_file():

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ldpruner.errors import ConfigError
+from ldpruner.base.errors import ConfigError
 
 __all__ = ["QUALITY_MODELS", "AUDIO_MODELS", "primary", "quality_table", "real_sets", "zoo_sampler", "QualityMeter",
            "distill_options", "missing_requirements", "sample_count_problem"]
@@ -164,7 +164,7 @@ class QualityMeter:
         try:
             from . import metrics
         except ModuleNotFoundError as exc:
-            from ldpruner.errors import BenchError
+            from ldpruner.base.errors import BenchError
 
             raise BenchError(f"quality metrics need the package {(exc.name or '?').partition('.')[0]!r}: "
                              "pip install 'ldpruner[bench]' (or pass --no-quality)") from exc

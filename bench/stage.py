@@ -9,7 +9,7 @@ held-out real set, quality (FD/KID, digit metrics) of images sampled from the sa
 so its params, MACs and latency are the pruned ones; only its quality is measured separately.
 
 Called by ``ldpruner bench`` (``ldpruner.api.bench``); it drives the stages (:mod:`ldpruner.stages`) with the stage
-configs a build uses, the sections of :class:`~ldpruner.config.BenchConfig`.
+configs a build uses, the sections of :class:`~ldpruner.stages.config.BenchConfig`.
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ldpruner import devices
-from ldpruner.artifact import ArtifactFile
-from ldpruner.config import BenchConfig
-from ldpruner.errors import ArtifactError
-from ldpruner.io import check_replaceable, write_text_atomic
+from ldpruner.base import devices
+from ldpruner.base.artifact import ArtifactFile
+from ldpruner.base.errors import ArtifactError
+from ldpruner.base.io import check_replaceable, write_text_atomic
+from ldpruner.base.placement import place
 from ldpruner.passes.config import OptimizeConfig
-from ldpruner.placement import place
+from ldpruner.stages.config import BenchConfig
 
 from .latency import ort_latency, ort_session, peak_memory, torch_latency
 from .show import audio_clips, audio_models, grids, markdown, plots, slug
@@ -314,7 +314,7 @@ def _bench_build(spec: str, build: Any, config: BenchConfig, out: Path, placemen
     beside the dense model it was built from (loaded as the build loaded it: model, scheduler, latent size), with
     the budget the build asked for against what it achieved."""
     from ldpruner import stages
-    from ldpruner.errors import ModelLoadError
+    from ldpruner.base.errors import ModelLoadError
     from ldpruner.passes.cost_report import CostReport
     from ldpruner.passes.plan import RemovalPlan
     from ldpruner.passes.scores import ImportanceReport

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ldpruner.io import write_json_atomic, write_text_atomic
+from ldpruner.base.io import write_json_atomic, write_text_atomic
 
 
 def command(study: str, argv: Sequence[str] | None) -> str:

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ldpruner.io import read_json, write_json_atomic
+from ldpruner.base.io import read_json, write_json_atomic
 
 RUNS = (("1 process × 1 thread", 1, 1), ("1 process × 2 threads", 1, 2), ("2 processes × 1 thread", 2, 1))
 

@@ -31,9 +31,9 @@ from typing import Any
 
 import torch
 
+from ldpruner.base.errors import ConfigError
 from ldpruner.compiler.graph import Action, OperatorGraph
 from ldpruner.compiler.removal import swapped
-from ldpruner.errors import ConfigError
 from ldpruner.passes.plan import RemovalPlan
 from ldpruner.passes.select import SelectionConfig, select_removals
 
@@ -247,8 +247,9 @@ def criterion_scores(model: Any, graph: OperatorGraph, criteria: Sequence[str], 
 
 def analysis_conditioning(model: Any, graph: OperatorGraph, num_samples: int) -> Any:
     """The conditioning ``api.analyze`` would use for ``model`` (None for an unconditional UNet)."""
-    from ldpruner import api, calibration
+    from ldpruner import api
     from ldpruner.passes.inputs import resolve_conditioning
+    from ldpruner.stages import calibration
 
     if "encoder_hidden_states" not in graph.traced.input_names and "class_labels" not in graph.traced.input_names:
         return None

@@ -102,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = json.dumps(report, indent=2)
     print(text)
     if args.output:
-        from ldpruner.io import write_text_atomic
+        from ldpruner.base.io import write_text_atomic
 
         write_text_atomic(args.output, text + "\n")
     return 0

@@ -21,7 +21,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from ldpruner.io import write_json_atomic, write_text_atomic
+from ldpruner.base.io import write_json_atomic, write_text_atomic
 
 GPU = {"model": "random:sd15", "size": 64, "analysis_dtype": "float16", "timing_dtype": "float16", "onnx": "fp16",
        "steps": 4, "distill_steps": 10}
@@ -47,7 +47,8 @@ def check(out: Path, *, repeats: int = 10, budget: float = 0.3, progress: bool =
     import onnxruntime as ort
     import torch
 
-    from ldpruner import api, devices
+    from ldpruner import api
+    from ldpruner.base import devices
     from ldpruner.compiler.tracer import call_diffusers_unet, unet_example_inputs
     from ldpruner.passes.onnx.export import export_onnx
     from ldpruner.passes.onnx.optimize import fusion_sites, fusion_table, optimize_onnx

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
+from ldpruner.base.errors import ConfigError
 from ldpruner.bench.quality import AUDIO_MODELS, QUALITY_MODELS, distill_options, real_sets, zoo_sampler
-from ldpruner.errors import ConfigError
 
 __all__ = ["FD_MODELS", "ZooFD", "distill_options"]
 

@@ -16,7 +16,7 @@ does not load torch. Imports the base layer only.
 
 from __future__ import annotations
 
-from ldpruner.lazy import lazy_exports
+from ldpruner.base.lazy import lazy_exports
 
 __all__ = [
     "Action",

@@ -1,4 +1,4 @@
-"""How a diffusers UNet is called with the flat tensor inputs of a traced graph (:mod:`ldpruner.unet_inputs`):
+"""How a diffusers UNet is called with the flat tensor inputs of a traced graph (:mod:`ldpruner.base.unet_inputs`):
 the forward the tracer traces, and the eager call a trace is compared with and example shapes are read from, one
 mapping for both so they cannot drift apart.
 """
@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ldpruner.unet_inputs import diffusers_kwargs
+from ldpruner.base.unet_inputs import diffusers_kwargs
 
 __all__ = ["call_diffusers_unet", "flat_call"]
 

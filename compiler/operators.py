@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from typing import TYPE_CHECKING
 
-from ldpruner.errors import ConfigError
+from ldpruner.base.errors import ConfigError
 
 if TYPE_CHECKING:
     from torch import nn

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from ldpruner.errors import LdprunerError, RewriteError
+from ldpruner.base.errors import LdprunerError, RewriteError
 
 __all__ = ["PassResult", "Pass", "PassManager"]
 

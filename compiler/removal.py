@@ -20,7 +20,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from ldpruner.errors import RewriteError
+from ldpruner.base.errors import RewriteError
 
 from .graph import Action, Operator
 

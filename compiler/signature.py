@@ -1,8 +1,8 @@
 """What a diffusers UNet takes, read from its config: the flat inputs of its traced graph
-(:mod:`ldpruner.unet_inputs`), their shapes and kinds, and seeded example inputs to trace it with.
+(:mod:`ldpruner.base.unet_inputs`), their shapes and kinds, and seeded example inputs to trace it with.
 
 Every config option that changes the inputs is handled here or refused here, with an
-:class:`~ldpruner.errors.UnsupportedModelError` that names the option and its value:
+:class:`~ldpruner.base.errors.UnsupportedModelError` that names the option and its value:
 
 * ``cross_attention_dim`` an int, or per level: one width at every cross-attention level gives one
   ``encoder_hidden_states``; with ``class_embed_type="simple_projection"`` and widths equal to each level's
@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ldpruner.errors import TraceError, UnsupportedModelError
-from ldpruner.unet_inputs import DOWN_RESIDUAL, FLAT_INPUTS, INTRA_RESIDUAL, MID_RESIDUAL
+from ldpruner.base.errors import TraceError, UnsupportedModelError
+from ldpruner.base.unet_inputs import DOWN_RESIDUAL, FLAT_INPUTS, INTRA_RESIDUAL, MID_RESIDUAL
 
 from .diffusers_call import call_diffusers_unet
 

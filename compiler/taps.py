@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ldpruner.errors import TapError
+from ldpruner.base.errors import TapError
 
 __all__ = ["FeatureTaps", "TapError", "group_outputs", "match_taps", "tapped"]
 

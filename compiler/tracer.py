@@ -25,8 +25,8 @@ import torch
 import torch.fx
 from torch import nn
 
-from ldpruner.errors import TraceError, UnsupportedModelError
-from ldpruner.unet_inputs import INTRA_RESIDUAL, MID_RESIDUAL, residual_names
+from ldpruner.base.errors import TraceError, UnsupportedModelError
+from ldpruner.base.unet_inputs import INTRA_RESIDUAL, MID_RESIDUAL, residual_names
 
 from .diffusers_call import call_diffusers_unet, flat_call
 from .operators import Granularity, leaf_operator_types, parse_granularity

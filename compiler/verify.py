@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from ldpruner.errors import VerificationError
+from ldpruner.base.errors import VerificationError
 
 __all__ = ["verify_graph"]
 

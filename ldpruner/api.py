@@ -16,8 +16,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-from . import stages
-from .config import (
+from ldpruner import stages
+from ldpruner.base.errors import ConfigError
+from ldpruner.base.placement import place
+from ldpruner.passes.config import InputsConfig, TraceConfig
+from ldpruner.sources import LoadedModel
+from ldpruner.sources import load as _load
+from ldpruner.stages.config import (
     AnalyzeOptions,
     CostsOptions,
     DistillOptions,
@@ -26,11 +31,6 @@ from .config import (
     PruneOptions,
     SelectOptions,
 )
-from .errors import ConfigError
-from .passes.config import InputsConfig, TraceConfig
-from .placement import place
-from .sources import LoadedModel
-from .sources import load as _load
 
 __all__ = ["analyze", "bench", "build", "costs", "distill", "export", "inspect", "load", "prune", "select"]
 
@@ -106,8 +106,8 @@ def select(scores: Any, *, model: ModelLike | None = None, costs: Any = None, ou
     latency it predicts. ``model`` must have the weights the scores were made for unless ``allow_other_weights``
     (the plan records it)."""
     out = _out(out)
-    from .passes.cost_report import CostReport
-    from .passes.scores import ImportanceReport
+    from ldpruner.passes.cost_report import CostReport
+    from ldpruner.passes.scores import ImportanceReport
 
     selection = SelectOptions.from_dict(options).selection
     report = scores if isinstance(scores, ImportanceReport) else ImportanceReport.load(Path(scores))
@@ -128,7 +128,7 @@ def prune(model: ModelLike, plan: Any, *, out: str | os.PathLike | None = None, 
     ``options``: the trace's latent size (height, width), PruneConfig fields (verify) and DeviceConfig's threads
     (the trace and the verifier run the model)."""
     out = _out(out)
-    from .passes.plan import RemovalPlan
+    from ldpruner.passes.plan import RemovalPlan
 
     o = PruneOptions.from_dict(options)
     plan = plan if isinstance(plan, RemovalPlan) else RemovalPlan.load(Path(plan))
@@ -203,7 +203,7 @@ def _export(model: Any, config: Any, variants: Any, placement: Any, *, out: Path
         stages.check_exportable(loaded.unet_config)  # before the trace
         student = stages.dense_as_student(loaded, TraceConfig(**trace))
     if controlnet or adapter:
-        from .passes.student import with_residual_inputs
+        from ldpruner.passes.student import with_residual_inputs
 
         student = with_residual_inputs(student, controlnet=controlnet, adapter=adapter)
     return stages.export(student, config, variants, placement, out=out, overwrite=overwrite)
@@ -216,7 +216,7 @@ def lora(student: Any, lora: str | os.PathLike, *, out: str | os.PathLike | None
     plan removed are dropped and counted. Returns (the fused student as a :class:`~ldpruner.unet.StudentUNet`, the
     report); with ``out`` also writes ``out/student/`` and ``out/lora.json``."""
     out = _out(out)
-    from .unet import StudentUNet
+    from ldpruner.unet import StudentUNet
 
     pruned = getattr(student, "pruned", student)
     if isinstance(pruned, (str, os.PathLike)):
@@ -228,7 +228,7 @@ def lora(student: Any, lora: str | os.PathLike, *, out: str | os.PathLike | None
 
 
 def _is_student_folder(path: str | os.PathLike) -> bool:
-    from .passes.student import TRACE_NAME
+    from ldpruner.passes.student import TRACE_NAME
 
     return (Path(path) / TRACE_NAME).is_file()
 
@@ -242,8 +242,8 @@ def bench(models: ModelLike | list[ModelLike] | tuple[ModelLike, ...], *, out: s
 
     ``options``: BenchConfig fields (budgets, metric, distill_steps, distill_options, distill_data, repeats, …)."""
     out = _out(out)
-    from .bench import run_bench
-    from .config import BenchConfig
+    from ldpruner.bench import run_bench
+    from ldpruner.stages.config import BenchConfig
 
     if isinstance(models, (str, os.PathLike)) or not isinstance(models, (list, tuple)):
         models = [models]
@@ -261,13 +261,13 @@ def bench(models: ModelLike | list[ModelLike] | tuple[ModelLike, ...], *, out: s
 def build(model: ModelLike | None = None, *, out: str | os.PathLike | None = None,
           config: str | os.PathLike | None = None, progress: bool = True, **options: Any) -> dict[str, Any]:
     """Run inspect → analyze → select → prune → distill → export into ``out`` and write ``report.json`` /
-    ``report.md`` (:mod:`ldpruner.build`); returns the report.
+    ``report.md`` (:mod:`ldpruner.stages.build`); returns the report.
 
-    ``options`` are :class:`~ldpruner.config.BuildConfig` fields (the CLI flags); ``config`` is a TOML file with
+    ``options`` are :class:`~ldpruner.stages.config.BuildConfig` fields (the CLI flags); ``config`` is a TOML file with
     the same keys (keywords win). An artifact whose inputs did not change since the last build into ``out`` is
     reused; one that would change is replaced only with ``overwrite=True``."""
-    from .build import build_config, run_build
-    from .errors import ConfigError
+    from ldpruner.base.errors import ConfigError
+    from ldpruner.stages.build import build_config, run_build
 
     if model is not None and not isinstance(model, (str, os.PathLike)):
         raise ConfigError("build takes MODEL as a path or spec string; for an in-memory model use the stage functions")
@@ -276,12 +276,12 @@ def build(model: ModelLike | None = None, *, out: str | os.PathLike | None = Non
 
 def _out(out: str | os.PathLike | None) -> Path | None:
     """The output folder checked before any work: not empty, not a file, writable."""
-    from .io import output_dir
+    from ldpruner.base.io import output_dir
 
     return output_dir(out) if out is not None else None
 
 
 def _load_student(path: str | os.PathLike) -> Any:
-    from .passes.student import load_student
+    from ldpruner.passes.student import load_student
 
     return load_student(Path(path))

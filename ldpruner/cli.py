@@ -1,8 +1,8 @@
 """``ldpruner``: a thin shell over :mod:`ldpruner.api`. One subcommand per stage; every flag is an API keyword.
 
 The flags, their types, choices, defaults and help come from the stage configs (:mod:`ldpruner.passes.config`,
-:mod:`ldpruner.config`) through :func:`ldpruner.flags.add_flags`; a flag the user does not give is not passed, so
-the config's default applies. Errors print one line (``error: <Type>: <message>``; an error ldpruner did not
+:mod:`ldpruner.stages.config`) through :func:`ldpruner.base.flags.add_flags`; a flag the user does not give is not
+passed, so the config's default applies. Errors print one line (``error: <Type>: <message>``; an error ldpruner did not
 raise on purpose says ``unexpected``) and exit 1; ``--debug`` shows the traceback instead. Heavy imports (torch,
 diffusers, onnx) happen inside the commands, so ``ldpruner --help`` is instant.
 """
@@ -30,8 +30,8 @@ def _add_allow_other_weights(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def _add_out(p: argparse.ArgumentParser, *, required: bool = True) -> None:
-    from .config import BuildConfig
-    from .flags import add_flags
+    from ldpruner.base.flags import add_flags
+    from ldpruner.stages.config import BuildConfig
 
     if required:
         p.add_argument("--out", required=True, help="output folder")
@@ -74,8 +74,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-    from .config import (
+    from ldpruner import __version__
+    from ldpruner.base.devices import DEVICE_HELP
+    from ldpruner.base.flags import add_flags
+    from ldpruner.passes.config import InputsConfig
+    from ldpruner.stages.config import (
         MODEL_HELP,
         AnalyzeOptions,
         BenchConfig,
@@ -87,9 +90,6 @@ def build_parser() -> argparse.ArgumentParser:
         PruneOptions,
         SelectOptions,
     )
-    from .devices import DEVICE_HELP
-    from .flags import add_flags
-    from .passes.config import InputsConfig
 
     parser = _Parser(
         prog="ldpruner",
@@ -212,19 +212,19 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from . import api
+    from ldpruner import api
 
     options = _options(args)
     if args.command == "inspect":
         overwrite = options.pop("overwrite", False)
         if args.json_path:
-            from .io import check_replaceable
+            from ldpruner.base.io import check_replaceable
 
             check_replaceable(args.json_path, overwrite)  # before the trace, which may take minutes
         graph = api.inspect(args.model, **options)
         print(graph.table())
         if args.json_path:
-            from .io import write_text_atomic
+            from ldpruner.base.io import write_text_atomic
 
             write_text_atomic(args.json_path, graph.to_json() + "\n")
         return 0
@@ -292,7 +292,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"wrote {args.out}/report.json, {args.out}/report.md")
         return 0
     if args.command == "zoo":
-        from . import zoo
+        from ldpruner import zoo
 
         if args.zoo_command == "export":
             print(zoo.export_pipeline(args.name, args.out, overwrite=options.get("overwrite", False)).summary())
@@ -342,7 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 break
             command = inner
         command.unknown(extra, top=parser.flags if command is not parser else ())
-    from .errors import LdprunerError
+    from ldpruner.base.errors import LdprunerError
 
     # the logger transformers makes for its import machinery; the filter stays on it, so install it once
     notices = logging.getLogger("transformers.utils.import_utils")

@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 
-from .errors import ArtifactError
-from .runtime.dropin import UNetDropIn
-from .unet_inputs import TEXT_INPUT
+from ldpruner.base.errors import ArtifactError
+from ldpruner.base.unet_inputs import TEXT_INPUT
+from ldpruner.runtime.dropin import UNetDropIn
 
 __all__ = ["StudentUNet"]
 
@@ -54,7 +54,7 @@ class StudentUNet(UNetDropIn):
         and ``device`` as diffusers' ``from_pretrained`` take them; ``controlnet``: take ControlNet's residuals
         (``down_block_additional_residuals``, ``mid_block_additional_residual``); ``adapter``: take T2I-Adapter's
         features (``down_intrablock_additional_residuals``)."""
-        from .passes.student import load_student
+        from ldpruner.passes.student import load_student
 
         path = Path(folder) / subfolder if subfolder else Path(folder)
         unet = cls(load_student(path, controlnet=controlnet, adapter=adapter))
@@ -64,7 +64,7 @@ class StudentUNet(UNetDropIn):
 
     def save_pretrained(self, folder: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
         """Write the student folder (weights in their current dtype; the folder is complete or absent)."""
-        from .passes.student import save_student
+        from ldpruner.passes.student import save_student
 
         return save_student(self._pruned, folder, overwrite=overwrite)
 
@@ -72,14 +72,14 @@ class StudentUNet(UNetDropIn):
         """This student traced again with ControlNet's residuals as inputs (same weights, a new module; this one is
         unchanged): ``StableDiffusionControlNetPipeline`` can drive it. Every residual lands on the skip tensor it
         lands on in the dense UNet: removals substitute operators and never delete a skip."""
-        from .passes.student import with_residual_inputs
+        from ldpruner.passes.student import with_residual_inputs
 
         return StudentUNet(with_residual_inputs(self._pruned, controlnet=True))
 
     def with_adapter(self) -> StudentUNet:
         """This student traced again with T2I-Adapter's features as inputs (``down_intrablock_additional_residuals``;
         same weights, a new module): ``StableDiffusionAdapterPipeline`` can drive it."""
-        from .passes.student import with_residual_inputs
+        from ldpruner.passes.student import with_residual_inputs
 
         return StudentUNet(with_residual_inputs(self._pruned, adapter=True))
 

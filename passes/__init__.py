@@ -18,7 +18,7 @@ in :mod:`ldpruner.passes.config`. The public surface is listed below and resolve
 
 from __future__ import annotations
 
-from ldpruner.lazy import lazy_exports
+from ldpruner.base.lazy import lazy_exports
 
 __all__ = [
     "AnalysisConfig",

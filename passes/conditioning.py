@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from ldpruner.errors import ConfigError, ModelLoadError
-from ldpruner.fingerprint import update_with_tensor
-from ldpruner.unet_inputs import GUIDED_INPUTS
+from ldpruner.base.errors import ConfigError, ModelLoadError
+from ldpruner.base.fingerprint import update_with_tensor
+from ldpruner.base.unet_inputs import GUIDED_INPUTS
 
 __all__ = [
     "Conditioning",

@@ -2,8 +2,8 @@
 rewrite, the latency cost model, distillation, ONNX export and onnxruntime optimization.
 
 The passes take these configs; the API takes their fields as keywords, ``ldpruner build`` composes them
-(:mod:`ldpruner.config`) and the CLI makes its flags from them (:func:`ldpruner.flags.add_flags`). This module
-imports no third-party package, so the command line can read it without loading torch.
+(:mod:`ldpruner.stages.config`) and the CLI makes its flags from them (:func:`ldpruner.base.flags.add_flags`). This
+module imports no third-party package, so the command line can read it without loading torch.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import types
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from ldpruner.base.devices import DEVICE_HELP, DTYPES, THREADS_HELP, check_device
+from ldpruner.base.errors import ConfigError
+from ldpruner.base.options import Config, option
 from ldpruner.compiler.operators import Granularity
-from ldpruner.devices import DEVICE_HELP, DTYPES, THREADS_HELP, check_device
-from ldpruner.errors import ConfigError
-from ldpruner.options import Config, option
 
 __all__ = [
     "DEFAULT_TOLERANCES",

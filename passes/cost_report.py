@@ -12,7 +12,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from ldpruner.artifact import ArtifactFile, JsonArtifact
+from ldpruner.base.artifact import ArtifactFile, JsonArtifact
 
 from .config import CostConfig
 

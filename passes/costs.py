@@ -39,10 +39,10 @@ from typing import Any
 import torch
 import torch.fx
 
-from ldpruner import devices
+from ldpruner.base import devices
+from ldpruner.base.errors import ArtifactError, ConfigError
 from ldpruner.compiler.graph import Action, OperatorGraph
 from ldpruner.compiler.removal import stand_in
-from ldpruner.errors import ArtifactError, ConfigError
 from ldpruner.runtime.timing import measure_interleaved, onnx_feeds, ort_session
 
 from .config import CostConfig
@@ -80,8 +80,8 @@ def timing_inputs(traced: Any, batch: int) -> dict[str, torch.Tensor]:
 
 def cache_key(graph: OperatorGraph, config: CostConfig, device: Any, threads: int | None = None) -> str:
     """What the costs depend on: the graph's operators and shapes, the measurement options (not the tolerance and
-    the precision, which judge plans), the device, the threads (None: :func:`ldpruner.devices.resolve_threads`) and the
-    versions of the runtimes. Not the weights' values (nor their dtype: ``latency_dtype`` says it)."""
+    the precision, which judge plans), the device, the threads (None: :func:`ldpruner.base.devices.resolve_threads`)
+    and the versions of the runtimes. Not the weights' values (nor their dtype: ``latency_dtype`` says it)."""
     import onnxruntime
 
     payload = {
@@ -106,7 +106,7 @@ def measure_costs(graph: OperatorGraph, config: CostConfig | None = None, *, dev
     """Measure the latency cost of every candidate of ``graph`` on ``config.runtime``: torch on the device the
     traced graph is on, in its dtype; onnxruntime on ``device``'s provider (CUDA for a CUDA device with
     onnxruntime-gpu, else the CPU; None: the graph's device). Either runs with ``threads`` intra-op threads (None:
-    :func:`ldpruner.devices.resolve_threads`), recorded in the placement and the cache key."""
+    :func:`ldpruner.base.devices.resolve_threads`), recorded in the placement and the cache key."""
     config = config if config is not None else CostConfig()
     with devices.intra_op_threads(threads) as threads:
         return _measure_costs(graph, config, device=device, threads=threads, progress=progress, save_to=save_to)

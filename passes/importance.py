@@ -27,15 +27,15 @@ import torch
 import torch.fx
 from torch import nn
 
-from ldpruner import devices, distributed
+from ldpruner.base import devices, distributed
+from ldpruner.base.errors import ConfigError, ModelLoadError
+from ldpruner.base.fingerprint import weights_fingerprint
+from ldpruner.base.unet_inputs import GUIDED_INPUTS
 from ldpruner.compiler.graph import Operator, OperatorGraph
 from ldpruner.compiler.removal import swapped
 from ldpruner.compiler.tracer import TracedUNet
-from ldpruner.errors import ConfigError, ModelLoadError
-from ldpruner.fingerprint import weights_fingerprint
 from ldpruner.runtime.graph_unet import GraphUNet
 from ldpruner.runtime.sampling import sample_latents, unet_calls_per_step
-from ldpruner.unet_inputs import GUIDED_INPUTS
 
 from .conditioning import Conditioning, uses_guidance
 from .config import AnalysisConfig

@@ -16,11 +16,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ldpruner.base.errors import ConfigError, UnsupportedModelError
+from ldpruner.base.io import json_safe
+from ldpruner.base.unet_inputs import FLAT_INPUTS, GUIDED_INPUTS
 from ldpruner.compiler.tracer import TracedUNet
-from ldpruner.errors import ConfigError, UnsupportedModelError
-from ldpruner.io import json_safe
 from ldpruner.runtime.sampling import guidance_embedding, latent_channels, learned_variance
-from ldpruner.unet_inputs import FLAT_INPUTS, GUIDED_INPUTS
 
 from .conditioning import DEFAULT_PROMPTS, RANDOM_EMBEDDINGS, Conditioning, encode_prompts, random_conditioning
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ldpruner import devices
+from ldpruner.base import devices
 from ldpruner.runtime.timing import measure_ratio, onnx_feeds, ort_session
 
 from .config import CheckConfig

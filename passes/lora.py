@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ldpruner.errors import ConfigError
+from ldpruner.base.errors import ConfigError
 
 __all__ = ["LoRA", "LoRAPair", "apply_lora", "read_lora"]
 

@@ -8,8 +8,8 @@ import re
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from ldpruner.artifact import ArtifactFile, JsonArtifact
-from ldpruner.errors import PlanError, WeightsMismatchError
+from ldpruner.base.artifact import ArtifactFile, JsonArtifact
+from ldpruner.base.errors import PlanError, WeightsMismatchError
 
 __all__ = ["PlannedRemoval", "RemovalPlan", "PLAN", "PLAN_FORMAT", "WeightsMismatchError", "check_weights_id",
            "is_weights_id", "short_id"]

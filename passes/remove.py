@@ -36,6 +36,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from ldpruner.base.errors import PlanError, RewriteError
 from ldpruner.compiler.graph import (
     Action,
     Operator,
@@ -48,7 +49,6 @@ from ldpruner.compiler.passmanager import Pass, PassManager, PassResult
 from ldpruner.compiler.removal import PROJECTION_ROOT, make_projection, output_scale
 from ldpruner.compiler.tracer import TracedUNet
 from ldpruner.compiler.verify import verify_graph
-from ldpruner.errors import PlanError, RewriteError
 
 from .plan import RemovalPlan
 

@@ -13,8 +13,8 @@ import math
 from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar
 
-from ldpruner.artifact import ArtifactFile, JsonArtifact
-from ldpruner.errors import ArtifactError
+from ldpruner.base.artifact import ArtifactFile, JsonArtifact
+from ldpruner.base.errors import ArtifactError
 
 from .config import AnalysisConfig
 from .plan import check_weights_id

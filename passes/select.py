@@ -20,7 +20,7 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
-from ldpruner.errors import BudgetError
+from ldpruner.base.errors import BudgetError
 
 from .config import SelectionConfig
 from .plan import PlannedRemoval, RemovalPlan

@@ -20,12 +20,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from ldpruner.base.errors import ArtifactError, LdprunerError, ModelLoadError
+from ldpruner.base.io import atomic_dir, check_replaceable, json_safe, read_json
+from ldpruner.base.unet_inputs import DOWN_RESIDUAL, INTRA_RESIDUAL, MID_RESIDUAL, residual_names
 from ldpruner.compiler.graph import build_operator_graph
 from ldpruner.compiler.signature import adapter_features, controlnet_residuals
 from ldpruner.compiler.tracer import trace_unet
-from ldpruner.errors import ArtifactError, LdprunerError, ModelLoadError
-from ldpruner.io import atomic_dir, check_replaceable, json_safe, read_json
-from ldpruner.unet_inputs import DOWN_RESIDUAL, INTRA_RESIDUAL, MID_RESIDUAL, residual_names
 
 from .plan import RemovalPlan
 from .remove import PrunedUNet, RemoveOperators, apply_plan

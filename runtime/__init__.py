@@ -14,7 +14,7 @@ public surface is listed below and resolves lazily, so importing ``ldpruner.runt
 
 from __future__ import annotations
 
-from ldpruner.lazy import lazy_exports
+from ldpruner.base.lazy import lazy_exports
 
 __all__ = [
     "GraphUNet",

@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ldpruner.errors import UnsupportedInputError
-from ldpruner.unet_inputs import (
+from ldpruner.base.errors import UnsupportedInputError
+from ldpruner.base.unet_inputs import (
     ADDED_COND_KEYS,
     INTRA_RESIDUAL,
     MID_RESIDUAL,

@@ -1,7 +1,7 @@
 """A traced or pruned UNet graph behind the two calls the project makes with a UNet.
 
 The graph is a torch.fx GraphModule whose placeholders are the UNet's flat tensor inputs
-(:data:`ldpruner.unet_inputs.FLAT_INPUTS`, in the order the tracer recorded) and whose output is the prediction
+(:data:`ldpruner.base.unet_inputs.FLAT_INPUTS`, in the order the tracer recorded) and whose output is the prediction
 tensor. :class:`GraphUNet` calls it
 
 * the way diffusers calls a UNet — ``unet(sample, timestep, encoder_hidden_states=..., added_cond_kwargs=...,
@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from ldpruner.errors import UnsupportedInputError
-from ldpruner.unet_inputs import flat_inputs
+from ldpruner.base.errors import UnsupportedInputError
+from ldpruner.base.unet_inputs import flat_inputs
 
 __all__ = ["GraphUNet", "GraphUNetOutput"]
 

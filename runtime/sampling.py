@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ldpruner.errors import ConfigError, UnsupportedModelError
+from ldpruner.base.errors import ConfigError, UnsupportedModelError
 
 __all__ = ["fresh_scheduler", "guidance_embedding", "latent_channels", "learned_variance", "sample_latents",
            "unet_calls_per_step"]

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnxruntime as ort
 
-from ldpruner.devices import stage_threads
-from ldpruner.errors import ArtifactError, ConfigError, UnsupportedInputError
+from ldpruner.base.devices import stage_threads
+from ldpruner.base.errors import ArtifactError, ConfigError, UnsupportedInputError
 
 if TYPE_CHECKING:
     import torch
@@ -178,8 +178,8 @@ def create_session(
     ``providers``: execution providers in priority order; None picks CUDA when available, else CPU. A provider
     that this onnxruntime build lacks raises :class:`ConfigError`; so does an explicit CUDA request that
     onnxruntime silently degraded to CPU (e.g. a missing CUDA library). ``threads``: intra-op threads (None: those of
-    the ldpruner stage this runs in, :func:`ldpruner.devices.stage_threads`; outside one, onnxruntime's default, one
-    per core). ``exact_fp32``: on the CUDA provider, no TF32 matrix products (it uses
+    the ldpruner stage this runs in, :func:`ldpruner.base.devices.stage_threads`; outside one, onnxruntime's default,
+    one per core). ``exact_fp32``: on the CUDA provider, no TF32 matrix products (it uses
     them on Ampere and newer GPUs by default, about 1e-3 relative error), so float32 results can be compared with
     torch's at float32 tolerance. The chosen provider is logged and kept in ``OrtSession.provider``.
     """

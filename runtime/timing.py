@@ -17,8 +17,8 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ldpruner.devices import stage_threads
-from ldpruner.errors import ConfigError, LdprunerError
+from ldpruner.base.devices import stage_threads
+from ldpruner.base.errors import ConfigError, LdprunerError
 
 __all__ = ["InterleavedRun", "LatencyStats", "RatioMeasurement", "measure_interleaved", "measure_ratio",
            "onnx_feeds", "ort_session", "ratio_interval"]
@@ -219,7 +219,7 @@ _ORT_NUMPY = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(
 def ort_session(path: str | os.PathLike, *, threads: int | None, device: Any = None,
                 profile_prefix: str | None = None) -> Any:
     """An onnxruntime session for timing: ``threads`` intra-op threads (None: those of the ldpruner stage this runs
-    in, :func:`ldpruner.devices.stage_threads`; outside one, onnxruntime's default), no spinning;
+    in, :func:`ldpruner.base.devices.stage_threads`; outside one, onnxruntime's default), no spinning;
     on the CUDA provider (of the device's GPU) when ``device`` is a CUDA device and onnxruntime-gpu offers it, else
     the CPU provider. ``profile_prefix``: onnxruntime's profiler on, its JSON written under that prefix.
 

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from diffusers.configuration_utils import FrozenDict
 
-from ldpruner.errors import ArtifactError
-from ldpruner.io import read_json
-from ldpruner.unet_inputs import FLAT_INPUTS, INTRA_RESIDUAL, MID_RESIDUAL, residual_names
+from ldpruner.base.errors import ArtifactError
+from ldpruner.base.io import read_json
+from ldpruner.base.unet_inputs import FLAT_INPUTS, INTRA_RESIDUAL, MID_RESIDUAL, residual_names
 
 from .dropin import UNetDropIn
 from .session import OrtSession, create_session

@@ -1,7 +1,10 @@
 """The layer contract (docs/architecture.md): every import statement of the product, read from the source (lazy
 imports inside functions included), goes down the layers or sideways where the table allows it; nothing in the
-product imports the studies or the tests; and no module reaches into another package's private (``_``) module or
-private name. No exceptions are listed."""
+product imports the studies or the tests; no module reaches into another package's private (``_``) module or
+private name; and no module imports one that imports it back. A module's layer is its folder's name — ``ldpruner/base/``
+is base, ``compiler/`` (the package ``ldpruner.compiler``) is compiler, ``zoo/recipes/`` is recipes — and the modules
+at the top of ``ldpruner/`` (the API, the drop-in, the CLI) are the façade: the table of allowed edges below is the
+only hand-written part of the contract. No exceptions are listed."""
 
 from __future__ import annotations
 
@@ -16,41 +19,9 @@ ROOT = Path(__file__).resolve().parent.parent
 FOLDERS = {"ldpruner": "ldpruner", "compiler": "ldpruner.compiler", "passes": "ldpruner.passes",
            "runtime": "ldpruner.runtime", "zoo": "ldpruner.zoo", "bench": "ldpruner.bench", "benchmarks": "benchmarks"}
 
-# module prefix → layer; the longest matching prefix decides
-LAYER_OF = {
-    "ldpruner": "base",  # the package itself (its version)
-    "ldpruner.errors": "base",
-    "ldpruner.io": "base",
-    "ldpruner.distributed": "base",
-    "ldpruner.devices": "base",
-    "ldpruner.options": "base",
-    "ldpruner.values": "base",
-    "ldpruner.flags": "base",
-    "ldpruner.placement": "base",
-    "ldpruner.lazy": "base",
-    "ldpruner.unet_inputs": "base",
-    "ldpruner.fingerprint": "base",
-    "ldpruner.compiler": "compiler",
-    "ldpruner.runtime": "runtime",
-    "ldpruner.passes": "passes",
-    "ldpruner.zoo": "zoo",
-    "ldpruner.zoo.recipes": "recipes",
-    "ldpruner.sources": "sources",
-    "ldpruner.config": "stages",
-    "ldpruner.calibration": "stages",
-    "ldpruner.stages": "stages",
-    "ldpruner.build": "stages",
-    "ldpruner.record": "stages",
-    "ldpruner.report": "stages",
-    "ldpruner.api": "api",
-    "ldpruner.unet": "api",
-    "ldpruner.bench": "bench",
-    "ldpruner.cli": "cli",
-    "ldpruner.__main__": "cli",
-    "benchmarks": "studies",
-}
+FACADE = "facade"  # the modules at the top of ldpruner/: api, unet (the PyTorch drop-in), cli, __main__
 
-# layer → the layers it may import (besides itself)
+# layer (a folder's name) → the layers it may import (besides itself)
 ALLOWED = {
     "base": set(),
     "compiler": {"base"},
@@ -59,11 +30,10 @@ ALLOWED = {
     "zoo": {"base", "runtime"},
     "sources": {"base", "compiler", "passes", "zoo"},
     "stages": {"base", "compiler", "runtime", "passes", "zoo", "sources"},
-    "api": {"base", "runtime", "passes", "sources", "stages", "bench"},
     "bench": {"base", "compiler", "runtime", "passes", "zoo", "sources", "stages"},
     "recipes": {"base", "runtime", "zoo", "bench"},
-    "cli": {"base", "passes", "zoo", "stages", "api"},
-    "studies": {"base", "compiler", "runtime", "passes", "zoo", "sources", "stages", "api", "bench", "recipes"},
+    FACADE: {"base", "runtime", "passes", "zoo", "sources", "stages", "bench"},
+    "benchmarks": {"base", "compiler", "runtime", "passes", "zoo", "sources", "stages", "bench", "recipes", FACADE},
 }
 
 
@@ -82,11 +52,15 @@ MODULES = _modules()
 
 
 def _layer(module: str) -> str | None:
-    best = None
-    for prefix in LAYER_OF:
-        if (module == prefix or module.startswith(prefix + ".")) and (best is None or len(prefix) > len(best)):
-            best = prefix
-    return LAYER_OF[best] if best is not None else None
+    """The layer of a product module: the innermost folder on its path that names a layer; a module at the top of
+    ``ldpruner/`` is the façade; the package ``ldpruner`` itself (its version only) is base. None: not the product."""
+    path = MODULES.get(module)
+    if path is None:
+        return None
+    if module == "ldpruner":
+        return "base"
+    named = [f for f in path.relative_to(ROOT).parent.parts if f in ALLOWED]
+    return named[-1] if named else FACADE
 
 
 def _imports(module: str, path: Path) -> list[tuple[int, str, list[str]]]:
@@ -125,7 +99,7 @@ def _violations() -> list[str]:
         layer = _layer(module)
         for line, target, names in _imports(module, path):
             where = f"{path.relative_to(ROOT)}:{line}: {module} imports {target}"
-            if target.split(".")[0] in ("tests", "conftest") or (layer != "studies"
+            if target.split(".")[0] in ("tests", "conftest") or (layer != "benchmarks"
                                                                  and target.startswith("benchmarks")):
                 problems.append(f"{where} (the product and the studies never import the tests; the product never "
                                 "imports the studies)")
@@ -163,8 +137,20 @@ def test_lazy_public_names_come_from_the_package_itself():
     assert checked >= 20  # ldpruner.passes and ldpruner.zoo declare their surfaces this way
 
 
-def test_every_product_module_has_a_layer():
+def test_every_product_module_has_a_layer_and_every_layer_is_a_folder():
     assert [m for m in MODULES if _layer(m) is None] == []
+    folders = {p.name for p in MODULES.values() for p in p.relative_to(ROOT).parents}
+    assert set(ALLOWED) - {FACADE} <= folders
+    assert {_layer(m) for m in ("ldpruner.api", "ldpruner.unet", "ldpruner.cli", "ldpruner.__main__")} == {FACADE}
+    assert (_layer("ldpruner.base.io"), _layer("ldpruner.stages"), _layer("ldpruner.stages.record"),
+            _layer("ldpruner.zoo.recipes.mnist_t2i"), _layer("ldpruner.passes.onnx.export")) == (
+        "base", "stages", "stages", "recipes", "passes")
+
+
+def test_the_rooms_form_no_cycle():
+    """The allowed edges between rooms go one way: no two rooms may import each other, directly or around a loop."""
+    rooms = nx.DiGraph([(layer, target) for layer, targets in ALLOWED.items() for target in targets])
+    assert nx.is_directed_acyclic_graph(rooms), nx.find_cycle(rooms)
 
 
 def test_imports_follow_the_layers_with_no_exceptions():
@@ -179,6 +165,8 @@ def test_imports_follow_the_layers_with_no_exceptions():
     ("ldpruner.api", "ldpruner.bench.stage", True),
     ("ldpruner.bench.stage", "ldpruner.api", False),  # bench drives the stages; the api calls bench
     ("ldpruner.cli", "ldpruner.api", True),
+    ("ldpruner.stages.build", "ldpruner.api", False),  # the façade calls the stages, never the other way
+    ("ldpruner.base.io", "ldpruner.stages", False),
 ])
 def test_the_table_says_what_docs_architecture_says(module, target, allowed):
     layer, target_layer = _layer(module), _layer(target)
@@ -216,7 +204,7 @@ def _import_cycles(graph: nx.DiGraph) -> list[str]:
 
 def test_the_import_graph_reads_lazy_and_relative_imports():
     graph = _import_graph()
-    assert graph.has_edge("ldpruner.calibration", "ldpruner.passes.inputs")  # inside a function
+    assert graph.has_edge("ldpruner.stages.calibration", "ldpruner.passes.inputs")  # inside a function
     assert graph.has_edge("ldpruner.passes.distill.trainer", "ldpruner.passes.config")  # `from ..config import`
     assert graph.has_edge("ldpruner.passes.distill.trainer", "ldpruner.passes.distill.checkpoint")  # `from .checkpoint`
     assert graph.has_edge("ldpruner.api", "ldpruner.stages")  # `from . import devices, stages`

@@ -15,7 +15,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from ldpruner.errors import ConfigError, ModelLoadError
+from ldpruner.base.errors import ConfigError, ModelLoadError
 
 from ._packages import MissingPackageError
 

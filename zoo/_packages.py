@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from ldpruner.errors import ModelLoadError
+from ldpruner.base.errors import ModelLoadError
 
 __all__ = ["MissingPackageError", "package_dir"]
 

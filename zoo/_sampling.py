@@ -6,8 +6,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ldpruner.errors import ConfigError, ModelLoadError
-from ldpruner.io import read_json
+from ldpruner.base.errors import ConfigError, ModelLoadError
+from ldpruner.base.io import read_json
 
 if TYPE_CHECKING:
     import torch

@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from ldpruner.errors import ConfigError
-from ldpruner.io import read_json
-from ldpruner.options import Config, option
+from ldpruner.base.errors import ConfigError
+from ldpruner.base.io import read_json
+from ldpruner.base.options import Config, option
 
 from ._packages import MissingPackageError
 

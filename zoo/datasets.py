@@ -35,8 +35,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ldpruner.errors import ConfigError
-from ldpruner.io import atomic_path, json_digest
+from ldpruner.base.errors import ConfigError
+from ldpruner.base.io import atomic_path, json_digest
 
 from ._packages import MissingPackageError, package_dir
 

@@ -26,8 +26,8 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from ldpruner.errors import ArtifactError, ModelLoadError
-from ldpruner.io import (
+from ldpruner.base.errors import ArtifactError, ModelLoadError
+from ldpruner.base.io import (
     atomic_dir,
     check_replaceable,
     default_permissions,

@@ -10,8 +10,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ldpruner.errors import ConfigError
-from ldpruner.io import atomic_path
+from ldpruner.base.errors import ConfigError
+from ldpruner.base.io import atomic_path
 
 from ._sampling import positive_int
 

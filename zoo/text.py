@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ldpruner.errors import ConfigError, ModelLoadError
-from ldpruner.io import read_json
+from ldpruner.base.errors import ConfigError, ModelLoadError
+from ldpruner.base.io import read_json
 
 from ._packages import package_dir
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ldpruner.errors import ConfigError, ModelLoadError
+from ldpruner.base.errors import ConfigError, ModelLoadError
 
 from ._sampling import positive_int, scheduler_class, seeded_noise, seeds_for
 from .text import TextEncoder

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldpruner.io import atomic_path
+from ldpruner.base.io import atomic_path
 
 from .errors import MetricInputError
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ldpruner.errors import LdprunerError
+from ldpruner.base.errors import LdprunerError
 
 __all__ = ["MetricInputError", "MissingMetricPackageError"]
 

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ldpruner.io import atomic_path
+from ldpruner.base.io import atomic_path
 
 from ._images import to_unit_range
 from .errors import MetricInputError

@@ -13,9 +13,9 @@ from typing import Any
 
 from torch import nn
 
-from ldpruner.errors import ConfigError, ModelLoadError
-from ldpruner.fingerprint import weights_fingerprint
-from ldpruner.io import json_safe, read_json
+from ldpruner.base.errors import ConfigError, ModelLoadError
+from ldpruner.base.fingerprint import weights_fingerprint
+from ldpruner.base.io import json_safe, read_json
 
 __all__ = ["RANDOM_PREFIX", "UNET_CLASSES", "ZOO_PREFIX", "LoadedModel", "load", "scheduler_named", "weights_id"]
 
@@ -108,10 +108,10 @@ class LoadedModel:
 
     def placed(self, device: Any, dtype: Any) -> nn.Module:
         """The UNet on ``device`` in ``dtype``: the loaded module itself when it is there already, else a cast copy
-        (:func:`ldpruner.devices.cast_copy`: the loaded weights stay as they are, at their precision)."""
+        (:func:`ldpruner.base.devices.cast_copy`: the loaded weights stay as they are, at their precision)."""
         import torch
 
-        from ldpruner.devices import cast_copy
+        from ldpruner.base.devices import cast_copy
 
         param = next(self.unet.parameters())
         if param.device == torch.device(device) and param.dtype == dtype:

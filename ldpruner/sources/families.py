@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ldpruner.errors import ConfigError
+from ldpruner.base.errors import ConfigError
 
 __all__ = ["FAMILIES", "build_unet", "family_config", "family_names", "reduced", "spatial_multiple"]
 

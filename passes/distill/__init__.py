@@ -5,7 +5,7 @@ on — the teacher's own trajectories or real latents (``data``) — and image f
 
 from __future__ import annotations
 
-from ldpruner.lazy import lazy_exports
+from ldpruner.base.lazy import lazy_exports
 
 __all__ = [
     "CHECKPOINTS",

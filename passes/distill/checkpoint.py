@@ -21,9 +21,9 @@ from typing import Any, Protocol
 
 import torch
 
+from ldpruner.base.errors import ArtifactError, DistillError, WeightsMismatchError
+from ldpruner.base.io import atomic_dir, read_json
 from ldpruner.compiler.taps import FeatureTaps
-from ldpruner.errors import ArtifactError, DistillError, WeightsMismatchError
-from ldpruner.io import atomic_dir, read_json
 
 from ..config import DistillConfig
 from ..plan import is_weights_id, short_id

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import torch
 
-from ldpruner.errors import ConfigError
+from ldpruner.base.errors import ConfigError
 from ldpruner.runtime.graph_unet import GraphUNet
 from ldpruner.runtime.sampling import sample_latents
 

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from ldpruner.errors import ConfigError, ModelLoadError
-from ldpruner.io import read_json
+from ldpruner.base.errors import ConfigError, ModelLoadError
+from ldpruner.base.io import read_json
 
 __all__ = ["IMAGE_SUFFIXES", "encode_dataset", "folder_captions", "image_files", "read_image_folder", "vae_folder"]
 

@@ -4,7 +4,7 @@ Declared here once (file name, format) for the trainer that writes it and the re
 
 from __future__ import annotations
 
-from ldpruner.artifact import ArtifactFile
+from ldpruner.base.artifact import ArtifactFile
 
 __all__ = ["SUMMARY"]
 

@@ -37,11 +37,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ldpruner import devices, distributed
+from ldpruner.base import devices, distributed
+from ldpruner.base.errors import ConfigError, DistillError
+from ldpruner.base.io import atomic_path, write_text_atomic
 from ldpruner.compiler.taps import FeatureTaps, match_taps, tapped
 from ldpruner.compiler.tracer import TracedUNet
-from ldpruner.errors import ConfigError, DistillError
-from ldpruner.io import atomic_path, write_text_atomic
 
 from ..config import DistillConfig
 from ..remove import PrunedUNet

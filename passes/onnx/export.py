@@ -19,9 +19,9 @@ from typing import Any
 import onnx
 import torch
 
-from ldpruner.errors import ConfigError, ExportError
+from ldpruner.base.errors import ConfigError, ExportError
+from ldpruner.base.unet_inputs import DOWN_RESIDUAL, INTRA_RESIDUAL, MID_RESIDUAL, TEXT_AXIS, TEXT_INPUT
 from ldpruner.runtime.unet import CONFIG_FILENAME, EXPORT_METADATA_KEY
-from ldpruner.unet_inputs import DOWN_RESIDUAL, INTRA_RESIDUAL, MID_RESIDUAL, TEXT_AXIS, TEXT_INPUT
 
 from ..config import PROTOBUF_LIMIT, ExportConfig, Tolerance
 from .files import check_destination, publish_model, staging_dir

@@ -14,8 +14,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from ldpruner.errors import ArtifactError
-from ldpruner.io import check_replaceable, default_permissions
+from ldpruner.base.errors import ArtifactError
+from ldpruner.base.io import check_replaceable, default_permissions
 
 __all__ = ["staging_dir", "publish_model", "data_file", "check_destination"]
 

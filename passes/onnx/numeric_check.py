@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ldpruner.unet_inputs import TEXT_INPUT
+from ldpruner.base.unet_inputs import TEXT_INPUT
 
 from ..config import DEFAULT_TOLERANCES, Tolerance
 

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from ldpruner.errors import ArtifactError, ExportError, ExportValidationError
+from ldpruner.base.errors import ArtifactError, ExportError, ExportValidationError
 from ldpruner.runtime.session import OrtSession, create_session
 from ldpruner.runtime.unet import EXPORT_METADATA_KEY
 

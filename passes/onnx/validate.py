@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from ldpruner.base.errors import ConfigError, ExportError, ExportValidationError
+from ldpruner.base.unet_inputs import DOWN_RESIDUAL, INTRA_RESIDUAL, MID_RESIDUAL, TEXT_AXIS, TEXT_INPUT
 from ldpruner.compiler.tracer import TracedUNet
-from ldpruner.errors import ConfigError, ExportError, ExportValidationError
 from ldpruner.runtime.session import create_session
-from ldpruner.unet_inputs import DOWN_RESIDUAL, INTRA_RESIDUAL, MID_RESIDUAL, TEXT_AXIS, TEXT_INPUT
 
 from ..config import ExportConfig
 from .numeric_check import (

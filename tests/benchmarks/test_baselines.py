@@ -127,7 +127,7 @@ def test_random_plans_differ_by_seed_and_reproduce(graph):
 
 
 def test_plan_for_rejects_non_candidates(graph):
-    from ldpruner.errors import ConfigError
+    from ldpruner.base.errors import ConfigError
 
     with pytest.raises(ConfigError, match="not candidates"):
         baselines.plan_for(graph, {"down_blocks.0.downsamplers.0": 0.0}, budget=0.1, criterion="x")

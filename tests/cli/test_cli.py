@@ -1,4 +1,5 @@
-"""The CLI end to end on a tiny UNet folder: stages, build reuse, overwrite rules and one-line typed errors."""
+"""The CLI end to end on a tiny UNet folder: the stages one by one, config files, overwrite rules and one-line typed
+errors (what a rebuild reuses: tests/stages/test_record.py)."""
 
 from __future__ import annotations
 
@@ -64,45 +65,6 @@ def test_stages_one_by_one(unet_dir, capsys, tmp_path):
     assert code == 1 and "ArtifactError" in err and "--overwrite" in err
 
 
-def test_build_reuses_unchanged_artifacts_and_guards_changed_ones(unet_dir, capsys, tmp_path):
-    out_dir = tmp_path / "b"
-    code, out, err = run(capsys, "build", unet_dir, "--out", out_dir, "--budget", "0.2", *BUILD_FAST)
-    assert code == 0, err
-    report = json.loads((out_dir / "report.json").read_text())
-    assert report["export"]["export"]["validation"]["passed"] is True
-    assert report["params"]["pruned"] < report["params"]["dense"]
-    assert report["reused_stages"] == []
-    assert (out_dir / "report.md").read_text().startswith("# ldpruner build report")
-
-    code, out, err = run(capsys, "build", unet_dir, "--out", out_dir, "--budget", "0.2", *BUILD_FAST)
-    assert code == 0, err
-    report = json.loads((out_dir / "report.json").read_text())
-    assert report["reused_stages"] == ["analyze", "select", "prune", "distill", "export"]
-    assert report["distill"]["steps"] == 3 and (out_dir / "distill" / "student" / "plan.json").is_file()
-    assert "## Distillation (3 steps, teacher-trajectories" in (out_dir / "report.md").read_text()
-
-    # a new distillation length re-runs distill and export only; 0 exports the undistilled student
-    code, out, err = run(capsys, "build", unet_dir, "--out", out_dir, "--budget", "0.2", *FAST,
-                         "--distill-steps", "4", "--overwrite")
-    assert code == 0, err
-    report = json.loads((out_dir / "report.json").read_text())
-    assert report["reused_stages"] == ["analyze", "select", "prune"] and report["distill"]["steps"] == 4
-    code, out, err = run(capsys, "build", unet_dir, "--out", out_dir, "--budget", "0.2", *FAST,
-                         "--distill-steps", "0", "--overwrite")
-    assert code == 0, err
-    report = json.loads((out_dir / "report.json").read_text())
-    assert report["distill"] is None and "distill/student" not in report["artifacts"]
-
-    code, out, err = run(capsys, "build", unet_dir, "--out", out_dir, "--budget", "0.4", *BUILD_FAST)
-    assert code == 1 and "ArtifactError" in err and "plan.json" in err
-
-    code, out, err = run(capsys, "build", unet_dir, "--out", out_dir, "--budget", "0.4", "--overwrite", *BUILD_FAST)
-    assert code == 0, err
-    report = json.loads((out_dir / "report.json").read_text())
-    assert report["reused_stages"] == ["analyze"]
-    assert report["params"]["removed_fraction"] >= 0.4
-
-
 def test_build_from_toml_config(unet_dir, capsys, tmp_path):
     cfg = tmp_path / "build.toml"
     cfg.write_text(f'model = "{unet_dir}"\nout = "{tmp_path / "t"}"\nbudget = 0.2\nnum_samples = 2\nsteps = 2\n'
@@ -151,7 +113,7 @@ def test_bad_models(capsys, tmp_path):
 
 
 def test_debug_shows_the_traceback(capsys, tmp_path):
-    from ldpruner.errors import ModelLoadError
+    from ldpruner.base.errors import ModelLoadError
 
     with pytest.raises(ModelLoadError):
         main(["--debug", "inspect", str(tmp_path / "missing")])
@@ -232,7 +194,7 @@ def test_build_under_torchrun_with_two_gloo_ranks_matches_one_process(unet_dir, 
 
 def test_api_build_rejects_unknown_and_missing_options(tmp_path):
     from ldpruner import api
-    from ldpruner.errors import ConfigError
+    from ldpruner.base.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"^unknown BuildConfig option 'num_sample'; did you mean 'num_samples'\?$"):
         api.build("random:sd-tiny", out=tmp_path, num_sample=2)
@@ -339,26 +301,13 @@ def test_a_pipeline_folder_without_its_scheduler_is_refused_unless_one_is_named(
 def test_a_model_without_a_scheduler_samples_with_the_default_and_says_so(unet_dir, capsys, tmp_path, caplog):
     code, out, err = run(capsys, "analyze", unet_dir, "--out", tmp_path, *FAST, "--threads", "1")
     assert code == 0, err
-    notes = [r.getMessage() for r in caplog.records if r.name == "ldpruner.calibration"]
+    notes = [r.getMessage() for r in caplog.records if r.name == "ldpruner.stages.calibration"]
     assert notes == [f"note: {unet_dir} brings no scheduler; the analysis and distillation sample with "
                      "DDIMScheduler() at diffusers' defaults (which may differ from the schedule it was trained "
                      "with): pass --scheduler NAME to choose one"]
     scores = json.loads((tmp_path / "scores.json").read_text())
     assert (scores["scheduler"]["class"], scores["scheduler"]["source"]) == ("DDIMScheduler", "default")
     assert "DDIMScheduler (the default: the model brings none)" in err  # the analysis' opening line
-
-
-def test_a_rebuild_that_reuses_the_scores_reports_where_its_own_scheduler_came_from(unet_dir, capsys, tmp_path):
-    """The default DDIMScheduler() and --scheduler DDIMScheduler give the same scores (reused): the report says how
-    this build got its scheduler, not how the build that made the scores did."""
-    options = ["--out", tmp_path, *FAST, "--distill-steps", "0", "--no-samples", "--threads", "1"]
-    assert run(capsys, "build", unet_dir, *options)[0] == 0
-    code, out, err = run(capsys, "build", unet_dir, *options, "--scheduler", "DDIMScheduler")
-    report = json.loads((tmp_path / "report.json").read_text())
-    assert code == 0 and "analyze" in report["reused_stages"]
-    assert report["analysis"]["scheduler"]["source"] == "asked"
-    assert "- scheduler: DDIMScheduler (asked for with --scheduler)\n" in (tmp_path / "report.md").read_text()
-    assert json.loads((tmp_path / "scores.json").read_text())["scheduler"]["source"] == "default"  # as made
 
 
 def test_build_threads_apply_to_every_stage_and_the_report_says_so(unet_dir, capsys, tmp_path, monkeypatch):

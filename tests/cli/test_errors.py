@@ -304,7 +304,7 @@ def test_damaged_identity_records_are_refused(unet_dir, scored, tmp_path, capsys
 # --- classes 5 and 7: the rest of the one-line errors ------------------------------------------------------------
 
 def test_a_truncated_onnx_model_is_a_typed_error(unet_dir, tmp_path, capsys):
-    from ldpruner.errors import ArtifactError
+    from ldpruner.base.errors import ArtifactError
     from ldpruner.runtime.unet import ORTUNet
 
     assert run(capsys, "export", unet_dir, "--out", tmp_path)[0] == 0

@@ -101,8 +101,8 @@ def test_thousands_of_repeated_budgets_name_the_repeated_value_once(capsys, tmp_
 
 def test_long_values_are_quoted_short(tmp_path):
     from ldpruner import api
-    from ldpruner.config import BenchConfig
-    from ldpruner.errors import ConfigError
+    from ldpruner.base.errors import ConfigError
+    from ldpruner.stages.config import BenchConfig
 
     with pytest.raises(ConfigError) as caught:
         BenchConfig(models=("random:sd-tiny",), out=str(tmp_path), budgets=(0.1,) * 5000 + (3.0,))
@@ -123,7 +123,7 @@ def test_long_values_are_quoted_short(tmp_path):
 
 def test_an_unknown_config_file_key_names_the_option_it_is_close_to(unet_dir, tmp_path, capsys, monkeypatch):
     import ldpruner.stages
-    from ldpruner.config import BuildConfig
+    from ldpruner.stages.config import BuildConfig
 
     refuse(monkeypatch, ldpruner.stages, "load_model")
     config = tmp_path / "build.toml"
@@ -146,7 +146,7 @@ def test_an_unknown_config_file_key_names_the_option_it_is_close_to(unet_dir, tm
 
 def test_an_unknown_api_keyword_names_the_option_it_is_close_to(unet_dir, monkeypatch):
     from ldpruner import api, stages
-    from ldpruner.errors import ConfigError
+    from ldpruner.base.errors import ConfigError
 
     refuse(monkeypatch, stages, "load_model")
     with pytest.raises(ConfigError) as caught:
@@ -292,7 +292,7 @@ def test_distill_refuses_its_dataset_and_prompt_file_before_the_teacher_is_trace
 
 def test_an_error_raised_under_a_progress_bar_starts_a_line_of_its_own(unet_dir, tmp_path, capsys, monkeypatch):
     import ldpruner.passes.importance
-    from ldpruner.errors import ConfigError
+    from ldpruner.base.errors import ConfigError
 
     def stop(*args, **kwargs):
         raise ConfigError("the samples are not finite")

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from ldpruner.base.errors import ConfigError
 from ldpruner.compiler.graph import Action, build_operator_graph
 from ldpruner.compiler.removal import swapped
 from ldpruner.compiler.tracer import call_diffusers_unet, trace_unet, unet_example_inputs
-from ldpruner.errors import ConfigError
 from ldpruner.sources.families import FAMILIES, build_unet, family_config, reduced, spatial_multiple
 
 FAMILY_NAMES = ("sd15", "sd21", "sdxl", "ldm-celebahq-256", "audio-diffusion-256", "sd-tiny")
@@ -80,7 +80,7 @@ FULL_PARAMS = {
     "sd15-inpainting": 859_535_364,
     "lcm-sd15": 859_602_884,
 }
-# families whose topology is SD 1.5's: checked for their counts and inputs (tests/test_diffusers_families.py
+# families whose topology is SD 1.5's: checked for their counts and inputs (tests/sources/test_diffusers_families.py
 # builds their kinds end to end)
 SD15_VARIANTS = ("sd15-inpainting", "lcm-sd15")
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+from ldpruner.base.errors import ConfigError, TraceError
 from ldpruner.compiler.tracer import trace_unet
-from ldpruner.errors import ConfigError, TraceError
 
 
 def run(traced, inputs):

@@ -7,8 +7,8 @@ import torch
 import torch.fx
 from torch import nn
 
+from ldpruner.base.errors import VerificationError
 from ldpruner.compiler.verify import verify_graph
-from ldpruner.errors import VerificationError
 
 
 class Net(nn.Module):

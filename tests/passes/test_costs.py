@@ -13,9 +13,9 @@ from conftest import make_tiny_sd_unet
 from test_remove import plan_for
 from test_select import CANDS, Cand
 
+from ldpruner.base.errors import ArtifactError, BudgetError, ConfigError
 from ldpruner.compiler.graph import build_operator_graph
 from ldpruner.compiler.tracer import trace_unet
-from ldpruner.errors import ArtifactError, BudgetError, ConfigError
 from ldpruner.passes.cost_report import CostReport, OperatorCost
 from ldpruner.passes.costs import CostConfig, measure_costs
 from ldpruner.passes.latency_check import check_latency

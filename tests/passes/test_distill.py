@@ -15,10 +15,10 @@ import torch
 from conftest import make_tiny_sd_unet, make_tiny_unet2d
 from test_remove import plan_for
 
+from ldpruner.base.errors import ArtifactError, ConfigError, DistillError, TapError
 from ldpruner.compiler.graph import build_operator_graph
 from ldpruner.compiler.taps import group_outputs, match_taps, tapped
 from ldpruner.compiler.tracer import trace_unet
-from ldpruner.errors import ArtifactError, ConfigError, DistillError, TapError
 from ldpruner.passes.conditioning import random_conditioning
 from ldpruner.passes.distill import DistillConfig, distill, feature_loss, latest_checkpoint, lr_factor
 from ldpruner.passes.distill.data import LatentData, TeacherTrajectories
@@ -259,7 +259,7 @@ _DDP_SCRIPT = textwrap.dedent("""
     torch.set_num_threads(1)
     sys.path[:0] = [{tests!r}, {tests_passes!r}]
     from test_distill import _setup, FAST
-    from ldpruner import distributed
+    from ldpruner.base import distributed
     from ldpruner.passes.distill import DistillConfig, distill
     joined = distributed.join()
     rank, world = joined.rank, joined.size

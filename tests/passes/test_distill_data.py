@@ -13,7 +13,7 @@ from PIL import Image
 from test_remove import plan_for
 
 from ldpruner import api
-from ldpruner.errors import ConfigError, ModelLoadError
+from ldpruner.base.errors import ConfigError, ModelLoadError
 from ldpruner.passes.distill.datasets import read_image_folder
 
 
@@ -123,8 +123,8 @@ def test_zoo_text_to_image_distills_on_captioned_digits(tmp_path):
 
 def test_a_bfloat16_teacher_is_a_cast_copy_unless_the_dense_model_is_given_up(uncond_pipeline, tmp_path):
     from ldpruner import stages
+    from ldpruner.base.placement import place
     from ldpruner.passes.config import DistillConfig
-    from ldpruner.placement import place
 
     root, plan = uncond_pipeline
     loaded = api.load(root)

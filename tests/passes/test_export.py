@@ -12,13 +12,13 @@ import torch
 from conftest import make_tiny_sd_unet, make_tiny_unet2d
 from onnx import numpy_helper
 
-from ldpruner.compiler.tracer import trace_unet
-from ldpruner.errors import (
+from ldpruner.base.errors import (
     ArtifactError,
     ConfigError,
     ExportError,
     ExportValidationError,
 )
+from ldpruner.compiler.tracer import trace_unet
 from ldpruner.passes.onnx.export import ExportConfig, Tolerance, export_onnx
 from ldpruner.passes.onnx.validate import validate_onnx
 from ldpruner.runtime.session import create_session

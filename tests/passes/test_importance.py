@@ -14,10 +14,10 @@ import torch
 from conftest import make_tiny_sd_unet, make_tiny_unet2d
 from diffusers import DDIMScheduler, DDPMScheduler
 
+from ldpruner.base.errors import ArtifactError, ConfigError
 from ldpruner.compiler.graph import build_operator_graph
 from ldpruner.compiler.removal import swapped
 from ldpruner.compiler.tracer import trace_unet
-from ldpruner.errors import ArtifactError, ConfigError
 from ldpruner.passes.conditioning import Conditioning, encode_prompts
 from ldpruner.passes.config import AnalysisConfig
 from ldpruner.passes.importance import analyze_importance, cache_key
@@ -246,7 +246,7 @@ def test_device_and_dtype_mismatches_are_config_errors(sd_graph):
 
 
 def test_one_named_gpu_under_torchrun_is_refused(monkeypatch):
-    from ldpruner import devices
+    from ldpruner.base import devices
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match=r"device='cuda:1' names one GPU, but torchrun started 2 processes"):
@@ -442,7 +442,7 @@ def _rank_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     import torch.distributed as dist
 
-    from ldpruner.placement import place
+    from ldpruner.base.placement import place
 
     try:
         # the command's placement joins the gloo group from the launcher's environment; the analysis is handed its

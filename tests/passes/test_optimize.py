@@ -8,8 +8,8 @@ import onnxruntime as ort
 import pytest
 from conftest import make_tiny_sd_unet
 
+from ldpruner.base.errors import ExportError, ExportValidationError
 from ldpruner.compiler.tracer import trace_unet
-from ldpruner.errors import ExportError, ExportValidationError
 from ldpruner.passes.onnx import optimize as optimize_module
 from ldpruner.passes.onnx.export import ExportConfig, export_onnx
 from ldpruner.passes.onnx.optimize import CUDA_ONLY_FUSIONS, Tolerance, optimize_onnx

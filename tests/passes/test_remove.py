@@ -13,12 +13,12 @@ import torch
 from conftest import make_tiny_sd_unet, make_tiny_unet2d
 from torch import nn
 
+from ldpruner.base.errors import PlanError, RewriteError
 from ldpruner.compiler.graph import Action, build_operator_graph
 from ldpruner.compiler.passmanager import PassManager
 from ldpruner.compiler.removal import PROJECTION_ROOT, swapped
 from ldpruner.compiler.tracer import trace_unet, unet_example_inputs
 from ldpruner.compiler.verify import verify_graph
-from ldpruner.errors import PlanError, RewriteError
 from ldpruner.passes.plan import PlannedRemoval, RemovalPlan
 from ldpruner.passes.remove import RemoveOperators, count_params, projection_key, prune
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from ldpruner.errors import BudgetError, ConfigError, PlanError
+from ldpruner.base.errors import BudgetError, ConfigError, PlanError
 from ldpruner.passes.plan import RemovalPlan
 from ldpruner.passes.select import SelectionConfig, select_removals
 

@@ -11,10 +11,10 @@ from conftest import make_tiny_sd_unet
 from safetensors.torch import load_file, save_file
 from test_remove import Block, TinyNet, plan_for, run
 
+from ldpruner.base.errors import ArtifactError, ModelLoadError
 from ldpruner.compiler.graph import build_operator_graph
 from ldpruner.compiler.removal import PROJECTION_ROOT
 from ldpruner.compiler.tracer import trace_unet
-from ldpruner.errors import ArtifactError, ModelLoadError
 from ldpruner.passes.remove import count_params, prune
 from ldpruner.passes.student import STUDENT_FILES, WEIGHTS_NAME, load_student, save_student
 

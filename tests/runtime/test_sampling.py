@@ -11,7 +11,7 @@ import torch
 from conftest import make_tiny_sd_unet, make_tiny_unet2d
 from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, StableDiffusionPipeline
 
-from ldpruner.errors import ConfigError
+from ldpruner.base.errors import ConfigError
 from ldpruner.runtime.sampling import sample_latents
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from ldpruner.errors import ArtifactError, ConfigError, UnsupportedInputError
+from ldpruner.base.errors import ArtifactError, ConfigError, UnsupportedInputError
 from ldpruner.runtime.session import create_session, default_providers
 
 

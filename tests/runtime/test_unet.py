@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import make_tiny_sd_unet, make_tiny_unet2d
 
+from ldpruner.base.errors import ArtifactError, UnsupportedInputError
 from ldpruner.compiler.tracer import trace_unet
-from ldpruner.errors import ArtifactError, UnsupportedInputError
 from ldpruner.passes.onnx.export import ExportConfig, export_onnx
 from ldpruner.runtime.session import create_session
 from ldpruner.runtime.unet import ORTUNet

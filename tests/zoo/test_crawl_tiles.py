@@ -10,7 +10,7 @@ import torch
 from committed_parts import load_unet_and_vae
 
 from ldpruner import zoo
-from ldpruner.errors import ConfigError, ModelLoadError
+from ldpruner.base.errors import ConfigError, ModelLoadError
 
 NAME = "crawl-tiles"
 pytestmark = pytest.mark.usefixtures("one_thread")

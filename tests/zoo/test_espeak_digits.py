@@ -12,7 +12,7 @@ import torch
 from committed_parts import load_unet_and_vae
 
 from ldpruner import zoo
-from ldpruner.errors import ConfigError
+from ldpruner.base.errors import ConfigError
 from ldpruner.zoo import MissingPackageError, datasets
 from ldpruner.zoo.audio import MelConfig, fit_clip, mel_to_waveform, waveform_to_mel
 from ldpruner.zoo.recipes import espeak_digits as recipe

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ldpruner import zoo
-from ldpruner.errors import ConfigError, ModelLoadError
+from ldpruner.base.errors import ConfigError, ModelLoadError
 
 NAME = "mnist-t2i"
 

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from ldpruner import api
-from ldpruner.errors import ConfigError
+from ldpruner.base.errors import ConfigError
 from ldpruner.runtime.graph_unet import GraphUNet
 from ldpruner.zoo.preview import preview_grid
 

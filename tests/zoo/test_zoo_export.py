@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from ldpruner import zoo
+from ldpruner.base.errors import ArtifactError
 from ldpruner.cli import main
-from ldpruner.errors import ArtifactError
 
 KNOWN = "mnist-t2i (text-to-image), crawl-tiles (unconditional-image), espeak-digits (unconditional-audio)"
 

@@ -22,8 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ldpruner.errors import ConfigError
-from ldpruner.io import json_safe, read_json, write_json_atomic
+from ldpruner.base.errors import ConfigError
+from ldpruner.base.io import json_safe, read_json, write_json_atomic
 from ldpruner.zoo import MissingPackageError
 
 __all__ = [

@@ -1,5 +1,5 @@
-"""Every UNet family of the sweep (tests/test_diffusers_families.py) in its own stock diffusers pipeline, with the
-pruned UNet in the dense one's place in PyTorch (StudentUNet) and in onnxruntime (ORTUNet), a few steps each. Each
+"""Every UNet family of the sweep (tests/sources/test_diffusers_families.py) in its own stock diffusers pipeline, with
+the pruned UNet in the dense one's place in PyTorch (StudentUNet) and in onnxruntime (ORTUNet), a few steps each. Each
 UNet is pruned with a plan whose removed operators have their residual branch zeroed in the dense model, so the
 student computes the dense function: the pipeline gives the dense output with the student (to float32 rounding,
 :func:`rounding_tolerance`), and the student's output with the ONNX model within :func:`ort_tolerance`. A family
@@ -13,12 +13,12 @@ import diffusers
 import pytest
 import torch
 from conftest import make_tiny_unet2d
-from test_diffusers_families import FAMILIES, NO_DROP_IN, make_unet
+from family_sweep import FAMILIES, NO_DROP_IN, make_unet
 
 from ldpruner import api, stages
+from ldpruner.base.errors import UnsupportedInputError, UnsupportedModelError
 from ldpruner.compiler.graph import Action
 from ldpruner.compiler.removal import output_scale
-from ldpruner.errors import UnsupportedInputError, UnsupportedModelError
 from ldpruner.passes.config import TraceConfig
 from ldpruner.passes.plan import PlannedRemoval, RemovalPlan
 from ldpruner.runtime.unet import ORTUNet

@@ -8,15 +8,25 @@ import json
 from pathlib import Path
 from typing import Any
 
-from . import devices
-from .artifact import ArtifactFile
-from .io import read_json
-from .stages import COSTS, DISTILL_DIR, DISTILL_SUMMARY, EXPORT_SUMMARY, LATENCY, ONNX_DIR, PLAN, SCORES, STUDENT
+from ldpruner.base import devices
+from ldpruner.base.artifact import ArtifactFile
+from ldpruner.base.io import read_json
+from ldpruner.stages import (
+    COSTS,
+    DISTILL_DIR,
+    DISTILL_SUMMARY,
+    EXPORT_SUMMARY,
+    LATENCY,
+    ONNX_DIR,
+    PLAN,
+    SCORES,
+    STUDENT,
+)
 
 __all__ = ["REPORT", "REPORT_MD", "SAMPLES", "build_report", "report_markdown", "threads_record"]
 
 # 2: the config in sections (cfg.analysis …); 1: flat, still read
-REPORT = ArtifactFile("report.json", "ldpruner.report/2", "build report", reads=("ldpruner.report/1",))
+REPORT = ArtifactFile("report.json", "ldpruner.stages.report/2", "build report", reads=("ldpruner.stages.report/1",))
 REPORT_MD = "report.md"
 SAMPLES = "samples.png"
 

@@ -8,8 +8,8 @@ import random
 
 import pytest
 
+from ldpruner.base.errors import ArtifactError, ConfigError
 from ldpruner.bench.latency import measure_interleaved
-from ldpruner.errors import ArtifactError, ConfigError
 
 
 class FakeClock:
@@ -178,8 +178,8 @@ def test_missing_metric_package_is_a_typed_error(monkeypatch):
     import sys
 
     import ldpruner.bench
+    from ldpruner.base.errors import BenchError
     from ldpruner.bench.quality import QualityMeter
-    from ldpruner.errors import BenchError
 
     # a fresh import of the metrics, in a world without scipy (their FD needs it; the [bench] extra installs it)
     for name in [m for m in sys.modules if m.startswith(("ldpruner.bench.metrics", "scipy"))]:

@@ -11,8 +11,9 @@ import torch
 from conftest import make_tiny_unet2d
 from onnx import TensorProto, helper
 
-from ldpruner import api, devices, stages
-from ldpruner.errors import ConfigError
+from ldpruner import api, stages
+from ldpruner.base import devices
+from ldpruner.base.errors import ConfigError
 from ldpruner.runtime.session import create_session
 from ldpruner.runtime.timing import ort_session
 

@@ -1,5 +1,5 @@
-"""The option machinery (ldpruner/options.py) and the command configs built on it (ldpruner/config.py): sections
-made once, flat names routed to them, today's flags and config files unchanged, and a new stage option reaching
+"""The option machinery (ldpruner/base/options.py) and the command configs built on it (ldpruner/stages/config.py):
+sections made once, flat names routed to them, today's flags and config files unchanged, and a new stage option reaching
 every command with one edit."""
 
 from __future__ import annotations
@@ -11,7 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from ldpruner.config import (
+from ldpruner.base.errors import ConfigError
+from ldpruner.base.flags import add_flags
+from ldpruner.base.options import Config, option, section
+from ldpruner.passes.config import AnalysisConfig, DistillConfig, TraceConfig
+from ldpruner.stages.config import (
     AnalyzeOptions,
     BenchConfig,
     BuildConfig,
@@ -23,10 +27,6 @@ from ldpruner.config import (
     SelectOptions,
     load_config,
 )
-from ldpruner.errors import ConfigError
-from ldpruner.flags import add_flags
-from ldpruner.options import Config, option, section
-from ldpruner.passes.config import AnalysisConfig, DistillConfig, TraceConfig
 
 COMMAND_OPTIONS = {"inspect": InspectOptions, "analyze": AnalyzeOptions, "costs": CostsOptions,
                    "select": SelectOptions, "prune": PruneOptions, "distill": DistillOptions,
@@ -35,7 +35,7 @@ POSITIONALS = {"inspect": ["m"], "analyze": ["m", "--out", "o"], "costs": ["m", 
                "select": ["s", "--out", "o"], "prune": ["m", "--plan", "p", "--out", "o"],
                "distill": ["m", "s", "--out", "o"], "lora": ["s", "--lora", "l", "--out", "o"],
                "export": ["m", "--out", "o"], "bench": ["m", "--out", "o"], "build": ["m"]}
-BEFORE = json.loads((Path(__file__).parent / "cli" / "flags_before_issue21.json").read_text())
+BEFORE = json.loads((Path(__file__).parents[1] / "cli" / "flags_before_issue21.json").read_text())
 
 
 def _at(config: Config, flat: str):

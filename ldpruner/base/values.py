@@ -113,7 +113,7 @@ def scalar(value: Any, base: Any) -> tuple[bool, Any]:
 
 def check(name: str, value: Any, kind: Kind, spec: Any) -> tuple[str | None, Any]:
     """(problem or None, the value converted to its declared type); ``spec``: the field's
-    :class:`~ldpruner.options.Spec`."""
+    :class:`~ldpruner.base.options.Spec`."""
     if value is None:
         return (None, value) if kind.optional else (f"{name}=None must be {kind.describe()}", value)
     if kind.base is tuple:

@@ -1,4 +1,4 @@
-"""The build record (ldpruner.record): a second build is locked out of a folder, a killed build's stages are made
+"""The build record (ldpruner.stages.record): a second build is locked out of a folder, a killed build's stages are made
 again, reuse verifies what it reuses byte for byte (issue 15's class 2), files no build recorded and a damaged record
 are refused — through `ldpruner build`, with the exact messages — and the engine on a table of stages of its own."""
 
@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 from conftest import CLI_FAST, run_cli
 
-from ldpruner.distributed import World
-from ldpruner.errors import ArtifactError
-from ldpruner.io import sha256_file
-from ldpruner.record import FILES, STATE_FILE, Stage, read_state, run_stages
+from ldpruner.base.distributed import World
+from ldpruner.base.errors import ArtifactError
+from ldpruner.base.io import sha256_file
+from ldpruner.stages.record import FILES, STATE_FILE, Stage, read_state, run_stages
 
 FAST = CLI_FAST
+BUILD_FAST = [*FAST, "--distill-steps", "3"]
 run = run_cli
 
 
@@ -24,6 +25,60 @@ def _weights(path: Path) -> str:
     from ldpruner.sources import load
 
     return load(path).weights_id
+
+
+# --- reuse: what a rebuild keeps and what it makes again -------------------------------------------------------
+
+def test_build_reuses_unchanged_artifacts_and_guards_changed_ones(unet_dir, capsys, tmp_path):
+    out_dir = tmp_path / "b"
+    code, err = run(capsys, "build", unet_dir, "--out", out_dir, "--budget", "0.2", *BUILD_FAST)
+    assert code == 0, err
+    report = json.loads((out_dir / "report.json").read_text())
+    assert report["export"]["export"]["validation"]["passed"] is True
+    assert report["params"]["pruned"] < report["params"]["dense"]
+    assert report["reused_stages"] == []
+    assert (out_dir / "report.md").read_text().startswith("# ldpruner build report")
+
+    code, err = run(capsys, "build", unet_dir, "--out", out_dir, "--budget", "0.2", *BUILD_FAST)
+    assert code == 0, err
+    report = json.loads((out_dir / "report.json").read_text())
+    assert report["reused_stages"] == ["analyze", "select", "prune", "distill", "export"]
+    assert report["distill"]["steps"] == 3 and (out_dir / "distill" / "student" / "plan.json").is_file()
+    assert "## Distillation (3 steps, teacher-trajectories" in (out_dir / "report.md").read_text()
+
+    # a new distillation length re-runs distill and export only; 0 exports the undistilled student
+    code, err = run(capsys, "build", unet_dir, "--out", out_dir, "--budget", "0.2", *FAST,
+                         "--distill-steps", "4", "--overwrite")
+    assert code == 0, err
+    report = json.loads((out_dir / "report.json").read_text())
+    assert report["reused_stages"] == ["analyze", "select", "prune"] and report["distill"]["steps"] == 4
+    code, err = run(capsys, "build", unet_dir, "--out", out_dir, "--budget", "0.2", *FAST,
+                         "--distill-steps", "0", "--overwrite")
+    assert code == 0, err
+    report = json.loads((out_dir / "report.json").read_text())
+    assert report["distill"] is None and "distill/student" not in report["artifacts"]
+
+    code, err = run(capsys, "build", unet_dir, "--out", out_dir, "--budget", "0.4", *BUILD_FAST)
+    assert code == 1 and "ArtifactError" in err and "plan.json" in err
+
+    code, err = run(capsys, "build", unet_dir, "--out", out_dir, "--budget", "0.4", "--overwrite", *BUILD_FAST)
+    assert code == 0, err
+    report = json.loads((out_dir / "report.json").read_text())
+    assert report["reused_stages"] == ["analyze"]
+    assert report["params"]["removed_fraction"] >= 0.4
+
+
+def test_a_rebuild_that_reuses_the_scores_reports_where_its_own_scheduler_came_from(unet_dir, capsys, tmp_path):
+    """The default DDIMScheduler() and --scheduler DDIMScheduler give the same scores (reused): the report says how
+    this build got its scheduler, not how the build that made the scores did."""
+    options = ["--out", tmp_path, *FAST, "--distill-steps", "0", "--no-samples", "--threads", "1"]
+    assert run(capsys, "build", unet_dir, *options)[0] == 0
+    code, err = run(capsys, "build", unet_dir, *options, "--scheduler", "DDIMScheduler")
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert code == 0 and "analyze" in report["reused_stages"]
+    assert report["analysis"]["scheduler"]["source"] == "asked"
+    assert "- scheduler: DDIMScheduler (asked for with --scheduler)\n" in (tmp_path / "report.md").read_text()
+    assert json.loads((tmp_path / "scores.json").read_text())["scheduler"]["source"] == "default"  # as made
 
 
 # --- the lock: one build at a time writes into a folder ---------------------------------------------------------
@@ -77,7 +132,7 @@ def test_a_lock_whose_pid_now_names_another_process_is_stale(unet_dir, tmp_path,
         pytest.skip("process start times come from /proc")
     assert run(capsys, "build", unet_dir, "--out", out, *FAST, "--distill-steps", "0", "--overwrite")[0] == 0
     # a live build's lock (this process, with its own start time, seen from another build) is still honoured
-    from ldpruner.record import _started
+    from ldpruner.stages.record import _started
 
     (out / ".ldpruner-build.lock").write_text(f"{os.getppid()} {socket.gethostname()} {_started(os.getppid())}\n")
     code, err = run(capsys, "build", unet_dir, "--out", out, *FAST, "--distill-steps", "0")

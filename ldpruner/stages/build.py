@@ -1,9 +1,9 @@
 """``ldpruner build``: every stage into one folder, as a declared sequence (:data:`STAGES`).
 
-Each :class:`~ldpruner.record.Stage` names its artifact (a path in the build folder), the stage whose result it reads,
-the inputs its result depends on, and how to run it; the stage adapters here run :mod:`ldpruner.stages` on the
+Each :class:`~ldpruner.stages.record.Stage` names its artifact (a path in the build folder), the stage whose result it
+reads, the inputs its result depends on, and how to run it; the stage adapters here run :mod:`ldpruner.stages` on the
 build's loaded objects. The analysis, which reads no stage, is keyed by the importance pass's own cache key, the costs
-by theirs. :mod:`ldpruner.record` decides which stages are reused from the folder (``.ldpruner-build.json`` keeps
+by theirs. :mod:`ldpruner.stages.record` decides which stages are reused from the folder (``.ldpruner-build.json`` keeps
 their keys and the sha256 of every file each wrote), which are made again, and which files need ``overwrite``.
 Under torchrun the stages marked ``all_ranks`` run on every rank (the analysis scores its share of the candidates,
 distillation trains on its shard of the data), as rank 0 decides; rank 0 alone runs the others and writes the report.
@@ -19,13 +19,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import calibration, devices, distributed, report, stages
-from .config import BuildConfig
-from .errors import ArtifactError, ConfigError
-from .io import output_dir, sha256_file, write_json_atomic, write_text_atomic
-from .placement import Placement, place
-from .record import FILES, PENDING, STATE_FILE, Stage, check_out_is_ours, lock, read_state, run_stages
-from .sources import LoadedModel
+from ldpruner import stages
+from ldpruner.base import devices, distributed
+from ldpruner.base.errors import ArtifactError, ConfigError
+from ldpruner.base.io import output_dir, sha256_file, write_json_atomic, write_text_atomic
+from ldpruner.base.placement import Placement, place
+from ldpruner.sources import LoadedModel
+from ldpruner.stages import calibration, report
+from ldpruner.stages.config import BuildConfig
+from ldpruner.stages.record import FILES, PENDING, STATE_FILE, Stage, check_out_is_ours, lock, read_state, run_stages
 
 __all__ = ["STAGES", "STATE_FILE", "BuildFolder", "Stage", "is_build_folder", "read_build_folder", "run_build"]
 
@@ -42,7 +44,7 @@ class Build:
     analysis: Any  # AnalysisConfig
     calib: Any  # the analysis' conditioning source
     placement: Placement  # device, threads (torch's and onnxruntime's, in every stage) and torchrun world
-    state: dict[str, Any]  # the build record (ldpruner.record)
+    state: dict[str, Any]  # the build record (ldpruner.stages.record)
     analysis_key: str  # the importance pass's own cache key: weights, options, conditioning, scheduler
     description: dict[str, Any]  # the loaded model's, for the report (the model itself is let go before the export)
     keys: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -363,7 +365,7 @@ def _prepare(cfg: BuildConfig, out: Path, loaded: LoadedModel, placement: Placem
 def build_config(model: Any, *, out: str | os.PathLike | None, config: str | os.PathLike | None,
                  options: dict[str, Any]) -> BuildConfig:
     """The BuildConfig of an API or CLI call: ``options`` (None means not given) over the TOML file ``config``."""
-    from .config import load_config
+    from ldpruner.stages.config import load_config
 
     given = {k: v for k, v in options.items() if v is not None}
     if model is not None:

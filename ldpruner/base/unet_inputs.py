@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .errors import UnsupportedInputError
+from ldpruner.base.errors import UnsupportedInputError
 
 __all__ = ["ADDED_COND_KEYS", "DOWN_RESIDUAL", "FLAT_INPUTS", "GUIDED_INPUTS", "INTRA_RESIDUAL", "MID_RESIDUAL",
            "TEXT_AXIS", "TEXT_INPUT", "adapter_inputs", "diffusers_kwargs", "flat_inputs", "no_drop_in",

@@ -1,4 +1,4 @@
-"""The one artifact protocol (ldpruner.artifact): every JSON artifact a stage writes and another reads is declared
+"""The one artifact protocol (ldpruner.base.artifact): every JSON artifact a stage writes and another reads is declared
 once, tagged with its format, written atomically, refused with its own error when malformed, and cached by one
 policy."""
 
@@ -7,13 +7,13 @@ import json
 import pytest
 
 from ldpruner import stages
-from ldpruner.artifact import ArtifactFile
+from ldpruner.base.artifact import ArtifactFile
+from ldpruner.base.errors import ArtifactError, PlanError
 from ldpruner.bench import stage as bench_stage
-from ldpruner.errors import ArtifactError, PlanError
 from ldpruner.passes.config import CostConfig
 from ldpruner.passes.cost_report import CostReport, OperatorCost
 from ldpruner.passes.plan import PlannedRemoval, RemovalPlan
-from ldpruner.report import REPORT
+from ldpruner.stages.report import REPORT
 
 DECLARED = [stages.SCORES, stages.COSTS, stages.PLAN, stages.LATENCY, stages.DISTILL_SUMMARY, stages.EXPORT_SUMMARY,
             stages.LORA, REPORT, bench_stage.REPORT]
@@ -84,5 +84,5 @@ def test_a_summary_reads_its_earlier_formats_and_quotes_its_fields_without_the_t
     assert json.loads((tmp_path / "export.json").read_text()) == {"format": "ldpruner.export-summary/1",
                                                                   "export": {"passed": False}}
     assert stages.EXPORT_SUMMARY.reads == (None,) and stages.LATENCY.reads == (None,)
-    (tmp_path / "report.json").write_text('{"format": "ldpruner.report/1", "config": {}}')
-    assert REPORT.read(tmp_path)["format"] == "ldpruner.report/1"  # a flat-config report is still read
+    (tmp_path / "report.json").write_text('{"format": "ldpruner.stages.report/1", "config": {}}')
+    assert REPORT.read(tmp_path)["format"] == "ldpruner.stages.report/1"  # a flat-config report is still read

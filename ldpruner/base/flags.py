@@ -1,4 +1,4 @@
-"""The command line of the options (:mod:`ldpruner.options`): one flag per flat name of a config, typed by its
+"""The command line of the options (:mod:`ldpruner.base.options`): one flag per flat name of a config, typed by its
 declaration, with its choices, default and help; ``--x/--no-x`` for bools; ``NAME=VALUE`` flags for a mapping of a
 section's fields. Part of the base layer: standard library only.
 """
@@ -10,9 +10,9 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .errors import ConfigError
-from .options import Config, Inherited
-from .values import short_repr, unknown_options
+from ldpruner.base.errors import ConfigError
+from ldpruner.base.options import Config, Inherited
+from ldpruner.base.values import short_repr, unknown_options
 
 __all__ = ["add_flags", "parse_value"]
 

@@ -13,8 +13,8 @@ import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
-from . import devices, distributed
-from .distributed import World
+from ldpruner.base import devices, distributed
+from ldpruner.base.distributed import World
 
 __all__ = ["Placement", "place"]
 
@@ -52,8 +52,8 @@ def _providers(device: Any) -> tuple[str, ...]:
 
 @contextlib.contextmanager
 def place(device: str = "auto", threads: int | None = None, *, join: bool = True) -> Iterator[Placement]:
-    """The placement of one command: ``device`` resolved (:func:`ldpruner.devices.resolve_device`), torch's threads
-    set to ``threads`` (:func:`ldpruner.devices.intra_op_threads`; restored after), and — for a command whose ranks
+    """The placement of one command: ``device`` resolved (:func:`ldpruner.base.devices.resolve_device`), torch's threads
+    set to ``threads`` (:func:`ldpruner.base.devices.intra_op_threads`; restored after), and — for a command whose ranks
     share its work (``join``: analyze, distill, build, bench) — the torchrun world joined (NCCL on a GPU, gloo on
     CPUs; left after when it was joined here). A command that works alone (inspect, costs, prune, export) joins
     nothing: under torchrun each rank may call it by itself."""

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from ldpruner.base.errors import ConfigError
 
 __all__ = [
     "DEVICE_HELP",

@@ -17,10 +17,12 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .errors import ConfigError, LdprunerError, ModelLoadError
-from .sources import LoadedModel
+from ldpruner.base.errors import ConfigError, LdprunerError, ModelLoadError
+
+if TYPE_CHECKING:  # the stages room loads no torch until a stage runs (the CLI's --help reads its configs)
+    from ldpruner.sources import LoadedModel
 
 __all__ = ["analysis_config", "check_distill_inputs", "conditioning_source", "distill_data", "note_default_scheduler",
            "prompts_for", "sampling_scheduler"]
@@ -51,7 +53,7 @@ def note_default_scheduler(loaded: LoadedModel) -> None:
         loaded.default_scheduler_noted = True
         if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 says it for every rank
             return
-        logging.getLogger("ldpruner.calibration").warning(
+        logging.getLogger("ldpruner.stages.calibration").warning(
             "note: %s brings no scheduler; the analysis and distillation sample with DDIMScheduler() at diffusers' "
             "defaults (which may differ from the schedule it was trained with): pass --scheduler NAME to choose one",
             loaded.source)

@@ -3,9 +3,9 @@ what it means and which values it takes. From that one declaration come
 
 * validation — :meth:`Config.__post_init__` checks every field against its type annotation and its :class:`Spec`
   (choices, bounds), adds the config's own cross-field rules (:meth:`Config.problems`), and raises one
-  :class:`~ldpruner.errors.ConfigError` that lists every problem;
+  :class:`~ldpruner.base.errors.ConfigError` that lists every problem;
 * construction from data — :meth:`Config.from_dict` (TOML, JSON, keyword arguments) refuses unknown keys by name;
-* the command line — :func:`ldpruner.flags.add_flags` makes one flag per field, with the field's type, choices,
+* the command line — :func:`ldpruner.base.flags.add_flags` makes one flag per field, with the field's type, choices,
   default and help.
 
 A config that composes others (a build runs every stage) holds them whole, as sections (:func:`section`): the
@@ -25,8 +25,8 @@ import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
-from .errors import ConfigError
-from .values import Kind, check, kind_of, number, short_repr, unknown_options
+from ldpruner.base.errors import ConfigError
+from ldpruner.base.values import Kind, check, kind_of, number, short_repr, unknown_options
 
 __all__ = ["Config", "Inherited", "Section", "Spec", "option", "section"]
 

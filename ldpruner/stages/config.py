@@ -16,9 +16,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
-from .options import Config, option, section
-from .passes.config import (
+from ldpruner.base.errors import ConfigError
+from ldpruner.base.options import Config, option, section
+from ldpruner.passes.config import (
     AnalysisConfig,
     CheckConfig,
     CostConfig,

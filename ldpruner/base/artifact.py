@@ -24,8 +24,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-from .errors import ArtifactError, ConfigError, LdprunerError
-from .io import read_json, write_json_atomic
+from ldpruner.base.errors import ArtifactError, ConfigError, LdprunerError
+from ldpruner.base.io import read_json, write_json_atomic
 
 __all__ = ["ArtifactFile", "JsonArtifact"]
 

@@ -24,9 +24,9 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from .distributed import World, on_rank0, share_from_rank0
-from .errors import ArtifactError
-from .io import check_replaceable, json_digest, sha256_file, write_json_atomic
+from ldpruner.base.distributed import World, on_rank0, share_from_rank0
+from ldpruner.base.errors import ArtifactError
+from ldpruner.base.io import check_replaceable, json_digest, sha256_file, write_json_atomic
 
 __all__ = ["FILES", "LOCK_FILE", "MADE_FROM", "PENDING", "STATE_FILE", "RecordedBuild", "Stage",
            "check_out_is_ours", "lock", "read_state", "run_stages"]
@@ -36,7 +36,7 @@ LOCK_FILE = ".ldpruner-build.lock"  # held while a build writes into its folder:
 PENDING = "pending:"  # the state of a stage that started and has not finished (a killed build leaves it)
 FILES = "files"  # the state's record of each finished stage's outputs: {stage: {path: sha256}}
 MADE_FROM = "made_from"  # {stage: hash of the recorded files of the stage it read when it ran}
-_LOG = "ldpruner.build"  # the record's warnings are the build's
+_LOG = "ldpruner.stages.build"  # the record's warnings are the build's
 
 
 class RecordedBuild(Protocol):

@@ -1,7 +1,7 @@
 """The stages, on loaded objects and validated configs: each runs its pass and, given an output folder, writes its
 artifact there (atomically; an existing artifact is replaced only with ``overwrite``). The API
 (:mod:`ldpruner.api`) resolves paths and keyword options into these arguments; ``ldpruner build``
-(:mod:`ldpruner.build`) chains them.
+(:mod:`ldpruner.stages.build`) chains them.
 
     stage     reads                              writes (in ``out``)
     inspect   a model                            — (an OperatorGraph)
@@ -23,19 +23,21 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from ldpruner.base import devices
+from ldpruner.base.artifact import ArtifactFile
+from ldpruner.base.errors import ArtifactError, ConfigError, UnsupportedModelError
+from ldpruner.base.io import check_replaceable
+from ldpruner.base.placement import Placement
 from ldpruner.passes.cost_report import COSTS
 from ldpruner.passes.distill.summary import SUMMARY as DISTILL_SUMMARY
 from ldpruner.passes.plan import PLAN
 from ldpruner.passes.scores import SCORES
+from ldpruner.stages import calibration
 
-from . import calibration, devices
-from .artifact import ArtifactFile
-from .errors import ArtifactError, ConfigError, UnsupportedModelError
-from .io import check_replaceable
-from .placement import Placement
-from .sources import LoadedModel, load
+if TYPE_CHECKING:  # torch loads when a stage runs, not when the CLI reads the configs for its flags
+    from ldpruner.sources import LoadedModel
 
 __all__ = [
     "COSTS",
@@ -60,7 +62,7 @@ __all__ = [
 ]
 
 # the artifacts not declared beside their type (SCORES, COSTS, PLAN, DISTILL_SUMMARY, imported above), each once with
-# its file name and format (ldpruner.artifact): the summaries a stage composes here
+# its file name and format (ldpruner.base.artifact): the summaries a stage composes here
 LATENCY = ArtifactFile("latency.json", "ldpruner.latency/1", "latency check", reads=(None,))
 EXPORT_SUMMARY = ArtifactFile("export.json", "ldpruner.export-summary/1", "export summary",  # in ONNX_DIR
                               reads=(None,))  # what was exported, validated and optimized, for which weights
@@ -73,6 +75,8 @@ ONNX_DIR = "onnx"
 def load_model(model: Any, inputs: Any) -> LoadedModel:
     """MODEL as the stages take it, with the scheduler and calibration file ``inputs`` (an InputsConfig) name: the
     file is read here, before anything is traced; a LoadedModel passed in is never changed."""
+    from ldpruner.sources import load
+
     loaded = load(model, scheduler=inputs.scheduler)
     if inputs.calibration is not None:
         from ldpruner.passes.conditioning import read_calibration_file
@@ -95,7 +99,7 @@ def analysis_inputs(loaded: LoadedModel, trace: Any, analysis: Any,
     AnalysisConfig) at the trace's latent size with the prompts the model uses. The graph is
     of the model placed on ``placement.device`` in the analysis dtype:
     the loaded UNet itself when it is there already, else a cast copy. A pipeline folder without its scheduler is
-    refused here, before any work (:func:`ldpruner.calibration.sampling_scheduler`)."""
+    refused here, before any work (:func:`ldpruner.stages.calibration.sampling_scheduler`)."""
     from ldpruner.passes.importance import check_finite_weights
     from ldpruner.passes.inputs import check_analysable
 
@@ -268,11 +272,11 @@ def distill(loaded: LoadedModel, student: Any, config: Any, placement: Placement
             data: str | os.PathLike | None, prompts_file: str | os.PathLike | None, resume: bool, overwrite: bool,
             progress: bool, consume: bool = False, allow_other_weights: bool = False) -> Any:
     """Fine-tune ``student`` (a PrunedUNet, trained in place) against the dense ``loaded`` model it was pruned from,
-    on the teacher's trajectories or on ``data`` (:func:`ldpruner.calibration.distill_data`). Under torchrun every
-    rank calls this and trains on its own shard (the placement's world); rank 0 writes. The frozen teacher shares the
-    loaded weights when they are on the placement's device in ``config.teacher_dtype``; otherwise it is a copy placed
-    there in that dtype, or, with ``consume`` (the caller needs the dense model no more) and an owned model, the
-    loaded weights moved and cast in place: the dense model is never held twice. A student pruned from other weights
+    on the teacher's trajectories or on ``data`` (:func:`ldpruner.stages.calibration.distill_data`). Under torchrun
+    every rank calls this and trains on its own shard (the placement's world); rank 0 writes. The frozen teacher shares
+    the loaded weights when they are on the placement's device in ``config.teacher_dtype``; otherwise it is a copy
+    placed there in that dtype, or, with ``consume`` (the caller needs the dense model no more) and an owned model,
+    the loaded weights moved and cast in place: the dense model is never held twice. A student pruned from other weights
     than ``loaded``'s (its plan records them), or a checkpoint trained against another teacher, is refused unless
     ``allow_other_weights``; the distilled student's plan and distill.json record any mismatch that was allowed."""
     from ldpruner.passes.distill import distill as run_distill
@@ -357,8 +361,8 @@ def lora(student: Any, lora_path: str | os.PathLike, *, scale: float, out: str |
 
 def check_exportable(unet_config: Any) -> None:
     """Refuse, before any export work, a UNet whose stock pipelines no drop-in can serve
-    (:func:`ldpruner.unet_inputs.no_drop_in`)."""
-    from .unet_inputs import no_drop_in
+    (:func:`ldpruner.base.unet_inputs.no_drop_in`)."""
+    from ldpruner.base.unet_inputs import no_drop_in
 
     reason = no_drop_in(unet_config)
     if reason is not None:

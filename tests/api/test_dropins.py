@@ -11,7 +11,7 @@ import torch
 from conftest import make_tiny_sd_unet
 
 from ldpruner import api
-from ldpruner.errors import UnsupportedInputError
+from ldpruner.base.errors import UnsupportedInputError
 from ldpruner.passes.plan import PlannedRemoval, RemovalPlan
 from ldpruner.runtime.unet import ORTUNet
 from ldpruner.sources.families import build_unet
@@ -227,7 +227,7 @@ def test_a_peft_lora_of_the_dense_unet_fuses_into_the_student(tmp_path, capsys):
 
 
 def test_a_lora_for_another_architecture_is_refused(tmp_path):
-    from ldpruner.errors import ConfigError
+    from ldpruner.base.errors import ConfigError
 
     other = make_tiny_sd_unet(down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                               up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))  # attention one level deeper
@@ -378,8 +378,8 @@ def test_lora_patterns_follow_peft():
 def test_residual_inputs_of_a_unet2dmodel_are_refused_by_name():
     from conftest import make_tiny_unet2d
 
+    from ldpruner.base.errors import UnsupportedModelError
     from ldpruner.compiler.signature import controlnet_residuals, unet_example_inputs
-    from ldpruner.errors import UnsupportedModelError
 
     model = make_tiny_unet2d()
     with pytest.raises(UnsupportedModelError, match=r"^controlnet=True is not supported for a UNet2DModel"):

@@ -2,7 +2,7 @@
 one JSON reader whose errors name the file and the problem, conversion of values to plain JSON, and the sha256
 digests of a file and of JSON values (cache keys).
 
-Part of the base layer: it imports nothing of ldpruner but :mod:`ldpruner.errors`, and no third-party package.
+Part of the base layer: it imports nothing of ldpruner but :mod:`ldpruner.base.errors`, and no third-party package.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from .errors import ArtifactError, LdprunerError
+from ldpruner.base.errors import ArtifactError, LdprunerError
 
 __all__ = [
     "check_replaceable",

@@ -79,10 +79,11 @@ def current() -> World:
     if dist.is_available() and dist.is_initialized():
         return World(dist.get_rank(), dist.get_world_size(), False)
     if launched_world_size() > 1:  # each rank would do all the work and write alone
-        from .errors import ConfigError
+        from ldpruner.base.errors import ConfigError
 
         raise ConfigError(f"launched as {launched_world_size()} processes (WORLD_SIZE), but no process group is "
-                          "joined: make the command's placement first (ldpruner.placement.place) and pass its world")
+                          "joined: make the command's placement first (ldpruner.base.placement.place) and pass its "
+                          "world")
     return World()
 
 
