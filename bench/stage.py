@@ -131,6 +131,7 @@ def _dense(spec: str, loaded: Any, graph: Any, analysis: dict[str, Any], config:
            placement: Any, progress: bool, model_spec: str | None = None, export_config: Any = None) -> _Dense:
     """The dense side of a model's record: params, MACs, its validated ONNX export and peak memory, and (for zoo
     models with real data) its samples and their quality."""
+    from ldpruner import stages
     from ldpruner.passes.onnx.export import export_onnx
     from ldpruner.passes.remove import count_params
 
@@ -138,7 +139,9 @@ def _dense(spec: str, loaded: Any, graph: Any, analysis: dict[str, Any], config:
     dense = graph.traced
     _log(progress, f"{spec}: exporting the dense UNet")
     dense_onnx = model_dir / "dense" / "onnx" / "unet.onnx"
-    dense_export = export_onnx(dense, dense_onnx, config=export_config, overwrite=True).to_dict()
+    # validated where the students' exports are (stages.export): on a CUDA placement, on its provider
+    dense_export = export_onnx(dense, dense_onnx, config=stages.placed_export_config(export_config, placement),
+                               overwrite=True).to_dict()
     session = ort_session(dense_onnx, threads=threads, device=device)
     record: dict[str, Any] = {
         "model": spec, "class": type(loaded.unet).__name__,

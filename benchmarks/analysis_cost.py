@@ -27,7 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ldpruner.base.io import read_json, write_json_atomic
+from ldpruner.base.io import write_json_atomic
+from ldpruner.passes.scores import SCORES, ImportanceReport
 
 RUNS = (("1 process × 1 thread", 1, 1), ("1 process × 2 threads", 1, 2), ("2 processes × 1 thread", 2, 1))
 
@@ -52,14 +53,14 @@ def measure(model: str, args: argparse.Namespace) -> dict[str, Any]:
         process_s = time.perf_counter() - t0
         if done.returncode != 0:
             raise SystemExit(f"{label} failed on {model}:\n{done.stderr[-3000:]}")
-        scores = read_json(out / "scores.json", what="scores file")
-        values = {c["name"]: c["score"] for c in scores["candidates"]}
+        scores = ImportanceReport.load(out / SCORES.name)
+        values = scores.scores
         if reference is None:
             reference = values
         diff = max(abs(values[k] - reference[k]) / max(abs(reference[k]), 1e-12) for k in reference)
         runs.append({"label": label, "processes": processes, "threads_per_process": threads,
-                     "world_size": scores["cost"]["world_size"], "unet_calls": scores["cost"]["unet_calls"],
-                     "wall_time_s": scores["cost"]["wall_time_s"], "process_s": round(process_s, 2),
+                     "world_size": scores.world_size, "unet_calls": scores.unet_calls,
+                     "wall_time_s": scores.wall_time_s, "process_s": round(process_s, 2),
                      "candidates": len(values), "max_rel_score_diff_vs_first": diff,
                      "load_average_after": os.getloadavg()})
         print(json.dumps({"model": model, **{k: runs[-1][k] for k in ("label", "unet_calls", "wall_time_s")}}),

@@ -14,7 +14,6 @@ found, so CI keeps the script working. Writes ``report.json`` and ``report.md`` 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from functools import partial
@@ -47,7 +46,7 @@ def check(out: Path, *, repeats: int = 10, budget: float = 0.3, progress: bool =
     import onnxruntime as ort
     import torch
 
-    from ldpruner import api
+    from ldpruner import api, stages
     from ldpruner.base import devices
     from ldpruner.compiler.tracer import call_diffusers_unet, unet_example_inputs
     from ldpruner.passes.onnx.export import export_onnx
@@ -105,7 +104,7 @@ def check(out: Path, *, repeats: int = 10, budget: float = 0.3, progress: bool =
     dense_result = phase("dense optimize", lambda: optimize_onnx(dense_onnx, dense_variant, use_gpu=ort_cuda,
                                                                  fp16=ort_cuda, overwrite=True))
     # onnxruntime's fusions, dense vs pruned: a fused operator the pruned model has fewer of than its sites is a loss
-    exported = json.loads((build_dir / "onnx" / "export.json").read_text())
+    exported = stages.EXPORT_SUMMARY.read(build_dir / stages.ONNX_DIR / stages.EXPORT_SUMMARY.name)
     variant = "fp16" if setting["onnx"] == "fp16" else "optimized"
     report["fusions"] = {"dense": fusion_table(dense_result, fusion_sites(graph.traced.gm))["kinds"],
                          "pruned": exported["fusions"][variant]["kinds"],

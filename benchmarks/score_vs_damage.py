@@ -6,7 +6,7 @@ Spearman's ρ between them per criterion.
 
 Each candidate is applied in place with ``compiler.removal.swapped`` (what the rewrite computes) on one traced
 graph and the model is sampled through it. FD is on EfficientNet-Lite0 features for images, on the spoken-digit
-classifier's features for audio (``benchmarks/_zoo_fd.py``): relative numbers, not comparable to published FID.
+classifier's features for audio (``benchmarks/zoo_fd.py``): relative numbers, not comparable to published FID.
 Writes report.json, report.md and scatter.png.
 """
 

@@ -212,7 +212,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ldpruner import api
+    from ldpruner import api, stages
 
     options = _options(args)
     if args.command == "inspect":
@@ -232,7 +232,7 @@ def _run(args: argparse.Namespace) -> int:
         report = api.analyze(args.model, out=args.out, **options)
         for e in report.ranked():
             print(f"{e.score:12.6f}  {e.action:9s}  {e.name}")
-        print(f"wrote {args.out}/scores.json ({len(report)} candidates, {report.unet_calls} UNet calls, "
+        print(f"wrote {args.out}/{stages.SCORES.name} ({len(report)} candidates, {report.unet_calls} UNet calls, "
               f"{report.wall_time_s:.1f} s)")
         return 0
     if args.command == "costs":
@@ -242,7 +242,7 @@ def _run(args: argparse.Namespace) -> int:
               f"{p['batch']}, {p['dtype']}); the candidates account for {report.attributed_ms / report.dense_ms:.0%}")
         for cost in sorted(report.operators.values(), key=lambda c: -c.saves_ms):
             print(f"{cost.saves_ms:10.3f} ms  {cost.saves_ms / report.dense_ms:6.1%}  {cost.name}")
-        print(f"wrote {args.out}/costs.json ({report.wall_time_s:.1f} s)")
+        print(f"wrote {args.out}/{stages.COSTS.name} ({report.wall_time_s:.1f} s)")
         return 0
     if args.command == "select":
         plan = api.select(args.scores, model=args.model, costs=args.costs, out=args.out, **options)
@@ -251,12 +251,12 @@ def _run(args: argparse.Namespace) -> int:
                    f"(-{plan.latency['predicted_removed_fraction']:.1%})" if plan.latency else "")
         print(f"{len(plan.removals)} removals; params {t['params_before']:,} -> {t['params_after']:,} "
               f"(-{t['params_removed_fraction']:.1%}); MACs/sample -{t['macs_removed_fraction']:.1%}{latency}")
-        print(f"wrote {args.out}/plan.json")
+        print(f"wrote {args.out}/{stages.PLAN.name}")
         return 0
     if args.command == "prune":
         student = api.prune(args.model, args.plan, out=args.out, **options)
         print(json.dumps(student.summary, indent=2, default=str))
-        print(f"wrote {args.out}/student/")
+        print(f"wrote {args.out}/{stages.STUDENT}/")
         return 0
     if args.command == "distill":
         result = api.distill(args.model, args.student, out=args.out, **options)
@@ -264,13 +264,14 @@ def _run(args: argparse.Namespace) -> int:
         first, last = s["loss_first_10pct"]["loss"], s["loss_last_10pct"]["loss"]
         print(f"distilled {s['steps']} steps ({s['data']['kind']}, {s['world_size']} process(es)): loss "
               f"{first:.4g} -> {last:.4g}; {s['wall_time_s_this_run']:.1f} s")
-        print(f"wrote {args.out}/student/, {args.out}/loss.csv, {args.out}/loss.png, {args.out}/checkpoints/")
+        print(f"wrote {args.out}/{stages.STUDENT}/, {args.out}/{stages.DISTILL_SUMMARY.name}, {args.out}/loss.csv, "
+              f"{args.out}/loss.png, {args.out}/checkpoints/")
         return 0
     if args.command == "lora":
         _, report = api.lora(args.student, options.pop("lora"), out=args.out, **options)
         print(f"fused {report['fused']} of {report['pairs']} LoRA pairs; dropped {report['dropped']} inside removed "
-              f"operators ({report['dropped_fraction']:.1%} of the LoRA's parameters); wrote {args.out}/student/ "
-              f"and {args.out}/lora.json")
+              f"operators ({report['dropped_fraction']:.1%} of the LoRA's parameters); wrote "
+              f"{args.out}/{stages.STUDENT}/ and {args.out}/{stages.LORA.name}")
         return 0
     if args.command == "export":
         print(json.dumps(api.export(args.model, out=args.out, **options), indent=2, default=str))
@@ -289,7 +290,9 @@ def _run(args: argparse.Namespace) -> int:
                 what = "build" if e.get("label") == "build" else "budget"
                 print(f"{rec['model']} {what} {e['metric']} {e['budget']:.0%}: params x{e['params']['ratio']:.3f}, "
                       f"MACs x{e['macs_per_sample']['ratio']:.3f}, latency pruned/dense: {ratios}{verdict}")
-        print(f"wrote {args.out}/report.json, {args.out}/report.md")
+        from ldpruner.bench.stage import REPORT
+
+        print(f"wrote {args.out}/{REPORT.name}, {args.out}/report.md")
         return 0
     if args.command == "zoo":
         from ldpruner import zoo

@@ -8,7 +8,6 @@ torch, so a plan or a report reads scores.json without loading it.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar
@@ -144,9 +143,6 @@ class ImportanceReport(JsonArtifact):
             peak_memory=list(cost.get("peak_memory") or []),
             model_weights=check_weights_id(data.get("model_weights"), "scores.json's model_weights"),
         )
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2) + "\n"
 
     def check_finite(self, where: str = "the scores") -> None:
         """ArtifactError when a score or one of its terms is NaN, infinite or not a number: never ranked."""

@@ -27,14 +27,14 @@ from ldpruner.compiler.graph import build_operator_graph
 from ldpruner.compiler.signature import adapter_features, controlnet_residuals
 from ldpruner.compiler.tracer import trace_unet
 
-from .plan import RemovalPlan
+from .plan import PLAN, RemovalPlan
 from .remove import PrunedUNet, RemoveOperators, apply_plan
 
 __all__ = ["STUDENT_FILES", "TRACE_FORMAT", "WEIGHTS_NAME", "load_student", "read_safetensors", "save_student",
            "student_config", "tensors_for_safetensors"]
 
 CONFIG_NAME = "config.json"
-PLAN_NAME = "plan.json"
+PLAN_NAME = PLAN.name
 TRACE_NAME = "trace.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 STUDENT_FILES = (CONFIG_NAME, PLAN_NAME, TRACE_NAME, WEIGHTS_NAME)

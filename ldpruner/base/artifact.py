@@ -54,6 +54,8 @@ class ArtifactFile:
     def write(self, path: str | os.PathLike, data: Mapping[str, Any]) -> Path:
         """``data`` under this artifact's format tag, written atomically to ``path`` (a file, or a folder that
         receives ``name``); returns the file written."""
+        if data.get("format", self.format) != self.format:
+            raise ValueError(f"a {self.what} is written as {self.format!r}, not {data['format']!r}")
         path = self.locate(path)
         write_json_atomic(path, {"format": self.format, **data})
         return path

@@ -57,6 +57,7 @@ __all__ = [
     "distill",
     "export",
     "inspect",
+    "placed_export_config",
     "prune",
     "select",
 ]
@@ -379,14 +380,11 @@ def export(student: Any, config: Any, variants: Any, placement: Placement, *, ou
     it (its CUDA-only fusions on). The checks run with the placement's threads in torch and onnxruntime; export.json
     records the number. A UNet no drop-in can serve in its stock pipelines is refused first
     (:func:`check_exportable`)."""
-    import dataclasses
-
     from ldpruner.passes.onnx.export import export_onnx
 
     check_exportable(student.config)
     threads, on_cuda = placement.threads, placement.on_cuda_provider
-    if on_cuda and "CUDAExecutionProvider" not in config.validation_providers:
-        config = dataclasses.replace(config, validation_providers=placement.providers)
+    config = placed_export_config(config, placement)
     onnx_dir = Path(out) / ONNX_DIR
     result = export_onnx(student.traced, onnx_dir / "unet.onnx", config=config, unet_config=student.config,
                          overwrite=overwrite)
@@ -409,6 +407,17 @@ def export(student: Any, config: Any, variants: Any, placement: Placement, *, ou
         summary["fusions"] = {name: fusion_table(results[name], pruned_sites, dense_sites) for name in results}
     EXPORT_SUMMARY.write(onnx_dir / EXPORT_SUMMARY.name, summary)
     return summary
+
+
+def placed_export_config(config: Any, placement: Placement) -> Any:
+    """``config`` (an ExportConfig; None: the defaults) with its numeric checks where the placement runs: on a CUDA
+    placement, its onnxruntime providers unless the config names CUDA's already."""
+    from ldpruner.passes.config import ExportConfig
+
+    config = config if config is not None else ExportConfig()
+    if placement.on_cuda_provider and "CUDAExecutionProvider" not in config.validation_providers:
+        config = dataclasses.replace(config, validation_providers=placement.providers)
+    return config
 
 
 def _dense_sites(student: Any) -> dict[str, int] | None:

@@ -26,7 +26,7 @@ from ldpruner.stages import (
 __all__ = ["REPORT", "REPORT_MD", "SAMPLES", "build_report", "report_markdown", "threads_record"]
 
 # 2: the config in sections (cfg.analysis …); 1: flat, still read
-REPORT = ArtifactFile("report.json", "ldpruner.stages.report/2", "build report", reads=("ldpruner.stages.report/1",))
+REPORT = ArtifactFile("report.json", "ldpruner.report/2", "build report", reads=("ldpruner.report/1",))
 REPORT_MD = "report.md"
 SAMPLES = "samples.png"
 
@@ -37,16 +37,18 @@ def threads_record(asked: int | None, threads: int, stages: list[str], ran_with:
     stages this build ran (``ran_with``), and — for the stages it reused — the number their artifact recorded when an
     earlier build made it (None where the artifact does not record one); with the CPUs this process may use and the
     1-minute load average when the build started (``load``)."""
-    recorded = {"analyze": (SCORES.name, ("placement", "threads")), "costs": (COSTS.name, ("placement", "threads")),
-                "latency": (LATENCY.name, ("threads",)),
-                "distill": (f"{DISTILL_DIR}/{DISTILL_SUMMARY.name}", ("threads",)),
-                "export": (f"{ONNX_DIR}/{EXPORT_SUMMARY.name}", ("threads",))}
+    recorded = {"analyze": (SCORES, SCORES.name, ("placement", "threads")),
+                "costs": (COSTS, COSTS.name, ("placement", "threads")),
+                "latency": (LATENCY, LATENCY.name, ("threads",)),
+                "distill": (DISTILL_SUMMARY, f"{DISTILL_DIR}/{DISTILL_SUMMARY.name}", ("threads",)),
+                "export": (EXPORT_SUMMARY, f"{ONNX_DIR}/{EXPORT_SUMMARY.name}", ("threads",))}
     per_stage: dict[str, int | None] = {}
     for name in stages:
         value: Any = ran_with.get(name)
-        if value is None and name in recorded and (out_dir / recorded[name][0]).is_file():
-            value = read_json(out_dir / recorded[name][0], what=f"{name} artifact")
-            for key in recorded[name][1]:
+        if value is None and name in recorded and (out_dir / recorded[name][1]).is_file():
+            artifact, path, keys = recorded[name]
+            value = artifact.read(out_dir / path)
+            for key in keys:
                 value = value.get(key) if isinstance(value, dict) else None
         per_stage[name] = value if isinstance(value, int) and not isinstance(value, bool) else None
     cpus = devices.available_cpus()

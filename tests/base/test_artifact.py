@@ -32,6 +32,12 @@ def plan() -> RemovalPlan:
 
 
 def test_every_artifact_has_one_format_and_the_build_folder_no_name_twice():
+    # the tags are what files on disk say: written out here, so that a rename in the code cannot change them
+    assert {a.name: a.format for a in DECLARED if a is not bench_stage.REPORT} == {
+        "scores.json": "ldpruner.scores/1", "costs.json": "ldpruner.costs/1", "plan.json": "ldpruner.plan/1",
+        "latency.json": "ldpruner.latency/1", "distill.json": "ldpruner.distill/1",
+        "export.json": "ldpruner.export-summary/1", "lora.json": "ldpruner.lora/1", "report.json": "ldpruner.report/2"}
+    assert bench_stage.REPORT.format == "ldpruner.bench/2"
     formats = [a.format for a in DECLARED]
     assert len(set(formats)) == len(formats) and all(f.startswith("ldpruner.") and "/" in f for f in formats)
     in_build_folder = [a.name for a in DECLARED if a is not bench_stage.REPORT]  # bench writes its own folder
@@ -84,5 +90,5 @@ def test_a_summary_reads_its_earlier_formats_and_quotes_its_fields_without_the_t
     assert json.loads((tmp_path / "export.json").read_text()) == {"format": "ldpruner.export-summary/1",
                                                                   "export": {"passed": False}}
     assert stages.EXPORT_SUMMARY.reads == (None,) and stages.LATENCY.reads == (None,)
-    (tmp_path / "report.json").write_text('{"format": "ldpruner.stages.report/1", "config": {}}')
-    assert REPORT.read(tmp_path)["format"] == "ldpruner.stages.report/1"  # a flat-config report is still read
+    (tmp_path / "report.json").write_text('{"format": "ldpruner.report/1", "config": {}}')
+    assert REPORT.read(tmp_path)["format"] == "ldpruner.report/1"  # a flat-config report is still read

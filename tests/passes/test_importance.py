@@ -451,7 +451,7 @@ def _rank_worker(rank: int, world: int, port: int, out_dir: str) -> None:
             report = analyze_importance(graph_of(make_tiny_sd_unet()), config=FAST, progress=False,
                                         save_to=Path(out_dir) / f"saved-by-rank{rank}" / "scores.json",
                                         world=placement.world)
-        Path(out_dir, f"rank{rank}.json").write_text(report.to_json())
+        report.save(Path(out_dir, f"rank{rank}.json"))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
