@@ -192,6 +192,8 @@ def _plan_entry(ctx: _Dense, plan: Any, pruned: Any, onnx_path: Path, export_sum
     entry: dict[str, Any] = {
         "budget": plan.budget.get("budget"), "metric": plan.budget.get("metric"), "order": plan.budget.get("order"),
         "label": label, "removed": [r.name for r in plan.removals],
+        # the LD score of the removed set, measured whole, beside the sum of its single scores; the search's record
+        "joint_score": plan.joint, "search": plan.budget.get("search"),
         "params": {"dense": dense_params, "pruned": pruned_params, "ratio": pruned_params / dense_params},
         "macs_per_sample": {"dense": totals["macs_per_sample_before"], "pruned": totals["macs_per_sample_after"],
                             "ratio": totals["macs_per_sample_after"] / totals["macs_per_sample_before"]},
@@ -256,6 +258,8 @@ def _bench_model(spec: str, model: Any, config: BenchConfig, out: Path, placemen
     graph, analysis, calib = stages.analysis_inputs(loaded, config.trace, analysis, config.inputs.prompts, placement)
     scores = stages.analyze(loaded, graph, analysis, calib, placement, out=model_dir, overwrite=True,
                             progress=progress)
+    # each plan's joint score and the set search sample as the analysis did, on the graph it scored
+    sampling = stages.Sampling(graph, analysis, calib, stages.calibration.sampling_scheduler(loaded)[0])
     graph = stages.inspect(loaded, config.trace)  # the loaded UNet itself (the analysis may have scored a cast copy)
     cost_report = None
     if config.selection.metric == "latency":
@@ -271,7 +275,8 @@ def _bench_model(spec: str, model: Any, config: BenchConfig, out: Path, placemen
         bdir = model_dir / f"budget-{budget:.2f}"
         selection = dataclasses.replace(config.selection, budget=budget)
         plan = stages.select(scores, graph, selection, out=None, overwrite=False, cost_report=cost_report,
-                             model_weights=loaded.weights_id)
+                             model_weights=loaded.weights_id, sampling=sampling, placement=placement,
+                             progress=progress)
         pruned = stages.prune(loaded, plan, config.trace, config.prune, out=None, overwrite=False, graph=graph)
         export_summary = stages.export(pruned, config.export, OptimizeConfig(), placement, out=bdir,
                                        overwrite=True)["export"]

@@ -95,13 +95,16 @@ def costs(model: ModelLike, *, out: str | os.PathLike | None = None, overwrite: 
 
 
 def select(scores: Any, *, model: ModelLike | None = None, costs: Any = None, out: str | os.PathLike | None = None,
-           overwrite: bool = False, allow_other_weights: bool = False, **options: Any) -> Any:
+           overwrite: bool = False, allow_other_weights: bool = False, progress: bool = True, **options: Any) -> Any:
     """Choose removals (a :class:`~ldpruner.passes.plan.RemovalPlan`) from an ImportanceReport or a scores.json
     path; writes ``out/plan.json``.
 
-    ``options``: SelectionConfig fields (budget, metric, order). With ``model`` (the one that was analysed)
-    selection skips candidates that, together with earlier ones, would remove shared modules (see
-    ``OperatorGraph.jointly_removed``); without it such a plan is refused at prune time instead. ``costs``: a
+    ``options``: SelectionConfig fields (budget, metric, order, the set search's shortlist and search_cap) and
+    DeviceConfig's (device, threads: where the model runs, with ``model``). With
+    ``model`` (the one that was analysed) selection skips candidates that, together with earlier ones, would remove
+    shared modules (see ``OperatorGraph.jointly_removed``); without it such a plan is refused at prune time instead.
+    With the model the plan records the joint LD score of its removed set (sampled as the analysis sampled), and
+    ``order="greedy"`` (the set search) can run. ``costs``: a
     CostReport or a costs.json path (:func:`costs`), needed for ``metric="latency"``; with it any plan records the
     latency it predicts. ``model`` must have the weights the scores were made for unless ``allow_other_weights``
     (the plan records it)."""
@@ -109,14 +112,26 @@ def select(scores: Any, *, model: ModelLike | None = None, costs: Any = None, ou
     from ldpruner.passes.cost_report import CostReport
     from ldpruner.passes.scores import ImportanceReport
 
-    selection = SelectOptions.from_dict(options).selection
+    o = SelectOptions.from_dict(options)
+    selection = o.selection
     report = scores if isinstance(scores, ImportanceReport) else ImportanceReport.load(Path(scores))
     cost_report = costs if costs is None or isinstance(costs, CostReport) else CostReport.load(Path(costs))
     loaded = load(model) if model is not None else None
     graph = stages.inspect(loaded, TraceConfig(granularity=report.granularity)) if loaded is not None else None
-    return stages.select(report, graph, selection, out=out, overwrite=overwrite,
-                         cost_report=cost_report, model_weights=loaded.weights_id if loaded is not None else None,
-                         allow_other_weights=allow_other_weights)
+    if loaded is None or (loaded.weights_id != report.model_weights and allow_other_weights):
+        return stages.select(report, graph, selection, out=out, overwrite=overwrite, cost_report=cost_report,
+                             model_weights=loaded.weights_id if loaded is not None else None,
+                             allow_other_weights=allow_other_weights)
+    with place(o.placement.device, o.placement.threads) as placement:
+        # the model samples as the analysis did: the plan records its joint score, and the set search can run
+        sampling = stages.sampling_of(loaded, report, placement)
+        if sampling is None and selection.order == "greedy":
+            raise ConfigError("order='greedy' samples as the analysis did, but this model with its conditioning does "
+                              "not make the scores' cache key again (another calibration file or prompts?): select "
+                              "within `ldpruner build`, or choose another order")
+        return stages.select(report, graph, selection, out=out, overwrite=overwrite, cost_report=cost_report,
+                             model_weights=loaded.weights_id, allow_other_weights=allow_other_weights,
+                             sampling=sampling, placement=placement, progress=progress)
 
 
 def prune(model: ModelLike, plan: Any, *, out: str | os.PathLike | None = None, overwrite: bool = False,

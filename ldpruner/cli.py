@@ -123,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("select", help="choose removals under a budget (writes plan.json)")
     p.add_argument("scores", help="scores.json from `ldpruner analyze`")
     p.add_argument("--model", help="the analysed model: lets selection skip removals that would jointly remove "
-                                    "shared modules (else prune refuses such a plan)")
+                                    "shared modules (else prune refuses such a plan), measures the plan's joint LD "
+                                    "score, and runs --order greedy (the set search)")
     p.add_argument("--costs", help="costs.json from `ldpruner costs`: needed for --metric latency; with it any plan "
                                    "records the latency it predicts")
     add_flags(p, SelectOptions)
@@ -251,6 +252,9 @@ def _run(args: argparse.Namespace) -> int:
                    f"(-{plan.latency['predicted_removed_fraction']:.1%})" if plan.latency else "")
         print(f"{len(plan.removals)} removals; params {t['params_before']:,} -> {t['params_after']:,} "
               f"(-{t['params_removed_fraction']:.1%}); MACs/sample -{t['macs_removed_fraction']:.1%}{latency}")
+        if plan.joint is not None:
+            print(f"joint LD score of the removed set {plan.joint['score']:.4g} (the sum of its single scores "
+                  f"{plan.joint['sum_of_single_scores']:.4g})")
         print(f"wrote {args.out}/{stages.PLAN.name}")
         return 0
     if args.command == "prune":

@@ -122,7 +122,7 @@ class AnalysisConfig(Config):
 
 
 METRICS = ("params", "macs", "latency")
-ORDERS = ("score", "score-per-cost", "knapsack")
+ORDERS = ("score", "score-per-cost", "knapsack", "greedy")
 RUNTIMES = ("onnxruntime", "torch")
 
 
@@ -136,7 +136,15 @@ class SelectionConfig(Config):
                          "the dense model's latency on the target runtime (measured per operator: costs.json)",
                          choices=METRICS)
     order: str = option("score", "selection rule: lowest LD score first, lowest score per unit of the metric first, "
-                        "or the exact knapsack (the least total LD score that reaches the budget)", choices=ORDERS)
+                        "the exact knapsack (the least total LD score that reaches the budget), or greedy: the set "
+                        "search, which scores the removed set as it grows (needs the model; UNet calls)",
+                        choices=ORDERS)
+    shortlist: int | None = option(None, "set search: the candidates it re-scores at each step (the lowest one-shot "
+                                   "score per unit of the metric first)", minimum=1,
+                                   none="as many as let the search finish within --search-cap")
+    search_cap: float = option(6.0, "set search: the most UNet calls it may make, in one-shot analyses; at the cap the "
+                               "plan is finished in score-per-cost order (and says so)", minimum=0,
+                               exclusive_minimum=True)
 
 
 @dataclasses.dataclass(frozen=True)

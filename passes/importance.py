@@ -12,7 +12,6 @@ unchanged afterwards. Candidates are independent, so under torch.distributed eac
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -20,7 +19,6 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -30,19 +28,14 @@ from torch import nn
 from ldpruner.base import devices, distributed
 from ldpruner.base.errors import ConfigError, ModelLoadError
 from ldpruner.base.fingerprint import weights_fingerprint
-from ldpruner.base.unet_inputs import GUIDED_INPUTS
 from ldpruner.compiler.graph import Operator, OperatorGraph
-from ldpruner.compiler.removal import swapped
 from ldpruner.compiler.tracer import TracedUNet
-from ldpruner.runtime.graph_unet import GraphUNet
-from ldpruner.runtime.sampling import sample_latents, unet_calls_per_step
 
 from .conditioning import Conditioning, uses_guidance
 from .config import AnalysisConfig
+from .deviation import LatentDeviation, LatentMoments, latent_deviation_score, latent_stats
 from .inputs import (
     SCHEDULER_SOURCES,
-    default_extra_channels,
-    extra_channel_count,
     latent_size,
     resolve_conditioning,
     scheduler_record,
@@ -75,58 +68,6 @@ def check_finite_weights(module: nn.Module, what: str = "the model") -> None:
                              "its outputs cannot be finite, so ldpruner does not analyse or prune it")
 
 
-
-
-# --- the score -------------------------------------------------------------------------------------------------
-
-def latent_stats(latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Elementwise mean and standard deviation over the samples (dim 0), in float64.
-
-    σ is the population standard deviation (``torch.std(..., unbiased=False)``, i.e. ``correction=0``): the
-    statistic of the N samples themselves, as the score compares two sets of N samples."""
-    x = latents.detach().to(torch.float64)
-    return x.mean(dim=0), torch.std(x, dim=0, correction=0)
-
-
-class LatentMoments:
-    """Elementwise mean and population standard deviation of latents that arrive in micro-batches, accumulated in
-    float64 with Chan et al.'s pairwise update (count, mean, sum of squared deviations), so only one batch is ever
-    held and the result is that of all latents at once up to summation order::
-
-        δ = μ_b − μ,   μ ← μ + δ·n_b/n,   M2 ← M2 + M2_b + δ²·n·n_b/(n + n_b),   σ = √(M2 / n)
-    """
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.mean: torch.Tensor | None = None
-        self.m2: torch.Tensor | None = None
-
-    def update(self, latents: torch.Tensor) -> None:
-        x = latents.detach().to(torch.float64)
-        n_b = x.shape[0]
-        mean_b = x.mean(dim=0)
-        m2_b = (x - mean_b).square().sum(dim=0)
-        if self.count == 0:
-            self.count, self.mean, self.m2 = n_b, mean_b, m2_b
-            return
-        n = self.count + n_b
-        delta = mean_b - self.mean
-        self.mean = self.mean + delta * (n_b / n)
-        self.m2 = self.m2 + m2_b + delta.square() * (self.count * n_b / n)
-        self.count = n
-
-    def stats(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(μ, σ) over every latent so far."""
-        if self.count == 0:
-            raise ConfigError("no latents were accumulated")
-        return self.mean, (self.m2 / self.count).sqrt()
-
-
-def latent_deviation_score(dense: tuple[torch.Tensor, torch.Tensor],
-                           latents: torch.Tensor | LatentMoments) -> tuple[float, float]:
-    """(‖μ_dense − μ_c‖₂, ‖σ_dense − σ_c‖₂) over all latent elements; the score is their sum."""
-    mu, sigma = latents.stats() if isinstance(latents, LatentMoments) else latent_stats(latents)
-    return (float(torch.linalg.vector_norm(dense[0] - mu)), float(torch.linalg.vector_norm(dense[1] - sigma)))
 
 
 # --- cache key -----------------------------------------------------------------------------------------------
@@ -178,36 +119,6 @@ def cache_key(operator_graph: OperatorGraph, calib: Conditioning | str | os.Path
 
 # --- running it ------------------------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def _analysis_mode(gm: torch.fx.GraphModule) -> Iterator[None]:
-    """eval mode, no autograd, and the global RNG untouched (stand-ins initialise new layers), all restored."""
-    modes = {name: m.training for name, m in gm.named_modules()}
-    gm.eval()
-    try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            yield
-    finally:
-        for name, m in gm.named_modules():
-            m.training = modes.get(name, m.training)
-
-
-def _not_finite_message(dtype: str, scheduler_info: Mapping[str, Any]) -> str:
-    """Why the dense samples may not be finite, and the fix that matches the settings: a half-precision dtype first,
-    else the scheduler (a default one above all: the model's own may not be what the UNet was trained with)."""
-    start = f"the dense model's samples are not finite (NaN or Inf) in {dtype}"
-    if dtype != "float32":
-        return (f"{start} at these settings; the analysis would score nothing: analyse in float32 (dtype='float32') "
-                "or check the model")
-    name, source = scheduler_info["class"], scheduler_info["source"]
-    if source == "default":
-        return (f"{start} with {name}() at diffusers' defaults (the model brings no scheduler); the analysis would "
-                "score nothing: the default scheduler is the likely cause, pass the model's own with --scheduler "
-                "(scheduler=: a scheduler folder, or a class such as ScoreSdeVeScheduler) or check the model")
-    return (f"{start} with {name} ({SCHEDULER_SOURCES[source]}); the analysis would score nothing: check that the "
-            "scheduler is the one the model was trained with (--scheduler picks another) and that the model's "
-            "outputs are finite")
-
-
 def _threads_text() -> str:
     """"N threads" (torch's intra-op threads as the analysis runs), with a hint when other jobs load the machine."""
     threads = torch.get_num_threads()
@@ -251,42 +162,20 @@ def analyze_importance(
         raise ConfigError(f"config must be an AnalysisConfig, got {type(config).__name__}")
     start = time.perf_counter()
     traced = operator_graph.traced
-    gm = traced.gm
     scheduler, scheduler_info = scheduler_record(scheduler, scheduler_source)
     conditioning = _resolve_conditioning(traced, calib, config, scheduler)
     train_steps = getattr(getattr(scheduler, "config", None), "num_train_timesteps", None)
     if train_steps is not None and config.steps > train_steps:
         raise ConfigError(f"steps={config.steps} exceeds the scheduler's num_train_timesteps={train_steps}")
-    height, width = latent_size(traced, config.height, config.width)
-    use_cfg = uses_guidance(traced.input_names, config.guidance_scale)
-    if use_cfg and not conditioning.has_negative:
-        raise ConfigError(
-            f"guidance_scale={config.guidance_scale} enables classifier-free guidance, but the conditioning lacks "
-            f"the negative of {[n for n in GUIDED_INPUTS if n in traced.input_names]}; add them or set "
-            "guidance_scale <= 1")
     key = _cache_key(operator_graph, conditioning, config, scheduler_info)
-
-    param = next(gm.parameters())
-    device, dtype = param.device, param.dtype
-    if dtype != getattr(torch, config.dtype):
-        raise ConfigError(f"the analysis is configured for dtype={config.dtype!r} but the traced UNet is in "
-                          f"{str(dtype).removeprefix('torch.')}: cast the model before tracing it (the API does)")
-    extra = extra_channel_count(traced, scheduler)
-    channels = traced.sample_channels - extra
-    shape = (config.num_samples, channels, height, width)
-    make_extra = extra > 0 and conditioning.extra_channels is None
-    noise = torch.randn(shape, generator=torch.Generator().manual_seed(config.seed)).to(device=device, dtype=dtype)
-    unet = GraphUNet(gm, traced.input_names)
-    batch = config.batch_size or config.num_samples
-    batches = [torch.arange(b, min(b + batch, config.num_samples)) for b in range(0, config.num_samples, batch)]
+    deviation = LatentDeviation(operator_graph, conditioning, config, scheduler, scheduler_info)
+    device, dtype, batch, use_cfg = deviation.device, deviation.dtype, deviation.batch, deviation.use_cfg
 
     joined = world if world is not None else distributed.current()
     rank, world = joined.rank, joined.size
     mine: list[Operator] = operator_graph.candidates[rank::world]
-    # one generation = every micro-batch through every step; the dense model is generated once
-    calls_per_generation = len(batches) * config.steps * unet_calls_per_step(scheduler)
-    # inpainting's data-free masks are drawn over one more dense generation (every rank makes the same)
-    references = int(make_extra and extra == channels + 1)
+    # the dense model is generated once (with the extra channels' reference, where drawn, by every rank)
+    calls_per_generation, references = deviation.calls_per_generation, deviation.references
     planned = (1 + references + len(mine)) * calls_per_generation
     planned_total = (world * (1 + references) + len(operator_graph.candidates)) * calls_per_generation
     from tqdm.auto import tqdm
@@ -300,48 +189,17 @@ def analyze_importance(
                    f"({SCHEDULER_SOURCES[scheduler_info['source']]})", file=sys.stderr)
     bar = tqdm(total=planned, desc=f"importance (rank {rank}/{world})" if world > 1 else "importance",
                disable=not show, unit="call", dynamic_ncols=True)
-
-    def counted(**inputs: torch.Tensor) -> torch.Tensor:
-        out = unet.flat(**inputs)
-        bar.update(1)
-        return out
-
-    def generate(rows: Conditioning) -> Iterator[torch.Tensor]:
-        for index in batches:
-            generators = [torch.Generator().manual_seed((config.seed << 20) + int(i) + 1) for i in index]
-            yield sample_latents(
-                counted, scheduler, noise=noise[index], steps=config.steps,
-                guidance_scale=config.guidance_scale if use_cfg else 1.0, generator=generators,
-                **rows.rows(index, device, dtype))
-
-    def final_moments() -> LatentMoments:
-        moments = LatentMoments()
-        for latents in generate(conditioning):
-            moments.update(latents)
-        return moments
-
-    def dense_samples(_noise: torch.Tensor, extra_rows: torch.Tensor) -> torch.Tensor:
-        return torch.cat(list(generate(conditioning.replace(extra_channels=extra_rows))))
+    deviation.on_call = lambda: bar.update(1)
 
     devices.reset_peak_memory(device)
     results: list[dict[str, Any]] = []
     diverged: list[str] = []
-    with _analysis_mode(gm):
-        if make_extra:
-            bar.set_postfix_str("extra channels", refresh=False)
-            conditioning = conditioning.replace(extra_channels=default_extra_channels(
-                traced, scheduler, noise=noise, sample=dense_samples, seed=config.seed))
-        bar.set_postfix_str("dense", refresh=False)
-        dense = final_moments().stats()
-        if not all(bool(torch.isfinite(t).all()) for t in dense):
-            raise ConfigError(_not_finite_message(str(dtype).removeprefix("torch."), scheduler_info))
+    bar.set_postfix_str("dense", refresh=False)
+    with deviation:
         for op in mine:
             bar.set_postfix_str(op.name, refresh=False)
-            with swapped(gm, op):
-                mu_term, sigma_term = latent_deviation_score(dense, final_moments())
-            if not (math.isfinite(mu_term) and math.isfinite(sigma_term)):
-                # without this operator the samples are not finite: the removal breaks the model, never make it
-                mu_term = sigma_term = math.inf
+            mu_term, sigma_term = deviation.score([op])
+            if math.isinf(mu_term):  # without this operator the samples are not finite: never make the removal
                 diverged.append(op.name)
             results.append(CandidateScore(
                 name=op.name, score=mu_term + sigma_term, mu_term=mu_term, sigma_term=sigma_term,
@@ -354,7 +212,7 @@ def analyze_importance(
     elapsed = time.perf_counter() - start
     peaks = [{"rank": rank, **devices.peak_memory(device)}]
 
-    calls = unet.calls
+    calls = deviation.unet.calls
     if world > 1:
         import torch.distributed as dist
 
@@ -377,9 +235,9 @@ def analyze_importance(
         conditioning=conditioning.source,
         prompts=conditioning.prompts,
         classifier_free_guidance=use_cfg,
-        latent_shape=shape,
-        dense_mean_norm=float(torch.linalg.vector_norm(dense[0])),
-        dense_std_norm=float(torch.linalg.vector_norm(dense[1])),
+        latent_shape=deviation.shape,
+        dense_mean_norm=deviation.dense_norms[0],
+        dense_std_norm=deviation.dense_norms[1],
         entries={op.name: by_name[op.name] for op in operator_graph.candidates},
         unet_calls=calls,
         wall_time_s=elapsed,

@@ -59,6 +59,10 @@ class RemovalPlan(JsonArtifact):
     # every use with other weights that was allowed (allow_other_weights / --allow-other-weights), in order:
     # {"stage", "made_for", "used_with"}
     other_weights: tuple[dict[str, Any], ...] = ()
+    # the LD score of the whole removed set, measured with every removal made together ("score", its "mu_term" and
+    # "sigma_term" where measured apart), beside "sum_of_single_scores" (what the one-shot scores add up to) and the
+    # "unet_calls" it took; None: not measured (no model at selection)
+    joint: dict[str, Any] | None = None
 
     def for_weights(self, weights: str, stage: str, *, allow: bool, made: str) -> RemovalPlan:
         """This plan used with the dense weights ``weights`` by ``stage``: itself when they are the weights it was
@@ -155,6 +159,8 @@ class RemovalPlan(JsonArtifact):
             data["latency"] = self.latency
         if self.outside_graph is not None:
             data["outside_graph"] = self.outside_graph
+        if self.joint is not None:
+            data["joint"] = self.joint
         data["model_weights"] = self.model_weights
         if self.other_weights:
             data["other_weights"] = list(self.other_weights)
@@ -181,6 +187,7 @@ class RemovalPlan(JsonArtifact):
             outside_graph=dict(data["outside_graph"]) if data.get("outside_graph") is not None else None,
             model_weights=check_weights_id(data.get("model_weights")),
             other_weights=_other_weights(data.get("other_weights")),
+            joint=_joint(data.get("joint")),
         )
         _check_totals(plan, totals)
         return plan
@@ -211,6 +218,16 @@ def check_weights_id(value: Any, what: str = "model_weights") -> str | None:
     if value is None or is_weights_id(value):
         return value
     raise TypeError(f"{what} must be 'sha256:' and 64 hex digits, or null; got {value!r}")
+
+
+def _joint(value: Any) -> dict[str, Any] | None:
+    """The plan's joint score record, checked: null, or {score, sum_of_single_scores, …} with numbers."""
+    if value is None:
+        return None
+    if not (isinstance(value, dict) and all(_is_number(value.get(k), float) or value.get(k) == math.inf
+                                            for k in ("score", "sum_of_single_scores"))):
+        raise TypeError(f"joint must be null or {{score, sum_of_single_scores, ...}} with numbers, got {value!r}")
+    return dict(value)
 
 
 def _other_weights(value: Any) -> tuple[dict[str, Any], ...]:

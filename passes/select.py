@@ -1,13 +1,18 @@
 """Selection: turn per-operator importance scores into a RemovalPlan that meets a budget.
 
 The budget is a fraction of a metric: UNet parameters, MACs per sample, or the dense model's latency on the target
-runtime (the per-operator costs of :mod:`ldpruner.passes.costs`). Three rules pick the removals:
+runtime (the per-operator costs of :mod:`ldpruner.passes.costs`). Four rules pick the removals:
 
 * ``score`` (the paper's): lowest LD score first, until the removed fraction reaches the budget;
 * ``score-per-cost``: lowest score per unit of the metric first (the most metric for the least damage);
 * ``knapsack``: the exact answer to "the least total LD score whose removals reach the budget" (a 0/1 covering
   knapsack, solved by dynamic programming over the metric in 1/2000ths of the total: 40–80 candidates take
   milliseconds). Scores add up only approximately (each was measured alone), as for the other rules.
+* ``greedy`` (the set search): removals compound, so it scores the removed set itself. Starting from the empty set
+  S, at each step it scores S ∪ {c} for every short-listed c (``shortlist``: the lowest one-shot score per unit of
+  the metric first; all by default) and adds the c whose removal raises the set's LD score least per unit of the
+  metric, until the budget is reached. The scoring is injected (``score_sets``; :mod:`ldpruner.passes.search` runs
+  it on the model); when it says the call cap is reached, the plan is finished in score-per-cost order and says so.
 
 The greedy rules' last removal may overshoot; every plan states the fraction it reaches, and, when latency costs
 are given, the latency it predicts and what that prediction rests on.
@@ -20,12 +25,12 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
-from ldpruner.base.errors import BudgetError
+from ldpruner.base.errors import BudgetError, ConfigError
 
 from .config import SelectionConfig
 from .plan import PlannedRemoval, RemovalPlan
 
-__all__ = ["SelectionConfig", "ScoredCandidate", "check_budget", "select_removals"]
+__all__ = ["SelectionConfig", "ScoredCandidate", "SetScorer", "check_budget", "select_removals"]
 
 _KNAPSACK_UNITS = 2000  # the knapsack's resolution: the metric's total in this many units
 
@@ -37,6 +42,11 @@ class ScoredCandidate(Protocol):
     params: int
     macs: int
     action: str
+
+
+# the set search's oracle: the LD scores of the given sets of removals (names), or None when scoring them would pass
+# the call cap
+SetScorer = Callable[[list[list[str]]], "list[float] | None"]
 
 
 def _action(c: ScoredCandidate) -> str:
@@ -91,6 +101,7 @@ def select_removals(
     config: SelectionConfig | None = None,
     jointly_removed: Callable[[Sequence[str]], dict[str, int]] | None = None,
     costs: Any = None,
+    score_sets: SetScorer | None = None,
 ) -> RemovalPlan:
     """Pick removals by ``config.order`` until ``config.budget`` of ``config.metric`` is removed.
 
@@ -98,16 +109,23 @@ def select_removals(
     although no single one does (the time embedding once every resnet is gone); a candidate that would cause
     that is skipped, so the plan's predicted totals stay exact and shared structure is never removed by accident.
     ``costs`` (a :class:`~ldpruner.passes.cost_report.CostReport`): the per-operator latency, needed for
-    ``metric="latency"``; with it, any plan records the latency it predicts. Raises :class:`BudgetError` naming the
-    largest reachable fraction when even removing every candidate falls short."""
+    ``metric="latency"``; with it, any plan records the latency it predicts. ``score_sets``: the set search's
+    scorer (``order="greedy"`` needs it). Raises :class:`BudgetError` naming the largest reachable fraction when even
+    removing every candidate falls short."""
     config = config if config is not None else SelectionConfig()
+    if config.order == "greedy" and score_sets is None:
+        raise ConfigError("order='greedy' scores sets of removals on the model: pass the model (--model), or choose "
+                          "another order")
     useful = check_budget(candidates, total_params=total_params, total_macs=total_macs, config=config, costs=costs)
     total = _total(config, total_params, total_macs, costs)
     cost = _metric(config, costs)
     target = config.budget * total
     skipped: list[dict[str, Any]] = []
+    search: dict[str, Any] | None = None
     if config.order == "knapsack":
         picked = _knapsack_avoiding(useful, cost, target, total, jointly_removed, skipped)
+    elif config.order == "greedy":
+        picked, search = _set_search(useful, cost, target, config.shortlist, jointly_removed, skipped, score_sets)
     else:
         picked = _greedy(useful, cost, target, config.order, jointly_removed, skipped)
     removed = sum(cost(c) for c in picked)
@@ -127,13 +145,16 @@ def select_removals(
             params=c.params,
             macs=c.macs,
             score=float(c.score),
-            reason=(f"{'chosen by the knapsack' if config.order == 'knapsack' else 'rank'} {len(chosen) + 1} by "
-                    f"{config.order}; cumulative {config.metric} removed {cumulative / total:.1%}"),
+            reason=_reason(config, search, len(chosen), cumulative / total),
             latency_ms=costs.saves_ms(c.name) if costs is not None else None,
         ))
     budget: dict[str, Any] = dataclasses.asdict(config)
+    if search is None:  # the set search's own options, recorded where it ran
+        budget = {k: v for k, v in budget.items() if k not in _SEARCH_OPTIONS}
     budget["reached"] = removed / total
     budget["skipped"] = skipped
+    if search is not None:
+        budget["search"] = {k: v for k, v in search.items() if k != "joint_score"}
     latency = None
     if costs is not None:
         predicted = costs.predicted_ms(c.name for c in picked)
@@ -147,7 +168,72 @@ def select_removals(
         total_macs=total_macs,
         budget=budget,
         latency=latency,
+        joint=({"score": search["joint_score"], "sum_of_single_scores": sum(float(c.score) for c in picked)}
+               if search is not None and search["joint_score"] is not None else None),
     )
+
+
+_SEARCH_OPTIONS = ("shortlist", "search_cap")
+
+
+def _reason(config: SelectionConfig, search: dict[str, Any] | None, index: int, reached: float) -> str:
+    if search is not None:
+        how = (f"step {index + 1} of the set search" if index < search["steps"]
+               else f"removal {index + 1}, finished by {search['finished_by']}")
+    else:
+        how = f"{'chosen by the knapsack' if config.order == 'knapsack' else 'rank'} {index + 1} by {config.order}"
+    return f"{how}; cumulative {config.metric} removed {reached:.1%}"
+
+
+def _set_search(useful: list[Any], cost: Callable[[Any], float], target: float, shortlist: int | None,
+                jointly_removed: Any, skipped: list[dict[str, Any]], score_sets: SetScorer
+                ) -> tuple[list[Any], dict[str, Any]]:
+    """The greedy set search (see the module's docstring): (the removals in the order taken, what the search did).
+    Ties go to the name, so plans are reproducible; a candidate that would jointly remove shared modules with the
+    set is skipped at that step, as the other rules skip it."""
+    ranked = sorted(useful, key=lambda c: (c.score / cost(c), c.name))
+    pool = ranked[:shortlist] if shortlist is not None else ranked
+    picked: list[Any] = []
+    removed, current, steps, sets, capped = 0.0, 0.0, 0, 0, False
+    history: list[float] = []
+
+    def admissible(c: Any) -> bool:
+        """``c`` may join the set: not in it, not skipped, removing no shared module with it (else skipped)."""
+        if c in picked or any(s["name"] == c.name for s in skipped):
+            return False
+        problem = _joint_problem([p.name for p in picked] + [c.name], jointly_removed)
+        if problem is not None:
+            skipped.append({"name": c.name, "reason": problem})
+        return problem is None
+
+    while removed < target:
+        options = [c for c in pool if admissible(c)]
+        if not options:
+            break  # the short list is spent: the rest in score-per-cost order
+        scores = score_sets([[p.name for p in picked] + [c.name] for c in options])
+        if scores is None:
+            capped = True
+            break
+        sets += len(options)
+        best, best_score = min(zip(options, scores, strict=True),
+                               key=lambda pair: ((pair[1] - current) / cost(pair[0]), pair[0].name))
+        picked.append(best)
+        removed += cost(best)
+        current = best_score
+        history.append(best_score)
+        steps += 1
+    searched = len(picked)
+    for c in ranked:  # at the cap, or past a short list: finished as score-per-cost would
+        if removed >= target:
+            break
+        if admissible(c):
+            picked.append(c)
+            removed += cost(c)
+    complete = len(picked) == searched
+    return picked, {"steps": steps, "sets_scored": sets, "capped": capped, "joint_after_each_step": history,
+                    "joint_score": current if complete else None,
+                    "finished_by": None if complete else "score-per-cost" + (" at the call cap" if capped else
+                                                                              " past the short list")}
 
 
 def _joint_problem(names: Sequence[str], jointly_removed: Callable[[Sequence[str]], dict[str, int]] | None

@@ -87,3 +87,35 @@ def run_cli(capsys, *argv) -> tuple[int, str]:
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) <= 1 or not err[-1].startswith("error:") or len([e for e in err if e.startswith("error:")]) == 1
     return code, (err[-1] if err else "")
+
+
+def rank_environment(rank: int, world: int, port: int) -> None:
+    """The environment torchrun gives rank ``rank`` of ``world`` (gloo on localhost ``port``), one thread."""
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+
+
+def run_ranks(worker, world: int, *args, timeout: float = 120) -> None:
+    """``worker(rank, world, port, *args)`` in ``world`` spawned processes (a free port for their gloo group); fails
+    the test when they have not finished within ``timeout`` seconds, or when one raised."""
+    import socket
+    import time
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    context = mp.start_processes(worker, args=(world, port, *args), nprocs=world, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    try:
+        while not context.join(timeout=1):
+            if time.monotonic() > deadline:
+                pytest.fail(f"the {world} ranks did not finish within {timeout:g} s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.terminate()

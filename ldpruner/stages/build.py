@@ -146,8 +146,11 @@ def _rewrite_graph(b: Build) -> Any:
 def _select(b: Build) -> None:
     from ldpruner.passes.scores import ImportanceReport
 
+    # the joint score and the set search sample as the analysis did: on its graph, options, conditioning, scheduler
+    sampling = stages.Sampling(b.graph, b.analysis, b.calib, calibration.sampling_scheduler(b.loaded)[0])
     stages.select(ImportanceReport.load(b.out / stages.SCORES.name), _rewrite_graph(b), b.cfg.selection,
-                  out=b.out, overwrite=True, cost_report=_cost_report(b))
+                  out=b.out, overwrite=True, cost_report=_cost_report(b), sampling=sampling, placement=b.placement,
+                  progress=b.progress)
 
 
 def _prune(b: Build) -> None:
@@ -169,6 +172,13 @@ def _distill_options(b: Build) -> dict[str, Any]:
     set on purpose (a new option is in the key with no other edit)."""
     d = b.cfg.distill
     return {"steps": d.steps, "seed": d.seed, "guidance_scale": d.guidance_scale, **_given(d)}
+
+
+def _selection_options(b: Build) -> dict[str, Any]:
+    """What the plan depends on: the budget, its metric and the order, and every other SelectionConfig field set on
+    purpose (the set search's, for one)."""
+    s = b.cfg.selection
+    return {"budget": s.budget, "metric": s.metric, "order": s.order, **_given(s)}
 
 
 def _given(config: Any) -> dict[str, Any]:
@@ -246,8 +256,8 @@ STAGES: tuple[Stage, ...] = (
           own_cache=True, explain=_costs_differ),
     Stage("analyze", stages.SCORES.name, reads=(), all_ranks=True,
           inputs=lambda b: (b.analysis_key,), run=_analyze, own_cache=True),
-    Stage("select", stages.PLAN.name, reads=("analyze",),
-          inputs=lambda b: (b.cfg.selection.to_dict(),) + ((b.keys["costs"],) if _timed(b) else ()),
+    Stage("select", stages.PLAN.name, reads=("analyze",), all_ranks=True,  # the set search shares its sets
+          inputs=lambda b: (_selection_options(b),) + ((b.keys["costs"],) if _timed(b) else ()),
           run=_select, uses=("costs",)),
     Stage("prune", stages.STUDENT, reads=("select",),
           inputs=lambda b: (b.cfg.trace.height, b.cfg.trace.width), run=_prune),
@@ -311,9 +321,11 @@ def run_build(cfg: BuildConfig, *, progress: bool = True) -> dict[str, Any]:
 
 
 def _written_names() -> set[str]:
-    """The names a build writes into its folder (its artifacts, report and operator table)."""
+    """The names a build writes into its folder (its artifacts, the set search's scores, report and operator table)."""
+    from ldpruner.passes.search import SEARCH
+
     return {s.artifact.split("/")[0] for s in STAGES} | {"operators.txt", "operators.json", report.REPORT.name,
-                                                        report.REPORT_MD}
+                                                        report.REPORT_MD, SEARCH.name}
 
 
 def _run_build(cfg: BuildConfig, out: Path, loaded: LoadedModel, placement: Placement, t0: float, progress: bool,

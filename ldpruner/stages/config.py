@@ -167,6 +167,8 @@ class CostsOptions(Config):
 class SelectOptions(Config):
     label = ""
     selection: SelectionConfig = section(SelectionConfig)
+    # with --model the plan's joint score and the set search run the model where the analysis ran it
+    placement: DeviceConfig = section(DeviceConfig)
 
 
 @dataclasses.dataclass(frozen=True)

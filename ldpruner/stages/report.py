@@ -109,6 +109,10 @@ def build_report(cfg: Any, model: dict[str, Any], plan: Any, out_dir: Path, timi
         # the budget asked for (metric, share) against what the plan removed; None for a plan without a budget
         "target": target,
         "latency": latency,
+        # the LD score of the whole removed set, measured, beside the sum of its single scores; and the set search's
+        # record where it chose the plan (steps, UNet calls, cap)
+        "joint_score": plan.joint,
+        "search": plan.budget.get("search"),
         "removed": removed,
         "distill": _distill_report(out_dir / DISTILL_DIR) if cfg.distill.steps else None,
         "samples": ({"path": str(out_dir / SAMPLES), "rows": sample_rows} if sample_rows
@@ -161,6 +165,24 @@ def _distill_report(folder: Path) -> dict[str, Any]:
             "loss_log": str(folder / "loss.csv")}
 
 
+def _joint_lines(joint: dict[str, Any] | None, search: dict[str, Any] | None) -> list[str]:
+    """The removed set's joint LD score beside the sum of its single scores, and how the set search chose it."""
+    if joint is None:
+        return []
+    lines = ["", f"Joint LD score of the removed set (all removed together, sampled as the analysis sampled): "
+                 f"**{joint['score']:.4g}**; the sum of its single scores: {joint['sum_of_single_scores']:.4g}."]
+    if joint.get("compounding"):
+        lines.append(f"> **The removals compound**: together they score {joint['compounding']:.1f}x the sum of their "
+                     "single scores; `--order greedy` scores the set itself.")
+    if search:
+        capped = (f"; stopped at its cap of {search['cap_unet_calls']:,.0f} UNet calls, the plan finished by "
+                  f"{search['finished_by']}" if search["capped"] else
+                  f"; finished by {search['finished_by']}" if search["finished_by"] else "")
+        lines.append(f"Chosen by the set search: {search['steps']} steps, {search['sets_scored']} sets scored, "
+                     f"{search['unet_calls']:,} UNet calls ({search['planned_unet_calls']:,} planned){capped}.")
+    return lines
+
+
 def _outside_lines(outside: dict[str, Any] | None) -> list[str]:
     if not outside:
         return []
@@ -202,6 +224,7 @@ def report_markdown(report: dict[str, Any]) -> str:
     ]
     for r in report["removed"]:
         lines.append(f"| `{r['name']}` | {r['kind']} | {r['action']} | {r['score']:.4g} | {r['params']:,} |")
+    lines += _joint_lines(report.get("joint_score"), report.get("search"))
     if report.get("latency") and report["latency"]["measured"]["flagged"]:
         lines += ["", f"> **Latency prediction flagged.** {report['latency']['measured']['message']}"]
     d = report.get("distill")

@@ -152,9 +152,9 @@ def test_a_name_two_sections_declare_must_be_resolved_when_the_class_is_used():
 def test_an_unknown_option_of_a_stage_command_names_the_close_one():
     with pytest.raises(ConfigError, match=r"^unknown option 'num_sample'; did you mean 'num_samples'\?$"):
         AnalyzeOptions.from_dict({"num_sample": 2})
-    with pytest.raises(ConfigError, match=r"^unknown option 'threads'; the options are budget, metric, order, "
-                                          r"selection$"):
-        SelectOptions.from_dict({"threads": 2})  # selection runs no model
+    with pytest.raises(ConfigError, match=r"^unknown option 'verify'; the options are budget, device, metric, order, "
+                                          r"placement, search_cap, selection, shortlist, threads$"):
+        SelectOptions.from_dict({"verify": True})  # selection prunes nothing
     with pytest.raises(ConfigError, match=r"^unknown option 'device'; the options are height, placement, prune, "
                                           r"threads, trace, verify, width$"):
         PruneOptions.from_dict({"device": "cpu"})  # prune exposes the trace's size and the threads only

@@ -291,13 +291,13 @@ def test_distill_refuses_its_dataset_and_prompt_file_before_the_teacher_is_trace
 # --- an error while a progress bar is drawn -------------------------------------------------------------------------
 
 def test_an_error_raised_under_a_progress_bar_starts_a_line_of_its_own(unet_dir, tmp_path, capsys, monkeypatch):
-    import ldpruner.passes.importance
+    import ldpruner.passes.deviation
     from ldpruner.base.errors import ConfigError
 
     def stop(*args, **kwargs):
         raise ConfigError("the samples are not finite")
 
-    monkeypatch.setattr(ldpruner.passes.importance, "latent_deviation_score", stop)  # after the dense samples
+    monkeypatch.setattr(ldpruner.passes.deviation, "latent_deviation_score", stop)  # after the dense samples
     code, err = run(capsys, "analyze", unet_dir, "--out", tmp_path / "run", *FAST)
     lines = err.split("\n")
     assert code == 1 and "importance:" in err  # the bar was drawn

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import socket
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_sd_unet, make_tiny_unet2d
+from conftest import make_tiny_sd_unet, make_tiny_unet2d, rank_environment, run_ranks
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from ldpruner.base.errors import ArtifactError, ConfigError
@@ -430,16 +427,8 @@ def test_samples_that_are_not_finite_get_the_advice_that_fits_the_settings():
 
 # --- sharding -------------------------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
+    rank_environment(rank, world, port)
     import torch.distributed as dist
 
     from ldpruner.base.placement import place
@@ -458,22 +447,11 @@ def _rank_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 
 def test_two_gloo_ranks_give_the_same_report_as_one_process(tmp_path, sd_graph):
-    import torch.multiprocessing as mp
 
     assert torch.get_num_threads() == 1  # as in the ranks: same kernels, same numbers
     single = analyze(sd_graph)
 
-    context = mp.start_processes(_rank_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False,
-                                 start_method="spawn")
-    deadline = time.monotonic() + 120
-    try:
-        while not context.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail("the two ranks did not finish within 120 s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.terminate()
+    run_ranks(_rank_worker, 2, str(tmp_path))
 
     reports = [ImportanceReport.load(tmp_path / f"rank{r}.json") for r in range(2)]
     assert reports[0] == reports[1]  # every rank returns the full report

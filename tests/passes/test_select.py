@@ -153,3 +153,63 @@ def test_the_target_line_flags_overshoot_as_well_as_shortfall():
     assert (short["status"], short["basis"]) == ("short", "measured (onnxruntime, batch 2)")
     assert "MISSED: 20.0% short" in short["line"]
     assert dataclasses.replace(latency, budget={}).target(tolerance=0.15) is None  # a hand-written plan
+
+
+# --- the set search (order "greedy"): the removed set's own score decides ------------------------------------------
+
+SET = [Cand("a", score=1.0, params=100, macs=1), Cand("b", score=1.0, params=100, macs=1),
+       Cand("c", score=2.0, params=100, macs=1), Cand("d", score=5.0, params=100, macs=1)]
+# a and b compound: together they move the latents far more than their sum; a and c do not
+JOINT = {("a",): 1.0, ("b",): 1.0, ("c",): 2.0, ("d",): 5.0, ("a", "b"): 10.0, ("a", "c"): 3.0, ("a", "d"): 6.0,
+         ("a", "c", "b"): 12.0, ("a", "c", "d"): 8.0}
+
+
+def scorer(calls: list[list[list[str]]], cap: int | None = None):
+    def score_sets(sets: list[list[str]]) -> list[float] | None:
+        if cap is not None and len(calls) >= cap:
+            return None
+        calls.append(sets)
+        return [JOINT[tuple(s)] for s in sets]
+    return score_sets
+
+
+def search(budget: float, **cfg):
+    calls: list = []
+    plan = select_removals(SET, total_params=1000, total_macs=4, model_class="M", granularity="block",
+                           config=SelectionConfig(budget=budget, order="greedy", **cfg),
+                           score_sets=scorer(calls))
+    return plan, calls
+
+
+def test_the_set_search_avoids_removals_that_compound():
+    by_score = select_removals(SET, total_params=1000, total_macs=4, model_class="M", granularity="block",
+                               config=SelectionConfig(budget=0.2))
+    assert by_score.names == ["a", "b"]  # one at a time, a and b look cheapest: together they score 10
+    plan, calls = search(0.2)
+    assert plan.names == ["a", "c"]  # {a, c} scores 3, {a, b} 10
+    assert calls == [[["a"], ["b"], ["c"], ["d"]], [["a", "b"], ["a", "c"], ["a", "d"]]]
+    assert plan.joint == {"score": 3.0, "sum_of_single_scores": 3.0}
+    assert plan.budget["search"] == {"steps": 2, "sets_scored": 7, "capped": False, "joint_after_each_step": [1.0, 3.0],
+                                     "finished_by": None}
+    assert plan.budget["shortlist"] is None and plan.budget["search_cap"] == 6.0
+    assert plan.removals[1].reason == "step 2 of the set search; cumulative params removed 20.0%"
+    assert RemovalPlan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
+
+
+def test_the_set_search_at_its_cap_or_past_its_short_list_finishes_by_score_per_cost_and_says_so():
+    calls: list = []
+    plan = select_removals(SET, total_params=1000, total_macs=4, model_class="M", granularity="block",
+                           config=SelectionConfig(budget=0.2, order="greedy"), score_sets=scorer(calls, cap=1))
+    assert plan.names == ["a", "b"] and plan.joint is None  # the joint score of {a, b} was never measured
+    assert plan.budget["search"]["capped"] and plan.budget["search"]["finished_by"] == "score-per-cost at the call cap"
+    assert plan.removals[1].reason.startswith("removal 2, finished by score-per-cost at the call cap")
+    plan, calls = search(0.2, shortlist=1)
+    assert calls == [[["a"]]] and plan.names == ["a", "b"]
+    assert plan.budget["search"]["finished_by"] == "score-per-cost past the short list"
+
+
+def test_the_set_search_needs_a_scorer_and_other_orders_record_no_search_options():
+    with pytest.raises(ConfigError, match="order='greedy' scores sets of removals on the model: pass the model"):
+        select_removals(SET, total_params=1000, total_macs=4, model_class="M", granularity="block",
+                        config=SelectionConfig(budget=0.2, order="greedy"))
+    assert "shortlist" not in plan_for(budget=0.3).budget and "search" not in plan_for(budget=0.3).budget
