@@ -175,7 +175,7 @@ def markdown(report: Mapping[str, Any]) -> str:
                 lines.append(f"- {_label(e)}: {e['target']['line']}{'' if e['target']['met'] else ' **MISSED**'}")
         lines.append("")
         batches = list(rec["budgets"][0]["latency"]["torch"])
-        header = ["budget", "removed ops", "params (ratio)", "MACs ratio"]
+        header = ["budget", "removed ops", "joint LD (Σ single)", "params (ratio)", "MACs ratio"]
         for runtime in ("torch", "ORT"):
             for b in batches:
                 header += [f"{runtime} {b.replace('batch_', 'b')} dense ms", "pruned ms", "ratio"]
@@ -185,7 +185,9 @@ def markdown(report: Mapping[str, Any]) -> str:
             header += ["latency cut predicted / measured"]
         lines += ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
         for e in rec["budgets"]:
+            joint = e.get("joint_score")
             row = [_label(e), str(len(e["removed"])),
+                   f"{joint['score']:.4g} ({joint['sum_of_single_scores']:.4g})" if joint else "n/a",
                    f"{e['params']['pruned']:,} ({e['params']['ratio']:.3f})", f"{e['macs_per_sample']['ratio']:.3f}"]
             for runtime in ("torch", "onnxruntime"):
                 for b in batches:

@@ -140,7 +140,7 @@ class SetScores:
         planned = ((1 + self.deviation.references) * self.world.size + sets) * self.deviation.calls_per_generation
         if self.progress and self.world.is_main:
             resumed = f", {self.resumed} sets resumed from {self.cache}" if self.resumed else ""
-            print(f"set search: {shortlist} short-listed candidates, about {steps} steps = up to {planned:,} UNet "
+            print(f"set search: {shortlist} short-listed candidates, up to {steps} steps = up to {planned:,} UNet "
                   f"calls (cap {self.cap_calls:,.0f}: the one-shot analysis x the search cap{resumed})",
                   file=sys.stderr)
         return planned

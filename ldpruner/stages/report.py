@@ -11,7 +11,7 @@ from typing import Any
 from ldpruner.base import devices
 from ldpruner.base.artifact import ArtifactFile
 from ldpruner.base.io import read_json
-from ldpruner.stages import (
+from ldpruner.stages.layout import (
     COSTS,
     DISTILL_DIR,
     DISTILL_SUMMARY,
