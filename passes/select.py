@@ -10,9 +10,11 @@ runtime (the per-operator costs of :mod:`ldpruner.passes.costs`). Four rules pic
   milliseconds). Scores add up only approximately (each was measured alone), as for the other rules.
 * ``greedy`` (the set search): removals compound, so it scores the removed set itself. Starting from the empty set
   S, at each step it scores S ∪ {c} for every short-listed c (``shortlist``: the lowest one-shot score per unit of
-  the metric first; all by default) and adds the c whose removal raises the set's LD score least per unit of the
-  metric, until the budget is reached. The scoring is injected (``score_sets``; :mod:`ldpruner.passes.search` runs
-  it on the model); when it says the call cap is reached, the plan is finished in score-per-cost order and says so.
+  the metric first; all when None) and adds the c whose removal raises the set's LD score least per unit of the
+  metric, while the set stays under the budget; every set it scores that reaches the budget is a candidate plan, and
+  the least damaged of them is the plan (at the call cap, the least damaged so far). The scoring is injected
+  (``score_sets``; :mod:`ldpruner.passes.search` runs it on the model); when the cap comes before any set reached
+  the budget, or the short list is spent, the plan is finished in score-per-cost order and says so.
 
 The greedy rules' last removal may overshoot; every plan states the fraction it reaches, and, when latency costs
 are given, the latency it predicts and what that prediction rests on.
@@ -206,34 +208,43 @@ def _set_search(useful: list[Any], cost: Callable[[Any], float], target: float, 
             skipped.append({"name": c.name, "reason": problem})
         return problem is None
 
-    while removed < target:
+    best_plan: tuple[float, list[Any]] | None = None  # the least damaged set seen that reaches the budget
+    while True:
         options = [c for c in pool if admissible(c)]
         if not options:
-            break  # the short list is spent: the rest in score-per-cost order
+            break  # the short list is spent
         scores = score_sets([[p.name for p in picked] + [c.name] for c in options])
         if scores is None:
             capped = True
             break
         sets += len(options)
-        best, best_score = min(zip(options, scores, strict=True),
-                               key=lambda pair: ((pair[1] - current) / cost(pair[0]), pair[0].name))
+        pairs = list(zip(options, scores, strict=True))
+        # a set that reaches the budget is a plan: the least damaged of them all is kept (taken per unit of the metric,
+        # the last removal would prefer a larger overshoot, which the plan then pays for in its score)
+        for c, score in pairs:
+            if removed + cost(c) >= target and (best_plan is None or score < best_plan[0]):
+                best_plan = (score, [*picked, c])
+        growing = [pair for pair in pairs if removed + cost(pair[0]) < target]
+        if not growing:
+            break
+        best, current = min(growing, key=lambda pair: ((pair[1] - current) / cost(pair[0]), pair[0].name))
         picked.append(best)
         removed += cost(best)
-        current = best_score
-        history.append(best_score)
+        history.append(current)
         steps += 1
-    searched = len(picked)
-    for c in ranked:  # at the cap, or past a short list: finished as score-per-cost would
+    if best_plan is not None:  # the search found a plan (at its cap too: the best one so far)
+        return best_plan[1], {"steps": steps + 1, "sets_scored": sets, "capped": capped,
+                              "joint_after_each_step": [*history, best_plan[0]], "joint_score": best_plan[0],
+                              "finished_by": None}
+    for c in ranked:  # at the cap, or past the short list, before any set reached the budget: as score-per-cost
         if removed >= target:
             break
         if admissible(c):
             picked.append(c)
             removed += cost(c)
-    complete = len(picked) == searched
     return picked, {"steps": steps, "sets_scored": sets, "capped": capped, "joint_after_each_step": history,
-                    "joint_score": current if complete else None,
-                    "finished_by": None if complete else "score-per-cost" + (" at the call cap" if capped else
-                                                                              " past the short list")}
+                    "joint_score": None,
+                    "finished_by": "score-per-cost" + (" at the call cap" if capped else " past the short list")}
 
 
 def _joint_problem(names: Sequence[str], jointly_removed: Callable[[Sequence[str]], dict[str, int]] | None

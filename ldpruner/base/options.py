@@ -102,9 +102,10 @@ class Section:
 
     ``prefix``: the section's flat names are ``<prefix>_<field>`` (``distill_steps``); ``only``: the fields the
     composed config exposes by flat name (None: all; the others keep their defaults unless given in the section's
-    own table of a config file); ``defaults``: other defaults in this composition; ``inherit``: field → the section
-    whose field of the same name is its default when it is not given (the distillation's seed is the analysis'
-    seed); ``label``: put before each field's help on the command line."""
+    own table of a config file); ``hide``: fields not exposed, every other one is (a field added to the config
+    later is exposed with no edit here); ``defaults``: other defaults in this composition; ``inherit``: field → the
+    section whose field of the same name is its default when it is not given (the distillation's seed is the
+    analysis' seed); ``label``: put before each field's help on the command line."""
 
     config: type[Config]
     prefix: str = ""
@@ -112,9 +113,11 @@ class Section:
     defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     inherit: Mapping[str, str] = dataclasses.field(default_factory=dict)
     label: str = ""
+    hide: tuple[str, ...] = ()
 
     def exposed(self) -> tuple[str, ...]:
-        return self.only if self.only is not None else self.config.names()
+        names = self.only if self.only is not None else self.config.names()
+        return tuple(n for n in names if n not in self.hide)
 
     def flat(self, name: str) -> str:
         return f"{self.prefix}_{name}" if self.prefix else name
@@ -122,10 +125,10 @@ class Section:
 
 def section(config: type[Config], *, prefix: str = "", only: Sequence[str] | None = None,
             defaults: Mapping[str, Any] | None = None, inherit: Mapping[str, str] | None = None,
-            label: str = "") -> Any:
+            label: str = "", hide: Sequence[str] = ()) -> Any:
     """A dataclass field holding a whole ``config`` (see :class:`Section`); its default is ``config(**defaults)``."""
     spec = Section(config, prefix, tuple(only) if only is not None else None, dict(defaults or {}),
-                   dict(inherit or {}), label)
+                   dict(inherit or {}), label, tuple(hide))
     return dataclasses.field(default_factory=lambda: config(**spec.defaults), metadata={_SECTION: spec})
 
 

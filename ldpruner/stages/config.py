@@ -113,7 +113,7 @@ class BenchConfig(Config):
     inputs: InputsConfig = section(InputsConfig)
     trace: TraceConfig = section(TraceConfig)
     analysis: AnalysisConfig = section(AnalysisConfig, label="analysis")
-    selection: SelectionConfig = section(SelectionConfig, only=("metric", "order"))  # the budgets are bench's own
+    selection: SelectionConfig = section(SelectionConfig, hide=("budget",))  # the budgets are bench's own
     costs: CostConfig = section(CostConfig, label="metric latency")
     check: CheckConfig = section(CheckConfig)
     prune: PruneConfig = section(PruneConfig)

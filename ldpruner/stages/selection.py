@@ -108,8 +108,10 @@ def _set_search(report: Any, config: Any, options: dict[str, Any], sampling: Sam
     if plan.budget["search"]["capped"] and progress and (placement is None or placement.world.is_main):
         import sys
 
+        how = (f"finished by {plan.budget['search']['finished_by']}" if plan.budget["search"]["finished_by"]
+               else "the least damaged set it found that reaches the budget")
         print(f"set search: stopped at its cap of {scorer.cap_calls:,} UNet calls after "
-              f"{plan.budget['search']['steps']} steps; the plan is finished in score-per-cost order", file=sys.stderr)
+              f"{plan.budget['search']['steps']} steps; the plan is {how}", file=sys.stderr)
     joint = record_joint(sum(terms), sum(r.score for r in plan.removals), mu_term=terms[0], sigma_term=terms[1],
                          unet_calls=scorer.calls)
     return dataclasses.replace(plan, budget={**plan.budget, "search": search}, joint=joint)

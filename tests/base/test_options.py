@@ -221,3 +221,12 @@ def test_a_new_analysis_field_reaches_flags_keywords_and_config_files(config, tm
     add_flags(parser, probed)
     assert vars(parser.parse_args(["--probe", "7"]))["probe"] == 7
     assert "a throwaway analysis option (default: 3)" in parser.format_help()
+
+
+def test_a_hidden_field_stays_hidden_and_a_new_field_of_the_section_is_exposed_with_no_edit():
+    from ldpruner.stages.config import BenchConfig
+
+    flat = BenchConfig.flat()
+    assert flat["order"] == ("selection", "order") and flat["shortlist"] == ("selection", "shortlist")
+    assert flat["search_cap"] == ("selection", "search_cap")  # issue 22's options: one edit, in passes/config.py
+    assert "budget" not in flat  # bench's budgets are its own list

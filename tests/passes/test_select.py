@@ -213,3 +213,22 @@ def test_the_set_search_needs_a_scorer_and_other_orders_record_no_search_options
         select_removals(SET, total_params=1000, total_macs=4, model_class="M", granularity="block",
                         config=SelectionConfig(budget=0.2, order="greedy"))
     assert "shortlist" not in plan_for(budget=0.3).budget and "search" not in plan_for(budget=0.3).budget
+
+
+def test_the_set_search_keeps_the_least_damaged_set_that_reaches_the_budget():
+    """Per unit of the metric the last step would take a large removal; a smaller one that keeps the set growing may
+    end lower: every set that reaches the budget is a candidate plan and the least damaged one wins."""
+    cands = [Cand("a", score=1.0, params=100, macs=1), Cand("big", score=2.0, params=400, macs=1),
+             Cand("s1", score=1.0, params=50, macs=1), Cand("s2", score=1.0, params=50, macs=1)]
+    joint = {("a",): 1.0, ("big",): 2.0, ("s1",): 1.0, ("s2",): 1.0,
+             ("a", "big"): 4.0, ("a", "s1"): 1.5, ("a", "s2"): 1.6,
+             ("a", "big", "s1"): 5.0, ("a", "s1", "s2"): 1.8}
+
+    def score_sets(sets):
+        return [joint[tuple(sorted(s))] for s in sets]
+
+    plan = select_removals(cands, total_params=1000, total_macs=4, model_class="M", granularity="block",
+                           config=SelectionConfig(budget=0.2, order="greedy"), score_sets=score_sets)
+    # a (reaches 10 %), then {a, big} reaches the budget at 4.0 while {a, s1} grows on to {a, s1, s2} at 1.8
+    assert plan.names == ["a", "s1", "s2"] and plan.joint["score"] == 1.8
+    assert plan.budget["search"]["joint_after_each_step"] == [1.0, 1.5, 1.8]
