@@ -66,6 +66,9 @@ class SetScores:
         self.cache = Path(cache) if cache is not None else None
         self.scores: dict[str, list[float]] = self._resumed()
         self.calls = 0  # UNet calls of this run, every rank's (the dense generation included)
+        # what the cap counts: the dense generation once and every set the search asked for, scored now or resumed
+        # from search.json, so a resumed search and one of another world size stop where an uninterrupted one would
+        self.spent = 0
         self.resumed = len(self.scores)
 
     def _resumed(self) -> dict[str, list[float]]:
@@ -82,7 +85,9 @@ class SetScores:
 
     def __enter__(self) -> SetScores:
         self.deviation.__enter__()
-        self.calls += (1 + self.deviation.references) * self.deviation.calls_per_generation * self.world.size
+        dense = (1 + self.deviation.references) * self.deviation.calls_per_generation
+        self.calls += dense * self.world.size
+        self.spent += dense
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -94,10 +99,13 @@ class SetScores:
         return (found[0], found[1]) if found is not None else None
 
     def __call__(self, sets: list[list[str]]) -> list[float] | None:
-        todo = list(dict.fromkeys(_set_key(s) for s in sets if _set_key(s) not in self.scores))
-        needed = len(todo) * self.deviation.calls_per_generation
-        if self.calls + needed > self.cap_calls:
+        asked = list(dict.fromkeys(_set_key(s) for s in sets))
+        cost = len(asked) * self.deviation.calls_per_generation
+        if self.spent + cost > self.cap_calls:
             return None
+        self.spent += cost
+        todo = [key for key in asked if key not in self.scores]
+        needed = len(todo) * self.deviation.calls_per_generation
         mine = todo[self.world.rank::self.world.size]
         from tqdm.auto import tqdm
 
@@ -126,7 +134,7 @@ class SetScores:
         cap: Σ (K − i) sets for i < steps, after the dense generation."""
         per_set = self.deviation.calls_per_generation
         # (the sets a resumed search has cached are not counted: it must choose the K the first run chose)
-        room = (self.cap_calls - (1 + self.deviation.references) * self.world.size * per_set) / per_set
+        room = (self.cap_calls - (1 + self.deviation.references) * per_set) / per_set
         best = min(steps, candidates)
         for k in range(best, candidates + 1):
             if sum(max(0, k - i) for i in range(steps)) <= room:

@@ -11,8 +11,9 @@ runtime (the per-operator costs of :mod:`ldpruner.passes.costs`). Four rules pic
 * ``greedy`` (the set search): removals compound, so it scores the removed set itself. Starting from the empty set
   S, at each step it scores S ∪ {c} for every short-listed c (``shortlist``: the lowest one-shot score per unit of
   the metric first; all when None) and adds the c whose removal raises the set's LD score least per unit of the
-  metric, while the set stays under the budget; every set it scores that reaches the budget is a candidate plan, and
-  the least damaged of them is the plan (at the call cap, the least damaged so far). The scoring is injected
+  metric, while the set stays under the budget and scores below the best plan found; every set it scores that
+  reaches the budget is a candidate plan, and the least damaged of them is the plan (at the call cap, the least
+  damaged so far). The scoring is injected
   (``score_sets``; :mod:`ldpruner.passes.search` runs it on the model); when the cap comes before any set reached
   the budget, or the short list is spent, the plan is finished in score-per-cost order and says so.
 
@@ -232,6 +233,8 @@ def _set_search(useful: list[Any], cost: Callable[[Any], float], target: float, 
         removed += cost(best)
         history.append(current)
         steps += 1
+        if best_plan is not None and current >= best_plan[0]:
+            break  # a larger set scores no lower (removing more moves the latents more): the best plan is found
     if best_plan is not None:  # the search found a plan (at its cap too: the best one so far)
         return best_plan[1], {"steps": steps + 1, "sets_scored": sets, "capped": capped,
                               "joint_after_each_step": [*history, best_plan[0]], "joint_score": best_plan[0],

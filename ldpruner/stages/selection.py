@@ -103,8 +103,10 @@ def _set_search(report: Any, config: Any, options: dict[str, Any], sampling: Sam
         if terms is None:  # finished past the search (its cap, its short list): the whole set measured once more
             terms = scorer.deviation.score([scorer.ops[name] for name in plan.names])
             scorer.calls += scorer.deviation.calls_per_generation
+    # unet_calls: made by this run (every rank's); counted_unet_calls: what the cap counted (the dense generation
+    # once and every set asked for, resumed ones too): the cost of the whole search in one process
     search = {**plan.budget["search"], "planned_unet_calls": planned, "unet_calls": scorer.calls,
-              "cap_unet_calls": scorer.cap_calls, "resumed_sets": scorer.resumed}
+              "counted_unet_calls": scorer.spent, "cap_unet_calls": scorer.cap_calls, "resumed_sets": scorer.resumed}
     if plan.budget["search"]["capped"] and progress and (placement is None or placement.world.is_main):
         import sys
 

@@ -86,6 +86,8 @@ def test_a_killed_search_resumes_to_the_same_plan(scored, tmp_path, monkeypatch)
     resumed = select(graph, report, out=tmp_path, budget=0.3, order="greedy", shortlist=8, search_cap=100)
     assert resumed.names == whole.names and resumed.budget["search"]["resumed_sets"] == 8
     assert resumed.budget["search"]["unet_calls"] < whole.budget["search"]["unet_calls"]
+    # the cap counts the resumed sets too: the search stops where the uninterrupted one stopped
+    assert resumed.budget["search"]["counted_unet_calls"] == whole.budget["search"]["counted_unet_calls"]
     assert RemovalPlan.load(tmp_path / "plan.json") == resumed
 
 
@@ -117,7 +119,10 @@ def _rank_worker(rank: int, world: int, port: int, out_dir: str) -> None:
             report = analyze_importance(graph, config=FAST, progress=False, world=placement.world)
             plan = select(graph, report, out=Path(out_dir), placement=placement, budget=0.3, order="greedy",
                           shortlist=8, search_cap=100)
+            capped = select(graph, report, placement=placement, budget=0.3, order="greedy", shortlist=20,
+                            search_cap=2)
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(plan.to_dict()))
+        Path(out_dir, f"rank{rank}-capped.json").write_text(json.dumps(capped.to_dict()))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -129,6 +134,13 @@ def test_two_gloo_ranks_make_the_plan_one_process_makes(scored, tmp_path):
     run_ranks(_rank_worker, 2, str(tmp_path), timeout=180)
     plans = [RemovalPlan.from_dict(json.loads((tmp_path / f"rank{r}.json").read_text())) for r in range(2)]
     assert plans[0] == plans[1] and plans[0].names == single.names
+    # the cap counts what one process would: with it binding, two ranks still make the one-process plan
+    capped = select(graph, report, budget=0.3, order="greedy", shortlist=20, search_cap=2)
+    assert capped.budget["search"]["capped"]
+    for r in range(2):
+        shared = RemovalPlan.from_dict(json.loads((tmp_path / f"rank{r}-capped.json").read_text()))
+        assert shared.names == capped.names
+        assert shared.budget["search"]["counted_unet_calls"] == capped.budget["search"]["counted_unet_calls"]
     assert plans[0].joint["score"] == pytest.approx(single.joint["score"], rel=1e-6)
     assert RemovalPlan.load(tmp_path / "plan.json").names == single.names  # rank 0 wrote it
     assert dataclasses.asdict(SelectionConfig())["search_cap"] == 6.0 and cache_key  # the default cap
