@@ -11,6 +11,7 @@ score-per-cost order and says so). :func:`joint_score` measures one set (a plan 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -20,7 +21,7 @@ from typing import Any
 
 from ldpruner.base import distributed
 from ldpruner.base.artifact import ArtifactFile
-from ldpruner.base.errors import ArtifactError
+from ldpruner.base.errors import ArtifactError, ConfigError
 
 from .conditioning import Conditioning
 from .config import AnalysisConfig
@@ -35,7 +36,8 @@ COMPOUNDING = 2.0
 
 
 def _set_key(names: Sequence[str]) -> str:
-    return "+".join(sorted(names))
+    """A set of operator names as one JSON key (any character may be in a name, so none can be a separator)."""
+    return json.dumps(sorted(names))
 
 
 def one_shot_calls(deviation: LatentDeviation, candidates: int) -> int:
@@ -63,8 +65,24 @@ class SetScores:
         self.key, self.progress = key, progress
         calls = cap * one_shot_calls(self.deviation, len(self.ops))
         self.cap_calls: float = int(calls) if calls != float("inf") else calls
+        dense = (1 + self.deviation.references) * self.deviation.calls_per_generation
+        if dense > self.cap_calls:
+            raise ConfigError(f"search_cap={cap:g} (--search-cap) allows {self.cap_calls:,.0f} UNet calls, fewer than "
+                              f"the dense generation alone ({dense:,}): raise it")
         self.cache = Path(cache) if cache is not None else None
-        self.scores: dict[str, list[float]] = self._resumed()
+        # rank 0 reads search.json and every rank takes its sets (a rank may not see rank 0's folder)
+        scores: dict[str, list[float]] = {}
+        error: ArtifactError | None = None
+        if self.world.is_main:
+            try:
+                scores = self._resumed()
+            except ArtifactError as exc:
+                error = exc
+        if self.world.size > 1:
+            scores = distributed.share_from_rank0(self.world, scores, error)
+        elif error is not None:
+            raise error
+        self.scores = scores
         self.calls = 0  # UNet calls of this run, every rank's (the dense generation included)
         # what the cap counts: the dense generation once and every set the search asked for, scored now or resumed
         # from search.json, so a resumed search and one of another world size stop where an uninterrupted one would
@@ -99,7 +117,7 @@ class SetScores:
         return (found[0], found[1]) if found is not None else None
 
     def __call__(self, sets: list[list[str]]) -> list[float] | None:
-        asked = list(dict.fromkeys(_set_key(s) for s in sets))
+        asked = {_set_key(s): sorted(s) for s in sets}
         cost = len(asked) * self.deviation.calls_per_generation
         if self.spent + cost > self.cap_calls:
             return None
@@ -114,8 +132,8 @@ class SetScores:
         self.deviation.on_call = lambda: bar.update(1)
         found = {}
         for key in mine:
-            bar.set_postfix_str(f"{key.count('+') + 1} removed", refresh=False)
-            found[key] = list(self.deviation.score([self.ops[name] for name in key.split("+")]))
+            bar.set_postfix_str(f"{len(asked[key])} removed", refresh=False)
+            found[key] = list(self.deviation.score([self.ops[name] for name in asked[key]]))
         bar.close()
         if self.world.size > 1:
             import torch.distributed as dist

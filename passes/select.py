@@ -12,8 +12,8 @@ runtime (the per-operator costs of :mod:`ldpruner.passes.costs`). Four rules pic
   S, at each step it scores S ∪ {c} for every short-listed c (``shortlist``: the lowest one-shot score per unit of
   the metric first; all when None) and adds the c whose removal raises the set's LD score least per unit of the
   metric, while the set stays under the budget and scores below the best plan found; every set it scores that
-  reaches the budget is a candidate plan, and the least damaged of them is the plan (at the call cap, the least
-  damaged so far). The scoring is injected
+  reaches the budget is a candidate plan, and so are the score-per-cost and knapsack plans (scored whole first), and
+  the least damaged of them is the plan (at the call cap, the least damaged so far). The scoring is injected
   (``score_sets``; :mod:`ldpruner.passes.search` runs it on the model); when the cap comes before any set reached
   the budget, or the short list is spent, the plan is finished in score-per-cost order and says so.
 
@@ -128,7 +128,16 @@ def select_removals(
     if config.order == "knapsack":
         picked = _knapsack_avoiding(useful, cost, target, total, jointly_removed, skipped)
     elif config.order == "greedy":
-        picked, search = _set_search(useful, cost, target, config.shortlist, jointly_removed, skipped, score_sets)
+        # the one-shot orders' plans, measured whole, are candidate plans too: the search never ends worse than they
+        seeds: dict[str, tuple[list[Any], list[dict[str, Any]]]] = {}
+        for name in ("score-per-cost", "knapsack"):
+            seed_skipped: list[dict[str, Any]] = []
+            plan = (_knapsack_avoiding(useful, cost, target, total, jointly_removed, seed_skipped) if name == "knapsack"
+                    else _greedy(useful, cost, target, name, jointly_removed, seed_skipped))
+            if plan and sum(cost(c) for c in plan) >= target * (1 - 1e-9):
+                seeds[name] = (plan, seed_skipped)
+        picked, search = _set_search(useful, cost, target, config.shortlist, jointly_removed, skipped, score_sets,
+                                     seeds)
     else:
         picked = _greedy(useful, cost, target, config.order, jointly_removed, skipped)
     removed = sum(cost(c) for c in picked)
@@ -180,7 +189,9 @@ _SEARCH_OPTIONS = ("shortlist", "search_cap")
 
 
 def _reason(config: SelectionConfig, search: dict[str, Any] | None, index: int, reached: float) -> str:
-    if search is not None:
+    if search is not None and search["plan_of"] != "the search":
+        how = f"rank {index + 1} of the {search['plan_of']} plan, the least damaged set the search measured"
+    elif search is not None:
         how = (f"step {index + 1} of the set search" if index < search["steps"]
                else f"removal {index + 1}, finished by {search['finished_by']}")
     else:
@@ -188,17 +199,38 @@ def _reason(config: SelectionConfig, search: dict[str, Any] | None, index: int, 
     return f"{how}; cumulative {config.metric} removed {reached:.1%}"
 
 
+@dataclasses.dataclass
+class _Found:
+    """A set that reaches the budget, as the search found it: its score, its removals, and the search's record up
+    to it (the steps taken, the joint score after each, the candidates skipped) — what the plan reports."""
+
+    score: float
+    removals: list[Any]
+    steps: int
+    history: list[float]
+    skipped: list[dict[str, Any]]
+    plan_of: str = "the search"
+
+    def better_than(self, other: _Found | None) -> bool:
+        return other is None or (self.score, sorted(c.name for c in self.removals)) < (
+            other.score, sorted(c.name for c in other.removals))
+
+
 def _set_search(useful: list[Any], cost: Callable[[Any], float], target: float, shortlist: int | None,
-                jointly_removed: Any, skipped: list[dict[str, Any]], score_sets: SetScorer
+                jointly_removed: Any, skipped: list[dict[str, Any]], score_sets: SetScorer,
+                seeds: dict[str, tuple[list[Any], list[dict[str, Any]]]] | None = None
                 ) -> tuple[list[Any], dict[str, Any]]:
-    """The greedy set search (see the module's docstring): (the removals in the order taken, what the search did).
-    Ties go to the name, so plans are reproducible; a candidate that would jointly remove shared modules with the
-    set is skipped at that step, as the other rules skip it."""
+    """The greedy set search (see the module's docstring): (the plan's removals, what the search did). ``seeds``:
+    complete plans of other rules (with what they skipped), scored whole first, candidates like any set the search
+    finds. Ties go to the
+    names, so plans are reproducible; a candidate that would jointly remove shared modules with the set is skipped
+    at that step, as the other rules skip it."""
     ranked = sorted(useful, key=lambda c: (c.score / cost(c), c.name))
     pool = ranked[:shortlist] if shortlist is not None else ranked
     picked: list[Any] = []
-    removed, current, steps, sets, capped = 0.0, 0.0, 0, 0, False
+    removed, current, sets, capped = 0.0, 0.0, 0, False
     history: list[float] = []
+    best: _Found | None = None
 
     def admissible(c: Any) -> bool:
         """``c`` may join the set: not in it, not skipped, removing no shared module with it (else skipped)."""
@@ -209,8 +241,18 @@ def _set_search(useful: list[Any], cost: Callable[[Any], float], target: float, 
             skipped.append({"name": c.name, "reason": problem})
         return problem is None
 
-    best_plan: tuple[float, list[Any]] | None = None  # the least damaged set seen that reaches the budget
-    while True:
+    unique: dict[tuple[str, ...], tuple[str, list[Any], list[dict[str, Any]]]] = {}
+    for name, (plan, seed_skipped) in (seeds or {}).items():
+        unique.setdefault(tuple(sorted(c.name for c in plan)), (name, plan, seed_skipped))
+    seed_scores = score_sets([[c.name for c in plan] for _, plan, _ in unique.values()]) if unique else None
+    if seed_scores is None and unique:
+        capped = True
+    elif seed_scores is not None:
+        sets += len(unique)
+        for (name, plan, seed_skipped), score in zip(unique.values(), seed_scores, strict=True):
+            found = _Found(score, list(plan), 0, [], list(seed_skipped), plan_of=name)
+            best = found if found.better_than(best) else best
+    while not capped:
         options = [c for c in pool if admissible(c)]
         if not options:
             break  # the short list is spent
@@ -223,22 +265,24 @@ def _set_search(useful: list[Any], cost: Callable[[Any], float], target: float, 
         # a set that reaches the budget is a plan: the least damaged of them all is kept (taken per unit of the metric,
         # the last removal would prefer a larger overshoot, which the plan then pays for in its score)
         for c, score in pairs:
-            if removed + cost(c) >= target and (best_plan is None or score < best_plan[0]):
-                best_plan = (score, [*picked, c])
+            if removed + cost(c) >= target:
+                found = _Found(score, [*picked, c], len(picked) + 1, [*history, score], list(skipped))
+                best = found if found.better_than(best) else best
         growing = [pair for pair in pairs if removed + cost(pair[0]) < target]
         if not growing:
             break
-        best, current = min(growing, key=lambda pair: ((pair[1] - current) / cost(pair[0]), pair[0].name))
-        picked.append(best)
-        removed += cost(best)
+        chosen, current = min(growing, key=lambda pair: ((pair[1] - current) / cost(pair[0]), pair[0].name))
+        picked.append(chosen)
+        removed += cost(chosen)
         history.append(current)
-        steps += 1
-        if best_plan is not None and current >= best_plan[0]:
+        if best is not None and current >= best.score:
             break  # a larger set scores no lower (removing more moves the latents more): the best plan is found
-    if best_plan is not None:  # the search found a plan (at its cap too: the best one so far)
-        return best_plan[1], {"steps": steps + 1, "sets_scored": sets, "capped": capped,
-                              "joint_after_each_step": [*history, best_plan[0]], "joint_score": best_plan[0],
-                              "finished_by": None}
+    if best is not None:  # the search found a plan (at its cap too: the best one so far)
+        skipped[:] = best.skipped
+        return best.removals, {"steps": best.steps, "sets_scored": sets, "capped": capped,
+                               "joint_after_each_step": best.history, "joint_score": best.score,
+                               "finished_by": None, "plan_of": best.plan_of}
+    steps = len(picked)
     for c in ranked:  # at the cap, or past the short list, before any set reached the budget: as score-per-cost
         if removed >= target:
             break
@@ -246,7 +290,7 @@ def _set_search(useful: list[Any], cost: Callable[[Any], float], target: float, 
             picked.append(c)
             removed += cost(c)
     return picked, {"steps": steps, "sets_scored": sets, "capped": capped, "joint_after_each_step": history,
-                    "joint_score": None,
+                    "joint_score": None, "plan_of": "the search",
                     "finished_by": "score-per-cost" + (" at the call cap" if capped else " past the short list")}
 
 

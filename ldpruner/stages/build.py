@@ -151,6 +151,8 @@ def _select(b: Build) -> None:
     stages.select(ImportanceReport.load(b.out / stages.SCORES.name), _rewrite_graph(b), b.cfg.selection,
                   out=b.out, overwrite=True, cost_report=_cost_report(b), sampling=sampling, placement=b.placement,
                   progress=b.progress)
+    del sampling
+    gc.collect()  # the analysis' cast copy, when the rewrite graph replaced it: not held beside the student
 
 
 def _prune(b: Build) -> None:

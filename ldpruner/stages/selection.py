@@ -54,6 +54,9 @@ def select(report: Any, graph: Any, config: Any, *, out: str | os.PathLike | Non
         raise ConfigError(f"the costs were measured on a {cost_report.model_class} at {cost_report.granularity} "
                           f"granularity, the scores on a {report.model_class} at {report.granularity}: measure "
                           "both on the same model and granularity")
+    writes = out is not None and (placement is None or placement.world.is_main)
+    if writes:  # before the (costly) search: an existing plan is replaced only when asked
+        check_replaceable(Path(out) / PLAN.name, overwrite)
     options = dict(total_params=report.total_params, total_macs=report.total_macs, model_class=report.model_class,
                    granularity=report.granularity, jointly_removed=graph.jointly_removed if graph is not None else None,
                    costs=cost_report)
@@ -72,10 +75,8 @@ def select(report: Any, graph: Any, config: Any, *, out: str | os.PathLike | Non
     plan = dataclasses.replace(plan, model_weights=report.model_weights)
     if model_weights is not None:
         plan = plan.for_weights(model_weights, "select", allow=allow_other_weights, made="the scores were made for")
-    if out is not None and (placement is None or placement.world.is_main):
-        path = Path(out) / PLAN.name
-        check_replaceable(path, overwrite)
-        plan.save(path)
+    if writes:
+        plan.save(Path(out) / PLAN.name)
     return plan
 
 
@@ -102,7 +103,7 @@ def _set_search(report: Any, config: Any, options: dict[str, Any], sampling: Sam
         terms = scorer.terms(plan.names)
         if terms is None:  # finished past the search (its cap, its short list): the whole set measured once more
             terms = scorer.deviation.score([scorer.ops[name] for name in plan.names])
-            scorer.calls += scorer.deviation.calls_per_generation
+            scorer.calls += scorer.deviation.calls_per_generation * scorer.world.size  # every rank measures it
     # unet_calls: made by this run (every rank's); counted_unet_calls: what the cap counted (the dense generation
     # once and every set asked for, resumed ones too): the cost of the whole search in one process
     search = {**plan.budget["search"], "planned_unet_calls": planned, "unet_calls": scorer.calls,

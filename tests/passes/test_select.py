@@ -187,25 +187,33 @@ def test_the_set_search_avoids_removals_that_compound():
     assert by_score.names == ["a", "b"]  # one at a time, a and b look cheapest: together they score 10
     plan, calls = search(0.2)
     assert plan.names == ["a", "c"]  # {a, c} scores 3, {a, b} 10
-    assert calls == [[["a"], ["b"], ["c"], ["d"]], [["a", "b"], ["a", "c"], ["a", "d"]]]
+    # the score-per-cost plan (the knapsack's too) scored whole first, then the steps
+    assert calls == [[["a", "b"]], [["a"], ["b"], ["c"], ["d"]], [["a", "b"], ["a", "c"], ["a", "d"]]]
     assert plan.joint == {"score": 3.0, "sum_of_single_scores": 3.0}
-    assert plan.budget["search"] == {"steps": 2, "sets_scored": 7, "capped": False, "joint_after_each_step": [1.0, 3.0],
-                                     "finished_by": None}
+    assert plan.budget["search"] == {"steps": 2, "sets_scored": 8, "capped": False, "joint_after_each_step": [1.0, 3.0],
+                                     "finished_by": None, "plan_of": "the search"}
     assert plan.budget["shortlist"] is None and plan.budget["search_cap"] == 6.0
     assert plan.removals[1].reason == "step 2 of the set search; cumulative params removed 20.0%"
     assert RemovalPlan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
 
 
-def test_the_set_search_at_its_cap_or_past_its_short_list_finishes_by_score_per_cost_and_says_so():
-    calls: list = []
-    plan = select_removals(SET, total_params=1000, total_macs=4, model_class="M", granularity="block",
-                           config=SelectionConfig(budget=0.2, order="greedy"), score_sets=scorer(calls, cap=1))
+def test_the_set_search_at_its_cap_keeps_the_best_plan_so_far_or_finishes_by_score_per_cost_and_says_so():
+    def capped(cap):
+        calls: list = []
+        return select_removals(SET, total_params=1000, total_macs=4, model_class="M", granularity="block",
+                               config=SelectionConfig(budget=0.2, order="greedy"), score_sets=scorer(calls, cap=cap))
+
+    plan = capped(0)  # not even the one-shot orders' plans could be scored
     assert plan.names == ["a", "b"] and plan.joint is None  # the joint score of {a, b} was never measured
     assert plan.budget["search"]["capped"] and plan.budget["search"]["finished_by"] == "score-per-cost at the call cap"
     assert plan.removals[1].reason.startswith("removal 2, finished by score-per-cost at the call cap")
+    plan = capped(1)  # the seeds were scored, the first step was not: the best plan so far is score-per-cost's
+    assert plan.names == ["a", "b"] and plan.joint["score"] == 10.0 and plan.budget["search"]["capped"]
+    assert plan.budget["search"]["plan_of"] == "score-per-cost" and plan.budget["search"]["finished_by"] is None
+    assert plan.removals[0].reason.startswith("rank 1 of the score-per-cost plan, the least damaged set")
     plan, calls = search(0.2, shortlist=1)
-    assert calls == [[["a"]]] and plan.names == ["a", "b"]
-    assert plan.budget["search"]["finished_by"] == "score-per-cost past the short list"
+    assert calls == [[["a", "b"]], [["a"]]] and plan.names == ["a", "b"]
+    assert plan.budget["search"]["plan_of"] == "score-per-cost"
 
 
 def test_the_set_search_needs_a_scorer_and_other_orders_record_no_search_options():
