@@ -10,6 +10,8 @@ in :mod:`ldpruner.passes.config`. The public surface is listed below and resolve
     latency_check check_latency (predicted vs measured cut)                conditioning   Conditioning, prompts
     inputs        resolve_conditioning (conditioning fitted to a traced UNet: seeded stand-ins, extra channels,
                   latent size, scheduler)
+    deviation     LatentDeviation: the LD score of any removed set         search         SetScores (the set search on
+                  (the analysis' sampling, fixed once)                                    the model), joint_score
     select        select_removals, check_budget → RemovalPlan (plan.json)  plan           RemovalPlan, PlannedRemoval
     remove        RemoveOperators, apply_plan, prune → PrunedUNet          student        save_student, load_student
     distill/      distill.distill → DistillResult (trainer, checkpoint, data, datasets)
@@ -29,6 +31,7 @@ __all__ = [
     "ExportConfig",
     "ExportResult",
     "ImportanceReport",
+    "LatentDeviation",
     "OptimizeConfig",
     "PlannedRemoval",
     "PruneConfig",
@@ -36,11 +39,13 @@ __all__ = [
     "RemovalPlan",
     "RemoveOperators",
     "SelectionConfig",
+    "SetScores",
     "TraceConfig",
     "analyze_importance",
     "apply_plan",
     "check_budget",
     "export_onnx",
+    "joint_score",
     "load_student",
     "optimize_onnx",
     "prune",
@@ -55,6 +60,7 @@ _WHERE = {
     "PruneConfig": "config", "SelectionConfig": "config", "TraceConfig": "config",
     "CandidateScore": "scores", "ImportanceReport": "scores", "analyze_importance": "importance",
     "Conditioning": "conditioning",
+    "LatentDeviation": "deviation", "SetScores": "search", "joint_score": "search",
     "resolve_conditioning": "inputs",
     "check_budget": "select", "select_removals": "select",
     "PlannedRemoval": "plan", "RemovalPlan": "plan",
