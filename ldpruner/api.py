@@ -122,13 +122,20 @@ def select(scores: Any, *, model: ModelLike | None = None, costs: Any = None, ou
         return stages.select(report, graph, selection, out=out, overwrite=overwrite, cost_report=cost_report,
                              model_weights=loaded.weights_id if loaded is not None else None,
                              allow_other_weights=allow_other_weights)
-    with place(o.placement.device, o.placement.threads) as placement:
-        # the model samples as the analysis did: the plan records its joint score, and the set search can run
+    # the model samples as the analysis did (its threads too, unless asked: a text encoder's outputs, and so the
+    # conditioning in the scores' cache key, depend on them): the plan records its joint score, the search can run
+    threads = o.placement.threads if "threads" in o.placement.given() else report.placement.get("threads")
+    with place(o.placement.device, threads) as placement:
         sampling = stages.sampling_of(loaded, report, placement)
-        if sampling is None and selection.order == "greedy":
-            raise ConfigError("order='greedy' samples as the analysis did, but this model with its conditioning does "
-                              "not make the scores' cache key again (another calibration file or prompts?): select "
-                              "within `ldpruner build`, or choose another order")
+        if sampling is None:
+            why = ("this model with its conditioning does not make the scores' cache key again (another calibration "
+                   "file, prompts, or --threads than the analysis'?)")
+            if selection.order == "greedy":
+                raise ConfigError(f"order='greedy' samples as the analysis did, but {why}: select within `ldpruner "
+                                  "build`, or choose another order")
+            import logging
+
+            logging.getLogger("ldpruner.plan").warning("the plan's joint score is not measured: %s", why)
         return stages.select(report, graph, selection, out=out, overwrite=overwrite, cost_report=cost_report,
                              model_weights=loaded.weights_id, allow_other_weights=allow_other_weights,
                              sampling=sampling, placement=placement, progress=progress)

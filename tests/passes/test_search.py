@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import make_tiny_sd_unet, rank_environment, run_ranks
 
 from ldpruner import stages
@@ -161,3 +162,26 @@ def test_a_set_key_cannot_collide_whatever_the_names_hold():
     from ldpruner.passes.search import _set_key
 
     assert _set_key(["a+b"]) != _set_key(["a", "b"]) and _set_key(["b", "a"]) == _set_key(["a", "b"])
+
+
+def test_select_with_the_model_measures_the_joint_score_or_says_why_it_cannot(tmp_path, caplog):
+    from safetensors.torch import save_file
+
+    from ldpruner import api
+
+    model = make_tiny_sd_unet()
+    folder = tmp_path / "unet"
+    model.save_pretrained(folder, safe_serialization=True)
+    options = dict(num_samples=2, steps=2, height=8, width=8, guidance_scale=1.0, progress=False)
+    api.analyze(str(folder), out=tmp_path / "a", **options)
+    plan = api.select(tmp_path / "a" / "scores.json", model=str(folder), budget=0.3, progress=False)
+    assert plan.joint is not None and plan.joint["unet_calls"] > 0
+    # scores made on a calibration file the selection is not given: it cannot sample as the analysis did
+    save_file({"encoder_hidden_states": torch.randn(2, 77, model.config.cross_attention_dim)},
+              str(tmp_path / "calib.safetensors"))
+    api.analyze(str(folder), out=tmp_path / "b", calibration=tmp_path / "calib.safetensors", **options)
+    plan = api.select(tmp_path / "b" / "scores.json", model=str(folder), budget=0.3, progress=False)
+    assert plan.joint is None and "the plan's joint score is not measured" in caplog.text
+    with pytest.raises(ConfigError, match="order='greedy' samples as the analysis did, but this model with its "
+                                          "conditioning does not make the scores' cache key again"):
+        api.select(tmp_path / "b" / "scores.json", model=str(folder), budget=0.3, order="greedy", progress=False)
