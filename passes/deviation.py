@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -29,9 +30,9 @@ from ldpruner.runtime.sampling import sample_latents, unet_calls_per_step
 
 from .conditioning import Conditioning, uses_guidance
 from .config import AnalysisConfig
-from .inputs import SCHEDULER_SOURCES, default_extra_channels, extra_channel_count, latent_size
+from .inputs import SCHEDULER_SOURCES, default_extra_channels, extra_channel_count, latent_size, resolve_conditioning
 
-__all__ = ["LatentDeviation", "LatentMoments", "latent_deviation_score", "latent_stats"]
+__all__ = ["LatentDeviation", "LatentMoments", "analysis_conditioning", "latent_deviation_score", "latent_stats"]
 
 
 # --- the score -------------------------------------------------------------------------------------------------
@@ -86,6 +87,15 @@ def latent_deviation_score(dense: tuple[torch.Tensor, torch.Tensor],
     return (float(torch.linalg.vector_norm(dense[0] - mu)), float(torch.linalg.vector_norm(dense[1] - sigma)))
 
 
+def analysis_conditioning(traced: Any, calib: Conditioning | str | os.PathLike | None, config: AnalysisConfig,
+                          scheduler: Any | None) -> Conditioning:
+    """The conditioning the analysis samples with at ``config`` (see
+    :func:`~ldpruner.passes.inputs.resolve_conditioning`)."""
+    return resolve_conditioning(traced, calib, num_samples=config.num_samples, seed=config.seed,
+                                guidance_scale=config.guidance_scale, prompts=config.prompts, height=config.height,
+                                width=config.width, scheduler=scheduler)
+
+
 # --- the sampling, fixed once ------------------------------------------------------------------------------------
 
 class LatentDeviation:
@@ -131,6 +141,8 @@ class LatentDeviation:
                         for b in range(0, config.num_samples, self.batch)]
         # one generation = every micro-batch through every step
         self.calls_per_generation = len(self.batches) * config.steps * unet_calls_per_step(scheduler)
+        # the dense generation (and, where drawn, the extra channels' reference): what entering costs each process
+        self.dense_calls = (1 + self.references) * self.calls_per_generation
         self.dense: tuple[torch.Tensor, torch.Tensor] | None = None
         self._mode: contextlib.ExitStack | None = None
 

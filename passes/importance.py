@@ -29,15 +29,13 @@ from ldpruner.base import devices, distributed
 from ldpruner.base.errors import ConfigError, ModelLoadError
 from ldpruner.base.fingerprint import weights_fingerprint
 from ldpruner.compiler.graph import Operator, OperatorGraph
-from ldpruner.compiler.tracer import TracedUNet
 
 from .conditioning import Conditioning, uses_guidance
 from .config import AnalysisConfig
-from .deviation import LatentDeviation, LatentMoments, latent_deviation_score, latent_stats
+from .deviation import LatentDeviation, LatentMoments, analysis_conditioning, latent_deviation_score, latent_stats
 from .inputs import (
     SCHEDULER_SOURCES,
     latent_size,
-    resolve_conditioning,
     scheduler_record,
 )
 from .scores import SCORES_FORMAT, CandidateScore, ImportanceReport, _check_finite_scores
@@ -72,15 +70,6 @@ def check_finite_weights(module: nn.Module, what: str = "the model") -> None:
 
 # --- cache key -----------------------------------------------------------------------------------------------
 
-def _resolve_conditioning(traced: TracedUNet, calib: Conditioning | str | os.PathLike | None, config: AnalysisConfig,
-                          scheduler: Any | None) -> Conditioning:
-    """The conditioning the analysis samples with at ``config`` (see
-    :func:`~ldpruner.passes.inputs.resolve_conditioning`)."""
-    return resolve_conditioning(traced, calib, num_samples=config.num_samples, seed=config.seed,
-                                guidance_scale=config.guidance_scale, prompts=config.prompts, height=config.height,
-                                width=config.width, scheduler=scheduler)
-
-
 def _cache_key(operator_graph: OperatorGraph, conditioning: Conditioning, config: AnalysisConfig,
                scheduler_info: dict[str, Any]) -> str:
     traced = operator_graph.traced
@@ -113,7 +102,7 @@ def cache_key(operator_graph: OperatorGraph, calib: Conditioning | str | os.Path
     ``config`` None is ``AnalysisConfig()``."""
     config = config if config is not None else AnalysisConfig()
     _, record = scheduler_record(scheduler)
-    conditioning = _resolve_conditioning(operator_graph.traced, calib, config, scheduler)
+    conditioning = analysis_conditioning(operator_graph.traced, calib, config, scheduler)
     return _cache_key(operator_graph, conditioning, config, record)
 
 
@@ -163,7 +152,7 @@ def analyze_importance(
     start = time.perf_counter()
     traced = operator_graph.traced
     scheduler, scheduler_info = scheduler_record(scheduler, scheduler_source)
-    conditioning = _resolve_conditioning(traced, calib, config, scheduler)
+    conditioning = analysis_conditioning(traced, calib, config, scheduler)
     train_steps = getattr(getattr(scheduler, "config", None), "num_train_timesteps", None)
     if train_steps is not None and config.steps > train_steps:
         raise ConfigError(f"steps={config.steps} exceeds the scheduler's num_train_timesteps={train_steps}")
@@ -175,9 +164,9 @@ def analyze_importance(
     rank, world = joined.rank, joined.size
     mine: list[Operator] = operator_graph.candidates[rank::world]
     # the dense model is generated once (with the extra channels' reference, where drawn, by every rank)
-    calls_per_generation, references = deviation.calls_per_generation, deviation.references
-    planned = (1 + references + len(mine)) * calls_per_generation
-    planned_total = (world * (1 + references) + len(operator_graph.candidates)) * calls_per_generation
+    per_set = deviation.calls_per_generation
+    planned = deviation.dense_calls + len(mine) * per_set
+    planned_total = world * deviation.dense_calls + len(operator_graph.candidates) * per_set
     from tqdm.auto import tqdm
 
     show = progress and rank == 0

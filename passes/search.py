@@ -25,8 +25,8 @@ from ldpruner.base.errors import ArtifactError, ConfigError
 
 from .conditioning import Conditioning
 from .config import AnalysisConfig
-from .deviation import LatentDeviation
-from .inputs import resolve_conditioning, scheduler_record
+from .deviation import LatentDeviation, analysis_conditioning
+from .inputs import scheduler_record
 
 __all__ = ["SEARCH", "COMPOUNDING", "SetScores", "joint_score", "one_shot_calls", "record_joint"]
 
@@ -42,7 +42,7 @@ def _set_key(names: Sequence[str]) -> str:
 
 def one_shot_calls(deviation: LatentDeviation, candidates: int) -> int:
     """The UNet calls of the one-shot analysis of ``candidates`` operators (one process): the unit of the cap."""
-    return (1 + deviation.references + candidates) * deviation.calls_per_generation
+    return deviation.dense_calls + candidates * deviation.calls_per_generation
 
 
 class SetScores:
@@ -55,17 +55,14 @@ class SetScores:
                  config: AnalysisConfig, scheduler: Any, key: str, cap: float, cache: str | os.PathLike | None = None,
                  world: distributed.World | None = None, progress: bool = False) -> None:
         scheduler, info = scheduler_record(scheduler)
-        conditioning = resolve_conditioning(
-            operator_graph.traced, calib, num_samples=config.num_samples, seed=config.seed,
-            guidance_scale=config.guidance_scale, prompts=config.prompts, height=config.height, width=config.width,
-            scheduler=scheduler)
+        conditioning = analysis_conditioning(operator_graph.traced, calib, config, scheduler)
         self.ops = {op.name: op for op in operator_graph.candidates}
         self.deviation = LatentDeviation(operator_graph, conditioning, config, scheduler, info)
         self.world = world if world is not None else distributed.current()
         self.key, self.progress = key, progress
         calls = cap * one_shot_calls(self.deviation, len(self.ops))
         self.cap_calls: float = int(calls) if calls != float("inf") else calls
-        dense = (1 + self.deviation.references) * self.deviation.calls_per_generation
+        dense = self.deviation.dense_calls
         if dense > self.cap_calls:
             raise ConfigError(f"search_cap={cap:g} (--search-cap) allows {self.cap_calls:,.0f} UNet calls, fewer than "
                               f"the dense generation alone ({dense:,}): raise it")
@@ -103,9 +100,8 @@ class SetScores:
 
     def __enter__(self) -> SetScores:
         self.deviation.__enter__()
-        dense = (1 + self.deviation.references) * self.deviation.calls_per_generation
-        self.calls += dense * self.world.size
-        self.spent += dense
+        self.calls += self.deviation.dense_calls * self.world.size
+        self.spent += self.deviation.dense_calls
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -152,7 +148,7 @@ class SetScores:
         cap: Σ (K − i) sets for i < steps, after the dense generation."""
         per_set = self.deviation.calls_per_generation
         # (the sets a resumed search has cached are not counted: it must choose the K the first run chose)
-        room = (self.cap_calls - (1 + self.deviation.references) * per_set) / per_set
+        room = (self.cap_calls - self.deviation.dense_calls) / per_set
         best = min(steps, candidates)
         for k in range(best, candidates + 1):
             if sum(max(0, k - i) for i in range(steps)) <= room:
@@ -163,7 +159,7 @@ class SetScores:
         """Print (rank 0, with progress) and return the UNet calls a search of ``steps`` steps over ``shortlist``
         candidates plans to make: the dense generation and Σ (shortlist − i) sets; cached sets are not counted."""
         sets = sum(max(0, shortlist - i) for i in range(steps))
-        planned = ((1 + self.deviation.references) * self.world.size + sets) * self.deviation.calls_per_generation
+        planned = self.deviation.dense_calls * self.world.size + sets * self.deviation.calls_per_generation
         if self.progress and self.world.is_main:
             resumed = f", {self.resumed} sets resumed from {self.cache}" if self.resumed else ""
             print(f"set search: {shortlist} short-listed candidates, up to {steps} steps = up to {planned:,} UNet "
